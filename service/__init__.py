@@ -1,0 +1,1 @@
+"""apptgate: a gRPC gateway giving partner software minimal-disclosure views of appointments."""

@@ -1,0 +1,179 @@
+"""The composition root: builds the database, keys and servicers, and runs the listeners.
+
+Nothing imports this module but the command line. Start order: database (and
+its migration check) → keys → listeners; stop order: listeners drain → pool
+closes → embedded database stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+import grpc.aio
+from appointments.internal.v1 import partner_registry_service_pb2_grpc, scheduling_service_pb2_grpc
+from appointments.partner.v1 import partner_appointment_service_pb2_grpc
+
+from service import auth, internal_api, partner_api
+from service.errors import ConfigError
+from service.keyfiles import load_server_secret
+from service.pagination import PageTokens
+from service.pseudonyms import Pseudonyms, derive_key
+from service.reflection import DocumentedPool, documented_files
+from service.server import ErrorBoundary, Limits, Listener, start_listener
+from service.settings import Settings, is_loopback
+from service.store.database import Database
+from service.store.embedded import EmbeddedPostgres
+
+log = logging.getLogger(__name__)
+
+PARTNER_PREFIX = "/appointments.partner."
+INTERNAL_PREFIX = "/appointments.internal."
+
+
+@dataclass(frozen=True, slots=True)
+class Secrets:
+    """Key material the servicers derive their keys from."""
+
+    server_secret: bytes
+
+
+def check_transport_security(settings: Settings) -> None:
+    """Refuse plaintext on a non-loopback address unless ``--allow-insecure`` was given."""
+    problems = []
+    if settings.tls is None and not settings.allow_insecure and not is_loopback(settings.partner_addr):
+        problems.append(
+            f"the partner listener {settings.partner_addr} is not on loopback and has no TLS: set "
+            "APPTGATE_TLS_CERT/APPTGATE_TLS_KEY, bind a loopback address, or pass --allow-insecure"
+        )
+    if not settings.allow_insecure and not is_loopback(settings.internal_addr):
+        problems.append(
+            f"the internal listener {settings.internal_addr} is not on loopback; it has no TLS of its own, "
+            "so put it behind a TLS proxy and pass --allow-insecure"
+        )
+    if not settings.internal_token:
+        problems.append("APPTGATE_INTERNAL_TOKEN is required (at least 32 characters)")
+    if problems:
+        raise ConfigError(problems)
+
+
+class Gateway:
+    """The running service: the partner and internal listeners over one database pool."""
+
+    def __init__(self, settings: Settings, database: Database, secrets: Secrets, *, limits: Limits | None = None):
+        if not settings.internal_token:
+            raise ConfigError(["APPTGATE_INTERNAL_TOKEN is required"])
+        self.settings = settings
+        self.database = database
+        self._limits = limits or Limits()
+        self._pseudonyms = Pseudonyms(secrets.server_secret)
+        self._page_tokens = PageTokens(derive_key(secrets.server_secret, b"page-token"))
+        self._internal_token = auth.InternalToken(settings.internal_token)
+        self._reflection = DocumentedPool(documented_files())
+        self.partner: Listener | None = None
+        self.internal: Listener | None = None
+
+    def _register_partner(self, server: grpc.aio.Server) -> list[str]:
+        api = partner_api.PartnerAppointmentApi(self.database, self._pseudonyms, self._page_tokens)
+        partner_appointment_service_pb2_grpc.add_PartnerAppointmentServiceServicer_to_server(api, server)
+        return [partner_api.SERVICE_NAME]
+
+    def _register_internal(self, server: grpc.aio.Server) -> list[str]:
+        scheduling_service_pb2_grpc.add_SchedulingServiceServicer_to_server(
+            internal_api.SchedulingApi(self.database), server
+        )
+        partner_registry_service_pb2_grpc.add_PartnerRegistryServiceServicer_to_server(
+            internal_api.PartnerRegistryApi(self.database), server
+        )
+        return [internal_api.SCHEDULING_SERVICE, internal_api.REGISTRY_SERVICE]
+
+    async def start(self) -> None:
+        """Bind and start both listeners."""
+        self.partner = await start_listener(
+            "partner",
+            self.settings.partner_addr,
+            register=self._register_partner,
+            boundary=ErrorBoundary(PARTNER_PREFIX),
+            limits=self._limits,
+            tls=self.settings.tls,
+            reflection_pool=self._reflection,
+        )
+        try:
+            self.internal = await start_listener(
+                "internal",
+                self.settings.internal_addr,
+                register=self._register_internal,
+                boundary=ErrorBoundary(INTERNAL_PREFIX, guard=self._internal_token.verify),
+                limits=self._limits,
+                reflection_pool=self._reflection,
+            )
+        except BaseException:
+            await self.partner.stop(0)
+            raise
+
+    async def stop(self, grace: float) -> None:
+        """Drain both listeners: refuse new calls, let in-flight ones finish for ``grace`` seconds."""
+        listeners = [listener for listener in (self.partner, self.internal) if listener is not None]
+        await asyncio.gather(*(listener.stop(grace) for listener in listeners))
+
+
+async def open_database(settings: Settings, stack: AsyncExitStack) -> Database:
+    """Connect to ``DATABASE_URL``, or start the embedded PostgreSQL when it is unset."""
+    dsn = settings.database_url
+    if dsn is None:
+        if settings.production:
+            raise ConfigError(["DATABASE_URL is required in production"])
+        embedded = EmbeddedPostgres(settings.data_dir / "pgdata")
+        dsn = await asyncio.to_thread(embedded.start)
+        stack.callback(embedded.stop)
+    database = await Database.connect(
+        dsn,
+        min_size=settings.db_pool_min,
+        max_size=settings.db_pool_max,
+        connect_timeout=settings.db_connect_timeout,
+    )
+    stack.push_async_callback(database.close)
+    return database
+
+
+async def serve(
+    settings: Settings,
+    *,
+    prepare: Callable[[Database], Awaitable[None]] | None = None,
+    on_ready: Callable[[Gateway], Awaitable[None]] | None = None,
+) -> None:
+    """Run the gateway until SIGTERM or SIGINT, then drain and return.
+
+    ``prepare`` runs on the open database before the migration check (the demo
+    migrates and seeds there); ``on_ready`` runs once both listeners serve.
+    """
+    check_transport_security(settings)
+    async with AsyncExitStack() as stack:
+        database = await open_database(settings, stack)
+        if prepare is not None:
+            await prepare(database)
+        await database.ensure_migrated()
+        gateway = Gateway(settings, database, Secrets(load_server_secret(settings)))
+        await gateway.start()
+        assert gateway.partner and gateway.internal
+        log.info(
+            "serving: partner on %s (port %d), internal on %s (port %d)",
+            settings.partner_addr,
+            gateway.partner.port,
+            settings.internal_addr,
+            gateway.internal.port,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if on_ready is not None:
+            await on_ready(gateway)
+        await stop.wait()
+        log.info("stopping: draining in-flight calls for up to %.0f s", settings.shutdown_grace)
+        await gateway.stop(settings.shutdown_grace)
+        log.info("stopped")

@@ -1,0 +1,101 @@
+"""Credentials: partner keys and the internal token. Pure: no I/O.
+
+A partner key is ``pk_<16 base32>.<43 base64url>``: the public key id, a dot,
+and 256 random bits. Only the SHA-256 of the whole key is stored (the secret
+has full entropy, so a slow hash would add nothing). Comparisons run in
+constant time, and an unknown key id costs the same comparison as a wrong
+secret, so timing does not tell which key ids exist.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from uuid import UUID
+
+from service import models
+from service.errors import Unauthenticated
+
+_KEY = re.compile(r"^(pk_[a-z2-7]{16})\.[A-Za-z0-9_-]{43}$")
+_DUMMY_HASH = hashlib.sha256(b"apptgate: no such key").digest()
+_BEARER = "bearer "
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated partner: who calls, with which key."""
+
+    partner_id: UUID
+    key_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedKey:
+    """A newly issued partner key. ``secret`` is shown once and never stored."""
+
+    key_id: str
+    secret: str
+    secret_hash: bytes
+
+
+def hash_secret(secret: str) -> bytes:
+    """Return the stored form of a bearer secret."""
+    return hashlib.sha256(secret.encode("utf-8")).digest()
+
+
+def new_partner_key() -> IssuedKey:
+    """Create a fresh partner key."""
+    key_id = "pk_" + base64.b32encode(secrets.token_bytes(10)).decode("ascii").lower()
+    secret = f"{key_id}.{secrets.token_urlsafe(32)}"
+    return IssuedKey(key_id, secret, hash_secret(secret))
+
+
+def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    """Return the token of the ``authorization: Bearer …`` header. Raises :class:`Unauthenticated`."""
+    for name, value in metadata or ():
+        if name == "authorization" and isinstance(value, str):
+            if value[: len(_BEARER)].lower() == _BEARER and len(value) > len(_BEARER):
+                return value[len(_BEARER) :].strip()
+            break
+    raise Unauthenticated(
+        "missing credentials: send the metadata `authorization: Bearer <key>`", reason="CREDENTIALS_MISSING"
+    )
+
+
+def partner_key_id(token: str) -> str:
+    """Return the key id of a partner key. Raises :class:`Unauthenticated` when it is not shaped like one."""
+    match = _KEY.match(token)
+    if match is None:
+        raise Unauthenticated("invalid credentials")
+    return match[1]
+
+
+def verify_partner_key(token: str, record: models.PartnerKey | None) -> Principal:
+    """Check a presented key against its stored record (``None`` when the id is unknown).
+
+    Raises :class:`Unauthenticated`, with the same message whether the key is
+    unknown, wrong or revoked.
+    """
+    presented = hash_secret(token)
+    expected = record.secret_hash if record is not None else _DUMMY_HASH
+    matches = hmac.compare_digest(presented, expected)
+    if record is None or not matches or record.revoke_time is not None:
+        raise Unauthenticated("invalid credentials")
+    return Principal(record.partner_id, record.id)
+
+
+class InternalToken:
+    """Verifies the internal listener's bearer token in constant time."""
+
+    def __init__(self, token: str) -> None:
+        self._hash = hash_secret(token)
+
+    def verify(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> None:
+        """Raise :class:`Unauthenticated` unless the metadata carries the internal token."""
+        if not hmac.compare_digest(hash_secret(bearer_token(metadata)), self._hash):
+            raise Unauthenticated("invalid credentials")

@@ -1,0 +1,163 @@
+"""The command line: ``python -m service {serve,migrate,demo}``.
+
+Flags override the environment variables of the same meaning (see
+``service.settings``); every problem with the configuration is reported at
+start, before anything listens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import sys
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from dataclasses import replace
+from datetime import timedelta
+from typing import Any
+
+from service import app, demo
+from service import settings as settings_module
+from service.errors import ConfigError, Unavailable
+from service.store import migrations
+from service.store.database import Database, NotMigratedError
+
+log = logging.getLogger("service")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="apptgate: minimal-disclosure gRPC gateway for medical appointments.",
+        epilog="Environment: " + ", ".join(settings_module.ENVIRONMENT_VARIABLES),
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def server_flags(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--partner-addr", help="partner listener host:port (APPTGATE_PARTNER_ADDR)")
+        command.add_argument("--internal-addr", help="internal listener host:port (APPTGATE_INTERNAL_ADDR)")
+        command.add_argument("--tls-cert", help="PEM certificate for the partner listener (APPTGATE_TLS_CERT)")
+        command.add_argument("--tls-key", help="PEM private key for the partner listener (APPTGATE_TLS_KEY)")
+        command.add_argument(
+            "--tls-client-ca",
+            help="PEM CA of partner client certificates: turns on mutual TLS (APPTGATE_TLS_CLIENT_CA)",
+        )
+        command.add_argument(
+            "--allow-insecure",
+            action="store_const",
+            const=True,
+            help="allow plaintext on a non-loopback address (APPTGATE_ALLOW_INSECURE)",
+        )
+
+    server_flags(commands.add_parser("serve", help="serve both listeners until SIGTERM/SIGINT"))
+    commands.add_parser("migrate", help="apply pending database migrations")
+    server_flags(
+        commands.add_parser(
+            "demo", help="migrate, load demo data, print grpcurl commands and serve (what `make run` does)"
+        )
+    )
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("partner_addr", "internal_addr", "tls_cert", "tls_key", "tls_client_ca", "allow_insecure")
+    return {name: getattr(args, name, None) for name in names}
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+async def _migrate(settings: settings_module.Settings) -> None:
+    async with AsyncExitStack() as stack:
+        database = await app.open_database(settings, stack)
+        async with database.connection() as conn:
+            applied = await migrations.migrate(conn)
+    for migration in applied:
+        log.info("applied migration %04d_%s", migration.version, migration.name)
+    log.info("database is up to date (%d applied now)", len(applied))
+
+
+def _print_walkthrough(gateway: app.Gateway, world: demo.DemoWorld, internal_token: str) -> None:
+    assert gateway.partner and gateway.internal
+    partner = f"localhost:{gateway.partner.port}"
+    internal = f"localhost:{gateway.internal.port}"
+    start = world.week_start.strftime("%Y-%m-%dT%H:%M:%SZ")
+    week_end = (world.week_start + timedelta(days=7)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    svc = "appointments.partner.v1.PartnerAppointmentService"
+    auth_header = f"-H 'authorization: Bearer {world.partner_key}'"
+    lines = [
+        "",
+        "apptgate demo is serving. Paste these into another terminal:",
+        "",
+        "# what the partner listener offers (reflection; no credentials needed)",
+        f"grpcurl -plaintext {partner} list",
+        f"grpcurl -plaintext {partner} describe {svc}",
+        "",
+        "# the demo partner's appointments this week, in the basic view",
+        f'grpcurl -plaintext {auth_header} -d \'{{"start_time": "{start}", "end_time": "{week_end}", '
+        f'"page_size": 5}}\' {partner} {svc}/ListAppointments',
+        "",
+        "# one practitioner only",
+        f'grpcurl -plaintext {auth_header} -d \'{{"practitioner_id": "{world.granted_practitioner_id}", '
+        f'"start_time": "{start}", "end_time": "{week_end}"}}\' {partner} {svc}/ListAppointments',
+        "",
+        "# health, without credentials",
+        f"grpcurl -plaintext {partner} grpc.health.v1.Health/Check",
+        "",
+        "# the internal listener (scheduling, partner registry)",
+        f'grpcurl -plaintext -H \'authorization: Bearer {internal_token}\' -d \'{{"display_name": "Dr. New", '
+        f'"specialty": "Cardiology"}}\' {internal} appointments.internal.v1.SchedulingService/CreatePractitioner',
+        "",
+        f"Demo partner key (shown once): {world.partner_key}",
+        f"Internal token: {internal_token}",
+        "Stop with Ctrl-C.",
+        "",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+async def _demo(settings: settings_module.Settings) -> None:
+    worlds: list[demo.DemoWorld] = []
+
+    async def prepare(database: Database) -> None:
+        async with database.connection() as conn:
+            await migrations.migrate(conn)
+        worlds.append(await demo.seed(database))
+
+    async def ready(gateway: app.Gateway) -> None:
+        assert settings.internal_token
+        _print_walkthrough(gateway, worlds[0], settings.internal_token)
+
+    await app.serve(settings, prepare=prepare, on_ready=ready)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; return the process exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        settings = settings_module.load(os.environ, _overrides(args))
+        _configure_logging(settings.log_level)
+        if args.command == "migrate":
+            asyncio.run(_migrate(settings))
+        elif args.command == "serve":
+            asyncio.run(app.serve(settings))
+        elif args.command == "demo":
+            if "APPTGATE_PARTNER_ADDR" not in os.environ and args.partner_addr is None:
+                settings = replace(settings, partner_addr="localhost:50051")
+            if not settings.internal_token:
+                settings = replace(settings, internal_token=secrets.token_urlsafe(32))
+            asyncio.run(_demo(settings))
+    except ConfigError as exc:
+        print(f"apptgate: {exc}", file=sys.stderr)
+        return 2
+    except Unavailable:
+        print("apptgate: the database is unreachable (check DATABASE_URL)", file=sys.stderr)
+        return 1
+    except (NotMigratedError, migrations.MigrationError) as exc:
+        print(f"apptgate: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,72 @@
+"""Demo data for ``make run``: a few practitioners, patients and appointments, one partner with a key.
+
+The patients' details are fictitious. Seeding is idempotent: the data is
+created once; every run issues a fresh partner key, because a key's secret is
+shown only when it is issued.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from service import auth
+from service.store import partners, scheduling
+from service.store.database import Database
+
+DEMO_PARTNER = "Demo Agenda Sync"
+
+_PRACTITIONERS = [
+    ("Dr. Ada Demo", "General practice"),
+    ("Dr. Bruno Sample", "Dermatology"),
+    ("Dr. Chloe Example", "Pediatrics"),
+]
+_PATIENTS = [
+    ("Zelda", "Quenneville-Demo", 1, "+33600000101", "zelda.demo@example.invalid"),
+    ("Yannick", "Ostrowski-Demo", 2, "+33600000102", "yannick.demo@example.invalid"),
+    ("Xiomara", "Pettigrew-Demo", 1, "+33600000103", "xiomara.demo@example.invalid"),
+    ("Wendell", "Rasmussen-Demo", 2, "+33600000104", None),
+    ("Valentina", "Szymanski-Demo", 3, None, "valentina.demo@example.invalid"),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class DemoWorld:
+    """What the demo created or found, with a freshly issued partner key."""
+
+    partner_id: str
+    partner_key: str
+    granted_practitioner_id: str
+    week_start: datetime
+
+
+async def seed(database: Database) -> DemoWorld:
+    """Create the demo data unless present, and issue a new key for the demo partner."""
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    async with database.transaction() as conn:
+        partner = await partners.find_partner_by_name(conn, DEMO_PARTNER)
+        if partner is None:
+            partner = await partners.create_partner(conn, DEMO_PARTNER)
+            practitioners = [await scheduling.create_practitioner(conn, *p) for p in _PRACTITIONERS]
+            patients = [
+                await scheduling.create_patient(conn, given_name=g, family_name=f, sex=s, phone=ph, email=em)
+                for g, f, s, ph, em in _PATIENTS
+            ]
+            for day in range(7):
+                for slot, practitioner in enumerate(practitioners):
+                    start = today + timedelta(days=day, hours=9 + 2 * slot)
+                    await scheduling.create_appointment(
+                        conn,
+                        practitioner_id=practitioner.id,
+                        patient_id=patients[(day + slot) % len(patients)].id,
+                        start_time=start,
+                        end_time=start + timedelta(minutes=30),
+                        reason="demo visit reason (never shown to partners)",
+                    )
+            # The third practitioner does not grant access: its appointments stay invisible.
+            for practitioner in practitioners[:2]:
+                await partners.grant_access(conn, partner.id, practitioner.id)
+        granted = (await partners.active_grants(conn, partner.id))[0].practitioner_id
+        issued = auth.new_partner_key()
+        await partners.insert_key(conn, issued.key_id, partner.id, issued.secret_hash)
+    return DemoWorld(str(partner.id), issued.secret, str(granted), today)

@@ -1,0 +1,96 @@
+"""Plain records passed between the store and the API layers. Pure: no I/O.
+
+The store builds these from rows; the views turn them into protobuf messages.
+The partner path only ever gets :class:`BasicAppointment`, a projection with
+no contact column and no visit reason, so those values are not even in memory
+when a partner's answer is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+
+@dataclass(frozen=True, slots=True)
+class Practitioner:
+    """A practitioner row."""
+
+    id: UUID
+    display_name: str
+    specialty: str
+    create_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Patient:
+    """A patient row, contact details included (internal path only)."""
+
+    id: UUID
+    given_name: str
+    family_name: str
+    sex: int
+    phone: str | None
+    email: str | None
+    create_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Appointment:
+    """An appointment row with the visit reason (internal path only)."""
+
+    id: UUID
+    practitioner_id: UUID
+    patient_id: UUID
+    start_time: datetime
+    end_time: datetime
+    reason: str
+    status: str
+    create_time: datetime
+    update_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class BasicAppointment:
+    """The partner-path projection of an appointment: what the basic view may show, nothing more."""
+
+    id: UUID
+    patient_id: UUID
+    start_time: datetime
+    end_time: datetime
+    status: str
+    update_time: datetime
+    practitioner_id: UUID
+    practitioner_display_name: str
+    practitioner_specialty: str
+
+
+@dataclass(frozen=True, slots=True)
+class Partner:
+    """A partner row."""
+
+    id: UUID
+    display_name: str
+    create_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class PartnerKey:
+    """A partner key row: the hash of the secret, never the secret."""
+
+    id: str
+    partner_id: UUID
+    secret_hash: bytes
+    create_time: datetime
+    revoke_time: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class PractitionerGrant:
+    """A practitioner's grant of access to a partner."""
+
+    partner_id: UUID
+    practitioner_id: UUID
+    grant_time: datetime
+    revoke_time: datetime | None

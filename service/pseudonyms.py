@@ -1,0 +1,114 @@
+"""Partner-scoped opaque identifiers. Pure: no I/O.
+
+Partners never see internal identifiers. For each partner, keys derived from
+the server secret (HKDF-SHA256, one per partner and purpose) turn them into:
+
+* appointment ids, ``apt_`` + base32 of AES-256 applied to the 16 bytes of the
+  internal UUID. A single AES block is a keyed permutation: the id is stable
+  for one partner, unrelated across partners, reversible only with the key,
+  and a guessed or foreign id decrypts to a random UUID that matches nothing
+  (so it answers NOT_FOUND, like any id that does not exist);
+* patient references, ``pat_`` + base32 of HMAC-SHA256 truncated to 128 bits:
+  one-way, so a partner can tell that two appointments share a patient and
+  nothing more, and two partners' references cannot be joined.
+
+The server secret must never change once partners hold ids: it is not a key
+to rotate but part of the identifiers' definition.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+from collections import OrderedDict
+from uuid import UUID
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+APPOINTMENT_PREFIX = "apt_"
+PATIENT_PREFIX = "pat_"
+_BODY = re.compile(r"^[a-z2-7]{26}$")
+
+
+def _b32(raw: bytes) -> str:
+    return base64.b32encode(raw).decode("ascii").rstrip("=").lower()
+
+
+def _unb32(text: str) -> bytes:
+    return base64.b32decode(text.upper() + "======")
+
+
+def looks_like_appointment_id(text: str) -> bool:
+    """True when ``text`` has the shape of a partner appointment id (it may still match nothing)."""
+    return text.startswith(APPOINTMENT_PREFIX) and _BODY.match(text[len(APPOINTMENT_PREFIX) :]) is not None
+
+
+class PartnerPseudonyms:
+    """The identifier codec of one partner."""
+
+    __slots__ = ("_cipher", "_patient_key")
+
+    def __init__(self, appointment_key: bytes, patient_key: bytes) -> None:
+        # ECB on exactly one block is the raw block cipher: a keyed permutation
+        # of 128-bit values, which is what a reversible pseudonym needs.
+        self._cipher = Cipher(algorithms.AES(appointment_key), modes.ECB())  # noqa: S305
+        self._patient_key = patient_key
+
+    def appointment_id(self, internal_id: UUID) -> str:
+        """Return the partner's opaque id for an appointment."""
+        encryptor = self._cipher.encryptor()
+        return APPOINTMENT_PREFIX + _b32(encryptor.update(internal_id.bytes) + encryptor.finalize())
+
+    def parse_appointment_id(self, public_id: str) -> UUID:
+        """Return the internal id behind a partner's appointment id.
+
+        Raises ``ValueError`` when the text is not shaped like an id. A well
+        shaped id that this partner was never given decodes to a UUID that
+        matches no appointment.
+        """
+        if not looks_like_appointment_id(public_id):
+            raise ValueError("not an appointment id")
+        body = public_id[len(APPOINTMENT_PREFIX) :]
+        decryptor = self._cipher.decryptor()
+        return UUID(bytes=decryptor.update(_unb32(body)) + decryptor.finalize())
+
+    def patient_ref(self, patient_id: UUID) -> str:
+        """Return the partner's pseudonym for a patient (one-way)."""
+        digest = hmac.new(self._patient_key, patient_id.bytes, hashlib.sha256).digest()
+        return PATIENT_PREFIX + _b32(digest[:16])
+
+
+class Pseudonyms:
+    """Derives and caches the codecs of each partner from the server secret."""
+
+    def __init__(self, secret: bytes, *, cache_size: int = 4096) -> None:
+        if len(secret) < 32:
+            raise ValueError("the server secret must be at least 32 bytes")
+        self._secret = secret
+        self._cache: OrderedDict[UUID, PartnerPseudonyms] = OrderedDict()
+        self._cache_size = cache_size
+
+    def for_partner(self, partner_id: UUID) -> PartnerPseudonyms:
+        """Return the codec of one partner."""
+        codec = self._cache.get(partner_id)
+        if codec is not None:
+            self._cache.move_to_end(partner_id)
+            return codec
+        codec = PartnerPseudonyms(
+            derive_key(self._secret, b"appointment-id", partner_id.bytes),
+            derive_key(self._secret, b"patient-ref", partner_id.bytes),
+        )
+        self._cache[partner_id] = codec
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return codec
+
+
+def derive_key(secret: bytes, purpose: bytes, context: bytes = b"") -> bytes:
+    """Derive a 256-bit key for one purpose (and context) from the server secret."""
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"apptgate/v1/" + purpose + b"/" + context)
+    return hkdf.derive(secret)

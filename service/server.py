@@ -1,0 +1,246 @@
+"""The gRPC edge: servers, the one error boundary, reflection, health and TLS.
+
+Handlers raise :class:`~service.errors.ApptgateError`; :class:`ErrorBoundary`
+turns those into a status with ``google.rpc`` details, and anything else into
+a fixed INTERNAL whose detail goes to the log only (grpc.aio would otherwise
+send the exception's text to the caller). Request bytes that do not decode
+answer INVALID_ARGUMENT instead of grpc.aio's UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import grpc.aio
+from google.rpc import status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from service.errors import ApptgateError, InvalidArgument, internal_status
+from service.reflection import DocumentedPool
+from service.settings import TlsFiles
+
+log = logging.getLogger(__name__)
+
+#: A check run before every method of the guarded services (for example the internal token).
+Guard = Callable[[Sequence[tuple[str, str | bytes]] | None], None]
+
+
+class _Undecodable:
+    """Marks a request whose bytes did not decode, so the boundary can answer INVALID_ARGUMENT."""
+
+
+_UNDECODABLE = _Undecodable()
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Transport limits applied to every listener."""
+
+    max_receive_message_bytes: int = 64 * 1024
+    max_metadata_bytes: int = 16 * 1024
+    max_concurrent_streams: int = 100
+    keepalive_time_ms: int = 60_000
+    keepalive_timeout_ms: int = 20_000
+    min_ping_interval_ms: int = 10_000
+    max_connection_idle_ms: int = 15 * 60_000
+    max_connection_age_ms: int = 60 * 60_000
+    max_connection_age_grace_ms: int = 30_000
+
+    def options(self, *, reuse_port: bool) -> list[tuple[str, int]]:
+        """Return the grpc channel arguments for a server."""
+        return [
+            ("grpc.max_receive_message_length", self.max_receive_message_bytes),
+            ("grpc.max_metadata_size", self.max_metadata_bytes),
+            ("grpc.max_concurrent_streams", self.max_concurrent_streams),
+            ("grpc.keepalive_time_ms", self.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", self.keepalive_timeout_ms),
+            ("grpc.http2.min_ping_interval_without_data_ms", self.min_ping_interval_ms),
+            ("grpc.keepalive_permit_without_calls", 0),
+            ("grpc.http2.max_ping_strikes", 2),
+            ("grpc.max_connection_idle_ms", self.max_connection_idle_ms),
+            ("grpc.max_connection_age_ms", self.max_connection_age_ms),
+            ("grpc.max_connection_age_grace_ms", self.max_connection_age_grace_ms),
+            # A stale server on the same port would silently take part of the
+            # traffic: bind exclusively unless several workers share the port.
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ]
+
+
+async def _abort(context: grpc.aio.ServicerContext, status: status_pb2.Status) -> None:
+    await context.abort_with_status(rpc_status.to_status(status))
+
+
+def _log_unexpected(method: str, exc: BaseException) -> None:
+    # The exception's text can quote stored values (PostgreSQL's DETAIL lines
+    # do), so the log gets its class and where it was raised, not its message.
+    frames = "".join(traceback.format_tb(exc.__traceback__))
+    log.error("unexpected %s in %s\n%s", type(exc).__name__, method, frames)
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:
+            return _UNDECODABLE
+
+    return deserialize
+
+
+_UNDECODABLE_ERROR = InvalidArgument.field("request", "the request message does not decode", reason="MALFORMED_REQUEST")
+
+
+def _wrap(handler: grpc.RpcMethodHandler, method: str, guard: Guard | None) -> grpc.RpcMethodHandler:
+    """Return ``handler`` behind the error boundary (unary-unary and unary-stream methods)."""
+
+    async def enter(request: Any, context: grpc.aio.ServicerContext) -> None:
+        if request is _UNDECODABLE:
+            await _abort(context, _UNDECODABLE_ERROR.to_status())
+        if guard is not None:
+            guard(context.invocation_metadata())
+
+    if handler.unary_unary is not None:
+        behavior = handler.unary_unary
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                await enter(request, context)
+                return await behavior(request, context)
+            except ApptgateError as exc:
+                await _abort(context, exc.to_status())
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:
+                _log_unexpected(method, exc)
+                await _abort(context, internal_status())
+            raise AssertionError("unreachable: abort raises")
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary,
+            request_deserializer=_lenient(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
+
+    if handler.unary_stream is not None:
+        stream_behavior = handler.unary_stream
+
+        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                await enter(request, context)
+                result = stream_behavior(request, context)
+                if inspect.isasyncgen(result):
+                    async for item in result:
+                        yield item
+                else:
+                    await result
+            except ApptgateError as exc:
+                await _abort(context, exc.to_status())
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:
+                _log_unexpected(method, exc)
+                await _abort(context, internal_status())
+
+        return grpc.unary_stream_rpc_method_handler(
+            unary_stream,
+            request_deserializer=_lenient(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
+    raise TypeError(f"{method}: client-streaming methods are not supported by the error boundary")
+
+
+class ErrorBoundary(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Wraps every method of the services under ``prefix`` in the error boundary (and ``guard``)."""
+
+    def __init__(self, prefix: str, guard: Guard | None = None) -> None:
+        self._prefix = prefix
+        self._guard = guard
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or not method.startswith(self._prefix):
+            return handler
+        return _wrap(handler, method, self._guard)
+
+
+@dataclass
+class Listener:
+    """One started grpc.aio server with its health service and bound port."""
+
+    name: str
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    port: int
+    service_names: tuple[str, ...]
+
+    async def stop(self, grace: float) -> None:
+        """Report NOT_SERVING, then let in-flight calls finish for up to ``grace`` seconds."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+def _credentials(tls: TlsFiles) -> grpc.ServerCredentials:
+    root = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+        root_certificates=root,
+        require_client_auth=root is not None,
+    )
+
+
+class BindError(Exception):
+    """A listener could not bind its address."""
+
+
+async def start_listener(
+    name: str,
+    address: str,
+    *,
+    register: Callable[[grpc.aio.Server], Iterable[str]],
+    boundary: ErrorBoundary,
+    limits: Limits,
+    tls: TlsFiles | None = None,
+    reuse_port: bool = False,
+    reflection_pool: DocumentedPool | None = None,
+) -> Listener:
+    """Start a server on ``address`` with the services ``register`` adds (it returns their full names).
+
+    Reflection and ``grpc.health.v1`` are added and answer without credentials.
+    Raises :class:`BindError` when the address cannot be bound.
+    """
+    server = grpc.aio.server(interceptors=[boundary], options=limits.options(reuse_port=reuse_port))
+    names = tuple(register(server))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+        pool=reflection_pool,
+    )
+    try:
+        port = server.add_secure_port(address, _credentials(tls)) if tls else server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise BindError(f"{name} listener cannot bind {address}: is the port in use?") from exc
+    if port == 0:
+        raise BindError(f"{name} listener cannot bind {address}")
+    await server.start()
+    for service_name in ("", *names):
+        await health_servicer.set(service_name, health_pb2.HealthCheckResponse.SERVING)
+    return Listener(name, server, health_servicer, port, names)

@@ -1,0 +1,220 @@
+"""Configuration: one frozen object, read from the environment (and command-line flags) in one place.
+
+Nothing else in the service reads ``os.environ``. :func:`load` validates every
+value at start and raises :class:`~service.errors.ConfigError` listing all
+problems at once, so an operator fixes them in one go.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from service.errors import ConfigError
+
+DEFAULT_PARTNER_ADDR = "[::]:50051"
+DEFAULT_INTERNAL_ADDR = "127.0.0.1:50052"
+MIN_INTERNAL_TOKEN_LENGTH = 32
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """Certificate files for the partner listener; a client CA turns on mutual TLS."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the service is configured with. Build it with :func:`load`."""
+
+    env: str = "development"
+    database_url: str | None = None
+    data_dir: Path = Path(".apptgate")
+    partner_addr: str = DEFAULT_PARTNER_ADDR
+    internal_addr: str = DEFAULT_INTERNAL_ADDR
+    internal_token: str | None = field(default=None, repr=False)
+    tls: TlsFiles | None = None
+    allow_insecure: bool = False
+    server_secret: str | None = field(default=None, repr=False)
+    server_secret_file: Path | None = None
+    signing_key: str | None = field(default=None, repr=False)
+    signing_key_file: Path | None = None
+    consent_max_ttl: timedelta = timedelta(days=365)
+    db_pool_min: int = 2
+    db_pool_max: int = 10
+    db_connect_timeout: float = 5.0
+    shutdown_grace: float = 10.0
+    log_level: str = "INFO"
+
+    @property
+    def production(self) -> bool:
+        """True when ``APPTGATE_ENV=production``: no development keys, no embedded database."""
+        return self.env == "production"
+
+
+#: Environment variable → (settings field, parser). Flags use the same field names.
+_ENVIRONMENT: dict[str, str] = {
+    "APPTGATE_ENV": "env",
+    "DATABASE_URL": "database_url",
+    "APPTGATE_DATA_DIR": "data_dir",
+    "APPTGATE_PARTNER_ADDR": "partner_addr",
+    "APPTGATE_INTERNAL_ADDR": "internal_addr",
+    "APPTGATE_INTERNAL_TOKEN": "internal_token",
+    "APPTGATE_TLS_CERT": "tls_cert",
+    "APPTGATE_TLS_KEY": "tls_key",
+    "APPTGATE_TLS_CLIENT_CA": "tls_client_ca",
+    "APPTGATE_ALLOW_INSECURE": "allow_insecure",
+    "APPTGATE_SERVER_SECRET": "server_secret",
+    "APPTGATE_SERVER_SECRET_FILE": "server_secret_file",
+    "APPTGATE_SIGNING_KEY": "signing_key",
+    "APPTGATE_SIGNING_KEY_FILE": "signing_key_file",
+    "APPTGATE_CONSENT_MAX_TTL": "consent_max_ttl",
+    "APPTGATE_DB_POOL_MIN": "db_pool_min",
+    "APPTGATE_DB_POOL_MAX": "db_pool_max",
+    "APPTGATE_DB_CONNECT_TIMEOUT": "db_connect_timeout",
+    "APPTGATE_SHUTDOWN_GRACE": "shutdown_grace",
+    "APPTGATE_LOG_LEVEL": "log_level",
+}
+
+#: The variables the service understands, for documentation and ``--help``.
+ENVIRONMENT_VARIABLES = tuple(_ENVIRONMENT)
+
+
+def load(environ: Mapping[str, str], overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Build validated settings from an environment mapping and flag overrides.
+
+    ``overrides`` maps the names in ``_ENVIRONMENT``'s values to values given
+    on the command line; ``None`` values are ignored. Raises ``ConfigError``.
+    """
+    raw: dict[str, Any] = {name: environ[var] for var, name in _ENVIRONMENT.items() if environ.get(var)}
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    problems: list[str] = []
+    parsed: dict[str, Any] = {}
+
+    def take(name: str, convert: Any, var: str) -> None:
+        if name not in raw:
+            return
+        try:
+            parsed[name] = convert(raw[name])
+        except (TypeError, ValueError) as exc:
+            problems.append(f"{var}: {exc}")
+
+    for var, name in _ENVIRONMENT.items():
+        if name in {"tls_cert", "tls_key", "tls_client_ca"}:
+            continue
+        converter = _CONVERTERS.get(name, str)
+        take(name, converter, var)
+
+    tls_values = {k: raw.get(k) for k in ("tls_cert", "tls_key", "tls_client_ca")}
+    if tls_values["tls_cert"] or tls_values["tls_key"]:
+        if not (tls_values["tls_cert"] and tls_values["tls_key"]):
+            problems.append("APPTGATE_TLS_CERT and APPTGATE_TLS_KEY must be set together")
+        else:
+            tls = TlsFiles(
+                Path(tls_values["tls_cert"]),
+                Path(tls_values["tls_key"]),
+                Path(tls_values["tls_client_ca"]) if tls_values["tls_client_ca"] else None,
+            )
+            for label, path in (("APPTGATE_TLS_CERT", tls.cert_file), ("APPTGATE_TLS_KEY", tls.key_file)):
+                if not path.is_file():
+                    problems.append(f"{label}: no such file: {path}")
+            if tls.client_ca_file is not None and not tls.client_ca_file.is_file():
+                problems.append(f"APPTGATE_TLS_CLIENT_CA: no such file: {tls.client_ca_file}")
+            parsed["tls"] = tls
+    elif tls_values["tls_client_ca"]:
+        problems.append("APPTGATE_TLS_CLIENT_CA needs APPTGATE_TLS_CERT and APPTGATE_TLS_KEY")
+
+    settings = Settings(**parsed) if not problems else Settings()
+    problems.extend(_check(settings) if not problems else [])
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def _check(s: Settings) -> list[str]:
+    problems: list[str] = []
+    if s.env not in {"development", "production"}:
+        problems.append("APPTGATE_ENV: must be 'development' or 'production'")
+    for var, addr in (("APPTGATE_PARTNER_ADDR", s.partner_addr), ("APPTGATE_INTERNAL_ADDR", s.internal_addr)):
+        try:
+            split_address(addr)
+        except ValueError as exc:
+            problems.append(f"{var}: {exc}")
+    if s.internal_token is not None and len(s.internal_token) < MIN_INTERNAL_TOKEN_LENGTH:
+        problems.append(f"APPTGATE_INTERNAL_TOKEN: must be at least {MIN_INTERNAL_TOKEN_LENGTH} characters")
+    if not 1 <= s.db_pool_min <= s.db_pool_max:
+        problems.append("APPTGATE_DB_POOL_MIN/MAX: need 1 <= min <= max")
+    if s.consent_max_ttl < timedelta(seconds=1):
+        problems.append("APPTGATE_CONSENT_MAX_TTL: must be at least 1 second")
+    if s.shutdown_grace < 0 or s.db_connect_timeout <= 0:
+        problems.append("APPTGATE_SHUTDOWN_GRACE/APPTGATE_DB_CONNECT_TIMEOUT: must be positive")
+    if s.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        problems.append("APPTGATE_LOG_LEVEL: one of DEBUG, INFO, WARNING, ERROR")
+    return problems
+
+
+def split_address(addr: str) -> tuple[str, int]:
+    """Split ``host:port`` (IPv6 hosts in brackets) and check both parts. Raises ``ValueError``."""
+    host, sep, port_text = addr.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected host:port, got {addr!r}")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"bad port in {addr!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port_text)
+
+
+def is_loopback(addr: str) -> bool:
+    """True when ``addr`` binds only a loopback interface (so plaintext stays on this machine)."""
+    host, _ = split_address(addr)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _seconds(value: Any) -> timedelta:
+    seconds = float(value)
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        raise ValueError("expected a number of seconds")
+    return timedelta(seconds=seconds)
+
+
+def _optional_path(value: Any) -> Path:
+    return Path(str(value))
+
+
+_CONVERTERS: dict[str, Any] = {
+    "env": lambda v: str(v).strip().lower(),
+    "data_dir": _optional_path,
+    "server_secret_file": _optional_path,
+    "signing_key_file": _optional_path,
+    "allow_insecure": _boolean,
+    "consent_max_ttl": _seconds,
+    "db_pool_min": int,
+    "db_pool_max": int,
+    "db_connect_timeout": float,
+    "shutdown_grace": float,
+    "log_level": lambda v: str(v).upper(),
+}

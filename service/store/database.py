@@ -1,0 +1,104 @@
+"""The connection pool, transactions, and the translation of database failures.
+
+Every unit of work runs in ``async with database.transaction() as conn``.
+Connection-level failures (the server unreachable, restarting or refusing
+connections) become :class:`~service.errors.Unavailable`, so the caller gets
+UNAVAILABLE with a retry delay instead of INTERNAL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TypeAlias
+
+import asyncpg
+
+from service.errors import Unavailable
+from service.store import migrations
+
+Connection: TypeAlias = asyncpg.Connection
+
+#: Failures that mean "the database cannot be reached right now", by class.
+UNREACHABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.InterfaceError,
+)
+
+
+class NotMigratedError(Exception):
+    """The database lacks migrations this code needs; run ``python -m service migrate``."""
+
+
+class Database:
+    """An asyncpg pool with transaction helpers. Create it with :meth:`connect`."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def connect(
+        cls, dsn: str, *, min_size: int = 2, max_size: int = 10, connect_timeout: float = 5.0
+    ) -> Database:
+        """Open a pool to ``dsn``. Raises :class:`Unavailable` when the server cannot be reached."""
+        try:
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                timeout=connect_timeout,
+                # Connections are reset on release; nothing set in a request outlives it.
+                max_inactive_connection_lifetime=300.0,
+            )
+        except UNREACHABLE as exc:
+            raise Unavailable("the database is unreachable") from exc
+        return cls(pool)
+
+    async def close(self) -> None:
+        """Close the pool, waiting for connections in use to be released."""
+        await self._pool.close()
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
+        """Borrow a connection outside a transaction (for migrations and checks)."""
+        try:
+            async with self._pool.acquire() as conn:
+                yield conn
+        except UNREACHABLE as exc:
+            raise Unavailable("the database is unreachable") from exc
+
+    @asynccontextmanager
+    async def transaction(self, *, readonly: bool = False) -> AsyncIterator[Connection]:
+        """Run a unit of work in one transaction: committed on success, rolled back on any error."""
+        try:
+            async with self._pool.acquire() as conn, conn.transaction(readonly=readonly):
+                yield conn
+        except UNREACHABLE as exc:
+            raise Unavailable("the database is unreachable") from exc
+
+    async def ensure_migrated(self) -> None:
+        """Raise :class:`NotMigratedError` unless every migration has been applied."""
+        async with self.connection() as conn:
+            missing = await migrations.pending(conn)
+        if missing:
+            names = ", ".join(f"{m.version:04d}_{m.name}" for m in missing)
+            raise NotMigratedError(
+                f"the database is not migrated (missing: {names}); run `python -m service migrate` first"
+            )
+
+    @property
+    def pool_size(self) -> int:
+        """The number of open connections."""
+        return int(self._pool.get_size())
+
+    @property
+    def pool_idle(self) -> int:
+        """The number of open connections not in use."""
+        return int(self._pool.get_idle_size())

@@ -1,0 +1,115 @@
+"""Partners, their keys and practitioners' grants."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+import asyncpg
+
+from service import models
+from service.errors import AlreadyExists, FailedPrecondition, NotFound
+from service.store.database import Connection
+
+_KEY_COLUMNS = "id, partner_id, secret_hash, create_time, revoke_time"
+_GRANT_COLUMNS = "partner_id, practitioner_id, grant_time, revoke_time"
+
+
+async def create_partner(conn: Connection, display_name: str) -> models.Partner:
+    """Insert a partner. Raises :class:`AlreadyExists` for a taken display name."""
+    try:
+        row = await conn.fetchrow(
+            "INSERT INTO partners (display_name) VALUES ($1) RETURNING id, display_name, create_time",
+            display_name,
+        )
+    except asyncpg.UniqueViolationError as exc:
+        raise AlreadyExists("a partner with this display name exists", reason="PARTNER_EXISTS") from exc
+    return models.Partner(*row)
+
+
+async def find_partner_by_name(conn: Connection, display_name: str) -> models.Partner | None:
+    """Return the partner with this display name, if any."""
+    row = await conn.fetchrow(
+        "SELECT id, display_name, create_time FROM partners WHERE display_name = $1", display_name
+    )
+    return models.Partner(*row) if row else None
+
+
+async def insert_key(conn: Connection, key_id: str, partner_id: UUID, secret_hash: bytes) -> models.PartnerKey:
+    """Store a new key's hash. Raises :class:`NotFound` for an unknown partner."""
+    try:
+        row = await conn.fetchrow(
+            f"INSERT INTO partner_keys (id, partner_id, secret_hash) VALUES ($1, $2, $3) RETURNING {_KEY_COLUMNS}",
+            key_id,
+            partner_id,
+            secret_hash,
+        )
+    except asyncpg.ForeignKeyViolationError as exc:
+        raise NotFound("partner not found", metadata={"partner_id": str(partner_id)}) from exc
+    return models.PartnerKey(*row)
+
+
+async def find_key(conn: Connection, key_id: str) -> models.PartnerKey | None:
+    """Return a key by its public identifier, revoked or not."""
+    row = await conn.fetchrow(f"SELECT {_KEY_COLUMNS} FROM partner_keys WHERE id = $1", key_id)
+    return models.PartnerKey(*row) if row else None
+
+
+async def revoke_key(conn: Connection, key_id: str) -> models.PartnerKey:
+    """Revoke a key. Raises :class:`NotFound` or, when already revoked, :class:`FailedPrecondition`."""
+    row = await conn.fetchrow(
+        f"UPDATE partner_keys SET revoke_time = now() WHERE id = $1 AND revoke_time IS NULL RETURNING {_KEY_COLUMNS}",
+        key_id,
+    )
+    if row is not None:
+        return models.PartnerKey(*row)
+    if await find_key(conn, key_id) is None:
+        raise NotFound("partner key not found", metadata={"key_id": key_id})
+    raise FailedPrecondition("the key is already revoked", reason="KEY_ALREADY_REVOKED", metadata={"key_id": key_id})
+
+
+async def grant_access(conn: Connection, partner_id: UUID, practitioner_id: UUID) -> models.PractitionerGrant:
+    """Grant a partner access to a practitioner's appointments.
+
+    Raises :class:`NotFound` for an unknown partner or practitioner and
+    :class:`AlreadyExists` when an active grant exists.
+    """
+    ids = {"partner_id": str(partner_id), "practitioner_id": str(practitioner_id)}
+    try:
+        row = await conn.fetchrow(
+            f"INSERT INTO practitioner_grants (partner_id, practitioner_id) VALUES ($1, $2) RETURNING {_GRANT_COLUMNS}",
+            partner_id,
+            practitioner_id,
+        )
+    except asyncpg.UniqueViolationError as exc:
+        raise AlreadyExists("the access is already granted", reason="GRANT_EXISTS", metadata=ids) from exc
+    except asyncpg.ForeignKeyViolationError as exc:
+        what = "partner" if exc.constraint_name == "practitioner_grants_partner_id_fkey" else "practitioner"
+        raise NotFound(f"{what} not found", metadata=ids) from exc
+    return models.PractitionerGrant(*row)
+
+
+async def revoke_access(conn: Connection, partner_id: UUID, practitioner_id: UUID) -> models.PractitionerGrant:
+    """Revoke an active grant. Raises :class:`NotFound` when there is none."""
+    row = await conn.fetchrow(
+        "UPDATE practitioner_grants SET revoke_time = now() "
+        "WHERE partner_id = $1 AND practitioner_id = $2 AND revoke_time IS NULL "
+        f"RETURNING {_GRANT_COLUMNS}",
+        partner_id,
+        practitioner_id,
+    )
+    if row is None:
+        raise NotFound(
+            "no such access is granted",
+            metadata={"partner_id": str(partner_id), "practitioner_id": str(practitioner_id)},
+        )
+    return models.PractitionerGrant(*row)
+
+
+async def active_grants(conn: Connection, partner_id: UUID) -> list[models.PractitionerGrant]:
+    """Return a partner's active grants, oldest first."""
+    rows = await conn.fetch(
+        f"SELECT {_GRANT_COLUMNS} FROM practitioner_grants WHERE partner_id = $1 AND revoke_time IS NULL "
+        "ORDER BY grant_time, id",
+        partner_id,
+    )
+    return [models.PractitionerGrant(*row) for row in rows]

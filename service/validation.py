@@ -1,0 +1,110 @@
+"""Checks of request fields, collecting every problem before failing. Pure: no I/O.
+
+Usage::
+
+    problems: list[FieldViolation] = []
+    practitioner = parse_uuid(request.practitioner_id, "practitioner_id", problems)
+    name = text(request.display_name, "display_name", problems, max_length=200)
+    raise_if(problems)   # InvalidArgument naming every bad field
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta
+from uuid import UUID
+
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from service.errors import FieldViolation, InvalidArgument
+from service.timestamps import from_timestamp
+
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_PHONE = re.compile(r"^\+[1-9][0-9]{7,14}$")
+# Deliberately plain: one @, no spaces, a dot in the domain. Deliverability is not ours to check.
+_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
+
+
+def raise_if(problems: list[FieldViolation]) -> None:
+    """Raise :class:`InvalidArgument` naming every collected problem, if any."""
+    if problems:
+        raise InvalidArgument(problems)
+
+
+def parse_uuid(value: str, field: str, problems: list[FieldViolation], *, required: bool = True) -> UUID | None:
+    """Return the UUID in ``value``; ``None`` when empty and optional."""
+    if not value:
+        if required:
+            problems.append(FieldViolation(field, "is required"))
+        return None
+    if not _UUID.match(value):
+        problems.append(FieldViolation(field, "must be a UUID"))
+        return None
+    return UUID(value)
+
+
+def text(value: str, field: str, problems: list[FieldViolation], *, max_length: int, required: bool = True) -> str:
+    """Return ``value`` stripped, checking presence, length and control characters."""
+    stripped = value.strip()
+    if not stripped:
+        if required:
+            problems.append(FieldViolation(field, "is required"))
+        return stripped
+    if len(stripped) > max_length:
+        problems.append(FieldViolation(field, f"must be at most {max_length} characters"))
+    elif any(ord(ch) < 32 and ch not in "\t\n" for ch in stripped):
+        problems.append(FieldViolation(field, "must not contain control characters"))
+    return stripped
+
+
+def phone(value: str, field: str, problems: list[FieldViolation]) -> str | None:
+    """Return an E.164 phone number, ``None`` when empty."""
+    if not value:
+        return None
+    if not _PHONE.match(value):
+        problems.append(FieldViolation(field, "must be in E.164 form, for example +33612345678"))
+    return value
+
+
+def email(value: str, field: str, problems: list[FieldViolation]) -> str | None:
+    """Return an email address, ``None`` when empty."""
+    if not value:
+        return None
+    if len(value) > 254 or not _EMAIL.match(value):
+        problems.append(FieldViolation(field, "must be an email address"))
+    return value
+
+
+def timestamp(message: Message, name: str, problems: list[FieldViolation], *, required: bool = True) -> datetime | None:
+    """Return the datetime of the Timestamp field ``name`` of ``message``; ``None`` when unset and optional."""
+    if not message.HasField(name):
+        if required:
+            problems.append(FieldViolation(name, "is required"))
+        return None
+    value = getattr(message, name)
+    assert isinstance(value, Timestamp)
+    return from_timestamp(value, name, problems)
+
+
+def window(
+    start: datetime | None,
+    end: datetime | None,
+    problems: list[FieldViolation],
+    *,
+    max_length: timedelta | None = None,
+    end_field: str = "end_time",
+) -> None:
+    """Check that ``[start, end)`` is non-empty and, when ``max_length`` is given, not longer."""
+    if start is None or end is None:
+        return
+    if end <= start:
+        problems.append(FieldViolation(end_field, "must be after start_time"))
+    elif max_length is not None and end - start > max_length:
+        problems.append(FieldViolation(end_field, f"must be at most {_span(max_length)} after start_time"))
+
+
+def _span(length: timedelta) -> str:
+    if length % timedelta(days=1) == timedelta(0) and length > timedelta(days=1):
+        return f"{length.days} days"
+    return f"{int(length.total_seconds() // 3600)} hours"

@@ -1,0 +1,108 @@
+"""Fixtures: one PostgreSQL server per session (DATABASE_URL or embedded), a database per test."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import grpc.aio
+import harness
+import pytest
+
+from service.app import Gateway, Secrets
+from service.settings import Settings
+from service.store.database import Database
+from service.store.embedded import EmbeddedPostgres
+
+
+@pytest.fixture(scope="session")
+def admin_dsn() -> Iterator[str]:
+    """A DSN with the right to create databases: DATABASE_URL, else an embedded server."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        yield url
+        return
+    directory = Path(tempfile.mkdtemp(prefix="apg-"))
+    server = EmbeddedPostgres(directory / "pg")
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def template(admin_dsn: str) -> Iterator[str]:
+    """A migrated template database, copied for each test."""
+    name = asyncio.run(harness.create_template(admin_dsn))
+    yield name
+    asyncio.run(harness.drop_database(admin_dsn, harness.with_database(admin_dsn, name)))
+
+
+@pytest.fixture
+async def database_dsn(admin_dsn: str, template: str) -> AsyncIterator[str]:
+    """A fresh migrated database for one test."""
+    dsn = await harness.create_database(admin_dsn, template)
+    try:
+        yield dsn
+    finally:
+        await harness.drop_database(admin_dsn, dsn)
+
+
+@pytest.fixture
+async def database(database_dsn: str) -> AsyncIterator[Database]:
+    """A pool on the test's database."""
+    db = await Database.connect(database_dsn, min_size=1, max_size=5)
+    try:
+        yield db
+    finally:
+        await db.close()
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Settings for an in-process gateway on free loopback ports."""
+    return Settings(
+        data_dir=tmp_path / "data",
+        partner_addr="127.0.0.1:0",
+        internal_addr="127.0.0.1:0",
+        internal_token=harness.INTERNAL_TOKEN,
+    )
+
+
+@pytest.fixture
+async def gateway(settings: Settings, database: Database) -> AsyncIterator[Gateway]:
+    """A running gateway (both listeners) over the test's database."""
+    server = Gateway(replace(settings), database, Secrets(os.urandom(32)))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(0)
+
+
+@pytest.fixture
+async def partner_channel(gateway: Gateway) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to the partner listener."""
+    assert gateway.partner
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.partner.port}") as channel:
+        yield channel
+
+
+@pytest.fixture
+async def internal_channel(gateway: Gateway) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to the internal listener."""
+    assert gateway.internal
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.internal.port}") as channel:
+        yield channel
+
+
+@pytest.fixture
+def world(partner_channel: grpc.aio.Channel, internal_channel: grpc.aio.Channel) -> harness.World:
+    """A builder of practitioners, patients, appointments and partners over the internal API."""
+    return harness.World(partner_channel, internal_channel)

@@ -1,0 +1,305 @@
+"""Test harness: real PostgreSQL databases, a real gateway on free ports, and a small named world.
+
+Nothing here mocks asyncpg or grpc: each test gets its own database (a copy of
+a migrated template), a :class:`~service.app.Gateway` bound to 127.0.0.1:0,
+and clients over real channels. The fake personal data is distinctive
+(``LEAKCHECK``) so a leak can be found with grep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import grpc
+import grpc.aio
+from appointments.internal.v1 import (
+    partner_registry_service_pb2 as registry_pb,
+)
+from appointments.internal.v1 import (
+    partner_registry_service_pb2_grpc as registry_grpc,
+)
+from appointments.internal.v1 import (
+    scheduling_pb2,
+)
+from appointments.internal.v1 import (
+    scheduling_service_pb2 as scheduling_pb,
+)
+from appointments.internal.v1 import (
+    scheduling_service_pb2_grpc as scheduling_grpc,
+)
+from appointments.partner.v1 import (
+    partner_appointment_service_pb2 as partner_pb,
+)
+from appointments.partner.v1 import (
+    partner_appointment_service_pb2_grpc as partner_grpc,
+)
+from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from service.store import migrations
+
+INTERNAL_TOKEN = "test-internal-token-" + "x" * 32
+MONDAY = datetime(2030, 3, 4, tzinfo=UTC)
+
+
+def with_database(dsn: str, name: str) -> str:
+    """Return ``dsn`` pointing at database ``name`` (URL form, socket hosts included)."""
+    parts = urlsplit(dsn)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
+
+
+async def create_template(admin_dsn: str) -> str:
+    """Create and migrate a template database; return its name."""
+    name = f"apptgate_tmpl_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    conn = await asyncpg.connect(with_database(admin_dsn, name))
+    try:
+        await migrations.migrate(conn)
+    finally:
+        await conn.close()
+    return name
+
+
+async def create_database(admin_dsn: str, template: str | None) -> str:
+    """Create a fresh database (a copy of ``template``, or empty); return its DSN."""
+    name = f"apptgate_test_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        clause = f' TEMPLATE "{template}"' if template else ""
+        await conn.execute(f'CREATE DATABASE "{name}"{clause}')
+    finally:
+        await conn.close()
+    return with_database(admin_dsn, name)
+
+
+async def drop_database(admin_dsn: str, dsn: str) -> None:
+    """Drop a database created by :func:`create_database`, closing its connections."""
+    name = urlsplit(dsn).path.lstrip("/")
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+def ts(value: datetime) -> Timestamp:
+    """A Timestamp of an aware datetime."""
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def status_of(error: grpc.aio.AioRpcError) -> status_pb2.Status:
+    """The rich ``google.rpc.Status`` of a failed call (fails when the server sent none)."""
+    status = rpc_status.from_call(error)
+    assert status is not None, f"no google.rpc.Status details on {error.code()}"
+    return status
+
+
+def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    """The ``ErrorInfo`` detail of a failed call."""
+    for detail in status_of(error).details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    raise AssertionError("no ErrorInfo detail")
+
+
+def bad_fields(error: grpc.aio.AioRpcError) -> set[str]:
+    """The fields named by the ``BadRequest`` detail of a failed call."""
+    for detail in status_of(error).details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            return {v.field for v in bad.field_violations}
+    raise AssertionError("no BadRequest detail")
+
+
+@dataclass
+class PartnerHandle:
+    """A partner in the test world, with its key and a partner-API stub that sends it."""
+
+    partner_id: str
+    key_id: str
+    secret: str
+    stub: partner_grpc.PartnerAppointmentServiceStub
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The call metadata carrying this partner's key."""
+        return (("authorization", f"Bearer {self.secret}"),)
+
+    async def list(self, **fields: Any) -> partner_pb.ListAppointmentsResponse:
+        """ListAppointments with this partner's key; ``start_time``/``end_time`` default to a wide window."""
+        fields.setdefault("start_time", ts(MONDAY - timedelta(days=30)))
+        fields.setdefault("end_time", ts(MONDAY + timedelta(days=300)))
+        request = partner_pb.ListAppointmentsRequest(**fields)
+        return await self.stub.ListAppointments(request, metadata=self.metadata)
+
+    async def list_all(self, page_size: int = 0, **fields: Any) -> list[Any]:
+        """Every page of ListAppointments, concatenated."""
+        found: list[Any] = []
+        token = ""
+        while True:
+            page = await self.list(page_size=page_size, page_token=token, **fields)
+            found.extend(page.appointments)
+            token = page.next_page_token
+            if not token:
+                return found
+
+    async def get(self, appointment_id: str) -> Any:
+        """GetAppointment with this partner's key."""
+        return await self.stub.GetAppointment(
+            partner_pb.GetAppointmentRequest(appointment_id=appointment_id), metadata=self.metadata
+        )
+
+
+@dataclass
+class World:
+    """Builds practitioners, patients, appointments and partners through the internal API."""
+
+    partner_channel: grpc.aio.Channel
+    internal_channel: grpc.aio.Channel
+    scheduling: scheduling_grpc.SchedulingServiceStub = field(init=False)
+    registry: registry_grpc.PartnerRegistryServiceStub = field(init=False)
+    _counter: int = 0
+
+    def __post_init__(self) -> None:
+        self.scheduling = scheduling_grpc.SchedulingServiceStub(self.internal_channel)
+        self.registry = registry_grpc.PartnerRegistryServiceStub(self.internal_channel)
+
+    @property
+    def internal_metadata(self) -> tuple[tuple[str, str], ...]:
+        """Metadata carrying the internal token."""
+        return (("authorization", f"Bearer {INTERNAL_TOKEN}"),)
+
+    def _next(self) -> int:
+        self._counter += 1
+        return self._counter
+
+    async def practitioner(self, name: str = "", specialty: str = "General practice") -> str:
+        """Create a practitioner; return its id."""
+        n = self._next()
+        reply = await self.scheduling.CreatePractitioner(
+            scheduling_pb.CreatePractitionerRequest(display_name=name or f"Dr. Test {n}", specialty=specialty),
+            metadata=self.internal_metadata,
+        )
+        return reply.practitioner_id
+
+    async def patient(self, **overrides: Any) -> scheduling_pb2.Patient:
+        """Create a patient with distinctive fake contact details; return it."""
+        n = self._next()
+        fields = {
+            "given_name": f"Leakcheckgiven{n:04d}",
+            "family_name": f"LEAKCHECK-Family-{n:04d}",
+            "sex": 1 + n % 3,
+            "phone": f"+3369999{n:04d}",
+            "email": f"leakcheck.{n:04d}@example.invalid",
+        }
+        fields.update(overrides)
+        return await self.scheduling.CreatePatient(
+            scheduling_pb.CreatePatientRequest(**fields), metadata=self.internal_metadata
+        )
+
+    async def appointment(
+        self,
+        practitioner_id: str,
+        patient_id: str,
+        start: datetime | None = None,
+        minutes: int = 30,
+        reason: str = "LEAKCHECK-REASON persistent cough",
+    ) -> scheduling_pb2.Appointment:
+        """Book an appointment; return it (internal view)."""
+        start = start or MONDAY + timedelta(hours=self._next())
+        return await self.scheduling.CreateAppointment(
+            scheduling_pb.CreateAppointmentRequest(
+                practitioner_id=practitioner_id,
+                patient_id=patient_id,
+                start_time=ts(start),
+                end_time=ts(start + timedelta(minutes=minutes)),
+                reason=reason,
+            ),
+            metadata=self.internal_metadata,
+        )
+
+    async def partner(self, name: str = "", *grants: str) -> PartnerHandle:
+        """Create a partner with one key and the given practitioner grants."""
+        partner = await self.registry.CreatePartner(
+            registry_pb.CreatePartnerRequest(display_name=name or f"Partner {self._next()}"),
+            metadata=self.internal_metadata,
+        )
+        key = await self.registry.IssuePartnerKey(
+            registry_pb.IssuePartnerKeyRequest(partner_id=partner.partner_id), metadata=self.internal_metadata
+        )
+        for practitioner_id in grants:
+            await self.grant(partner.partner_id, practitioner_id)
+        return PartnerHandle(
+            partner.partner_id,
+            key.key_id,
+            key.secret,
+            partner_grpc.PartnerAppointmentServiceStub(self.partner_channel),
+        )
+
+    async def grant(self, partner_id: str, practitioner_id: str) -> None:
+        """Grant a partner access to a practitioner."""
+        await self.registry.GrantPractitionerAccess(
+            registry_pb.GrantPractitionerAccessRequest(partner_id=partner_id, practitioner_id=practitioner_id),
+            metadata=self.internal_metadata,
+        )
+
+    async def revoke_grant(self, partner_id: str, practitioner_id: str) -> None:
+        """Revoke a partner's access to a practitioner."""
+        await self.registry.RevokePractitionerAccess(
+            registry_pb.RevokePractitionerAccessRequest(partner_id=partner_id, practitioner_id=practitioner_id),
+            metadata=self.internal_metadata,
+        )
+
+    async def revoke_key(self, key_id: str) -> None:
+        """Revoke a partner key."""
+        await self.registry.RevokePartnerKey(
+            registry_pb.RevokePartnerKeyRequest(key_id=key_id), metadata=self.internal_metadata
+        )
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def wait_for_port(port: int, within: float = 20.0) -> None:
+    """Wait until something accepts connections on 127.0.0.1:``port``."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            await writer.wait_closed()
+            return
+        except OSError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+def environment(**overrides: str) -> dict[str, str]:
+    """A copy of this process's environment with ``overrides`` (for subprocesses)."""
+    env = dict(os.environ)
+    env.update(overrides)
+    return env
