@@ -1,0 +1,207 @@
+"""Fast tests of the pure modules: pseudonyms, page tokens, credentials, settings, errors."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from google.rpc import code_pb2, error_details_pb2
+from hypothesis import given, settings as hypothesis_settings, strategies as st
+
+from service import auth, errors, pagination, settings, timestamps
+from service.models import PartnerKey
+from service.pseudonyms import Pseudonyms, looks_like_appointment_id
+
+SECRET = b"k" * 32
+
+
+class TestPseudonyms:
+    @given(st.uuids())
+    @hypothesis_settings(max_examples=200)
+    def test_appointment_ids_round_trip_for_their_partner(self, internal: uuid.UUID) -> None:
+        codec = Pseudonyms(SECRET).for_partner(uuid.UUID(int=1))
+        public = codec.appointment_id(internal)
+        assert looks_like_appointment_id(public)
+        assert codec.parse_appointment_id(public) == internal
+
+    def test_partners_get_unrelated_ids_and_refs(self) -> None:
+        pseudonyms = Pseudonyms(SECRET)
+        a, b = pseudonyms.for_partner(uuid.UUID(int=1)), pseudonyms.for_partner(uuid.UUID(int=2))
+        internal = uuid.uuid4()
+        assert a.appointment_id(internal) != b.appointment_id(internal)
+        assert a.patient_ref(internal) != b.patient_ref(internal)
+        assert b.parse_appointment_id(a.appointment_id(internal)) != internal
+
+    def test_another_server_secret_gives_other_ids(self) -> None:
+        internal, partner = uuid.uuid4(), uuid.uuid4()
+        first = Pseudonyms(SECRET).for_partner(partner).appointment_id(internal)
+        second = Pseudonyms(b"j" * 32).for_partner(partner).appointment_id(internal)
+        assert first != second
+
+    def test_ids_do_not_contain_the_internal_id(self) -> None:
+        internal = uuid.uuid4()
+        public = Pseudonyms(SECRET).for_partner(uuid.uuid4()).appointment_id(internal)
+        assert internal.hex not in public and str(internal) not in public
+
+    @pytest.mark.parametrize(
+        "text", ["", "apt_", "apt_" + "a" * 25, "apt_" + "A" * 26, "pat_" + "a" * 26, "apt_" + "1" * 26]
+    )
+    def test_malformed_ids_are_refused(self, text: str) -> None:
+        with pytest.raises(ValueError, match="not an appointment id"):
+            Pseudonyms(SECRET).for_partner(uuid.uuid4()).parse_appointment_id(text)
+
+    def test_a_short_secret_is_refused(self) -> None:
+        with pytest.raises(ValueError, match="32 bytes"):
+            Pseudonyms(b"short")
+
+
+class TestPageTokens:
+    def test_a_token_opens_only_with_its_binding(self) -> None:
+        tokens = pagination.PageTokens(os.urandom(32))
+        token = tokens.seal(b"cursor", b"partner-a|query-1")
+        assert tokens.open(token, b"partner-a|query-1") == b"cursor"
+        for binding in (b"partner-b|query-1", b"partner-a|query-2"):
+            with pytest.raises(errors.InvalidArgument):
+                tokens.open(token, binding)
+
+    def test_tokens_from_another_key_are_refused(self) -> None:
+        token = pagination.PageTokens(os.urandom(32)).seal(b"cursor", b"b")
+        with pytest.raises(errors.InvalidArgument):
+            pagination.PageTokens(os.urandom(32)).open(token, b"b")
+
+    @given(st.text(max_size=600))
+    @hypothesis_settings(max_examples=300)
+    def test_arbitrary_text_is_invalid_argument_never_a_crash(self, text: str) -> None:
+        with pytest.raises(errors.InvalidArgument):
+            pagination.PageTokens(b"p" * 32).open(text, b"b")
+
+    def test_the_cursor_is_not_readable_in_the_token(self) -> None:
+        row = uuid.uuid4()
+        token = pagination.PageTokens(os.urandom(32)).seal(pagination.pack_time_cursor(datetime.now(UTC), row), b"b")
+        assert row.hex not in token and row.bytes.hex() not in token
+
+    @given(
+        st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(UTC)), st.uuids()
+    )
+    def test_time_cursors_round_trip(self, when: datetime, row: uuid.UUID) -> None:
+        assert pagination.unpack_time_cursor(pagination.pack_time_cursor(when, row)) == (when, row)
+
+    @pytest.mark.parametrize(("value", "expected"), [(0, 50), (1, 1), (500, 500)])
+    def test_page_sizes(self, value: int, expected: int) -> None:
+        assert pagination.page_size(value, default=50, maximum=500) == expected
+
+    @pytest.mark.parametrize("value", [-1, 501, 2**31 - 1])
+    def test_bad_page_sizes(self, value: int) -> None:
+        with pytest.raises(errors.InvalidArgument) as caught:
+            pagination.page_size(value, default=50, maximum=500)
+        assert caught.value.violations[0].field == "page_size"
+
+
+class TestCredentials:
+    def _record(self, key: auth.IssuedKey, revoked: bool = False) -> PartnerKey:
+        now = datetime.now(UTC)
+        return PartnerKey(key.key_id, uuid.uuid4(), key.secret_hash, now, now if revoked else None)
+
+    def test_an_issued_key_verifies_against_its_record(self) -> None:
+        key = auth.new_partner_key()
+        principal = auth.verify_partner_key(key.secret, self._record(key))
+        assert principal.key_id == key.key_id
+        assert auth.partner_key_id(key.secret) == key.key_id
+
+    def test_unknown_wrong_and_revoked_keys_fail_alike(self) -> None:
+        key, other = auth.new_partner_key(), auth.new_partner_key()
+        failures = []
+        for token, record in (
+            (key.secret, None),
+            (key.secret, self._record(other)),
+            (key.secret, self._record(key, True)),
+        ):
+            with pytest.raises(errors.Unauthenticated) as caught:
+                auth.verify_partner_key(token, record)
+            failures.append((caught.value.message, caught.value.reason))
+        assert len(set(failures)) == 1
+
+    def test_the_stored_hash_is_not_the_secret(self) -> None:
+        key = auth.new_partner_key()
+        assert key.secret.encode() not in key.secret_hash
+        assert len(key.secret_hash) == 32
+
+    @pytest.mark.parametrize(
+        "metadata", [None, [], [("authorization", "Basic x")], [("authorization", "Bearer ")], [("x-api-key", "k")]]
+    )
+    def test_missing_bearer_is_credentials_missing(self, metadata: list[tuple[str, str]] | None) -> None:
+        with pytest.raises(errors.Unauthenticated) as caught:
+            auth.bearer_token(metadata)
+        assert caught.value.reason == "CREDENTIALS_MISSING"
+
+    def test_the_internal_token_is_checked(self) -> None:
+        token = auth.InternalToken("t" * 40)
+        token.verify([("authorization", "Bearer " + "t" * 40)])
+        with pytest.raises(errors.Unauthenticated):
+            token.verify([("authorization", "Bearer " + "t" * 39)])
+
+
+class TestSettings:
+    def test_defaults(self) -> None:
+        loaded = settings.load({})
+        assert loaded.partner_addr == "[::]:50051"
+        assert loaded.internal_addr == "127.0.0.1:50052"
+        assert loaded.data_dir == Path(".apptgate")
+        assert loaded.database_url is None
+
+    def test_every_problem_is_reported_at_once(self) -> None:
+        with pytest.raises(errors.ConfigError) as caught:
+            settings.load({"APPTGATE_DB_POOL_MIN": "x", "APPTGATE_ALLOW_INSECURE": "maybe"})
+        assert len(caught.value.problems) == 2
+
+    def test_flags_override_the_environment(self) -> None:
+        loaded = settings.load({"APPTGATE_PARTNER_ADDR": "127.0.0.1:1"}, {"partner_addr": "127.0.0.1:2"})
+        assert loaded.partner_addr == "127.0.0.1:2"
+
+    def test_secrets_are_not_in_the_repr(self) -> None:
+        loaded = settings.load({"APPTGATE_INTERNAL_TOKEN": "s3cr3t" * 10, "APPTGATE_SERVER_SECRET": "zz" * 30})
+        assert "s3cr3t" not in repr(loaded) and "zzzz" not in repr(loaded)
+
+    @pytest.mark.parametrize(
+        ("addr", "loopback"),
+        [
+            ("127.0.0.1:1", True),
+            ("[::1]:1", True),
+            ("localhost:1", True),
+            ("[::]:1", False),
+            ("0.0.0.0:1", False),
+            ("10.0.0.1:1", False),
+        ],
+    )
+    def test_loopback_detection(self, addr: str, loopback: bool) -> None:
+        assert settings.is_loopback(addr) is loopback
+
+
+class TestErrors:
+    def test_invalid_argument_carries_error_info_and_bad_request(self) -> None:
+        status = errors.InvalidArgument.field("page_size", "must not be negative").to_status()
+        assert status.code == code_pb2.INVALID_ARGUMENT
+        info, bad = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
+        assert status.details[0].Unpack(info) and status.details[1].Unpack(bad)
+        assert info.domain == errors.DOMAIN and info.reason == "INVALID_ARGUMENT"
+        assert bad.field_violations[0].field == "page_size"
+
+    def test_unavailable_carries_retry_info(self) -> None:
+        status = errors.Unavailable("down", retry_delay=1.5).to_status()
+        retry = error_details_pb2.RetryInfo()
+        assert status.details[1].Unpack(retry)
+        assert retry.retry_delay.ToTimedelta() == timedelta(seconds=1.5)
+
+
+def test_timestamps_convert_exactly() -> None:
+    when = datetime(2030, 3, 4, 5, 6, 7, 891011, tzinfo=UTC)
+    stamp = timestamps.to_timestamp(when)
+    assert stamp.ToDatetime(tzinfo=UTC) == when
+    problems: list[errors.FieldViolation] = []
+    assert timestamps.from_timestamp(stamp, "start_time", problems) == when
+    stamp.seconds = 2**62
+    assert timestamps.from_timestamp(stamp, "start_time", problems) is None
+    assert problems[0].field == "start_time"
