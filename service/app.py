@@ -15,12 +15,18 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 import grpc.aio
-from appointments.internal.v1 import partner_registry_service_pb2_grpc, scheduling_service_pb2_grpc
+from appointments.internal.v1 import (
+    audit_service_pb2_grpc,
+    consent_service_pb2_grpc,
+    partner_registry_service_pb2_grpc,
+    scheduling_service_pb2_grpc,
+)
 from appointments.partner.v1 import partner_appointment_service_pb2_grpc
 
-from service import auth, internal_api, partner_api
+from service import audit_api, auth, consent_api, internal_api, partner_api
+from service.consent import ConsentKeyring
 from service.errors import ConfigError
-from service.keyfiles import load_server_secret
+from service.keyfiles import load_server_secret, load_signing_keys
 from service.pagination import PageTokens
 from service.pseudonyms import Pseudonyms, derive_key
 from service.reflection import DocumentedPool, documented_files
@@ -37,9 +43,15 @@ INTERNAL_PREFIX = "/appointments.internal."
 
 @dataclass(frozen=True, slots=True)
 class Secrets:
-    """Key material the servicers derive their keys from."""
+    """Key material: the server secret (pseudonyms, page tokens, ledger seals) and the consent keyring."""
 
     server_secret: bytes
+    keyring: ConsentKeyring
+
+
+def load_secrets(settings: Settings) -> Secrets:
+    """Load (or, in development, create) the secrets. Raises ``ConfigError``."""
+    return Secrets(load_server_secret(settings), load_signing_keys(settings))
 
 
 def check_transport_security(settings: Settings) -> None:
@@ -72,13 +84,14 @@ class Gateway:
         self._limits = limits or Limits()
         self._pseudonyms = Pseudonyms(secrets.server_secret)
         self._page_tokens = PageTokens(derive_key(secrets.server_secret, b"page-token"))
+        self._keyring = secrets.keyring
         self._internal_token = auth.InternalToken(settings.internal_token)
         self._reflection = DocumentedPool(documented_files())
         self.partner: Listener | None = None
         self.internal: Listener | None = None
 
     def _register_partner(self, server: grpc.aio.Server) -> list[str]:
-        api = partner_api.PartnerAppointmentApi(self.database, self._pseudonyms, self._page_tokens)
+        api = partner_api.PartnerAppointmentApi(self.database, self._pseudonyms, self._page_tokens, self._keyring)
         partner_appointment_service_pb2_grpc.add_PartnerAppointmentServiceServicer_to_server(api, server)
         return [partner_api.SERVICE_NAME]
 
@@ -89,7 +102,18 @@ class Gateway:
         partner_registry_service_pb2_grpc.add_PartnerRegistryServiceServicer_to_server(
             internal_api.PartnerRegistryApi(self.database), server
         )
-        return [internal_api.SCHEDULING_SERVICE, internal_api.REGISTRY_SERVICE]
+        consent_service_pb2_grpc.add_ConsentServiceServicer_to_server(
+            consent_api.ConsentApi(self.database, self._keyring, self.settings.consent_max_ttl), server
+        )
+        audit_service_pb2_grpc.add_AuditServiceServicer_to_server(
+            audit_api.AuditApi(self.database, self._page_tokens), server
+        )
+        return [
+            internal_api.SCHEDULING_SERVICE,
+            internal_api.REGISTRY_SERVICE,
+            consent_api.SERVICE_NAME,
+            audit_api.SERVICE_NAME,
+        ]
 
     async def start(self) -> None:
         """Bind and start both listeners."""
@@ -152,12 +176,13 @@ async def serve(
     migrates and seeds there); ``on_ready`` runs once both listeners serve.
     """
     check_transport_security(settings)
+    secrets = load_secrets(settings)
     async with AsyncExitStack() as stack:
         database = await open_database(settings, stack)
         if prepare is not None:
             await prepare(database)
         await database.ensure_migrated()
-        gateway = Gateway(settings, database, Secrets(load_server_secret(settings)))
+        gateway = Gateway(settings, database, secrets)
         await gateway.start()
         assert gateway.partner and gateway.internal
         log.info(

@@ -19,7 +19,7 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
-from service import app, demo
+from service import app, audit_cli, demo
 from service import settings as settings_module
 from service.errors import ConfigError, Unavailable
 from service.store import migrations
@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
 
     server_flags(commands.add_parser("serve", help="serve both listeners until SIGTERM/SIGINT"))
     commands.add_parser("migrate", help="apply pending database migrations")
+    audit_cli.add_commands(commands)
     server_flags(
         commands.add_parser(
             "demo", help="migrate, load demo data, print grpcurl commands and serve (what `make run` does)"
@@ -145,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_migrate(settings))
         elif args.command == "serve":
             asyncio.run(app.serve(settings))
+        elif args.command == "audit":
+            return asyncio.run(audit_cli.run(settings, args))
         elif args.command == "demo":
             if "APPTGATE_PARTNER_ADDR" not in os.environ and args.partner_addr is None:
                 settings = replace(settings, partner_addr="localhost:50051")

@@ -358,7 +358,7 @@ class ConsentKeyring:
 
     def public_keys(self) -> list[SigningKey]:
         """Return every key without its secret, the active key first (to publish for verifiers)."""
-        return list(self._keys)
+        return [key.public_only() for key in self._keys]
 
     def sign(self, claims: ConsentClaims) -> str:
         """Return a consent token for ``claims``, signed with the active key.

@@ -94,3 +94,62 @@ class PractitionerGrant:
     practitioner_id: UUID
     grant_time: datetime
     revoke_time: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Consent:
+    """A patient's consent row (the token itself is never stored)."""
+
+    id: UUID
+    patient_id: UUID
+    partner_id: UUID
+    fields: tuple[int, ...]
+    purpose: str
+    signing_key_id: str
+    create_time: datetime
+    expire_time: datetime
+    revoke_time: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentedContact:
+    """What ``read_consented_contact`` returns: the consent's state and only the covered fields."""
+
+    state: str  # "live", "revoked", "expired" or "unknown"
+    fields: tuple[int, ...]
+    given_name: str | None
+    family_name: str | None
+    sex: int | None
+    phone: str | None
+    email: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Disclosure:
+    """One record of the disclosure ledger."""
+
+    seq: int
+    partner_id: UUID
+    key_id: str
+    requested_id: str
+    appointment_id: UUID | None
+    patient_id: UUID | None
+    view: int
+    contact_fields: tuple[int, ...]
+    consent_id: UUID | None
+    rpc: str
+    trace_id: str
+    disclose_time: datetime
+    outcome: int
+    denial_reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class AffectedPatient:
+    """One patient reached by a partner, as the breach report lists it."""
+
+    patient_id: UUID
+    appointment_ids: tuple[UUID, ...]
+    contact_fields: tuple[int, ...]
+    first_disclosure_time: datetime
+    last_disclosure_time: datetime

@@ -1,20 +1,25 @@
-"""The partner servicer: validate → authenticate → authorize and query → view.
+"""The partner servicer: validate → authenticate → authorize and query → audit → view.
 
-Each call reads in one transaction whose statements join the caller's active
-grants, so revoking a key or a grant takes effect on the next call. Anything
-the caller may not see answers NOT_FOUND, whatever the reason.
+Each call runs in one transaction, as the partner-path database role, whose
+statements join the caller's active grants: revoking a key or a grant takes
+effect on the next call. Anything the caller may not see answers NOT_FOUND,
+whatever the reason. Every disclosure, and every refused attempt, is written
+to the ledger in the same transaction, which commits before the response
+leaves: no data is sent unless its audit record is durable.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 import grpc.aio
 from appointments.partner.v1 import (
     appointment_pb2,
+    contact_pb2,
 )
 from appointments.partner.v1 import (
     partner_appointment_service_pb2 as pb,
@@ -24,15 +29,19 @@ from appointments.partner.v1 import (
 )
 
 from service import auth, pagination, validation, views
-from service.errors import FieldViolation, InvalidArgument, NotFound
+from service.consent import CONSENT_EXPIRED, CONSENT_INVALID, CONSENT_REVOKED, ConsentDenied, ConsentKeyring
+from service.errors import ApptgateError, FieldViolation, InvalidArgument, NotFound, PermissionDenied
 from service.pseudonyms import Pseudonyms, looks_like_appointment_id
-from service.store import partner_reads, partners
-from service.store.database import Database
+from service.store import consents, ledger, partner_reads, partners
+from service.store.database import PARTNER_ROLE, Connection, Database
+from service.telemetry import current_trace_id
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 MAX_WINDOW = timedelta(days=366)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PartnerAppointmentService"].full_name
+_RPC_PREFIX = f"/{SERVICE_NAME}/"
+_CONSENT_STATES = {"revoked": CONSENT_REVOKED, "expired": CONSENT_EXPIRED, "unknown": CONSENT_INVALID}
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,10 +88,43 @@ def _check_appointment_id(value: str) -> None:
 class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
     """Serves ``appointments.partner.v1.PartnerAppointmentService``."""
 
-    def __init__(self, database: Database, pseudonyms: Pseudonyms, page_tokens: pagination.PageTokens) -> None:
+    def __init__(
+        self,
+        database: Database,
+        pseudonyms: Pseudonyms,
+        page_tokens: pagination.PageTokens,
+        keyring: ConsentKeyring,
+    ) -> None:
         self._db = database
         self._pseudonyms = pseudonyms
         self._page_tokens = page_tokens
+        self._keyring = keyring
+
+    async def _authenticate(self, conn: Connection, token: str, key_id: str) -> auth.Principal:
+        return auth.verify_partner_key(token, await partners.find_key(conn, key_id))
+
+    @staticmethod
+    def _entry(
+        principal: auth.Principal,
+        rpc: str,
+        view: int,
+        *,
+        denial_reason: str = "",
+        contact_fields: Sequence[int] = (),
+        consent_id: UUID | None = None,
+    ) -> ledger.Entry:
+        """The ledger entry of this call; a ``denial_reason`` marks a refused attempt."""
+        return ledger.Entry(
+            principal.partner_id,
+            principal.key_id,
+            _RPC_PREFIX + rpc,
+            current_trace_id(),
+            view,
+            outcome=ledger.OUTCOME_DENIED if denial_reason else ledger.OUTCOME_DISCLOSED,
+            denial_reason=denial_reason,
+            contact_fields=contact_fields,
+            consent_id=consent_id,
+        )
 
     async def ListAppointments(
         self, request: pb.ListAppointmentsRequest, context: grpc.aio.ServicerContext
@@ -90,8 +132,9 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
         query = parse_list_request(request)
         token = auth.bearer_token(context.invocation_metadata())
         key_id = auth.partner_key_id(token)
-        async with self._db.transaction(readonly=True) as conn:
-            principal = auth.verify_partner_key(token, await partners.find_key(conn, key_id))
+        failure: ApptgateError | None = None
+        async with self._db.transaction(role=PARTNER_ROLE) as conn:
+            principal = await self._authenticate(conn, token, key_id)
             binding = query.binding(principal.partner_id)
             after = None
             if query.page_token:
@@ -109,15 +152,26 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
                 after=after,
                 limit=query.page_size + 1,
             )
+            page = rows[: query.page_size]
             if (
                 not rows
                 and query.practitioner_id is not None
                 and not await partner_reads.is_granted(conn, principal.partner_id, query.practitioner_id)
             ):
-                raise NotFound("practitioner not found")
-        ids = self._pseudonyms.for_partner(principal.partner_id)
-        page = rows[: query.page_size]
-        response = pb.ListAppointmentsResponse(appointments=[views.basic_appointment(row, ids) for row in page])
+                failure = NotFound("practitioner not found")
+                entry = self._entry(principal, "ListAppointments", ledger.VIEW_BASIC, denial_reason="NOT_FOUND")
+                await ledger.append(conn, entry, [(request.practitioner_id, None, None)])
+            else:
+                ids = self._pseudonyms.for_partner(principal.partner_id)
+                messages = [views.basic_appointment(row, ids) for row in page]
+                await ledger.append(
+                    conn,
+                    self._entry(principal, "ListAppointments", ledger.VIEW_BASIC),
+                    [(m.appointment_id, row.id, row.patient_id) for m, row in zip(messages, page, strict=True)],
+                )
+        if failure is not None:
+            raise failure
+        response = pb.ListAppointmentsResponse(appointments=messages)
         if len(rows) > query.page_size:
             last = page[-1]
             response.next_page_token = self._page_tokens.seal(
@@ -131,13 +185,93 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
         _check_appointment_id(request.appointment_id)
         token = auth.bearer_token(context.invocation_metadata())
         key_id = auth.partner_key_id(token)
-        async with self._db.transaction(readonly=True) as conn:
-            principal = auth.verify_partner_key(token, await partners.find_key(conn, key_id))
+        async with self._db.transaction(role=PARTNER_ROLE) as conn:
+            principal = await self._authenticate(conn, token, key_id)
             ids = self._pseudonyms.for_partner(principal.partner_id)
             appointment_id = ids.parse_appointment_id(request.appointment_id)
             row = await partner_reads.get_appointment(conn, principal.partner_id, appointment_id)
+            if row is None:
+                entry = self._entry(principal, "GetAppointment", ledger.VIEW_BASIC, denial_reason="NOT_FOUND")
+                await ledger.append(conn, entry, [(request.appointment_id, None, None)])
+            else:
+                message = views.basic_appointment(row, ids)
+                entry = self._entry(principal, "GetAppointment", ledger.VIEW_BASIC)
+                await ledger.append(conn, entry, [(request.appointment_id, row.id, row.patient_id)])
         if row is None:
             # No metadata: "does not exist", "not yours" and "no longer granted"
             # must be byte-for-byte the same answer.
             raise NotFound("appointment not found")
-        return views.basic_appointment(row, ids)
+        return message
+
+    async def GetAppointmentContact(
+        self, request: pb.GetAppointmentContactRequest, context: grpc.aio.ServicerContext
+    ) -> contact_pb2.AppointmentContact:
+        _check_appointment_id(request.appointment_id)
+        token = auth.bearer_token(context.invocation_metadata())
+        key_id = auth.partner_key_id(token)
+        failure: ApptgateError | None = None
+        async with self._db.transaction(role=PARTNER_ROLE) as conn:
+            principal = await self._authenticate(conn, token, key_id)
+            ids = self._pseudonyms.for_partner(principal.partner_id)
+            row = await partner_reads.get_appointment(
+                conn, principal.partner_id, ids.parse_appointment_id(request.appointment_id)
+            )
+            if row is None:
+                failure = NotFound("appointment not found")
+                entry = self._entry(
+                    principal,
+                    "GetAppointmentContact",
+                    ledger.VIEW_CONTACT,
+                    denial_reason="NOT_FOUND",
+                )
+                await ledger.append(conn, entry, [(request.appointment_id, None, None)])
+            else:
+                item = [(request.appointment_id, row.id, row.patient_id)]
+                consent_id: UUID | None = None
+                try:
+                    claims = self._keyring.verify(
+                        request.consent_token, partner_id=principal.partner_id, now=datetime.now(UTC)
+                    )
+                    consent_id = claims.consent_id
+                    if claims.patient_id != row.patient_id:
+                        raise ConsentDenied(CONSENT_INVALID, "issued for another patient")
+                    contact = await consents.read_consented_contact(
+                        conn, claims.consent_id, principal.partner_id, row.patient_id
+                    )
+                    if contact.state != "live":
+                        raise ConsentDenied(_CONSENT_STATES.get(contact.state, CONSENT_INVALID), contact.state)
+                    fields = sorted(set(claims.fields) & set(contact.fields))
+                    message = views.appointment_contact(request.appointment_id, contact, fields)
+                    entry = self._entry(
+                        principal,
+                        "GetAppointmentContact",
+                        ledger.VIEW_CONTACT,
+                        contact_fields=fields,
+                        consent_id=claims.consent_id,
+                    )
+                    await ledger.append(conn, entry, item)
+                except ConsentDenied as denied:
+                    failure = PermissionDenied(denied.message, reason=denied.reason)
+                    entry = self._entry(
+                        principal,
+                        "GetAppointmentContact",
+                        ledger.VIEW_CONTACT,
+                        denial_reason=denied.reason,
+                        consent_id=consent_id,
+                    )
+                    await ledger.append(conn, entry, item)
+        if failure is not None:
+            raise failure
+        return message
+
+    async def ListConsentKeys(
+        self, request: pb.ListConsentKeysRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListConsentKeysResponse:
+        token = auth.bearer_token(context.invocation_metadata())
+        key_id = auth.partner_key_id(token)
+        async with self._db.transaction(role=PARTNER_ROLE, readonly=True) as conn:
+            await self._authenticate(conn, token, key_id)
+        active = self._keyring.active_key_id
+        return pb.ListConsentKeysResponse(
+            keys=[views.consent_key(key, active=key.key_id == active) for key in self._keyring.public_keys()]
+        )

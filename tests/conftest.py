@@ -15,6 +15,7 @@ import harness
 import pytest
 
 from service.app import Gateway, Secrets
+from service.consent import ConsentKeyring, SigningKey
 from service.settings import Settings
 from service.store.database import Database
 from service.store.embedded import EmbeddedPostgres
@@ -76,9 +77,15 @@ def settings(tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-async def gateway(settings: Settings, database: Database) -> AsyncIterator[Gateway]:
+def keyring() -> ConsentKeyring:
+    """The consent-signing keyring of the test's gateway (one fresh key)."""
+    return ConsentKeyring([SigningKey.generate()])
+
+
+@pytest.fixture
+async def gateway(settings: Settings, database: Database, keyring: ConsentKeyring) -> AsyncIterator[Gateway]:
     """A running gateway (both listeners) over the test's database."""
-    server = Gateway(replace(settings), database, Secrets(os.urandom(32)))
+    server = Gateway(replace(settings), database, Secrets(os.urandom(32), keyring))
     await server.start()
     try:
         yield server

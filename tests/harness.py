@@ -20,13 +20,26 @@ import asyncpg
 import grpc
 import grpc.aio
 from appointments.internal.v1 import (
+    audit_service_pb2 as audit_pb,
+)
+from appointments.internal.v1 import (
+    audit_service_pb2_grpc as audit_grpc,
+)
+from appointments.internal.v1 import (
+    consent_pb2,
+    scheduling_pb2,
+)
+from appointments.internal.v1 import (
+    consent_service_pb2 as consent_pb,
+)
+from appointments.internal.v1 import (
+    consent_service_pb2_grpc as consent_grpc,
+)
+from appointments.internal.v1 import (
     partner_registry_service_pb2 as registry_pb,
 )
 from appointments.internal.v1 import (
     partner_registry_service_pb2_grpc as registry_grpc,
-)
-from appointments.internal.v1 import (
-    scheduling_pb2,
 )
 from appointments.internal.v1 import (
     scheduling_service_pb2 as scheduling_pb,
@@ -40,6 +53,7 @@ from appointments.partner.v1 import (
 from appointments.partner.v1 import (
     partner_appointment_service_pb2_grpc as partner_grpc,
 )
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -166,6 +180,13 @@ class PartnerHandle:
             partner_pb.GetAppointmentRequest(appointment_id=appointment_id), metadata=self.metadata
         )
 
+    async def contact(self, appointment_id: str, consent_token: str = "") -> Any:
+        """GetAppointmentContact with this partner's key."""
+        return await self.stub.GetAppointmentContact(
+            partner_pb.GetAppointmentContactRequest(appointment_id=appointment_id, consent_token=consent_token),
+            metadata=self.metadata,
+        )
+
 
 @dataclass
 class World:
@@ -175,11 +196,15 @@ class World:
     internal_channel: grpc.aio.Channel
     scheduling: scheduling_grpc.SchedulingServiceStub = field(init=False)
     registry: registry_grpc.PartnerRegistryServiceStub = field(init=False)
+    consents: consent_grpc.ConsentServiceStub = field(init=False)
+    audit: audit_grpc.AuditServiceStub = field(init=False)
     _counter: int = 0
 
     def __post_init__(self) -> None:
         self.scheduling = scheduling_grpc.SchedulingServiceStub(self.internal_channel)
         self.registry = registry_grpc.PartnerRegistryServiceStub(self.internal_channel)
+        self.consents = consent_grpc.ConsentServiceStub(self.internal_channel)
+        self.audit = audit_grpc.AuditServiceStub(self.internal_channel)
 
     @property
     def internal_metadata(self) -> tuple[tuple[str, str], ...]:
@@ -266,6 +291,32 @@ class World:
             registry_pb.RevokePractitionerAccessRequest(partner_id=partner_id, practitioner_id=practitioner_id),
             metadata=self.internal_metadata,
         )
+
+    async def consent(
+        self, patient_id: str, partner_id: str, fields: list[int], ttl: float = 3600, purpose: str = "reminders"
+    ) -> consent_pb2.Consent:
+        """Grant a consent; return it with its token."""
+        duration = Duration()
+        duration.FromNanoseconds(int(ttl * 1e9))
+        return await self.consents.GrantConsent(
+            consent_pb.GrantConsentRequest(
+                patient_id=patient_id, partner_id=partner_id, fields=fields, ttl=duration, purpose=purpose
+            ),
+            metadata=self.internal_metadata,
+        )
+
+    async def disclosures(self, **filters: Any) -> list[Any]:
+        """Every ledger record matching ``filters`` (all pages)."""
+        found: list[Any] = []
+        token = ""
+        while True:
+            page = await self.audit.ListDisclosures(
+                audit_pb.ListDisclosuresRequest(page_token=token, **filters), metadata=self.internal_metadata
+            )
+            found.extend(page.disclosures)
+            token = page.next_page_token
+            if not token:
+                return found
 
     async def revoke_key(self, key_id: str) -> None:
         """Revoke a partner key."""

@@ -20,6 +20,11 @@ from service.store import migrations
 
 Connection: TypeAlias = asyncpg.Connection
 
+#: The role every partner-path transaction runs as (migration 0006): basic-view
+#: columns only, no contact column, no visit reason, no UPDATE or DELETE on the ledger.
+PARTNER_ROLE = "apptgate_partner"
+_SET_ROLE = {PARTNER_ROLE: f"SET LOCAL ROLE {PARTNER_ROLE}"}
+
 #: Failures that mean "the database cannot be reached right now", by class.
 UNREACHABLE: tuple[type[BaseException], ...] = (
     OSError,
@@ -75,10 +80,17 @@ class Database:
             raise Unavailable("the database is unreachable") from exc
 
     @asynccontextmanager
-    async def transaction(self, *, readonly: bool = False) -> AsyncIterator[Connection]:
-        """Run a unit of work in one transaction: committed on success, rolled back on any error."""
+    async def transaction(self, *, readonly: bool = False, role: str | None = None) -> AsyncIterator[Connection]:
+        """Run a unit of work in one transaction: committed on success, rolled back on any error.
+
+        With ``role`` (only :data:`PARTNER_ROLE`), the transaction runs as that
+        role; the switch is transaction-local, so it cannot outlive the unit of
+        work on a pooled connection.
+        """
         try:
             async with self._pool.acquire() as conn, conn.transaction(readonly=readonly):
+                if role is not None:
+                    await conn.execute(_SET_ROLE[role])
                 yield conn
         except UNREACHABLE as exc:
             raise Unavailable("the database is unreachable") from exc

@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
+import harness
 import pytest
 
-import harness
 from service.store import migrations
 from service.store.database import Database, NotMigratedError
 

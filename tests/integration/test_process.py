@@ -14,14 +14,13 @@ from pathlib import Path
 import asyncpg
 import grpc
 import grpc.aio
+import harness
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-import harness
 
 
 @dataclass

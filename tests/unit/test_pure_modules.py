@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 from google.rpc import code_pb2, error_details_pb2
-from hypothesis import given, settings as hypothesis_settings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from service import auth, errors, pagination, settings, timestamps
 from service.models import PartnerKey

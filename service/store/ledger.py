@@ -1,0 +1,219 @@
+"""The disclosure ledger: appends (one statement per response), queries, the breach report, verification.
+
+Records are appended by ``append_disclosures`` (migration 0004), which chains
+them by hash under the ``ledger_head`` lock. Verification recomputes every
+record's digest in the database (``disclosure_digest``, the one definition)
+and walks the chain here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from uuid import UUID
+
+from service import models
+from service.store.database import Connection
+
+VIEW_BASIC = 1
+VIEW_CONTACT = 2
+OUTCOME_DISCLOSED = 1
+OUTCOME_DENIED = 2
+GENESIS_HASH = bytes(32)
+
+_COLUMNS = (
+    "seq, partner_id, key_id, requested_id, appointment_id, patient_id, view, contact_fields, consent_id, rpc, "
+    "trace_id, disclose_time, outcome, denial_reason"
+)
+_APPEND = (
+    "SELECT append_disclosures($1, $2, $3, $4, $5::smallint, $6::smallint, $7, $8::text[], $9::uuid[], $10::uuid[], "
+    "$11::smallint[], $12)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """What one response disclosed (or was refused): the parts common to its records."""
+
+    partner_id: UUID
+    key_id: str
+    rpc: str
+    trace_id: str
+    view: int
+    outcome: int = OUTCOME_DISCLOSED
+    denial_reason: str = ""
+    contact_fields: Sequence[int] = ()
+    consent_id: UUID | None = None
+
+
+async def append(
+    conn: Connection,
+    entry: Entry,
+    items: Sequence[tuple[str, UUID | None, UUID | None]],
+) -> None:
+    """Append one record per ``(requested_id, appointment_id, patient_id)``: one statement for the whole batch."""
+    if not items:
+        return
+    await conn.execute(
+        _APPEND,
+        entry.partner_id,
+        entry.key_id,
+        entry.rpc,
+        entry.trace_id,
+        entry.view,
+        entry.outcome,
+        entry.denial_reason,
+        [i[0] for i in items],
+        [i[1] for i in items],
+        [i[2] for i in items],
+        list(entry.contact_fields),
+        entry.consent_id,
+    )
+
+
+def _disclosure(row: object) -> models.Disclosure:
+    values = list(row)  # type: ignore[call-overload]
+    values[7] = tuple(values[7])
+    return models.Disclosure(*values)
+
+
+async def list_disclosures(
+    conn: Connection,
+    *,
+    partner_id: UUID | None,
+    patient_id: UUID | None,
+    start_time: datetime | None,
+    end_time: datetime | None,
+    after_seq: int,
+    limit: int,
+) -> list[models.Disclosure]:
+    """Records matching every given filter, in ledger order, after ``after_seq``."""
+    rows = await conn.fetch(
+        f"SELECT {_COLUMNS} FROM disclosures WHERE seq > $1 "
+        "AND ($2::uuid IS NULL OR partner_id = $2) AND ($3::uuid IS NULL OR patient_id = $3) "
+        "AND ($4::timestamptz IS NULL OR disclose_time >= $4) AND ($5::timestamptz IS NULL OR disclose_time < $5) "
+        "ORDER BY seq LIMIT $6",
+        after_seq,
+        partner_id,
+        patient_id,
+        start_time,
+        end_time,
+        limit,
+    )
+    return [_disclosure(row) for row in rows]
+
+
+_BREACH = """
+SELECT d.patient_id,
+       array_agg(DISTINCT d.appointment_id) FILTER (WHERE d.appointment_id IS NOT NULL) AS appointment_ids,
+       array_agg(DISTINCT f.field) FILTER (WHERE f.field IS NOT NULL) AS contact_fields,
+       min(d.disclose_time) AS first_time,
+       max(d.disclose_time) AS last_time
+FROM disclosures d
+LEFT JOIN LATERAL unnest(d.contact_fields) AS f(field) ON true
+WHERE d.partner_id = $1 AND d.disclose_time >= $2 AND d.disclose_time < $3
+  AND d.outcome = 1 AND d.patient_id IS NOT NULL AND ($4::text IS NULL OR d.key_id = $4)
+GROUP BY d.patient_id
+ORDER BY d.patient_id
+"""
+
+
+async def breach_report(
+    conn: Connection, *, partner_id: UUID, start_time: datetime, end_time: datetime, key_id: str | None
+) -> AsyncIterator[models.AffectedPatient]:
+    """Yield every patient the partner was shown something about in the window, with what was shown.
+
+    Streams through a server-side cursor (the connection must be in a
+    transaction), so a report over a large ledger does not sit in memory twice.
+    """
+    async for row in conn.cursor(_BREACH, partner_id, start_time, end_time, key_id, prefetch=2000):
+        yield models.AffectedPatient(
+            row["patient_id"],
+            tuple(row["appointment_ids"] or ()),
+            tuple(sorted(row["contact_fields"] or ())),
+            row["first_time"],
+            row["last_time"],
+        )
+
+
+@dataclass
+class Verification:
+    """The result of walking the chain."""
+
+    records: int = 0
+    problems: list[str] = field(default_factory=list)
+    head_seq: int = 0
+    head_hash: bytes = GENESIS_HASH
+    seals_checked: int = 0
+
+    @property
+    def intact(self) -> bool:
+        """True when no problem was found."""
+        return not self.problems
+
+
+def seal_signature(key: bytes, seq: int, chain_hash: bytes) -> bytes:
+    """The HMAC that seals the chain at ``seq``."""
+    return hmac.new(key, seq.to_bytes(8, "big") + chain_hash, hashlib.sha256).digest()
+
+
+async def verify(
+    conn: Connection, seal_key: bytes, *, batch: int = 5000, progress: Callable[[int], None] | None = None
+) -> Verification:
+    """Recompute every digest, check the links, the head and the seals; report every problem found."""
+    result = Verification()
+    seals = {row["seq"]: (row["hash"], row["signature"]) for row in await conn.fetch("SELECT * FROM ledger_seals")}
+    expected_seq, previous = 1, GENESIS_HASH
+    last_seq = 0
+    while True:
+        rows = await conn.fetch(
+            "SELECT seq, prev_hash, hash, disclosure_digest(d) = hash AS intact FROM disclosures d "
+            "WHERE seq > $1 ORDER BY seq LIMIT $2",
+            last_seq,
+            batch,
+        )
+        for row in rows:
+            seq = row["seq"]
+            if seq != expected_seq:
+                result.problems.append(f"records {expected_seq}..{seq - 1} are missing")
+            if row["prev_hash"] != previous:
+                result.problems.append(f"record {seq} does not link to the record before it")
+            if not row["intact"]:
+                result.problems.append(f"record {seq} was altered (its digest does not match)")
+            if seq in seals:
+                sealed_hash, signature = seals.pop(seq)
+                result.seals_checked += 1
+                if not hmac.compare_digest(signature, seal_signature(seal_key, seq, sealed_hash)):
+                    result.problems.append(f"the seal at record {seq} has a bad signature")
+                elif sealed_hash != row["hash"]:
+                    result.problems.append(f"the chain was rewritten before the seal at record {seq}")
+            previous, expected_seq, last_seq = row["hash"], seq + 1, seq
+            result.records += 1
+        if progress is not None:
+            progress(result.records)
+        if len(rows) < batch:
+            break
+    for seq in sorted(seals):
+        result.problems.append(f"the sealed record {seq} is missing")
+    head = await conn.fetchrow("SELECT seq, hash FROM ledger_head")
+    result.head_seq, result.head_hash = head["seq"], head["hash"]
+    if head["seq"] != last_seq or head["hash"] != previous:
+        result.problems.append(f"the ledger head ({head['seq']}) does not match the last record ({last_seq})")
+    return result
+
+
+async def seal(conn: Connection, seal_key: bytes) -> int:
+    """Seal the chain at its current head; return the sealed position (0 when the ledger is empty)."""
+    head = await conn.fetchrow("SELECT seq, hash FROM ledger_head")
+    if head["seq"] == 0:
+        return 0
+    await conn.execute(
+        "INSERT INTO ledger_seals (seq, hash, signature) VALUES ($1, $2, $3) ON CONFLICT (seq) DO NOTHING",
+        head["seq"],
+        head["hash"],
+        seal_signature(seal_key, head["seq"], head["hash"]),
+    )
+    return int(head["seq"])

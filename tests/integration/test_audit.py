@@ -1,0 +1,237 @@
+"""The disclosure ledger: a record per disclosure and per refusal, append-only, verifiable."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+import grpc.aio
+import harness
+import pytest
+from appointments.internal.v1 import audit_pb2
+from appointments.type.v1.contact_pb2 import CONTACT_FIELD_EMAIL, CONTACT_FIELD_PHONE
+from harness import World
+
+LIST_RPC = "/appointments.partner.v1.PartnerAppointmentService/ListAppointments"
+CONTACT_RPC = "/appointments.partner.v1.PartnerAppointmentService/GetAppointmentContact"
+
+
+@pytest.fixture
+async def admin(database_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A superuser connection to the test database, for tampering as an attacker with database access would."""
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def _three_appointments(world: World) -> tuple[str, list[Any], harness.PartnerHandle]:
+    practitioner = await world.practitioner()
+    patients = [await world.patient() for _ in range(3)]
+    for patient in patients:
+        await world.appointment(practitioner, patient.patient_id)
+    return practitioner, patients, await world.partner("A", practitioner)
+
+
+async def test_every_listed_appointment_gets_one_basic_record(world: World) -> None:
+    _, patients, partner = await _three_appointments(world)
+
+    listed = await partner.list_all()
+    records = await world.disclosures(partner_id=partner.partner_id)
+
+    assert len(records) == len(listed) == 3
+    assert {r.patient_id for r in records} == {p.patient_id for p in patients}
+    assert {r.appointment_id for r in records}.isdisjoint({a.appointment_id for a in listed})  # internal ids
+    for record in records:
+        assert record.view == audit_pb2.DISCLOSURE_VIEW_BASIC
+        assert record.outcome == audit_pb2.DISCLOSURE_OUTCOME_DISCLOSED
+        assert record.key_id == partner.key_id
+        assert record.rpc == LIST_RPC
+        assert list(record.contact_fields) == []
+
+
+async def test_a_contact_disclosure_records_its_fields_and_consent(world: World) -> None:
+    _, patients, partner = await _three_appointments(world)
+    [first, *_] = await partner.list_all()
+    first_record = (await world.disclosures())[0]  # the ledger knows the internal patient of the first row
+    [owner] = [p for p in patients if p.patient_id == first_record.patient_id]
+    consent = await world.consent(owner.patient_id, partner.partner_id, [CONTACT_FIELD_EMAIL, CONTACT_FIELD_PHONE])
+
+    await partner.contact(first.appointment_id, consent.token)
+
+    [record] = [r for r in await world.disclosures(patient_id=owner.patient_id) if r.rpc == CONTACT_RPC]
+    assert record.view == audit_pb2.DISCLOSURE_VIEW_CONTACT
+    assert list(record.contact_fields) == [CONTACT_FIELD_PHONE, CONTACT_FIELD_EMAIL]
+    assert record.consent_id == consent.consent_id
+
+
+async def test_refused_attempts_are_recorded_as_denied(world: World) -> None:
+    _, _, partner = await _three_appointments(world)
+    [first, *_] = await partner.list_all()
+    probe = "apt_" + "a" * 26
+
+    for call in (partner.contact(first.appointment_id, ""), partner.get(probe)):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await call
+
+    denied = [r for r in await world.disclosures() if r.outcome == audit_pb2.DISCLOSURE_OUTCOME_DENIED]
+    assert {r.denial_reason for r in denied} == {"CONSENT_REQUIRED", "NOT_FOUND"}
+    not_found = next(r for r in denied if r.denial_reason == "NOT_FOUND")
+    assert not_found.appointment_id == "" and not_found.patient_id == ""
+
+
+async def test_list_disclosures_filters_and_pages_without_gaps(world: World) -> None:
+    _, patients, partner = await _three_appointments(world)
+    for _ in range(4):
+        await partner.list_all()
+
+    everything = await world.disclosures(page_size=5)
+    one_patient = await world.disclosures(patient_id=patients[0].patient_id, page_size=1)
+
+    assert [r.disclosure_id for r in everything] == list(range(1, 13))
+    assert len(one_patient) == 4
+    assert {r.patient_id for r in one_patient} == {patients[0].patient_id}
+
+
+async def test_the_ledger_refuses_updates_and_deletes_even_from_its_owner(
+    world: World, admin: asyncpg.Connection
+) -> None:
+    _, _, partner = await _three_appointments(world)
+    await partner.list_all()
+
+    for statement in ("UPDATE disclosures SET denial_reason = 'x'", "DELETE FROM disclosures", "TRUNCATE disclosures"):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
+            await admin.execute(statement)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "INSERT INTO disclosures (seq) VALUES (999)",
+        "UPDATE disclosures SET denial_reason = 'x'",
+        "DELETE FROM disclosures",
+        "SELECT given_name FROM patients",
+        "SELECT email FROM patients",
+        "SELECT reason FROM appointments",
+        "SELECT * FROM appointments",
+        "UPDATE ledger_head SET seq = 0",
+    ],
+)
+async def test_the_partner_role_cannot_touch_contact_reason_or_ledger(
+    admin: asyncpg.Connection, statement: str
+) -> None:
+    async with admin.transaction():
+        await admin.execute("SET LOCAL ROLE apptgate_partner")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await admin.execute(statement)
+
+
+async def test_a_response_is_not_sent_when_its_audit_record_cannot_be_written(
+    world: World, admin: asyncpg.Connection
+) -> None:
+    _, _, partner = await _three_appointments(world)
+    await admin.execute("REVOKE EXECUTE ON FUNCTION append_disclosures FROM apptgate_partner")
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await partner.list_all()
+
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert await admin.fetchval("SELECT count(*) FROM disclosures") == 0
+
+
+async def _audit_cli(database_dsn: str, tmp_path: Path, *args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        "audit",
+        *args,
+        env=harness.environment(DATABASE_URL=database_dsn, APPTGATE_DATA_DIR=str(tmp_path / "data")),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_audit_verify_passes_then_catches_a_record_altered_in_the_database(
+    world: World, admin: asyncpg.Connection, database_dsn: str, tmp_path: Path
+) -> None:
+    _, _, partner = await _three_appointments(world)
+    await partner.list_all()
+    code, out, err = await _audit_cli(database_dsn, tmp_path, "verify")
+    assert code == 0, err
+    assert "intact: 3 records" in out
+
+    async with admin.transaction():
+        await admin.execute("SET LOCAL session_replication_role = replica")  # what an attacker with superuser does
+        # Hide a patient from any breach report by pointing the record at another one.
+        await admin.execute(
+            "UPDATE disclosures SET patient_id = (SELECT patient_id FROM disclosures WHERE seq = 1) WHERE seq = 2"
+        )
+
+    code, out, err = await _audit_cli(database_dsn, tmp_path, "verify")
+    assert code == 1
+    assert "record 2 was altered" in err
+
+
+async def test_audit_verify_catches_a_deleted_record_and_a_rewritten_chain(
+    world: World, admin: asyncpg.Connection, database_dsn: str, tmp_path: Path
+) -> None:
+    _, _, partner = await _three_appointments(world)
+    await partner.list_all()
+    assert (await _audit_cli(database_dsn, tmp_path, "verify"))[0] == 0  # seals record 3
+
+    async with admin.transaction():
+        await admin.execute("SET LOCAL session_replication_role = replica")
+        await admin.execute("DELETE FROM disclosures WHERE seq = 2")
+    code, _, err = await _audit_cli(database_dsn, tmp_path, "verify")
+    assert code == 1
+    assert "records 2..2 are missing" in err
+
+    # Rewrite the whole chain consistently, as someone who can write the table could:
+    # only the seal (keyed by a secret the database never sees) still tells.
+    async with admin.transaction():
+        await admin.execute("SET LOCAL session_replication_role = replica")
+        await admin.execute("UPDATE disclosures SET seq = seq - 1 WHERE seq > 2")
+        rows = await admin.fetch("SELECT seq FROM disclosures ORDER BY seq")
+        previous = bytes(32)
+        for row in rows:
+            await admin.execute("UPDATE disclosures SET prev_hash = $1 WHERE seq = $2", previous, row["seq"])
+            await admin.execute("UPDATE disclosures d SET hash = disclosure_digest(d) WHERE seq = $1", row["seq"])
+            previous = await admin.fetchval("SELECT hash FROM disclosures WHERE seq = $1", row["seq"])
+        await admin.execute("UPDATE ledger_head SET seq = $1, hash = $2", rows[-1]["seq"], previous)
+    code, _, err = await _audit_cli(database_dsn, tmp_path, "verify")
+    assert code == 1
+    assert "sealed record 3 is missing" in err
+
+
+async def test_breach_report_refuses_a_missing_partner_or_window(world: World) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await world.audit.BreachReport(harness.audit_pb.BreachReportRequest(), metadata=world.internal_metadata)
+
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert harness.bad_fields(caught.value) == {"partner_id", "start_time", "end_time"}
+
+
+async def test_breach_report_as_csv_from_the_command_line(world: World, database_dsn: str, tmp_path: Path) -> None:
+    _, patients, partner = await _three_appointments(world)
+    await partner.list_all()
+
+    code, out, err = await _audit_cli(
+        database_dsn, tmp_path, "breach-report", "--partner", partner.partner_id,
+        "--since", "2000-01-01T00:00:00Z", "--until", "2100-01-01T00:00:00Z", "--format", "csv",
+    )  # fmt: skip
+
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0] == "patient_id,appointment_ids,contact_fields,first_disclosure_time,last_disclosure_time"
+    assert {line.split(",")[0] for line in lines[1:]} == {p.patient_id for p in patients}
+    assert '"patients": 3' in err

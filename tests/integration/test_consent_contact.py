@@ -1,0 +1,260 @@
+"""The consent-gated contact view: each denial reason, partial consent, revocation, rotation."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from typing import Any
+
+import grpc
+import grpc.aio
+import harness
+import pytest
+from appointments.type.v1.contact_pb2 import (
+    CONTACT_FIELD_EMAIL,
+    CONTACT_FIELD_NAME,
+    CONTACT_FIELD_PHONE,
+    CONTACT_FIELD_SEX,
+    CONTACT_FIELD_UNSPECIFIED,
+)
+from harness import PartnerHandle, World
+
+from service.app import Gateway, Secrets
+from service.consent import ConsentKeyring, SigningKey
+from service.settings import Settings
+from service.store.database import Database
+
+ALL = [CONTACT_FIELD_NAME, CONTACT_FIELD_SEX, CONTACT_FIELD_PHONE, CONTACT_FIELD_EMAIL]
+
+
+async def _denied(call: Any, reason: str) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, caught.value.details()
+    assert harness.error_info(caught.value).reason == reason
+    return caught.value
+
+
+class Scene:
+    """One practitioner, one patient with one appointment, and a partner granted access."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+
+    async def build(self) -> Scene:
+        self.practitioner = await self.world.practitioner()
+        self.patient = await self.world.patient()
+        self.partner = await self.world.partner("Agenda A", self.practitioner)
+        await self.world.appointment(self.practitioner, self.patient.patient_id)
+        [listed] = await self.partner.list_all()
+        self.appointment_id = listed.appointment_id
+        return self
+
+    async def token(self, fields: list[int] = ALL, ttl: float = 3600, partner: PartnerHandle | None = None) -> str:
+        target = partner or self.partner
+        return (await self.world.consent(self.patient.patient_id, target.partner_id, fields, ttl)).token
+
+
+@pytest.fixture
+async def scene(world: World) -> Scene:
+    return await Scene(world).build()
+
+
+async def test_a_full_consent_releases_every_contact_field(scene: Scene) -> None:
+    contact = await scene.partner.contact(scene.appointment_id, await scene.token())
+
+    assert contact.appointment_id == scene.appointment_id
+    assert contact.patient.given_name == scene.patient.given_name
+    assert contact.patient.family_name == scene.patient.family_name
+    assert contact.patient.sex == scene.patient.sex
+    assert contact.patient.phone == scene.patient.phone
+    assert contact.patient.email == scene.patient.email
+    assert list(contact.withheld_fields) == []
+
+
+async def test_an_email_only_consent_releases_only_the_email(scene: Scene) -> None:
+    contact = await scene.partner.contact(scene.appointment_id, await scene.token([CONTACT_FIELD_EMAIL]))
+
+    assert contact.patient.email == scene.patient.email
+    for withheld in ("given_name", "family_name", "sex", "phone"):
+        assert not contact.patient.HasField(withheld)
+    assert list(contact.withheld_fields) == [CONTACT_FIELD_NAME, CONTACT_FIELD_SEX, CONTACT_FIELD_PHONE]
+    assert scene.patient.phone.encode() not in contact.SerializeToString()
+
+
+async def test_no_token_is_consent_required(scene: Scene) -> None:
+    error = await _denied(scene.partner.contact(scene.appointment_id, ""), "CONSENT_REQUIRED")
+
+    assert scene.patient.email not in str(harness.status_of(error))
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda t: "v4.public.garbage",
+        lambda t: t[:-5] + ("AAAAA" if not t.endswith("AAAAA") else "BBBBB"),
+        lambda t: t.replace("v4.public.", "v4.local.", 1),
+        lambda t: t[: len(t) // 2],
+        lambda t: "x" * 5000,
+    ],
+)
+async def test_malformed_or_tampered_tokens_are_consent_invalid(scene: Scene, mangle: Callable[[str], str]) -> None:
+    token = await scene.token()
+
+    await _denied(scene.partner.contact(scene.appointment_id, mangle(token)), "CONSENT_INVALID")
+
+
+async def test_an_expired_token_is_consent_expired(scene: Scene) -> None:
+    token = await scene.token(ttl=1)
+    await scene.partner.contact(scene.appointment_id, token)
+
+    await asyncio.sleep(1.1)
+
+    await _denied(scene.partner.contact(scene.appointment_id, token), "CONSENT_EXPIRED")
+
+
+async def test_a_revoked_consent_is_refused_on_the_next_use(scene: Scene) -> None:
+    consent = await scene.world.consent(scene.patient.patient_id, scene.partner.partner_id, ALL)
+    await scene.partner.contact(scene.appointment_id, consent.token)
+
+    await scene.world.consents.RevokeConsent(
+        harness.consent_pb.RevokeConsentRequest(consent_id=consent.consent_id), metadata=scene.world.internal_metadata
+    )
+
+    await _denied(scene.partner.contact(scene.appointment_id, consent.token), "CONSENT_REVOKED")
+
+
+async def test_a_token_issued_to_another_partner_is_invalid(scene: Scene) -> None:
+    other = await scene.world.partner("Agenda B", scene.practitioner)
+    their_token = await scene.token(partner=other)
+
+    await _denied(scene.partner.contact(scene.appointment_id, their_token), "CONSENT_INVALID")
+
+
+async def test_a_token_for_another_patient_is_invalid(scene: Scene) -> None:
+    other_patient = await scene.world.patient()
+    token = (await scene.world.consent(other_patient.patient_id, scene.partner.partner_id, ALL)).token
+
+    await _denied(scene.partner.contact(scene.appointment_id, token), "CONSENT_INVALID")
+
+
+async def test_an_appointment_the_partner_cannot_see_is_not_found_even_with_a_valid_token(scene: Scene) -> None:
+    token = await scene.token()
+    await scene.world.revoke_grant(scene.partner.partner_id, scene.practitioner)
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await scene.partner.contact(scene.appointment_id, token)
+
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_consent_keys_are_published_to_partners_without_secrets(scene: Scene, keyring: ConsentKeyring) -> None:
+    reply = await scene.partner.stub.ListConsentKeys(
+        harness.partner_pb.ListConsentKeysRequest(), metadata=scene.partner.metadata
+    )
+
+    [key] = reply.keys
+    assert key.key_id == keyring.active_key_id and key.active
+    assert key.public_key.startswith("k4.public.")
+    assert "secret" not in str(reply)
+
+
+@pytest.mark.parametrize(
+    ("fields", "ttl", "purpose", "bad"),
+    [
+        ([], 60, "reminders", "fields"),
+        ([CONTACT_FIELD_UNSPECIFIED], 60, "reminders", "fields[0]"),
+        ([CONTACT_FIELD_EMAIL, CONTACT_FIELD_EMAIL], 60, "reminders", "fields[1]"),
+        ([CONTACT_FIELD_EMAIL], 0.5, "reminders", "ttl"),
+        ([CONTACT_FIELD_EMAIL], 366 * 86400, "reminders", "ttl"),
+        ([CONTACT_FIELD_EMAIL], 60, "", "purpose"),
+    ],
+)
+async def test_bad_consent_grants_are_invalid_argument(
+    scene: Scene, fields: list[int], ttl: float, purpose: str, bad: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await scene.world.consent(scene.patient.patient_id, scene.partner.partner_id, fields, ttl, purpose)
+
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert harness.bad_fields(caught.value) == {bad}
+
+
+async def test_a_consent_for_an_unknown_patient_is_not_found(scene: Scene) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await scene.world.consent("00000000-0000-4000-8000-00000000000a", scene.partner.partner_id, ALL)
+
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_consent_expires_exactly_ttl_after_it_was_granted(scene: Scene) -> None:
+    consent = await scene.world.consent(scene.patient.patient_id, scene.partner.partner_id, ALL, ttl=90.25)
+
+    lifetime = consent.expire_time.ToDatetime() - consent.create_time.ToDatetime()
+    assert lifetime.total_seconds() == 90.25
+
+
+async def test_list_consents_is_newest_first_without_tokens_and_revoking_twice_fails(scene: Scene) -> None:
+    first = await scene.world.consent(scene.patient.patient_id, scene.partner.partner_id, [CONTACT_FIELD_EMAIL])
+    second = await scene.world.consent(scene.patient.patient_id, scene.partner.partner_id, [CONTACT_FIELD_PHONE])
+    revoke = harness.consent_pb.RevokeConsentRequest(consent_id=first.consent_id)
+    meta = scene.world.internal_metadata
+    revoked = await scene.world.consents.RevokeConsent(revoke, metadata=meta)
+
+    listed = await scene.world.consents.ListConsents(
+        harness.consent_pb.ListConsentsRequest(patient_id=scene.patient.patient_id), metadata=meta
+    )
+
+    assert [c.consent_id for c in listed.consents] == [second.consent_id, first.consent_id]
+    assert all(c.token == "" for c in listed.consents)
+    assert revoked.HasField("revoke_time") and listed.consents[1].HasField("revoke_time")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await scene.world.consents.RevokeConsent(revoke, metadata=meta)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+@asynccontextmanager
+async def _running(
+    settings: Settings, database: Database, keyring: ConsentKeyring, secret: bytes
+) -> AsyncIterator[World]:
+    gateway = Gateway(replace(settings), database, Secrets(secret, keyring))
+    await gateway.start()
+    assert gateway.partner and gateway.internal
+    try:
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{gateway.partner.port}") as partner_channel,
+            grpc.aio.insecure_channel(f"127.0.0.1:{gateway.internal.port}") as internal_channel,
+        ):
+            yield World(partner_channel, internal_channel)
+    finally:
+        await gateway.stop(0)
+
+
+async def test_signing_key_rotation_keeps_old_tokens_until_the_key_is_retired(
+    settings: Settings, database: Database
+) -> None:
+    old, new = SigningKey.generate(), SigningKey.generate()
+    secret = os.urandom(32)
+    async with _running(settings, database, ConsentKeyring([old]), secret) as world:
+        scene = await Scene(world).build()
+        old_token = await scene.token()
+
+    async with _running(settings, database, ConsentKeyring([new, old.public_only()]), secret) as world:
+        scene.world, scene.partner.stub = (
+            world,
+            harness.partner_grpc.PartnerAppointmentServiceStub(world.partner_channel),
+        )
+        assert (await scene.partner.contact(scene.appointment_id, old_token)).patient.email == scene.patient.email
+        new_token = await scene.token()
+        assert new_token != old_token
+
+    async with _running(settings, database, ConsentKeyring([new]), secret) as world:
+        scene.world, scene.partner.stub = (
+            world,
+            harness.partner_grpc.PartnerAppointmentServiceStub(world.partner_channel),
+        )
+        await _denied(scene.partner.contact(scene.appointment_id, old_token), "CONSENT_INVALID")
+        assert (await scene.partner.contact(scene.appointment_id, new_token)).patient.email == scene.patient.email
