@@ -34,6 +34,7 @@ from service.server import ErrorBoundary, Limits, Listener, start_listener
 from service.settings import Settings, is_loopback
 from service.store.database import Database
 from service.store.embedded import EmbeddedPostgres
+from service.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,15 @@ def check_transport_security(settings: Settings) -> None:
 class Gateway:
     """The running service: the partner and internal listeners over one database pool."""
 
-    def __init__(self, settings: Settings, database: Database, secrets: Secrets, *, limits: Limits | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        database: Database,
+        secrets: Secrets,
+        *,
+        limits: Limits | None = None,
+        telemetry: Telemetry | None = None,
+    ):
         if not settings.internal_token:
             raise ConfigError(["APPTGATE_INTERNAL_TOKEN is required"])
         self.settings = settings
@@ -85,13 +94,16 @@ class Gateway:
         self._pseudonyms = Pseudonyms(secrets.server_secret)
         self._page_tokens = PageTokens(derive_key(secrets.server_secret, b"page-token"))
         self._keyring = secrets.keyring
+        self.telemetry = telemetry or Telemetry()
         self._internal_token = auth.InternalToken(settings.internal_token)
         self._reflection = DocumentedPool(documented_files())
         self.partner: Listener | None = None
         self.internal: Listener | None = None
 
     def _register_partner(self, server: grpc.aio.Server) -> list[str]:
-        api = partner_api.PartnerAppointmentApi(self.database, self._pseudonyms, self._page_tokens, self._keyring)
+        api = partner_api.PartnerAppointmentApi(
+            self.database, self._pseudonyms, self._page_tokens, self._keyring, self.telemetry
+        )
         partner_appointment_service_pb2_grpc.add_PartnerAppointmentServiceServicer_to_server(api, server)
         return [partner_api.SERVICE_NAME]
 
@@ -121,7 +133,7 @@ class Gateway:
             "partner",
             self.settings.partner_addr,
             register=self._register_partner,
-            boundary=ErrorBoundary(PARTNER_PREFIX),
+            boundary=ErrorBoundary(PARTNER_PREFIX, self.telemetry, listener="partner"),
             limits=self._limits,
             tls=self.settings.tls,
             reflection_pool=self._reflection,
@@ -131,7 +143,9 @@ class Gateway:
                 "internal",
                 self.settings.internal_addr,
                 register=self._register_internal,
-                boundary=ErrorBoundary(INTERNAL_PREFIX, guard=self._internal_token.verify),
+                boundary=ErrorBoundary(
+                    INTERNAL_PREFIX, self.telemetry, listener="internal", guard=self._internal_token.verify
+                ),
                 limits=self._limits,
                 reflection_pool=self._reflection,
             )
@@ -145,7 +159,7 @@ class Gateway:
         await asyncio.gather(*(listener.stop(grace) for listener in listeners))
 
 
-async def open_database(settings: Settings, stack: AsyncExitStack) -> Database:
+async def open_database(settings: Settings, stack: AsyncExitStack, telemetry: Telemetry | None = None) -> Database:
     """Connect to ``DATABASE_URL``, or start the embedded PostgreSQL when it is unset."""
     dsn = settings.database_url
     if dsn is None:
@@ -159,8 +173,11 @@ async def open_database(settings: Settings, stack: AsyncExitStack) -> Database:
         min_size=settings.db_pool_min,
         max_size=settings.db_pool_max,
         connect_timeout=settings.db_connect_timeout,
+        on_query=telemetry.observe_query if telemetry is not None and telemetry.tracing else None,
     )
     stack.push_async_callback(database.close)
+    if telemetry is not None:
+        telemetry.observe_pool(database.pool_usage)
     return database
 
 
@@ -177,12 +194,14 @@ async def serve(
     """
     check_transport_security(settings)
     secrets = load_secrets(settings)
+    telemetry = Telemetry.from_settings(settings)
     async with AsyncExitStack() as stack:
-        database = await open_database(settings, stack)
+        stack.callback(telemetry.shutdown)
+        database = await open_database(settings, stack, telemetry)
         if prepare is not None:
             await prepare(database)
         await database.ensure_migrated()
-        gateway = Gateway(settings, database, secrets)
+        gateway = Gateway(settings, database, secrets, telemetry=telemetry)
         await gateway.start()
         assert gateway.partner and gateway.internal
         log.info(

@@ -24,6 +24,7 @@ from service import settings as settings_module
 from service.errors import ConfigError, Unavailable
 from service.store import migrations
 from service.store.database import Database, NotMigratedError
+from service.telemetry import configure_logging
 
 log = logging.getLogger("service")
 
@@ -66,10 +67,6 @@ def _parser() -> argparse.ArgumentParser:
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     names = ("partner_addr", "internal_addr", "tls_cert", "tls_key", "tls_client_ca", "allow_insecure")
     return {name: getattr(args, name, None) for name in names}
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
 async def _migrate(settings: settings_module.Settings) -> None:
@@ -141,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = settings_module.load(os.environ, _overrides(args))
-        _configure_logging(settings.log_level)
+        configure_logging(settings.log_level, sys.stderr)
         if args.command == "migrate":
             asyncio.run(_migrate(settings))
         elif args.command == "serve":

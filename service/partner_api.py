@@ -29,12 +29,19 @@ from appointments.partner.v1 import (
 )
 
 from service import auth, pagination, validation, views
-from service.consent import CONSENT_EXPIRED, CONSENT_INVALID, CONSENT_REVOKED, ConsentDenied, ConsentKeyring
+from service.consent import (
+    CONSENT_EXPIRED,
+    CONSENT_INVALID,
+    CONSENT_REVOKED,
+    CONTACT_FIELDS,
+    ConsentDenied,
+    ConsentKeyring,
+)
 from service.errors import ApptgateError, FieldViolation, InvalidArgument, NotFound, PermissionDenied
 from service.pseudonyms import Pseudonyms, looks_like_appointment_id
 from service.store import consents, ledger, partner_reads, partners
 from service.store.database import PARTNER_ROLE, Connection, Database
-from service.telemetry import current_trace_id
+from service.telemetry import Telemetry, annotate, current_trace_id
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
@@ -94,14 +101,25 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
         pseudonyms: Pseudonyms,
         page_tokens: pagination.PageTokens,
         keyring: ConsentKeyring,
+        telemetry: Telemetry,
     ) -> None:
         self._db = database
         self._pseudonyms = pseudonyms
         self._page_tokens = page_tokens
         self._keyring = keyring
+        self._telemetry = telemetry
 
     async def _authenticate(self, conn: Connection, token: str, key_id: str) -> auth.Principal:
-        return auth.verify_partner_key(token, await partners.find_key(conn, key_id))
+        principal = auth.verify_partner_key(token, await partners.find_key(conn, key_id))
+        annotate(partner_id=str(principal.partner_id), key_id=principal.key_id)
+        return principal
+
+    def _disclosed(self, view: str, count: int, fields: Sequence[int] = ()) -> None:
+        annotate(view=view, appointments=count)
+        if view == "basic":
+            self._telemetry.disclosures.add(count, {"view": view, "contact_field": "none"})
+        for number in fields:
+            self._telemetry.disclosures.add(count, {"view": view, "contact_field": CONTACT_FIELDS[number]})
 
     @staticmethod
     def _entry(
@@ -169,6 +187,7 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
                     self._entry(principal, "ListAppointments", ledger.VIEW_BASIC),
                     [(m.appointment_id, row.id, row.patient_id) for m, row in zip(messages, page, strict=True)],
                 )
+                self._disclosed("basic", len(messages))
         if failure is not None:
             raise failure
         response = pb.ListAppointmentsResponse(appointments=messages)
@@ -197,6 +216,7 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
                 message = views.basic_appointment(row, ids)
                 entry = self._entry(principal, "GetAppointment", ledger.VIEW_BASIC)
                 await ledger.append(conn, entry, [(request.appointment_id, row.id, row.patient_id)])
+                self._disclosed("basic", 1)
         if row is None:
             # No metadata: "does not exist", "not yours" and "no longer granted"
             # must be byte-for-byte the same answer.
@@ -250,7 +270,13 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
                         consent_id=claims.consent_id,
                     )
                     await ledger.append(conn, entry, item)
+                    self._disclosed("contact", 1, fields)
+                    annotate(consent_presented=True, consent_outcome="GRANTED")
                 except ConsentDenied as denied:
+                    annotate(
+                        view="contact", consent_presented=bool(request.consent_token), consent_outcome=denied.reason
+                    )
+                    self._telemetry.consent_denials.add(1, {"reason": denied.reason})
                     failure = PermissionDenied(denied.message, reason=denied.reason)
                     entry = self._entry(
                         principal,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
-from google.rpc import status_pb2
+from google.rpc import code_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
@@ -27,6 +28,7 @@ from grpc_status import rpc_status
 from service.errors import ApptgateError, InvalidArgument, internal_status
 from service.reflection import DocumentedPool
 from service.settings import TlsFiles
+from service.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -99,32 +101,50 @@ def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
     return deserialize
 
 
-_UNDECODABLE_ERROR = InvalidArgument.field("request", "the request message does not decode", reason="MALFORMED_REQUEST")
+def _code_name(code: int) -> str:
+    return str(code_pb2.Code.Name(code))
 
 
-def _wrap(handler: grpc.RpcMethodHandler, method: str, guard: Guard | None) -> grpc.RpcMethodHandler:
-    """Return ``handler`` behind the error boundary (unary-unary and unary-stream methods)."""
+def _wrap(
+    handler: grpc.RpcMethodHandler, method: str, guard: Guard | None, telemetry: Telemetry, listener: str
+) -> grpc.RpcMethodHandler:
+    """Return ``handler`` behind the error boundary, in a server span (unary-unary and unary-stream methods)."""
 
-    async def enter(request: Any, context: grpc.aio.ServicerContext) -> None:
+    def enter(request: Any, context: grpc.aio.ServicerContext) -> None:
         if request is _UNDECODABLE:
-            await _abort(context, _UNDECODABLE_ERROR.to_status())
+            raise InvalidArgument.field("request", "the request message does not decode", reason="MALFORMED_REQUEST")
         if guard is not None:
             guard(context.invocation_metadata())
+
+    async def fail(context: grpc.aio.ServicerContext, exc: BaseException, outcome: list[str]) -> None:
+        """Answer with the error's status (expected) or a fixed INTERNAL (unexpected); abort raises."""
+        if isinstance(exc, ApptgateError):
+            outcome[:] = [_code_name(exc.code), exc.reason]
+            await _abort(context, exc.to_status())
+        else:
+            _log_unexpected(method, exc)
+            outcome[:] = ["INTERNAL", "INTERNAL"]
+            await _abort(context, internal_status())
 
     if handler.unary_unary is not None:
         behavior = handler.unary_unary
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            try:
-                await enter(request, context)
-                return await behavior(request, context)
-            except ApptgateError as exc:
-                await _abort(context, exc.to_status())
-            except (asyncio.CancelledError, grpc.aio.AbortError):
-                raise
-            except Exception as exc:
-                _log_unexpected(method, exc)
-                await _abort(context, internal_status())
+            started = time.perf_counter()
+            outcome = ["OK", ""]
+            with telemetry.server_call(listener, method, context.invocation_metadata()) as call:
+                try:
+                    enter(request, context)
+                    return await behavior(request, context)
+                except asyncio.CancelledError:
+                    outcome[0] = "CANCELLED"
+                    raise
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await fail(context, exc, outcome)
+                finally:
+                    telemetry.finish_call(call, outcome[0], started, outcome[1])
             raise AssertionError("unreachable: abort raises")
 
         return grpc.unary_unary_rpc_method_handler(
@@ -137,21 +157,26 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, guard: Guard | None) -> g
         stream_behavior = handler.unary_stream
 
         async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            try:
-                await enter(request, context)
-                result = stream_behavior(request, context)
-                if inspect.isasyncgen(result):
-                    async for item in result:
-                        yield item
-                else:
-                    await result
-            except ApptgateError as exc:
-                await _abort(context, exc.to_status())
-            except (asyncio.CancelledError, grpc.aio.AbortError):
-                raise
-            except Exception as exc:
-                _log_unexpected(method, exc)
-                await _abort(context, internal_status())
+            started = time.perf_counter()
+            outcome = ["OK", ""]
+            with telemetry.server_call(listener, method, context.invocation_metadata()) as call:
+                try:
+                    enter(request, context)
+                    result = stream_behavior(request, context)
+                    if inspect.isasyncgen(result):
+                        async for item in result:
+                            yield item
+                    else:
+                        await result
+                except asyncio.CancelledError:
+                    outcome[0] = "CANCELLED"
+                    raise
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await fail(context, exc, outcome)
+                finally:
+                    telemetry.finish_call(call, outcome[0], started, outcome[1])
 
         return grpc.unary_stream_rpc_method_handler(
             unary_stream,
@@ -164,9 +189,11 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, guard: Guard | None) -> g
 class ErrorBoundary(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Wraps every method of the services under ``prefix`` in the error boundary (and ``guard``)."""
 
-    def __init__(self, prefix: str, guard: Guard | None = None) -> None:
+    def __init__(self, prefix: str, telemetry: Telemetry, *, listener: str, guard: Guard | None = None) -> None:
         self._prefix = prefix
         self._guard = guard
+        self._telemetry = telemetry
+        self._listener = listener
 
     async def intercept_service(
         self,
@@ -177,7 +204,7 @@ class ErrorBoundary(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         method: str = handler_call_details.method
         if handler is None or not method.startswith(self._prefix):
             return handler
-        return _wrap(handler, method, self._guard)
+        return _wrap(handler, method, self._guard, self._telemetry, self._listener)
 
 
 @dataclass

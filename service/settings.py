@@ -52,6 +52,11 @@ class Settings:
     db_connect_timeout: float = 5.0
     shutdown_grace: float = 10.0
     log_level: str = "INFO"
+    otel_traces_exporter: str = "none"
+    otel_metrics_exporter: str = "none"
+    otel_traces_protocol: str = "http/protobuf"
+    otel_metrics_protocol: str = "http/protobuf"
+    otel_sdk_disabled: bool = False
 
     @property
     def production(self) -> bool:
@@ -81,6 +86,15 @@ _ENVIRONMENT: dict[str, str] = {
     "APPTGATE_DB_CONNECT_TIMEOUT": "db_connect_timeout",
     "APPTGATE_SHUTDOWN_GRACE": "shutdown_grace",
     "APPTGATE_LOG_LEVEL": "log_level",
+    # OpenTelemetry's standard variables that decide which exporters exist; the
+    # SDK reads the others (endpoint, headers, sampler, resource) itself.
+    "OTEL_TRACES_EXPORTER": "otel_traces_exporter",
+    "OTEL_METRICS_EXPORTER": "otel_metrics_exporter",
+    "OTEL_SDK_DISABLED": "otel_sdk_disabled",
+}
+_OTLP_PROTOCOL = {
+    "otel_traces_protocol": ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"),
+    "otel_metrics_protocol": ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"),
 }
 
 #: The variables the service understands, for documentation and ``--help``.
@@ -111,6 +125,11 @@ def load(environ: Mapping[str, str], overrides: Mapping[str, Any] | None = None)
             continue
         converter = _CONVERTERS.get(name, str)
         take(name, converter, var)
+
+    for name, variables in _OTLP_PROTOCOL.items():
+        chosen = next((environ[v] for v in variables if environ.get(v)), None)
+        if chosen is not None:
+            parsed[name] = chosen.strip().lower()
 
     tls_values = {k: raw.get(k) for k in ("tls_cert", "tls_key", "tls_client_ca")}
     if tls_values["tls_cert"] or tls_values["tls_key"]:
@@ -155,6 +174,15 @@ def _check(s: Settings) -> list[str]:
         problems.append("APPTGATE_CONSENT_MAX_TTL: must be at least 1 second")
     if s.shutdown_grace < 0 or s.db_connect_timeout <= 0:
         problems.append("APPTGATE_SHUTDOWN_GRACE/APPTGATE_DB_CONNECT_TIMEOUT: must be positive")
+    for var, value in (
+        ("OTEL_TRACES_EXPORTER", s.otel_traces_exporter),
+        ("OTEL_METRICS_EXPORTER", s.otel_metrics_exporter),
+    ):
+        if value not in {"none", "console", "otlp"}:
+            problems.append(f"{var}: one of otlp, console, none (got {value!r})")
+    for protocol in (s.otel_traces_protocol, s.otel_metrics_protocol):
+        if protocol not in {"grpc", "http/protobuf"}:
+            problems.append(f"OTEL_EXPORTER_OTLP_PROTOCOL: grpc or http/protobuf (got {protocol!r})")
     if s.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         problems.append("APPTGATE_LOG_LEVEL: one of DEBUG, INFO, WARNING, ERROR")
     return problems
@@ -217,4 +245,7 @@ _CONVERTERS: dict[str, Any] = {
     "db_connect_timeout": float,
     "shutdown_grace": float,
     "log_level": lambda v: str(v).upper(),
+    "otel_traces_exporter": lambda v: str(v).strip().lower(),
+    "otel_metrics_exporter": lambda v: str(v).strip().lower(),
+    "otel_sdk_disabled": _boolean,
 }

@@ -1,11 +1,353 @@
-"""OpenTelemetry glue: the current trace id, for audit records that must match their span."""
+"""OpenTelemetry traces and metrics, and JSON logs, all passing :mod:`service.redaction`.
+
+A :class:`Telemetry` is built once by the composition root. With nothing
+configured it holds no-op providers: spans are not built, nothing is exported,
+and the only work left is carrying the caller's W3C trace context so audit
+records still name the caller's trace. Exporters are chosen by the standard
+variables (``OTEL_TRACES_EXPORTER``, ``OTEL_METRICS_EXPORTER``: ``otlp``,
+``console`` or ``none``, default ``none``); the OpenTelemetry SDK reads the
+rest of its standard variables itself (``OTEL_SERVICE_NAME``,
+``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_TRACES_SAMPLER``/``_ARG``,
+``OTEL_EXPORTER_OTLP_ENDPOINT``/``_HEADERS``…), as the specification defines.
+
+Every span goes through :class:`RedactingSpanExporter` before any exporter
+sees it, every metric through a view that keeps only allowed labels, and every
+log line through :class:`JsonFormatter`: one policy, not care at call sites.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.metrics import Meter, NoOpMeter, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.view import View
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from service import redaction
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+SCOPE = "apptgate"
 
 
 def current_trace_id() -> str:
     """The W3C trace id of the current span (32 hex digits), or ``""`` when nothing is traced."""
-    context = trace.get_current_span().get_span_context()
-    return format(context.trace_id, "032x") if context.is_valid else ""
+    span_context = trace.get_current_span().get_span_context()
+    return format(span_context.trace_id, "032x") if span_context.is_valid else ""
+
+
+@dataclass
+class CallInfo:
+    """What one RPC learned about itself, for its span, metrics and access log."""
+
+    listener: str
+    method: str
+    partner_id: str = ""
+    key_id: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_CALL: ContextVar[CallInfo | None] = ContextVar("apptgate_call", default=None)
+
+
+def annotate(
+    *,
+    partner_id: str | None = None,
+    key_id: str | None = None,
+    view: str | None = None,
+    appointments: int | None = None,
+    consent_presented: bool | None = None,
+    consent_outcome: str | None = None,
+) -> None:
+    """Record facts about the current call on its span and access log (only these, by design)."""
+    attributes: dict[str, Any] = {
+        "apptgate.partner_id": partner_id,
+        "apptgate.key_id": key_id,
+        "apptgate.view": view,
+        "apptgate.appointments": appointments,
+        "apptgate.consent.presented": consent_presented,
+        "apptgate.consent.outcome": consent_outcome,
+    }
+    attributes = {k: v for k, v in attributes.items() if v is not None}
+    trace.get_current_span().set_attributes(attributes)
+    call = _CALL.get()
+    if call is not None:
+        if partner_id is not None:
+            call.partner_id = partner_id
+        if key_id is not None:
+            call.key_id = key_id
+
+
+def _redacted(span: ReadableSpan) -> ReadableSpan:
+    status = Status(span.status.status_code)  # the description is dropped: it can hold abort() text
+    return ReadableSpan(
+        name=redaction.span_name(span.name),
+        context=span.context,
+        parent=span.parent,
+        resource=span.resource,
+        attributes=redaction.span_attributes(span.attributes),
+        events=[
+            Event(e.name if e.name == "exception" else "event", redaction.event_attributes(e.attributes), e.timestamp)
+            for e in span.events
+        ],
+        links=(),
+        kind=span.kind,
+        status=status,
+        start_time=span.start_time,
+        end_time=span.end_time,
+        instrumentation_scope=span.instrumentation_scope,
+    )
+
+
+class RedactingSpanExporter(SpanExporter):
+    """Hands an exporter copies of the spans reduced to what :mod:`service.redaction` allows."""
+
+    def __init__(self, exporter: SpanExporter) -> None:
+        self._exporter = exporter
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return self._exporter.export([_redacted(span) for span in spans])
+
+    def shutdown(self) -> None:
+        self._exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._exporter.force_flush(timeout_millis)
+
+
+def metric_views() -> list[View]:
+    """Views that keep only the allowed labels on every instrument."""
+    return [View(instrument_name="*", attribute_keys=set(redaction.METRIC_LABELS))]
+
+
+class Telemetry:
+    """Tracer, meter and instruments of one service process."""
+
+    def __init__(
+        self, *, tracer_provider: TracerProvider | None = None, meter_provider: MeterProvider | None = None
+    ) -> None:
+        self._tracer_provider = tracer_provider
+        self._meter_provider = meter_provider
+        self.tracer: trace.Tracer = tracer_provider.get_tracer(SCOPE) if tracer_provider else trace.NoOpTracer()
+        meter: Meter = meter_provider.get_meter(SCOPE) if meter_provider else NoOpMeter(SCOPE)
+        self._meter = meter
+        self._propagator = TraceContextTextMapPropagator()
+        self.rpc_duration = meter.create_histogram(
+            "rpc.server.duration", unit="ms", description="Duration of RPCs, by method and status code."
+        )
+        self.disclosures = meter.create_counter(
+            "apptgate.disclosures", unit="{appointment}", description="Appointments disclosed, by view and field."
+        )
+        self.consent_denials = meter.create_counter(
+            "apptgate.consent.denials", unit="{call}", description="Contact requests refused, by reason."
+        )
+        self.active_streams = meter.create_up_down_counter(
+            "apptgate.streams.active", unit="{stream}", description="Server streams open now."
+        )
+
+    @property
+    def tracing(self) -> bool:
+        """True when spans are recorded and exported."""
+        return self._tracer_provider is not None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Telemetry:
+        """Build exporters from the standard OTEL_* choices in ``settings`` (``none`` means none)."""
+        if settings.otel_sdk_disabled:
+            return cls()
+        resource = Resource.create()  # reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES
+        if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+            resource = resource.merge(Resource({"service.name": "apptgate"}))
+        tracer_provider = None
+        if settings.otel_traces_exporter != "none":
+            tracer_provider = TracerProvider(resource=resource)
+            exporter = RedactingSpanExporter(
+                _span_exporter(settings.otel_traces_exporter, settings.otel_traces_protocol)
+            )
+            processor = (
+                SimpleSpanProcessor(exporter)
+                if settings.otel_traces_exporter == "console"
+                else BatchSpanProcessor(exporter)
+            )
+            tracer_provider.add_span_processor(processor)
+        meter_provider = None
+        if settings.otel_metrics_exporter != "none":
+            reader: MetricReader = PeriodicExportingMetricReader(
+                _metric_exporter(settings.otel_metrics_exporter, settings.otel_metrics_protocol)
+            )
+            meter_provider = MeterProvider(resource=resource, metric_readers=[reader], views=metric_views())
+        return cls(tracer_provider=tracer_provider, meter_provider=meter_provider)
+
+    def shutdown(self) -> None:
+        """Flush and stop the exporters."""
+        if self._tracer_provider is not None:
+            self._tracer_provider.shutdown()
+        if self._meter_provider is not None:
+            self._meter_provider.shutdown()
+
+    def observe_pool(self, sizes: Any) -> None:
+        """Report a connection pool's use: ``sizes()`` returns (in use, idle, waiting)."""
+
+        def observe(_options: Any) -> Iterator[Observation]:
+            in_use, idle, waiting = sizes()
+            yield Observation(in_use, {"state": "in_use"})
+            yield Observation(idle, {"state": "idle"})
+            yield Observation(waiting, {"state": "waiting"})
+
+        self._meter.create_observable_gauge(
+            "apptgate.db.pool.connections", callbacks=[observe], unit="{connection}", description="Pool connections."
+        )
+
+    @contextmanager
+    def server_call(
+        self, listener: str, method: str, metadata: Sequence[tuple[str, str | bytes]] | None
+    ) -> Iterator[CallInfo]:
+        """Run one RPC inside a server span that continues the caller's W3C trace context."""
+        carrier = {k: v for k, v in (metadata or ()) if k in ("traceparent", "tracestate") and isinstance(v, str)}
+        parent = self._propagator.extract(carrier)
+        call = CallInfo(listener, method)
+        call_token = _CALL.set(call)
+        try:
+            if not self.tracing:
+                # No spans are built, but the caller's trace id still reaches the audit records.
+                attached = otel_context.attach(parent)
+                try:
+                    yield call
+                finally:
+                    otel_context.detach(attached)
+                return
+            service, _, rpc = method.lstrip("/").partition("/")
+            attributes = {
+                "rpc.system": "grpc",
+                "rpc.service": service,
+                "rpc.method": rpc,
+                "apptgate.listener": listener,
+            }
+            with self.tracer.start_as_current_span(
+                method,
+                context=parent,
+                kind=SpanKind.SERVER,
+                attributes=attributes,
+                record_exception=False,
+                set_status_on_exception=False,
+            ):
+                yield call
+        finally:
+            _CALL.reset(call_token)
+
+    def finish_call(self, call: CallInfo, code: str, started: float, reason: str = "") -> None:
+        """Record the outcome of a call on its span, in the RPC metrics and in the access log."""
+        duration_ms = (time.perf_counter() - started) * 1000
+        span = trace.get_current_span()
+        span.set_attribute("rpc.grpc.status_code", code)
+        if reason:
+            span.set_attribute("apptgate.error.reason", reason)
+        if code in ("INTERNAL", "UNKNOWN", "UNAVAILABLE", "DEADLINE_EXCEEDED"):
+            span.set_status(Status(StatusCode.ERROR))
+        self.rpc_duration.record(duration_ms, {"rpc.method": call.method, "rpc.grpc.status_code": code})
+        logging.getLogger("apptgate.access").info(
+            "rpc",
+            extra={
+                "event": "rpc",
+                "listener": call.listener,
+                "method": call.method,
+                "code": code,
+                "duration_ms": round(duration_ms, 3),
+                "partner_id": call.partner_id or None,
+                "key_id": call.key_id or None,
+                "trace_id": current_trace_id() or None,
+            },
+        )
+
+    def observe_query(self, query: str, elapsed: float, exception: BaseException | None) -> None:
+        """Record one finished statement as a child span of the current call (never its parameters)."""
+        if not trace.get_current_span().get_span_context().is_valid:
+            return  # pool housekeeping outside any call
+        end = time.time_ns()
+        operation = (query.lstrip().split(None, 1) or ["?"])[0].upper()
+        span = self.tracer.start_span(
+            f"db {operation}" if operation.isalpha() else "db",
+            kind=SpanKind.CLIENT,
+            start_time=end - int(elapsed * 1e9),
+            attributes={"db.system": "postgresql", "db.operation": operation, "db.statement": query},
+        )
+        if exception is not None:
+            span.set_attribute("error.type", type(exception).__name__)
+            span.set_status(Status(StatusCode.ERROR))
+        span.end(end_time=end)
+
+
+def _span_exporter(kind: str, protocol: str) -> SpanExporter:
+    if kind == "console":
+        return ConsoleSpanExporter()
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
+
+        return GrpcSpanExporter()
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
+
+    return HttpSpanExporter()
+
+
+def _metric_exporter(kind: str, protocol: str) -> Any:
+    if kind == "console":
+        return ConsoleMetricExporter()
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcMetricExporter
+
+        return GrpcMetricExporter()
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpMetricExporter
+
+    return HttpMetricExporter()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with only the fields :mod:`service.redaction` allows.
+
+    An exception is logged as its class and its stack frames, never its message.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields.update({k: v for k, v in record.__dict__.items() if k in redaction.LOG_FIELDS and k not in fields})
+        if record.exc_info and record.exc_info[0] is not None:
+            fields["exception_type"] = record.exc_info[0].__name__
+            fields["stack"] = "".join(traceback.format_tb(record.exc_info[2]))
+        return json.dumps(redaction.log_fields(fields), default=str)
+
+
+def configure_logging(level: str, stream: Any = None) -> None:
+    """Send every log record to ``stream`` (stderr) as JSON lines."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)

@@ -9,7 +9,7 @@ UNAVAILABLE with a retry delay instead of INTERNAL.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TypeAlias
 
@@ -19,6 +19,7 @@ from service.errors import Unavailable
 from service.store import migrations
 
 Connection: TypeAlias = asyncpg.Connection
+QueryObserver: TypeAlias = Callable[[str, float, BaseException | None], None]
 
 #: The role every partner-path transaction runs as (migration 0006): basic-view
 #: columns only, no contact column, no visit reason, no UPDATE or DELETE on the ledger.
@@ -47,12 +48,28 @@ class Database:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+        self._waiting = 0
 
     @classmethod
     async def connect(
-        cls, dsn: str, *, min_size: int = 2, max_size: int = 10, connect_timeout: float = 5.0
+        cls,
+        dsn: str,
+        *,
+        min_size: int = 2,
+        max_size: int = 10,
+        connect_timeout: float = 5.0,
+        on_query: QueryObserver | None = None,
     ) -> Database:
-        """Open a pool to ``dsn``. Raises :class:`Unavailable` when the server cannot be reached."""
+        """Open a pool to ``dsn``. Raises :class:`Unavailable` when the server cannot be reached.
+
+        ``on_query(statement, seconds, exception)`` is called after every
+        statement (for tracing); it never receives the statement's parameters.
+        """
+
+        async def init(conn: Connection) -> None:
+            if on_query is not None:
+                conn.add_query_logger(lambda q: on_query(q.query, q.elapsed, q.exception))
+
         try:
             pool = await asyncpg.create_pool(
                 dsn,
@@ -61,6 +78,7 @@ class Database:
                 timeout=connect_timeout,
                 # Connections are reset on release; nothing set in a request outlives it.
                 max_inactive_connection_lifetime=300.0,
+                init=init,
             )
         except UNREACHABLE as exc:
             raise Unavailable("the database is unreachable") from exc
@@ -71,10 +89,22 @@ class Database:
         await self._pool.close()
 
     @asynccontextmanager
+    async def _acquire(self) -> AsyncIterator[Connection]:
+        self._waiting += 1
+        try:
+            conn = await self._pool.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            yield conn
+        finally:
+            await self._pool.release(conn)
+
+    @asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
         """Borrow a connection outside a transaction (for migrations and checks)."""
         try:
-            async with self._pool.acquire() as conn:
+            async with self._acquire() as conn:
                 yield conn
         except UNREACHABLE as exc:
             raise Unavailable("the database is unreachable") from exc
@@ -88,7 +118,7 @@ class Database:
         work on a pooled connection.
         """
         try:
-            async with self._pool.acquire() as conn, conn.transaction(readonly=readonly):
+            async with self._acquire() as conn, conn.transaction(readonly=readonly):
                 if role is not None:
                     await conn.execute(_SET_ROLE[role])
                 yield conn
@@ -105,12 +135,7 @@ class Database:
                 f"the database is not migrated (missing: {names}); run `python -m service migrate` first"
             )
 
-    @property
-    def pool_size(self) -> int:
-        """The number of open connections."""
-        return int(self._pool.get_size())
-
-    @property
-    def pool_idle(self) -> int:
-        """The number of open connections not in use."""
-        return int(self._pool.get_idle_size())
+    def pool_usage(self) -> tuple[int, int, int]:
+        """Connections in use, idle, and callers waiting for one."""
+        size, idle = int(self._pool.get_size()), int(self._pool.get_idle_size())
+        return size - idle, idle, self._waiting
