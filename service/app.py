@@ -13,6 +13,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from uuid import UUID
 
 import grpc.aio
 from appointments.internal.v1 import (
@@ -99,6 +100,10 @@ class Gateway:
         self._reflection = DocumentedPool(documented_files())
         self.partner: Listener | None = None
         self.internal: Listener | None = None
+
+    def partner_appointment_id(self, partner_id: UUID, appointment_id: UUID) -> str:
+        """The id a partner knows an appointment by (for the demo's walk-through)."""
+        return self._pseudonyms.for_partner(partner_id).appointment_id(appointment_id)
 
     def _register_partner(self, server: grpc.aio.Server) -> list[str]:
         api = partner_api.PartnerAppointmentApi(

@@ -16,10 +16,9 @@ import sys
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import replace
-from datetime import timedelta
 from typing import Any
 
-from service import app, audit_cli, demo
+from service import app, audit_cli, demo, walkthrough
 from service import settings as settings_module
 from service.errors import ConfigError, Unavailable
 from service.store import migrations
@@ -81,41 +80,18 @@ async def _migrate(settings: settings_module.Settings) -> None:
 
 def _print_walkthrough(gateway: app.Gateway, world: demo.DemoWorld, internal_token: str) -> None:
     assert gateway.partner and gateway.internal
-    partner = f"localhost:{gateway.partner.port}"
-    internal = f"localhost:{gateway.internal.port}"
-    start = world.week_start.strftime("%Y-%m-%dT%H:%M:%SZ")
-    week_end = (world.week_start + timedelta(days=7)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    svc = "appointments.partner.v1.PartnerAppointmentService"
-    auth_header = f"-H 'authorization: Bearer {world.partner_key}'"
-    lines = [
-        "",
-        "apptgate demo is serving. Paste these into another terminal:",
-        "",
-        "# what the partner listener offers (reflection; no credentials needed)",
-        f"grpcurl -plaintext {partner} list",
-        f"grpcurl -plaintext {partner} describe {svc}",
-        "",
-        "# the demo partner's appointments this week, in the basic view",
-        f'grpcurl -plaintext {auth_header} -d \'{{"start_time": "{start}", "end_time": "{week_end}", '
-        f'"page_size": 5}}\' {partner} {svc}/ListAppointments',
-        "",
-        "# one practitioner only",
-        f'grpcurl -plaintext {auth_header} -d \'{{"practitioner_id": "{world.granted_practitioner_id}", '
-        f'"start_time": "{start}", "end_time": "{week_end}"}}\' {partner} {svc}/ListAppointments',
-        "",
-        "# health, without credentials",
-        f"grpcurl -plaintext {partner} grpc.health.v1.Health/Check",
-        "",
-        "# the internal listener (scheduling, partner registry)",
-        f'grpcurl -plaintext -H \'authorization: Bearer {internal_token}\' -d \'{{"display_name": "Dr. New", '
-        f'"specialty": "Cardiology"}}\' {internal} appointments.internal.v1.SchedulingService/CreatePractitioner',
-        "",
-        f"Demo partner key (shown once): {world.partner_key}",
-        f"Internal token: {internal_token}",
-        "Stop with Ctrl-C.",
-        "",
-    ]
-    print("\n".join(lines), flush=True)
+    values = walkthrough.DemoValues(
+        partner_address=f"localhost:{gateway.partner.port}",
+        internal_address=f"localhost:{gateway.internal.port}",
+        partner_key=world.partner_key,
+        internal_token=internal_token,
+        partner_id=str(world.partner_id),
+        practitioner_id=str(world.practitioner_id),
+        patient_id=str(world.patient_id),
+        appointment_id=gateway.partner_appointment_id(world.partner_id, world.appointment_id),
+        week_start=world.week_start,
+    )
+    print(walkthrough.render(values), flush=True)
 
 
 async def _demo(settings: settings_module.Settings) -> None:

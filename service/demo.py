@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from uuid import UUID
 
 from service import auth
 from service.store import partners, scheduling
@@ -34,9 +35,11 @@ _PATIENTS = [
 class DemoWorld:
     """What the demo created or found, with a freshly issued partner key."""
 
-    partner_id: str
+    partner_id: UUID
     partner_key: str
-    granted_practitioner_id: str
+    practitioner_id: UUID
+    patient_id: UUID
+    appointment_id: UUID
     week_start: datetime
 
 
@@ -67,6 +70,9 @@ async def seed(database: Database) -> DemoWorld:
             for practitioner in practitioners[:2]:
                 await partners.grant_access(conn, partner.id, practitioner.id)
         granted = (await partners.active_grants(conn, partner.id))[0].practitioner_id
+        first = await scheduling.first_appointment(conn, granted)
         issued = auth.new_partner_key()
         await partners.insert_key(conn, issued.key_id, partner.id, issued.secret_hash)
-    return DemoWorld(str(partner.id), issued.secret, str(granted), today)
+    assert first is not None
+    week_start = first.start_time.replace(hour=0, minute=0, second=0, microsecond=0)
+    return DemoWorld(partner.id, issued.secret, granted, first.patient_id, first.id, week_start)

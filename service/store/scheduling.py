@@ -98,3 +98,12 @@ async def cancel_appointment(conn: Connection, appointment_id: UUID) -> models.A
         appointment_id,
     )
     return models.Appointment(*row)
+
+
+async def first_appointment(conn: Connection, practitioner_id: UUID) -> models.Appointment | None:
+    """The earliest appointment of a practitioner, if any."""
+    row = await conn.fetchrow(
+        f"SELECT {_APPOINTMENT_COLUMNS} FROM appointments WHERE practitioner_id = $1 ORDER BY start_time, id LIMIT 1",
+        practitioner_id,
+    )
+    return models.Appointment(*row) if row else None

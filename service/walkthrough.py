@@ -1,0 +1,116 @@
+"""The grpcurl walk-through ``make run`` prints: shell variables, then commands that work as pasted. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+PARTNER_SERVICE = "appointments.partner.v1.PartnerAppointmentService"
+
+
+@dataclass(frozen=True, slots=True)
+class DemoValues:
+    """The values the commands need, as the demo created them."""
+
+    partner_address: str
+    internal_address: str
+    partner_key: str
+    internal_token: str
+    partner_id: str
+    practitioner_id: str
+    patient_id: str
+    appointment_id: str
+    week_start: datetime
+
+
+def _time(value: datetime) -> str:
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def variables(values: DemoValues) -> dict[str, str]:
+    """The shell variables the commands use."""
+    return {
+        "PARTNER": values.partner_address,
+        "INTERNAL": values.internal_address,
+        "KEY": values.partner_key,
+        "INTERNAL_TOKEN": values.internal_token,
+        "PARTNER_ID": values.partner_id,
+        "PRACTITIONER_ID": values.practitioner_id,
+        "PATIENT_ID": values.patient_id,
+        "APPOINTMENT_ID": values.appointment_id,
+        "START": _time(values.week_start),
+        "END": _time(values.week_start + timedelta(days=7)),
+    }
+
+
+#: (comment, command, succeeds) — each command is one line of POSIX shell.
+COMMANDS: tuple[tuple[str, str, bool], ...] = (
+    ("What the partner listener offers (reflection needs no credentials)", "grpcurl -plaintext $PARTNER list", True),
+    (
+        "The basic view, with its comments",
+        "grpcurl -plaintext $PARTNER describe appointments.partner.v1.Appointment",
+        True,
+    ),
+    (
+        "The partner's appointments this week (basic view: no name, no contact, no reason)",
+        'grpcurl -plaintext -H "authorization: Bearer $KEY" '
+        '-d "{\\"start_time\\": \\"$START\\", \\"end_time\\": \\"$END\\", \\"page_size\\": 5}" '
+        f"$PARTNER {PARTNER_SERVICE}/ListAppointments",
+        True,
+    ),
+    (
+        "One appointment by its partner-scoped id",
+        'grpcurl -plaintext -H "authorization: Bearer $KEY" -d "{\\"appointment_id\\": \\"$APPOINTMENT_ID\\"}" '
+        f"$PARTNER {PARTNER_SERVICE}/GetAppointment",
+        True,
+    ),
+    (
+        "Contact details without a consent token: PERMISSION_DENIED, reason CONSENT_REQUIRED",
+        'grpcurl -plaintext -H "authorization: Bearer $KEY" -d "{\\"appointment_id\\": \\"$APPOINTMENT_ID\\"}" '
+        f"$PARTNER {PARTNER_SERVICE}/GetAppointmentContact",
+        False,
+    ),
+    (
+        "The patient consents (internal listener): email only, for one hour; keep the token and the consent id",
+        'CONSENT=$(grpcurl -plaintext -H "authorization: Bearer $INTERNAL_TOKEN" '
+        '-d "{\\"patient_id\\": \\"$PATIENT_ID\\", \\"partner_id\\": \\"$PARTNER_ID\\", '
+        '\\"fields\\": [\\"CONTACT_FIELD_EMAIL\\"], \\"ttl\\": \\"3600s\\", \\"purpose\\": \\"reminders\\"}" '
+        "$INTERNAL appointments.internal.v1.ConsentService/GrantConsent) && "
+        'TOKEN=$(echo "$CONSENT" | python3 -c \'import json,sys; print(json.load(sys.stdin)["token"])\') && '
+        'CONSENT_ID=$(echo "$CONSENT" | python3 -c \'import json,sys; print(json.load(sys.stdin)["consentId"])\') && '
+        'echo "consent $CONSENT_ID"',
+        True,
+    ),
+    (
+        "Contact details with the token: only the email, the other fields listed as withheld",
+        'grpcurl -plaintext -H "authorization: Bearer $KEY" '
+        '-d "{\\"appointment_id\\": \\"$APPOINTMENT_ID\\", \\"consent_token\\": \\"$TOKEN\\"}" '
+        f"$PARTNER {PARTNER_SERVICE}/GetAppointmentContact",
+        True,
+    ),
+    (
+        "The patient revokes; the next use of the token answers CONSENT_REVOKED",
+        'grpcurl -plaintext -H "authorization: Bearer $INTERNAL_TOKEN" -d "{\\"consent_id\\": \\"$CONSENT_ID\\"}" '
+        "$INTERNAL appointments.internal.v1.ConsentService/RevokeConsent",
+        True,
+    ),
+    (
+        "Every disclosure to the partner this week, as a breach-scope report",
+        'grpcurl -plaintext -H "authorization: Bearer $INTERNAL_TOKEN" '
+        '-d "{\\"partner_id\\": \\"$PARTNER_ID\\", \\"start_time\\": \\"2000-01-01T00:00:00Z\\", '
+        '\\"end_time\\": \\"2100-01-01T00:00:00Z\\"}" $INTERNAL appointments.internal.v1.AuditService/BreachReport',
+        True,
+    ),
+    ("Health, without credentials", "grpcurl -plaintext $PARTNER grpc.health.v1.Health/Check", True),
+)
+
+
+def render(values: DemoValues) -> str:
+    """The text ``make run`` prints."""
+    lines = ["", "apptgate demo is serving. In another terminal, set these variables:", ""]
+    lines += [f"export {name}='{value}'" for name, value in variables(values).items()]
+    lines += ["", "then paste any of these:", ""]
+    for comment, command, _ in COMMANDS:
+        lines += [f"# {comment}", command, ""]
+    lines += ["The partner key is shown once: stop with Ctrl-C; the next `make run` issues a new one.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,91 @@
+"""``make run``'s demo: it serves, and every grpcurl command it prints works as pasted."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+import harness
+from service import demo as demo_data, walkthrough
+
+
+@pytest.fixture
+async def empty_dsn(admin_dsn: str) -> AsyncIterator[str]:
+    dsn = await harness.create_database(admin_dsn, None)
+    try:
+        yield dsn
+    finally:
+        await harness.drop_database(admin_dsn, dsn)
+
+
+async def _read_walkthrough(stream: asyncio.StreamReader) -> str:
+    printed = []
+    while True:
+        line = (await asyncio.wait_for(stream.readline(), timeout=60)).decode()
+        assert line, "the demo exited before printing its commands"
+        printed.append(line)
+        if line.startswith("The partner key is shown once"):
+            return "".join(printed)
+
+
+async def test_the_demo_serves_and_its_printed_commands_work(empty_dsn: str, tmp_path: Path) -> None:
+    bin_dir = str(Path(sys.executable).parent)
+    env = harness.environment(
+        DATABASE_URL=empty_dsn,
+        APPTGATE_DATA_DIR=str(tmp_path / "data"),
+        APPTGATE_PARTNER_ADDR=f"127.0.0.1:{harness.free_port()}",
+        APPTGATE_INTERNAL_ADDR=f"127.0.0.1:{harness.free_port()}",
+        PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
+    )
+    env.pop("APPTGATE_INTERNAL_TOKEN", None)
+    demo = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        "demo",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        assert demo.stdout is not None
+        printed = await _read_walkthrough(demo.stdout)
+        exports = [line for line in printed.splitlines() if line.startswith("export ")]
+        commands = [line for line in printed.splitlines() if line.startswith(("grpcurl ", "CONSENT="))]
+        assert len(commands) == len(walkthrough.COMMANDS)
+        script = ["set -u", *exports]
+        for index, (command, (_, expected, succeeds)) in enumerate(zip(commands, walkthrough.COMMANDS, strict=True)):
+            assert command == expected
+            script.append(f"echo '=== {index}'")
+            script.append(
+                f"{command} || exit {100 + index}" if succeeds else f"if {command}; then exit {100 + index}; fi"
+            )
+        shell = await asyncio.create_subprocess_exec(
+            "bash", "-c", "\n".join(script), env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+        out, _ = await asyncio.wait_for(shell.communicate(), timeout=120)
+        output = out.decode()
+        assert shell.returncode == 0, output
+    finally:
+        demo.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(demo.wait(), timeout=30) == 0
+
+    sections = dict(part.split("\n", 1) for part in output.split("=== ")[1:])
+    assert "appointments.partner.v1.PartnerAppointmentService" in sections["0"]
+    listed = json.loads(sections["2"])
+    assert len(listed["appointments"]) == 5 and listed["nextPageToken"]
+    assert not any(p[1] in sections["2"] or p[4] and p[4] in sections["2"] for p in demo_data._PATIENTS)
+    assert "CONSENT_REQUIRED" in sections["4"]
+    contact = json.loads(sections["6"])
+    assert set(contact["patient"]) == {"email"}
+    assert contact["withheldFields"] == ["CONTACT_FIELD_NAME", "CONTACT_FIELD_SEX", "CONTACT_FIELD_PHONE"]
+    report = json.loads(sections["8"])
+    assert report["totals"]["contactPatients"] == "1"
+    assert "SERVING" in sections["9"]
