@@ -27,6 +27,7 @@ from appointments.partner.v1 import partner_appointment_service_pb2_grpc
 from service import audit_api, auth, consent_api, internal_api, partner_api
 from service.consent import ConsentKeyring
 from service.errors import ConfigError
+from service.feed import FeedHub
 from service.keyfiles import load_server_secret, load_signing_keys
 from service.pagination import PageTokens
 from service.pseudonyms import Pseudonyms, derive_key
@@ -96,6 +97,12 @@ class Gateway:
         self._page_tokens = PageTokens(derive_key(secrets.server_secret, b"page-token"))
         self._keyring = secrets.keyring
         self.telemetry = telemetry or Telemetry()
+        self.feed = FeedHub(
+            database,
+            buffer=settings.feed_buffer,
+            max_streams_per_partner=settings.feed_max_streams,
+            retention=settings.feed_retention,
+        )
         self._internal_token = auth.InternalToken(settings.internal_token)
         self._reflection = DocumentedPool(documented_files())
         self.partner: Listener | None = None
@@ -107,7 +114,7 @@ class Gateway:
 
     def _register_partner(self, server: grpc.aio.Server) -> list[str]:
         api = partner_api.PartnerAppointmentApi(
-            self.database, self._pseudonyms, self._page_tokens, self._keyring, self.telemetry
+            self.database, self._pseudonyms, self._page_tokens, self._keyring, self.telemetry, self.feed
         )
         partner_appointment_service_pb2_grpc.add_PartnerAppointmentServiceServicer_to_server(api, server)
         return [partner_api.SERVICE_NAME]
@@ -133,7 +140,8 @@ class Gateway:
         ]
 
     async def start(self) -> None:
-        """Bind and start both listeners."""
+        """Start the change-feed listener, then bind and start both listeners."""
+        await self.feed.start()
         self.partner = await start_listener(
             "partner",
             self.settings.partner_addr,
@@ -156,11 +164,13 @@ class Gateway:
             )
         except BaseException:
             await self.partner.stop(0)
+            await self.feed.stop()
             raise
 
     async def stop(self, grace: float) -> None:
         """Drain both listeners: refuse new calls, let in-flight ones finish for ``grace`` seconds."""
         listeners = [listener for listener in (self.partner, self.internal) if listener is not None]
+        await self.feed.stop()  # streams end first (UNAVAILABLE: resume elsewhere), unary calls drain
         await asyncio.gather(*(listener.stop(grace) for listener in listeners))
 
 

@@ -153,3 +153,12 @@ class AffectedPatient:
     contact_fields: tuple[int, ...]
     first_disclosure_time: datetime
     last_disclosure_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class FeedChange:
+    """One change of the appointment change feed, with the basic-view state it left."""
+
+    position: int
+    change_type: int
+    appointment: BasicAppointment

@@ -11,7 +11,7 @@ leaves: no data is sent unless its audit record is durable.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
@@ -28,7 +28,7 @@ from appointments.partner.v1 import (
     partner_appointment_service_pb2_grpc as pb_grpc,
 )
 
-from service import auth, pagination, validation, views
+from service import auth, models, pagination, validation, views
 from service.consent import (
     CONSENT_EXPIRED,
     CONSENT_INVALID,
@@ -37,9 +37,19 @@ from service.consent import (
     ConsentDenied,
     ConsentKeyring,
 )
-from service.errors import ApptgateError, FieldViolation, InvalidArgument, NotFound, PermissionDenied
+from service.errors import (
+    ApptgateError,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    Unauthenticated,
+)
+from service.feed import FeedHub, Subscription
 from service.pseudonyms import Pseudonyms, looks_like_appointment_id
 from service.store import consents, ledger, partner_reads, partners
+from service.store import feed as store_feed
 from service.store.database import PARTNER_ROLE, Connection, Database
 from service.telemetry import Telemetry, annotate, current_trace_id
 
@@ -48,6 +58,8 @@ MAX_PAGE_SIZE = 500
 MAX_WINDOW = timedelta(days=366)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PartnerAppointmentService"].full_name
 _RPC_PREFIX = f"/{SERVICE_NAME}/"
+_POSITION = struct.Struct(">q")
+_REPLAY_BATCH = 500
 _CONSENT_STATES = {"revoked": CONSENT_REVOKED, "expired": CONSENT_EXPIRED, "unknown": CONSENT_INVALID}
 
 
@@ -102,12 +114,14 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
         page_tokens: pagination.PageTokens,
         keyring: ConsentKeyring,
         telemetry: Telemetry,
+        hub: FeedHub,
     ) -> None:
         self._db = database
         self._pseudonyms = pseudonyms
         self._page_tokens = page_tokens
         self._keyring = keyring
         self._telemetry = telemetry
+        self._hub = hub
 
     async def _authenticate(self, conn: Connection, token: str, key_id: str) -> auth.Principal:
         principal = auth.verify_partner_key(token, await partners.find_key(conn, key_id))
@@ -289,6 +303,98 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
         if failure is not None:
             raise failure
         return message
+
+    async def WatchAppointments(
+        self, request: pb.WatchAppointmentsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.AppointmentChange]:
+        problems: list[FieldViolation] = []
+        practitioner = validation.parse_uuid(request.practitioner_id, "practitioner_id", problems, required=False)
+        validation.raise_if(problems)
+        token = auth.bearer_token(context.invocation_metadata())
+        key_id = auth.partner_key_id(token)
+        async with self._db.transaction(role=PARTNER_ROLE) as conn:
+            principal = await self._authenticate(conn, token, key_id)
+            granted = await store_feed.granted_practitioners(conn, principal.partner_id)
+            _, pruned = await store_feed.head(conn)
+            if practitioner is not None and practitioner not in granted:
+                entry = self._entry(principal, "WatchAppointments", ledger.VIEW_BASIC, denial_reason="NOT_FOUND")
+                await ledger.append(conn, entry, [(request.practitioner_id, None, None)])
+        binding = b"WatchAppointments|" + principal.partner_id.bytes
+        resume = None
+        if request.resume_token:
+            resume = _POSITION.unpack(self._page_tokens.open(request.resume_token, binding, field="resume_token"))[0]
+            if resume < pruned:
+                raise OutOfRange(
+                    "the resume token is older than the change feed's retention window: "
+                    "list the appointments again, then watch without a token",
+                    reason="RESUME_TOKEN_EXPIRED",
+                )
+        if practitioner is not None and practitioner not in granted:
+            raise NotFound("practitioner not found")
+        if practitioner is None and not granted:
+            raise PermissionDenied("no practitioner grants the caller access", reason="NO_GRANTS")
+        annotate(view="basic")
+        sub = self._hub.subscribe(principal.partner_id, principal.key_id, practitioner, granted)
+        self._telemetry.active_streams.add(1)
+        try:
+            cursor = sub.start_position if resume is None else min(resume, sub.start_position)
+            while cursor < sub.start_position:  # replay what committed before the subscription
+                async with self._db.transaction(role=PARTNER_ROLE, readonly=True) as conn:
+                    batch = await store_feed.changes(
+                        conn,
+                        after=cursor,
+                        upto=sub.start_position,
+                        limit=_REPLAY_BATCH,
+                        practitioners=list(sub.watched),
+                    )
+                for message in await self._deliver(principal, sub, batch, binding):
+                    yield message
+                cursor = batch[-1].position if len(batch) == _REPLAY_BATCH else sub.start_position
+            while True:  # then live
+                batch = [change for change in await sub.next_batch() if change.position > cursor]
+                if batch:
+                    for message in await self._deliver(principal, sub, batch, binding):
+                        yield message
+                    cursor = batch[-1].position
+        finally:
+            self._hub.unsubscribe(sub)
+            self._telemetry.active_streams.add(-1)
+
+    async def _deliver(
+        self, principal: auth.Principal, sub: Subscription, batch: list[models.FeedChange], binding: bytes
+    ) -> list[pb.AppointmentChange]:
+        """Check the key and grants again, audit, and build the events: in one transaction, before sending."""
+        if not batch:
+            return []
+        async with self._db.transaction(role=PARTNER_ROLE) as conn:
+            key = await partners.find_key(conn, principal.key_id)
+            if key is None or key.revoke_time is not None:
+                raise Unauthenticated("the key was revoked")
+            granted = await store_feed.granted_practitioners(conn, principal.partner_id)
+            if sub.practitioner_id is not None and sub.practitioner_id not in granted:
+                raise PermissionDenied("the practitioner revoked access", reason="ACCESS_REVOKED")
+            if not granted:
+                raise PermissionDenied("no practitioner grants access any more", reason="ACCESS_REVOKED")
+            ids = self._pseudonyms.for_partner(principal.partner_id)
+            allowed = [c for c in batch if c.appointment.practitioner_id in granted & sub.watched]
+            messages = [
+                pb.AppointmentChange(
+                    change_type=change.change_type,  # type: ignore[arg-type]
+                    appointment=views.basic_appointment(change.appointment, ids),
+                    resume_token=self._page_tokens.seal(_POSITION.pack(change.position), binding),
+                )
+                for change in allowed
+            ]
+            await ledger.append(
+                conn,
+                self._entry(principal, "WatchAppointments", ledger.VIEW_BASIC),
+                [
+                    (m.appointment.appointment_id, c.appointment.id, c.appointment.patient_id)
+                    for m, c in zip(messages, allowed, strict=True)
+                ],
+            )
+        self._disclosed("basic", len(messages))
+        return messages
 
     async def ListConsentKeys(
         self, request: pb.ListConsentKeysRequest, context: grpc.aio.ServicerContext

@@ -52,6 +52,9 @@ class Settings:
     db_connect_timeout: float = 5.0
     shutdown_grace: float = 10.0
     log_level: str = "INFO"
+    feed_buffer: int = 1000
+    feed_max_streams: int = 20
+    feed_retention: timedelta = timedelta(days=7)
     otel_traces_exporter: str = "none"
     otel_metrics_exporter: str = "none"
     otel_traces_protocol: str = "http/protobuf"
@@ -86,6 +89,9 @@ _ENVIRONMENT: dict[str, str] = {
     "APPTGATE_DB_CONNECT_TIMEOUT": "db_connect_timeout",
     "APPTGATE_SHUTDOWN_GRACE": "shutdown_grace",
     "APPTGATE_LOG_LEVEL": "log_level",
+    "APPTGATE_FEED_BUFFER": "feed_buffer",
+    "APPTGATE_FEED_MAX_STREAMS": "feed_max_streams",
+    "APPTGATE_FEED_RETENTION": "feed_retention",
     # OpenTelemetry's standard variables that decide which exporters exist; the
     # SDK reads the others (endpoint, headers, sampler, resource) itself.
     "OTEL_TRACES_EXPORTER": "otel_traces_exporter",
@@ -170,6 +176,8 @@ def _check(s: Settings) -> list[str]:
         problems.append(f"APPTGATE_INTERNAL_TOKEN: must be at least {MIN_INTERNAL_TOKEN_LENGTH} characters")
     if not 1 <= s.db_pool_min <= s.db_pool_max:
         problems.append("APPTGATE_DB_POOL_MIN/MAX: need 1 <= min <= max")
+    if s.feed_buffer < 1 or s.feed_max_streams < 1 or s.feed_retention < timedelta(minutes=1):
+        problems.append("APPTGATE_FEED_BUFFER/_MAX_STREAMS must be positive, APPTGATE_FEED_RETENTION at least 60")
     if s.consent_max_ttl < timedelta(seconds=1):
         problems.append("APPTGATE_CONSENT_MAX_TTL: must be at least 1 second")
     if s.shutdown_grace < 0 or s.db_connect_timeout <= 0:
@@ -248,4 +256,7 @@ _CONVERTERS: dict[str, Any] = {
     "otel_traces_exporter": lambda v: str(v).strip().lower(),
     "otel_metrics_exporter": lambda v: str(v).strip().lower(),
     "otel_sdk_disabled": _boolean,
+    "feed_buffer": int,
+    "feed_max_streams": int,
+    "feed_retention": _seconds,
 }

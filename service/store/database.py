@@ -46,9 +46,10 @@ class NotMigratedError(Exception):
 class Database:
     """An asyncpg pool with transaction helpers. Create it with :meth:`connect`."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
         self._pool = pool
         self._waiting = 0
+        self.dsn = dsn
 
     @classmethod
     async def connect(
@@ -82,7 +83,7 @@ class Database:
             )
         except UNREACHABLE as exc:
             raise Unavailable("the database is unreachable") from exc
-        return cls(pool)
+        return cls(pool, dsn)
 
     async def close(self) -> None:
         """Close the pool, waiting for connections in use to be released."""

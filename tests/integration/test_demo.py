@@ -10,10 +10,11 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import harness
 import pytest
 
-import harness
-from service import demo as demo_data, walkthrough
+from service import demo as demo_data
+from service import walkthrough
 
 
 @pytest.fixture
@@ -81,7 +82,7 @@ async def test_the_demo_serves_and_its_printed_commands_work(empty_dsn: str, tmp
     assert "appointments.partner.v1.PartnerAppointmentService" in sections["0"]
     listed = json.loads(sections["2"])
     assert len(listed["appointments"]) == 5 and listed["nextPageToken"]
-    assert not any(p[1] in sections["2"] or p[4] and p[4] in sections["2"] for p in demo_data._PATIENTS)
+    assert not any(p[1] in sections["2"] or (p[4] and p[4] in sections["2"]) for p in demo_data._PATIENTS)
     assert "CONSENT_REQUIRED" in sections["4"]
     contact = json.loads(sections["6"])
     assert set(contact["patient"]) == {"email"}

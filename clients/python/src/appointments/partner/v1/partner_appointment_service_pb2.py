@@ -28,7 +28,7 @@ from appointments.partner.v1 import contact_pb2 as appointments_dot_partner_dot_
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n9appointments/partner/v1/partner_appointment_service.proto\x12\x17\x61ppointments.partner.v1\x1a)appointments/annotations/v1/privacy.proto\x1a)appointments/partner/v1/appointment.proto\x1a%appointments/partner/v1/contact.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb7\x01\n\x17ListAppointmentsRequest\x12\x17\n\x0fpractitioner_id\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"o\n\x18ListAppointmentsResponse\x12:\n\x0c\x61ppointments\x18\x01 \x03(\x0b\x32$.appointments.partner.v1.Appointment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"/\n\x15GetAppointmentRequest\x12\x16\n\x0e\x61ppointment_id\x18\x01 \x01(\t\"S\n\x1cGetAppointmentContactRequest\x12\x16\n\x0e\x61ppointment_id\x18\x01 \x01(\t\x12\x1b\n\rconsent_token\x18\x02 \x01(\tB\x04\xa8\x9f\x19\x03\"\x18\n\x16ListConsentKeysRequest\"L\n\x17ListConsentKeysResponse\x12\x31\n\x04keys\x18\x01 \x03(\x0b\x32#.appointments.partner.v1.ConsentKey2\xef\x03\n\x19PartnerAppointmentService\x12w\n\x10ListAppointments\x12\x30.appointments.partner.v1.ListAppointmentsRequest\x1a\x31.appointments.partner.v1.ListAppointmentsResponse\x12\x66\n\x0eGetAppointment\x12..appointments.partner.v1.GetAppointmentRequest\x1a$.appointments.partner.v1.Appointment\x12{\n\x15GetAppointmentContact\x12\x35.appointments.partner.v1.GetAppointmentContactRequest\x1a+.appointments.partner.v1.AppointmentContact\x12t\n\x0fListConsentKeys\x12/.appointments.partner.v1.ListConsentKeysRequest\x1a\x30.appointments.partner.v1.ListConsentKeysResponseB\x02P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n9appointments/partner/v1/partner_appointment_service.proto\x12\x17\x61ppointments.partner.v1\x1a)appointments/annotations/v1/privacy.proto\x1a)appointments/partner/v1/appointment.proto\x1a%appointments/partner/v1/contact.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb7\x01\n\x17ListAppointmentsRequest\x12\x17\n\x0fpractitioner_id\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"o\n\x18ListAppointmentsResponse\x12:\n\x0c\x61ppointments\x18\x01 \x03(\x0b\x32$.appointments.partner.v1.Appointment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"/\n\x15GetAppointmentRequest\x12\x16\n\x0e\x61ppointment_id\x18\x01 \x01(\t\"S\n\x1cGetAppointmentContactRequest\x12\x16\n\x0e\x61ppointment_id\x18\x01 \x01(\t\x12\x1b\n\rconsent_token\x18\x02 \x01(\tB\x04\xa8\x9f\x19\x03\"\x18\n\x16ListConsentKeysRequest\"L\n\x17ListConsentKeysResponse\x12\x31\n\x04keys\x18\x01 \x03(\x0b\x32#.appointments.partner.v1.ConsentKey\"I\n\x18WatchAppointmentsRequest\x12\x17\n\x0fpractitioner_id\x18\x01 \x01(\t\x12\x14\n\x0cresume_token\x18\x02 \x01(\t\"\x9e\x01\n\x11\x41ppointmentChange\x12\x38\n\x0b\x63hange_type\x18\x01 \x01(\x0e\x32#.appointments.partner.v1.ChangeType\x12\x39\n\x0b\x61ppointment\x18\x02 \x01(\x0b\x32$.appointments.partner.v1.Appointment\x12\x14\n\x0cresume_token\x18\x03 \x01(\t*v\n\nChangeType\x12\x1b\n\x17\x43HANGE_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43HANGE_TYPE_CREATED\x10\x01\x12\x17\n\x13\x43HANGE_TYPE_UPDATED\x10\x02\x12\x19\n\x15\x43HANGE_TYPE_CANCELLED\x10\x03\x32\xe5\x04\n\x19PartnerAppointmentService\x12w\n\x10ListAppointments\x12\x30.appointments.partner.v1.ListAppointmentsRequest\x1a\x31.appointments.partner.v1.ListAppointmentsResponse\x12\x66\n\x0eGetAppointment\x12..appointments.partner.v1.GetAppointmentRequest\x1a$.appointments.partner.v1.Appointment\x12{\n\x15GetAppointmentContact\x12\x35.appointments.partner.v1.GetAppointmentContactRequest\x1a+.appointments.partner.v1.AppointmentContact\x12t\n\x0fListConsentKeys\x12/.appointments.partner.v1.ListConsentKeysRequest\x1a\x30.appointments.partner.v1.ListConsentKeysResponse\x12t\n\x11WatchAppointments\x12\x31.appointments.partner.v1.WatchAppointmentsRequest\x1a*.appointments.partner.v1.AppointmentChange0\x01\x42\x02P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,6 +38,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'P\001'
   _globals['_GETAPPOINTMENTCONTACTREQUEST'].fields_by_name['consent_token']._loaded_options = None
   _globals['_GETAPPOINTMENTCONTACTREQUEST'].fields_by_name['consent_token']._serialized_options = b'\250\237\031\003'
+  _globals['_CHANGETYPE']._serialized_start=1017
+  _globals['_CHANGETYPE']._serialized_end=1135
   _globals['_LISTAPPOINTMENTSREQUEST']._serialized_start=245
   _globals['_LISTAPPOINTMENTSREQUEST']._serialized_end=428
   _globals['_LISTAPPOINTMENTSRESPONSE']._serialized_start=430
@@ -50,6 +52,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTCONSENTKEYSREQUEST']._serialized_end=701
   _globals['_LISTCONSENTKEYSRESPONSE']._serialized_start=703
   _globals['_LISTCONSENTKEYSRESPONSE']._serialized_end=779
-  _globals['_PARTNERAPPOINTMENTSERVICE']._serialized_start=782
-  _globals['_PARTNERAPPOINTMENTSERVICE']._serialized_end=1277
+  _globals['_WATCHAPPOINTMENTSREQUEST']._serialized_start=781
+  _globals['_WATCHAPPOINTMENTSREQUEST']._serialized_end=854
+  _globals['_APPOINTMENTCHANGE']._serialized_start=857
+  _globals['_APPOINTMENTCHANGE']._serialized_end=1015
+  _globals['_PARTNERAPPOINTMENTSERVICE']._serialized_start=1138
+  _globals['_PARTNERAPPOINTMENTSERVICE']._serialized_end=1751
 # @@protoc_insertion_point(module_scope)

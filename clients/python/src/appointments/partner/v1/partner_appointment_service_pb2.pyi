@@ -10,6 +10,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -20,6 +21,34 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ChangeType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ChangeTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChangeType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CHANGE_TYPE_UNSPECIFIED: _ChangeType.ValueType  # 0
+    """Unknown. The server never sends this value."""
+    CHANGE_TYPE_CREATED: _ChangeType.ValueType  # 1
+    """The appointment was booked."""
+    CHANGE_TYPE_UPDATED: _ChangeType.ValueType  # 2
+    """The appointment was changed (for example moved)."""
+    CHANGE_TYPE_CANCELLED: _ChangeType.ValueType  # 3
+    """The appointment was cancelled."""
+
+class ChangeType(_ChangeType, metaclass=_ChangeTypeEnumTypeWrapper):
+    """What happened to an appointment."""
+
+CHANGE_TYPE_UNSPECIFIED: ChangeType.ValueType  # 0
+"""Unknown. The server never sends this value."""
+CHANGE_TYPE_CREATED: ChangeType.ValueType  # 1
+"""The appointment was booked."""
+CHANGE_TYPE_UPDATED: ChangeType.ValueType  # 2
+"""The appointment was changed (for example moved)."""
+CHANGE_TYPE_CANCELLED: ChangeType.ValueType  # 3
+"""The appointment was cancelled."""
+Global___ChangeType: _TypeAlias = ChangeType  # noqa: Y015
 
 @_typing.final
 class ListAppointmentsRequest(_message.Message):
@@ -195,3 +224,67 @@ class ListConsentKeysResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListConsentKeysResponse: _TypeAlias = ListConsentKeysResponse  # noqa: Y015
+
+@_typing.final
+class WatchAppointmentsRequest(_message.Message):
+    """The request of WatchAppointments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRACTITIONER_ID_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    practitioner_id: _builtins.str
+    """The public identifier of one practitioner to watch. Empty watches every
+    practitioner granted to the caller, following grants as they change.
+    """
+    resume_token: _builtins.str
+    """The `resume_token` of the last change received, to continue after it, or
+    empty to start from now. Tokens are opaque and bound to the caller.
+    """
+    def __init__(
+        self,
+        *,
+        practitioner_id: _builtins.str = ...,
+        resume_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["practitioner_id", b"practitioner_id", "resume_token", b"resume_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchAppointmentsRequest: _TypeAlias = WatchAppointmentsRequest  # noqa: Y015
+
+@_typing.final
+class AppointmentChange(_message.Message):
+    """One change of one appointment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_TYPE_FIELD_NUMBER: _builtins.int
+    APPOINTMENT_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    change_type: Global___ChangeType.ValueType
+    """What happened to the appointment."""
+    resume_token: _builtins.str
+    """A token to resume the stream right after this change."""
+    @_builtins.property
+    def appointment(self) -> _appointment_pb2.Appointment:
+        """The appointment as the change left it, in the basic view (the same view
+        as ListAppointments).
+        """
+
+    def __init__(
+        self,
+        *,
+        change_type: Global___ChangeType.ValueType = ...,
+        appointment: _appointment_pb2.Appointment | None = ...,
+        resume_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["appointment", b"appointment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointment", b"appointment", "change_type", b"change_type", "resume_token", b"resume_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppointmentChange: _TypeAlias = AppointmentChange  # noqa: Y015

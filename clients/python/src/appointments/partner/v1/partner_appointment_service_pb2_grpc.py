@@ -64,6 +64,11 @@ class PartnerAppointmentServiceStub:
                 request_serializer=appointments_dot_partner_dot_v1_dot_partner__appointment__service__pb2.ListConsentKeysRequest.SerializeToString,
                 response_deserializer=appointments_dot_partner_dot_v1_dot_partner__appointment__service__pb2.ListConsentKeysResponse.FromString,
                 _registered_method=True)
+        self.WatchAppointments = channel.unary_stream(
+                '/appointments.partner.v1.PartnerAppointmentService/WatchAppointments',
+                request_serializer=appointments_dot_partner_dot_v1_dot_partner__appointment__service__pb2.WatchAppointmentsRequest.SerializeToString,
+                response_deserializer=appointments_dot_partner_dot_v1_dot_partner__appointment__service__pb2.AppointmentChange.FromString,
+                _registered_method=True)
 
 
 class PartnerAppointmentServiceServicer:
@@ -117,6 +122,23 @@ class PartnerAppointmentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchAppointments(self, request, context):
+        """Streams the changes (creation, update, cancellation) of the appointments
+        of granted practitioners, in the basic view, as they commit. Without a
+        resume token the stream starts from now; with one it first replays every
+        change after that point, exactly once and in commit order, then goes live.
+        Returns INVALID_ARGUMENT for a malformed or foreign resume token,
+        OUT_OF_RANGE for one older than the retention window (list again, then
+        watch without a token), NOT_FOUND when `practitioner_id` is not granted,
+        RESOURCE_EXHAUSTED when the caller has too many streams open or reads too
+        slowly (resume with the last token), and ends with PERMISSION_DENIED when
+        the watched grant is revoked (or the last one, for all practitioners) and
+        with UNAUTHENTICATED when the key is revoked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PartnerAppointmentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -139,6 +161,11 @@ def add_PartnerAppointmentServiceServicer_to_server(servicer, server):
                     servicer.ListConsentKeys,
                     request_deserializer=appointments_dot_partner_dot_v1_dot_partner__appointment__service__pb2.ListConsentKeysRequest.FromString,
                     response_serializer=appointments_dot_partner_dot_v1_dot_partner__appointment__service__pb2.ListConsentKeysResponse.SerializeToString,
+            ),
+            'WatchAppointments': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchAppointments,
+                    request_deserializer=appointments_dot_partner_dot_v1_dot_partner__appointment__service__pb2.WatchAppointmentsRequest.FromString,
+                    response_serializer=appointments_dot_partner_dot_v1_dot_partner__appointment__service__pb2.AppointmentChange.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -257,6 +284,33 @@ class PartnerAppointmentService:
             '/appointments.partner.v1.PartnerAppointmentService/ListConsentKeys',
             appointments_dot_partner_dot_v1_dot_partner__appointment__service__pb2.ListConsentKeysRequest.SerializeToString,
             appointments_dot_partner_dot_v1_dot_partner__appointment__service__pb2.ListConsentKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchAppointments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/appointments.partner.v1.PartnerAppointmentService/WatchAppointments',
+            appointments_dot_partner_dot_v1_dot_partner__appointment__service__pb2.WatchAppointmentsRequest.SerializeToString,
+            appointments_dot_partner_dot_v1_dot_partner__appointment__service__pb2.AppointmentChange.FromString,
             options,
             channel_credentials,
             insecure,

@@ -67,6 +67,19 @@ class PartnerAppointmentServiceStub:
     a token's signature, audience and expiry itself before using it. Keys
     that were retired are not listed; tokens they signed no longer verify.
     """
+    WatchAppointments: _grpc.UnaryStreamMultiCallable[_partner_appointment_service_pb2.WatchAppointmentsRequest, _partner_appointment_service_pb2.AppointmentChange]
+    """Streams the changes (creation, update, cancellation) of the appointments
+    of granted practitioners, in the basic view, as they commit. Without a
+    resume token the stream starts from now; with one it first replays every
+    change after that point, exactly once and in commit order, then goes live.
+    Returns INVALID_ARGUMENT for a malformed or foreign resume token,
+    OUT_OF_RANGE for one older than the retention window (list again, then
+    watch without a token), NOT_FOUND when `practitioner_id` is not granted,
+    RESOURCE_EXHAUSTED when the caller has too many streams open or reads too
+    slowly (resume with the last token), and ends with PERMISSION_DENIED when
+    the watched grant is revoked (or the last one, for all practitioners) and
+    with UNAUTHENTICATED when the key is revoked.
+    """
 
 @_typing.type_check_only
 class PartnerAppointmentServiceAsyncStub(PartnerAppointmentServiceStub):
@@ -104,6 +117,19 @@ class PartnerAppointmentServiceAsyncStub(PartnerAppointmentServiceStub):
     """Lists the public keys that verify consent tokens, so a partner can check
     a token's signature, audience and expiry itself before using it. Keys
     that were retired are not listed; tokens they signed no longer verify.
+    """
+    WatchAppointments: _aio.UnaryStreamMultiCallable[_partner_appointment_service_pb2.WatchAppointmentsRequest, _partner_appointment_service_pb2.AppointmentChange]  # type: ignore[assignment]
+    """Streams the changes (creation, update, cancellation) of the appointments
+    of granted practitioners, in the basic view, as they commit. Without a
+    resume token the stream starts from now; with one it first replays every
+    change after that point, exactly once and in commit order, then goes live.
+    Returns INVALID_ARGUMENT for a malformed or foreign resume token,
+    OUT_OF_RANGE for one older than the retention window (list again, then
+    watch without a token), NOT_FOUND when `practitioner_id` is not granted,
+    RESOURCE_EXHAUSTED when the caller has too many streams open or reads too
+    slowly (resume with the last token), and ends with PERMISSION_DENIED when
+    the watched grant is revoked (or the last one, for all practitioners) and
+    with UNAUTHENTICATED when the key is revoked.
     """
 
 class PartnerAppointmentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -163,6 +189,25 @@ class PartnerAppointmentServiceServicer(metaclass=_abc_1.ABCMeta):
         """Lists the public keys that verify consent tokens, so a partner can check
         a token's signature, audience and expiry itself before using it. Keys
         that were retired are not listed; tokens they signed no longer verify.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchAppointments(
+        self,
+        request: _partner_appointment_service_pb2.WatchAppointmentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_partner_appointment_service_pb2.AppointmentChange], _abc.AsyncIterator[_partner_appointment_service_pb2.AppointmentChange]]:
+        """Streams the changes (creation, update, cancellation) of the appointments
+        of granted practitioners, in the basic view, as they commit. Without a
+        resume token the stream starts from now; with one it first replays every
+        change after that point, exactly once and in commit order, then goes live.
+        Returns INVALID_ARGUMENT for a malformed or foreign resume token,
+        OUT_OF_RANGE for one older than the retention window (list again, then
+        watch without a token), NOT_FOUND when `practitioner_id` is not granted,
+        RESOURCE_EXHAUSTED when the caller has too many streams open or reads too
+        slowly (resume with the last token), and ends with PERMISSION_DENIED when
+        the watched grant is revoked (or the last one, for all practitioners) and
+        with UNAUTHENTICATED when the key is revoked.
         """
 
 def add_PartnerAppointmentServiceServicer_to_server(servicer: PartnerAppointmentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,224 @@
+"""The change-feed hub: one listener per process fans committed changes out to the open streams.
+
+Idle streams cost nothing: they wait on an in-memory queue. On each NOTIFY
+(carrying the position its transaction committed), the hub reads the new
+changes once — only up to that position, which, positions being gapless and
+in commit order, holds exactly what committed before it — and hands each
+stream the changes of the practitioners it watches. Grant and key changes
+arrive on the same connection, in commit order with the changes, so a stream
+learns of a revocation before it is handed any change committed after it.
+
+A subscription's queue is bounded: a consumer too slow to drain it is ended
+with RESOURCE_EXHAUSTED (it resumes with its last token) instead of growing
+server memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import timedelta
+from uuid import UUID
+
+from service import models
+from service.errors import ApptgateError, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable
+from service.store import feed as store_feed
+from service.store import partners
+from service.store.database import Database
+
+log = logging.getLogger(__name__)
+
+FETCH_BATCH = 1000
+
+
+@dataclass(eq=False)
+class Subscription:
+    """One open stream: who watches what, its bounded queue, and why it ended, if it did."""
+
+    partner_id: UUID
+    key_id: str
+    practitioner_id: UUID | None  # None: every granted practitioner
+    watched: set[UUID]
+    start_position: int
+    queue: asyncio.Queue[models.FeedChange] = field(repr=False)
+    ended: ApptgateError | None = None
+    _wake: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    def end(self, error: ApptgateError) -> None:
+        """End the stream with ``error`` (the next :meth:`next` raises it)."""
+        if self.ended is None:
+            self.ended = error
+            self._wake.set()
+
+    def offer(self, change: models.FeedChange) -> None:
+        """Queue a change; a full queue ends the stream."""
+        try:
+            self.queue.put_nowait(change)
+        except asyncio.QueueFull:
+            self.end(ResourceExhausted("the stream was read too slowly; resume with the last token", retry_delay=1))
+        self._wake.set()
+
+    async def next_batch(self) -> list[models.FeedChange]:
+        """Wait for queued changes and return them all; raise the error the stream ended with."""
+        while True:
+            if self.ended is not None:
+                raise self.ended
+            if not self.queue.empty():
+                batch = []
+                while not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
+                return batch
+            self._wake.clear()
+            await self._wake.wait()
+
+
+class FeedHub:
+    """Owns the process's feed listener and its subscriptions."""
+
+    def __init__(
+        self,
+        database: Database,
+        *,
+        buffer: int = 1000,
+        max_streams_per_partner: int = 20,
+        retention: timedelta = timedelta(days=7),
+    ) -> None:
+        self._db = database
+        self._buffer = buffer
+        self._max_streams = max_streams_per_partner
+        self._retention = retention
+        self._subscriptions: dict[UUID, set[Subscription]] = defaultdict(set)
+        self._events: asyncio.Queue[store_feed.Notification] = asyncio.Queue()
+        self._listener = store_feed.Listener(database.dsn, self._events.put_nowait)
+        self._position = 0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def position(self) -> int:
+        """The last position handed to the subscriptions."""
+        return self._position
+
+    def stream_count(self) -> int:
+        """The number of open streams."""
+        return sum(len(subs) for subs in self._subscriptions.values())
+
+    async def start(self) -> None:
+        """Listen, then start dispatching from the current head."""
+        await self._listener.start()
+        async with self._db.transaction(readonly=True) as conn:
+            self._position, _ = await store_feed.head(conn)
+        self._tasks = [
+            asyncio.create_task(self._dispatch(), name="apptgate-feed-dispatch"),
+            asyncio.create_task(self._prune(), name="apptgate-feed-prune"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop listening and end every stream."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._listener.stop()
+        for subs in self._subscriptions.values():
+            for sub in subs:
+                sub.end(Unavailable("the server is shutting down; resume with the last token", retry_delay=1))
+
+    def subscribe(
+        self, partner_id: UUID, key_id: str, practitioner_id: UUID | None, granted: set[UUID]
+    ) -> Subscription:
+        """Register a stream; changes after :attr:`position` queue up for it from now on."""
+        if len(self._subscriptions[partner_id]) >= self._max_streams:
+            raise ResourceExhausted(
+                f"at most {self._max_streams} streams per partner", reason="TOO_MANY_STREAMS", retry_delay=5
+            )
+        watched = {practitioner_id} if practitioner_id is not None else set(granted)
+        sub = Subscription(
+            partner_id, key_id, practitioner_id, watched, self._position, asyncio.Queue(maxsize=self._buffer)
+        )
+        self._subscriptions[partner_id].add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        """Forget a stream."""
+        subs = self._subscriptions.get(sub.partner_id)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._subscriptions[sub.partner_id]
+
+    async def _dispatch(self) -> None:
+        while True:
+            channel, payload = await self._events.get()
+            try:
+                if channel == store_feed.CHANGES_CHANNEL:
+                    await self._advance(int(payload))
+                elif channel == store_feed.ACCESS_CHANNEL:
+                    await self._access_changed(payload)
+                else:  # reconnected: notifications may have been lost
+                    await self._advance(None)
+                    for partner_id in list(self._subscriptions):
+                        await self._access_changed(f"partner:{partner_id}")
+                        for key_id in {s.key_id for s in self._subscriptions.get(partner_id, ())}:
+                            await self._access_changed(f"key:{key_id}")
+            except Exception:
+                # The listener reconnects and replays on its own; a lost wake-up
+                # is recovered at the next notification, which reads from the position.
+                log.exception("feed dispatch failed")
+
+    async def _advance(self, upto: int | None) -> None:
+        async with self._db.transaction(readonly=True) as conn:
+            if upto is None:
+                upto, _ = await store_feed.head(conn)
+            while self._position < upto:
+                batch = await store_feed.changes(conn, after=self._position, upto=upto, limit=FETCH_BATCH)
+                if not batch:
+                    break
+                for change in batch:
+                    practitioner = change.appointment.practitioner_id
+                    for subs in self._subscriptions.values():
+                        for sub in subs:
+                            if practitioner in sub.watched and change.position > sub.start_position:
+                                sub.offer(change)
+                self._position = batch[-1].position
+
+    async def _access_changed(self, payload: str) -> None:
+        kind, _, ident = payload.partition(":")
+        if kind == "partner":
+            partner_id = UUID(ident)
+            subs = list(self._subscriptions.get(partner_id, ()))
+            if not subs:
+                return
+            async with self._db.transaction(readonly=True) as conn:
+                granted = await store_feed.granted_practitioners(conn, partner_id)
+            for sub in subs:
+                if sub.practitioner_id is not None:
+                    if sub.practitioner_id not in granted:
+                        sub.end(PermissionDenied("the practitioner revoked access", reason="ACCESS_REVOKED"))
+                elif not granted:
+                    sub.end(PermissionDenied("no practitioner grants access any more", reason="ACCESS_REVOKED"))
+                else:
+                    sub.watched = set(granted)
+        elif kind == "key":
+            subs = [s for group in self._subscriptions.values() for s in group if s.key_id == ident]
+            if not subs:
+                return
+            async with self._db.transaction(readonly=True) as conn:
+                key = await partners.find_key(conn, ident)
+            if key is None or key.revoke_time is not None:
+                for sub in subs:
+                    sub.end(Unauthenticated("the key was revoked"))
+
+    async def _prune(self) -> None:
+        while True:
+            try:
+                async with self._db.transaction() as conn:
+                    deleted = await store_feed.prune(conn, self._retention)
+                if deleted:
+                    log.info("pruned %d feed changes older than the retention window", deleted)
+            except ApptgateError:
+                log.warning("feed pruning skipped: the database is unavailable")
+            await asyncio.sleep(600)
