@@ -1,16 +1,18 @@
 """The change-feed hub: one listener per process fans committed changes out to the open streams.
 
-Idle streams cost nothing: they wait on an in-memory queue. On each NOTIFY
-(carrying the position its transaction committed), the hub reads the new
-changes once — only up to that position, which, positions being gapless and
-in commit order, holds exactly what committed before it — and hands each
-stream the changes of the practitioners it watches. Grant and key changes
-arrive on the same connection, in commit order with the changes, so a stream
-learns of a revocation before it is handed any change committed after it.
+Idle streams cost nothing: each waits on an event. On each NOTIFY (carrying
+the position its transaction committed), the hub reads the new changes once —
+only up to that position, which, positions being gapless and in commit order,
+holds exactly what committed before it — into one ring of recent changes
+shared by every stream, and wakes the streams watching those practitioners.
+Each stream keeps only its cursor. Grant and key changes arrive on the same
+connection, in commit order with the changes, so a stream learns of a
+revocation before it is shown any change committed after it.
 
-A subscription's queue is bounded: a consumer too slow to drain it is ended
-with RESOURCE_EXHAUSTED (it resumes with its last token) instead of growing
-server memory.
+Memory is bounded by the ring: a stream whose cursor falls behind the oldest
+change still in the ring (a consumer that reads too slowly, or a burst larger
+than the ring) is ended with RESOURCE_EXHAUSTED, and resumes from the database
+with its last token.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from datetime import timedelta
 from uuid import UUID
@@ -36,43 +38,33 @@ FETCH_BATCH = 1000
 
 @dataclass(eq=False)
 class Subscription:
-    """One open stream: who watches what, its bounded queue, and why it ended, if it did."""
+    """One open stream: who watches what, and why it ended, if it did."""
 
     partner_id: UUID
     key_id: str
     practitioner_id: UUID | None  # None: every granted practitioner
     watched: set[UUID]
     start_position: int
-    queue: asyncio.Queue[models.FeedChange] = field(repr=False)
     ended: ApptgateError | None = None
     _wake: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     def end(self, error: ApptgateError) -> None:
-        """End the stream with ``error`` (the next :meth:`next` raises it)."""
+        """End the stream with ``error`` (the next :meth:`wait` raises it)."""
         if self.ended is None:
             self.ended = error
             self._wake.set()
 
-    def offer(self, change: models.FeedChange) -> None:
-        """Queue a change; a full queue ends the stream."""
-        try:
-            self.queue.put_nowait(change)
-        except asyncio.QueueFull:
-            self.end(ResourceExhausted("the stream was read too slowly; resume with the last token", retry_delay=1))
+    def wake(self) -> None:
+        """Tell the stream there may be something new."""
         self._wake.set()
 
-    async def next_batch(self) -> list[models.FeedChange]:
-        """Wait for queued changes and return them all; raise the error the stream ended with."""
-        while True:
-            if self.ended is not None:
-                raise self.ended
-            if not self.queue.empty():
-                batch = []
-                while not self.queue.empty():
-                    batch.append(self.queue.get_nowait())
-                return batch
-            self._wake.clear()
+    async def wait(self) -> None:
+        """Wait to be woken; raise the error the stream ended with."""
+        if self.ended is None:
             await self._wake.wait()
+        self._wake.clear()
+        if self.ended is not None:
+            raise self.ended
 
 
 class FeedHub:
@@ -91,8 +83,10 @@ class FeedHub:
         self._max_streams = max_streams_per_partner
         self._retention = retention
         self._subscriptions: dict[UUID, set[Subscription]] = defaultdict(set)
-        self._events: asyncio.Queue[store_feed.Notification] = asyncio.Queue()
-        self._listener = store_feed.Listener(database.dsn, self._events.put_nowait)
+        self._ring: deque[models.FeedChange] = deque(maxlen=buffer)
+        self._events: deque[store_feed.Notification] = deque()
+        self._events_ready = asyncio.Event()
+        self._listener = store_feed.Listener(database.dsn, self._notified)
         self._position = 0
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -136,11 +130,26 @@ class FeedHub:
                 f"at most {self._max_streams} streams per partner", reason="TOO_MANY_STREAMS", retry_delay=5
             )
         watched = {practitioner_id} if practitioner_id is not None else set(granted)
-        sub = Subscription(
-            partner_id, key_id, practitioner_id, watched, self._position, asyncio.Queue(maxsize=self._buffer)
-        )
+        sub = Subscription(partner_id, key_id, practitioner_id, watched, self._position)
         self._subscriptions[partner_id].add(sub)
         return sub
+
+    def pending(self, sub: Subscription, cursor: int) -> tuple[list[models.FeedChange], int]:
+        """The changes after ``cursor`` that ``sub`` watches, and the position they were read up to.
+
+        Raises :class:`ResourceExhausted` when changes after the cursor have
+        already left the ring (the stream fell too far behind).
+        """
+        if sub.ended is not None:
+            raise sub.ended
+        if cursor >= self._position:
+            return [], cursor
+        if not self._ring or self._ring[0].position > cursor + 1:
+            raise ResourceExhausted(
+                "the stream fell too far behind; resume with the last token", reason="STREAM_TOO_SLOW", retry_delay=1
+            )
+        changes = [c for c in self._ring if c.position > cursor and c.appointment.practitioner_id in sub.watched]
+        return changes, self._position
 
     def unsubscribe(self, sub: Subscription) -> None:
         """Forget a stream."""
@@ -150,12 +159,25 @@ class FeedHub:
             if not subs:
                 del self._subscriptions[sub.partner_id]
 
+    def _notified(self, notification: store_feed.Notification) -> None:
+        self._events.append(notification)
+        self._events_ready.set()
+
     async def _dispatch(self) -> None:
         while True:
-            channel, payload = await self._events.get()
+            if not self._events:
+                self._events_ready.clear()
+                await self._events_ready.wait()
+                continue
+            channel, payload = self._events.popleft()
             try:
                 if channel == store_feed.CHANGES_CHANNEL:
-                    await self._advance(int(payload))
+                    upto = int(payload)
+                    # Coalesce the change notifications already queued (never across an
+                    # access notification, whose place in commit order matters).
+                    while self._events and self._events[0][0] == channel:
+                        upto = max(upto, int(self._events.popleft()[1]))
+                    await self._advance(upto)
                 elif channel == store_feed.ACCESS_CHANNEL:
                     await self._access_changed(payload)
                 else:  # reconnected: notifications may have been lost
@@ -177,13 +199,13 @@ class FeedHub:
                 batch = await store_feed.changes(conn, after=self._position, upto=upto, limit=FETCH_BATCH)
                 if not batch:
                     break
-                for change in batch:
-                    practitioner = change.appointment.practitioner_id
-                    for subs in self._subscriptions.values():
-                        for sub in subs:
-                            if practitioner in sub.watched and change.position > sub.start_position:
-                                sub.offer(change)
+                self._ring.extend(batch)
                 self._position = batch[-1].position
+                touched = {change.appointment.practitioner_id for change in batch}
+                for subs in self._subscriptions.values():
+                    for sub in subs:
+                        if not sub.watched.isdisjoint(touched):
+                            sub.wake()
 
     async def _access_changed(self, payload: str) -> None:
         kind, _, ident = payload.partition(":")
@@ -202,6 +224,7 @@ class FeedHub:
                     sub.end(PermissionDenied("no practitioner grants access any more", reason="ACCESS_REVOKED"))
                 else:
                     sub.watched = set(granted)
+                    sub.wake()
         elif kind == "key":
             subs = [s for group in self._subscriptions.values() for s in group if s.key_id == ident]
             if not subs:

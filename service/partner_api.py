@@ -337,6 +337,8 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
         sub = self._hub.subscribe(principal.partner_id, principal.key_id, practitioner, granted)
         self._telemetry.active_streams.add(1)
         try:
+            # Headers now tell the caller the stream is live: changes from here on reach it.
+            await context.send_initial_metadata(())
             cursor = sub.start_position if resume is None else min(resume, sub.start_position)
             while cursor < sub.start_position:  # replay what committed before the subscription
                 async with self._db.transaction(role=PARTNER_ROLE, readonly=True) as conn:
@@ -350,12 +352,14 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
                 for message in await self._deliver(principal, sub, batch, binding):
                     yield message
                 cursor = batch[-1].position if len(batch) == _REPLAY_BATCH else sub.start_position
-            while True:  # then live
-                batch = [change for change in await sub.next_batch() if change.position > cursor]
+            while True:  # then live, from the hub's shared ring
+                batch, upto = self._hub.pending(sub, cursor)
                 if batch:
                     for message in await self._deliver(principal, sub, batch, binding):
                         yield message
-                    cursor = batch[-1].position
+                cursor = upto
+                if not batch:
+                    await sub.wait()
         finally:
             self._hub.unsubscribe(sub)
             self._telemetry.active_streams.add(-1)
