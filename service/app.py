@@ -8,6 +8,7 @@ closes → embedded database stops.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -32,7 +33,7 @@ from service.keyfiles import load_server_secret, load_signing_keys
 from service.pagination import PageTokens
 from service.pseudonyms import Pseudonyms, derive_key
 from service.reflection import DocumentedPool, documented_files
-from service.server import ErrorBoundary, Limits, Listener, start_listener
+from service.server import ErrorBoundary, Listener, start_listener
 from service.settings import Settings, is_loopback
 from service.store.database import Database
 from service.store.embedded import EmbeddedPostgres
@@ -41,6 +42,7 @@ from service.telemetry import Telemetry
 log = logging.getLogger(__name__)
 
 PARTNER_PREFIX = "/appointments.partner."
+HEALTH_INTERVAL = 1.0  # seconds between database checks behind grpc.health.v1
 INTERNAL_PREFIX = "/appointments.internal."
 
 
@@ -85,14 +87,13 @@ class Gateway:
         database: Database,
         secrets: Secrets,
         *,
-        limits: Limits | None = None,
         telemetry: Telemetry | None = None,
     ):
         if not settings.internal_token:
             raise ConfigError(["APPTGATE_INTERNAL_TOKEN is required"])
         self.settings = settings
         self.database = database
-        self._limits = limits or Limits()
+        self._limits = settings.limits
         self._pseudonyms = Pseudonyms(secrets.server_secret)
         self._page_tokens = PageTokens(derive_key(secrets.server_secret, b"page-token"))
         self._keyring = secrets.keyring
@@ -105,6 +106,7 @@ class Gateway:
         )
         self._internal_token = auth.InternalToken(settings.internal_token)
         self._reflection = DocumentedPool(documented_files())
+        self._health_task: asyncio.Task[None] | None = None
         self.partner: Listener | None = None
         self.internal: Listener | None = None
 
@@ -146,7 +148,9 @@ class Gateway:
             "partner",
             self.settings.partner_addr,
             register=self._register_partner,
-            boundary=ErrorBoundary(PARTNER_PREFIX, self.telemetry, listener="partner"),
+            boundary=ErrorBoundary(
+                PARTNER_PREFIX, self.telemetry, listener="partner", default_deadline=self._limits.default_deadline
+            ),
             limits=self._limits,
             tls=self.settings.tls,
             reflection_pool=self._reflection,
@@ -157,7 +161,11 @@ class Gateway:
                 self.settings.internal_addr,
                 register=self._register_internal,
                 boundary=ErrorBoundary(
-                    INTERNAL_PREFIX, self.telemetry, listener="internal", guard=self._internal_token.verify
+                    INTERNAL_PREFIX,
+                    self.telemetry,
+                    listener="internal",
+                    default_deadline=self._limits.default_deadline,
+                    guard=self._internal_token.verify,
                 ),
                 limits=self._limits,
                 reflection_pool=self._reflection,
@@ -166,10 +174,29 @@ class Gateway:
             await self.partner.stop(0)
             await self.feed.stop()
             raise
+        self._health_task = asyncio.create_task(self._watch_database(), name="apptgate-health")
+
+    async def _watch_database(self) -> None:
+        """Turn health NOT_SERVING while the database does not answer, and SERVING again when it does."""
+        serving = True
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL)
+            now_serving = await self.database.ping(within=HEALTH_INTERVAL)
+            if now_serving != serving:
+                serving = now_serving
+                log.warning("database %s: health is now %s", "back" if serving else "unreachable",
+                            "SERVING" if serving else "NOT_SERVING")  # fmt: skip
+                for listener in (self.partner, self.internal):
+                    if listener is not None:
+                        await listener.set_serving(serving)
 
     async def stop(self, grace: float) -> None:
         """Drain both listeners: refuse new calls, let in-flight ones finish for ``grace`` seconds."""
         listeners = [listener for listener in (self.partner, self.internal) if listener is not None]
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
         await self.feed.stop()  # streams end first (UNAVAILABLE: resume elsewhere), unary calls drain
         await asyncio.gather(*(listener.stop(grace) for listener in listeners))
 
@@ -188,6 +215,7 @@ async def open_database(settings: Settings, stack: AsyncExitStack, telemetry: Te
         min_size=settings.db_pool_min,
         max_size=settings.db_pool_max,
         connect_timeout=settings.db_connect_timeout,
+        statement_timeout=settings.limits.default_deadline,
         on_query=telemetry.observe_query if telemetry is not None and telemetry.tracing else None,
     )
     stack.push_async_callback(database.close)

@@ -12,6 +12,7 @@ The tree::
     ├── AlreadyExists              ALREADY_EXISTS
     ├── FailedPrecondition         FAILED_PRECONDITION
     ├── OutOfRange                 OUT_OF_RANGE
+    ├── DeadlineExceeded           DEADLINE_EXCEEDED (the call's time ran out, database work included)
     ├── ResourceExhausted          RESOURCE_EXHAUSTED + RetryInfo
     └── Unavailable                UNAVAILABLE + RetryInfo (the database is unreachable)
     ConfigError                    bad configuration at start; never reaches a caller
@@ -146,6 +147,13 @@ class OutOfRange(ApptgateError):
 
     code = code_pb2.OUT_OF_RANGE
     default_reason = "OUT_OF_RANGE"
+
+
+class DeadlineExceeded(ApptgateError):
+    """The call ran out of time (its own deadline, or the configured default)."""
+
+    code = code_pb2.DEADLINE_EXCEEDED
+    default_reason = "DEADLINE_EXCEEDED"
 
 
 class _Retryable(ApptgateError):

@@ -25,9 +25,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from service.errors import ApptgateError, InvalidArgument, internal_status
+from service import deadlines
+from service.errors import ApptgateError, DeadlineExceeded, InvalidArgument, internal_status
 from service.reflection import DocumentedPool
-from service.settings import TlsFiles
+from service.settings import Limits, TlsFiles
 from service.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -41,40 +42,6 @@ class _Undecodable:
 
 
 _UNDECODABLE = _Undecodable()
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """Transport limits applied to every listener."""
-
-    max_receive_message_bytes: int = 64 * 1024
-    max_metadata_bytes: int = 16 * 1024
-    max_concurrent_streams: int = 100
-    keepalive_time_ms: int = 60_000
-    keepalive_timeout_ms: int = 20_000
-    min_ping_interval_ms: int = 10_000
-    max_connection_idle_ms: int = 15 * 60_000
-    max_connection_age_ms: int = 60 * 60_000
-    max_connection_age_grace_ms: int = 30_000
-
-    def options(self, *, reuse_port: bool) -> list[tuple[str, int]]:
-        """Return the grpc channel arguments for a server."""
-        return [
-            ("grpc.max_receive_message_length", self.max_receive_message_bytes),
-            ("grpc.max_metadata_size", self.max_metadata_bytes),
-            ("grpc.max_concurrent_streams", self.max_concurrent_streams),
-            ("grpc.keepalive_time_ms", self.keepalive_time_ms),
-            ("grpc.keepalive_timeout_ms", self.keepalive_timeout_ms),
-            ("grpc.http2.min_ping_interval_without_data_ms", self.min_ping_interval_ms),
-            ("grpc.keepalive_permit_without_calls", 0),
-            ("grpc.http2.max_ping_strikes", 2),
-            ("grpc.max_connection_idle_ms", self.max_connection_idle_ms),
-            ("grpc.max_connection_age_ms", self.max_connection_age_ms),
-            ("grpc.max_connection_age_grace_ms", self.max_connection_age_grace_ms),
-            # A stale server on the same port would silently take part of the
-            # traffic: bind exclusively unless several workers share the port.
-            ("grpc.so_reuseport", 1 if reuse_port else 0),
-        ]
 
 
 async def _abort(context: grpc.aio.ServicerContext, status: status_pb2.Status) -> None:
@@ -106,9 +73,19 @@ def _code_name(code: int) -> str:
 
 
 def _wrap(
-    handler: grpc.RpcMethodHandler, method: str, guard: Guard | None, telemetry: Telemetry, listener: str
+    handler: grpc.RpcMethodHandler,
+    method: str,
+    guard: Guard | None,
+    telemetry: Telemetry,
+    listener: str,
+    default_deadline: float,
 ) -> grpc.RpcMethodHandler:
-    """Return ``handler`` behind the error boundary, in a server span (unary-unary and unary-stream methods)."""
+    """Return ``handler`` behind the error boundary, in a server span (unary-unary and unary-stream methods).
+
+    A unary call gets the caller's deadline, or ``default_deadline`` when the
+    caller set none; a stream only the caller's. The store bounds its database
+    work by what remains.
+    """
 
     def enter(request: Any, context: grpc.aio.ServicerContext) -> None:
         if request is _UNDECODABLE:
@@ -132,10 +109,17 @@ def _wrap(
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
             outcome = ["OK", ""]
+            remaining = context.time_remaining()
+            budget = default_deadline if remaining is None else min(remaining, default_deadline)
             with telemetry.server_call(listener, method, context.invocation_metadata()) as call:
                 try:
                     enter(request, context)
-                    return await behavior(request, context)
+                    with deadlines.bounded(budget):
+                        try:
+                            async with asyncio.timeout(budget):
+                                return await behavior(request, context)
+                        except TimeoutError as exc:
+                            raise DeadlineExceeded("the call did not finish before its deadline") from exc
                 except asyncio.CancelledError:
                     outcome[0] = "CANCELLED"
                     raise
@@ -162,12 +146,13 @@ def _wrap(
             with telemetry.server_call(listener, method, context.invocation_metadata()) as call:
                 try:
                     enter(request, context)
-                    result = stream_behavior(request, context)
-                    if inspect.isasyncgen(result):
-                        async for item in result:
-                            yield item
-                    else:
-                        await result
+                    with deadlines.bounded(context.time_remaining()):
+                        result = stream_behavior(request, context)
+                        if inspect.isasyncgen(result):
+                            async for item in result:
+                                yield item
+                        else:
+                            await result
                 except asyncio.CancelledError:
                     outcome[0] = "CANCELLED"
                     raise
@@ -189,8 +174,17 @@ def _wrap(
 class ErrorBoundary(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Wraps every method of the services under ``prefix`` in the error boundary (and ``guard``)."""
 
-    def __init__(self, prefix: str, telemetry: Telemetry, *, listener: str, guard: Guard | None = None) -> None:
+    def __init__(
+        self,
+        prefix: str,
+        telemetry: Telemetry,
+        *,
+        listener: str,
+        default_deadline: float = 10.0,
+        guard: Guard | None = None,
+    ) -> None:
         self._prefix = prefix
+        self._default_deadline = default_deadline
         self._guard = guard
         self._telemetry = telemetry
         self._listener = listener
@@ -204,7 +198,7 @@ class ErrorBoundary(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         method: str = handler_call_details.method
         if handler is None or not method.startswith(self._prefix):
             return handler
-        return _wrap(handler, method, self._guard, self._telemetry, self._listener)
+        return _wrap(handler, method, self._guard, self._telemetry, self._listener, self._default_deadline)
 
 
 @dataclass
@@ -216,6 +210,12 @@ class Listener:
     health: health.aio.HealthServicer
     port: int
     service_names: tuple[str, ...]
+
+    async def set_serving(self, serving: bool) -> None:
+        """Report every service of the listener SERVING or NOT_SERVING (the database is down)."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service_name in ("", *self.service_names):
+            await self.health.set(service_name, status)
 
     async def stop(self, grace: float) -> None:
         """Report NOT_SERVING, then let in-flight calls finish for up to ``grace`` seconds."""
@@ -252,7 +252,11 @@ async def start_listener(
     Reflection and ``grpc.health.v1`` are added and answer without credentials.
     Raises :class:`BindError` when the address cannot be bound.
     """
-    server = grpc.aio.server(interceptors=[boundary], options=limits.options(reuse_port=reuse_port))
+    server = grpc.aio.server(
+        interceptors=[boundary],
+        options=limits.options(reuse_port=reuse_port),
+        maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
+    )
     names = tuple(register(server))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -31,6 +31,46 @@ class TlsFiles:
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    """Transport and request limits applied to every listener (see the README for each default)."""
+
+    max_receive_message_bytes: int = 64 * 1024
+    max_metadata_bytes: int = 16 * 1024
+    max_concurrent_rpcs: int = 1000
+    max_concurrent_streams: int = 100
+    keepalive_time_ms: int = 60_000
+    keepalive_timeout_ms: int = 20_000
+    min_ping_interval_ms: int = 10_000
+    max_connection_idle_ms: int = 15 * 60_000
+    max_connection_age_ms: int = 60 * 60_000
+    max_connection_age_grace_ms: int = 30_000
+    default_deadline: float = 10.0
+
+    def options(self, *, reuse_port: bool) -> list[tuple[str, int]]:
+        """Return the grpc channel arguments for a server."""
+        return [
+            ("grpc.max_receive_message_length", self.max_receive_message_bytes),
+            ("grpc.max_send_message_length", 16 * 1024 * 1024),
+            ("grpc.max_metadata_size", self.max_metadata_bytes),
+            ("grpc.max_concurrent_streams", self.max_concurrent_streams),
+            # Keepalive: probe idle peers, and refuse ping floods (a client may ping at
+            # most every min_ping_interval, never without a call; two strikes close it).
+            ("grpc.keepalive_time_ms", self.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", self.keepalive_timeout_ms),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", self.min_ping_interval_ms),
+            ("grpc.http2.min_ping_interval_without_data_ms", self.min_ping_interval_ms),
+            ("grpc.keepalive_permit_without_calls", 0),
+            ("grpc.http2.max_ping_strikes", 2),
+            ("grpc.max_connection_idle_ms", self.max_connection_idle_ms),
+            ("grpc.max_connection_age_ms", self.max_connection_age_ms),
+            ("grpc.max_connection_age_grace_ms", self.max_connection_age_grace_ms),
+            # A stale server on the same port would silently take part of the
+            # traffic: bind exclusively unless several workers share the port.
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ]
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the service is configured with. Build it with :func:`load`."""
 
@@ -52,6 +92,7 @@ class Settings:
     db_connect_timeout: float = 5.0
     shutdown_grace: float = 10.0
     log_level: str = "INFO"
+    limits: Limits = field(default_factory=Limits)
     feed_buffer: int = 1000
     feed_max_streams: int = 20
     feed_retention: timedelta = timedelta(days=7)
@@ -89,6 +130,16 @@ _ENVIRONMENT: dict[str, str] = {
     "APPTGATE_DB_CONNECT_TIMEOUT": "db_connect_timeout",
     "APPTGATE_SHUTDOWN_GRACE": "shutdown_grace",
     "APPTGATE_LOG_LEVEL": "log_level",
+    "APPTGATE_MAX_MESSAGE_BYTES": "limits.max_receive_message_bytes",
+    "APPTGATE_MAX_METADATA_BYTES": "limits.max_metadata_bytes",
+    "APPTGATE_MAX_CONCURRENT_RPCS": "limits.max_concurrent_rpcs",
+    "APPTGATE_MAX_STREAMS_PER_CONNECTION": "limits.max_concurrent_streams",
+    "APPTGATE_KEEPALIVE_TIME_MS": "limits.keepalive_time_ms",
+    "APPTGATE_KEEPALIVE_TIMEOUT_MS": "limits.keepalive_timeout_ms",
+    "APPTGATE_MIN_PING_INTERVAL_MS": "limits.min_ping_interval_ms",
+    "APPTGATE_MAX_CONNECTION_IDLE_MS": "limits.max_connection_idle_ms",
+    "APPTGATE_MAX_CONNECTION_AGE_MS": "limits.max_connection_age_ms",
+    "APPTGATE_DEFAULT_DEADLINE": "limits.default_deadline",
     "APPTGATE_FEED_BUFFER": "feed_buffer",
     "APPTGATE_FEED_MAX_STREAMS": "feed_max_streams",
     "APPTGATE_FEED_RETENTION": "feed_retention",
@@ -156,6 +207,9 @@ def load(environ: Mapping[str, str], overrides: Mapping[str, Any] | None = None)
     elif tls_values["tls_client_ca"]:
         problems.append("APPTGATE_TLS_CLIENT_CA needs APPTGATE_TLS_CERT and APPTGATE_TLS_KEY")
 
+    limit_values = {k.split(".", 1)[1]: parsed.pop(k) for k in list(parsed) if k.startswith("limits.")}
+    if limit_values:
+        parsed["limits"] = Limits(**limit_values)
     settings = Settings(**parsed) if not problems else Settings()
     problems.extend(_check(settings) if not problems else [])
     if problems:
@@ -176,6 +230,9 @@ def _check(s: Settings) -> list[str]:
         problems.append(f"APPTGATE_INTERNAL_TOKEN: must be at least {MIN_INTERNAL_TOKEN_LENGTH} characters")
     if not 1 <= s.db_pool_min <= s.db_pool_max:
         problems.append("APPTGATE_DB_POOL_MIN/MAX: need 1 <= min <= max")
+    sizes = [getattr(s.limits, name) for name in _LIMIT_COUNTS]
+    if min(sizes) < 1 or s.limits.default_deadline <= 0:
+        problems.append("APPTGATE_MAX_*/KEEPALIVE_*/DEFAULT_DEADLINE: must be positive")
     if s.feed_buffer < 1 or s.feed_max_streams < 1 or s.feed_retention < timedelta(minutes=1):
         problems.append("APPTGATE_FEED_BUFFER/_MAX_STREAMS must be positive, APPTGATE_FEED_RETENTION at least 60")
     if s.consent_max_ttl < timedelta(seconds=1):
@@ -219,6 +276,19 @@ def is_loopback(addr: str) -> bool:
         return False
 
 
+_LIMIT_COUNTS = (
+    "max_receive_message_bytes",
+    "max_metadata_bytes",
+    "max_concurrent_rpcs",
+    "max_concurrent_streams",
+    "keepalive_time_ms",
+    "keepalive_timeout_ms",
+    "min_ping_interval_ms",
+    "max_connection_idle_ms",
+    "max_connection_age_ms",
+)
+
+
 def _boolean(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -259,4 +329,6 @@ _CONVERTERS: dict[str, Any] = {
     "feed_buffer": int,
     "feed_max_streams": int,
     "feed_retention": _seconds,
+    "limits.default_deadline": float,
+    **{f"limits.{name}": int for name in _LIMIT_COUNTS},
 }
