@@ -325,6 +325,11 @@ class World:
         )
 
 
+def uuid_of(text: str) -> uuid.UUID:
+    """A UUID from its text (for SQL parameters in tests)."""
+    return uuid.UUID(text)
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     import socket
