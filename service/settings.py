@@ -86,7 +86,16 @@ class Settings:
     server_secret_file: Path | None = None
     signing_key: str | None = field(default=None, repr=False)
     signing_key_file: Path | None = None
+    data_key: str | None = field(default=None, repr=False)
+    data_key_file: Path | None = None
     consent_max_ttl: timedelta = timedelta(days=365)
+    partner_rps: float = 50.0
+    partner_burst: int = 100
+    contact_daily_cap: int = 1000
+    patient_daily_cap: int = 5000
+    anomaly_factor: float = 10.0
+    anomaly_min_volume: int = 200
+    anomaly_suspend: bool = False
     db_pool_min: int = 2
     db_pool_max: int = 10
     db_connect_timeout: float = 5.0
@@ -124,7 +133,16 @@ _ENVIRONMENT: dict[str, str] = {
     "APPTGATE_SERVER_SECRET_FILE": "server_secret_file",
     "APPTGATE_SIGNING_KEY": "signing_key",
     "APPTGATE_SIGNING_KEY_FILE": "signing_key_file",
+    "APPTGATE_DATA_KEY": "data_key",
+    "APPTGATE_DATA_KEY_FILE": "data_key_file",
     "APPTGATE_CONSENT_MAX_TTL": "consent_max_ttl",
+    "APPTGATE_PARTNER_RPS": "partner_rps",
+    "APPTGATE_PARTNER_BURST": "partner_burst",
+    "APPTGATE_CONTACT_DAILY_CAP": "contact_daily_cap",
+    "APPTGATE_PATIENT_DAILY_CAP": "patient_daily_cap",
+    "APPTGATE_ANOMALY_FACTOR": "anomaly_factor",
+    "APPTGATE_ANOMALY_MIN_VOLUME": "anomaly_min_volume",
+    "APPTGATE_ANOMALY_SUSPEND": "anomaly_suspend",
     "APPTGATE_DB_POOL_MIN": "db_pool_min",
     "APPTGATE_DB_POOL_MAX": "db_pool_max",
     "APPTGATE_DB_CONNECT_TIMEOUT": "db_connect_timeout",
@@ -235,6 +253,10 @@ def _check(s: Settings) -> list[str]:
         problems.append("APPTGATE_MAX_*/KEEPALIVE_*/DEFAULT_DEADLINE: must be positive")
     if s.feed_buffer < 1 or s.feed_max_streams < 1 or s.feed_retention < timedelta(minutes=1):
         problems.append("APPTGATE_FEED_BUFFER/_MAX_STREAMS must be positive, APPTGATE_FEED_RETENTION at least 60")
+    if s.partner_rps <= 0 or s.partner_burst < 1 or s.contact_daily_cap < 0 or s.patient_daily_cap < 0:
+        problems.append("APPTGATE_PARTNER_RPS/_BURST and the daily caps must be positive")
+    if s.anomaly_factor <= 1 or s.anomaly_min_volume < 1:
+        problems.append("APPTGATE_ANOMALY_FACTOR must be above 1 and APPTGATE_ANOMALY_MIN_VOLUME positive")
     if s.consent_max_ttl < timedelta(seconds=1):
         problems.append("APPTGATE_CONSENT_MAX_TTL: must be at least 1 second")
     if s.shutdown_grace < 0 or s.db_connect_timeout <= 0:
@@ -316,6 +338,14 @@ _CONVERTERS: dict[str, Any] = {
     "data_dir": _optional_path,
     "server_secret_file": _optional_path,
     "signing_key_file": _optional_path,
+    "data_key_file": _optional_path,
+    "partner_rps": float,
+    "partner_burst": int,
+    "contact_daily_cap": int,
+    "patient_daily_cap": int,
+    "anomaly_factor": float,
+    "anomaly_min_volume": int,
+    "anomaly_suspend": _boolean,
     "allow_insecure": _boolean,
     "consent_max_ttl": _seconds,
     "db_pool_min": int,
