@@ -25,17 +25,18 @@ from appointments.internal.v1 import (
 )
 from appointments.partner.v1 import partner_appointment_service_pb2_grpc
 
-from service import audit_api, auth, consent_api, internal_api, partner_api
+from service import audit_api, auth, consent_api, internal_api, partner_api, sealing
 from service.consent import ConsentKeyring
 from service.errors import ConfigError
 from service.feed import FeedHub
-from service.keyfiles import load_server_secret, load_signing_keys
+from service.keyfiles import load_data_keys, load_server_secret, load_signing_keys
 from service.pagination import PageTokens
 from service.pseudonyms import Pseudonyms, derive_key
 from service.reflection import DocumentedPool, documented_files
 from service.server import ErrorBoundary, Listener, start_listener
 from service.settings import Settings, is_loopback
-from service.store.database import Database
+from service.store import sealed_columns
+from service.store.database import Database, partner_login_dsn
 from service.store.embedded import EmbeddedPostgres
 from service.telemetry import Telemetry
 
@@ -48,15 +49,17 @@ INTERNAL_PREFIX = "/appointments.internal."
 
 @dataclass(frozen=True, slots=True)
 class Secrets:
-    """Key material: the server secret (pseudonyms, page tokens, ledger seals) and the consent keyring."""
+    """Key material: the server secret (pseudonyms, page tokens, ledger seals), the consent keyring, and
+    the data keyring (contact details and visit reasons encrypted at rest)."""
 
     server_secret: bytes
     keyring: ConsentKeyring
+    data_keys: sealing.DataKeyring
 
 
 def load_secrets(settings: Settings) -> Secrets:
     """Load (or, in development, create) the secrets. Raises ``ConfigError``."""
-    return Secrets(load_server_secret(settings), load_signing_keys(settings))
+    return Secrets(load_server_secret(settings), load_signing_keys(settings), load_data_keys(settings))
 
 
 def check_transport_security(settings: Settings) -> None:
@@ -97,6 +100,7 @@ class Gateway:
         self._pseudonyms = Pseudonyms(secrets.server_secret)
         self._page_tokens = PageTokens(derive_key(secrets.server_secret, b"page-token"))
         self._keyring = secrets.keyring
+        self._data_keys = secrets.data_keys
         self.telemetry = telemetry or Telemetry()
         self.feed = FeedHub(
             database,
@@ -116,14 +120,20 @@ class Gateway:
 
     def _register_partner(self, server: grpc.aio.Server) -> list[str]:
         api = partner_api.PartnerAppointmentApi(
-            self.database, self._pseudonyms, self._page_tokens, self._keyring, self.telemetry, self.feed
+            self.database,
+            self._pseudonyms,
+            self._page_tokens,
+            self._keyring,
+            self.telemetry,
+            self.feed,
+            self._data_keys,
         )
         partner_appointment_service_pb2_grpc.add_PartnerAppointmentServiceServicer_to_server(api, server)
         return [partner_api.SERVICE_NAME]
 
     def _register_internal(self, server: grpc.aio.Server) -> list[str]:
         scheduling_service_pb2_grpc.add_SchedulingServiceServicer_to_server(
-            internal_api.SchedulingApi(self.database), server
+            internal_api.SchedulingApi(self.database, self._data_keys), server
         )
         partner_registry_service_pb2_grpc.add_PartnerRegistryServiceServicer_to_server(
             internal_api.PartnerRegistryApi(self.database), server
@@ -216,6 +226,8 @@ async def open_database(settings: Settings, stack: AsyncExitStack, telemetry: Te
         max_size=settings.db_pool_max,
         connect_timeout=settings.db_connect_timeout,
         statement_timeout=settings.limits.default_deadline,
+        partner_dsn=settings.partner_database_url or partner_login_dsn(dsn),
+        require_partner_login=settings.production or settings.partner_database_url is not None,
         on_query=telemetry.observe_query if telemetry is not None and telemetry.tracing else None,
     )
     stack.push_async_callback(database.close)
@@ -224,10 +236,22 @@ async def open_database(settings: Settings, stack: AsyncExitStack, telemetry: Te
     return database
 
 
+async def warn_about_unsealed_values(database: Database, data_keys: sealing.DataKeyring) -> None:
+    """Log a warning when values are left in clear or sealed under a key other than the active one.
+
+    A few index probes (migration 0009), cheap enough for every start;
+    ``python -m service data-key status`` counts every value.
+    """
+    async with database.transaction(readonly=True) as conn:
+        headers, clear = await sealed_columns.headers_in_use(conn)
+    for problem in sealing.usage_problems(data_keys, headers, clear):
+        log.warning("%s: run `python -m service data-key reencrypt` (`data-key status` shows the counts)", problem)
+
+
 async def serve(
     settings: Settings,
     *,
-    prepare: Callable[[Database], Awaitable[None]] | None = None,
+    prepare: Callable[[Database, Secrets], Awaitable[None]] | None = None,
     on_ready: Callable[[Gateway], Awaitable[None]] | None = None,
 ) -> None:
     """Run the gateway until SIGTERM or SIGINT, then drain and return.
@@ -242,8 +266,9 @@ async def serve(
         stack.callback(telemetry.shutdown)
         database = await open_database(settings, stack, telemetry)
         if prepare is not None:
-            await prepare(database)
+            await prepare(database, secrets)
         await database.ensure_migrated()
+        await warn_about_unsealed_values(database, secrets.data_keys)
         gateway = Gateway(settings, database, secrets, telemetry=telemetry)
         await gateway.start()
         assert gateway.partner and gateway.internal

@@ -28,7 +28,7 @@ from appointments.partner.v1 import (
     partner_appointment_service_pb2_grpc as pb_grpc,
 )
 
-from service import auth, models, pagination, validation, views
+from service import auth, models, pagination, sealing, validation, views
 from service.consent import (
     CONSENT_EXPIRED,
     CONSENT_INVALID,
@@ -115,8 +115,10 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
         keyring: ConsentKeyring,
         telemetry: Telemetry,
         hub: FeedHub,
+        data_keys: sealing.DataKeyring,
     ) -> None:
         self._db = database
+        self._data_keys = data_keys
         self._pseudonyms = pseudonyms
         self._page_tokens = page_tokens
         self._keyring = keyring
@@ -124,7 +126,7 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
         self._hub = hub
 
     async def _authenticate(self, conn: Connection, token: str, key_id: str) -> auth.Principal:
-        principal = auth.verify_partner_key(token, await partners.find_key(conn, key_id))
+        principal = auth.verify_partner_key(token, await partners.authenticate_key(conn, key_id))
         annotate(partner_id=str(principal.partner_id), key_id=principal.key_id)
         return principal
 
@@ -269,12 +271,14 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
                     consent_id = claims.consent_id
                     if claims.patient_id != row.patient_id:
                         raise ConsentDenied(CONSENT_INVALID, "issued for another patient")
-                    contact = await consents.read_consented_contact(
+                    stored = await consents.read_consented_contact(
                         conn, claims.consent_id, principal.partner_id, row.patient_id
                     )
-                    if contact.state != "live":
-                        raise ConsentDenied(_CONSENT_STATES.get(contact.state, CONSENT_INVALID), contact.state)
-                    fields = sorted(set(claims.fields) & set(contact.fields))
+                    if stored.state != "live":
+                        raise ConsentDenied(_CONSENT_STATES.get(stored.state, CONSENT_INVALID), stored.state)
+                    fields = sorted(set(claims.fields) & set(stored.fields))
+                    # The only decryption on the partner path: the fields a live consent released.
+                    contact = sealing.open_consented_contact(self._data_keys, row.patient_id, stored)
                     message = views.appointment_contact(request.appointment_id, contact, fields)
                     entry = self._entry(
                         principal,
@@ -342,6 +346,7 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
             cursor = sub.start_position if resume is None else min(resume, sub.start_position)
             while cursor < sub.start_position:  # replay what committed before the subscription
                 async with self._db.transaction(role=PARTNER_ROLE, readonly=True) as conn:
+                    await partners.bind_partner(conn, principal.partner_id)
                     batch = await store_feed.changes(
                         conn,
                         after=cursor,
@@ -371,7 +376,7 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
         if not batch:
             return []
         async with self._db.transaction(role=PARTNER_ROLE) as conn:
-            key = await partners.find_key(conn, principal.key_id)
+            key = await partners.authenticate_key(conn, principal.key_id)
             if key is None or key.revoke_time is not None:
                 raise Unauthenticated("the key was revoked")
             granted = await store_feed.granted_practitioners(conn, principal.partner_id)

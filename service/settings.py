@@ -76,6 +76,7 @@ class Settings:
 
     env: str = "development"
     database_url: str | None = None
+    partner_database_url: str | None = field(default=None, repr=False)
     data_dir: Path = Path(".apptgate")
     partner_addr: str = DEFAULT_PARTNER_ADDR
     internal_addr: str = DEFAULT_INTERNAL_ADDR
@@ -121,6 +122,7 @@ class Settings:
 _ENVIRONMENT: dict[str, str] = {
     "APPTGATE_ENV": "env",
     "DATABASE_URL": "database_url",
+    "APPTGATE_PARTNER_DATABASE_URL": "partner_database_url",
     "APPTGATE_DATA_DIR": "data_dir",
     "APPTGATE_PARTNER_ADDR": "partner_addr",
     "APPTGATE_INTERNAL_ADDR": "internal_addr",

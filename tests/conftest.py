@@ -16,8 +16,9 @@ import pytest
 
 from service.app import Gateway, Secrets
 from service.consent import ConsentKeyring, SigningKey
+from service.sealing import DataKeyring
 from service.settings import Settings
-from service.store.database import Database
+from service.store.database import Database, partner_login_dsn
 from service.store.embedded import EmbeddedPostgres
 
 
@@ -57,8 +58,10 @@ async def database_dsn(admin_dsn: str, template: str) -> AsyncIterator[str]:
 
 @pytest.fixture
 async def database(database_dsn: str) -> AsyncIterator[Database]:
-    """A pool on the test's database."""
-    db = await Database.connect(database_dsn, min_size=1, max_size=5)
+    """Pools on the test's database; the partner path logs in as its own role."""
+    db = await Database.connect(
+        database_dsn, min_size=1, max_size=5, partner_dsn=partner_login_dsn(database_dsn), require_partner_login=True
+    )
     try:
         yield db
     finally:
@@ -83,9 +86,17 @@ def keyring() -> ConsentKeyring:
 
 
 @pytest.fixture
-async def gateway(settings: Settings, database: Database, keyring: ConsentKeyring) -> AsyncIterator[Gateway]:
+def data_keys() -> DataKeyring:
+    """The data keyring (encryption at rest) of the test's gateways: one fresh key, id 1."""
+    return DataKeyring([(1, os.urandom(32))])
+
+
+@pytest.fixture
+async def gateway(
+    settings: Settings, database: Database, keyring: ConsentKeyring, data_keys: DataKeyring
+) -> AsyncIterator[Gateway]:
     """A running gateway (both listeners) over the test's database."""
-    server = Gateway(replace(settings), database, Secrets(os.urandom(32), keyring))
+    server = Gateway(replace(settings), database, Secrets(os.urandom(32), keyring, data_keys))
     await server.start()
     try:
         yield server

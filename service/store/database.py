@@ -9,15 +9,19 @@ UNAVAILABLE with a retry delay instead of INTERNAL.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TypeAlias
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 from service import deadlines
 from service.errors import DeadlineExceeded, Unavailable
 from service.store import migrations
+
+log = logging.getLogger(__name__)
 
 Connection: TypeAlias = asyncpg.Connection
 QueryObserver: TypeAlias = Callable[[str, float, BaseException | None], None]
@@ -40,6 +44,13 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
 )
 
 
+def partner_login_dsn(dsn: str) -> str:
+    """``dsn`` with the user replaced by the partner role and any password removed."""
+    parts = urlsplit(dsn)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, f"{PARTNER_ROLE}@{host}", parts.path, parts.query, parts.fragment))
+
+
 class NotMigratedError(Exception):
     """The database lacks migrations this code needs; run ``python -m service migrate``."""
 
@@ -47,8 +58,15 @@ class NotMigratedError(Exception):
 class Database:
     """An asyncpg pool with transaction helpers. Create it with :meth:`connect`."""
 
-    def __init__(self, pool: asyncpg.Pool, dsn: str, statement_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        dsn: str,
+        statement_timeout: float = 10.0,
+        partner_pool: asyncpg.Pool | None = None,
+    ) -> None:
         self._pool = pool
+        self._partner_pool = partner_pool
         self._waiting = 0
         self._statement_timeout = statement_timeout
         self.dsn = dsn
@@ -63,8 +81,17 @@ class Database:
         connect_timeout: float = 5.0,
         statement_timeout: float = 10.0,
         on_query: QueryObserver | None = None,
+        partner_dsn: str | None = None,
+        require_partner_login: bool = False,
     ) -> Database:
         """Open a pool to ``dsn``. Raises :class:`Unavailable` when the server cannot be reached.
+
+        With ``partner_dsn`` (a login as the ``apptgate_partner`` role), the
+        partner path gets a pool of its own whose session cannot switch to a
+        more privileged role; without it, partner transactions switch role on
+        the main pool (``SET LOCAL ROLE``). A ``partner_dsn`` the server
+        refuses to log in is an error when ``require_partner_login``, else a
+        warning and the fallback.
 
         ``on_query(statement, seconds, exception)`` is called after every
         statement (for tracing); it never receives the statement's parameters.
@@ -75,9 +102,9 @@ class Database:
             if on_query is not None:
                 conn.add_query_logger(lambda q: on_query(q.query, q.elapsed, q.exception))
 
-        try:
-            pool = await asyncpg.create_pool(
-                dsn,
+        async def open_pool(target: str) -> asyncpg.Pool:
+            return await asyncpg.create_pool(
+                target,
                 min_size=min_size,
                 max_size=max_size,
                 timeout=connect_timeout,
@@ -85,19 +112,45 @@ class Database:
                 max_inactive_connection_lifetime=300.0,
                 init=init,
             )
+
+        try:
+            pool = await open_pool(dsn)
+            partner_pool = None
+            try:
+                if partner_dsn:
+                    partner_pool = await open_pool(partner_dsn)
+            except (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidPasswordError):
+                if require_partner_login:
+                    await pool.close()
+                    raise
+                log.warning(
+                    "the partner path cannot log in as %s; it switches role on the main pool instead",
+                    PARTNER_ROLE,
+                )
+            except BaseException:
+                await pool.close()
+                raise
         except UNREACHABLE as exc:
             raise Unavailable("the database is unreachable") from exc
-        return cls(pool, dsn, statement_timeout)
+        return cls(pool, dsn, statement_timeout, partner_pool)
 
     async def close(self) -> None:
-        """Close the pool, waiting for connections in use to be released."""
+        """Close the pools, waiting for connections in use to be released."""
         await self._pool.close()
+        if self._partner_pool is not None:
+            await self._partner_pool.close()
+
+    @property
+    def partner_logins(self) -> bool:
+        """True when the partner path has its own pool, logged in as the partner role."""
+        return self._partner_pool is not None
 
     @asynccontextmanager
-    async def _acquire(self, budget: float | None = None) -> AsyncIterator[Connection]:
+    async def _acquire(self, budget: float | None = None, *, partner: bool = False) -> AsyncIterator[Connection]:
+        pool = self._partner_pool if partner and self._partner_pool is not None else self._pool
         self._waiting += 1
         try:
-            conn = await self._pool.acquire(timeout=budget)
+            conn = await pool.acquire(timeout=budget)
         except TimeoutError as exc:
             if budget is not None:
                 raise DeadlineExceeded("the deadline passed while waiting for a database connection") from exc
@@ -107,7 +160,7 @@ class Database:
         try:
             yield conn
         finally:
-            await self._pool.release(conn)
+            await pool.release(conn)
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
@@ -135,7 +188,7 @@ class Database:
         # One round trip: an integer we computed, and a role from a fixed table; never caller input.
         prelude = (_SET_ROLE[role] if role is not None else "") + f"SET LOCAL statement_timeout = {timeout_ms}"
         try:
-            async with self._acquire(budget) as conn, conn.transaction(readonly=readonly):
+            async with self._acquire(budget, partner=role is not None) as conn, conn.transaction(readonly=readonly):
                 await conn.execute(prelude)
                 yield conn
         except asyncpg.QueryCanceledError as exc:
@@ -164,5 +217,7 @@ class Database:
 
     def pool_usage(self) -> tuple[int, int, int]:
         """Connections in use, idle, and callers waiting for one."""
-        size, idle = int(self._pool.get_size()), int(self._pool.get_idle_size())
+        pools = [p for p in (self._pool, self._partner_pool) if p is not None]
+        size = sum(int(p.get_size()) for p in pools)
+        idle = sum(int(p.get_idle_size()) for p in pools)
         return size - idle, idle, self._waiting

@@ -54,6 +54,26 @@ async def find_key(conn: Connection, key_id: str) -> models.PartnerKey | None:
     return models.PartnerKey(*row) if row else None
 
 
+async def authenticate_key(conn: Connection, key_id: str) -> models.PartnerKey | None:
+    """The partner path's key lookup: returns the key and binds its partner to the transaction.
+
+    Row-level security (migration 0008) reads the binding; it is
+    transaction-local, and the caller aborts the transaction when the key
+    does not verify, so nothing is ever read under an unverified binding.
+    """
+    row = await conn.fetchrow(
+        f"SELECT {_KEY_COLUMNS}, set_config('apptgate.partner_id', partner_id::text, true) "
+        "FROM partner_keys WHERE id = $1",
+        key_id,
+    )
+    return models.PartnerKey(*row[:5]) if row else None
+
+
+async def bind_partner(conn: Connection, partner_id: UUID) -> None:
+    """Bind the partner row-level security sees for the rest of the transaction."""
+    await conn.execute("SELECT set_config('apptgate.partner_id', $1::text, true)", str(partner_id))
+
+
 async def revoke_key(conn: Connection, key_id: str) -> models.PartnerKey:
     """Revoke a key. Raises :class:`NotFound` or, when already revoked, :class:`FailedPrecondition`."""
     row = await conn.fetchrow(
