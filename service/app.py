@@ -28,6 +28,7 @@ from appointments.partner.v1 import partner_appointment_service_pb2_grpc
 from service import audit_api, auth, consent_api, internal_api, partner_api, sealing
 from service.consent import ConsentKeyring
 from service.errors import ConfigError
+from service.extraction import ExtractionGuard
 from service.feed import FeedHub
 from service.keyfiles import load_data_keys, load_server_secret, load_signing_keys
 from service.pagination import PageTokens
@@ -102,6 +103,7 @@ class Gateway:
         self._keyring = secrets.keyring
         self._data_keys = secrets.data_keys
         self.telemetry = telemetry or Telemetry()
+        self._guard = ExtractionGuard(settings, self.telemetry)
         self.feed = FeedHub(
             database,
             buffer=settings.feed_buffer,
@@ -127,6 +129,7 @@ class Gateway:
             self.telemetry,
             self.feed,
             self._data_keys,
+            self._guard,
         )
         partner_appointment_service_pb2_grpc.add_PartnerAppointmentServiceServicer_to_server(api, server)
         return [partner_api.SERVICE_NAME]
@@ -136,7 +139,7 @@ class Gateway:
             internal_api.SchedulingApi(self.database, self._data_keys), server
         )
         partner_registry_service_pb2_grpc.add_PartnerRegistryServiceServicer_to_server(
-            internal_api.PartnerRegistryApi(self.database), server
+            internal_api.PartnerRegistryApi(self.database, self._guard), server
         )
         consent_service_pb2_grpc.add_ConsentServiceServicer_to_server(
             consent_api.ConsentApi(self.database, self._keyring, self.settings.consent_max_ttl), server
@@ -163,6 +166,7 @@ class Gateway:
             ),
             limits=self._limits,
             tls=self.settings.tls,
+            reuse_port=self.settings.reuse_port,
             reflection_pool=self._reflection,
         )
         try:
@@ -178,6 +182,7 @@ class Gateway:
                     guard=self._internal_token.verify,
                 ),
                 limits=self._limits,
+                reuse_port=self.settings.reuse_port,
                 reflection_pool=self._reflection,
             )
         except BaseException:
@@ -260,6 +265,12 @@ async def serve(
     migrates and seeds there); ``on_ready`` runs once both listeners serve.
     """
     check_transport_security(settings)
+    # Handle a stop request from the first moment: one that arrives while
+    # starting stops the service as soon as it is up, instead of killing it.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     secrets = load_secrets(settings)
     telemetry = Telemetry.from_settings(settings)
     async with AsyncExitStack() as stack:
@@ -279,10 +290,6 @@ async def serve(
             settings.internal_addr,
             gateway.internal.port,
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         if on_ready is not None:
             await on_ready(gateway)
         await stop.wait()

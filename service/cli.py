@@ -1,4 +1,4 @@
-"""The command line: ``python -m service {serve,migrate,demo}``.
+"""The command line: ``python -m service {serve,migrate,audit,data-key,demo}``.
 
 Flags override the environment variables of the same meaning (see
 ``service.settings``); every problem with the configuration is reported at
@@ -18,7 +18,7 @@ from contextlib import AsyncExitStack
 from dataclasses import replace
 from typing import Any
 
-from service import app, audit_cli, demo, walkthrough
+from service import app, audit_cli, data_key_cli, demo, partners_cli, walkthrough, workers
 from service import settings as settings_module
 from service.errors import ConfigError, Unavailable
 from service.store import migrations
@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     server_flags(commands.add_parser("serve", help="serve both listeners until SIGTERM/SIGINT"))
     commands.add_parser("migrate", help="apply pending database migrations")
     audit_cli.add_commands(commands)
+    data_key_cli.add_commands(commands)
+    partners_cli.add_commands(commands)
     server_flags(
         commands.add_parser(
             "demo", help="migrate, load demo data, print grpcurl commands and serve (what `make run` does)"
@@ -97,10 +99,10 @@ def _print_walkthrough(gateway: app.Gateway, world: demo.DemoWorld, internal_tok
 async def _demo(settings: settings_module.Settings) -> None:
     worlds: list[demo.DemoWorld] = []
 
-    async def prepare(database: Database) -> None:
+    async def prepare(database: Database, secrets: app.Secrets) -> None:
         async with database.connection() as conn:
             await migrations.migrate(conn)
-        worlds.append(await demo.seed(database))
+        worlds.append(await demo.seed(database, secrets.data_keys))
 
     async def ready(gateway: app.Gateway) -> None:
         assert settings.internal_token
@@ -118,9 +120,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "migrate":
             asyncio.run(_migrate(settings))
         elif args.command == "serve":
+            if settings.workers > 1:
+                return workers.supervise(settings, os.environ, list(argv if argv is not None else sys.argv[2:]))
             asyncio.run(app.serve(settings))
+        elif args.command == "partners":
+            return asyncio.run(partners_cli.run(settings, args))
         elif args.command == "audit":
             return asyncio.run(audit_cli.run(settings, args))
+        elif args.command == "data-key":
+            return asyncio.run(data_key_cli.run(settings, args))
         elif args.command == "demo":
             if "APPTGATE_PARTNER_ADDR" not in os.environ and args.partner_addr is None:
                 settings = replace(settings, partner_addr="localhost:50051")
@@ -136,4 +144,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (NotMigratedError, migrations.MigrationError) as exc:
         print(f"apptgate: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
     return 0

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from uuid import UUID
+from uuid import UUID, uuid4
 
-from service import auth
+from service import auth, sealing
 from service.store import partners, scheduling
 from service.store.database import Database
 
@@ -43,28 +43,34 @@ class DemoWorld:
     week_start: datetime
 
 
-async def seed(database: Database) -> DemoWorld:
-    """Create the demo data unless present, and issue a new key for the demo partner."""
+async def seed(database: Database, data_keys: sealing.DataKeyring) -> DemoWorld:
+    """Create the demo data unless present (contact details and reasons sealed), and issue a new partner key."""
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     async with database.transaction() as conn:
         partner = await partners.find_partner_by_name(conn, DEMO_PARTNER)
         if partner is None:
             partner = await partners.create_partner(conn, DEMO_PARTNER)
             practitioners = [await scheduling.create_practitioner(conn, *p) for p in _PRACTITIONERS]
-            patients = [
-                await scheduling.create_patient(conn, given_name=g, family_name=f, sex=s, phone=ph, email=em)
-                for g, f, s, ph, em in _PATIENTS
-            ]
+            patients = [uuid4() for _ in _PATIENTS]
+            for patient_id, (given, family, sex, phone, email) in zip(patients, _PATIENTS, strict=True):
+                contact = sealing.seal_patient_contact(
+                    data_keys, patient_id, given_name=given, family_name=family, phone=phone, email=email
+                )
+                await scheduling.create_patient(conn, patient_id=patient_id, sex=sex, contact=contact)
             for day in range(7):
                 for slot, practitioner in enumerate(practitioners):
                     start = today + timedelta(days=day, hours=9 + 2 * slot)
+                    appointment_id = uuid4()
                     await scheduling.create_appointment(
                         conn,
+                        appointment_id=appointment_id,
                         practitioner_id=practitioner.id,
-                        patient_id=patients[(day + slot) % len(patients)].id,
+                        patient_id=patients[(day + slot) % len(patients)],
                         start_time=start,
                         end_time=start + timedelta(minutes=30),
-                        reason="demo visit reason (never shown to partners)",
+                        sealed_reason=sealing.seal_reason(
+                            data_keys, appointment_id, "demo visit reason (never shown to partners)"
+                        ),
                     )
             # The third practitioner does not grant access: its appointments stay invisible.
             for practitioner in practitioners[:2]:

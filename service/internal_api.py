@@ -7,8 +7,9 @@ identifiers and may carry contact details, which partners never reach.
 
 from __future__ import annotations
 
-from datetime import timedelta
-from uuid import UUID
+import math
+from datetime import datetime, timedelta
+from uuid import UUID, uuid4
 
 import grpc.aio
 from appointments.internal.v1 import (
@@ -29,9 +30,10 @@ from appointments.internal.v1 import (
 )
 from appointments.type.v1 import contact_pb2
 
-from service import auth, models, validation
+from service import auth, models, sealing, validation
 from service.errors import FieldViolation, InvalidArgument
-from service.store import partners, scheduling
+from service.extraction import ExtractionGuard
+from service.store import partners, scheduling, usage
 from service.store.database import Database
 from service.timestamps import set_timestamp
 
@@ -55,7 +57,7 @@ def practitioner_message(row: models.Practitioner) -> scheduling_pb2.Practitione
 
 
 def patient_message(row: models.Patient) -> scheduling_pb2.Patient:
-    """The internal message of a patient (contact details included)."""
+    """The internal message of a patient (contact details included, as the request gave them)."""
     message = scheduling_pb2.Patient(
         patient_id=str(row.id),
         given_name=row.given_name,
@@ -68,13 +70,17 @@ def patient_message(row: models.Patient) -> scheduling_pb2.Patient:
     return message
 
 
-def appointment_message(row: models.Appointment) -> scheduling_pb2.Appointment:
-    """The internal message of an appointment (visit reason included)."""
+def appointment_message(row: models.Appointment, reason: str = "") -> scheduling_pb2.Appointment:
+    """The internal message of an appointment.
+
+    The visit reason is stored sealed and never opened on this path: only the
+    answer to its creation echoes it (from the request).
+    """
     message = scheduling_pb2.Appointment(
         appointment_id=str(row.id),
         practitioner_id=str(row.practitioner_id),
         patient_id=str(row.patient_id),
-        reason=row.reason,
+        reason=reason,
         status=_STATUS[row.status],
     )
     for field, value in (
@@ -88,10 +94,16 @@ def appointment_message(row: models.Appointment) -> scheduling_pb2.Appointment:
 
 
 class SchedulingApi(scheduling_grpc.SchedulingServiceServicer):
-    """Serves ``appointments.internal.v1.SchedulingService``."""
+    """Serves ``appointments.internal.v1.SchedulingService``.
 
-    def __init__(self, database: Database) -> None:
+    Contact details and the visit reason are sealed here, before they reach
+    the store, under the active data key and bound to the row's id (generated
+    here for that reason).
+    """
+
+    def __init__(self, database: Database, data_keys: sealing.DataKeyring) -> None:
         self._db = database
+        self._data_keys = data_keys
 
     async def CreatePractitioner(
         self, request: scheduling_pb.CreatePractitionerRequest, context: grpc.aio.ServicerContext
@@ -114,11 +126,15 @@ class SchedulingApi(scheduling_grpc.SchedulingServiceServicer):
         if request.sex not in contact_pb2.Sex.values():
             problems.append(FieldViolation("sex", "unknown value"))
         validation.raise_if(problems)
+        patient_id = uuid4()
+        contact = sealing.seal_patient_contact(
+            self._data_keys, patient_id, given_name=given, family_name=family, phone=phone, email=email
+        )
         async with self._db.transaction() as conn:
-            row = await scheduling.create_patient(
-                conn, given_name=given, family_name=family, sex=request.sex, phone=phone, email=email
+            create_time: datetime = await scheduling.create_patient(
+                conn, patient_id=patient_id, sex=request.sex, contact=contact
             )
-        return patient_message(row)
+        return patient_message(models.Patient(patient_id, given, family, request.sex, phone, email, create_time))
 
     async def CreateAppointment(
         self, request: scheduling_pb.CreateAppointmentRequest, context: grpc.aio.ServicerContext
@@ -132,16 +148,19 @@ class SchedulingApi(scheduling_grpc.SchedulingServiceServicer):
         reason = validation.text(request.reason, "reason", problems, max_length=2000, required=False)
         validation.raise_if(problems)
         assert practitioner and patient and start and end
+        appointment_id = uuid4()
+        sealed_reason = sealing.seal_reason(self._data_keys, appointment_id, reason)
         async with self._db.transaction() as conn:
             row = await scheduling.create_appointment(
                 conn,
+                appointment_id=appointment_id,
                 practitioner_id=practitioner,
                 patient_id=patient,
                 start_time=start,
                 end_time=end,
-                reason=reason,
+                sealed_reason=sealed_reason,
             )
-        return appointment_message(row)
+        return appointment_message(row, reason)
 
     async def CancelAppointment(
         self, request: scheduling_pb.CancelAppointmentRequest, context: grpc.aio.ServicerContext
@@ -186,8 +205,78 @@ def _pair(
 class PartnerRegistryApi(registry_grpc.PartnerRegistryServiceServicer):
     """Serves ``appointments.internal.v1.PartnerRegistryService``."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, guard: ExtractionGuard) -> None:
         self._db = database
+        self._guard = guard
+
+    def _limits_message(
+        self, partner_id: UUID, overrides: models.PartnerOverrides
+    ) -> partner_registry_pb2.PartnerLimits:
+        policy = self._guard.policy(overrides)
+        message = partner_registry_pb2.PartnerLimits(
+            partner_id=str(partner_id),
+            requests_per_second=policy.requests_per_second,
+            burst=policy.burst,
+            contact_daily_cap=policy.contact_daily_cap,
+            patient_daily_cap=policy.patient_daily_cap,
+            suspend_reason=overrides.suspend_reason,
+        )
+        if overrides.suspend_time is not None:
+            set_timestamp(message.suspend_time, overrides.suspend_time)
+        return message
+
+    async def SetPartnerLimits(
+        self, request: registry_pb.SetPartnerLimitsRequest, context: grpc.aio.ServicerContext
+    ) -> partner_registry_pb2.PartnerLimits:
+        problems: list[FieldViolation] = []
+        partner = validation.parse_uuid(request.partner_id, "partner_id", problems)
+        values = {
+            name: getattr(request, name) if request.HasField(name) else None
+            for name in ("requests_per_second", "burst", "contact_daily_cap", "patient_daily_cap")
+        }
+        for name, value in values.items():
+            positive = value is None or (value > 0 if name in ("requests_per_second", "burst") else value >= 0)
+            if not positive or (value is not None and not math.isfinite(value)):
+                problems.append(FieldViolation(name, "must be positive"))
+        validation.raise_if(problems)
+        assert partner is not None
+        async with self._db.transaction() as conn:
+            overrides = await usage.set_limits(conn, partner, **values)
+        return self._limits_message(partner, overrides)
+
+    async def GetPartnerUsage(
+        self, request: registry_pb.GetPartnerUsageRequest, context: grpc.aio.ServicerContext
+    ) -> partner_registry_pb2.PartnerUsage:
+        problems: list[FieldViolation] = []
+        partner = validation.parse_uuid(request.partner_id, "partner_id", problems)
+        validation.raise_if(problems)
+        assert partner is not None
+        async with self._db.transaction(readonly=True) as conn:
+            overrides = await usage.overrides(conn, partner)
+            today = await usage.today(conn, partner)
+        message = partner_registry_pb2.PartnerUsage(
+            partner_id=str(partner),
+            day=today.day,
+            disclosures=today.disclosures,
+            contact_disclosures=today.contact_disclosures,
+            patients_reached=today.patients_reached,
+            recent_daily_average=today.recent_daily_average,
+            limits=self._limits_message(partner, overrides),
+        )
+        if today.flag_time is not None:
+            set_timestamp(message.flag_time, today.flag_time)
+        return message
+
+    async def LiftPartnerSuspension(
+        self, request: registry_pb.LiftPartnerSuspensionRequest, context: grpc.aio.ServicerContext
+    ) -> partner_registry_pb2.PartnerLimits:
+        problems: list[FieldViolation] = []
+        partner = validation.parse_uuid(request.partner_id, "partner_id", problems)
+        validation.raise_if(problems)
+        assert partner is not None
+        async with self._db.transaction() as conn:
+            overrides = await usage.lift_suspension(conn, partner)
+        return self._limits_message(partner, overrides)
 
     async def CreatePartner(
         self, request: registry_pb.CreatePartnerRequest, context: grpc.aio.ServicerContext

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from service.consent import ConsentKeyring, SigningKey
 from service.errors import ConfigError
+from service.sealing import DataKeyring, new_key_text
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -135,3 +136,44 @@ def load_signing_keys(settings: Settings) -> ConsentKeyring:
         if created:
             log.warning("created a development consent-signing key at %s; set APPTGATE_SIGNING_KEY in production", path)
     return _keyring(_read_key_file(path, str(path)), str(path))
+
+
+DATA_KEYS_FILE = "data-keys"
+
+_DEV_DATA_KEYS_HEADER = (
+    "# apptgate development data key (encryption at rest of contact details), created on first start.\n"
+    "# Set APPTGATE_DATA_KEY or APPTGATE_DATA_KEY_FILE in production. Losing it loses the sealed data.\n"
+)
+
+
+def _data_keyring(text: str, label: str) -> DataKeyring:
+    try:
+        return DataKeyring.from_text(text)
+    except ValueError as exc:
+        # The message names the key's position or id, never its text.
+        raise ConfigError([f"{label}: {exc}"]) from None
+
+
+def load_data_keys(settings: Settings) -> DataKeyring:
+    """Return the data keyring that seals contact details and visit reasons (the first key seals, all open).
+
+    From ``APPTGATE_DATA_KEY`` (``<id>:<base64 key>`` entries separated by
+    commas or new lines), else ``APPTGATE_DATA_KEY_FILE``, else, outside
+    production, ``<data dir>/data-keys``, created with one new key (id 1) on
+    first use. Raises ``ConfigError``, whose messages never hold key text.
+    """
+    if settings.data_key:
+        return _data_keyring(settings.data_key, "APPTGATE_DATA_KEY")
+    if settings.data_key_file:
+        return _data_keyring(_read_key_file(settings.data_key_file, "APPTGATE_DATA_KEY_FILE"), "APPTGATE_DATA_KEY_FILE")
+    if settings.production:
+        raise ConfigError(["APPTGATE_DATA_KEY or APPTGATE_DATA_KEY_FILE is required in production"])
+    path = settings.data_dir / DATA_KEYS_FILE
+    if not path.exists():
+        try:
+            created = _create_private_atomically(path, _DEV_DATA_KEYS_HEADER + new_key_text(1) + "\n")
+        except OSError as exc:
+            raise ConfigError([f"{path}: cannot create a development data key ({exc.strerror})"]) from None
+        if created:
+            log.warning("created a development data key at %s; set APPTGATE_DATA_KEY in production", path)
+    return _data_keyring(_read_key_file(path, str(path)), str(path))

@@ -25,7 +25,7 @@ class Practitioner:
 
 @dataclass(frozen=True, slots=True)
 class Patient:
-    """A patient row, contact details included (internal path only)."""
+    """A patient with its contact details in clear (internal path only: built from the request, stored sealed)."""
 
     id: UUID
     given_name: str
@@ -37,15 +37,24 @@ class Patient:
 
 
 @dataclass(frozen=True, slots=True)
+class SealedPatientContact:
+    """A patient's contact details as stored: each value sealed for its row and column (:mod:`service.sealing`)."""
+
+    given_name: bytes
+    family_name: bytes
+    phone: bytes | None
+    email: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
 class Appointment:
-    """An appointment row with the visit reason (internal path only)."""
+    """An appointment row (internal path only). The visit reason is stored sealed and never read back."""
 
     id: UUID
     practitioner_id: UUID
     patient_id: UUID
     start_time: datetime
     end_time: datetime
-    reason: str
     status: str
     create_time: datetime
     update_time: datetime
@@ -112,8 +121,25 @@ class Consent:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredConsentedContact:
+    """What ``read_consented_contact`` returns: the consent's state and only the covered fields, as stored.
+
+    Each contact value is sealed (``bytes``), or, in a database whose rows
+    ``data-key reencrypt`` has not sealed yet, the leftover clear text (``str``).
+    """
+
+    state: str  # "live", "revoked", "expired" or "unknown"
+    fields: tuple[int, ...]
+    given_name: bytes | str | None
+    family_name: bytes | str | None
+    sex: int | None
+    phone: bytes | str | None
+    email: bytes | str | None
+
+
+@dataclass(frozen=True, slots=True)
 class ConsentedContact:
-    """What ``read_consented_contact`` returns: the consent's state and only the covered fields."""
+    """The consent's state and only the covered fields, opened: what the contact view is built from."""
 
     state: str  # "live", "revoked", "expired" or "unknown"
     fields: tuple[int, ...]
@@ -162,3 +188,47 @@ class FeedChange:
     position: int
     change_type: int
     appointment: BasicAppointment
+
+
+@dataclass(frozen=True, slots=True)
+class SealableRow:
+    """One row's sealable values as stored, by column: the sealed value, and any clear text left by older versions."""
+
+    id: UUID
+    sealed: dict[str, bytes | None]
+    clear: dict[str, str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class SealedValueCount:
+    """How many values of one column carry one seal header, and how many of them are still in clear."""
+
+    table: str
+    column: str
+    header: bytes | None  # version and key id of the seal (service.sealing.header); None: not sealed
+    sealed: int
+    clear: int
+
+
+@dataclass(frozen=True, slots=True)
+class PartnerOverrides:
+    """A partner's limit overrides (``None``: the configured default) and suspension."""
+
+    requests_per_second: float | None = None
+    burst: int | None = None
+    contact_daily_cap: int | None = None
+    patient_daily_cap: int | None = None
+    suspend_time: datetime | None = None
+    suspend_reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PartnerUsage:
+    """A partner's counters for one UTC day."""
+
+    day: str
+    disclosures: int
+    contact_disclosures: int
+    patients_reached: int
+    recent_daily_average: float
+    flag_time: datetime | None

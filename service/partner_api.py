@@ -46,7 +46,9 @@ from service.errors import (
     PermissionDenied,
     Unauthenticated,
 )
+from service.extraction import SUSPENDED, ExtractionGuard
 from service.feed import FeedHub, Subscription
+from service.limits import PartnerPolicy
 from service.pseudonyms import Pseudonyms, looks_like_appointment_id
 from service.store import consents, ledger, partner_reads, partners
 from service.store import feed as store_feed
@@ -59,6 +61,12 @@ MAX_WINDOW = timedelta(days=366)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PartnerAppointmentService"].full_name
 _RPC_PREFIX = f"/{SERVICE_NAME}/"
 _POSITION = struct.Struct(">q")
+
+
+class PartnerSuspended(Exception):
+    """Internal signal: the call just suspended its partner (commit, send nothing)."""
+
+
 _REPLAY_BATCH = 500
 _CONSENT_STATES = {"revoked": CONSENT_REVOKED, "expired": CONSENT_EXPIRED, "unknown": CONSENT_INVALID}
 
@@ -116,8 +124,10 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
         telemetry: Telemetry,
         hub: FeedHub,
         data_keys: sealing.DataKeyring,
+        guard: ExtractionGuard,
     ) -> None:
         self._db = database
+        self._guard = guard
         self._data_keys = data_keys
         self._pseudonyms = pseudonyms
         self._page_tokens = page_tokens
@@ -125,10 +135,14 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
         self._telemetry = telemetry
         self._hub = hub
 
-    async def _authenticate(self, conn: Connection, token: str, key_id: str) -> auth.Principal:
-        principal = auth.verify_partner_key(token, await partners.authenticate_key(conn, key_id))
+    async def _authenticate(self, conn: Connection, token: str, key_id: str) -> tuple[auth.Principal, PartnerPolicy]:
+        """Verify the key, then refuse a suspended or too eager partner; return who calls and its limits."""
+        key, overrides = await partners.authenticate_key(conn, key_id)
+        principal = auth.verify_partner_key(token, key)
         annotate(partner_id=str(principal.partner_id), key_id=principal.key_id)
-        return principal
+        policy = self._guard.policy(overrides)
+        self._guard.admit(principal.partner_id, policy)
+        return principal, policy
 
     def _disclosed(self, view: str, count: int, fields: Sequence[int] = ()) -> None:
         annotate(view=view, appointments=count)
@@ -168,7 +182,7 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
         key_id = auth.partner_key_id(token)
         failure: ApptgateError | None = None
         async with self._db.transaction(role=PARTNER_ROLE) as conn:
-            principal = await self._authenticate(conn, token, key_id)
+            principal, policy = await self._authenticate(conn, token, key_id)
             binding = query.binding(principal.partner_id)
             after = None
             if query.page_token:
@@ -195,6 +209,8 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
                 failure = NotFound("practitioner not found")
                 entry = self._entry(principal, "ListAppointments", ledger.VIEW_BASIC, denial_reason="NOT_FOUND")
                 await ledger.append(conn, entry, [(request.practitioner_id, None, None)])
+            elif not await self._guard.charge(conn, principal.partner_id, policy, [row.patient_id for row in page]):
+                failure = SUSPENDED  # committed (the suspension must stick), nothing sent
             else:
                 ids = self._pseudonyms.for_partner(principal.partner_id)
                 messages = [views.basic_appointment(row, ids) for row in page]
@@ -220,23 +236,27 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
         _check_appointment_id(request.appointment_id)
         token = auth.bearer_token(context.invocation_metadata())
         key_id = auth.partner_key_id(token)
+        failure: ApptgateError | None = None
         async with self._db.transaction(role=PARTNER_ROLE) as conn:
-            principal = await self._authenticate(conn, token, key_id)
+            principal, policy = await self._authenticate(conn, token, key_id)
             ids = self._pseudonyms.for_partner(principal.partner_id)
             appointment_id = ids.parse_appointment_id(request.appointment_id)
             row = await partner_reads.get_appointment(conn, principal.partner_id, appointment_id)
             if row is None:
+                # No metadata: "does not exist", "not yours" and "no longer granted"
+                # must be byte-for-byte the same answer.
+                failure = NotFound("appointment not found")
                 entry = self._entry(principal, "GetAppointment", ledger.VIEW_BASIC, denial_reason="NOT_FOUND")
                 await ledger.append(conn, entry, [(request.appointment_id, None, None)])
+            elif not await self._guard.charge(conn, principal.partner_id, policy, [row.patient_id]):
+                failure = SUSPENDED
             else:
                 message = views.basic_appointment(row, ids)
                 entry = self._entry(principal, "GetAppointment", ledger.VIEW_BASIC)
                 await ledger.append(conn, entry, [(request.appointment_id, row.id, row.patient_id)])
                 self._disclosed("basic", 1)
-        if row is None:
-            # No metadata: "does not exist", "not yours" and "no longer granted"
-            # must be byte-for-byte the same answer.
-            raise NotFound("appointment not found")
+        if failure is not None:
+            raise failure
         return message
 
     async def GetAppointmentContact(
@@ -247,7 +267,7 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
         key_id = auth.partner_key_id(token)
         failure: ApptgateError | None = None
         async with self._db.transaction(role=PARTNER_ROLE) as conn:
-            principal = await self._authenticate(conn, token, key_id)
+            principal, policy = await self._authenticate(conn, token, key_id)
             ids = self._pseudonyms.for_partner(principal.partner_id)
             row = await partner_reads.get_appointment(
                 conn, principal.partner_id, ids.parse_appointment_id(request.appointment_id)
@@ -277,6 +297,8 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
                     if stored.state != "live":
                         raise ConsentDenied(_CONSENT_STATES.get(stored.state, CONSENT_INVALID), stored.state)
                     fields = sorted(set(claims.fields) & set(stored.fields))
+                    if not await self._guard.charge(conn, principal.partner_id, policy, [row.patient_id], contacts=1):
+                        raise PartnerSuspended
                     # The only decryption on the partner path: the fields a live consent released.
                     contact = sealing.open_consented_contact(self._data_keys, row.patient_id, stored)
                     message = views.appointment_contact(request.appointment_id, contact, fields)
@@ -290,6 +312,8 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
                     await ledger.append(conn, entry, item)
                     self._disclosed("contact", 1, fields)
                     annotate(consent_presented=True, consent_outcome="GRANTED")
+                except PartnerSuspended:
+                    failure = SUSPENDED
                 except ConsentDenied as denied:
                     annotate(
                         view="contact", consent_presented=bool(request.consent_token), consent_outcome=denied.reason
@@ -317,7 +341,7 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
         token = auth.bearer_token(context.invocation_metadata())
         key_id = auth.partner_key_id(token)
         async with self._db.transaction(role=PARTNER_ROLE) as conn:
-            principal = await self._authenticate(conn, token, key_id)
+            principal, _ = await self._authenticate(conn, token, key_id)
             granted = await store_feed.granted_practitioners(conn, principal.partner_id)
             _, pruned = await store_feed.head(conn)
             if practitioner is not None and practitioner not in granted:
@@ -375,10 +399,14 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
         """Check the key and grants again, audit, and build the events: in one transaction, before sending."""
         if not batch:
             return []
+        suspended = False
         async with self._db.transaction(role=PARTNER_ROLE) as conn:
-            key = await partners.authenticate_key(conn, principal.key_id)
+            key, overrides = await partners.authenticate_key(conn, principal.key_id)
             if key is None or key.revoke_time is not None:
                 raise Unauthenticated("the key was revoked")
+            policy = self._guard.policy(overrides)
+            if policy.suspended:
+                raise SUSPENDED
             granted = await store_feed.granted_practitioners(conn, principal.partner_id)
             if sub.practitioner_id is not None and sub.practitioner_id not in granted:
                 raise PermissionDenied("the practitioner revoked access", reason="ACCESS_REVOKED")
@@ -394,14 +422,20 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
                 )
                 for change in allowed
             ]
-            await ledger.append(
-                conn,
-                self._entry(principal, "WatchAppointments", ledger.VIEW_BASIC),
-                [
-                    (m.appointment.appointment_id, c.appointment.id, c.appointment.patient_id)
-                    for m, c in zip(messages, allowed, strict=True)
-                ],
-            )
+            patients = [c.appointment.patient_id for c in allowed]
+            if messages and not await self._guard.charge(conn, principal.partner_id, policy, patients):
+                suspended = True
+            else:
+                await ledger.append(
+                    conn,
+                    self._entry(principal, "WatchAppointments", ledger.VIEW_BASIC),
+                    [
+                        (m.appointment.appointment_id, c.appointment.id, c.appointment.patient_id)
+                        for m, c in zip(messages, allowed, strict=True)
+                    ],
+                )
+        if suspended:
+            raise SUSPENDED
         self._disclosed("basic", len(messages))
         return messages
 

@@ -8,6 +8,7 @@ problems at once, so an operator fixes them in one go.
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -95,7 +96,7 @@ class Settings:
     contact_daily_cap: int = 1000
     patient_daily_cap: int = 5000
     anomaly_factor: float = 10.0
-    anomaly_min_volume: int = 200
+    anomaly_min_volume: int = 5000
     anomaly_suspend: bool = False
     db_pool_min: int = 2
     db_pool_max: int = 10
@@ -103,6 +104,8 @@ class Settings:
     shutdown_grace: float = 10.0
     log_level: str = "INFO"
     limits: Limits = field(default_factory=Limits)
+    workers: int = field(default_factory=lambda: _cpus())
+    reuse_port: bool = False
     feed_buffer: int = 1000
     feed_max_streams: int = 20
     feed_retention: timedelta = timedelta(days=7)
@@ -150,6 +153,8 @@ _ENVIRONMENT: dict[str, str] = {
     "APPTGATE_DB_CONNECT_TIMEOUT": "db_connect_timeout",
     "APPTGATE_SHUTDOWN_GRACE": "shutdown_grace",
     "APPTGATE_LOG_LEVEL": "log_level",
+    "APPTGATE_WORKERS": "workers",
+    "APPTGATE_REUSE_PORT": "reuse_port",
     "APPTGATE_MAX_MESSAGE_BYTES": "limits.max_receive_message_bytes",
     "APPTGATE_MAX_METADATA_BYTES": "limits.max_metadata_bytes",
     "APPTGATE_MAX_CONCURRENT_RPCS": "limits.max_concurrent_rpcs",
@@ -253,6 +258,8 @@ def _check(s: Settings) -> list[str]:
     sizes = [getattr(s.limits, name) for name in _LIMIT_COUNTS]
     if min(sizes) < 1 or s.limits.default_deadline <= 0:
         problems.append("APPTGATE_MAX_*/KEEPALIVE_*/DEFAULT_DEADLINE: must be positive")
+    if not 1 <= s.workers <= 256:
+        problems.append("APPTGATE_WORKERS: from 1 to 256")
     if s.feed_buffer < 1 or s.feed_max_streams < 1 or s.feed_retention < timedelta(minutes=1):
         problems.append("APPTGATE_FEED_BUFFER/_MAX_STREAMS must be positive, APPTGATE_FEED_RETENTION at least 60")
     if s.partner_rps <= 0 or s.partner_burst < 1 or s.contact_daily_cap < 0 or s.patient_daily_cap < 0:
@@ -313,6 +320,13 @@ _LIMIT_COUNTS = (
 )
 
 
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _boolean(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -359,6 +373,8 @@ _CONVERTERS: dict[str, Any] = {
     "otel_metrics_exporter": lambda v: str(v).strip().lower(),
     "otel_sdk_disabled": _boolean,
     "feed_buffer": int,
+    "workers": int,
+    "reuse_port": _boolean,
     "feed_max_streams": int,
     "feed_retention": _seconds,
     "limits.default_deadline": float,

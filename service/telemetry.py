@@ -164,6 +164,9 @@ class Telemetry:
         self.consent_denials = meter.create_counter(
             "apptgate.consent.denials", unit="{call}", description="Contact requests refused, by reason."
         )
+        self.anomalies = meter.create_counter(
+            "apptgate.partner.anomalies", unit="{event}", description="Partner volume anomalies, flagged or suspended."
+        )
         self.active_streams = meter.create_up_down_counter(
             "apptgate.streams.active", unit="{stream}", description="Server streams open now."
         )

@@ -70,12 +70,21 @@ async def database(database_dsn: str) -> AsyncIterator[Database]:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    """Settings for an in-process gateway on free loopback ports."""
+    """Settings for an in-process gateway on free loopback ports.
+
+    Extraction limits are set out of reach: tests that drive hundreds of calls
+    are not about them; tests/integration/test_limits.py sets its own.
+    """
     return Settings(
         data_dir=tmp_path / "data",
         partner_addr="127.0.0.1:0",
         internal_addr="127.0.0.1:0",
         internal_token=harness.INTERNAL_TOKEN,
+        partner_rps=1e6,
+        partner_burst=1_000_000,
+        contact_daily_cap=1_000_000,
+        patient_daily_cap=1_000_000,
+        anomaly_min_volume=1_000_000,
     )
 
 

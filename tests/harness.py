@@ -9,6 +9,7 @@ and clients over real channels. The fake personal data is distinctive
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -352,6 +353,12 @@ async def wait_for_port(port: int, within: float = 20.0) -> None:
             if asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(0.05)
+
+
+def data_key_text(*keys: tuple[int, bytes]) -> str:
+    """An ``APPTGATE_DATA_KEY`` value for a subprocess: the ``(id, key)`` pairs given, or one fresh key with id 1."""
+    chosen = keys or ((1, os.urandom(32)),)
+    return ",".join(f"{key_id}:{base64.b64encode(key).decode()}" for key_id, key in chosen)
 
 
 def environment(**overrides: str) -> dict[str, str]:

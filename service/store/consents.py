@@ -66,21 +66,30 @@ async def list_for_patient(conn: Connection, patient_id: UUID) -> list[models.Co
 
 async def read_consented_contact(
     conn: Connection, consent_id: UUID, partner_id: UUID, patient_id: UUID
-) -> models.ConsentedContact:
-    """Check the consent is live for this partner and patient, and read only the fields it covers.
+) -> models.StoredConsentedContact:
+    """Check the consent is live for this partner and patient, and read only the fields it covers, as stored.
 
     One statement: the revocation check and the read are the same primary-key
-    lookup, in a function the partner role may call but whose tables it cannot read.
+    lookup, in a function the partner role may call but whose tables it cannot
+    read. The values come back sealed; the caller opens them
+    (:func:`service.sealing.open_consented_contact`). A value an older version
+    left in clear (not yet backfilled) comes back as text and wins over a seal.
     """
     row = await conn.fetchrow("SELECT * FROM read_consented_contact($1, $2, $3)", consent_id, partner_id, patient_id)
     if row is None:  # the patient row vanished: treat like an unknown consent
-        return models.ConsentedContact("unknown", (), None, None, None, None, None)
-    return models.ConsentedContact(
+        return models.StoredConsentedContact("unknown", (), None, None, None, None, None)
+
+    def stored(column: str) -> bytes | str | None:
+        clear: str | None = row[column]
+        sealed: bytes | None = row[f"sealed_{column}"]
+        return clear if clear is not None else sealed
+
+    return models.StoredConsentedContact(
         row["state"],
         tuple(row["fields"]),
-        row["given_name"],
-        row["family_name"],
+        stored("given_name"),
+        stored("family_name"),
         row["sex"],
-        row["phone"],
-        row["email"],
+        stored("phone"),
+        stored("email"),
     )

@@ -54,19 +54,24 @@ async def find_key(conn: Connection, key_id: str) -> models.PartnerKey | None:
     return models.PartnerKey(*row) if row else None
 
 
-async def authenticate_key(conn: Connection, key_id: str) -> models.PartnerKey | None:
-    """The partner path's key lookup: returns the key and binds its partner to the transaction.
+async def authenticate_key(conn: Connection, key_id: str) -> tuple[models.PartnerKey | None, models.PartnerOverrides]:
+    """The partner path's key lookup, in one statement: the key, its partner's limits and suspension.
 
-    Row-level security (migration 0008) reads the binding; it is
-    transaction-local, and the caller aborts the transaction when the key
-    does not verify, so nothing is ever read under an unverified binding.
+    It also binds the key's partner to the transaction for row-level security
+    (migration 0008); the binding is transaction-local, and the caller aborts
+    the transaction when the key does not verify, so nothing is ever read
+    under an unverified binding.
     """
     row = await conn.fetchrow(
-        f"SELECT {_KEY_COLUMNS}, set_config('apptgate.partner_id', partner_id::text, true) "
-        "FROM partner_keys WHERE id = $1",
+        "SELECT k.id, k.partner_id, k.secret_hash, k.create_time, k.revoke_time, "
+        "l.requests_per_second, l.burst, l.contact_daily_cap, l.patient_daily_cap, l.suspend_time, "
+        "set_config('apptgate.partner_id', k.partner_id::text, true) "
+        "FROM partner_keys k LEFT JOIN partner_limits l ON l.partner_id = k.partner_id WHERE k.id = $1",
         key_id,
     )
-    return models.PartnerKey(*row[:5]) if row else None
+    if row is None:
+        return None, models.PartnerOverrides()
+    return models.PartnerKey(*row[:5]), models.PartnerOverrides(*row[5:10])
 
 
 async def bind_partner(conn: Connection, partner_id: UUID) -> None:

@@ -1,4 +1,8 @@
-"""Writes and reads of practitioners, patients and appointments (the internal path)."""
+"""Writes and reads of practitioners, patients and appointments (the internal path).
+
+Contact details and the visit reason arrive already sealed (:mod:`service.sealing`,
+by the API layer): this module stores bytes and never reads them back.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,7 @@ from service.errors import FailedPrecondition, NotFound
 from service.store.database import Connection
 
 _PRACTITIONER_COLUMNS = "id, display_name, specialty, create_time"
-_PATIENT_COLUMNS = "id, given_name, family_name, sex, phone, email, create_time"
-_APPOINTMENT_COLUMNS = "id, practitioner_id, patient_id, start_time, end_time, reason, status, create_time, update_time"
+_APPOINTMENT_COLUMNS = "id, practitioner_id, patient_id, start_time, end_time, status, create_time, update_time"
 
 
 async def create_practitioner(conn: Connection, display_name: str, specialty: str) -> models.Practitioner:
@@ -27,46 +30,49 @@ async def create_practitioner(conn: Connection, display_name: str, specialty: st
 
 
 async def create_patient(
-    conn: Connection,
-    *,
-    given_name: str,
-    family_name: str,
-    sex: int,
-    phone: str | None,
-    email: str | None,
-) -> models.Patient:
-    """Insert a patient."""
-    row = await conn.fetchrow(
-        "INSERT INTO patients (given_name, family_name, sex, phone, email) VALUES ($1, $2, $3, $4, $5) "
-        f"RETURNING {_PATIENT_COLUMNS}",
-        given_name,
-        family_name,
+    conn: Connection, *, patient_id: UUID, sex: int, contact: models.SealedPatientContact
+) -> datetime:
+    """Insert a patient whose contact details are already sealed for ``patient_id``; return its create time.
+
+    The plaintext contact columns stay NULL (migration 0009).
+    """
+    create_time: datetime = await conn.fetchval(
+        "INSERT INTO patients (id, sex, sealed_given_name, sealed_family_name, sealed_phone, sealed_email) "
+        "VALUES ($1, $2, $3, $4, $5, $6) RETURNING create_time",
+        patient_id,
         sex,
-        phone,
-        email,
+        contact.given_name,
+        contact.family_name,
+        contact.phone,
+        contact.email,
     )
-    return models.Patient(*row)
+    return create_time
 
 
 async def create_appointment(
     conn: Connection,
     *,
+    appointment_id: UUID,
     practitioner_id: UUID,
     patient_id: UUID,
     start_time: datetime,
     end_time: datetime,
-    reason: str,
+    sealed_reason: bytes,
 ) -> models.Appointment:
-    """Book an appointment. Raises :class:`NotFound` for an unknown practitioner or patient."""
+    """Book an appointment whose visit reason is already sealed for ``appointment_id``.
+
+    Raises :class:`NotFound` for an unknown practitioner or patient.
+    """
     try:
         row = await conn.fetchrow(
-            "INSERT INTO appointments (practitioner_id, patient_id, start_time, end_time, reason) "
-            f"VALUES ($1, $2, $3, $4, $5) RETURNING {_APPOINTMENT_COLUMNS}",
+            "INSERT INTO appointments (id, practitioner_id, patient_id, start_time, end_time, sealed_reason) "
+            f"VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_APPOINTMENT_COLUMNS}",
+            appointment_id,
             practitioner_id,
             patient_id,
             start_time,
             end_time,
-            reason,
+            sealed_reason,
         )
     except asyncpg.ForeignKeyViolationError as exc:
         if exc.constraint_name == "appointments_practitioner_id_fkey":

@@ -24,6 +24,7 @@ from harness import PartnerHandle, World
 
 from service.app import Gateway, Secrets
 from service.consent import ConsentKeyring, SigningKey
+from service.sealing import DataKeyring
 from service.settings import Settings
 from service.store.database import Database
 
@@ -218,9 +219,9 @@ async def test_list_consents_is_newest_first_without_tokens_and_revoking_twice_f
 
 @asynccontextmanager
 async def _running(
-    settings: Settings, database: Database, keyring: ConsentKeyring, secret: bytes
+    settings: Settings, database: Database, keyring: ConsentKeyring, secret: bytes, data_keys: DataKeyring
 ) -> AsyncIterator[World]:
-    gateway = Gateway(replace(settings), database, Secrets(secret, keyring))
+    gateway = Gateway(replace(settings), database, Secrets(secret, keyring, data_keys))
     await gateway.start()
     assert gateway.partner and gateway.internal
     try:
@@ -234,15 +235,15 @@ async def _running(
 
 
 async def test_signing_key_rotation_keeps_old_tokens_until_the_key_is_retired(
-    settings: Settings, database: Database
+    settings: Settings, database: Database, data_keys: DataKeyring
 ) -> None:
     old, new = SigningKey.generate(), SigningKey.generate()
     secret = os.urandom(32)
-    async with _running(settings, database, ConsentKeyring([old]), secret) as world:
+    async with _running(settings, database, ConsentKeyring([old]), secret, data_keys) as world:
         scene = await Scene(world).build()
         old_token = await scene.token()
 
-    async with _running(settings, database, ConsentKeyring([new, old.public_only()]), secret) as world:
+    async with _running(settings, database, ConsentKeyring([new, old.public_only()]), secret, data_keys) as world:
         scene.world, scene.partner.stub = (
             world,
             harness.partner_grpc.PartnerAppointmentServiceStub(world.partner_channel),
@@ -251,7 +252,7 @@ async def test_signing_key_rotation_keeps_old_tokens_until_the_key_is_retired(
         new_token = await scene.token()
         assert new_token != old_token
 
-    async with _running(settings, database, ConsentKeyring([new]), secret) as world:
+    async with _running(settings, database, ConsentKeyring([new]), secret, data_keys) as world:
         scene.world, scene.partner.stub = (
             world,
             harness.partner_grpc.PartnerAppointmentServiceStub(world.partner_channel),

@@ -32,6 +32,7 @@ from harness import MONDAY, World
 
 from service.app import Gateway, Secrets
 from service.consent import ConsentKeyring
+from service.sealing import DataKeyring
 from service.settings import Limits, Settings
 from service.store.database import Database
 
@@ -88,13 +89,13 @@ class Proxy:
 
 @pytest.fixture
 async def proxied(
-    settings: Settings, database_dsn: str, keyring: ConsentKeyring
+    settings: Settings, database_dsn: str, keyring: ConsentKeyring, data_keys: DataKeyring
 ) -> AsyncIterator[tuple[World, Proxy, Gateway]]:
     proxy = Proxy(database_dsn)
     await proxy.start()
     database = await Database.connect(proxy.dsn, min_size=2, max_size=4, connect_timeout=1.0)
     gateway = Gateway(
-        replace(settings, limits=Limits(default_deadline=2.0)), database, Secrets(os.urandom(32), keyring)
+        replace(settings, limits=Limits(default_deadline=2.0)), database, Secrets(os.urandom(32), keyring, data_keys)
     )
     await gateway.start()
     assert gateway.partner and gateway.internal
@@ -199,10 +200,10 @@ async def test_cutting_the_database_mid_traffic_fails_fast_recovers_alone_and_lo
 
 
 async def test_two_thousand_interleaved_calls_never_cross_partners(
-    settings: Settings, database_dsn: str, keyring: ConsentKeyring
+    settings: Settings, database_dsn: str, keyring: ConsentKeyring, data_keys: DataKeyring
 ) -> None:
     database = await Database.connect(database_dsn, min_size=1, max_size=2)
-    gateway = Gateway(replace(settings), database, Secrets(os.urandom(32), keyring))
+    gateway = Gateway(replace(settings), database, Secrets(os.urandom(32), keyring, data_keys))
     await gateway.start()
     assert gateway.partner and gateway.internal
     try:
@@ -274,11 +275,11 @@ async def test_a_thousand_cancelled_calls_leave_the_pool_at_rest_and_no_task_beh
 
 
 async def test_a_call_without_a_deadline_gets_the_default_one(
-    settings: Settings, database_dsn: str, keyring: ConsentKeyring, tmp_path: Path
+    settings: Settings, database_dsn: str, keyring: ConsentKeyring, data_keys: DataKeyring, tmp_path: Path
 ) -> None:
     database = await Database.connect(database_dsn, min_size=1, max_size=2)
     gateway = Gateway(
-        replace(settings, limits=Limits(default_deadline=0.5)), database, Secrets(os.urandom(32), keyring)
+        replace(settings, limits=Limits(default_deadline=0.5)), database, Secrets(os.urandom(32), keyring, data_keys)
     )
     await gateway.start()
     assert gateway.partner and gateway.internal

@@ -34,6 +34,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from service.app import Gateway, Secrets
 from service.consent import ConsentKeyring
+from service.sealing import DataKeyring
 from service.settings import Settings
 from service.store.database import Database
 from service.telemetry import JsonFormatter, RedactingSpanExporter, Telemetry, metric_views
@@ -73,7 +74,7 @@ class Captured:
 
 @pytest.fixture
 async def captured(
-    settings: Settings, database_dsn: str, keyring: ConsentKeyring
+    settings: Settings, database_dsn: str, keyring: ConsentKeyring, data_keys: DataKeyring
 ) -> AsyncIterator[tuple[Captured, World]]:
     capture = Captured()
     handler = logging.StreamHandler(capture.logs)
@@ -84,7 +85,9 @@ async def captured(
     root.setLevel(logging.INFO)
     database = await Database.connect(database_dsn, min_size=1, max_size=4, on_query=capture.telemetry.observe_query)
     capture.telemetry.observe_pool(database.pool_usage)
-    gateway = Gateway(replace(settings), database, Secrets(os.urandom(32), keyring), telemetry=capture.telemetry)
+    gateway = Gateway(
+        replace(settings), database, Secrets(os.urandom(32), keyring, data_keys), telemetry=capture.telemetry
+    )
     await gateway.start()
     assert gateway.partner and gateway.internal
     try:

@@ -21,6 +21,7 @@ from harness import MONDAY, PartnerHandle, World
 
 from service.app import Gateway, Secrets
 from service.consent import ConsentKeyring
+from service.sealing import DataKeyring
 from service.settings import Settings
 from service.store import feed as store_feed
 from service.store.database import Database
@@ -264,14 +265,16 @@ async def test_a_token_older_than_the_retention_window_is_out_of_range(world: Wo
 
 @pytest.fixture
 async def small_gateway(
-    settings: Settings, database_dsn: str, keyring: ConsentKeyring
+    settings: Settings, database_dsn: str, keyring: ConsentKeyring, data_keys: DataKeyring
 ) -> AsyncIterator[tuple[World, list[str]]]:
     """A gateway with tiny feed limits, over a pool whose every statement is counted."""
     statements: list[str] = []
     database = await Database.connect(
         database_dsn, min_size=1, max_size=4, on_query=lambda q, _e, _x: statements.append(q)
     )
-    gateway = Gateway(replace(settings, feed_buffer=5, feed_max_streams=30), database, Secrets(os.urandom(32), keyring))
+    gateway = Gateway(
+        replace(settings, feed_buffer=5, feed_max_streams=30), database, Secrets(os.urandom(32), keyring, data_keys)
+    )
     await gateway.start()
     assert gateway.partner and gateway.internal
     try:

@@ -136,3 +136,111 @@ class PractitionerGrant(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PractitionerGrant: _TypeAlias = PractitionerGrant  # noqa: Y015
+
+@_typing.final
+class PartnerLimits(_message.Message):
+    """The extraction limits of one partner, with its suspension state."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTNER_ID_FIELD_NUMBER: _builtins.int
+    REQUESTS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    BURST_FIELD_NUMBER: _builtins.int
+    CONTACT_DAILY_CAP_FIELD_NUMBER: _builtins.int
+    PATIENT_DAILY_CAP_FIELD_NUMBER: _builtins.int
+    SUSPEND_TIME_FIELD_NUMBER: _builtins.int
+    SUSPEND_REASON_FIELD_NUMBER: _builtins.int
+    partner_id: _builtins.str
+    """The partner the limits apply to."""
+    requests_per_second: _builtins.float
+    """Sustained request rate allowed, in calls per second per server process."""
+    burst: _builtins.int
+    """Calls allowed in a burst above the sustained rate, per server process."""
+    contact_daily_cap: _builtins.int
+    """Contact disclosures allowed per UTC day, across every server process."""
+    patient_daily_cap: _builtins.int
+    """Distinct patients the partner may reach per UTC day, across every server
+    process.
+    """
+    suspend_reason: _builtins.str
+    """Why the partner was suspended, for example "volume anomaly"."""
+    @_builtins.property
+    def suspend_time(self) -> _timestamp_pb2.Timestamp:
+        """When the partner was suspended; unset while it is not. A suspended
+        partner's calls answer PERMISSION_DENIED with reason PARTNER_SUSPENDED.
+        """
+
+    def __init__(
+        self,
+        *,
+        partner_id: _builtins.str = ...,
+        requests_per_second: _builtins.float = ...,
+        burst: _builtins.int = ...,
+        contact_daily_cap: _builtins.int = ...,
+        patient_daily_cap: _builtins.int = ...,
+        suspend_time: _timestamp_pb2.Timestamp | None = ...,
+        suspend_reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["suspend_time", b"suspend_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst", b"burst", "contact_daily_cap", b"contact_daily_cap", "partner_id", b"partner_id", "patient_daily_cap", b"patient_daily_cap", "requests_per_second", b"requests_per_second", "suspend_reason", b"suspend_reason", "suspend_time", b"suspend_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PartnerLimits: _TypeAlias = PartnerLimits  # noqa: Y015
+
+@_typing.final
+class PartnerUsage(_message.Message):
+    """A partner's use of its limits on the current UTC day."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTNER_ID_FIELD_NUMBER: _builtins.int
+    DAY_FIELD_NUMBER: _builtins.int
+    DISCLOSURES_FIELD_NUMBER: _builtins.int
+    CONTACT_DISCLOSURES_FIELD_NUMBER: _builtins.int
+    PATIENTS_REACHED_FIELD_NUMBER: _builtins.int
+    RECENT_DAILY_AVERAGE_FIELD_NUMBER: _builtins.int
+    FLAG_TIME_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    partner_id: _builtins.str
+    """The partner."""
+    day: _builtins.str
+    """The UTC day counted, as YYYY-MM-DD."""
+    disclosures: _builtins.int
+    """Appointments disclosed today (basic and contact views)."""
+    contact_disclosures: _builtins.int
+    """Contact disclosures today."""
+    patients_reached: _builtins.int
+    """Distinct patients reached today."""
+    recent_daily_average: _builtins.float
+    """The average daily disclosures over the previous seven days: the norm the
+    anomaly detector compares today against.
+    """
+    @_builtins.property
+    def flag_time(self) -> _timestamp_pb2.Timestamp:
+        """When today's volume was flagged as an anomaly; unset if it was not."""
+
+    @_builtins.property
+    def limits(self) -> Global___PartnerLimits:
+        """The limits in force."""
+
+    def __init__(
+        self,
+        *,
+        partner_id: _builtins.str = ...,
+        day: _builtins.str = ...,
+        disclosures: _builtins.int = ...,
+        contact_disclosures: _builtins.int = ...,
+        patients_reached: _builtins.int = ...,
+        recent_daily_average: _builtins.float = ...,
+        flag_time: _timestamp_pb2.Timestamp | None = ...,
+        limits: Global___PartnerLimits | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["flag_time", b"flag_time", "limits", b"limits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contact_disclosures", b"contact_disclosures", "day", b"day", "disclosures", b"disclosures", "flag_time", b"flag_time", "limits", b"limits", "partner_id", b"partner_id", "patients_reached", b"patients_reached", "recent_daily_average", b"recent_daily_average"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PartnerUsage: _TypeAlias = PartnerUsage  # noqa: Y015

@@ -133,3 +133,102 @@ class RevokePractitionerAccessRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokePractitionerAccessRequest: _TypeAlias = RevokePractitionerAccessRequest  # noqa: Y015
+
+@_typing.final
+class SetPartnerLimitsRequest(_message.Message):
+    """The request of SetPartnerLimits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTNER_ID_FIELD_NUMBER: _builtins.int
+    REQUESTS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    BURST_FIELD_NUMBER: _builtins.int
+    CONTACT_DAILY_CAP_FIELD_NUMBER: _builtins.int
+    PATIENT_DAILY_CAP_FIELD_NUMBER: _builtins.int
+    partner_id: _builtins.str
+    """The partner whose limits change. Required."""
+    requests_per_second: _builtins.float
+    """The sustained rate, in calls per second per server process. Unset keeps
+    the current value.
+    """
+    burst: _builtins.int
+    """The burst, in calls per server process. Unset keeps the current value."""
+    contact_daily_cap: _builtins.int
+    """Contact disclosures per UTC day. Unset keeps the current value."""
+    patient_daily_cap: _builtins.int
+    """Distinct patients per UTC day. Unset keeps the current value."""
+    def __init__(
+        self,
+        *,
+        partner_id: _builtins.str = ...,
+        requests_per_second: _builtins.float | None = ...,
+        burst: _builtins.int | None = ...,
+        contact_daily_cap: _builtins.int | None = ...,
+        patient_daily_cap: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_burst", b"_burst", "_contact_daily_cap", b"_contact_daily_cap", "_patient_daily_cap", b"_patient_daily_cap", "_requests_per_second", b"_requests_per_second", "burst", b"burst", "contact_daily_cap", b"contact_daily_cap", "patient_daily_cap", b"patient_daily_cap", "requests_per_second", b"requests_per_second"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_burst", b"_burst", "_contact_daily_cap", b"_contact_daily_cap", "_patient_daily_cap", b"_patient_daily_cap", "_requests_per_second", b"_requests_per_second", "burst", b"burst", "contact_daily_cap", b"contact_daily_cap", "partner_id", b"partner_id", "patient_daily_cap", b"patient_daily_cap", "requests_per_second", b"requests_per_second"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__burst: _TypeAlias = _typing.Literal["burst"]  # noqa: Y015
+    _WhichOneofArgType__burst: _TypeAlias = _typing.Literal["_burst", b"_burst"]  # noqa: Y015
+    _WhichOneofReturnType__contact_daily_cap: _TypeAlias = _typing.Literal["contact_daily_cap"]  # noqa: Y015
+    _WhichOneofArgType__contact_daily_cap: _TypeAlias = _typing.Literal["_contact_daily_cap", b"_contact_daily_cap"]  # noqa: Y015
+    _WhichOneofReturnType__patient_daily_cap: _TypeAlias = _typing.Literal["patient_daily_cap"]  # noqa: Y015
+    _WhichOneofArgType__patient_daily_cap: _TypeAlias = _typing.Literal["_patient_daily_cap", b"_patient_daily_cap"]  # noqa: Y015
+    _WhichOneofReturnType__requests_per_second: _TypeAlias = _typing.Literal["requests_per_second"]  # noqa: Y015
+    _WhichOneofArgType__requests_per_second: _TypeAlias = _typing.Literal["_requests_per_second", b"_requests_per_second"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__burst) -> _WhichOneofReturnType__burst | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__contact_daily_cap) -> _WhichOneofReturnType__contact_daily_cap | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__patient_daily_cap) -> _WhichOneofReturnType__patient_daily_cap | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__requests_per_second) -> _WhichOneofReturnType__requests_per_second | None: ...
+
+Global___SetPartnerLimitsRequest: _TypeAlias = SetPartnerLimitsRequest  # noqa: Y015
+
+@_typing.final
+class GetPartnerUsageRequest(_message.Message):
+    """The request of GetPartnerUsage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTNER_ID_FIELD_NUMBER: _builtins.int
+    partner_id: _builtins.str
+    """The partner. Required."""
+    def __init__(
+        self,
+        *,
+        partner_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["partner_id", b"partner_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPartnerUsageRequest: _TypeAlias = GetPartnerUsageRequest  # noqa: Y015
+
+@_typing.final
+class LiftPartnerSuspensionRequest(_message.Message):
+    """The request of LiftPartnerSuspension."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTNER_ID_FIELD_NUMBER: _builtins.int
+    partner_id: _builtins.str
+    """The partner. Required."""
+    def __init__(
+        self,
+        *,
+        partner_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["partner_id", b"partner_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LiftPartnerSuspensionRequest: _TypeAlias = LiftPartnerSuspensionRequest  # noqa: Y015

@@ -63,6 +63,21 @@ class PartnerRegistryServiceStub:
                 request_serializer=appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.RevokePractitionerAccessRequest.SerializeToString,
                 response_deserializer=appointments_dot_internal_dot_v1_dot_partner__registry__pb2.PractitionerGrant.FromString,
                 _registered_method=True)
+        self.SetPartnerLimits = channel.unary_unary(
+                '/appointments.internal.v1.PartnerRegistryService/SetPartnerLimits',
+                request_serializer=appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.SetPartnerLimitsRequest.SerializeToString,
+                response_deserializer=appointments_dot_internal_dot_v1_dot_partner__registry__pb2.PartnerLimits.FromString,
+                _registered_method=True)
+        self.GetPartnerUsage = channel.unary_unary(
+                '/appointments.internal.v1.PartnerRegistryService/GetPartnerUsage',
+                request_serializer=appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.GetPartnerUsageRequest.SerializeToString,
+                response_deserializer=appointments_dot_internal_dot_v1_dot_partner__registry__pb2.PartnerUsage.FromString,
+                _registered_method=True)
+        self.LiftPartnerSuspension = channel.unary_unary(
+                '/appointments.internal.v1.PartnerRegistryService/LiftPartnerSuspension',
+                request_serializer=appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.LiftPartnerSuspensionRequest.SerializeToString,
+                response_deserializer=appointments_dot_internal_dot_v1_dot_partner__registry__pb2.PartnerLimits.FromString,
+                _registered_method=True)
 
 
 class PartnerRegistryServiceServicer:
@@ -114,6 +129,33 @@ class PartnerRegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetPartnerLimits(self, request, context):
+        """Overrides some of a partner's extraction limits (unset fields keep their
+        current value; the configured defaults apply until overridden). Returns
+        NOT_FOUND for an unknown partner and INVALID_ARGUMENT for a negative or
+        zero limit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPartnerUsage(self, request, context):
+        """Shows a partner's use of its limits today. Returns NOT_FOUND for an
+        unknown partner.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LiftPartnerSuspension(self, request, context):
+        """Lifts a partner's suspension (automatic, after a volume anomaly, or
+        manual). Returns NOT_FOUND for an unknown partner and FAILED_PRECONDITION
+        when it is not suspended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PartnerRegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -141,6 +183,21 @@ def add_PartnerRegistryServiceServicer_to_server(servicer, server):
                     servicer.RevokePractitionerAccess,
                     request_deserializer=appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.RevokePractitionerAccessRequest.FromString,
                     response_serializer=appointments_dot_internal_dot_v1_dot_partner__registry__pb2.PractitionerGrant.SerializeToString,
+            ),
+            'SetPartnerLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPartnerLimits,
+                    request_deserializer=appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.SetPartnerLimitsRequest.FromString,
+                    response_serializer=appointments_dot_internal_dot_v1_dot_partner__registry__pb2.PartnerLimits.SerializeToString,
+            ),
+            'GetPartnerUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPartnerUsage,
+                    request_deserializer=appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.GetPartnerUsageRequest.FromString,
+                    response_serializer=appointments_dot_internal_dot_v1_dot_partner__registry__pb2.PartnerUsage.SerializeToString,
+            ),
+            'LiftPartnerSuspension': grpc.unary_unary_rpc_method_handler(
+                    servicer.LiftPartnerSuspension,
+                    request_deserializer=appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.LiftPartnerSuspensionRequest.FromString,
+                    response_serializer=appointments_dot_internal_dot_v1_dot_partner__registry__pb2.PartnerLimits.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -281,6 +338,87 @@ class PartnerRegistryService:
             '/appointments.internal.v1.PartnerRegistryService/RevokePractitionerAccess',
             appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.RevokePractitionerAccessRequest.SerializeToString,
             appointments_dot_internal_dot_v1_dot_partner__registry__pb2.PractitionerGrant.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPartnerLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/appointments.internal.v1.PartnerRegistryService/SetPartnerLimits',
+            appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.SetPartnerLimitsRequest.SerializeToString,
+            appointments_dot_internal_dot_v1_dot_partner__registry__pb2.PartnerLimits.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPartnerUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/appointments.internal.v1.PartnerRegistryService/GetPartnerUsage',
+            appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.GetPartnerUsageRequest.SerializeToString,
+            appointments_dot_internal_dot_v1_dot_partner__registry__pb2.PartnerUsage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LiftPartnerSuspension(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/appointments.internal.v1.PartnerRegistryService/LiftPartnerSuspension',
+            appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.LiftPartnerSuspensionRequest.SerializeToString,
+            appointments_dot_internal_dot_v1_dot_partner__registry__pb2.PartnerLimits.FromString,
             options,
             channel_credentials,
             insecure,

@@ -60,6 +60,21 @@ class PartnerRegistryServiceStub:
     partner call no longer sees them. Returns NOT_FOUND when no such access
     is granted.
     """
+    SetPartnerLimits: _grpc.UnaryUnaryMultiCallable[_partner_registry_service_pb2.SetPartnerLimitsRequest, _partner_registry_pb2.PartnerLimits]
+    """Overrides some of a partner's extraction limits (unset fields keep their
+    current value; the configured defaults apply until overridden). Returns
+    NOT_FOUND for an unknown partner and INVALID_ARGUMENT for a negative or
+    zero limit.
+    """
+    GetPartnerUsage: _grpc.UnaryUnaryMultiCallable[_partner_registry_service_pb2.GetPartnerUsageRequest, _partner_registry_pb2.PartnerUsage]
+    """Shows a partner's use of its limits today. Returns NOT_FOUND for an
+    unknown partner.
+    """
+    LiftPartnerSuspension: _grpc.UnaryUnaryMultiCallable[_partner_registry_service_pb2.LiftPartnerSuspensionRequest, _partner_registry_pb2.PartnerLimits]
+    """Lifts a partner's suspension (automatic, after a volume anomaly, or
+    manual). Returns NOT_FOUND for an unknown partner and FAILED_PRECONDITION
+    when it is not suspended.
+    """
 
 @_typing.type_check_only
 class PartnerRegistryServiceAsyncStub(PartnerRegistryServiceStub):
@@ -91,6 +106,21 @@ class PartnerRegistryServiceAsyncStub(PartnerRegistryServiceStub):
     """Revokes a partner's access to a practitioner's appointments; the next
     partner call no longer sees them. Returns NOT_FOUND when no such access
     is granted.
+    """
+    SetPartnerLimits: _aio.UnaryUnaryMultiCallable[_partner_registry_service_pb2.SetPartnerLimitsRequest, _partner_registry_pb2.PartnerLimits]  # type: ignore[assignment]
+    """Overrides some of a partner's extraction limits (unset fields keep their
+    current value; the configured defaults apply until overridden). Returns
+    NOT_FOUND for an unknown partner and INVALID_ARGUMENT for a negative or
+    zero limit.
+    """
+    GetPartnerUsage: _aio.UnaryUnaryMultiCallable[_partner_registry_service_pb2.GetPartnerUsageRequest, _partner_registry_pb2.PartnerUsage]  # type: ignore[assignment]
+    """Shows a partner's use of its limits today. Returns NOT_FOUND for an
+    unknown partner.
+    """
+    LiftPartnerSuspension: _aio.UnaryUnaryMultiCallable[_partner_registry_service_pb2.LiftPartnerSuspensionRequest, _partner_registry_pb2.PartnerLimits]  # type: ignore[assignment]
+    """Lifts a partner's suspension (automatic, after a volume anomaly, or
+    manual). Returns NOT_FOUND for an unknown partner and FAILED_PRECONDITION
+    when it is not suspended.
     """
 
 class PartnerRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -150,6 +180,39 @@ class PartnerRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         """Revokes a partner's access to a practitioner's appointments; the next
         partner call no longer sees them. Returns NOT_FOUND when no such access
         is granted.
+        """
+
+    @_abc_1.abstractmethod
+    def SetPartnerLimits(
+        self,
+        request: _partner_registry_service_pb2.SetPartnerLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_partner_registry_pb2.PartnerLimits, _abc.Awaitable[_partner_registry_pb2.PartnerLimits]]:
+        """Overrides some of a partner's extraction limits (unset fields keep their
+        current value; the configured defaults apply until overridden). Returns
+        NOT_FOUND for an unknown partner and INVALID_ARGUMENT for a negative or
+        zero limit.
+        """
+
+    @_abc_1.abstractmethod
+    def GetPartnerUsage(
+        self,
+        request: _partner_registry_service_pb2.GetPartnerUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_partner_registry_pb2.PartnerUsage, _abc.Awaitable[_partner_registry_pb2.PartnerUsage]]:
+        """Shows a partner's use of its limits today. Returns NOT_FOUND for an
+        unknown partner.
+        """
+
+    @_abc_1.abstractmethod
+    def LiftPartnerSuspension(
+        self,
+        request: _partner_registry_service_pb2.LiftPartnerSuspensionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_partner_registry_pb2.PartnerLimits, _abc.Awaitable[_partner_registry_pb2.PartnerLimits]]:
+        """Lifts a partner's suspension (automatic, after a volume anomaly, or
+        manual). Returns NOT_FOUND for an unknown partner and FAILED_PRECONDITION
+        when it is not suspended.
         """
 
 def add_PartnerRegistryServiceServicer_to_server(servicer: PartnerRegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

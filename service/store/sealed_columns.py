@@ -1,0 +1,115 @@
+"""The sealed columns as a whole: what re-sealing and the key-usage reports read and write.
+
+Only ``python -m service data-key …`` and the check at ``serve`` start use
+this module; the service's own writes go through :mod:`service.store.scheduling`.
+Values stay opaque bytes here: opening and sealing happen in
+:mod:`service.sealing`, never in SQL. Table and column names come from
+:data:`service.sealing.SEALED_COLUMNS`, never from input.
+"""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from service import models
+from service.sealing import SEALED_COLUMNS
+from service.store.database import Connection
+
+#: The column whose seal header stands for its row in the index of migration 0009
+#: (every writer seals a row's values together, under one key).
+_INDEXED_COLUMN = {"patients": "family_name", "appointments": "reason"}
+
+
+def _header(column: str) -> str:
+    return f"substring(sealed_{column} FROM 1 FOR 3)"
+
+
+def _any_clear(table: str) -> str:
+    return " OR ".join(f"{column} IS NOT NULL" for column in SEALED_COLUMNS[table])
+
+
+def _batch_statements(table: str) -> tuple[str, str]:
+    columns = SEALED_COLUMNS[table]
+    select = ", ".join(["id", *(f"sealed_{c}" for c in columns), *columns])
+    # Work left: a value in clear, or a seal whose header is not the active key's ($1).
+    work = " OR ".join([_any_clear(table), *(f"{_header(c)} <> $1" for c in columns)])
+    tail = "ORDER BY id LIMIT $2 FOR NO KEY UPDATE"
+    return (
+        f"SELECT {select} FROM {table} WHERE ({work}) {tail}",
+        f"SELECT {select} FROM {table} WHERE id > $3 AND ({work}) {tail}",
+    )
+
+
+_BATCH = {table: _batch_statements(table) for table in SEALED_COLUMNS}
+_WRITE = {
+    table: f"UPDATE {table} SET "
+    + ", ".join([*(f"sealed_{c} = ${i}" for i, c in enumerate(columns, start=2)), *(f"{c} = NULL" for c in columns)])
+    + " WHERE id = $1"
+    for table, columns in SEALED_COLUMNS.items()
+}
+
+
+async def rows_to_reseal(
+    conn: Connection, table: str, *, active_header: bytes, after: UUID | None, limit: int
+) -> list[models.SealableRow]:
+    """The next ``limit`` rows of ``table`` (in id order, after ``after``) with a value in clear or under another key.
+
+    The rows are locked until the transaction ends, so a concurrent re-sealer
+    waits rather than writing over them.
+    """
+    first, following = _BATCH[table]
+    if after is None:
+        rows = await conn.fetch(first, active_header, limit)
+    else:
+        rows = await conn.fetch(following, active_header, limit, after)
+    columns = SEALED_COLUMNS[table]
+    return [
+        models.SealableRow(row["id"], {c: row[f"sealed_{c}"] for c in columns}, {c: row[c] for c in columns})
+        for row in rows
+    ]
+
+
+async def write_sealed(conn: Connection, table: str, rows: list[tuple[UUID, dict[str, bytes | None]]]) -> None:
+    """Store re-sealed values (every column of :data:`SEALED_COLUMNS`) and clear what was left in clear."""
+    columns = SEALED_COLUMNS[table]
+    await conn.executemany(_WRITE[table], [(row_id, *(sealed[c] for c in columns)) for row_id, sealed in rows])
+
+
+async def count_values(conn: Connection) -> list[models.SealedValueCount]:
+    """Count every sealed value by table, column and seal header, and the values left in clear (a full scan)."""
+    counts: list[models.SealedValueCount] = []
+    for table, columns in SEALED_COLUMNS.items():
+        values = ", ".join(f"('{c}', sealed_{c}, {c})" for c in columns)
+        rows = await conn.fetch(
+            "SELECT v.name, CASE WHEN length(v.sealed) >= 3 THEN substring(v.sealed FROM 1 FOR 3) END AS header, "
+            "count(v.sealed) AS sealed, count(v.clear) AS clear "
+            f"FROM {table}, LATERAL (VALUES {values}) AS v(name, sealed, clear) "
+            "WHERE v.sealed IS NOT NULL OR v.clear IS NOT NULL GROUP BY 1, 2 ORDER BY 1, 2"
+        )
+        counts.extend(
+            models.SealedValueCount(table, row["name"], row["header"], row["sealed"], row["clear"]) for row in rows
+        )
+    return counts
+
+
+async def headers_in_use(conn: Connection) -> tuple[set[bytes], bool]:
+    """The seal headers in use, and whether any value is left in clear: a few index probes (migration 0009).
+
+    Each row's headers stand for its row (see :data:`_INDEXED_COLUMN`); for an
+    exact count of every value, use :func:`count_values`.
+    """
+    headers: set[bytes] = set()
+    clear = False
+    for table, column in _INDEXED_COLUMN.items():
+        header = _header(column)
+        # A loose index scan: one probe per distinct header, however many rows.
+        rows = await conn.fetch(
+            "WITH RECURSIVE h(header) AS ("
+            f"(SELECT {header} FROM {table} WHERE {header} IS NOT NULL ORDER BY 1 LIMIT 1) "
+            f"UNION ALL SELECT (SELECT {header} FROM {table} WHERE {header} > h.header ORDER BY 1 LIMIT 1) "
+            "FROM h WHERE h.header IS NOT NULL"
+            ") SELECT header FROM h WHERE header IS NOT NULL"
+        )
+        headers.update(row["header"] for row in rows)
+        clear = clear or await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {table} WHERE {_any_clear(table)})")
+    return headers, clear
