@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run serve migrate test lint protos check-generated pytest clean
+.PHONY: install run serve migrate test lint protos check-generated pytest fuzz clean
 
 install: $(STAMP)
 
@@ -26,7 +26,7 @@ migrate: install
 
 ## The whole suite: generated code up to date, lint, types, then the tests on a
 ## real PostgreSQL (DATABASE_URL when set, else an embedded one).
-test: lint pytest
+test: lint lint-clients lint-protos pytest
 
 pytest: install
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -42,5 +42,50 @@ protos: install
 check-generated: install
 	$(PY) tools/protogen.py --check
 
+## Long fuzzing run: generated messages and raw frames against every RPC.
+fuzz: install
+	APPTGATE_FUZZ_EXAMPLES=$${APPTGATE_FUZZ_EXAMPLES:-20000} $(PY) -m pytest tests/integration/test_fuzz.py -q
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+## The client libraries and the proto contract (both run by `make test`).
+.PHONY: lint-clients lint-protos node-modules
+NODE_DIR := clients/typescript
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed
+BUF := $(NODE_DIR)/node_modules/.bin/buf
+
+## Regenerate the TypeScript stubs (clients/typescript/src/gen) after a proto change, like `make protos`.
+.PHONY: protos-typescript
+protos-typescript: node-modules
+	cd $(NODE_DIR) && npm run --silent generate
+
+## npm ci from the committed package-lock.json, once (again when the lock file changes).
+node-modules: $(NODE_STAMP)
+
+$(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	touch $(NODE_STAMP)
+
+## ruff and mypy --strict on the Python client and its example; the TypeScript client's
+## generated code up to date (buf generate) and type-checked (tsc).
+lint-clients: install node-modules
+	$(VENV)/bin/ruff check clients/python
+	$(VENV)/bin/ruff format --check clients/python
+	$(VENV)/bin/mypy --strict clients/python/src/apptgate_client clients/python/examples
+	cd $(NODE_DIR) && npm run --silent check-generated
+	cd $(NODE_DIR) && npm run --silent typecheck
+
+## buf lint, and buf breaking against the protos of the previous commit (see tools/check_protos.sh).
+lint-protos: node-modules
+	sh tools/check_protos.sh $(BUF)
+
+## Benchmarks (bench/README.md): the gateway against a naive handler and the bare
+## transport, side by side, with h2load; results in bench/results/. The default
+## suite takes ~10 minutes; BENCH_ARGS adds more, for example
+## BENCH_ARGS="--with-10m --ledger --profile".
+.PHONY: bench
+bench: install
+	command -v h2load >/dev/null || (apt-get update && apt-get install -y nghttp2-client)
+	$(PY) -m pip install --quiet -r bench/requirements.txt
+	$(PY) bench/run.py $(BENCH_ARGS)

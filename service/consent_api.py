@@ -107,20 +107,14 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
     async def RevokeConsent(
         self, request: pb.RevokeConsentRequest, context: grpc.aio.ServicerContext
     ) -> consent_pb2.Consent:
-        problems: list[FieldViolation] = []
-        consent_id = validation.parse_uuid(request.consent_id, "consent_id", problems)
-        validation.raise_if(problems)
-        assert consent_id is not None
+        consent_id = validation.uuid_field(request.consent_id, "consent_id")
         async with self._db.transaction() as conn:
             return consent_message(await consents.revoke(conn, consent_id))
 
     async def ListConsents(
         self, request: pb.ListConsentsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListConsentsResponse:
-        problems: list[FieldViolation] = []
-        patient = validation.parse_uuid(request.patient_id, "patient_id", problems)
-        validation.raise_if(problems)
-        assert patient is not None
+        patient = validation.uuid_field(request.patient_id, "patient_id")
         async with self._db.transaction(readonly=True) as conn:
             rows = await consents.list_for_patient(conn, patient)
         return pb.ListConsentsResponse(consents=[consent_message(row) for row in rows])

@@ -8,6 +8,7 @@ transaction), so no database work outlives the call that asked for it.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +24,9 @@ def bounded(seconds: float | None) -> Iterator[None]:
     try:
         yield
     finally:
-        _DEADLINE.reset(token)
+        # A cancelled stream may be finalised in another context (see telemetry.server_call).
+        with contextlib.suppress(ValueError):
+            _DEADLINE.reset(token)
 
 
 def remaining() -> float | None:

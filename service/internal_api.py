@@ -165,10 +165,7 @@ class SchedulingApi(scheduling_grpc.SchedulingServiceServicer):
     async def CancelAppointment(
         self, request: scheduling_pb.CancelAppointmentRequest, context: grpc.aio.ServicerContext
     ) -> scheduling_pb2.Appointment:
-        problems: list[FieldViolation] = []
-        appointment = validation.parse_uuid(request.appointment_id, "appointment_id", problems)
-        validation.raise_if(problems)
-        assert appointment is not None
+        appointment = validation.uuid_field(request.appointment_id, "appointment_id")
         async with self._db.transaction() as conn:
             return appointment_message(await scheduling.cancel_appointment(conn, appointment))
 
@@ -247,10 +244,7 @@ class PartnerRegistryApi(registry_grpc.PartnerRegistryServiceServicer):
     async def GetPartnerUsage(
         self, request: registry_pb.GetPartnerUsageRequest, context: grpc.aio.ServicerContext
     ) -> partner_registry_pb2.PartnerUsage:
-        problems: list[FieldViolation] = []
-        partner = validation.parse_uuid(request.partner_id, "partner_id", problems)
-        validation.raise_if(problems)
-        assert partner is not None
+        partner = validation.uuid_field(request.partner_id, "partner_id")
         async with self._db.transaction(readonly=True) as conn:
             overrides = await usage.overrides(conn, partner)
             today = await usage.today(conn, partner)
@@ -270,10 +264,7 @@ class PartnerRegistryApi(registry_grpc.PartnerRegistryServiceServicer):
     async def LiftPartnerSuspension(
         self, request: registry_pb.LiftPartnerSuspensionRequest, context: grpc.aio.ServicerContext
     ) -> partner_registry_pb2.PartnerLimits:
-        problems: list[FieldViolation] = []
-        partner = validation.parse_uuid(request.partner_id, "partner_id", problems)
-        validation.raise_if(problems)
-        assert partner is not None
+        partner = validation.uuid_field(request.partner_id, "partner_id")
         async with self._db.transaction() as conn:
             overrides = await usage.lift_suspension(conn, partner)
         return self._limits_message(partner, overrides)
@@ -293,10 +284,7 @@ class PartnerRegistryApi(registry_grpc.PartnerRegistryServiceServicer):
     async def IssuePartnerKey(
         self, request: registry_pb.IssuePartnerKeyRequest, context: grpc.aio.ServicerContext
     ) -> partner_registry_pb2.PartnerKey:
-        problems: list[FieldViolation] = []
-        partner = validation.parse_uuid(request.partner_id, "partner_id", problems)
-        validation.raise_if(problems)
-        assert partner is not None
+        partner = validation.uuid_field(request.partner_id, "partner_id")
         issued = auth.new_partner_key()
         async with self._db.transaction() as conn:
             row = await partners.insert_key(conn, issued.key_id, partner, issued.secret_hash)

@@ -343,7 +343,7 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
         async with self._db.transaction(role=PARTNER_ROLE) as conn:
             principal, _ = await self._authenticate(conn, token, key_id)
             granted = await store_feed.granted_practitioners(conn, principal.partner_id)
-            _, pruned = await store_feed.head(conn)
+            head, pruned = await store_feed.head(conn)
             if practitioner is not None and practitioner not in granted:
                 entry = self._entry(principal, "WatchAppointments", ledger.VIEW_BASIC, denial_reason="NOT_FOUND")
                 await ledger.append(conn, entry, [(request.practitioner_id, None, None)])
@@ -367,7 +367,8 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
         try:
             # Headers now tell the caller the stream is live: changes from here on reach it.
             await context.send_initial_metadata(())
-            cursor = sub.start_position if resume is None else min(resume, sub.start_position)
+            # "From now" is the database's head, which the hub may not have read yet.
+            cursor = max(head, sub.start_position) if resume is None else min(resume, sub.start_position)
             while cursor < sub.start_position:  # replay what committed before the subscription
                 async with self._db.transaction(role=PARTNER_ROLE, readonly=True) as conn:
                     await partners.bind_partner(conn, principal.partner_id)

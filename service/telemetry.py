@@ -17,6 +17,7 @@ log line through :class:`JsonFormatter`: one policy, not care at call sites.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -259,7 +260,10 @@ class Telemetry:
             ):
                 yield call
         finally:
-            _CALL.reset(call_token)
+            # A cancelled stream's generator can be finalised in another context,
+            # where the token no longer applies; the variable dies with that context.
+            with contextlib.suppress(ValueError):
+                _CALL.reset(call_token)
 
     def finish_call(self, call: CallInfo, code: str, started: float, reason: str = "") -> None:
         """Record the outcome of a call on its span, in the RPC metrics and in the access log."""

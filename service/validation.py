@@ -44,6 +44,15 @@ def parse_uuid(value: str, field: str, problems: list[FieldViolation], *, requir
     return UUID(value)
 
 
+def uuid_field(value: str, field: str) -> UUID:
+    """Return the required UUID in ``value``; raise :class:`InvalidArgument` naming ``field`` otherwise."""
+    problems: list[FieldViolation] = []
+    parsed = parse_uuid(value, field, problems)
+    raise_if(problems)
+    assert parsed is not None
+    return parsed
+
+
 def text(value: str, field: str, problems: list[FieldViolation], *, max_length: int, required: bool = True) -> str:
     """Return ``value`` stripped, checking presence, length and control characters."""
     stripped = value.strip()

@@ -65,7 +65,9 @@ def supervise(settings: Settings, environ: Mapping[str, str], argv: list[str]) -
         while True:
             codes = [child.poll() for child in children]
             if all(code is not None for code in codes):
-                return 0 if stopping and all(code == 0 for code in codes) else 1
+                # A worker still importing when the signal came dies of it: it had no calls to drain.
+                clean = (0, -signal.SIGTERM, -signal.SIGINT)
+                return 0 if stopping and all(code in clean for code in codes) else 1
             if not stopping and any(code is not None for code in codes):
                 log.error("a worker exited (codes %s); stopping the others", codes)
                 stop(signal.SIGTERM, None)

@@ -1,0 +1,453 @@
+"""Internal clients: :class:`InternalClient` (blocking) and :class:`AsyncInternalClient` (asyncio).
+
+For the platform's own services, on the internal listener (``127.0.0.1:50052``
+by default), with the internal token sent as ``authorization: Bearer <token>``.
+They cover ``appointments.internal.v1``: ``SchedulingService``,
+``PartnerRegistryService``, ``ConsentService`` and ``AuditService``.
+
+Deadlines and errors work as in :mod:`apptgate_client.partner`. Retries
+differ: only reads (``list_consents``, ``list_disclosures``,
+``iter_disclosures``, ``breach_report``) are retried on ``UNAVAILABLE``. A
+write that failed with ``UNAVAILABLE`` may or may not have been applied, and
+sending it again could, for example, book an appointment twice; the caller
+decides (a retried create may answer ``ALREADY_EXISTS``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Iterator
+from datetime import datetime, timedelta
+from types import TracebackType
+
+import grpc
+from appointments.internal.v1 import audit_pb2, consent_pb2, partner_registry_pb2, scheduling_pb2
+from appointments.internal.v1 import audit_service_pb2 as audit_pb
+from appointments.internal.v1 import audit_service_pb2_grpc as audit_grpc
+from appointments.internal.v1 import consent_service_pb2 as consent_pb
+from appointments.internal.v1 import consent_service_pb2_grpc as consent_grpc
+from appointments.internal.v1 import partner_registry_service_pb2 as registry_pb
+from appointments.internal.v1 import partner_registry_service_pb2_grpc as registry_grpc
+from appointments.internal.v1 import scheduling_service_pb2 as scheduling_pb
+from appointments.internal.v1 import scheduling_service_pb2_grpc as scheduling_grpc
+
+from apptgate_client import _requests, _transport
+from apptgate_client.retry import RetryPolicy
+
+
+def _create_patient(
+    given_name: str, family_name: str, sex: int, phone: str, email: str
+) -> scheduling_pb.CreatePatientRequest:
+    return scheduling_pb.CreatePatientRequest(
+        given_name=given_name,
+        family_name=family_name,
+        sex=sex,  # type: ignore[arg-type]  # a Sex enum number
+        phone=phone,
+        email=email,
+    )
+
+
+def _create_appointment(
+    practitioner_id: str, patient_id: str, start_time: datetime, end_time: datetime, reason: str
+) -> scheduling_pb.CreateAppointmentRequest:
+    return scheduling_pb.CreateAppointmentRequest(
+        practitioner_id=practitioner_id,
+        patient_id=patient_id,
+        start_time=_requests.timestamp(start_time, "start_time"),
+        end_time=_requests.timestamp(end_time, "end_time"),
+        reason=reason,
+    )
+
+
+def _grant_consent(
+    patient_id: str, partner_id: str, fields: Iterable[int], ttl: timedelta, purpose: str
+) -> consent_pb.GrantConsentRequest:
+    return consent_pb.GrantConsentRequest(
+        patient_id=patient_id,
+        partner_id=partner_id,
+        fields=_requests.contact_fields(fields),  # type: ignore[arg-type]  # ContactField numbers
+        ttl=_requests.duration(ttl, "ttl"),
+        purpose=purpose,
+    )
+
+
+def _list_disclosures(
+    partner_id: str,
+    patient_id: str,
+    start_time: datetime | None,
+    end_time: datetime | None,
+    page_size: int,
+    page_token: str,
+) -> audit_pb.ListDisclosuresRequest:
+    request = audit_pb.ListDisclosuresRequest(
+        partner_id=partner_id, patient_id=patient_id, page_size=page_size, page_token=page_token
+    )
+    if start_time is not None:
+        request.start_time.CopyFrom(_requests.timestamp(start_time, "start_time"))
+    if end_time is not None:
+        request.end_time.CopyFrom(_requests.timestamp(end_time, "end_time"))
+    return request
+
+
+def _breach_report(
+    partner_id: str, start_time: datetime, end_time: datetime, key_id: str | None
+) -> audit_pb.BreachReportRequest:
+    request = audit_pb.BreachReportRequest(
+        partner_id=partner_id,
+        start_time=_requests.timestamp(start_time, "start_time"),
+        end_time=_requests.timestamp(end_time, "end_time"),
+    )
+    if key_id is not None:
+        request.key_id = key_id
+    return request
+
+
+class InternalClient:
+    """A blocking client of the internal services over one gRPC channel. Use it as a context manager.
+
+    Args:
+        target: the internal listener, ``host:port`` (for example ``"127.0.0.1:50052"``).
+        token: the internal token (``APPTGATE_INTERNAL_TOKEN``). Never logged or shown in ``repr``.
+        credentials, timeout, retry, options: as for :class:`~apptgate_client.PartnerClient`.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        token: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout: float = _transport.DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        options: _transport.ChannelOptions = (),
+    ) -> None:
+        retry = retry or RetryPolicy()
+        self.target = target
+        self._call = _transport.Caller(
+            _transport.bearer_metadata(token, "token"), _transport.check_timeout(timeout), retry
+        )
+        self._channel = _transport.sync_channel(target, credentials, _transport.channel_options(retry, options))
+        self._scheduling = scheduling_grpc.SchedulingServiceStub(self._channel)
+        self._registry = registry_grpc.PartnerRegistryServiceStub(self._channel)
+        self._consents = consent_grpc.ConsentServiceStub(self._channel)
+        self._audit = audit_grpc.AuditServiceStub(self._channel)
+
+    def __repr__(self) -> str:
+        return f"InternalClient({self.target!r})"
+
+    def __enter__(self) -> InternalClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        self._channel.close()
+
+    # SchedulingService
+
+    def create_practitioner(self, display_name: str, specialty: str) -> scheduling_pb2.Practitioner:
+        """Create a practitioner. Not retried."""
+        request = scheduling_pb.CreatePractitionerRequest(display_name=display_name, specialty=specialty)
+        return self._call(self._scheduling.CreatePractitioner, request, scheduling_pb2.Practitioner, idempotent=False)
+
+    def create_patient(
+        self, given_name: str, family_name: str, *, sex: int = 0, phone: str = "", email: str = ""
+    ) -> scheduling_pb2.Patient:
+        """Create a patient (``sex`` is an ``appointments.type.v1.Sex`` number). Not retried."""
+        request = _create_patient(given_name, family_name, sex, phone, email)
+        return self._call(self._scheduling.CreatePatient, request, scheduling_pb2.Patient, idempotent=False)
+
+    def create_appointment(
+        self, practitioner_id: str, patient_id: str, start_time: datetime, end_time: datetime, *, reason: str = ""
+    ) -> scheduling_pb2.Appointment:
+        """Book an appointment in ``[start_time, end_time)``. Not retried."""
+        request = _create_appointment(practitioner_id, patient_id, start_time, end_time, reason)
+        return self._call(self._scheduling.CreateAppointment, request, scheduling_pb2.Appointment, idempotent=False)
+
+    def cancel_appointment(self, appointment_id: str) -> scheduling_pb2.Appointment:
+        """Cancel a booked appointment. Not retried."""
+        request = scheduling_pb.CancelAppointmentRequest(appointment_id=appointment_id)
+        return self._call(self._scheduling.CancelAppointment, request, scheduling_pb2.Appointment, idempotent=False)
+
+    # PartnerRegistryService
+
+    def create_partner(self, display_name: str) -> partner_registry_pb2.Partner:
+        """Create a partner. Not retried."""
+        request = registry_pb.CreatePartnerRequest(display_name=display_name)
+        return self._call(self._registry.CreatePartner, request, partner_registry_pb2.Partner, idempotent=False)
+
+    def issue_partner_key(self, partner_id: str) -> partner_registry_pb2.PartnerKey:
+        """Issue a key; its ``secret`` is in this response only. Not retried."""
+        request = registry_pb.IssuePartnerKeyRequest(partner_id=partner_id)
+        return self._call(self._registry.IssuePartnerKey, request, partner_registry_pb2.PartnerKey, idempotent=False)
+
+    def revoke_partner_key(self, key_id: str) -> partner_registry_pb2.PartnerKey:
+        """Revoke a key; its next call answers UNAUTHENTICATED. Not retried."""
+        request = registry_pb.RevokePartnerKeyRequest(key_id=key_id)
+        return self._call(self._registry.RevokePartnerKey, request, partner_registry_pb2.PartnerKey, idempotent=False)
+
+    def grant_practitioner_access(
+        self, partner_id: str, practitioner_id: str
+    ) -> partner_registry_pb2.PractitionerGrant:
+        """Let a partner read a practitioner's appointments. Not retried."""
+        request = registry_pb.GrantPractitionerAccessRequest(partner_id=partner_id, practitioner_id=practitioner_id)
+        return self._call(
+            self._registry.GrantPractitionerAccess, request, partner_registry_pb2.PractitionerGrant, idempotent=False
+        )
+
+    def revoke_practitioner_access(
+        self, partner_id: str, practitioner_id: str
+    ) -> partner_registry_pb2.PractitionerGrant:
+        """Stop a partner reading a practitioner's appointments. Not retried."""
+        request = registry_pb.RevokePractitionerAccessRequest(partner_id=partner_id, practitioner_id=practitioner_id)
+        return self._call(
+            self._registry.RevokePractitionerAccess, request, partner_registry_pb2.PractitionerGrant, idempotent=False
+        )
+
+    # ConsentService
+
+    def grant_consent(
+        self, patient_id: str, partner_id: str, fields: Iterable[int], ttl: timedelta, purpose: str
+    ) -> consent_pb2.Consent:
+        """Record a consent and return it with its signed ``token`` (``fields``: ``ContactField`` numbers).
+
+        Not retried.
+        """
+        request = _grant_consent(patient_id, partner_id, fields, ttl, purpose)
+        return self._call(self._consents.GrantConsent, request, consent_pb2.Consent, idempotent=False)
+
+    def revoke_consent(self, consent_id: str) -> consent_pb2.Consent:
+        """Revoke a consent; its token is refused from the next use on. Not retried."""
+        request = consent_pb.RevokeConsentRequest(consent_id=consent_id)
+        return self._call(self._consents.RevokeConsent, request, consent_pb2.Consent, idempotent=False)
+
+    def list_consents(self, patient_id: str) -> list[consent_pb2.Consent]:
+        """Return a patient's consents, newest first, without tokens."""
+        request = consent_pb.ListConsentsRequest(patient_id=patient_id)
+        return list(self._call(self._consents.ListConsents, request, consent_pb.ListConsentsResponse).consents)
+
+    # AuditService
+
+    def list_disclosures(
+        self,
+        *,
+        partner_id: str = "",
+        patient_id: str = "",
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> audit_pb.ListDisclosuresResponse:
+        """Return one page of audit records, oldest first (every filter optional)."""
+        request = _list_disclosures(partner_id, patient_id, start_time, end_time, page_size, page_token)
+        return self._call(self._audit.ListDisclosures, request, audit_pb.ListDisclosuresResponse)
+
+    def iter_disclosures(
+        self,
+        *,
+        partner_id: str = "",
+        patient_id: str = "",
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        page_size: int = 0,
+    ) -> Iterator[audit_pb2.Disclosure]:
+        """Yield every audit record matching the filters, page after page."""
+        token = ""
+        while True:
+            page = self.list_disclosures(
+                partner_id=partner_id,
+                patient_id=patient_id,
+                start_time=start_time,
+                end_time=end_time,
+                page_size=page_size,
+                page_token=token,
+            )
+            yield from page.disclosures
+            token = page.next_page_token
+            if not token:
+                return
+
+    def breach_report(
+        self, partner_id: str, start_time: datetime, end_time: datetime, *, key_id: str | None = None
+    ) -> audit_pb.BreachReportResponse:
+        """Return the patients a partner reached in ``[start_time, end_time)`` and what was disclosed."""
+        request = _breach_report(partner_id, start_time, end_time, key_id)
+        return self._call(self._audit.BreachReport, request, audit_pb.BreachReportResponse)
+
+
+class AsyncInternalClient:
+    """The asyncio twin of :class:`InternalClient`, over a ``grpc.aio`` channel.
+
+    Create it inside a running event loop; use it as an async context manager.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        token: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout: float = _transport.DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        options: _transport.ChannelOptions = (),
+    ) -> None:
+        retry = retry or RetryPolicy()
+        self.target = target
+        self._call = _transport.AsyncCaller(
+            _transport.bearer_metadata(token, "token"), _transport.check_timeout(timeout), retry
+        )
+        self._channel = _transport.aio_channel(target, credentials, _transport.channel_options(retry, options))
+        self._scheduling = scheduling_grpc.SchedulingServiceStub(self._channel)
+        self._registry = registry_grpc.PartnerRegistryServiceStub(self._channel)
+        self._consents = consent_grpc.ConsentServiceStub(self._channel)
+        self._audit = audit_grpc.AuditServiceStub(self._channel)
+
+    def __repr__(self) -> str:
+        return f"AsyncInternalClient({self.target!r})"
+
+    async def __aenter__(self) -> AsyncInternalClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        await self._channel.close()
+
+    async def create_practitioner(self, display_name: str, specialty: str) -> scheduling_pb2.Practitioner:
+        """See :meth:`InternalClient.create_practitioner`."""
+        request = scheduling_pb.CreatePractitionerRequest(display_name=display_name, specialty=specialty)
+        return await self._call(
+            self._scheduling.CreatePractitioner, request, scheduling_pb2.Practitioner, idempotent=False
+        )
+
+    async def create_patient(
+        self, given_name: str, family_name: str, *, sex: int = 0, phone: str = "", email: str = ""
+    ) -> scheduling_pb2.Patient:
+        """See :meth:`InternalClient.create_patient`."""
+        request = _create_patient(given_name, family_name, sex, phone, email)
+        return await self._call(self._scheduling.CreatePatient, request, scheduling_pb2.Patient, idempotent=False)
+
+    async def create_appointment(
+        self, practitioner_id: str, patient_id: str, start_time: datetime, end_time: datetime, *, reason: str = ""
+    ) -> scheduling_pb2.Appointment:
+        """See :meth:`InternalClient.create_appointment`."""
+        request = _create_appointment(practitioner_id, patient_id, start_time, end_time, reason)
+        return await self._call(
+            self._scheduling.CreateAppointment, request, scheduling_pb2.Appointment, idempotent=False
+        )
+
+    async def cancel_appointment(self, appointment_id: str) -> scheduling_pb2.Appointment:
+        """See :meth:`InternalClient.cancel_appointment`."""
+        request = scheduling_pb.CancelAppointmentRequest(appointment_id=appointment_id)
+        return await self._call(
+            self._scheduling.CancelAppointment, request, scheduling_pb2.Appointment, idempotent=False
+        )
+
+    async def create_partner(self, display_name: str) -> partner_registry_pb2.Partner:
+        """See :meth:`InternalClient.create_partner`."""
+        request = registry_pb.CreatePartnerRequest(display_name=display_name)
+        return await self._call(self._registry.CreatePartner, request, partner_registry_pb2.Partner, idempotent=False)
+
+    async def issue_partner_key(self, partner_id: str) -> partner_registry_pb2.PartnerKey:
+        """See :meth:`InternalClient.issue_partner_key`."""
+        request = registry_pb.IssuePartnerKeyRequest(partner_id=partner_id)
+        return await self._call(
+            self._registry.IssuePartnerKey, request, partner_registry_pb2.PartnerKey, idempotent=False
+        )
+
+    async def revoke_partner_key(self, key_id: str) -> partner_registry_pb2.PartnerKey:
+        """See :meth:`InternalClient.revoke_partner_key`."""
+        request = registry_pb.RevokePartnerKeyRequest(key_id=key_id)
+        return await self._call(
+            self._registry.RevokePartnerKey, request, partner_registry_pb2.PartnerKey, idempotent=False
+        )
+
+    async def grant_practitioner_access(
+        self, partner_id: str, practitioner_id: str
+    ) -> partner_registry_pb2.PractitionerGrant:
+        """See :meth:`InternalClient.grant_practitioner_access`."""
+        request = registry_pb.GrantPractitionerAccessRequest(partner_id=partner_id, practitioner_id=practitioner_id)
+        return await self._call(
+            self._registry.GrantPractitionerAccess, request, partner_registry_pb2.PractitionerGrant, idempotent=False
+        )
+
+    async def revoke_practitioner_access(
+        self, partner_id: str, practitioner_id: str
+    ) -> partner_registry_pb2.PractitionerGrant:
+        """See :meth:`InternalClient.revoke_practitioner_access`."""
+        request = registry_pb.RevokePractitionerAccessRequest(partner_id=partner_id, practitioner_id=practitioner_id)
+        return await self._call(
+            self._registry.RevokePractitionerAccess, request, partner_registry_pb2.PractitionerGrant, idempotent=False
+        )
+
+    async def grant_consent(
+        self, patient_id: str, partner_id: str, fields: Iterable[int], ttl: timedelta, purpose: str
+    ) -> consent_pb2.Consent:
+        """See :meth:`InternalClient.grant_consent`."""
+        request = _grant_consent(patient_id, partner_id, fields, ttl, purpose)
+        return await self._call(self._consents.GrantConsent, request, consent_pb2.Consent, idempotent=False)
+
+    async def revoke_consent(self, consent_id: str) -> consent_pb2.Consent:
+        """See :meth:`InternalClient.revoke_consent`."""
+        request = consent_pb.RevokeConsentRequest(consent_id=consent_id)
+        return await self._call(self._consents.RevokeConsent, request, consent_pb2.Consent, idempotent=False)
+
+    async def list_consents(self, patient_id: str) -> list[consent_pb2.Consent]:
+        """See :meth:`InternalClient.list_consents`."""
+        request = consent_pb.ListConsentsRequest(patient_id=patient_id)
+        reply = await self._call(self._consents.ListConsents, request, consent_pb.ListConsentsResponse)
+        return list(reply.consents)
+
+    async def list_disclosures(
+        self,
+        *,
+        partner_id: str = "",
+        patient_id: str = "",
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> audit_pb.ListDisclosuresResponse:
+        """See :meth:`InternalClient.list_disclosures`."""
+        request = _list_disclosures(partner_id, patient_id, start_time, end_time, page_size, page_token)
+        return await self._call(self._audit.ListDisclosures, request, audit_pb.ListDisclosuresResponse)
+
+    async def iter_disclosures(
+        self,
+        *,
+        partner_id: str = "",
+        patient_id: str = "",
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        page_size: int = 0,
+    ) -> AsyncIterator[audit_pb2.Disclosure]:
+        """See :meth:`InternalClient.iter_disclosures`."""
+        token = ""
+        while True:
+            page = await self.list_disclosures(
+                partner_id=partner_id,
+                patient_id=patient_id,
+                start_time=start_time,
+                end_time=end_time,
+                page_size=page_size,
+                page_token=token,
+            )
+            for disclosure in page.disclosures:
+                yield disclosure
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def breach_report(
+        self, partner_id: str, start_time: datetime, end_time: datetime, *, key_id: str | None = None
+    ) -> audit_pb.BreachReportResponse:
+        """See :meth:`InternalClient.breach_report`."""
+        request = _breach_report(partner_id, start_time, end_time, key_id)
+        return await self._call(self._audit.BreachReport, request, audit_pb.BreachReportResponse)
