@@ -16,7 +16,7 @@ from appointments.internal.v1 import (
     audit_service_pb2_grpc as pb_grpc,
 )
 
-from service import breach, models, pagination, validation
+from service import auth, breach, models, pagination, validation
 from service.errors import FieldViolation, InvalidArgument
 from service.store import ledger
 from service.store.database import Database
@@ -127,7 +127,7 @@ class AuditApi(pb_grpc.AuditServiceServicer):
         end = validation.timestamp(request, "end_time", problems)
         validation.window(start, end, problems)
         key_id = request.key_id if request.HasField("key_id") else None
-        if key_id is not None and not 0 < len(key_id) <= 64:
+        if key_id is not None and not auth.is_key_id(key_id):
             problems.append(FieldViolation("key_id", "must be a key id"))
         validation.raise_if(problems)
         assert partner is not None and start is not None and end is not None

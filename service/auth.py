@@ -22,6 +22,7 @@ from service import models
 from service.errors import Unauthenticated
 
 _KEY = re.compile(r"^(pk_[a-z2-7]{16})\.[A-Za-z0-9_-]{43}$")
+_KEY_ID = re.compile(r"^pk_[a-z2-7]{16}$")
 _DUMMY_HASH = hashlib.sha256(b"apptgate: no such key").digest()
 _BEARER = "bearer "
 
@@ -65,6 +66,11 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     raise Unauthenticated(
         "missing credentials: send the metadata `authorization: Bearer <key>`", reason="CREDENTIALS_MISSING"
     )
+
+
+def is_key_id(text: str) -> bool:
+    """True when ``text`` has the shape of a public key id (``pk_`` and 16 base32 letters)."""
+    return _KEY_ID.match(text) is not None
 
 
 def partner_key_id(token: str) -> str:

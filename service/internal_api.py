@@ -295,7 +295,7 @@ class PartnerRegistryApi(registry_grpc.PartnerRegistryServiceServicer):
     ) -> partner_registry_pb2.PartnerKey:
         if not request.key_id:
             raise InvalidArgument.field("key_id", "is required")
-        if len(request.key_id) > 64:
+        if not auth.is_key_id(request.key_id):
             raise InvalidArgument.field("key_id", "not a key id")
         async with self._db.transaction() as conn:
             return _key_message(await partners.revoke_key(conn, request.key_id))

@@ -19,7 +19,6 @@ to rotate but part of the identifiers' definition.
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import re
 from collections import OrderedDict
@@ -34,8 +33,16 @@ PATIENT_PREFIX = "pat_"
 _BODY = re.compile(r"^[a-z2-7]{26}$")
 
 
+_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
+#: Every 10-bit value as its two base32 characters: 16 bytes encode as 13 table lookups.
+_PAIRS = tuple(a + b for a in _ALPHABET for b in _ALPHABET)
+_SHIFTS = tuple(range(120, -1, -10))
+
+
 def _b32(raw: bytes) -> str:
-    return base64.b32encode(raw).decode("ascii").rstrip("=").lower()
+    """Unpadded lower-case base32 of 16 bytes (26 characters), as ``base64.b32encode`` spells it."""
+    bits = int.from_bytes(raw, "big") << 2  # 128 bits → 130, a multiple of 10
+    return "".join([_PAIRS[(bits >> shift) & 1023] for shift in _SHIFTS])
 
 
 def _unb32(text: str) -> bytes:
@@ -50,18 +57,19 @@ def looks_like_appointment_id(text: str) -> bool:
 class PartnerPseudonyms:
     """The identifier codec of one partner."""
 
-    __slots__ = ("_cipher", "_patient_key")
+    __slots__ = ("_cipher", "_encryptor", "_patient_key")
 
     def __init__(self, appointment_key: bytes, patient_key: bytes) -> None:
         # ECB on exactly one block is the raw block cipher: a keyed permutation
-        # of 128-bit values, which is what a reversible pseudonym needs.
+        # of 128-bit values, which is what a reversible pseudonym needs. ECB keeps
+        # no state between blocks, so one encryptor serves every call.
         self._cipher = Cipher(algorithms.AES(appointment_key), modes.ECB())  # noqa: S305
+        self._encryptor = self._cipher.encryptor()
         self._patient_key = patient_key
 
     def appointment_id(self, internal_id: UUID) -> str:
         """Return the partner's opaque id for an appointment."""
-        encryptor = self._cipher.encryptor()
-        return APPOINTMENT_PREFIX + _b32(encryptor.update(internal_id.bytes) + encryptor.finalize())
+        return APPOINTMENT_PREFIX + _b32(self._encryptor.update(internal_id.bytes))
 
     def parse_appointment_id(self, public_id: str) -> UUID:
         """Return the internal id behind a partner's appointment id.
@@ -78,8 +86,7 @@ class PartnerPseudonyms:
 
     def patient_ref(self, patient_id: UUID) -> str:
         """Return the partner's pseudonym for a patient (one-way)."""
-        digest = hmac.new(self._patient_key, patient_id.bytes, hashlib.sha256).digest()
-        return PATIENT_PREFIX + _b32(digest[:16])
+        return PATIENT_PREFIX + _b32(hmac.digest(self._patient_key, patient_id.bytes, "sha256")[:16])
 
 
 class Pseudonyms:

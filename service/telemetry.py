@@ -52,6 +52,8 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 SCOPE = "apptgate"
+#: Statements recorded without a span of their own (they are part of every transaction).
+_BOOKKEEPING = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE", "SET LOCAL", "SELECT PG_ADVISORY_UNLOCK_ALL")
 
 
 def current_trace_id() -> str:
@@ -293,6 +295,8 @@ class Telemetry:
         """Record one finished statement as a child span of the current call (never its parameters)."""
         if not trace.get_current_span().get_span_context().is_valid:
             return  # pool housekeeping outside any call
+        if query.lstrip().upper().startswith(_BOOKKEEPING):
+            return  # transaction control carries no information worth a span, and spans cost CPU
         end = time.time_ns()
         operation = (query.lstrip().split(None, 1) or ["?"])[0].upper()
         span = self.tracer.start_span(

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from service import deadlines
-from service.errors import DeadlineExceeded, Unavailable
+from service.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from service.store import migrations
 
 log = logging.getLogger(__name__)
@@ -193,6 +193,11 @@ class Database:
                 yield conn
         except asyncpg.QueryCanceledError as exc:
             raise DeadlineExceeded("the database work did not finish before the deadline") from exc
+        except asyncpg.DataError as exc:
+            # A value the database cannot hold (a NUL character, a number out of range) that
+            # validation let through: still the caller's input, never INTERNAL. Fields are
+            # validated one by one before this; this is the net under them.
+            raise InvalidArgument.field("request", "a value cannot be stored", reason="INVALID_VALUE") from exc
         except UNREACHABLE as exc:
             raise Unavailable("the database is unreachable") from exc
 

@@ -119,7 +119,7 @@ async def test_grants_and_keys_of_unknown_things_are_not_found(world: World) -> 
     await _fails(world.grant(unknown, practitioner), grpc.StatusCode.NOT_FOUND)
     await _fails(world.grant(partner.partner_id, unknown), grpc.StatusCode.NOT_FOUND)
     await _fails(world.revoke_grant(partner.partner_id, practitioner), grpc.StatusCode.NOT_FOUND)
-    await _fails(world.revoke_key("pk_unknown"), grpc.StatusCode.NOT_FOUND)
+    await _fails(world.revoke_key("pk_" + "a" * 16), grpc.StatusCode.NOT_FOUND)
     await _fails(
         world.registry.IssuePartnerKey(
             registry_pb.IssuePartnerKeyRequest(partner_id=unknown), metadata=world.internal_metadata
@@ -169,3 +169,22 @@ async def test_an_appointment_window_edge_is_half_open(world: World) -> None:
 
     assert len(page.appointments) == 1
     assert page.appointments[0].start_time.ToDatetime().replace(tzinfo=MONDAY.tzinfo) == MONDAY
+
+
+@pytest.mark.parametrize("key_id", ["\x00", "pk_unknown", "pk_" + "A" * 16, "x" * 500])
+async def test_a_malformed_key_id_is_invalid_argument_not_internal(world: World, key_id: str) -> None:
+    # Found by the fuzzer: a NUL character used to reach PostgreSQL and come back as INTERNAL.
+    error = await _fails(world.revoke_key(key_id), grpc.StatusCode.INVALID_ARGUMENT)
+    assert harness.bad_fields(error) == {"key_id"}
+
+    report = world.audit.BreachReport(
+        harness.audit_pb.BreachReportRequest(
+            partner_id="00000000-0000-4000-8000-000000000003",
+            start_time=ts(MONDAY),
+            end_time=ts(MONDAY + timedelta(days=1)),
+            key_id=key_id,
+        ),
+        metadata=world.internal_metadata,
+    )
+    error = await _fails(report, grpc.StatusCode.INVALID_ARGUMENT)
+    assert harness.bad_fields(error) == {"key_id"}
