@@ -1,0 +1,657 @@
+"""Benchmark data: appointment worlds of 100k/1M/10M appointments and a 10M-record disclosure ledger.
+
+Everything is loaded with PostgreSQL COPY (asyncpg ``copy_records_to_table``)
+into dedicated databases that this module creates and drops:
+
+* ``apptgate_bench_<size>`` (``apptgate_bench_100k``, ``_1m``, ``_10m``): a
+  migrated schema holding practitioners, patients, appointments, partners,
+  keys, grants and consents. The shape does not change with the size, only the
+  history does: 2,000 practitioners with 20 appointments a day each
+  (40,000 a day), from the anchor day onwards, so 100k appointments cover 2.5
+  days and 10M cover 250 days. The benchmark queries the anchor day, whose
+  answer is the same at every size: what grows is the table, which is what
+  "p50 at 10M vs 100k" measures.
+* ``apptgate_bench_ledger``: a migrated schema whose ``disclosures`` hold a
+  valid hash chain of N records (default 10M) over 30 days and 1,000 partners
+  (Zipf-weighted, so the busiest partner has ~13% of the calls): ListAppointments
+  pages of 50 basic records, single GetAppointment records, contact
+  disclosures with consent ids, and refused attempts. Digests are computed in
+  Python exactly as ``disclosure_digest`` (migration 0004) does, checked
+  against the SQL function on a sample, and ``python -m service audit verify``
+  passes on the result (``--verify`` runs it).
+
+A database is reused when its ``bench_meta`` row matches the requested
+parameters (``--regen`` drops and rebuilds it). Usage::
+
+    .venv/bin/python bench/datagen.py world --size 100k
+    .venv/bin/python bench/datagen.py world --size 10m
+    .venv/bin/python bench/datagen.py ledger --records 10m [--verify]
+    .venv/bin/python bench/datagen.py drop --all
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import Progress, admin_dsn, parse_size, service_env, size_label, source, source_migrations, with_database
+
+GENERATOR_VERSION = 3
+ANCHOR = datetime(2030, 1, 7, tzinfo=UTC)  # a Monday; the benchmark queries this day
+LEDGER_START = datetime(2030, 2, 1, tzinfo=UTC)
+CHUNK = 50_000
+SPECIALTIES = [
+    "general practice", "dermatology", "cardiology", "pediatrics", "gynecology", "ophthalmology",
+    "dentistry", "psychiatry", "radiology", "physiotherapy", "ENT", "orthopedics",
+]  # fmt: skip
+GIVEN = ["Camille", "Louis", "Emma", "Jules", "Lea", "Hugo", "Chloe", "Lucas", "Manon", "Nathan", "Ines", "Adam"]
+FAMILY = ["Martin", "Bernard", "Dubois", "Thomas", "Robert", "Richard", "Petit", "Durand", "Leroy", "Moreau"]
+REASONS = ["", "follow-up", "first visit", "vaccination", "annual check", "prescription renewal"]
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """The parameters of one appointment world (stored in ``bench_meta``)."""
+
+    appointments: int
+    practitioners: int = 2_000
+    patients: int = 0  # 0: appointments / 5, at least 20,000
+    partners: int = 1_000
+    grants_per_partner: int = 20
+    per_day: int = 20
+    consents: int = 0  # 0: patients / 10
+    seed: int = 8
+    version: int = GENERATOR_VERSION
+
+    def resolved(self) -> WorldSpec:
+        patients = self.patients or max(20_000, self.appointments // 5)
+        consents = self.consents or patients // 10
+        return WorldSpec(
+            self.appointments, self.practitioners, patients, self.partners, self.grants_per_partner,
+            self.per_day, consents, self.seed, self.version,
+        )  # fmt: skip
+
+
+def world_db_name(appointments: int) -> str:
+    return f"apptgate_bench_{size_label(appointments)}"
+
+
+LEDGER_DB = "apptgate_bench_ledger"
+
+
+# --------------------------------------------------------------------------- database plumbing
+
+
+async def _admin() -> asyncpg.Connection:
+    return await asyncpg.connect(admin_dsn())
+
+
+async def database_exists(name: str) -> bool:
+    conn = await _admin()
+    try:
+        return bool(await conn.fetchval("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)", name))
+    finally:
+        await conn.close()
+
+
+async def drop_database(name: str) -> None:
+    conn = await _admin()
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+async def create_database(name: str) -> None:
+    conn = await _admin()
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+def migrate(dsn: str) -> None:
+    """Apply the service's migrations with its own command (so schema changes land here too)."""
+    env = service_env({**os.environ, "DATABASE_URL": dsn, "APPTGATE_LOG_LEVEL": "WARNING"})
+    subprocess.run([sys.executable, "-m", "service", "migrate"], cwd=source(), env=env, check=True)
+
+
+async def read_meta(dsn: str) -> dict[str, Any] | None:
+    try:
+        conn = await asyncpg.connect(dsn)
+    except asyncpg.InvalidCatalogNameError:
+        return None
+    try:
+        exists = await conn.fetchval("SELECT to_regclass('public.bench_meta') IS NOT NULL")
+        if not exists:
+            return None
+        raw = await conn.fetchval("SELECT value FROM bench_meta WHERE key = 'meta'")
+        if not raw:
+            return None
+        meta = json.loads(raw)
+        applied = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        # A database migrated by a newer tree than the one we run (an uncommitted migration, say)
+        # holds a schema this code does not expect: rebuild it rather than measure a mix.
+        extra = applied - source_migrations()
+        if extra:
+            print(f"{meta.get('database')}: has migrations {sorted(extra)} this source tree lacks: rebuilding",
+                  file=sys.stderr)  # fmt: skip
+            return None
+        return meta
+    finally:
+        await conn.close()
+
+
+async def _write_meta(conn: asyncpg.Connection, meta: dict[str, Any]) -> None:
+    await conn.execute("CREATE TABLE IF NOT EXISTS bench_meta (key text PRIMARY KEY, value text NOT NULL)")
+    await conn.execute(
+        "INSERT INTO bench_meta (key, value) VALUES ('meta', $1) ON CONFLICT (key) DO UPDATE SET value = $1",
+        json.dumps(meta),
+    )
+
+
+async def _drop_secondary_indexes(conn: asyncpg.Connection, table: str) -> list[str]:
+    """Drop the indexes of ``table`` that back no constraint; return their definitions to recreate them."""
+    rows = await conn.fetch(
+        "SELECT i.indexname, i.indexdef FROM pg_indexes i "
+        "WHERE i.schemaname = 'public' AND i.tablename = $1 "
+        "AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conname = i.indexname)",
+        table,
+    )
+    for row in rows:
+        await conn.execute(f'DROP INDEX "{row["indexname"]}"')
+    return [row["indexdef"] for row in rows]
+
+
+async def _create_indexes(conn: asyncpg.Connection, definitions: list[str]) -> None:
+    for definition in definitions:
+        started = time.monotonic()
+        await conn.execute(definition)
+        print(f"  {definition[:110]}  ({time.monotonic() - started:.1f}s)", file=sys.stderr, flush=True)
+
+
+async def _copy(conn: asyncpg.Connection, table: str, columns: list[str], records: Any, total: int, label: str) -> None:
+    """COPY ``records`` (an iterable of tuples) into ``table`` in chunks, with a progress bar."""
+    progress = Progress(label, total)
+    chunk: list[tuple[Any, ...]] = []
+    for record in records:
+        chunk.append(record)
+        if len(chunk) >= CHUNK:
+            await conn.copy_records_to_table(table, records=chunk, columns=columns)
+            progress.advance(len(chunk))
+            chunk = []
+    if chunk:
+        await conn.copy_records_to_table(table, records=chunk, columns=columns)
+        progress.advance(len(chunk))
+    progress.close()
+
+
+def _uuids(rng: random.Random, n: int) -> list[str]:
+    return [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(n)]
+
+
+# --------------------------------------------------------------------------- appointment worlds
+
+
+async def generate_world(spec: WorldSpec, *, regen: bool = False) -> dict[str, Any]:
+    """Create (or reuse) the world database for ``spec``; return its meta (ids the benchmark needs)."""
+    spec = spec.resolved()
+    name = world_db_name(spec.appointments)
+    dsn = with_database(admin_dsn(), name)
+    if not regen:
+        meta = await read_meta(dsn)
+        if meta is not None and meta.get("spec") == asdict(spec):
+            print(f"{name}: reusing ({spec.appointments:,} appointments)", file=sys.stderr)
+            migrate(dsn)  # new migrations since generation
+            return meta
+    print(f"{name}: generating {spec.appointments:,} appointments", file=sys.stderr, flush=True)
+    started = time.monotonic()
+    await create_database(name)
+    migrate(dsn)
+    rng = random.Random(spec.seed)
+    conn = await asyncpg.connect(dsn)
+    try:
+        # Our rows are consistent by construction: skip the FK triggers and the per-commit flush.
+        await conn.execute("SET session_replication_role = replica")
+        await conn.execute("SET synchronous_commit = off")
+        await conn.execute("SET maintenance_work_mem = '512MB'")
+        now = datetime.now(UTC)
+
+        practitioners = _uuids(rng, spec.practitioners)
+        await _copy(
+            conn,
+            "practitioners",
+            ["id", "display_name", "specialty", "create_time"],
+            (
+                (pid, f"Dr {rng.choice(FAMILY)} {i:05d}", SPECIALTIES[i % len(SPECIALTIES)], now)
+                for i, pid in enumerate(practitioners)
+            ),
+            spec.practitioners,
+            "practitioners",
+        )
+
+        patients = _uuids(rng, spec.patients)
+        await _copy(
+            conn,
+            "patients",
+            ["id", "given_name", "family_name", "sex", "phone", "email", "create_time"],
+            (
+                (
+                    pid,
+                    GIVEN[i % len(GIVEN)],
+                    f"{FAMILY[i % len(FAMILY)]}-{i:07d}",
+                    1 + i % 3,
+                    f"+33 6 {i % 100:02d} {i // 100 % 100:02d} {i // 10_000 % 100:02d} {i // 1_000_000 % 100:02d}",
+                    f"patient{i:07d}@example.test",
+                    now,
+                )
+                for i, pid in enumerate(patients)
+            ),
+            spec.patients,
+            "patients",
+        )
+
+        deferred = await _drop_secondary_indexes(conn, "appointments")
+        slots_per_day = spec.practitioners * spec.per_day
+        days = math.ceil(spec.appointments / slots_per_day)
+        slot_length = timedelta(minutes=24)
+        day_slots = [
+            [
+                (
+                    ANCHOR + timedelta(days=d, hours=8) + slot_length * s,
+                    ANCHOR + timedelta(days=d, hours=8) + slot_length * (s + 1) - timedelta(minutes=4),
+                )
+                for s in range(spec.per_day)
+            ]
+            for d in range(days)
+        ]
+        created = ANCHOR - timedelta(days=30)
+        n_patients = spec.patients
+        randrange = rng.randrange
+        first_ids: dict[str, Any] = {}
+
+        def appointments() -> Any:
+            count = 0
+            for d in range(days):
+                slots = day_slots[d]
+                for p, practitioner in enumerate(practitioners):
+                    for s in range(spec.per_day):
+                        if count >= spec.appointments:
+                            return
+                        aid = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+                        patient = patients[randrange(n_patients)]
+                        start, end = slots[s]
+                        if d == 0 and p == 0 and s == 0:
+                            first_ids.update(appointment_id=aid, patient_id=patient, practitioner_id=practitioner)
+                        status = "cancelled" if randrange(20) == 0 and not (d == 0 and p == 0) else "booked"
+                        yield (aid, practitioner, patient, start, end, REASONS[count % 6], status, created, created)
+                        count += 1
+
+        await _copy(
+            conn,
+            "appointments",
+            ["id", "practitioner_id", "patient_id", "start_time", "end_time", "reason", "status",
+             "create_time", "update_time"],
+            appointments(),
+            spec.appointments,
+            "appointments",
+        )  # fmt: skip
+        print("recreating appointment indexes", file=sys.stderr, flush=True)
+        await _create_indexes(conn, deferred)
+
+        partners = _uuids(rng, spec.partners)
+        await _copy(
+            conn,
+            "partners",
+            ["id", "display_name", "create_time"],
+            ((pid, f"bench-partner-{i:05d}", now) for i, pid in enumerate(partners)),
+            spec.partners,
+            "partners",
+        )
+
+        def keys() -> Any:
+            for pid in partners:
+                key_id = "pk_" + base64.b32encode(rng.randbytes(10)).decode("ascii").lower()
+                yield (key_id, pid, rng.randbytes(32), now)
+
+        await _copy(
+            conn, "partner_keys", ["id", "partner_id", "secret_hash", "create_time"], keys(), spec.partners, "keys"
+        )
+
+        # Partner 0 is the benchmark's caller: granted practitioners 0..grants-1 (those of first_ids among them).
+        def grants() -> Any:
+            for i, pid in enumerate(partners):
+                chosen = (
+                    range(spec.grants_per_partner)
+                    if i == 0
+                    else rng.sample(range(spec.practitioners), spec.grants_per_partner)
+                )
+                for index in chosen:
+                    yield (pid, practitioners[index], now - timedelta(days=60))
+
+        await _copy(
+            conn,
+            "practitioner_grants",
+            ["partner_id", "practitioner_id", "grant_time"],
+            grants(),
+            spec.partners * spec.grants_per_partner,
+            "grants",
+        )
+
+        def consents() -> Any:
+            for _ in range(spec.consents):
+                fields = sorted(rng.sample([1, 2, 3, 4], rng.randint(1, 4)))
+                yield (
+                    str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+                    patients[randrange(n_patients)],
+                    partners[randrange(spec.partners)],
+                    fields,
+                    "reminders",
+                    "k4.pid.bench",
+                    now - timedelta(days=1),
+                    now + timedelta(days=365),
+                )
+
+        await _copy(
+            conn,
+            "consents",
+            ["id", "patient_id", "partner_id", "fields", "purpose", "signing_key_id", "create_time", "expire_time"],
+            consents(),
+            spec.consents,
+            "consents",
+        )
+        await conn.execute("SET session_replication_role = DEFAULT")
+        print("analyzing", file=sys.stderr, flush=True)
+        await conn.execute("VACUUM (ANALYZE)")
+        meta = {
+            "spec": asdict(spec),
+            "database": name,
+            "anchor": ANCHOR.isoformat(),
+            "days": days,
+            "bench_partner_id": partners[0],
+            "bench_practitioners": practitioners[: spec.grants_per_partner],
+            "target": first_ids,
+            "generated_at": datetime.now(UTC).isoformat(),
+            "generation_seconds": round(time.monotonic() - started, 1),
+        }
+        await _write_meta(conn, meta)
+        size = await conn.fetchval("SELECT pg_size_pretty(pg_database_size(current_database()))")
+    finally:
+        await conn.close()
+    print(f"{name}: done in {time.monotonic() - started:.0f}s ({size})", file=sys.stderr, flush=True)
+    return meta
+
+
+# --------------------------------------------------------------------------- the disclosure ledger
+
+_RPC = "/appointments.partner.v1.PartnerAppointmentService/"
+_FMT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+def digest(prev: bytes, fields: list[str]) -> bytes:
+    """``disclosure_digest`` (migration 0004) in Python: sha256(prev_hash || concat_ws(0x1f, …) as UTF-8)."""
+    return hashlib.sha256(prev + "\x1f".join(fields).encode("utf-8")).digest()
+
+
+@dataclass(frozen=True)
+class LedgerSpec:
+    records: int = 10_000_000
+    partners: int = 1_000
+    days: int = 30
+    appointment_pool: int = 1_000_000
+    patient_pool: int = 300_000
+    partner_range: int = 50_000  # appointments a partner's grants cover
+    zipf: float = 1.0
+    seed: int = 42
+    version: int = GENERATOR_VERSION
+
+
+async def generate_ledger(spec: LedgerSpec, *, regen: bool = False) -> dict[str, Any]:
+    """Create (or reuse) the ledger database; return its meta (busiest partner, time range)."""
+    dsn = with_database(admin_dsn(), LEDGER_DB)
+    if not regen:
+        meta = await read_meta(dsn)
+        if meta is not None and meta.get("spec") == asdict(spec):
+            print(f"{LEDGER_DB}: reusing ({spec.records:,} records)", file=sys.stderr)
+            migrate(dsn)
+            return meta
+    print(f"{LEDGER_DB}: generating {spec.records:,} ledger records", file=sys.stderr, flush=True)
+    started = time.monotonic()
+    await create_database(LEDGER_DB)
+    migrate(dsn)
+    rng = random.Random(spec.seed)
+    partners = _uuids(rng, spec.partners)
+    key_ids = ["pk_" + base64.b32encode(rng.randbytes(10)).decode("ascii").lower() for _ in partners]
+    appointments = _uuids(rng, spec.appointment_pool)
+    patients = _uuids(rng, spec.patient_pool)
+    requested = ["apt_" + base64.b32encode(rng.randbytes(16)).decode("ascii").rstrip("=").lower()
+                 for _ in range(spec.appointment_pool)]  # fmt: skip
+    patient_of = [patients[(i * 7919) % spec.patient_pool] for i in range(spec.appointment_pool)]
+    weights = [1 / (k + 1) ** spec.zipf for k in range(spec.partners)]
+    cumulative = []
+    acc = 0.0
+    for w in weights:
+        acc += w
+        cumulative.append(acc)
+    offsets = [rng.randrange(spec.appointment_pool) for _ in partners]
+    span = spec.days * 86_400
+    # ~35 records per call on average; spread the calls evenly over the span.
+    mean_gap = span / (spec.records / 35.5)
+
+    conn = await asyncpg.connect(dsn)
+    head = (0, bytes(32))
+    try:
+        await conn.execute("SET synchronous_commit = off")
+        await conn.execute("SET maintenance_work_mem = '512MB'")
+        now = datetime.now(UTC)
+        await conn.copy_records_to_table(
+            "partners",
+            records=[(p, f"ledger-partner-{i:05d}", now) for i, p in enumerate(partners)],
+            columns=["id", "display_name", "create_time"],
+        )
+        await conn.copy_records_to_table(
+            "partner_keys",
+            records=[(k, p, rng.randbytes(32), now) for k, p in zip(key_ids, partners, strict=True)],
+            columns=["id", "partner_id", "secret_hash", "create_time"],
+        )
+        deferred = await _drop_secondary_indexes(conn, "disclosures")
+        columns = [
+            "seq", "partner_id", "key_id", "requested_id", "appointment_id", "patient_id", "view", "contact_fields",
+            "consent_id", "rpc", "trace_id", "disclose_time", "outcome", "denial_reason", "prev_hash", "hash",
+        ]  # fmt: skip
+        state = {"seq": 0, "prev": bytes(32), "t": LEDGER_START.timestamp()}
+
+        def records() -> Any:
+            sha = hashlib.sha256
+            bisect = __import__("bisect").bisect_left
+            total_w = cumulative[-1]
+            seq, prev, t = 0, bytes(32), LEDGER_START.timestamp()
+            while seq < spec.records:
+                t += rng.expovariate(1 / mean_gap)
+                when = datetime.fromtimestamp(round(t, 6), UTC)
+                when_text = when.strftime(_FMT)
+                k = bisect(cumulative, rng.random() * total_w)
+                partner, key_id = partners[k], key_ids[k]
+                trace_id = f"{rng.getrandbits(128):032x}"
+                roll = rng.random()
+                base = offsets[k]
+                items: list[tuple[int, int]] = []  # (appointment index or -1, kind)
+                if roll < 0.70:
+                    rpc, view, n = "ListAppointments", 1, 50
+                    start = base + rng.randrange(spec.partner_range)
+                    items = [((start + j) % spec.appointment_pool, 0) for j in range(n)]
+                elif roll < 0.90:
+                    rpc, view = "GetAppointment", 1
+                    items = [((base + rng.randrange(spec.partner_range)) % spec.appointment_pool, 0)]
+                elif roll < 0.98:
+                    rpc, view = "GetAppointmentContact", 2
+                    items = [((base + rng.randrange(spec.partner_range)) % spec.appointment_pool, 0)]
+                elif roll < 0.99:
+                    rpc, view = "GetAppointmentContact", 2
+                    items = [((base + rng.randrange(spec.partner_range)) % spec.appointment_pool, 1)]  # revoked
+                else:
+                    rpc, view = "GetAppointment", 1
+                    items = [(-1, 2)]  # a probe for an id that resolves to nothing
+                rpc = _RPC + rpc
+                if view == 2:
+                    fields = sorted(rng.sample([1, 2, 3, 4], rng.randint(1, 4)))
+                    consent = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+                else:
+                    fields, consent = [], None
+                fields_text = ",".join(map(str, fields))
+                for index, kind in items:
+                    if seq >= spec.records:
+                        break
+                    seq += 1
+                    if kind == 2:
+                        req = "apt_" + base64.b32encode(rng.randbytes(16)).decode("ascii").rstrip("=").lower()
+                        appointment = patient = None
+                        outcome, reason, rec_fields, rec_consent = 2, "NOT_FOUND", [], None
+                    else:
+                        req, appointment, patient = requested[index], appointments[index], patient_of[index]
+                        if kind == 1:
+                            outcome, reason, rec_fields, rec_consent = 2, "CONSENT_REVOKED", [], consent
+                        else:
+                            outcome, reason, rec_fields, rec_consent = 1, "", fields, consent
+                    rf_text = fields_text if rec_fields is fields else ",".join(map(str, rec_fields))
+                    data = "\x1f".join(
+                        (
+                            str(seq), partner, key_id, req, appointment or "", patient or "", str(view), rf_text,
+                            rec_consent or "", rpc, trace_id, when_text, str(outcome), reason,
+                        )
+                    )  # fmt: skip
+                    h = sha(prev + data.encode()).digest()
+                    yield (
+                        seq, partner, key_id, req, appointment, patient, view, rec_fields, rec_consent, rpc,
+                        trace_id, when, outcome, reason, prev, h,
+                    )  # fmt: skip
+                    prev = h
+                state.update(seq=seq, prev=prev, t=t)
+
+        await _copy(conn, "disclosures", columns, records(), spec.records, "disclosures")
+        head = (state["seq"], state["prev"])
+        await conn.execute("UPDATE ledger_head SET seq = $1, hash = $2", head[0], head[1])
+        print("recreating ledger indexes", file=sys.stderr, flush=True)
+        await _create_indexes(conn, deferred)
+        await conn.execute("VACUUM (ANALYZE) disclosures")
+        # The Python digests must be the SQL function's: check a sample at both ends.
+        bad = await conn.fetchval(
+            "SELECT count(*) FROM disclosures d WHERE (seq <= 2000 OR seq > $1 - 2000) "
+            "AND disclosure_digest(d) IS DISTINCT FROM hash",
+            head[0],
+        )
+        if bad:
+            raise SystemExit(f"ledger generator: {bad} digests differ from disclosure_digest()")
+        busiest = await conn.fetchrow(
+            "SELECT partner_id, count(*) AS n FROM disclosures WHERE seq <= 500000 GROUP BY 1 ORDER BY 2 DESC LIMIT 1"
+        )
+        first, last = await conn.fetchrow("SELECT min(disclose_time), max(disclose_time) FROM disclosures")
+        meta = {
+            "spec": asdict(spec),
+            "database": LEDGER_DB,
+            "head_seq": head[0],
+            "busiest_partner_id": str(busiest["partner_id"]),
+            "first_time": first.isoformat(),
+            "last_time": last.isoformat(),
+            "generated_at": datetime.now(UTC).isoformat(),
+            "generation_seconds": round(time.monotonic() - started, 1),
+        }
+        await _write_meta(conn, meta)
+        size = await conn.fetchval("SELECT pg_size_pretty(pg_database_size(current_database()))")
+    finally:
+        await conn.close()
+    print(f"{LEDGER_DB}: done in {time.monotonic() - started:.0f}s ({size}), head at {head[0]:,}", file=sys.stderr)
+    return meta
+
+
+def verify_ledger() -> int:
+    """Run ``python -m service audit verify --no-seal`` on the ledger database; return its exit code."""
+    env = {**os.environ, "DATABASE_URL": with_database(admin_dsn(), LEDGER_DB)}
+    env.setdefault("APPTGATE_SERVER_SECRET", base64.urlsafe_b64encode(b"bench-ledger-seal-key-0123456789").decode())
+    started = time.monotonic()
+    code = subprocess.run(
+        [sys.executable, "-m", "service", "audit", "verify", "--no-seal"],
+        cwd=source(),
+        env=service_env(env),
+        check=False,
+    ).returncode
+    print(f"audit verify: exit {code} in {time.monotonic() - started:.0f}s", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    world = sub.add_parser("world", help="an appointment world")
+    world.add_argument("--size", default="100k", help="appointments: 100k, 1m, 10m, … (default 100k)")
+    world.add_argument("--practitioners", type=int, default=2_000)
+    world.add_argument("--patients", type=int, default=0, help="default: size/5, at least 20,000")
+    world.add_argument("--partners", type=int, default=1_000)
+    world.add_argument("--grants-per-partner", type=int, default=20)
+    world.add_argument("--regen", action="store_true", help="drop and rebuild even when it exists")
+    ledger = sub.add_parser("ledger", help="the disclosure ledger")
+    ledger.add_argument("--records", default="10m")
+    ledger.add_argument("--partners", type=int, default=1_000)
+    ledger.add_argument("--days", type=int, default=30)
+    ledger.add_argument("--regen", action="store_true")
+    ledger.add_argument("--verify", action="store_true", help="then run `python -m service audit verify` (slow)")
+    drop = sub.add_parser("drop", help="drop benchmark databases")
+    drop.add_argument("names", nargs="*", help="sizes (100k, 1m, …) or 'ledger'")
+    drop.add_argument("--all", action="store_true")
+    args = parser.parse_args(argv)
+    if args.command == "world":
+        spec = WorldSpec(
+            parse_size(args.size),
+            practitioners=args.practitioners,
+            patients=args.patients,
+            partners=args.partners,
+            grants_per_partner=args.grants_per_partner,
+        )
+        meta = asyncio.run(generate_world(spec, regen=args.regen))
+        print(json.dumps({k: meta[k] for k in ("database", "days", "generation_seconds")}))
+        return 0
+    if args.command == "ledger":
+        lspec = LedgerSpec(parse_size(args.records), partners=args.partners, days=args.days)
+        meta = asyncio.run(generate_ledger(lspec, regen=args.regen))
+        print(json.dumps({k: meta[k] for k in ("database", "head_seq", "busiest_partner_id", "generation_seconds")}))
+        return verify_ledger() if args.verify else 0
+    names = []
+    if args.all:
+        conn_names = asyncio.run(_bench_databases())
+        names = conn_names
+    else:
+        names = [LEDGER_DB if n == "ledger" else world_db_name(parse_size(n)) for n in args.names]
+    for name in names:
+        asyncio.run(drop_database(name))
+        print(f"dropped {name}", file=sys.stderr)
+    return 0
+
+
+async def _bench_databases() -> list[str]:
+    conn = await _admin()
+    try:
+        rows = await conn.fetch("SELECT datname FROM pg_database WHERE datname LIKE 'apptgate\\_bench\\_%'")
+    finally:
+        await conn.close()
+    return [r["datname"] for r in rows]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

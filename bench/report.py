@@ -1,0 +1,275 @@
+"""Turns a benchmark run (the JSON that ``bench/run.py`` collects) into its markdown table, ratios and chart.
+
+.venv/bin/python bench/report.py bench/results/2030-01-01-1200.json   # re-render a stored run
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+SCENARIO_NAMES = {"list": "ListAppointments (page of 50)", "get": "GetAppointment",
+                  "contact": "GetAppointmentContact (valid token)"}  # fmt: skip
+VARIANT_ORDER = ["gateway", "gateway+tracing", "gateway+whatif", "naive", "bare"]
+
+# The targets of issue 8 (ratios measured in one run; not timed tests).
+TARGETS = {
+    "list_vs_naive": 1.0,
+    "list_vs_bare": 0.30,
+    "list_p99_ms": 25.0,
+    "contact_vs_naive": 0.8,
+    "growth_p50": 1.3,
+    "breach_seconds": 10.0,
+    "rss_mib": 150.0,
+}
+
+
+def _size_key(label: str) -> int:
+    number = float(label[:-1]) if label[-1] in "km" else float(label)
+    return int(number * (1_000 if label.endswith("k") else 1_000_000 if label.endswith("m") else 1))
+
+
+def _find(runs: list[dict[str, Any]], **where: Any) -> dict[str, Any] | None:
+    for run in runs:
+        if all(run.get(k) == v for k, v in where.items()):
+            return run
+    return None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if not a or not b:
+        return None
+    return a / b
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _mark(ok: bool | None) -> str:
+    return "–" if ok is None else ("met" if ok else "**missed**")
+
+
+def table(runs: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| size | scenario | variant | c | req/s | p50 ms | p99 ms | server CPU s (ms/req) | PostgreSQL CPU s (ms/req) "
+        "| RSS MiB (peak) | resp. bytes | errors |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    ordered = sorted(
+        runs,
+        key=lambda r: (
+            _size_key(r["size"]), list(SCENARIO_NAMES).index(r["scenario"]),
+            VARIANT_ORDER.index(r["variant"]) if r["variant"] in VARIANT_ORDER else 9, r["concurrency"],
+        ),
+    )  # fmt: skip
+    for r in ordered:
+        lines.append(
+            f"| {r['size']} | {r['scenario']} | {r['variant']} | {r['concurrency']} | {r['rps']:,.0f} | "
+            f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['server_cpu_s']:.1f} ({r['server_cpu_ms_per_req']:.3f}) | "
+            f"{r['pg_cpu_s']:.1f} ({r['pg_cpu_ms_per_req']:.3f}) | {r['rss_mib']:.0f} ({r['hwm_mib']:.0f}) | "
+            f"{r['response_bytes']:,} | {r['errors']} |"
+        )
+    return lines
+
+
+def ratios(runs: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| size | scenario | c | gateway / naive | gateway / bare | tracing on / off (req/s) | tracing on / off (p99) "
+        "| what-if / naive |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    keys = sorted({(r["size"], r["scenario"], r["concurrency"]) for r in runs},
+                  key=lambda k: (_size_key(k[0]), list(SCENARIO_NAMES).index(k[1]), k[2]))  # fmt: skip
+    for size, scenario, c in keys:
+        g = _find(runs, size=size, scenario=scenario, concurrency=c, variant="gateway")
+        n = _find(runs, size=size, scenario=scenario, concurrency=c, variant="naive")
+        b = _find(runs, size=size, scenario=scenario, concurrency=c, variant="bare")
+        t = _find(runs, size=size, scenario=scenario, concurrency=c, variant="gateway+tracing")
+        w = _find(runs, size=size, scenario=scenario, concurrency=c, variant="gateway+whatif")
+        if g is None:
+            continue
+        lines.append(
+            f"| {size} | {scenario} | {c} | {_fmt(_ratio(g['rps'], n and n['rps']))} | "
+            f"{_fmt(_ratio(g['rps'], b and b['rps']))} | {_fmt(_ratio(t and t['rps'], g['rps']))} | "
+            f"{_fmt(_ratio(t and t['p99_ms'], g['p99_ms']))} | {_fmt(_ratio(w and w['rps'], n and n['rps']))} |"
+        )
+    return lines
+
+
+def targets(report: dict[str, Any]) -> list[str]:
+    runs = report["runs"]
+    sizes = sorted({r["size"] for r in runs}, key=_size_key)
+    base = sizes[0] if sizes else "100k"
+    g = _find(runs, size=base, scenario="list", concurrency=16, variant="gateway")
+    n = _find(runs, size=base, scenario="list", concurrency=16, variant="naive")
+    b = _find(runs, size=base, scenario="list", concurrency=16, variant="bare")
+    gc = _find(runs, size=base, scenario="contact", concurrency=16, variant="gateway")
+    nc = _find(runs, size=base, scenario="contact", concurrency=16, variant="naive")
+    rows = ["| target (issue 8) | measured | verdict |", "| --- | ---: | --- |"]
+    r = _ratio(g and g["rps"], n and n["rps"])
+    rows.append(f"| ListAppointments c=16, {base}: ≥ {TARGETS['list_vs_naive']}× naive | {_fmt(r)}× | "
+                f"{_mark(None if r is None else r >= TARGETS['list_vs_naive'])} |")  # fmt: skip
+    r = _ratio(g and g["rps"], b and b["rps"])
+    rows.append(f"| ListAppointments c=16, {base}: ≥ {TARGETS['list_vs_bare']}× bare | {_fmt(r)}× | "
+                f"{_mark(None if r is None else r >= TARGETS['list_vs_bare'])} |")  # fmt: skip
+    p99 = g["p99_ms"] if g else None
+    rows.append(f"| ListAppointments c=16, {base}: p99 ≤ {TARGETS['list_p99_ms']:.0f} ms | {_fmt(p99)} ms | "
+                f"{_mark(None if p99 is None else p99 <= TARGETS['list_p99_ms'])} |")  # fmt: skip
+    r = _ratio(gc and gc["rps"], nc and nc["rps"])
+    rows.append(f"| GetAppointmentContact c=16, {base}: ≥ {TARGETS['contact_vs_naive']}× naive contact read | "
+                f"{_fmt(r)}× | {_mark(None if r is None else r >= TARGETS['contact_vs_naive'])} |")  # fmt: skip
+    for c in (1, 16):
+        first = _find(runs, size=base, scenario="list", concurrency=c, variant="gateway")
+        for size in sizes[1:]:
+            other = _find(runs, size=size, scenario="list", concurrency=c, variant="gateway")
+            r = _ratio(other and other["p50_ms"], first and first["p50_ms"])
+            verdict = (
+                _mark(None if r is None else r <= TARGETS["growth_p50"])
+                if size == "10m"
+                else ("(10M is the target)" if r is None or r <= TARGETS["growth_p50"] else "**over 1.3× already**")
+            )
+            rows.append(f"| ListAppointments p50 growth {base}→{size}, c={c}: ≤ {TARGETS['growth_p50']}× (at 10M) | "
+                        f"{_fmt(r)}× ({_fmt(first and first['p50_ms'])} → {_fmt(other and other['p50_ms'])} ms) | "
+                        f"{verdict} |")  # fmt: skip
+    breach = report.get("breach")
+    if breach:
+        days = [x["seconds"] for x in breach["runs"] if x["window"] == "one day"]
+        worst = max(days) if days else None
+        rows.append(f"| breach report, one partner, one day of a {breach['records']:,}-record ledger: < "
+                    f"{TARGETS['breach_seconds']:.0f} s | {_fmt(worst)} s (worst of {len(days)}) | "
+                    f"{_mark(None if worst is None else worst < TARGETS['breach_seconds'])} |")  # fmt: skip
+    else:
+        rows.append("| breach report over a 10M-record ledger: < 10 s | not run (no 10M ledger; `--ledger`) | – |")
+    gateway_peaks = [r["hwm_mib"] for r in runs if r["variant"].startswith("gateway")]
+    peak = max(gateway_peaks) if gateway_peaks else None
+    rows.append(f"| gateway RSS under load < {TARGETS['rss_mib']:.0f} MiB per worker | {_fmt(peak, 0)} MiB peak | "
+                f"{_mark(None if peak is None else peak < TARGETS['rss_mib'])} |")  # fmt: skip
+    return rows
+
+
+def markdown(report: dict[str, Any], chart_name: str | None) -> str:
+    m = report["machine"]
+    s = report["settings"]
+    out = [
+        f"# apptgate benchmark — {report['date']}",
+        "",
+        f"- machine: {m['nproc']} CPUs, {m['cpu_model']}, {m['mem_gib']} GiB, Linux {m['kernel']}",
+        f"- PostgreSQL {report['postgresql']} (same machine); commit {report['commit']}",
+        f"- command: `{report['command']}`; wall time {report.get('wall_seconds', 0):.0f} s",
+        f"- each run: {s['warmup_s']:.0f} s h2load warm-up, then {s['duration_s']:.0f} s measured; "
+        f"{s['workers']} server process(es) per variant; concurrency c = {s['h2load_clients']}",
+        "- CPU: seconds used by the server's process tree and by all PostgreSQL processes during the measured "
+        "run (/proc), and per request; RSS at the end of the run (peak since start).",
+        "",
+        "## Results",
+        "",
+        *table(report["runs"]),
+        "",
+        "## Ratios (throughput unless noted)",
+        "",
+        *ratios(report["runs"]),
+        "",
+        "## Targets",
+        "",
+        *targets(report),
+        "",
+    ]
+    breach = report.get("breach")
+    if breach:
+        out += ["## Breach report", "", f"Busiest partner `{breach['partner']}` over a {breach['records']:,}-record "
+                "ledger, `python -m service audit breach-report --format csv` (process start included):", "",
+                "| window | seconds | patients | appointments |", "| --- | ---: | ---: | ---: |"]  # fmt: skip
+        for run in breach["runs"]:
+            t = run["totals"]
+            out.append(f"| {run['window']} | {run['seconds']:.2f} | {t.get('patients', '?'):,} | "
+                       f"{t.get('appointments', '?'):,} |")  # fmt: skip
+        if breach.get("explain"):
+            out += ["", "```", breach["explain"], "```"]
+        out.append("")
+    profile = report.get("profile")
+    if profile:
+        out += ["## Profile (py-spy, ListAppointments c=16)", ""]
+        for tag, data in profile.items():
+            out += [f"### {tag} frames — {data['samples']} samples, {data.get('rps_under_profiler')} req/s under "
+                    f"the profiler (`{data['folded']}`)", "", "| self % | frame |", "| ---: | --- |"]  # fmt: skip
+            out += [f"| {pct} | `{name}` |" for name, pct in data["self"][:20]]
+            out += ["", "| inclusive % | frame |", "| ---: | --- |"]
+            out += [f"| {pct} | `{name}` |" for name, pct in data["inclusive"][:25]]
+            out.append("")
+    if chart_name:
+        out += [f"![throughput and p99 against concurrency]({chart_name})", ""]
+    return "\n".join(out)
+
+
+def chart(report: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no chart", file=sys.stderr)
+        return False
+    runs = report["runs"]
+    sizes = sorted({r["size"] for r in runs}, key=_size_key)
+    full = sizes[0]
+    scenarios = [s for s in SCENARIO_NAMES if any(r["scenario"] == s for r in runs)]
+    fig, axes = plt.subplots(len(scenarios), 2, figsize=(12, 3.6 * len(scenarios)), squeeze=False)
+    styles = {"gateway": ("C0", "o"), "gateway+tracing": ("C3", "s"), "gateway+whatif": ("C4", "v"),
+              "naive": ("C1", "^"), "bare": ("C2", "D")}  # fmt: skip
+    for row, scenario in enumerate(scenarios):
+        for size in sizes:
+            for variant in VARIANT_ORDER:
+                points = sorted(
+                    (r["concurrency"], r["rps"], r["p99_ms"])
+                    for r in runs
+                    if r["scenario"] == scenario and r["variant"] == variant and r["size"] == size
+                )
+                if not points:
+                    continue
+                color, marker = styles.get(variant, ("k", "x"))
+                dashed = size != full
+                label = f"{variant} ({size})"
+                xs = [p[0] for p in points]
+                style = {"marker": marker, "color": color, "label": label,
+                         "linestyle": "--" if dashed else "-", "alpha": 0.6 if dashed else 1}  # fmt: skip
+                axes[row][0].plot(xs, [p[1] for p in points], **style)
+                axes[row][1].plot(xs, [p[2] for p in points], **style)
+        for col, (ylabel, title) in enumerate((("req/s", "throughput"), ("ms", "p99 latency"))):
+            ax = axes[row][col]
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted({r["concurrency"] for r in runs}))
+            ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.set_xlabel("concurrency")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{SCENARIO_NAMES[scenario]}: {title}")
+            ax.grid(True, alpha=0.3)
+            ax.set_yscale("log")
+        axes[row][0].legend(fontsize=7)
+    m = report["machine"]
+    fig.suptitle(f"apptgate, {report['date'][:10]}, {m['nproc']} CPUs, PostgreSQL {report['postgresql']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def write(report: dict[str, Any], out: Path, stamp: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / f"{stamp}.json"
+    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    png_path = out / f"{stamp}.png"
+    has_chart = chart(report, png_path)
+    md_path = out / f"{stamp}.md"
+    md_path.write_text(markdown(report, png_path.name if has_chart else None))
+    print(md_path.read_text())
+    return [md_path, json_path, *([png_path] if has_chart else [])]
+
+
+if __name__ == "__main__":
+    source = Path(sys.argv[1])
+    data = json.loads(source.read_text())
+    write(data, source.parent, source.stem)
