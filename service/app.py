@@ -27,7 +27,7 @@ from appointments.partner.v1 import partner_appointment_service_pb2_grpc
 
 from service import audit_api, auth, consent_api, internal_api, partner_api, sealing
 from service.consent import ConsentKeyring
-from service.errors import ConfigError
+from service.errors import ApptgateError, ConfigError
 from service.extraction import ExtractionGuard
 from service.feed import FeedHub
 from service.keyfiles import load_data_keys, load_server_secret, load_signing_keys
@@ -36,7 +36,7 @@ from service.pseudonyms import Pseudonyms, derive_key
 from service.reflection import DocumentedPool, documented_files
 from service.server import ErrorBoundary, Listener, start_listener
 from service.settings import Settings, is_loopback
-from service.store import sealed_columns
+from service.store import ledger, sealed_columns
 from service.store.database import Database, partner_login_dsn
 from service.store.embedded import EmbeddedPostgres
 from service.telemetry import Telemetry
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 PARTNER_PREFIX = "/appointments.partner."
 HEALTH_INTERVAL = 1.0  # seconds between database checks behind grpc.health.v1
+LEDGER_CHAIN_INTERVAL = 0.1  # seconds between sequencer passes when it has caught up
 INTERNAL_PREFIX = "/appointments.internal."
 
 
@@ -113,6 +114,7 @@ class Gateway:
         self._internal_token = auth.InternalToken(settings.internal_token)
         self._reflection = DocumentedPool(documented_files())
         self._health_task: asyncio.Task[None] | None = None
+        self._sequencer_task: asyncio.Task[None] | None = None
         self.partner: Listener | None = None
         self.internal: Listener | None = None
 
@@ -190,6 +192,17 @@ class Gateway:
             await self.feed.stop()
             raise
         self._health_task = asyncio.create_task(self._watch_database(), name="apptgate-health")
+        self._sequencer_task = asyncio.create_task(self._chain_ledger(), name="apptgate-ledger-sequencer")
+
+    async def _chain_ledger(self) -> None:
+        """Hash-chain committed disclosure records, off the request path (one process at a time does it)."""
+        while True:
+            try:
+                async with self.database.transaction() as conn:
+                    chained = await ledger.chain(conn)
+            except ApptgateError:
+                chained = 0  # the database is away: the health task reports it; records wait, durable
+            await asyncio.sleep(0 if chained >= ledger.CHAIN_BATCH else LEDGER_CHAIN_INTERVAL)
 
     async def _watch_database(self) -> None:
         """Turn health NOT_SERVING while the database does not answer, and SERVING again when it does."""
@@ -208,10 +221,11 @@ class Gateway:
     async def stop(self, grace: float) -> None:
         """Drain both listeners: refuse new calls, let in-flight ones finish for ``grace`` seconds."""
         listeners = [listener for listener in (self.partner, self.internal) if listener is not None]
-        if self._health_task is not None:
-            self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
+        for task in (self._health_task, self._sequencer_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.feed.stop()  # streams end first (UNAVAILABLE: resume elsewhere), unary calls drain
         await asyncio.gather(*(listener.stop(grace) for listener in listeners))
 

@@ -35,7 +35,7 @@ def _uuid_text(value: UUID | None) -> str:
 def disclosure_message(row: models.Disclosure) -> audit_pb2.Disclosure:
     """The internal message of a ledger record."""
     message = audit_pb2.Disclosure(
-        disclosure_id=row.seq,
+        disclosure_id=row.id,
         partner_id=str(row.partner_id),
         key_id=row.key_id,
         appointment_id=_uuid_text(row.appointment_id),
@@ -110,12 +110,12 @@ class AuditApi(pb_grpc.AuditServiceServicer):
                 patient_id=patient,
                 start_time=start,
                 end_time=end,
-                after_seq=after,
+                after_id=after,
                 limit=size + 1,
             )
         response = pb.ListDisclosuresResponse(disclosures=[disclosure_message(r) for r in rows[:size]])
         if len(rows) > size:
-            response.next_page_token = self._page_tokens.seal(_SEQ.pack(rows[size - 1].seq), binding)
+            response.next_page_token = self._page_tokens.seal(_SEQ.pack(rows[size - 1].id), binding)
         return response
 
     async def BreachReport(

@@ -74,6 +74,8 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
         await database.ensure_migrated()
         if args.audit_command == "verify":
             seal_key = derive_key(load_server_secret(settings), b"ledger-seal")
+            async with database.transaction() as conn:  # chain what committed but is not chained yet
+                await ledger.chain_all(conn)
             async with database.transaction(readonly=True) as conn:
                 result = await ledger.verify(conn, seal_key, progress=_Progress("records checked"))
             for problem in result.problems:

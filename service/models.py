@@ -154,7 +154,7 @@ class ConsentedContact:
 class Disclosure:
     """One record of the disclosure ledger."""
 
-    seq: int
+    id: int
     partner_id: UUID
     key_id: str
     requested_id: str

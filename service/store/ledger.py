@@ -1,9 +1,11 @@
-"""The disclosure ledger: appends (one statement per response), queries, the breach report, verification.
+"""The disclosure ledger: appends (one statement per response), chaining, queries, the breach report, verification.
 
-Records are appended by ``append_disclosures`` (migration 0004), which chains
-them by hash under the ``ledger_head`` lock. Verification recomputes every
-record's digest in the database (``disclosure_digest``, the one definition)
-and walks the chain here.
+Records are appended by ``append_disclosures``, set-based and without a lock,
+in the transaction of the response they describe (migration 0011). The
+sequencer (:func:`chain`, run every ~100 ms) then numbers and hash-chains the
+committed ones under the ``ledger_head`` lock, off the request path.
+Verification recomputes every chained record's digest in the database
+(``disclosure_digest``, the one definition) and walks the chain here.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ VIEW_CONTACT = 2
 OUTCOME_DISCLOSED = 1
 OUTCOME_DENIED = 2
 GENESIS_HASH = bytes(32)
+CHAIN_BATCH = 5000
 
 _COLUMNS = (
-    "seq, partner_id, key_id, requested_id, appointment_id, patient_id, view, contact_fields, consent_id, rpc, "
+    "id, partner_id, key_id, requested_id, appointment_id, patient_id, view, contact_fields, consent_id, rpc, "
     "trace_id, disclose_time, outcome, denial_reason"
 )
 _APPEND = (
@@ -87,16 +90,16 @@ async def list_disclosures(
     patient_id: UUID | None,
     start_time: datetime | None,
     end_time: datetime | None,
-    after_seq: int,
+    after_id: int,
     limit: int,
 ) -> list[models.Disclosure]:
-    """Records matching every given filter, in ledger order, after ``after_seq``."""
+    """Records matching every given filter, in the order they were written, after ``after_id``."""
     rows = await conn.fetch(
-        f"SELECT {_COLUMNS} FROM disclosures WHERE seq > $1 "
+        f"SELECT {_COLUMNS} FROM disclosures WHERE id > $1 "
         "AND ($2::uuid IS NULL OR partner_id = $2) AND ($3::uuid IS NULL OR patient_id = $3) "
         "AND ($4::timestamptz IS NULL OR disclose_time >= $4) AND ($5::timestamptz IS NULL OR disclose_time < $5) "
-        "ORDER BY seq LIMIT $6",
-        after_seq,
+        "ORDER BY id LIMIT $6",
+        after_id,
         partner_id,
         patient_id,
         start_time,
@@ -160,6 +163,19 @@ def seal_signature(key: bytes, seq: int, chain_hash: bytes) -> bytes:
     return hmac.new(key, seq.to_bytes(8, "big") + chain_hash, hashlib.sha256).digest()
 
 
+async def chain(conn: Connection, *, batch: int = CHAIN_BATCH) -> int:
+    """Chain committed records not chained yet, up to ``batch``; return how many (0 if another process is at it)."""
+    return int(await conn.fetchval("SELECT chain_disclosures($1)", batch))
+
+
+async def chain_all(conn: Connection) -> int:
+    """Chain every record committed so far (for verification and sealing); return how many."""
+    total = 0
+    while chained := await chain(conn):
+        total += chained
+    return total
+
+
 async def verify(
     conn: Connection, seal_key: bytes, *, batch: int = 5000, progress: Callable[[int], None] | None = None
 ) -> Verification:
@@ -171,7 +187,7 @@ async def verify(
     while True:
         rows = await conn.fetch(
             "SELECT seq, prev_hash, hash, disclosure_digest(d) = hash AS intact FROM disclosures d "
-            "WHERE seq > $1 ORDER BY seq LIMIT $2",
+            "WHERE seq IS NOT NULL AND seq > $1 ORDER BY seq LIMIT $2",
             last_seq,
             batch,
         )
