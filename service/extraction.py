@@ -6,8 +6,8 @@ Three layers, each answering RESOURCE_EXHAUSTED with a RetryInfo:
 * daily caps on contact disclosures and on distinct patients reached, counted
   in PostgreSQL in the same transaction as the disclosure, so they hold across
   every process (``APPTGATE_CONTACT_DAILY_CAP``/``_PATIENT_DAILY_CAP``);
-* an anomaly detector: a day far above the partner's own recent norm is
-  flagged (an event in ``partner_events``, a metric, a log line) and, with
+* an anomaly detector: a day reaching far more distinct patients than the
+  partner's own recent norm is flagged (an event in ``partner_events``, a metric, a log line) and, with
   ``APPTGATE_ANOMALY_SUSPEND``, suspends the partner until an operator lifts it.
 
 Per-partner overrides come from ``PartnerRegistryService.SetPartnerLimits``.

@@ -103,12 +103,14 @@ async def lift_suspension(conn: Connection, partner_id: UUID) -> models.PartnerO
 
 
 async def today(conn: Connection, partner_id: UUID) -> models.PartnerUsage:
-    """The partner's counters for the current UTC day, and its recent norm."""
+    """The partner's counters for the current UTC day (disclosures from the ledger), and its recent norm."""
     row = await conn.fetchrow(
         "WITH d AS (SELECT (statement_timestamp() AT TIME ZONE 'UTC')::date AS day) "
-        "SELECT d.day::text, coalesce(u.disclosures, 0), coalesce(u.contact_disclosures, 0), "
-        "coalesce(u.patients_reached, 0), "
-        "(SELECT coalesce(sum(p.disclosures), 0) / 7.0 FROM partner_daily_usage p "
+        "SELECT d.day::text, "
+        "(SELECT count(*) FROM disclosures l WHERE l.partner_id = $1 AND l.outcome = 1 "
+        " AND l.disclose_time >= d.day::timestamp AT TIME ZONE 'UTC'), "
+        "coalesce(u.contact_disclosures, 0), coalesce(u.patients_reached, 0), "
+        "(SELECT coalesce(sum(p.patients_reached), 0) / 7.0 FROM partner_daily_usage p "
         " WHERE p.partner_id = $1 AND p.day >= d.day - 7 AND p.day < d.day)::float8, u.flag_time "
         "FROM d LEFT JOIN partner_daily_usage u ON u.partner_id = $1 AND u.day = d.day",
         partner_id,

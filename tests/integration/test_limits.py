@@ -112,7 +112,7 @@ async def test_the_daily_patient_cap_refuses_new_patients_but_not_ones_already_r
 async def watchful(
     settings: Settings, database_dsn: str, keyring: ConsentKeyring, data_keys: DataKeyring
 ) -> AsyncIterator[World]:
-    """A gateway that suspends a partner at its first anomalous day (threshold: 5 disclosures)."""
+    """A gateway that suspends a partner at its first anomalous day (threshold: 5 patients reached)."""
     database = await Database.connect(database_dsn, min_size=1, max_size=4)
     gateway = Gateway(
         replace(settings, anomaly_min_volume=5, anomaly_suspend=True),
@@ -137,13 +137,13 @@ async def test_an_anomalous_volume_is_flagged_suspends_the_partner_until_an_oper
 ) -> None:
     world = watchful
     practitioner = await world.practitioner()
-    patient = await world.patient()
     for hour in range(6):
+        patient = await world.patient()
         await world.appointment(practitioner, patient.patient_id, MONDAY + timedelta(hours=hour))
     partner = await world.partner("Spiking", practitioner)
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await partner.list()  # 6 appointments at once: over the threshold of 5
+        await partner.list()  # 6 new patients at once: over the threshold of 5
     suspended_usage = await _usage(world, partner.partner_id)
     refused_again = await _code(partner.list(page_size=1))
     lifted = await world.registry.LiftPartnerSuspension(

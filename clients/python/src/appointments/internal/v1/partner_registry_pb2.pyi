@@ -214,8 +214,8 @@ class PartnerUsage(_message.Message):
     patients_reached: _builtins.int
     """Distinct patients reached today."""
     recent_daily_average: _builtins.float
-    """The average daily disclosures over the previous seven days: the norm the
-    anomaly detector compares today against.
+    """The average number of distinct patients reached per day over the previous
+    seven days: the norm the anomaly detector compares today against.
     """
     @_builtins.property
     def flag_time(self) -> _timestamp_pb2.Timestamp:

@@ -252,8 +252,8 @@ export type PartnerUsage = Message<"appointments.internal.v1.PartnerUsage"> & {
   patientsReached: bigint;
 
   /**
-   * The average daily disclosures over the previous seven days: the norm the
-   * anomaly detector compares today against.
+   * The average number of distinct patients reached per day over the previous
+   * seven days: the norm the anomaly detector compares today against.
    *
    * @generated from field: double recent_daily_average = 6;
    */
