@@ -46,7 +46,6 @@ class ExtractionGuard:
 
     def __init__(self, settings: Settings, telemetry: Telemetry) -> None:
         self._settings = settings
-        self._telemetry = telemetry
         self._buckets = TokenBuckets()
         self._anomalies = telemetry.anomalies
 

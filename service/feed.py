@@ -79,7 +79,6 @@ class FeedHub:
         retention: timedelta = timedelta(days=7),
     ) -> None:
         self._db = database
-        self._buffer = buffer
         self._max_streams = max_streams_per_partner
         self._retention = retention
         self._subscriptions: dict[UUID, set[Subscription]] = defaultdict(set)

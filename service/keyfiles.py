@@ -12,6 +12,7 @@ import binascii
 import logging
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 from service.consent import ConsentKeyring, SigningKey
@@ -58,13 +59,13 @@ def load_server_secret(settings: Settings) -> bytes:
     if settings.production:
         raise ConfigError(["APPTGATE_SERVER_SECRET or APPTGATE_SERVER_SECRET_FILE is required in production"])
     path = settings.data_dir / SERVER_SECRET_FILE
-    if not path.exists():
-        try:
-            write_private(path, base64.urlsafe_b64encode(secrets.token_bytes(32)).decode() + "\n")
-            log.warning("created a development server secret at %s; set APPTGATE_SERVER_SECRET in production", path)
-        except FileExistsError:
-            pass
-    return _decode(path.read_text(), str(path))
+    text = _development_file(
+        path,
+        lambda: base64.urlsafe_b64encode(secrets.token_bytes(32)).decode() + "\n",
+        "server secret",
+        "APPTGATE_SERVER_SECRET",
+    )
+    return _decode(text, str(path))
 
 
 SIGNING_KEYS_FILE = "signing-keys"
@@ -91,6 +92,18 @@ def _create_private_atomically(path: Path, content: str) -> bool:
     finally:
         temporary.unlink()
     return True
+
+
+def _development_file(path: Path, content: Callable[[], str], what: str, variable: str) -> str:
+    """Return the text of a development key file, creating it (race-safe, mode 0600) on first use with a warning."""
+    if not path.exists():
+        try:
+            created = _create_private_atomically(path, content())
+        except OSError as exc:
+            raise ConfigError([f"{path}: cannot create a development {what} ({exc.strerror})"]) from None
+        if created:
+            log.warning("created a development %s at %s; set %s in production", what, path, variable)
+    return _read_key_file(path, str(path))
 
 
 def _read_key_file(path: Path, label: str) -> str:
@@ -127,15 +140,13 @@ def load_signing_keys(settings: Settings) -> ConsentKeyring:
     if settings.production:
         raise ConfigError(["APPTGATE_SIGNING_KEY or APPTGATE_SIGNING_KEY_FILE is required in production"])
     path = settings.data_dir / SIGNING_KEYS_FILE
-    if not path.exists():
-        content = _DEV_SIGNING_KEYS_HEADER + SigningKey.generate().secret_paserk() + "\n"
-        try:
-            created = _create_private_atomically(path, content)
-        except OSError as exc:
-            raise ConfigError([f"{path}: cannot create a development signing key ({exc.strerror})"]) from None
-        if created:
-            log.warning("created a development consent-signing key at %s; set APPTGATE_SIGNING_KEY in production", path)
-    return _keyring(_read_key_file(path, str(path)), str(path))
+    text = _development_file(
+        path,
+        lambda: _DEV_SIGNING_KEYS_HEADER + SigningKey.generate().secret_paserk() + "\n",
+        "consent-signing key",
+        "APPTGATE_SIGNING_KEY",
+    )
+    return _keyring(text, str(path))
 
 
 DATA_KEYS_FILE = "data-keys"
@@ -169,11 +180,7 @@ def load_data_keys(settings: Settings) -> DataKeyring:
     if settings.production:
         raise ConfigError(["APPTGATE_DATA_KEY or APPTGATE_DATA_KEY_FILE is required in production"])
     path = settings.data_dir / DATA_KEYS_FILE
-    if not path.exists():
-        try:
-            created = _create_private_atomically(path, _DEV_DATA_KEYS_HEADER + new_key_text(1) + "\n")
-        except OSError as exc:
-            raise ConfigError([f"{path}: cannot create a development data key ({exc.strerror})"]) from None
-        if created:
-            log.warning("created a development data key at %s; set APPTGATE_DATA_KEY in production", path)
-    return _data_keyring(_read_key_file(path, str(path)), str(path))
+    text = _development_file(
+        path, lambda: _DEV_DATA_KEYS_HEADER + new_key_text(1) + "\n", "data key", "APPTGATE_DATA_KEY"
+    )
+    return _data_keyring(text, str(path))

@@ -71,7 +71,7 @@ class PartnerClient:
         self.target = target
         self._retry = retry
         self._metadata = _transport.bearer_metadata(key, "key")
-        self._call = _transport.Caller(_transport.bearer_metadata(key, "key"), _transport.check_timeout(timeout), retry)
+        self._call = _transport.Caller(self._metadata, _transport.check_timeout(timeout), retry)
         self._channel = _transport.sync_channel(target, credentials, _transport.channel_options(retry, options))
         self._stub = pb_grpc.PartnerAppointmentServiceStub(self._channel)
 
