@@ -32,6 +32,7 @@ from service.extraction import ExtractionGuard
 from service.feed import FeedHub
 from service.keyfiles import load_data_keys, load_server_secret, load_signing_keys
 from service.pagination import PageTokens
+from service.partner_gate import SERVICE_NAME, PartnerGate
 from service.pseudonyms import Pseudonyms, derive_key
 from service.reflection import DocumentedPool, documented_files
 from service.server import ErrorBoundary, Listener, start_listener
@@ -40,6 +41,7 @@ from service.store import ledger, sealed_columns
 from service.store.database import Database, partner_login_dsn
 from service.store.embedded import EmbeddedPostgres
 from service.telemetry import Telemetry
+from service.watch_api import AppointmentFeed
 
 log = logging.getLogger(__name__)
 
@@ -123,18 +125,20 @@ class Gateway:
         return self._pseudonyms.for_partner(partner_id).appointment_id(appointment_id)
 
     def _register_partner(self, server: grpc.aio.Server) -> list[str]:
+        gate = PartnerGate(self._guard, self.telemetry)
+        feed = AppointmentFeed(self.database, gate, self._pseudonyms, self._page_tokens, self.feed, self.telemetry)
         api = partner_api.PartnerAppointmentApi(
             self.database,
+            gate,
             self._pseudonyms,
             self._page_tokens,
             self._keyring,
             self.telemetry,
-            self.feed,
             self._data_keys,
-            self._guard,
+            feed,
         )
         partner_appointment_service_pb2_grpc.add_PartnerAppointmentServiceServicer_to_server(api, server)
-        return [partner_api.SERVICE_NAME]
+        return [SERVICE_NAME]
 
     def _register_internal(self, server: grpc.aio.Server) -> list[str]:
         scheduling_service_pb2_grpc.add_SchedulingServiceServicer_to_server(

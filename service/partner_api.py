@@ -11,7 +11,7 @@ leaves: no data is sent unless its audit record is durable.
 from __future__ import annotations
 
 import struct
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
@@ -28,12 +28,11 @@ from appointments.partner.v1 import (
     partner_appointment_service_pb2_grpc as pb_grpc,
 )
 
-from service import auth, models, pagination, sealing, validation, views
+from service import auth, pagination, sealing, validation, views
 from service.consent import (
     CONSENT_EXPIRED,
     CONSENT_INVALID,
     CONSENT_REVOKED,
-    CONTACT_FIELDS,
     ConsentDenied,
     ConsentKeyring,
 )
@@ -42,32 +41,25 @@ from service.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
-    OutOfRange,
     PermissionDenied,
-    Unauthenticated,
 )
-from service.extraction import SUSPENDED, ExtractionGuard
-from service.feed import FeedHub, Subscription
-from service.limits import PartnerPolicy
+from service.extraction import SUSPENDED
+from service.partner_gate import PartnerGate
 from service.pseudonyms import Pseudonyms, looks_like_appointment_id
-from service.store import consents, ledger, partner_reads, partners
-from service.store import feed as store_feed
-from service.store.database import PARTNER_ROLE, Connection, Database
-from service.telemetry import Telemetry, annotate, current_trace_id
+from service.store import consents, ledger, partner_reads
+from service.store.database import PARTNER_ROLE, Database
+from service.telemetry import Telemetry, annotate
+from service.watch_api import AppointmentFeed
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 MAX_WINDOW = timedelta(days=366)
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PartnerAppointmentService"].full_name
-_RPC_PREFIX = f"/{SERVICE_NAME}/"
-_POSITION = struct.Struct(">q")
 
 
 class PartnerSuspended(Exception):
     """Internal signal: the call just suspended its partner (commit, send nothing)."""
 
 
-_REPLAY_BATCH = 500
 _CONSENT_STATES = {"revoked": CONSENT_REVOKED, "expired": CONSENT_EXPIRED, "unknown": CONSENT_INVALID}
 
 
@@ -118,61 +110,23 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
     def __init__(
         self,
         database: Database,
+        gate: PartnerGate,
         pseudonyms: Pseudonyms,
         page_tokens: pagination.PageTokens,
         keyring: ConsentKeyring,
         telemetry: Telemetry,
-        hub: FeedHub,
         data_keys: sealing.DataKeyring,
-        guard: ExtractionGuard,
+        feed: AppointmentFeed,
     ) -> None:
         self._db = database
-        self._guard = guard
+        self._gate = gate
+        self._guard = gate.guard
         self._data_keys = data_keys
         self._pseudonyms = pseudonyms
         self._page_tokens = page_tokens
         self._keyring = keyring
         self._telemetry = telemetry
-        self._hub = hub
-
-    async def _authenticate(self, conn: Connection, token: str, key_id: str) -> tuple[auth.Principal, PartnerPolicy]:
-        """Verify the key, then refuse a suspended or too eager partner; return who calls and its limits."""
-        key, overrides = await partners.authenticate_key(conn, key_id)
-        principal = auth.verify_partner_key(token, key)
-        annotate(partner_id=str(principal.partner_id), key_id=principal.key_id)
-        policy = self._guard.policy(overrides)
-        self._guard.admit(principal.partner_id, policy)
-        return principal, policy
-
-    def _disclosed(self, view: str, count: int, fields: Sequence[int] = ()) -> None:
-        annotate(view=view, appointments=count)
-        if view == "basic":
-            self._telemetry.disclosures.add(count, {"view": view, "contact_field": "none"})
-        for number in fields:
-            self._telemetry.disclosures.add(count, {"view": view, "contact_field": CONTACT_FIELDS[number]})
-
-    @staticmethod
-    def _entry(
-        principal: auth.Principal,
-        rpc: str,
-        view: int,
-        *,
-        denial_reason: str = "",
-        contact_fields: Sequence[int] = (),
-        consent_id: UUID | None = None,
-    ) -> ledger.Entry:
-        """The ledger entry of this call; a ``denial_reason`` marks a refused attempt."""
-        return ledger.Entry(
-            principal.partner_id,
-            principal.key_id,
-            _RPC_PREFIX + rpc,
-            current_trace_id(),
-            view,
-            outcome=ledger.OUTCOME_DENIED if denial_reason else ledger.OUTCOME_DISCLOSED,
-            denial_reason=denial_reason,
-            contact_fields=contact_fields,
-            consent_id=consent_id,
-        )
+        self._feed = feed
 
     async def ListAppointments(
         self, request: pb.ListAppointmentsRequest, context: grpc.aio.ServicerContext
@@ -182,7 +136,7 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
         key_id = auth.partner_key_id(token)
         failure: ApptgateError | None = None
         async with self._db.transaction(role=PARTNER_ROLE) as conn:
-            principal, policy = await self._authenticate(conn, token, key_id)
+            principal, policy = await self._gate.authenticate(conn, token, key_id)
             binding = query.binding(principal.partner_id)
             after = None
             if query.page_token:
@@ -207,7 +161,7 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
                 and not await partner_reads.is_granted(conn, principal.partner_id, query.practitioner_id)
             ):
                 failure = NotFound("practitioner not found")
-                entry = self._entry(principal, "ListAppointments", ledger.VIEW_BASIC, denial_reason="NOT_FOUND")
+                entry = self._gate.entry(principal, "ListAppointments", ledger.VIEW_BASIC, denial_reason="NOT_FOUND")
                 await ledger.append(conn, entry, [(request.practitioner_id, None, None)])
             elif not await self._guard.charge(conn, principal.partner_id, policy, [row.patient_id for row in page]):
                 failure = SUSPENDED  # committed (the suspension must stick), nothing sent
@@ -216,10 +170,10 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
                 messages = [views.basic_appointment(row, ids) for row in page]
                 await ledger.append(
                     conn,
-                    self._entry(principal, "ListAppointments", ledger.VIEW_BASIC),
+                    self._gate.entry(principal, "ListAppointments", ledger.VIEW_BASIC),
                     [(m.appointment_id, row.id, row.patient_id) for m, row in zip(messages, page, strict=True)],
                 )
-                self._disclosed("basic", len(messages))
+                self._gate.disclosed("basic", len(messages))
         if failure is not None:
             raise failure
         response = pb.ListAppointmentsResponse(appointments=messages)
@@ -238,7 +192,7 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
         key_id = auth.partner_key_id(token)
         failure: ApptgateError | None = None
         async with self._db.transaction(role=PARTNER_ROLE) as conn:
-            principal, policy = await self._authenticate(conn, token, key_id)
+            principal, policy = await self._gate.authenticate(conn, token, key_id)
             ids = self._pseudonyms.for_partner(principal.partner_id)
             appointment_id = ids.parse_appointment_id(request.appointment_id)
             row = await partner_reads.get_appointment(conn, principal.partner_id, appointment_id)
@@ -246,15 +200,15 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
                 # No metadata: "does not exist", "not yours" and "no longer granted"
                 # must be byte-for-byte the same answer.
                 failure = NotFound("appointment not found")
-                entry = self._entry(principal, "GetAppointment", ledger.VIEW_BASIC, denial_reason="NOT_FOUND")
+                entry = self._gate.entry(principal, "GetAppointment", ledger.VIEW_BASIC, denial_reason="NOT_FOUND")
                 await ledger.append(conn, entry, [(request.appointment_id, None, None)])
             elif not await self._guard.charge(conn, principal.partner_id, policy, [row.patient_id]):
                 failure = SUSPENDED
             else:
                 message = views.basic_appointment(row, ids)
-                entry = self._entry(principal, "GetAppointment", ledger.VIEW_BASIC)
+                entry = self._gate.entry(principal, "GetAppointment", ledger.VIEW_BASIC)
                 await ledger.append(conn, entry, [(request.appointment_id, row.id, row.patient_id)])
-                self._disclosed("basic", 1)
+                self._gate.disclosed("basic", 1)
         if failure is not None:
             raise failure
         return message
@@ -267,14 +221,14 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
         key_id = auth.partner_key_id(token)
         failure: ApptgateError | None = None
         async with self._db.transaction(role=PARTNER_ROLE) as conn:
-            principal, policy = await self._authenticate(conn, token, key_id)
+            principal, policy = await self._gate.authenticate(conn, token, key_id)
             ids = self._pseudonyms.for_partner(principal.partner_id)
             row = await partner_reads.get_appointment(
                 conn, principal.partner_id, ids.parse_appointment_id(request.appointment_id)
             )
             if row is None:
                 failure = NotFound("appointment not found")
-                entry = self._entry(
+                entry = self._gate.entry(
                     principal,
                     "GetAppointmentContact",
                     ledger.VIEW_CONTACT,
@@ -302,7 +256,7 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
                     # The only decryption on the partner path: the fields a live consent released.
                     contact = sealing.open_consented_contact(self._data_keys, row.patient_id, stored)
                     message = views.appointment_contact(request.appointment_id, contact, fields)
-                    entry = self._entry(
+                    entry = self._gate.entry(
                         principal,
                         "GetAppointmentContact",
                         ledger.VIEW_CONTACT,
@@ -310,7 +264,7 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
                         consent_id=claims.consent_id,
                     )
                     await ledger.append(conn, entry, item)
-                    self._disclosed("contact", 1, fields)
+                    self._gate.disclosed("contact", 1, fields)
                     annotate(consent_presented=True, consent_outcome="GRANTED")
                 except PartnerSuspended:
                     failure = SUSPENDED
@@ -320,7 +274,7 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
                     )
                     self._telemetry.consent_denials.add(1, {"reason": denied.reason})
                     failure = PermissionDenied(denied.message, reason=denied.reason)
-                    entry = self._entry(
+                    entry = self._gate.entry(
                         principal,
                         "GetAppointmentContact",
                         ledger.VIEW_CONTACT,
@@ -332,113 +286,10 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
             raise failure
         return message
 
-    async def WatchAppointments(
+    def WatchAppointments(
         self, request: pb.WatchAppointmentsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.AppointmentChange]:
-        problems: list[FieldViolation] = []
-        practitioner = validation.parse_uuid(request.practitioner_id, "practitioner_id", problems, required=False)
-        validation.raise_if(problems)
-        token = auth.bearer_token(context.invocation_metadata())
-        key_id = auth.partner_key_id(token)
-        async with self._db.transaction(role=PARTNER_ROLE) as conn:
-            principal, _ = await self._authenticate(conn, token, key_id)
-            granted = await store_feed.granted_practitioners(conn, principal.partner_id)
-            head, pruned = await store_feed.head(conn)
-            if practitioner is not None and practitioner not in granted:
-                entry = self._entry(principal, "WatchAppointments", ledger.VIEW_BASIC, denial_reason="NOT_FOUND")
-                await ledger.append(conn, entry, [(request.practitioner_id, None, None)])
-        binding = b"WatchAppointments|" + principal.partner_id.bytes
-        resume = None
-        if request.resume_token:
-            resume = _POSITION.unpack(self._page_tokens.open(request.resume_token, binding, field="resume_token"))[0]
-            if resume < pruned:
-                raise OutOfRange(
-                    "the resume token is older than the change feed's retention window: "
-                    "list the appointments again, then watch without a token",
-                    reason="RESUME_TOKEN_EXPIRED",
-                )
-        if practitioner is not None and practitioner not in granted:
-            raise NotFound("practitioner not found")
-        if practitioner is None and not granted:
-            raise PermissionDenied("no practitioner grants the caller access", reason="NO_GRANTS")
-        annotate(view="basic")
-        sub = self._hub.subscribe(principal.partner_id, principal.key_id, practitioner, granted)
-        self._telemetry.active_streams.add(1)
-        try:
-            # Headers now tell the caller the stream is live: changes from here on reach it.
-            await context.send_initial_metadata(())
-            # "From now" is the database's head, which the hub may not have read yet.
-            cursor = max(head, sub.start_position) if resume is None else min(resume, sub.start_position)
-            while cursor < sub.start_position:  # replay what committed before the subscription
-                async with self._db.transaction(role=PARTNER_ROLE, readonly=True) as conn:
-                    await partners.bind_partner(conn, principal.partner_id)
-                    batch = await store_feed.changes(
-                        conn,
-                        after=cursor,
-                        upto=sub.start_position,
-                        limit=_REPLAY_BATCH,
-                        practitioners=list(sub.watched),
-                    )
-                for message in await self._deliver(principal, sub, batch, binding):
-                    yield message
-                cursor = batch[-1].position if len(batch) == _REPLAY_BATCH else sub.start_position
-            while True:  # then live, from the hub's shared ring
-                batch, upto = self._hub.pending(sub, cursor)
-                if batch:
-                    for message in await self._deliver(principal, sub, batch, binding):
-                        yield message
-                cursor = upto
-                if not batch:
-                    await sub.wait()
-        finally:
-            self._hub.unsubscribe(sub)
-            self._telemetry.active_streams.add(-1)
-
-    async def _deliver(
-        self, principal: auth.Principal, sub: Subscription, batch: list[models.FeedChange], binding: bytes
-    ) -> list[pb.AppointmentChange]:
-        """Check the key and grants again, audit, and build the events: in one transaction, before sending."""
-        if not batch:
-            return []
-        suspended = False
-        async with self._db.transaction(role=PARTNER_ROLE) as conn:
-            key, overrides = await partners.authenticate_key(conn, principal.key_id)
-            if key is None or key.revoke_time is not None:
-                raise Unauthenticated("the key was revoked")
-            policy = self._guard.policy(overrides)
-            if policy.suspended:
-                raise SUSPENDED
-            granted = await store_feed.granted_practitioners(conn, principal.partner_id)
-            if sub.practitioner_id is not None and sub.practitioner_id not in granted:
-                raise PermissionDenied("the practitioner revoked access", reason="ACCESS_REVOKED")
-            if not granted:
-                raise PermissionDenied("no practitioner grants access any more", reason="ACCESS_REVOKED")
-            ids = self._pseudonyms.for_partner(principal.partner_id)
-            allowed = [c for c in batch if c.appointment.practitioner_id in granted & sub.watched]
-            messages = [
-                pb.AppointmentChange(
-                    change_type=change.change_type,  # type: ignore[arg-type]
-                    appointment=views.basic_appointment(change.appointment, ids),
-                    resume_token=self._page_tokens.seal(_POSITION.pack(change.position), binding),
-                )
-                for change in allowed
-            ]
-            patients = [c.appointment.patient_id for c in allowed]
-            if messages and not await self._guard.charge(conn, principal.partner_id, policy, patients):
-                suspended = True
-            else:
-                await ledger.append(
-                    conn,
-                    self._entry(principal, "WatchAppointments", ledger.VIEW_BASIC),
-                    [
-                        (m.appointment.appointment_id, c.appointment.id, c.appointment.patient_id)
-                        for m, c in zip(messages, allowed, strict=True)
-                    ],
-                )
-        if suspended:
-            raise SUSPENDED
-        self._disclosed("basic", len(messages))
-        return messages
+        return self._feed.watch(request, context)
 
     async def ListConsentKeys(
         self, request: pb.ListConsentKeysRequest, context: grpc.aio.ServicerContext
@@ -446,7 +297,7 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
         token = auth.bearer_token(context.invocation_metadata())
         key_id = auth.partner_key_id(token)
         async with self._db.transaction(role=PARTNER_ROLE, readonly=True) as conn:
-            await self._authenticate(conn, token, key_id)
+            await self._gate.authenticate(conn, token, key_id)
         active = self._keyring.active_key_id
         return pb.ListConsentKeysResponse(
             keys=[views.consent_key(key, active=key.key_id == active) for key in self._keyring.public_keys()]
