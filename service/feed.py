@@ -34,6 +34,7 @@ from service.store.database import Database
 log = logging.getLogger(__name__)
 
 FETCH_BATCH = 1000
+_READ_TIMEOUT = 10.0  # seconds the hub waits for one catch-up read before giving up (the next notification retries)
 
 
 @dataclass(eq=False)
@@ -147,7 +148,16 @@ class FeedHub:
             raise ResourceExhausted(
                 "the stream fell too far behind; resume with the last token", reason="STREAM_TOO_SLOW", retry_delay=1
             )
-        changes = [c for c in self._ring if c.position > cursor and c.appointment.practitioner_id in sub.watched]
+        # Walk back from the newest change: a stream that keeps up looks at what is new to it,
+        # not at the whole ring (1,000 streams woken by one change would otherwise scan
+        # 1,000 ring entries each).
+        changes: list[models.FeedChange] = []
+        for change in reversed(self._ring):
+            if change.position <= cursor:
+                break
+            if change.appointment.practitioner_id in sub.watched:
+                changes.append(change)
+        changes.reverse()
         return changes, self._position
 
     def unsubscribe(self, sub: Subscription) -> None:
@@ -191,7 +201,9 @@ class FeedHub:
                 log.exception("feed dispatch failed")
 
     async def _advance(self, upto: int | None) -> None:
-        async with self._db.transaction(readonly=True) as conn:
+        # Single statements, no transaction: positions up to ``upto`` are committed and never
+        # change, and BEGIN, SET and COMMIT would be three more round trips before any wake-up.
+        async with asyncio.timeout(_READ_TIMEOUT), self._db.connection() as conn:
             if upto is None:
                 upto, _ = await store_feed.head(conn)
             while self._position < upto:

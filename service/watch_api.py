@@ -1,23 +1,38 @@
 """WatchAppointments: the change feed, replayed from a resume token and then live from the hub.
 
 Each batch is delivered the way a read discloses: the key and the grants
-are checked again, the ledger records it and the usage is counted, in one
-transaction that commits before the events are sent. Events are built by
-the same view code as ``ListAppointments``.
+are checked again, the ledger records it and the usage is counted, in a
+transaction that commits before the events are sent. The streams woken by
+the same change share that transaction (:class:`_FanoutLedger`), so a change
+watched by 1,000 streams costs one transaction, not 1,000. Events are built
+by the same view code as ``ListAppointments``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import struct
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from uuid import UUID
 
 import grpc.aio
 from appointments.partner.v1 import partner_appointment_service_pb2 as pb
 
 from service import auth, models, pagination, validation, views
-from service.errors import FieldViolation, NotFound, OutOfRange, PermissionDenied, Unauthenticated
+from service.errors import (
+    ApptgateError,
+    FieldViolation,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+)
 from service.extraction import SUSPENDED
 from service.feed import FeedHub, Subscription
+from service.limits import PartnerPolicy
 from service.partner_gate import PartnerGate
 from service.pseudonyms import Pseudonyms
 from service.store import feed as store_feed
@@ -27,6 +42,8 @@ from service.telemetry import Telemetry, annotate
 
 _POSITION = struct.Struct(">q")
 _REPLAY_BATCH = 500
+#: Most deliveries audited in one transaction (a bound on its size, not a wait).
+_GROUP_MAX = 5000
 
 
 class AppointmentFeed:
@@ -47,6 +64,7 @@ class AppointmentFeed:
         self._page_tokens = page_tokens
         self._hub = hub
         self._telemetry = telemetry
+        self._ledger = _FanoutLedger(database, gate, pseudonyms, page_tokens)
 
     async def watch(
         self, request: pb.WatchAppointmentsRequest, context: grpc.aio.ServicerContext
@@ -113,45 +131,187 @@ class AppointmentFeed:
     async def _deliver(
         self, principal: auth.Principal, sub: Subscription, batch: list[models.FeedChange], binding: bytes
     ) -> list[pb.AppointmentChange]:
-        """Check the key and grants again, audit, and build the events: in one transaction, before sending."""
+        """Check the key and grants again, audit, and build the events, committed before anything is sent.
+
+        The streams woken by one change are audited together (see :class:`_FanoutLedger`).
+        """
         if not batch:
             return []
-        suspended = False
-        async with self._db.transaction(role=PARTNER_ROLE) as conn:
-            key, overrides = await partners.authenticate_key(conn, principal.key_id)
-            if key is None or key.revoke_time is not None:
-                raise Unauthenticated("the key was revoked")
-            policy = self._gate.guard.policy(overrides)
-            if policy.suspended:
-                raise SUSPENDED
-            granted = await store_feed.granted_practitioners(conn, principal.partner_id)
-            if sub.practitioner_id is not None and sub.practitioner_id not in granted:
-                raise PermissionDenied("the practitioner revoked access", reason="ACCESS_REVOKED")
-            if not granted:
-                raise PermissionDenied("no practitioner grants access any more", reason="ACCESS_REVOKED")
-            ids = self._pseudonyms.for_partner(principal.partner_id)
-            allowed = [c for c in batch if c.appointment.practitioner_id in granted & sub.watched]
-            messages = [
-                pb.AppointmentChange(
-                    change_type=change.change_type,  # type: ignore[arg-type]
-                    appointment=views.basic_appointment(change.appointment, ids),
-                    resume_token=self._page_tokens.seal(_POSITION.pack(change.position), binding),
-                )
-                for change in allowed
-            ]
-            patients = [c.appointment.patient_id for c in allowed]
-            if messages and not await self._gate.guard.charge(conn, principal.partner_id, policy, patients):
-                suspended = True
-            else:
-                await ledger.append(
-                    conn,
-                    self._gate.entry(principal, "WatchAppointments", ledger.VIEW_BASIC),
-                    [
-                        (m.appointment.appointment_id, c.appointment.id, c.appointment.patient_id)
-                        for m, c in zip(messages, allowed, strict=True)
-                    ],
-                )
-        if suspended:
-            raise SUSPENDED
+        entry = self._gate.entry(principal, "WatchAppointments", ledger.VIEW_BASIC)
+        messages = await self._ledger.deliver(_Delivery(principal, sub, batch, binding, entry))
         self._gate.disclosed("basic", len(messages))
         return messages
+
+
+@dataclass(eq=False)
+class _Delivery:
+    """One stream's batch of changes waiting for its audit records."""
+
+    principal: auth.Principal
+    sub: Subscription
+    batch: list[models.FeedChange]
+    binding: bytes
+    entry: ledger.Entry
+    future: asyncio.Future[list[pb.AppointmentChange]] = field(init=False)
+
+
+class _CapReached(Exception):
+    """A partner's daily cap was reached while charging a group: roll the group back, retry without it."""
+
+    def __init__(self, partner_id: UUID, error: ApptgateError) -> None:
+        super().__init__(partner_id)
+        self.partner_id = partner_id
+        self.error = error
+
+
+class _FanoutLedger:
+    """Audits the deliveries of many streams in one transaction (group commit).
+
+    One change watched by 1,000 streams wakes them all at once; each hands its
+    batch here and waits. One task takes every delivery queued so far and, in
+    one transaction, re-reads the keys, the partners' limits and the grants of
+    every partner concerned (one statement), charges each partner's
+    usage once for all its streams, and appends the ledger records of every
+    stream in one statement; when it has committed, each stream gets its
+    events and sends them. Deliveries queued meanwhile form the next group.
+    The checks and the guarantee are those of a stream auditing alone — the
+    key and the grants are re-checked in the transaction that records the
+    delivery, which commits before anything is sent — in a handful of
+    statements per group instead of one transaction per stream.
+
+    The transaction spans partners, so it runs on the owner path (like the
+    hub's reads of the outbox) and filters by the grants it reads itself.
+    """
+
+    def __init__(
+        self, database: Database, gate: PartnerGate, pseudonyms: Pseudonyms, page_tokens: pagination.PageTokens
+    ) -> None:
+        self._db = database
+        self._gate = gate
+        self._pseudonyms = pseudonyms
+        self._page_tokens = page_tokens
+        self._queue: list[_Delivery] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def deliver(self, delivery: _Delivery) -> list[pb.AppointmentChange]:
+        """Queue ``delivery``; return its events once its records are committed (or raise why not)."""
+        delivery.future = asyncio.get_running_loop().create_future()
+        self._queue.append(delivery)
+        if self._task is None or self._task.done():
+            # A fresh context: the group belongs to no one call (its deadline, its span).
+            self._task = asyncio.create_task(self._run(), name="apptgate-feed-ledger", context=contextvars.Context())
+        return await delivery.future
+
+    async def _run(self) -> None:
+        # Runs after every stream woken with the first one has queued its delivery.
+        while self._queue:
+            group = [d for d in self._queue[:_GROUP_MAX] if not d.future.done()]
+            del self._queue[:_GROUP_MAX]
+            if not group:
+                continue
+            try:
+                results = await self._commit(group)
+            except asyncio.CancelledError:
+                for d in [*group, *self._queue]:
+                    d.future.cancel()
+                raise
+            except Exception as exc:  # the database failed: every stream of the group ends with it
+                for d in group:
+                    if not d.future.done():
+                        d.future.set_exception(exc)
+                continue
+            for d in group:
+                if not d.future.done():
+                    result = results[id(d)]
+                    if isinstance(result, BaseException):
+                        d.future.set_exception(result)
+                    else:
+                        d.future.set_result(result)
+
+    async def _commit(self, group: list[_Delivery]) -> dict[int, list[pb.AppointmentChange] | ApptgateError]:
+        capped: dict[UUID, ApptgateError] = {}
+        while True:
+            try:
+                return await self._commit_once(group, capped)
+            except _CapReached as cap:
+                capped[cap.partner_id] = cap.error
+
+    async def _commit_once(
+        self, group: list[_Delivery], capped: dict[UUID, ApptgateError]
+    ) -> dict[int, list[pb.AppointmentChange] | ApptgateError]:
+        results: dict[int, list[pb.AppointmentChange] | ApptgateError] = {}
+        async with self._db.transaction() as conn:
+            states = await store_feed.key_states(conn, sorted({d.principal.key_id for d in group}))
+            policies: dict[UUID, PartnerPolicy] = {}
+            allowed: dict[int, list[models.FeedChange]] = {}
+            for d in group:
+                partner_id = d.principal.partner_id
+                state = states.get(d.principal.key_id)
+                if state is None or state.revoked or state.partner_id != partner_id:
+                    results[id(d)] = Unauthenticated("the key was revoked")
+                    continue
+                policy = policies.setdefault(partner_id, self._gate.guard.policy(state.overrides))
+                granted = state.granted
+                if policy.suspended:
+                    results[id(d)] = SUSPENDED
+                elif partner_id in capped:
+                    results[id(d)] = capped[partner_id]
+                elif d.sub.practitioner_id is not None and d.sub.practitioner_id not in granted:
+                    results[id(d)] = PermissionDenied("the practitioner revoked access", reason="ACCESS_REVOKED")
+                elif not granted:
+                    results[id(d)] = PermissionDenied("no practitioner grants access any more", reason="ACCESS_REVOKED")
+                else:
+                    watched = d.sub.watched
+                    allowed[id(d)] = [
+                        c
+                        for c in d.batch
+                        if c.appointment.practitioner_id in granted and c.appointment.practitioner_id in watched
+                    ]
+            # Each partner's usage is charged once for all its streams, partners in a fixed order.
+            patients: dict[UUID, list[UUID]] = {}
+            for d in group:
+                if allowed.get(id(d)):
+                    patients.setdefault(d.principal.partner_id, []).extend(
+                        c.appointment.patient_id for c in allowed[id(d)]
+                    )
+            suspended: set[UUID] = set()
+            for partner_id in sorted(patients):
+                try:
+                    if not await self._gate.guard.charge(conn, partner_id, policies[partner_id], patients[partner_id]):
+                        suspended.add(partner_id)
+                except ResourceExhausted as exc:
+                    raise _CapReached(partner_id, exc) from exc
+            records: list[tuple[ledger.Entry, list[tuple[str, UUID | None, UUID | None]]]] = []
+            events: dict[tuple[UUID, int], pb.AppointmentChange] = {}
+            for d in group:
+                if id(d) in results:
+                    continue
+                partner_id = d.principal.partner_id
+                if partner_id in suspended:
+                    results[id(d)] = SUSPENDED
+                    continue
+                messages = [self._event(events, partner_id, c, d.binding) for c in allowed[id(d)]]
+                results[id(d)] = messages
+                records.append(
+                    (d.entry, [(m.appointment.appointment_id, c.appointment.id, c.appointment.patient_id)
+                               for m, c in zip(messages, allowed[id(d)], strict=True)])
+                )  # fmt: skip
+            await store_feed.append_deliveries(conn, records)
+        return results
+
+    def _event(
+        self,
+        events: dict[tuple[UUID, int], pb.AppointmentChange],
+        partner_id: UUID,
+        change: models.FeedChange,
+        binding: bytes,
+    ) -> pb.AppointmentChange:
+        """The event of ``change`` for this partner: the same for all its streams, so built once per group."""
+        event = events.get((partner_id, change.position))
+        if event is None:
+            event = events[(partner_id, change.position)] = pb.AppointmentChange(
+                change_type=change.change_type,  # type: ignore[arg-type]
+                appointment=views.basic_appointment(change.appointment, self._pseudonyms.for_partner(partner_id)),
+                resume_token=self._page_tokens.seal(_POSITION.pack(change.position), binding),
+            )
+        return event

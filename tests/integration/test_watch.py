@@ -369,3 +369,75 @@ async def test_each_partner_has_a_limit_on_open_streams(small_gateway: tuple[Wor
         stream.cancel()
 
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_streams_woken_by_one_change_each_receive_it_with_their_own_audit_record(world: World) -> None:
+    shared = await world.practitioner()
+    patient = await world.patient()
+    partners = [await world.partner(f"Fan {n}", shared) for n in range(3)]
+    # Per partner: two streams on the practitioner, two over every grant.
+    streams = [watch(p, practitioner_id=shared if n % 2 else "") for p in partners for n in range(4)]
+    for stream in streams:
+        await started(stream)
+    await asyncio.sleep(0.2)
+
+    booked = await world.appointment(shared, patient.patient_id, MONDAY)
+    changes = [await read(stream) for stream in streams]
+
+    ids = [c.appointment.appointment_id for c in changes]
+    assert [len(set(ids[4 * n : 4 * n + 4])) for n in range(3)] == [1, 1, 1]  # one id per partner
+    assert len(set(ids)) == 3  # pseudonyms differ between partners
+    for partner in partners:
+        records = [
+            r for r in await world.disclosures(partner_id=partner.partner_id) if r.rpc.endswith("/WatchAppointments")
+        ]
+        assert len(records) == 4  # one per stream that was sent the change
+        assert {r.appointment_id for r in records} == {booked.appointment_id}
+        assert {r.key_id for r in records} == {partner.key_id}
+
+    # One partner's key is revoked: its streams end, the others go on receiving.
+    await world.revoke_key(partners[0].key_id)
+    for stream in streams[:4]:
+        assert await ended_with(stream, within=1.0) == grpc.StatusCode.UNAUTHENTICATED
+    await world.appointment(shared, patient.patient_id, MONDAY + timedelta(hours=1))
+    later = [await read(stream) for stream in streams[4:]]
+    for stream in streams[4:]:
+        stream.cancel()
+    assert {c.appointment.start_time.ToDatetime().hour for c in later} == {MONDAY.hour + 1}
+    assert not [
+        r
+        for r in await world.disclosures(partner_id=partners[0].partner_id)
+        if r.rpc.endswith("/WatchAppointments") and r.appointment_id != booked.appointment_id
+    ]
+
+
+async def test_a_partner_over_its_daily_cap_ends_its_streams_without_holding_back_the_others(world: World) -> None:
+    shared = await world.practitioner()
+    first, second = await world.patient(), await world.patient()
+    capped = await world.partner("Capped", shared)
+    other = await world.partner("Other", shared)
+    await world.registry.SetPartnerLimits(
+        harness.registry_pb.SetPartnerLimitsRequest(partner_id=capped.partner_id, patient_daily_cap=1),
+        metadata=world.internal_metadata,
+    )
+    capped_stream, other_stream = watch(capped), watch(other)
+    await started(capped_stream)
+    await started(other_stream)
+    await asyncio.sleep(0.2)
+
+    await world.appointment(shared, first.patient_id, MONDAY)
+    assert (await read(capped_stream)).appointment.start_time.ToDatetime() == MONDAY.replace(tzinfo=None)
+    await read(other_stream)
+    await world.appointment(shared, second.patient_id, MONDAY + timedelta(hours=1))  # a second patient: over the cap
+
+    assert await ended_with(capped_stream) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (await read(other_stream)).appointment.start_time.ToDatetime().hour == MONDAY.hour + 1
+    other_stream.cancel()
+    capped_records = [
+        r for r in await world.disclosures(partner_id=capped.partner_id) if r.rpc.endswith("/WatchAppointments")
+    ]
+    other_records = [
+        r for r in await world.disclosures(partner_id=other.partner_id) if r.rpc.endswith("/WatchAppointments")
+    ]
+    assert len(capped_records) == 1  # the refused delivery left no record
+    assert len(other_records) == 2
