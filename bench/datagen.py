@@ -5,7 +5,17 @@ into dedicated databases that this module creates and drops:
 
 * ``apptgate_bench_<size>`` (``apptgate_bench_100k``, ``_1m``, ``_10m``): a
   migrated schema holding practitioners, patients, appointments, partners,
-  keys, grants and consents. The shape does not change with the size, only the
+  keys, grants and consents. Contact details and visit reasons are **sealed**
+  exactly as the service stores them (``service.sealing.seal_patient_contact``
+  and ``seal_reason`` under a data key derived from the world's seed,
+  :func:`bench_data_key`; the plaintext columns stay NULL), so the gateway
+  under test, started with that key, pays for decryption as in production.
+* ``apptgate_bench_<size>_nodefense``: the same world (same seed, so the same
+  ids, rows and order) with both defenses of issue 6 off: contact values and
+  reasons in the plaintext columns (nothing sealed) and row-level security
+  disabled on every table (``NO FORCE``, ``DISABLE``), re-applied after each
+  migration. Served by the ``gateway-nodefense`` variant and by the naive
+  baseline (which reads contact columns in clear). The shape does not change with the size, only the
   history does: 2,000 practitioners with 20 appointments a day each
   (40,000 a day), from the anchor day onwards, so 100k appointments cover 2.5
   days and 10M cover 250 days. The benchmark queries the anchor day, whose
@@ -25,6 +35,7 @@ parameters (``--regen`` drops and rebuilds it). Usage::
 
     .venv/bin/python bench/datagen.py world --size 100k
     .venv/bin/python bench/datagen.py world --size 10m
+    .venv/bin/python bench/datagen.py world --size 100k --nodefense
     .venv/bin/python bench/datagen.py ledger --records 10m [--verify]
     .venv/bin/python bench/datagen.py drop --all
 """
@@ -52,7 +63,7 @@ import asyncpg
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import Progress, admin_dsn, parse_size, service_env, size_label, source, source_migrations, with_database
 
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4  # 4: sealed contact details and reasons; nodefense worlds
 ANCHOR = datetime(2030, 1, 7, tzinfo=UTC)  # a Monday; the benchmark queries this day
 LEDGER_START = datetime(2030, 2, 1, tzinfo=UTC)
 CHUNK = 50_000
@@ -78,18 +89,30 @@ class WorldSpec:
     consents: int = 0  # 0: patients / 10
     seed: int = 8
     version: int = GENERATOR_VERSION
+    # True: values sealed, row-level security as migrated. False: values in clear, RLS disabled.
+    defended: bool = True
 
     def resolved(self) -> WorldSpec:
         patients = self.patients or max(20_000, self.appointments // 5)
         consents = self.consents or patients // 10
         return WorldSpec(
             self.appointments, self.practitioners, patients, self.partners, self.grants_per_partner,
-            self.per_day, consents, self.seed, self.version,
+            self.per_day, consents, self.seed, self.version, self.defended,
         )  # fmt: skip
 
 
-def world_db_name(appointments: int) -> str:
-    return f"apptgate_bench_{size_label(appointments)}"
+def world_db_name(appointments: int, *, defended: bool = True) -> str:
+    return f"apptgate_bench_{size_label(appointments)}" + ("" if defended else "_nodefense")
+
+
+def bench_data_key(seed: int) -> str:
+    """The data key (``APPTGATE_DATA_KEY`` text, key id 1) a world is sealed under, derived from its seed.
+
+    Synthetic data, so a derived key is fine: a world can be reused, and the
+    gateway started on it later, without storing the key anywhere.
+    """
+    key = hashlib.sha256(f"apptgate-bench-data-key|{seed}".encode()).digest()
+    return f"1:{base64.b64encode(key).decode()}"
 
 
 LEDGER_DB = "apptgate_bench_ledger"
@@ -118,9 +141,26 @@ async def drop_database(name: str) -> None:
         await conn.close()
 
 
+async def _wait_until_unused(conn: asyncpg.Connection, name: str, patience: float = 600.0) -> None:
+    """Wait while other sessions use ``name`` (another benchmark run on this shared machine), then go on."""
+    deadline = time.monotonic() + patience
+    while True:
+        users = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()", name
+        )
+        if not users:
+            return
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{name}: still used by {users} session(s) after {patience:.0f}s; not dropping it")
+        print(f"{name}: {users} session(s) still use it (another run?): waiting before rebuilding it",
+              file=sys.stderr, flush=True)  # fmt: skip
+        await asyncio.sleep(10)
+
+
 async def create_database(name: str) -> None:
     conn = await _admin()
     try:
+        await _wait_until_unused(conn, name)
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
@@ -213,18 +253,24 @@ def _uuids(rng: random.Random, n: int) -> list[str]:
 async def generate_world(spec: WorldSpec, *, regen: bool = False) -> dict[str, Any]:
     """Create (or reuse) the world database for ``spec``; return its meta (ids the benchmark needs)."""
     spec = spec.resolved()
-    name = world_db_name(spec.appointments)
+    name = world_db_name(spec.appointments, defended=spec.defended)
     dsn = with_database(admin_dsn(), name)
     if not regen:
         meta = await read_meta(dsn)
         if meta is not None and meta.get("spec") == asdict(spec):
             print(f"{name}: reusing ({spec.appointments:,} appointments)", file=sys.stderr)
             migrate(dsn)  # new migrations since generation
+            if not spec.defended:
+                await disable_row_level_security(dsn)  # a new migration may have enabled it somewhere
             return meta
-    print(f"{name}: generating {spec.appointments:,} appointments", file=sys.stderr, flush=True)
+    what = "sealed" if spec.defended else "in clear, no row-level security"
+    print(f"{name}: generating {spec.appointments:,} appointments ({what})", file=sys.stderr, flush=True)
     started = time.monotonic()
     await create_database(name)
     migrate(dsn)
+    from service import sealing  # the product's own sealing (pure; after migrate, as the service is on the path)
+
+    data_keys = sealing.DataKeyring.from_text(bench_data_key(spec.seed))
     rng = random.Random(spec.seed)
     conn = await asyncpg.connect(dsn)
     try:
@@ -248,24 +294,33 @@ async def generate_world(spec: WorldSpec, *, regen: bool = False) -> dict[str, A
         )
 
         patients = _uuids(rng, spec.patients)
+
+        def patient_rows() -> Any:
+            for i, pid in enumerate(patients):
+                given, family = GIVEN[i % len(GIVEN)], f"{FAMILY[i % len(FAMILY)]}-{i:07d}"
+                phone = f"+33 6 {i % 100:02d} {i // 100 % 100:02d} {i // 10_000 % 100:02d} {i // 1_000_000 % 100:02d}"
+                email = f"patient{i:07d}@example.test"
+                if not spec.defended:
+                    yield (pid, given, family, 1 + i % 3, phone, email, now)
+                    continue
+                # As the internal API stores a new patient: every value sealed for its row, plaintext NULL.
+                sealed = sealing.seal_patient_contact(
+                    data_keys, uuid.UUID(pid), given_name=given, family_name=family, phone=phone, email=email
+                )
+                yield (pid, 1 + i % 3, sealed.given_name, sealed.family_name, sealed.phone, sealed.email, now)
+
+        patient_columns = (
+            ["id", "sex", "sealed_given_name", "sealed_family_name", "sealed_phone", "sealed_email", "create_time"]
+            if spec.defended
+            else ["id", "given_name", "family_name", "sex", "phone", "email", "create_time"]
+        )
         await _copy(
             conn,
             "patients",
-            ["id", "given_name", "family_name", "sex", "phone", "email", "create_time"],
-            (
-                (
-                    pid,
-                    GIVEN[i % len(GIVEN)],
-                    f"{FAMILY[i % len(FAMILY)]}-{i:07d}",
-                    1 + i % 3,
-                    f"+33 6 {i % 100:02d} {i // 100 % 100:02d} {i // 10_000 % 100:02d} {i // 1_000_000 % 100:02d}",
-                    f"patient{i:07d}@example.test",
-                    now,
-                )
-                for i, pid in enumerate(patients)
-            ),
+            patient_columns,
+            patient_rows(),
             spec.patients,
-            "patients",
+            "patients" + (" (sealing)" if spec.defended else ""),
         )
 
         deferred = await _drop_secondary_indexes(conn, "appointments")
@@ -287,6 +342,8 @@ async def generate_world(spec: WorldSpec, *, regen: bool = False) -> dict[str, A
         randrange = rng.randrange
         first_ids: dict[str, Any] = {}
 
+        seal_reason, defended = sealing.seal_reason, spec.defended
+
         def appointments() -> Any:
             count = 0
             for d in range(days):
@@ -295,23 +352,28 @@ async def generate_world(spec: WorldSpec, *, regen: bool = False) -> dict[str, A
                     for s in range(spec.per_day):
                         if count >= spec.appointments:
                             return
-                        aid = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+                        aid_uuid = uuid.UUID(int=rng.getrandbits(128), version=4)
+                        aid = str(aid_uuid)
                         patient = patients[randrange(n_patients)]
                         start, end = slots[s]
                         if d == 0 and p == 0 and s == 0:
                             first_ids.update(appointment_id=aid, patient_id=patient, practitioner_id=practitioner)
                         status = "cancelled" if randrange(20) == 0 and not (d == 0 and p == 0) else "booked"
-                        yield (aid, practitioner, patient, start, end, REASONS[count % 6], status, created, created)
+                        # The internal API seals every reason, the empty one too.
+                        reason = REASONS[count % 6]
+                        if defended:
+                            reason = seal_reason(data_keys, aid_uuid, reason)
+                        yield (aid, practitioner, patient, start, end, reason, status, created, created)
                         count += 1
 
         await _copy(
             conn,
             "appointments",
-            ["id", "practitioner_id", "patient_id", "start_time", "end_time", "reason", "status",
-             "create_time", "update_time"],
+            ["id", "practitioner_id", "patient_id", "start_time", "end_time",
+             "sealed_reason" if spec.defended else "reason", "status", "create_time", "update_time"],
             appointments(),
             spec.appointments,
-            "appointments",
+            "appointments" + (" (sealing)" if spec.defended else ""),
         )  # fmt: skip
         print("recreating appointment indexes", file=sys.stderr, flush=True)
         await _create_indexes(conn, deferred)
@@ -378,11 +440,15 @@ async def generate_world(spec: WorldSpec, *, regen: bool = False) -> dict[str, A
             "consents",
         )
         await conn.execute("SET session_replication_role = DEFAULT")
+        if not spec.defended:
+            await _disable_rls(conn)
         print("analyzing", file=sys.stderr, flush=True)
         await conn.execute("VACUUM (ANALYZE)")
         meta = {
             "spec": asdict(spec),
             "database": name,
+            "defended": spec.defended,
+            "data_key_id": data_keys.active_key_id,
             "anchor": ANCHOR.isoformat(),
             "days": days,
             "bench_partner_id": partners[0],
@@ -397,6 +463,37 @@ async def generate_world(spec: WorldSpec, *, regen: bool = False) -> dict[str, A
         await conn.close()
     print(f"{name}: done in {time.monotonic() - started:.0f}s ({size})", file=sys.stderr, flush=True)
     return meta
+
+
+async def _disable_rls(conn: asyncpg.Connection) -> list[str]:
+    """Turn row-level security off on every table of the schema that has it; return their names."""
+    tables = [
+        row["relname"]
+        for row in await conn.fetch(
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND (c.relrowsecurity OR c.relforcerowsecurity) "
+            "ORDER BY 1"
+        )
+    ]
+    for table in tables:
+        await conn.execute(f'ALTER TABLE "{table}" NO FORCE ROW LEVEL SECURITY, DISABLE ROW LEVEL SECURITY')
+    return tables
+
+
+async def disable_row_level_security(dsn: str) -> list[str]:
+    """For a nodefense world: row-level security off everywhere (again after each migration); check it stays off."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        tables = await _disable_rls(conn)
+        left = await conn.fetchval(
+            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = 'public' AND (c.relrowsecurity OR c.relforcerowsecurity)"
+        )
+        if left:
+            raise SystemExit(f"{dsn}: row-level security still on for {left} table(s)")
+    finally:
+        await conn.close()
+    return tables
 
 
 # --------------------------------------------------------------------------- the disclosure ledger
@@ -606,6 +703,9 @@ def main(argv: list[str] | None = None) -> int:
     world.add_argument("--partners", type=int, default=1_000)
     world.add_argument("--grants-per-partner", type=int, default=20)
     world.add_argument("--regen", action="store_true", help="drop and rebuild even when it exists")
+    world.add_argument("--nodefense", action="store_true",
+                       help="the world with contact values in clear and row-level security off (apptgate_bench_<size>"
+                            "_nodefense, for the gateway-nodefense variant)")  # fmt: skip
     ledger = sub.add_parser("ledger", help="the disclosure ledger")
     ledger.add_argument("--records", default="10m")
     ledger.add_argument("--partners", type=int, default=1_000)
@@ -613,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     ledger.add_argument("--regen", action="store_true")
     ledger.add_argument("--verify", action="store_true", help="then run `python -m service audit verify` (slow)")
     drop = sub.add_parser("drop", help="drop benchmark databases")
-    drop.add_argument("names", nargs="*", help="sizes (100k, 1m, …) or 'ledger'")
+    drop.add_argument("names", nargs="*", help="sizes (100k, 1m, …: the world and its nodefense copy) or 'ledger'")
     drop.add_argument("--all", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "world":
@@ -623,6 +723,7 @@ def main(argv: list[str] | None = None) -> int:
             patients=args.patients,
             partners=args.partners,
             grants_per_partner=args.grants_per_partner,
+            defended=not args.nodefense,
         )
         meta = asyncio.run(generate_world(spec, regen=args.regen))
         print(json.dumps({k: meta[k] for k in ("database", "days", "generation_seconds")}))
@@ -637,7 +738,11 @@ def main(argv: list[str] | None = None) -> int:
         conn_names = asyncio.run(_bench_databases())
         names = conn_names
     else:
-        names = [LEDGER_DB if n == "ledger" else world_db_name(parse_size(n)) for n in args.names]
+        for n in args.names:  # a size names its world and its nodefense copy
+            if n == "ledger":
+                names.append(LEDGER_DB)
+            else:
+                names += [world_db_name(parse_size(n)), world_db_name(parse_size(n), defended=False)]
     for name in names:
         asyncio.run(drop_database(name))
         print(f"dropped {name}", file=sys.stderr)

@@ -1,18 +1,20 @@
 """Turns a benchmark run (the JSON that ``bench/run.py`` collects) into its markdown table, ratios and chart.
 
 .venv/bin/python bench/report.py bench/results/2030-01-01-1200.json   # re-render a stored run
+.venv/bin/python bench/report.py --defense A.json B.json …  # issue 6's ratios across runs (median, range)
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
 SCENARIO_NAMES = {"list": "ListAppointments (page of 50)", "get": "GetAppointment",
                   "contact": "GetAppointmentContact (valid token)"}  # fmt: skip
-VARIANT_ORDER = ["gateway", "gateway+tracing", "gateway+whatif", "naive", "bare"]
+VARIANT_ORDER = ["gateway", "gateway-nodefense", "gateway+tracing", "gateway+whatif", "naive", "bare"]
 
 # The targets of issue 8 (ratios measured in one run; not timed tests).
 TARGETS = {
@@ -24,6 +26,9 @@ TARGETS = {
     "breach_seconds": 10.0,
     "rss_mib": 150.0,
 }
+# Issue 6: with row-level security and encryption on, ≥ 80% of the throughput with both off (same run).
+DEFENSE_RATIO = 0.80
+DEFENSE_SCENARIOS = ("list", "contact")
 
 
 def _size_key(label: str) -> int:
@@ -78,8 +83,8 @@ def table(runs: list[dict[str, Any]]) -> list[str]:
 def ratios(runs: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| size | scenario | c | gateway / naive | gateway / bare | tracing on / off (req/s) | tracing on / off (p99) "
-        "| what-if / naive |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| what-if / naive | gateway / nodefense |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     keys = sorted({(r["size"], r["scenario"], r["concurrency"]) for r in runs},
                   key=lambda k: (_size_key(k[0]), list(SCENARIO_NAMES).index(k[1]), k[2]))  # fmt: skip
@@ -89,13 +94,91 @@ def ratios(runs: list[dict[str, Any]]) -> list[str]:
         b = _find(runs, size=size, scenario=scenario, concurrency=c, variant="bare")
         t = _find(runs, size=size, scenario=scenario, concurrency=c, variant="gateway+tracing")
         w = _find(runs, size=size, scenario=scenario, concurrency=c, variant="gateway+whatif")
+        d = _find(runs, size=size, scenario=scenario, concurrency=c, variant="gateway-nodefense")
         if g is None:
             continue
         lines.append(
             f"| {size} | {scenario} | {c} | {_fmt(_ratio(g['rps'], n and n['rps']))} | "
             f"{_fmt(_ratio(g['rps'], b and b['rps']))} | {_fmt(_ratio(t and t['rps'], g['rps']))} | "
-            f"{_fmt(_ratio(t and t['p99_ms'], g['p99_ms']))} | {_fmt(_ratio(w and w['rps'], n and n['rps']))} |"
+            f"{_fmt(_ratio(t and t['p99_ms'], g['p99_ms']))} | {_fmt(_ratio(w and w['rps'], n and n['rps']))} | "
+            f"{_fmt(_ratio(g['rps'], d and d['rps']))} |"
         )
+    return lines
+
+
+def _cpu_per_call(run: dict[str, Any]) -> float | None:
+    """Server CPU + the CPU of its world's PostgreSQL backends, per call: the cost less the machine's noise."""
+    if "db_cpu_ms_per_req" not in run:
+        return None
+    return float(run["server_cpu_ms_per_req"]) + float(run["db_cpu_ms_per_req"])
+
+
+def defense_across(reports: list[dict[str, Any]]) -> list[str]:
+    """Several runs' gateway / nodefense ratios side by side: median and range (``report.py --defense``)."""
+    keys = sorted(
+        {(r["size"], r["scenario"], r["concurrency"]) for rep in reports for r in rep["runs"]
+         if r["variant"] == "gateway-nodefense" and r["scenario"] in DEFENSE_SCENARIOS},
+        key=lambda k: (_size_key(k[0]), list(SCENARIO_NAMES).index(k[1]), k[2]),
+    )  # fmt: skip
+    lines = [
+        f"| size | scenario | c | throughput ratio per run | median | ≥ {DEFENSE_RATIO:.2f} | "
+        "CPU-per-call ratio per run (nodefense / gateway) | median |",
+        "| --- | --- | ---: | --- | ---: | --- | --- | ---: |",
+    ]
+    for size, scenario, c in keys:
+        rps, cpu = [], []
+        for rep in reports:
+            g = _find(rep["runs"], size=size, scenario=scenario, concurrency=c, variant="gateway")
+            d = _find(rep["runs"], size=size, scenario=scenario, concurrency=c, variant="gateway-nodefense")
+            if g and d:
+                rps.append(_ratio(g["rps"], d["rps"]))
+                cpu.append(_ratio(_cpu_per_call(d), _cpu_per_call(g)))
+        r = [x for x in rps if x is not None]
+        k = [x for x in cpu if x is not None]
+        mr = statistics.median(r) if r else None
+        mk = statistics.median(k) if k else None
+        lines.append(
+            f"| {size} | {scenario} | {c} | {', '.join(_fmt(x) for x in rps)} | {_fmt(mr)} | "
+            f"{_mark(None if mr is None else mr >= DEFENSE_RATIO)} | {', '.join(_fmt(x) for x in cpu)} | {_fmt(mk)} |"
+        )
+    return lines
+
+
+def defense(runs: list[dict[str, Any]]) -> list[str]:
+    """Issue 6: gateway (RLS + sealed values) against gateway-nodefense (both off), per size, scenario and c."""
+    keys = sorted(
+        {(r["size"], r["scenario"], r["concurrency"]) for r in runs
+         if r["variant"] == "gateway-nodefense" and r["scenario"] in DEFENSE_SCENARIOS},
+        key=lambda k: (_size_key(k[0]), list(SCENARIO_NAMES).index(k[1]), k[2]),
+    )  # fmt: skip
+    if not keys:
+        return []
+    lines = [
+        f"| size | scenario | c | gateway req/s | nodefense req/s | gateway / nodefense | ≥ {DEFENSE_RATIO:.2f} | "
+        "p99 ms (gateway / nodefense) | server CPU ms/req | world's PostgreSQL backends CPU ms/req "
+        "| CPU per call, nodefense / gateway | load (1 min) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    worst: dict[str, float] = {}
+    for size, scenario, c in keys:
+        g = _find(runs, size=size, scenario=scenario, concurrency=c, variant="gateway")
+        d = _find(runs, size=size, scenario=scenario, concurrency=c, variant="gateway-nodefense")
+        assert d is not None
+        r = _ratio(g and g["rps"], d["rps"])
+        if r is not None:
+            worst[scenario] = min(worst.get(scenario, r), r)
+        lines.append(
+            f"| {size} | {scenario} | {c} | {_fmt(g and g['rps'], 0)} | {d['rps']:,.0f} | {_fmt(r)} | "
+            f"{_mark(None if r is None else r >= DEFENSE_RATIO)} | {_fmt(g and g['p99_ms'], 1)} / {d['p99_ms']:.1f} | "
+            f"{_fmt(g and g['server_cpu_ms_per_req'], 3)} / {d['server_cpu_ms_per_req']:.3f} | "
+            f"{_fmt(g and g.get('db_cpu_ms_per_req'), 3)} / {_fmt(d.get('db_cpu_ms_per_req'), 3)} | "
+            f"{_fmt(_ratio(_cpu_per_call(d), g and _cpu_per_call(g)))} | "
+            f"{_fmt(g and g.get('load_1m'), 1)} / {_fmt(d.get('load_1m'), 1)} |"
+        )
+    verdict = ", ".join(
+        f"{scenario}: worst {value:.2f} ({_mark(value >= DEFENSE_RATIO)})" for scenario, value in worst.items()
+    )
+    lines += ["", f"Verdict (every concurrency must reach {DEFENSE_RATIO:.2f}): {verdict}."]
     return lines
 
 
@@ -150,6 +233,33 @@ def targets(report: dict[str, Any]) -> list[str]:
     return rows
 
 
+def statements(by_size: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """The partner path's statements alone, as the partner role, in both worlds (``run.py statement_cost``)."""
+    if not any(by_size.values()):
+        return []
+    out = [
+        "### The partner path's statements alone (row-level security on / off)",
+        "",
+        "Run as `apptgate_partner` with the partner bound, one at a time, before the load: median round trip of "
+        "the prepared statement, median server-side execution time (`EXPLAIN (ANALYZE, TIMING OFF)`).",
+        "",
+        "| size | statement | rows | round trip ms (RLS on / off) | execution ms (RLS on / off) |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    plans: list[str] = []
+    for size, worlds in by_size.items():
+        on, off = worlds.get("gateway", {}), worlds.get("gateway-nodefense", {})
+        for name in on:
+            a, b = on[name], off.get(name, {})
+            trip, execution = _fmt(b.get("round_trip_ms"), 3), _fmt(b.get("execution_ms"), 3)
+            out.append(f"| {size} | {name} | {a['rows']} | {a['round_trip_ms']:.3f} / {trip} "
+                       f"| {a['execution_ms']:.3f} / {execution} |")  # fmt: skip
+            for label, data in (("RLS on", a), ("RLS off", b)):
+                if data.get("plan"):
+                    plans += [f"{size} {name}, {label}:", "", "```", data["plan"], "```", ""]
+    return [*out, "", *plans]
+
+
 def markdown(report: dict[str, Any], chart_name: str | None) -> str:
     m = report["machine"]
     s = report["settings"]
@@ -177,6 +287,20 @@ def markdown(report: dict[str, Any], chart_name: str | None) -> str:
         *targets(report),
         "",
     ]
+    cost = defense(report["runs"])
+    if cost:
+        out += [
+            "## Cost of row-level security and encryption at rest (issue 6)",
+            "",
+            "`gateway` serves the sealed world with row-level security as migrated; `gateway-nodefense` is the "
+            "same code on the world's `_nodefense` copy (values in clear, row-level security disabled) with the "
+            "contact path's decryption patched out (`bench/whatif.py nodefense`); both answer the same bytes "
+            "(checked at start). CPU and load columns: gateway / nodefense.",
+            "",
+            *cost,
+            "",
+        ]
+        out += statements(report.get("statements", {}))
     breach = report.get("breach")
     if breach:
         out += ["## Breach report", "", f"Busiest partner `{breach['partner']}` over a {breach['records']:,}-record "
@@ -219,7 +343,7 @@ def chart(report: dict[str, Any], path: Path) -> bool:
     scenarios = [s for s in SCENARIO_NAMES if any(r["scenario"] == s for r in runs)]
     fig, axes = plt.subplots(len(scenarios), 2, figsize=(12, 3.6 * len(scenarios)), squeeze=False)
     styles = {"gateway": ("C0", "o"), "gateway+tracing": ("C3", "s"), "gateway+whatif": ("C4", "v"),
-              "naive": ("C1", "^"), "bare": ("C2", "D")}  # fmt: skip
+              "gateway-nodefense": ("C5", "P"), "naive": ("C1", "^"), "bare": ("C2", "D")}  # fmt: skip
     for row, scenario in enumerate(scenarios):
         for size in sizes:
             for variant in VARIANT_ORDER:
@@ -270,6 +394,9 @@ def write(report: dict[str, Any], out: Path, stamp: str) -> list[Path]:
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "--defense":  # report.py --defense RUN.json RUN.json …: issue 6's ratios across runs
+        print("\n".join(defense_across([json.loads(Path(a).read_text()) for a in sys.argv[2:]])))
+        raise SystemExit(0)
     source = Path(sys.argv[1])
     data = json.loads(source.read_text())
     write(data, source.parent, source.stem)

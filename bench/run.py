@@ -8,7 +8,14 @@ One run, in order:
    partner, an emptied ledger, and the servers — the gateway (``python -m
    service serve``, tracing off), the gateway with tracing on (OTLP/HTTP at
    100% sampling to a local sink), the naive baseline and the bare baseline
-   (``bench/baselines.py``), one process each (``--workers`` to change). Every
+   (``bench/baselines.py``), one process each (``--workers`` to change), and
+   on request ``gateway-nodefense``: the same gateway code on the world's
+   ``_nodefense`` copy (contact values in clear, row-level security disabled)
+   with the contact path's decryption patched out (``bench/whatif.py``
+   ``nodefense``), sharing the gateway's key, consent and secrets so that its
+   answers must equal the gateway's (checked at start). The naive baseline
+   reads that clear copy too where one is built (it reads contact columns in
+   clear). Every
    port is checked free before a server starts and, once it listens, checked to
    be held by that server alone (grpc's SO_REUSEPORT would let a stale server
    take part of the load).
@@ -58,6 +65,7 @@ from appointments.partner.v1 import partner_appointment_service_pb2 as pb
 import datagen
 from common import (
     BENCH_DIR,
+    CLK_TCK,
     ROOT,
     Machine,
     admin_dsn,
@@ -79,7 +87,8 @@ PY = sys.executable
 SERVICE = "/appointments.partner.v1.PartnerAppointmentService/"
 INTERNAL_TOKEN = "bench-internal-token-" + "x" * 32
 SCENARIOS = {"list": "ListAppointments", "get": "GetAppointment", "contact": "GetAppointmentContact"}
-VARIANTS = ("gateway", "naive", "bare", "gateway+tracing", "gateway+whatif")
+# Also the interleaving order within a (scenario, concurrency): gateway-nodefense right after gateway.
+VARIANTS = ("gateway", "gateway-nodefense", "naive", "bare", "gateway+tracing", "gateway+whatif")
 _FRAME = b"\x00"
 
 
@@ -108,29 +117,51 @@ class Fixture:
     consent_token: str = ""
     gateway_ids: dict[str, str] = field(default_factory=dict)
     bodies: dict[tuple[str, str], bytes] = field(default_factory=dict)  # (variant kind, scenario) → request bytes
+    data_key: str = ""  # APPTGATE_DATA_KEY of the world (bench/datagen.py derives it from the seed)
+    issued: Any = None  # (partner key, consent claims, signing key id): shared with the nodefense copy
+
+    @property
+    def defended(self) -> bool:
+        return bool(self.meta.get("defended", True))
 
 
-async def prepare_fixture(size: int, meta: dict[str, Any]) -> Fixture:
-    """Issue a fresh key and consent for the benchmark partner; empty the ledger; build the requests."""
+async def prepare_fixture(size: int, meta: dict[str, Any], like: Fixture | None = None) -> Fixture:
+    """Issue a fresh key and consent for the benchmark partner; empty the ledger; build the requests.
+
+    With ``like`` (the world's defended fixture), install the same key, consent
+    and secrets instead, so that the same requests get the same answers.
+    """
     from service import auth
     from service.consent import ConsentClaims, ConsentKeyring, SigningKey
     from service.pseudonyms import Pseudonyms
 
     fx = Fixture(size, with_database(admin_dsn(), meta["database"]), meta)
     datagen.migrate(fx.dsn)  # right before serving: a migration may have landed since the data was checked
+    if not fx.defended:
+        await datagen.disable_row_level_security(fx.dsn)  # and again after it: row-level security stays off
+    fx.data_key = datagen.bench_data_key(meta["spec"]["seed"])
     partner = uuid.UUID(meta["bench_partner_id"])
     target = uuid.UUID(meta["target"]["appointment_id"])
     patient = uuid.UUID(meta["target"]["patient_id"])
-    secret = os.urandom(32)
-    fx.server_secret = base64.urlsafe_b64encode(secret).decode()
-    key = auth.new_partner_key()
+    if like is None:
+        secret = os.urandom(32)
+        fx.server_secret = base64.urlsafe_b64encode(secret).decode()
+        signing = SigningKey.generate()
+        fx.signing_key = signing.secret_paserk()
+        keyring = ConsentKeyring([signing])
+        now = datetime.now(UTC)
+        claims = ConsentClaims(uuid.uuid4(), patient, partner, (1, 2, 3, 4), "benchmark", now, now + timedelta(days=2))
+        fx.consent_token = keyring.sign(claims)
+        fx.issued = (auth.new_partner_key(), claims, keyring.active_key_id)
+    else:
+        if (like.meta["bench_partner_id"], like.meta["target"]) != (meta["bench_partner_id"], meta["target"]):
+            raise SystemExit(f"{meta['database']} is not a copy of {like.meta['database']} (other ids)")
+        secret = base64.urlsafe_b64decode(like.server_secret)
+        fx.server_secret, fx.signing_key, fx.consent_token = like.server_secret, like.signing_key, like.consent_token
+        fx.issued = like.issued
+    key, claims, signing_key_id = fx.issued
     fx.partner_key = key.secret
-    signing = SigningKey.generate()
-    fx.signing_key = signing.secret_paserk()
-    keyring = ConsentKeyring([signing])
-    now = datetime.now(UTC)
-    claims = ConsentClaims(uuid.uuid4(), patient, partner, (1, 2, 3, 4), "benchmark", now, now + timedelta(days=2))
-    fx.consent_token = keyring.sign(claims)
+    now = claims.issued_at
     conn = await asyncpg.connect(fx.dsn)
     try:
         await conn.execute(
@@ -140,7 +171,7 @@ async def prepare_fixture(size: int, meta: dict[str, Any]) -> Fixture:
         await conn.execute(
             "INSERT INTO consents (id, patient_id, partner_id, fields, purpose, signing_key_id, create_time, "
             "expire_time) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            claims.consent_id, patient, partner, [1, 2, 3, 4], "benchmark", keyring.active_key_id, now,
+            claims.consent_id, patient, partner, [1, 2, 3, 4], "benchmark", signing_key_id, now,
             claims.expires_at,
         )  # fmt: skip
         # The bench database's ledger is ours: start each run from an empty chain (the
@@ -188,6 +219,34 @@ def check_answer(scenario: str, kind: str, data: bytes, fx: Fixture) -> None:
         assert contact.patient.HasField("email") and contact.patient.HasField("phone"), f"{kind}: no contact fields"
         assert contact.patient.HasField("given_name"), f"{kind}: no name"
         assert not contact.withheld_fields, f"{kind}: fields withheld"
+
+
+def check_same_answers(reference: Server, ref_fx: Fixture, other: Server, other_fx: Fixture) -> None:
+    """``other`` (a gateway on another copy of the world) must answer exactly what ``reference`` answers.
+
+    Byte for byte, but for the page token, which is AES-GCM under a random
+    nonce (never twice the same): its length must match, and the next page
+    fetched with the reference's token must be the same on both.
+    """
+    for scenario in SCENARIOS:
+        ours = grpc_call(reference.port, scenario, ref_fx.bodies[("gateway", scenario)], reference.metadata)
+        theirs = grpc_call(other.port, scenario, other_fx.bodies[("gateway", scenario)], other.metadata)
+        if scenario != "list":
+            same = ours == theirs
+        else:
+            a, b = pb.ListAppointmentsResponse.FromString(ours), pb.ListAppointmentsResponse.FromString(theirs)
+            same = list(a.appointments) == list(b.appointments) and len(a.next_page_token) == len(b.next_page_token)
+            following = pb.ListAppointmentsRequest.FromString(ref_fx.bodies[("gateway", "list")])
+            following.page_token = a.next_page_token
+            body = following.SerializeToString()
+            second = [
+                pb.ListAppointmentsResponse.FromString(grpc_call(server.port, "list", body, server.metadata))
+                for server in (reference, other)
+            ]
+            same = same and len(second[0].appointments) == 50 and second[0].appointments == second[1].appointments
+        if not same:
+            raise SystemExit(f"{other.variant} answers {SCENARIOS[scenario]} differently from {reference.variant}")
+    log(f"  {other.variant}: the same answers as {reference.variant} (list, its next page, get, contact)")
 
 
 def grpc_call(port: int, scenario: str, body: bytes, metadata: list[tuple[str, str]], timeout: float = 10) -> bytes:
@@ -276,6 +335,8 @@ def gateway_env(
         APPTGATE_DATA_DIR=str(workdir / f"data-{port}"),
         APPTGATE_SERVER_SECRET=fx.server_secret,
         APPTGATE_SIGNING_KEY=fx.signing_key,
+        # The key the world's contact values and reasons are sealed under (every gateway variant gets it).
+        APPTGATE_DATA_KEY=fx.data_key,
         APPTGATE_WORKERS=str(workers),
         OTEL_METRICS_EXPORTER="none",
         OTEL_TRACES_EXPORTER="none",
@@ -307,6 +368,11 @@ def start_gateway(fx: Fixture, variant: str, port: int, workdir: Path, args: arg
     if variant.endswith("whatif"):  # the profile's recommendations as in-process patches (bench/whatif.py)
         command = [PY, str(BENCH_DIR / "whatif.py"), "serve"]
         env["APPTGATE_WHATIF"] = args.whatif
+    elif variant == "gateway-nodefense":  # decryption patched out, on the world's clear, RLS-free copy
+        if fx.defended:
+            raise SystemExit("gateway-nodefense must run on a _nodefense world")
+        command = [PY, str(BENCH_DIR / "whatif.py"), "serve"]
+        env["APPTGATE_WHATIF"] = "nodefense"
     with log_path.open("wb") as out:
         proc = subprocess.Popen(command, cwd=source(), env=service_env(env), stdout=out, stderr=out)
     meta = [("authorization", f"Bearer {fx.partner_key}")]
@@ -361,6 +427,7 @@ class WaitSampler:
         self._stop = threading.Event()
         self.counts: dict[str, int] = {}
         self.samples = 0
+        self.pids: set[int] = set()  # every backend of the database seen busy during the run
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
 
     def __enter__(self) -> WaitSampler:
@@ -376,12 +443,14 @@ class WaitSampler:
         try:
             while not self._stop.is_set():
                 rows = await conn.fetch(
-                    "SELECT state, coalesce(wait_event_type || '/' || wait_event, 'CPU') AS w FROM pg_stat_activity "
+                    "SELECT pid, state, coalesce(wait_event_type || '/' || wait_event, 'CPU') AS w "
+                    "FROM pg_stat_activity "
                     "WHERE datname = $1 AND backend_type = 'client backend' AND pid <> pg_backend_pid() "
                     "AND state <> 'idle' AND query NOT LIKE 'LISTEN%'",
                     self._database,
                 )
                 self.samples += 1
+                self.pids.update(row["pid"] for row in rows)
                 for row in rows:
                     key = f"{row['state']}: {row['w']}"
                     self.counts[key] = self.counts.get(key, 0) + 1
@@ -425,6 +494,46 @@ class Run:
     errors: int
     processes: int
     codes: dict[str, int] = field(default_factory=dict)
+    # CPU of the PostgreSQL backends of this world's database only (those busy during the run): unlike
+    # pg_cpu_s, other people's databases on the same cluster are not in it.
+    db_cpu_s: float = 0.0
+    db_cpu_ms_per_req: float = 0.0
+    load_1m: float = 0.0  # the machine's 1-minute load average at the end of the run
+    machine_cpu_s: float = 0.0  # busy CPU seconds of the whole machine during the run (/proc/stat)
+    other_cpu_s: float = 0.0  # of which not this server, PostgreSQL or h2load: other people's work, this harness
+
+
+def process_cpu_seconds(pids: set[int]) -> dict[int, float]:
+    """CPU seconds (user + system) of each live process of ``pids``."""
+    out: dict[int, float] = {}
+    for pid in pids:
+        try:
+            raw = Path(f"/proc/{pid}/stat").read_text()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        fields = raw[raw.rindex(")") + 2 :].split()
+        out[pid] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
+async def database_backends(dsn: str, database: str) -> set[int]:
+    """The pids of the client backends connected to ``database`` (the pools of the servers on that world)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend' "
+            "AND pid <> pg_backend_pid()",
+            database,
+        )
+    finally:
+        await conn.close()
+    return {row["pid"] for row in rows}
+
+
+def machine_busy_seconds() -> float:
+    """Busy CPU seconds of the whole machine so far (all CPUs; idle and iowait excluded)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    return (sum(values) - values[3] - values[4]) / CLK_TCK
 
 
 def h2load_command(server: Server, scenario: str, body_path: Path, concurrency: int, duration: float,
@@ -515,12 +624,17 @@ def measure(server: Server, scenario: str, concurrency: int, fx: Fixture, workdi
     log_file.unlink(missing_ok=True)
     cpu0, pg0 = server.cpu_seconds(), tree_cpu_seconds(pg_pid) if pg_pid else 0.0
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy0 = machine_busy_seconds()
+    backends0 = process_cpu_seconds(asyncio.run(database_backends(fx.dsn, fx.meta["database"])))
     started = time.monotonic()
     with WaitSampler(fx.dsn, fx.meta["database"]) as waits:
         done = subprocess.run(h2load_command(server, scenario, body_path, concurrency, args.duration, log_file),
                               capture_output=True, text=True, check=False)  # fmt: skip
     elapsed = time.monotonic() - started
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy1 = machine_busy_seconds()
+    backends1 = process_cpu_seconds(waits.pids | set(backends0))
+    db_cpu = sum(cpu - backends0.get(pid, 0.0) for pid, cpu in backends1.items())
     cpu1, pg1 = server.cpu_seconds(), tree_cpu_seconds(pg_pid) if pg_pid else 0.0
     rss, hwm = server.rss()
     if done.returncode != 0:
@@ -570,12 +684,17 @@ def measure(server: Server, scenario: str, concurrency: int, fx: Fixture, workdi
         errors=errors,
         processes=len({pid for pid in listeners_of(server.port)}) or len(server.procs),
         codes=codes,
+        db_cpu_s=round(db_cpu, 2),
+        db_cpu_ms_per_req=round(db_cpu * 1000 / max(requests, 1), 3),
+        load_1m=round(os.getloadavg()[0], 2),
+        machine_cpu_s=round(busy1 - busy0, 2),
     )
+    run.other_cpu_s = round(max(0.0, run.machine_cpu_s - run.server_cpu_s - run.pg_cpu_s - run.loadgen_cpu_s), 2)
     log(
         f"  {run.size:>4} {scenario:<7} {server.variant:<16} c={concurrency:<3} {run.rps:>8.0f} req/s  "
         f"p50 {run.p50_ms:6.2f}  p99 {run.p99_ms:7.2f} ms  cpu {run.server_cpu_ms_per_req:.3f} ms/req  "
-        f"pg {run.pg_cpu_ms_per_req:.3f} ms/req  rss {run.rss_mib:.0f} MiB  err {errors}  "
-        + ", ".join(f"{k} {v}" for k, v in list(run.pg_backends.items())[:3])
+        f"pg {run.pg_cpu_ms_per_req:.3f} (db {run.db_cpu_ms_per_req:.3f}) ms/req  rss {run.rss_mib:.0f} MiB  "
+        f"err {errors}  load {run.load_1m:.1f}  " + ", ".join(f"{k} {v}" for k, v in list(run.pg_backends.items())[:3])
     )
     return run
 
@@ -634,20 +753,84 @@ async def _explain_breach(partner: str, day: datetime) -> str:
     return "\n".join(r[0] for r in rows)
 
 
+# --------------------------------------------------------------------------- the partner path's statements
+
+
+async def statement_cost(fx: Fixture, repeats: int = 300) -> dict[str, Any]:
+    """The partner path's listing and appointment read as the partner role, alone: what row-level security costs.
+
+    For each statement of the measured source (``service.store.partner_reads``:
+    ``_LIST_ALL``, ``_GET``; skipped when a refactoring removed them), bound as
+    the gateway binds a call (``SET LOCAL ROLE``, ``set_config``): the median
+    round trip of ``repeats`` executions of the prepared statement, one at a
+    time, the median server-side execution time (``EXPLAIN (ANALYZE, TIMING
+    OFF)``), and one ``EXPLAIN (ANALYZE, BUFFERS)`` of the plan it runs.
+    """
+    import statistics
+
+    try:
+        from service.store import partner_reads
+
+        statements = {"list": partner_reads._LIST_ALL, "get": partner_reads._GET}
+    except (ImportError, AttributeError):
+        return {}
+    partner = uuid.UUID(fx.meta["bench_partner_id"])
+    anchor = datetime.fromisoformat(fx.meta["anchor"])
+    params = {
+        "list": (partner, anchor, anchor + timedelta(days=1), 51),
+        "get": (partner, uuid.UUID(fx.meta["target"]["appointment_id"])),
+    }
+    out: dict[str, Any] = {}
+    conn = await asyncpg.connect(fx.dsn)
+    try:
+        for name, sql in statements.items():
+            if sql.count("$") != len(params[name]):  # not the statement shape this probe knows
+                return {}
+            async with conn.transaction():
+                await conn.execute("SET LOCAL ROLE apptgate_partner")
+                await conn.execute("SELECT set_config('apptgate.partner_id', $1, true)", str(partner))
+                statement = await conn.prepare(sql)
+                rows = 0
+                for _ in range(20):  # past the plan cache's first custom plans
+                    rows = len(await statement.fetch(*params[name]))
+                walls = []
+                for _ in range(repeats):
+                    started = time.perf_counter()
+                    await statement.fetch(*params[name])
+                    walls.append(time.perf_counter() - started)
+                explain = await conn.prepare("EXPLAIN (ANALYZE, TIMING OFF, SUMMARY ON, FORMAT JSON) " + sql)
+                executions = []
+                for _ in range(repeats):
+                    plan = json.loads(await explain.fetchval(*params[name]))
+                    executions.append(plan[0]["Execution Time"])
+                text = await conn.fetch("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + sql, *params[name])
+            out[name] = {
+                "rows": rows,
+                "round_trip_ms": round(statistics.median(walls) * 1000, 3),
+                "execution_ms": round(statistics.median(executions), 3),
+                "plan": "\n".join(r[0] for r in text),
+            }
+    finally:
+        await conn.close()
+    return out
+
+
 # --------------------------------------------------------------------------- profile
 
 
 def profile(fx: Fixture, server: Server, workdir: Path, args: argparse.Namespace, stamp: str) -> dict[str, Any]:
-    """py-spy on the gateway under ListAppointments at c=16: folded stacks and a summary of where time goes."""
+    """py-spy on a gateway under one scenario (ListAppointments by default) at c=16: where time goes."""
     pyspy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
     out: dict[str, Any] = {}
-    body_path = workdir / f"body-{server.variant}-list.bin"
-    body_path.write_bytes(frame(fx.bodies[("gateway", "list")]))
+    scenario = args.profile_scenario
+    body_path = workdir / f"body-{server.variant}-{scenario}.bin"
+    body_path.write_bytes(frame(fx.bodies[("gateway", scenario)]))
     for native in (False, True):
         tag = ("native" if native else "python") + ("" if server.variant == "gateway" else f"-{server.variant}")
+        tag += "" if scenario == "list" else f"-{scenario}"
         raw = args.out / f"{stamp}-profile-{tag}.folded"
         load = subprocess.Popen(
-            h2load_command(server, "list", body_path, 16, args.profile_seconds + 6, None),
+            h2load_command(server, scenario, body_path, 16, args.profile_seconds + 6, None),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         time.sleep(2)
@@ -713,7 +896,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--full-size", default="100k", help="the size that runs every scenario and variant")
     parser.add_argument("--scenarios", default="list,get,contact")
     parser.add_argument("--variants", default="gateway,gateway+tracing,naive,bare",
-                        help="any of gateway, gateway+tracing, naive, bare (gateway+whatif: see --whatif)")  # fmt: skip
+                        help="any of gateway, gateway+tracing, naive, bare, gateway-nodefense (issue 6: the gateway "
+                             "with row-level security and encryption off, on the world's _nodefense copy) "
+                             "(gateway+whatif: see --whatif)")  # fmt: skip
     parser.add_argument("--other-sizes-variants", default="gateway,naive",
                         help="variants run (ListAppointments only) at the other sizes")  # fmt: skip
     parser.add_argument("--concurrency", default="1,16,64")
@@ -729,7 +914,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(ledger,reset,ids) to measure recommendations before they are made")  # fmt: skip
     parser.add_argument("--profile", action="store_true", help="py-spy the gateway under ListAppointments c=16")
     parser.add_argument("--profile-seconds", type=int, default=20)
-    parser.add_argument("--profile-variants", default="gateway,gateway+whatif", help="which servers to profile")
+    parser.add_argument("--profile-variants", default="gateway,gateway+whatif",
+                        help="which servers to profile (any gateway variant, gateway-nodefense included)")  # fmt: skip
+    parser.add_argument("--profile-scenario", default="list", choices=sorted(SCENARIOS),
+                        help="the scenario profiled (default list)")  # fmt: skip
     parser.add_argument("--regen", action="store_true", help="rebuild the worlds even when present")
     parser.add_argument("--port-base", type=int, default=56050)
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results")
@@ -802,6 +990,20 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     # Data first (reused when present).
     metas = {size: asyncio.run(datagen.generate_world(datagen.WorldSpec(size), regen=args.regen)) for size in sizes}
+
+    def plan(size: int) -> tuple[list[str], list[str]]:
+        """The variants and scenarios run at ``size``."""
+        if size == full:
+            return variants, scenarios
+        return [v for v in other_variants if v in VARIANTS], ["list"]
+
+    # The world's _nodefense copy (values in clear, no row-level security): for gateway-nodefense, and for the
+    # naive baseline's contact reads (it reads the contact columns in clear, as a team without this project would).
+    clear_metas = {
+        size: asyncio.run(datagen.generate_world(datagen.WorldSpec(size, defended=False), regen=args.regen))
+        for size in sizes
+        if "gateway-nodefense" in plan(size)[0] or ("naive" in plan(size)[0] and "contact" in plan(size)[1])
+    }
     ledger_meta = None
     if args.ledger:
         ledger_meta = asyncio.run(datagen.generate_ledger(datagen.LedgerSpec(parse_size(args.ledger_records))))
@@ -816,11 +1018,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for size in sizes:
             fx = asyncio.run(prepare_fixture(size, metas[size]))
-            size_variants = variants if size == full else [v for v in other_variants if v in VARIANTS]
-            size_scenarios = scenarios if size == full else ["list"]
+            fx_clear = asyncio.run(prepare_fixture(size, clear_metas[size], like=fx)) if size in clear_metas else None
+            size_variants, size_scenarios = plan(size)
+            # Which world each server serves and is checked against.
+            fixture_of = {"gateway-nodefense": fx_clear, "naive": fx_clear or fx}
             port = args.port_base
             by_variant: dict[str, Server] = _Registry(servers)
-            if "gateway" in size_variants or "bare" in size_variants:
+            if {"gateway", "bare", "gateway-nodefense"} & set(size_variants):
                 by_variant["gateway"] = start_gateway(fx, "gateway", port, workdir, args)
             # The bare server answers the gateway's own bytes: capture them now.
             responses = workdir / f"responses-{size_label(size)}"
@@ -842,8 +1046,17 @@ def main(argv: list[str] | None = None) -> int:
                 by_variant["gateway+tracing"] = start_gateway(fx, "gateway+tracing", port + 10, workdir, args)
             if "gateway+whatif" in size_variants:
                 by_variant["gateway+whatif"] = start_gateway(fx, "gateway+whatif", port + 40, workdir, args)
+            if "gateway-nodefense" in size_variants:
+                assert fx_clear is not None
+                by_variant["gateway-nodefense"] = start_gateway(fx_clear, "gateway-nodefense", port + 50, workdir, args)
+                check_same_answers(by_variant["gateway"], fx, by_variant["gateway-nodefense"], fx_clear)
+                # Row-level security on the statements alone, before the load (and its noise) starts.
+                report.setdefault("statements", {})[size_label(size)] = {
+                    "gateway": asyncio.run(statement_cost(fx)),
+                    "gateway-nodefense": asyncio.run(statement_cost(fx_clear)),
+                }
             if "naive" in size_variants:
-                by_variant["naive"] = start_baseline(fx, "naive", port + 20, workdir, args)
+                by_variant["naive"] = start_baseline(fixture_of["naive"] or fx, "naive", port + 20, workdir, args)
             if "bare" in size_variants:
                 by_variant["bare"] = start_baseline(fx, "bare", port + 30, workdir, args)
             log(f"{size_label(size)}: servers up: " + ", ".join(f"{s.variant}:{s.port} pid {s.pids}" for s in servers))
@@ -855,12 +1068,14 @@ def main(argv: list[str] | None = None) -> int:
                             continue
                         server = by_variant[variant]
                         exp = expected.get(scenario, 0) if server.kind in ("gateway", "bare") else 0
-                        run = measure(server, scenario, c, fx, workdir, args, pg_pid, exp)
+                        run = measure(server, scenario, c, fixture_of.get(variant) or fx, workdir, args, pg_pid, exp)
                         report["runs"].append(asdict(run))
             if args.profile and size == full:
                 for variant in args.profile_variants.split(","):
                     if variant in by_variant:
-                        report.setdefault("profile", {}).update(profile(fx, by_variant[variant], workdir, args, stamp))
+                        server_fx = fixture_of.get(variant) or fx
+                        report.setdefault("profile", {}).update(profile(server_fx, by_variant[variant], workdir, args,
+                                                                        stamp))  # fmt: skip
             for server in servers:
                 server.stop()
             servers.clear()

@@ -18,6 +18,16 @@ all):
   partner reused for every id (instead of a new context per id), one-shot
   ``hmac.digest`` (C) and a table-driven base32 for 16 bytes (instead of
   ``base64.b32encode``, pure Python). Outputs are checked equal at start.
+* ``nodefense`` (the ``gateway-nodefense`` variant of ``bench/run.py``; not
+  part of the default set): encryption at rest off on the contact path.
+  ``service.sealing.open_consented_contact`` — the one decryption on the
+  partner path — returns the stored values as they are, and fails the call if
+  a sealed value reaches it. It is meant for a ``_nodefense`` world
+  (``bench/datagen.py``), whose contact values are in clear and whose tables
+  have row-level security disabled: those two together are "both defenses
+  off"; auth, pseudonyms, ledger and limits are the gateway's own code. The
+  patch is checked at start to give what the product's function gives for
+  clear values. The harness checks the answers equal the gateway's.
 
     APPTGATE_WHATIF=ledger,reset,ids python bench/whatif.py serve   # env as for `python -m service serve`
 """
@@ -120,6 +130,31 @@ def patch_reset() -> None:
     asyncpg.create_pool = create_pool
 
 
+def patch_nodefense() -> None:
+    """Replace the contact path's decryption by a pass-through of clear values (patched before the service loads)."""
+    import dataclasses
+
+    from service import models, sealing
+
+    original = sealing.open_consented_contact
+
+    def open_consented_contact(keys: Any, patient_id: Any, stored: Any) -> Any:
+        values = (stored.given_name, stored.family_name, stored.phone, stored.email)
+        if any(isinstance(value, bytes | bytearray | memoryview) for value in values):
+            raise sealing.SealError("whatif nodefense: a sealed value reached the contact path (not a clear world)")
+        return models.ConsentedContact(
+            stored.state, stored.fields, stored.given_name, stored.family_name, stored.sex, stored.phone, stored.email
+        )
+
+    # Same result as the product's function for values in clear (its not-yet-backfilled fallback).
+    probe = models.StoredConsentedContact("live", (1, 2, 3, 4), "Ada", "Lovelace", 2, "+33 6 00", "ada@example.test")
+    keys = sealing.DataKeyring.from_text(sealing.new_key_text(1))
+    patient = uuid.uuid4()
+    assert original(keys, patient, probe) == open_consented_contact(keys, patient, probe), "whatif nodefense differs"
+    assert dataclasses.astuple(original(keys, patient, probe))[2:] == dataclasses.astuple(probe)[2:]
+    sealing.open_consented_contact = open_consented_contact
+
+
 def prepare_database(dsn: str) -> None:
     import asyncio
 
@@ -137,6 +172,11 @@ def prepare_database(dsn: str) -> None:
 
 def main() -> int:
     chosen = [p for p in os.environ.get("APPTGATE_WHATIF", "ledger,reset,ids").split(",") if p]
+    unknown = set(chosen) - {"ledger", "reset", "ids", "nodefense"}
+    if unknown:
+        raise SystemExit(f"whatif: unknown patches {sorted(unknown)}")
+    if "nodefense" in chosen:
+        patch_nodefense()
     if "ledger" in chosen:
         prepare_database(os.environ["DATABASE_URL"])
         patch_ledger()
