@@ -125,7 +125,7 @@ class Gateway:
         return self._pseudonyms.for_partner(partner_id).appointment_id(appointment_id)
 
     def _register_partner(self, server: grpc.aio.Server) -> list[str]:
-        gate = PartnerGate(self._guard, self.telemetry)
+        gate = PartnerGate(self.database, self._guard, self.telemetry)
         feed = AppointmentFeed(self.database, gate, self._pseudonyms, self._page_tokens, self.feed, self.telemetry)
         api = partner_api.PartnerAppointmentApi(
             self.database,

@@ -16,7 +16,9 @@ Per-partner overrides come from ``PartnerRegistryService.SetPartnerLimits``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
@@ -26,9 +28,16 @@ from service.limits import PartnerPolicy, TokenBuckets
 from service.settings import Settings
 from service.store import usage
 from service.store.database import Connection
+from service.store.usage import ChargeTerms
 from service.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
+
+#: How long a process trusts a partner's limits before reading them again. Suspension is
+#: not cached (the partner path's statements check it), and this process forgets a
+#: partner's limits as soon as its own registry changes them.
+POLICY_TTL = 1.0
+_MAX_POLICIES = 10_000
 
 SUSPENDED = PermissionDenied(
     "the partner is suspended; an operator must lift the suspension", reason="PARTNER_SUSPENDED"
@@ -44,10 +53,34 @@ def _until_tomorrow() -> float:
 class ExtractionGuard:
     """Decides whether a partner call may proceed and counts what it discloses."""
 
-    def __init__(self, settings: Settings, telemetry: Telemetry) -> None:
+    def __init__(
+        self, settings: Settings, telemetry: Telemetry, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._settings = settings
         self._buckets = TokenBuckets()
         self._anomalies = telemetry.anomalies
+        self._clock = clock
+        self._policies: OrderedDict[UUID, tuple[PartnerPolicy, float]] = OrderedDict()
+
+    def known_policy(self, partner_id: UUID) -> PartnerPolicy | None:
+        """The partner's limits read less than :data:`POLICY_TTL` ago, if any."""
+        known = self._policies.get(partner_id)
+        if known is None or self._clock() - known[1] > POLICY_TTL:
+            return None
+        return known[0]
+
+    def learn(self, partner_id: UUID, overrides: models.PartnerOverrides) -> PartnerPolicy:
+        """Remember the partner's limits as just read; return them."""
+        policy = self.policy(overrides)
+        self._policies[partner_id] = (policy, self._clock())
+        self._policies.move_to_end(partner_id)
+        if len(self._policies) > _MAX_POLICIES:
+            self._policies.popitem(last=False)
+        return policy
+
+    def forget(self, partner_id: UUID) -> None:
+        """Drop the partner's remembered limits (they just changed)."""
+        self._policies.pop(partner_id, None)
 
     def policy(self, overrides: models.PartnerOverrides) -> PartnerPolicy:
         """The limits in force: the partner's overrides over the configured defaults."""
@@ -64,6 +97,10 @@ class ExtractionGuard:
         """Refuse a suspended partner, or one over its request rate."""
         if policy.suspended:
             raise SUSPENDED
+        self.throttle(partner_id, policy)
+
+    def throttle(self, partner_id: UUID, policy: PartnerPolicy) -> None:
+        """Refuse a partner over its request rate."""
         wait = self._buckets.take(partner_id, policy.requests_per_second, policy.burst)
         if wait > 0:
             raise ResourceExhausted("too many requests", reason="RATE_LIMITED", retry_delay=wait)
@@ -82,19 +119,37 @@ class ExtractionGuard:
         Raises :class:`ResourceExhausted` over a daily cap (the caller's
         transaction then rolls back, this count with it).
         """
-        s = self._settings
+        terms = self.terms(policy)
         outcome = await usage.charge(
             conn,
             partner_id=partner_id,
             patient_ids=patient_ids,
             disclosures=len(patient_ids),
             contacts=contacts,
-            contact_cap=policy.contact_daily_cap,
-            patient_cap=policy.patient_daily_cap,
-            anomaly_factor=s.anomaly_factor,
-            anomaly_min=s.anomaly_min_volume,
-            suspend_on_anomaly=s.anomaly_suspend,
+            contact_cap=terms.contact_cap,
+            patient_cap=terms.patient_cap,
+            anomaly_factor=terms.anomaly_factor,
+            anomaly_min=terms.anomaly_min,
+            suspend_on_anomaly=terms.suspend_on_anomaly,
         )
+        return self.settle(partner_id, outcome)
+
+    def terms(self, policy: PartnerPolicy) -> ChargeTerms:
+        """What the partner's responses are counted against."""
+        s = self._settings
+        return ChargeTerms(
+            policy.contact_daily_cap,
+            policy.patient_daily_cap,
+            s.anomaly_factor,
+            s.anomaly_min_volume,
+            s.anomaly_suspend,
+        )
+
+    def settle(self, partner_id: UUID, outcome: str) -> bool:
+        """Act on a charge's outcome; return False when the partner was just suspended for it.
+
+        Raises :class:`ResourceExhausted` over a daily cap (nothing was counted).
+        """
         if outcome == "contact_cap":
             raise ResourceExhausted(
                 "the daily cap on contact disclosures is reached",

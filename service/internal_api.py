@@ -239,6 +239,7 @@ class PartnerRegistryApi(registry_grpc.PartnerRegistryServiceServicer):
         assert partner is not None
         async with self._db.transaction() as conn:
             overrides = await usage.set_limits(conn, partner, **values)
+        self._guard.forget(partner)  # this process applies them at once; others within POLICY_TTL
         return self._limits_message(partner, overrides)
 
     async def GetPartnerUsage(
@@ -267,6 +268,7 @@ class PartnerRegistryApi(registry_grpc.PartnerRegistryServiceServicer):
         partner = validation.uuid_field(request.partner_id, "partner_id")
         async with self._db.transaction() as conn:
             overrides = await usage.lift_suspension(conn, partner)
+        self._guard.forget(partner)
         return self._limits_message(partner, overrides)
 
     async def CreatePartner(

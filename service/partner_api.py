@@ -1,11 +1,13 @@
 """The partner servicer: validate → authenticate → authorize and query → audit → view.
 
-Each call runs in one transaction, as the partner-path database role, whose
-statements join the caller's active grants: revoking a key or a grant takes
-effect on the next call. Anything the caller may not see answers NOT_FOUND,
-whatever the reason. Every disclosure, and every refused attempt, is written
-to the ledger in the same transaction, which commits before the response
-leaves: no data is sent unless its audit record is durable.
+Each read is two statements as the partner-path database role (migration
+0013): the read, which re-checks the key and the partner's suspension and
+joins the caller's active grants, so revoking a key or a grant takes effect on
+the next call; then the record, which counts the response against the
+partner's limits and writes its ledger records, and commits before the
+response leaves: no data is sent unless its audit record is durable. Anything
+the caller may not see answers NOT_FOUND, whatever the reason, and every
+refused attempt is recorded too.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from appointments.partner.v1 import (
     partner_appointment_service_pb2_grpc as pb_grpc,
 )
 
-from service import auth, pagination, sealing, validation, views
+from service import auth, models, pagination, sealing, validation, views
 from service.consent import (
     CONSENT_EXPIRED,
     CONSENT_INVALID,
@@ -47,17 +49,13 @@ from service.extraction import SUSPENDED
 from service.partner_gate import PartnerGate
 from service.pseudonyms import Pseudonyms, looks_like_appointment_id
 from service.store import consents, ledger, partner_reads
-from service.store.database import PARTNER_ROLE, Database
+from service.store.database import PARTNER_ROLE, Connection, Database
 from service.telemetry import Telemetry, annotate
 from service.watch_api import AppointmentFeed
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 MAX_WINDOW = timedelta(days=366)
-
-
-class PartnerSuspended(Exception):
-    """Internal signal: the call just suspended its partner (commit, send nothing)."""
 
 
 _CONSENT_STATES = {"revoked": CONSENT_REVOKED, "expired": CONSENT_EXPIRED, "unknown": CONSENT_INVALID}
@@ -133,50 +131,52 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
     ) -> pb.ListAppointmentsResponse:
         query = parse_list_request(request)
         token = auth.bearer_token(context.invocation_metadata())
-        key_id = auth.partner_key_id(token)
+        principal, policy = await self._gate.admit(token, auth.partner_key_id(token))
+        binding = query.binding(principal.partner_id)
+        after = None
+        if query.page_token:
+            cursor = self._page_tokens.open(query.page_token, binding)
+            try:
+                after = pagination.unpack_time_cursor(cursor)
+            except ValueError as exc:  # sealed by us, so only a format change gets here
+                raise InvalidArgument.field("page_token", "unsupported page token") from exc
+        response = pb.ListAppointmentsResponse()
         failure: ApptgateError | None = None
-        async with self._db.transaction(role=PARTNER_ROLE) as conn:
-            principal, policy = await self._gate.authenticate(conn, token, key_id)
-            binding = query.binding(principal.partner_id)
-            after = None
-            if query.page_token:
-                cursor = self._page_tokens.open(query.page_token, binding)
-                try:
-                    after = pagination.unpack_time_cursor(cursor)
-                except ValueError as exc:  # sealed by us, so only a format change gets here
-                    raise InvalidArgument.field("page_token", "unsupported page token") from exc
-            rows = await partner_reads.list_appointments(
-                conn,
-                partner_id=principal.partner_id,
-                practitioner_id=query.practitioner_id,
-                start_time=query.start_time,
-                end_time=query.end_time,
-                after=after,
-                limit=query.page_size + 1,
-            )
-            page = rows[: query.page_size]
-            if (
-                not rows
-                and query.practitioner_id is not None
-                and not await partner_reads.is_granted(conn, principal.partner_id, query.practitioner_id)
-            ):
+        async with self._db.partner_statements() as conn:
+            try:
+                rows = await partner_reads.list_appointments(
+                    conn,
+                    key_id=principal.key_id,
+                    partner_id=principal.partner_id,
+                    practitioner_id=query.practitioner_id,
+                    start_time=query.start_time,
+                    end_time=query.end_time,
+                    after=after,
+                    limit=query.page_size + 1,
+                )
+            except partner_reads.Refusal as refusal:
+                if refusal.kind != partner_reads.NOT_GRANTED:
+                    raise self._gate.refused(refusal, principal) from None
+                rows = []
                 failure = NotFound("practitioner not found")
                 entry = self._gate.entry(principal, "ListAppointments", ledger.VIEW_BASIC, denial_reason="NOT_FOUND")
                 await ledger.append(conn, entry, [(request.practitioner_id, None, None)])
-            elif not await self._guard.charge(conn, principal.partner_id, policy, [row.patient_id for row in page]):
-                failure = SUSPENDED  # committed (the suspension must stick), nothing sent
-            else:
+            page = rows[: query.page_size]
+            if page:
                 ids = self._pseudonyms.for_partner(principal.partner_id)
-                messages = [views.basic_appointment(row, ids) for row in page]
-                await ledger.append(
+                for row in page:
+                    views.fill_basic_appointment(response.appointments.add(), row, ids)
+                outcome = await ledger.charge_and_append(
                     conn,
                     self._gate.entry(principal, "ListAppointments", ledger.VIEW_BASIC),
-                    [(m.appointment_id, row.id, row.patient_id) for m, row in zip(messages, page, strict=True)],
+                    [(m.appointment_id, r.id, r.patient_id) for m, r in zip(response.appointments, page, strict=True)],
+                    self._guard.terms(policy),
                 )
-                self._gate.disclosed("basic", len(messages))
+                if not self._guard.settle(principal.partner_id, outcome):
+                    failure = SUSPENDED  # committed (the suspension sticks), nothing sent
         if failure is not None:
             raise failure
-        response = pb.ListAppointmentsResponse(appointments=messages)
+        self._gate.disclosed("basic", len(page))
         if len(rows) > query.page_size:
             last = page[-1]
             response.next_page_token = self._page_tokens.seal(
@@ -184,33 +184,46 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
             )
         return response
 
+    async def _visible(
+        self, conn: Connection, principal: auth.Principal, appointment_id: UUID
+    ) -> models.BasicAppointment | None:
+        """The appointment if the caller may see it; raises for a key revoked or a partner suspended since cached."""
+        try:
+            return await partner_reads.get_appointment(
+                conn, key_id=principal.key_id, partner_id=principal.partner_id, appointment_id=appointment_id
+            )
+        except partner_reads.Refusal as refusal:
+            raise self._gate.refused(refusal, principal) from None
+
     async def GetAppointment(
         self, request: pb.GetAppointmentRequest, context: grpc.aio.ServicerContext
     ) -> appointment_pb2.Appointment:
         _check_appointment_id(request.appointment_id)
         token = auth.bearer_token(context.invocation_metadata())
-        key_id = auth.partner_key_id(token)
+        principal, policy = await self._gate.admit(token, auth.partner_key_id(token))
+        ids = self._pseudonyms.for_partner(principal.partner_id)
         failure: ApptgateError | None = None
-        async with self._db.transaction(role=PARTNER_ROLE) as conn:
-            principal, policy = await self._gate.authenticate(conn, token, key_id)
-            ids = self._pseudonyms.for_partner(principal.partner_id)
-            appointment_id = ids.parse_appointment_id(request.appointment_id)
-            row = await partner_reads.get_appointment(conn, principal.partner_id, appointment_id)
+        async with self._db.partner_statements() as conn:
+            row = await self._visible(conn, principal, ids.parse_appointment_id(request.appointment_id))
             if row is None:
                 # No metadata: "does not exist", "not yours" and "no longer granted"
                 # must be byte-for-byte the same answer.
                 failure = NotFound("appointment not found")
                 entry = self._gate.entry(principal, "GetAppointment", ledger.VIEW_BASIC, denial_reason="NOT_FOUND")
                 await ledger.append(conn, entry, [(request.appointment_id, None, None)])
-            elif not await self._guard.charge(conn, principal.partner_id, policy, [row.patient_id]):
-                failure = SUSPENDED
             else:
                 message = views.basic_appointment(row, ids)
-                entry = self._gate.entry(principal, "GetAppointment", ledger.VIEW_BASIC)
-                await ledger.append(conn, entry, [(request.appointment_id, row.id, row.patient_id)])
-                self._gate.disclosed("basic", 1)
+                outcome = await ledger.charge_and_append(
+                    conn,
+                    self._gate.entry(principal, "GetAppointment", ledger.VIEW_BASIC),
+                    [(request.appointment_id, row.id, row.patient_id)],
+                    self._guard.terms(policy),
+                )
+                if not self._guard.settle(principal.partner_id, outcome):
+                    failure = SUSPENDED
         if failure is not None:
             raise failure
+        self._gate.disclosed("basic", 1)
         return message
 
     async def GetAppointmentContact(
@@ -218,25 +231,17 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
     ) -> contact_pb2.AppointmentContact:
         _check_appointment_id(request.appointment_id)
         token = auth.bearer_token(context.invocation_metadata())
-        key_id = auth.partner_key_id(token)
+        principal, policy = await self._gate.admit(token, auth.partner_key_id(token))
+        ids = self._pseudonyms.for_partner(principal.partner_id)
+        rpc = "GetAppointmentContact"
         failure: ApptgateError | None = None
-        async with self._db.transaction(role=PARTNER_ROLE) as conn:
-            principal, policy = await self._gate.authenticate(conn, token, key_id)
-            ids = self._pseudonyms.for_partner(principal.partner_id)
-            row = await partner_reads.get_appointment(
-                conn, principal.partner_id, ids.parse_appointment_id(request.appointment_id)
-            )
+        async with self._db.partner_statements() as conn:
+            row = await self._visible(conn, principal, ids.parse_appointment_id(request.appointment_id))
             if row is None:
                 failure = NotFound("appointment not found")
-                entry = self._gate.entry(
-                    principal,
-                    "GetAppointmentContact",
-                    ledger.VIEW_CONTACT,
-                    denial_reason="NOT_FOUND",
-                )
+                entry = self._gate.entry(principal, rpc, ledger.VIEW_CONTACT, denial_reason="NOT_FOUND")
                 await ledger.append(conn, entry, [(request.appointment_id, None, None)])
             else:
-                item = [(request.appointment_id, row.id, row.patient_id)]
                 consent_id: UUID | None = None
                 try:
                     claims = self._keyring.verify(
@@ -245,29 +250,29 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
                     consent_id = claims.consent_id
                     if claims.patient_id != row.patient_id:
                         raise ConsentDenied(CONSENT_INVALID, "issued for another patient")
-                    stored = await consents.read_consented_contact(
-                        conn, claims.consent_id, principal.partner_id, row.patient_id
+                    # One statement checks the consent, counts and records the disclosure,
+                    # and returns the released fields sealed.
+                    stored = await consents.disclose_consented_contact(
+                        conn,
+                        self._gate.entry(principal, rpc, ledger.VIEW_CONTACT, consent_id=consent_id),
+                        request.appointment_id,
+                        row.id,
+                        row.patient_id,
+                        claims.fields,
+                        self._guard.terms(policy),
                     )
-                    if stored.state != "live":
-                        raise ConsentDenied(_CONSENT_STATES.get(stored.state, CONSENT_INVALID), stored.state)
-                    fields = sorted(set(claims.fields) & set(stored.fields))
-                    if not await self._guard.charge(conn, principal.partner_id, policy, [row.patient_id], contacts=1):
-                        raise PartnerSuspended
-                    # The only decryption on the partner path: the fields a live consent released.
-                    contact = sealing.open_consented_contact(self._data_keys, row.patient_id, stored)
-                    message = views.appointment_contact(request.appointment_id, contact, fields)
-                    entry = self._gate.entry(
-                        principal,
-                        "GetAppointmentContact",
-                        ledger.VIEW_CONTACT,
-                        contact_fields=fields,
-                        consent_id=claims.consent_id,
-                    )
-                    await ledger.append(conn, entry, item)
-                    self._gate.disclosed("contact", 1, fields)
-                    annotate(consent_presented=True, consent_outcome="GRANTED")
-                except PartnerSuspended:
-                    failure = SUSPENDED
+                    if stored.state in _CONSENT_STATES:
+                        raise ConsentDenied(_CONSENT_STATES[stored.state], stored.state)
+                    if not self._guard.settle(principal.partner_id, stored.state):
+                        failure = SUSPENDED
+                    else:
+                        # The only decryption on the partner path: the fields a live consent
+                        # released. Its record is already durable: should opening fail, the
+                        # ledger holds a disclosure that was not sent (never the reverse).
+                        contact = sealing.open_consented_contact(self._data_keys, row.patient_id, stored)
+                        message = views.appointment_contact(request.appointment_id, contact, stored.fields)
+                        self._gate.disclosed("contact", 1, stored.fields)
+                        annotate(consent_presented=True, consent_outcome="GRANTED")
                 except ConsentDenied as denied:
                     annotate(
                         view="contact", consent_presented=bool(request.consent_token), consent_outcome=denied.reason
@@ -275,13 +280,9 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
                     self._telemetry.consent_denials.add(1, {"reason": denied.reason})
                     failure = PermissionDenied(denied.message, reason=denied.reason)
                     entry = self._gate.entry(
-                        principal,
-                        "GetAppointmentContact",
-                        ledger.VIEW_CONTACT,
-                        denial_reason=denied.reason,
-                        consent_id=consent_id,
+                        principal, rpc, ledger.VIEW_CONTACT, denial_reason=denied.reason, consent_id=consent_id
                     )
-                    await ledger.append(conn, entry, item)
+                    await ledger.append(conn, entry, [(request.appointment_id, row.id, row.patient_id)])
         if failure is not None:
             raise failure
         return message

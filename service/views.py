@@ -34,11 +34,18 @@ _STATUS = {
 
 def basic_appointment(row: models.BasicAppointment, ids: PartnerPseudonyms) -> appointment_pb2.Appointment:
     """Return the basic view of an appointment for the partner owning ``ids``."""
-    message = appointment_pb2.Appointment(
-        appointment_id=ids.appointment_id(row.id),
-        status=_STATUS[row.status],
-        patient_ref=ids.patient_ref(row.patient_id),
-    )
+    message = appointment_pb2.Appointment()
+    fill_basic_appointment(message, row, ids)
+    return message
+
+
+def fill_basic_appointment(
+    message: appointment_pb2.Appointment, row: models.BasicAppointment, ids: PartnerPseudonyms
+) -> None:
+    """Set the basic view of an appointment into an empty ``message`` (one of a response's repeated field)."""
+    message.appointment_id = ids.appointment_id(row.id)
+    message.status = _STATUS[row.status]
+    message.patient_ref = ids.patient_ref(row.patient_id)
     practitioner = message.practitioner
     practitioner.practitioner_id = str(row.practitioner_id)
     practitioner.display_name = row.practitioner_display_name
@@ -46,7 +53,6 @@ def basic_appointment(row: models.BasicAppointment, ids: PartnerPseudonyms) -> a
     set_timestamp(message.start_time, row.start_time)
     set_timestamp(message.end_time, row.end_time)
     set_timestamp(message.update_time, row.update_time)
-    return message
 
 
 def appointment_contact(

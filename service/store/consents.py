@@ -1,13 +1,15 @@
-"""Consents, and the one consent-gated read of contact details."""
+"""Consents, and the consent-gated reads of contact details."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from uuid import UUID
 
 import asyncpg
 
 from service import models
 from service.errors import FailedPrecondition, NotFound
+from service.store import ledger, usage
 from service.store.database import Connection
 
 _COLUMNS = "id, patient_id, partner_id, fields, purpose, signing_key_id, create_time, expire_time, revoke_time"
@@ -76,6 +78,10 @@ async def read_consented_contact(
     left in clear (not yet backfilled) comes back as text and wins over a seal.
     """
     row = await conn.fetchrow("SELECT * FROM read_consented_contact($1, $2, $3)", consent_id, partner_id, patient_id)
+    return _stored_contact(row)
+
+
+def _stored_contact(row: asyncpg.Record | None) -> models.StoredConsentedContact:
     if row is None:  # the patient row vanished: treat like an unknown consent
         return models.StoredConsentedContact("unknown", (), None, None, None, None, None)
 
@@ -93,3 +99,52 @@ async def read_consented_contact(
         stored("phone"),
         stored("email"),
     )
+
+
+_DISCLOSE = (
+    "SELECT * FROM disclose_consented_contact($1, $2, $3, $4, $5, $6, $7, $8, $9::smallint[], $10, $11, $12, $13, $14)"
+)
+
+
+async def disclose_consented_contact(
+    conn: Connection,
+    entry: ledger.Entry,
+    requested_id: str,
+    appointment_id: UUID,
+    patient_id: UUID,
+    token_fields: Sequence[int],
+    terms: usage.ChargeTerms,
+) -> models.StoredConsentedContact:
+    """Check the consent, count and record the disclosure, and read the released fields: one statement.
+
+    ``entry.consent_id`` names the consent. The released fields are those both
+    the token and the stored consent name (``fields`` of the answer). The
+    answer's ``state`` is the consent's state when it is not live (nothing was
+    counted or recorded: the caller records the refusal), else the charge's
+    outcome: ``ok`` or ``flagged`` (recorded, values returned sealed),
+    ``suspended`` (nothing recorded, no value), or a cap (``contact_cap``,
+    ``patient_cap``: nothing counted or recorded).
+    """
+    try:
+        row = await conn.fetchrow(
+            _DISCLOSE,
+            entry.partner_id,
+            entry.key_id,
+            entry.rpc,
+            entry.trace_id,
+            requested_id,
+            appointment_id,
+            patient_id,
+            entry.consent_id,
+            list(token_fields),
+            terms.contact_cap,
+            terms.patient_cap,
+            terms.anomaly_factor,
+            terms.anomaly_min,
+            terms.suspend_on_anomaly,
+        )
+    except asyncpg.PostgresError as exc:
+        if getattr(exc, "sqlstate", None) == "AG429" and exc.detail in usage.CAP_OUTCOMES:
+            return models.StoredConsentedContact(str(exc.detail), (), None, None, None, None, None)
+        raise
+    return _stored_contact(row)

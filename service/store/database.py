@@ -51,6 +51,14 @@ def partner_login_dsn(dsn: str) -> str:
     return urlunsplit((parts.scheme, f"{PARTNER_ROLE}@{host}", parts.path, parts.query, parts.fragment))
 
 
+#: At most this much of a call's deadline is kept for cancelling its statement (see partner_statements).
+_CANCEL_MARGIN = 0.1
+
+
+async def _keep_session(conn: Connection) -> None:
+    """The partner pool's reset on release: nothing to undo (see :meth:`Database.connect`)."""
+
+
 class NotMigratedError(Exception):
     """The database lacks migrations this code needs; run ``python -m service migrate``."""
 
@@ -102,15 +110,22 @@ class Database:
             if on_query is not None:
                 conn.add_query_logger(lambda q: on_query(q.query, q.elapsed, q.exception))
 
-        async def open_pool(target: str) -> asyncpg.Pool:
+        async def open_pool(target: str, *, partner: bool = False) -> asyncpg.Pool:
             return await asyncpg.create_pool(
                 target,
                 min_size=min_size,
                 max_size=max_size,
                 timeout=connect_timeout,
-                # Connections are reset on release; nothing set in a request outlives it.
                 max_inactive_connection_lifetime=300.0,
                 init=init,
+                # The main pool runs asyncpg's reset query on release. The partner
+                # pool cannot change its session (it may only run its functions and
+                # transaction-local settings), so it skips that round trip; an open
+                # transaction is still rolled back by asyncpg on release.
+                reset=_keep_session if partner else None,
+                # The backstop for a statement run outside a call deadline; within a
+                # call, the deadline cancels the statement from the client side.
+                server_settings={"statement_timeout": str(int(statement_timeout * 1000))} if partner else None,
             )
 
         try:
@@ -118,7 +133,7 @@ class Database:
             partner_pool = None
             try:
                 if partner_dsn:
-                    partner_pool = await open_pool(partner_dsn)
+                    partner_pool = await open_pool(partner_dsn, partner=True)
             except (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidPasswordError):
                 if require_partner_login:
                     await pool.close()
@@ -168,6 +183,44 @@ class Database:
         try:
             async with self._acquire(deadlines.remaining()) as conn:
                 yield conn
+        except UNREACHABLE as exc:
+            raise Unavailable("the database is unreachable") from exc
+
+    @asynccontextmanager
+    async def partner_statements(self) -> AsyncIterator[Connection]:
+        """Borrow a partner-path connection on which every statement is its own transaction.
+
+        The partner path's reads and records are single statements (functions
+        of migration 0013 that bind the partner for row-level security
+        themselves), so they need no BEGIN, no prelude and no COMMIT: each is
+        durable when it returns. The call's remaining deadline bounds the whole
+        block; when it passes, the running statement is cancelled and
+        :class:`DeadlineExceeded` raised. Without a partner login (the fallback
+        of :meth:`connect`), the block runs in one transaction that switches
+        role, which is stricter and slower.
+        """
+        if self._partner_pool is None:
+            async with self.transaction(role=PARTNER_ROLE) as conn:
+                yield conn
+            return
+        budget = deadlines.remaining()
+        if budget is not None and budget <= 0:
+            raise DeadlineExceeded("the deadline passed before the database was reached")
+        # Give up a little before the caller does, so that the cancelled statement has
+        # left the server (the pool's release waits for that) by the time the caller
+        # reads DEADLINE_EXCEEDED.
+        timer = asyncio.timeout(None if budget is None else budget - min(_CANCEL_MARGIN, budget / 5))
+        try:
+            async with timer, self._acquire(budget, partner=True) as conn:
+                yield conn
+        except TimeoutError as exc:
+            if timer.expired():
+                raise DeadlineExceeded("the database work did not finish before the deadline") from exc
+            raise Unavailable("the database is unreachable") from exc  # a connect timeout
+        except asyncpg.QueryCanceledError as exc:
+            raise DeadlineExceeded("the database work did not finish before the deadline") from exc
+        except asyncpg.DataError as exc:
+            raise InvalidArgument.field("request", "a value cannot be stored", reason="INVALID_VALUE") from exc
         except UNREACHABLE as exc:
             raise Unavailable("the database is unreachable") from exc
 

@@ -17,7 +17,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from uuid import UUID
 
+import asyncpg
+
 from service import models
+from service.store import usage
 from service.store.database import Connection
 
 VIEW_BASIC = 1
@@ -75,6 +78,55 @@ async def append(
         list(entry.contact_fields),
         entry.consent_id,
     )
+
+
+_RECORD = (
+    "SELECT record_partner_disclosure($1, $2, $3, $4, $5::smallint, $6::text[], $7::uuid[], $8::uuid[], "
+    "$9::smallint[], $10, $11, $12, $13, $14, $15, $16)"
+)
+
+
+async def charge_and_append(
+    conn: Connection,
+    entry: Entry,
+    items: Sequence[tuple[str, UUID | None, UUID | None]],
+    terms: usage.ChargeTerms,
+    *,
+    contacts: int = 0,
+) -> str:
+    """Count a response against the partner's day and record it, in one statement (its own transaction).
+
+    Returns ``charge_partner_usage``'s outcome: over a cap (``contact_cap`` or
+    ``patient_cap``) nothing is counted or recorded; ``suspended`` commits the
+    suspension and records nothing; ``ok`` and ``flagged`` mean the records
+    are durable.
+    """
+    try:
+        return str(
+            await conn.fetchval(
+                _RECORD,
+                entry.partner_id,
+                entry.key_id,
+                entry.rpc,
+                entry.trace_id,
+                entry.view,
+                [i[0] for i in items],
+                [i[1] for i in items],
+                [i[2] for i in items],
+                list(entry.contact_fields),
+                entry.consent_id,
+                contacts,
+                terms.contact_cap,
+                terms.patient_cap,
+                terms.anomaly_factor,
+                terms.anomaly_min,
+                terms.suspend_on_anomaly,
+            )
+        )
+    except asyncpg.PostgresError as exc:
+        if getattr(exc, "sqlstate", None) == "AG429" and exc.detail in usage.CAP_OUTCOMES:
+            return str(exc.detail)
+        raise
 
 
 def _disclosure(row: object) -> models.Disclosure:

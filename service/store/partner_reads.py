@@ -1,56 +1,65 @@
 """The partner path's reads: only appointments of practitioners who granted the partner access.
 
-Every query here joins the active grants of the calling partner, so access is
-checked by the same statement that reads, on every call and every page. The
-select lists name only the basic-view columns: no contact column and no visit
-reason is ever read on this path.
+Each read is one statement, a function of migration 0013 run as the partner
+role: it refuses a revoked key or a suspended partner, binds the partner for
+row-level security, and reads only the basic-view columns of appointments
+whose practitioner granted the caller access. No contact column and no visit
+reason is ever read on this path. The function's refusals arrive as
+:class:`Refusal`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime
+from typing import TypeVar
 from uuid import UUID
+
+import asyncpg
 
 from service import models
 from service.store.database import Connection
 
-_BASIC_COLUMNS = (
-    "a.id, a.patient_id, a.start_time, a.end_time, a.status, a.update_time, p.id, p.display_name, p.specialty"
-)
-_ACTIVE_GRANT = "g.partner_id = $1 AND g.revoke_time IS NULL"
-_FROM_GRANTED = (
-    "FROM practitioner_grants g "
-    "JOIN appointments a ON a.practitioner_id = g.practitioner_id "
-    "JOIN practitioners p ON p.id = g.practitioner_id "
-)
-_WINDOW = "a.start_time >= $2 AND a.start_time < $3"
-_ORDER = "ORDER BY a.start_time, a.id LIMIT $4"
+T = TypeVar("T")
 
-# Four fixed statements (one practitioner or all; first page or after a cursor),
-# so each keeps a plan of its own and every value stays a bound parameter.
-_LIST_ALL = f"SELECT {_BASIC_COLUMNS} {_FROM_GRANTED} WHERE {_ACTIVE_GRANT} AND {_WINDOW} {_ORDER}"
-_LIST_ALL_AFTER = (
-    f"SELECT {_BASIC_COLUMNS} {_FROM_GRANTED} WHERE {_ACTIVE_GRANT} AND {_WINDOW} "
-    f"AND (a.start_time, a.id) > ($5, $6) {_ORDER}"
-)
-_LIST_ONE = (
-    f"SELECT {_BASIC_COLUMNS} {_FROM_GRANTED} WHERE {_ACTIVE_GRANT} AND {_WINDOW} AND g.practitioner_id = $5 {_ORDER}"
-)
-_LIST_ONE_AFTER = (
-    f"SELECT {_BASIC_COLUMNS} {_FROM_GRANTED} WHERE {_ACTIVE_GRANT} AND {_WINDOW} AND g.practitioner_id = $5 "
-    f"AND (a.start_time, a.id) > ($6, $7) {_ORDER}"
-)
-_GET = (
-    f"SELECT {_BASIC_COLUMNS} FROM appointments a JOIN practitioners p ON p.id = a.practitioner_id "
-    "WHERE a.id = $2 AND EXISTS (SELECT 1 FROM practitioner_grants g "
-    f"WHERE {_ACTIVE_GRANT} AND g.practitioner_id = a.practitioner_id)"
-)
-_IS_GRANTED = f"SELECT EXISTS (SELECT 1 FROM practitioner_grants g WHERE {_ACTIVE_GRANT} AND g.practitioner_id = $2)"
+#: Refusal kinds, by the SQLSTATE the partner-path functions raise them with.
+KEY_INVALID = "key_invalid"
+SUSPENDED = "suspended"
+NOT_GRANTED = "not_granted"
+_REFUSALS = {"AG401": KEY_INVALID, "AG403": SUSPENDED, "AG404": NOT_GRANTED}
+
+_COLUMNS = "id, patient_id, start_time, end_time, status, update_time, practitioner_id, display_name, specialty"
+_LIST = f"SELECT {_COLUMNS} FROM partner_list_appointments($1, $2, $3, $4, $5, $6, $7, $8)"
+_GET = f"SELECT {_COLUMNS} FROM partner_get_appointment($1, $2, $3)"
+
+
+class Refusal(Exception):
+    """The database refused a partner read: ``kind`` is one of the refusal kinds above."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+async def _refusing(conn: Connection, statement: Callable[[], Awaitable[T]]) -> T:
+    try:
+        if conn.is_in_transaction():
+            # The fallback without a partner login runs the whole call in one
+            # transaction: a refusal must not abort it (a denial is recorded next).
+            async with conn.transaction():
+                return await statement()
+        return await statement()
+    except asyncpg.PostgresError as exc:
+        kind = _REFUSALS.get(str(getattr(exc, "sqlstate", "")))
+        if kind is None:
+            raise
+        raise Refusal(kind) from None
 
 
 async def list_appointments(
     conn: Connection,
     *,
+    key_id: str,
     partner_id: UUID,
     practitioner_id: UUID | None,
     start_time: datetime,
@@ -61,26 +70,17 @@ async def list_appointments(
     """Return up to ``limit`` visible appointments starting in ``[start_time, end_time)``.
 
     Ordered by ``(start_time, id)`` and strictly after the ``after`` cursor.
+    Raises :class:`Refusal` (``NOT_GRANTED`` when ``practitioner_id`` is not granted).
     """
-    window = (partner_id, start_time, end_time, limit)
-    if practitioner_id is None:
-        if after is None:
-            rows = await conn.fetch(_LIST_ALL, *window)
-        else:
-            rows = await conn.fetch(_LIST_ALL_AFTER, *window, *after)
-    elif after is None:
-        rows = await conn.fetch(_LIST_ONE, *window, practitioner_id)
-    else:
-        rows = await conn.fetch(_LIST_ONE_AFTER, *window, practitioner_id, *after)
+    after_time, after_id = after if after is not None else (None, None)
+    values = (key_id, partner_id, practitioner_id, start_time, end_time, after_time, after_id, limit)
+    rows = await _refusing(conn, lambda: conn.fetch(_LIST, *values))
     return [models.BasicAppointment(*row) for row in rows]
 
 
-async def is_granted(conn: Connection, partner_id: UUID, practitioner_id: UUID) -> bool:
-    """True when the practitioner has an active grant to the partner."""
-    return bool(await conn.fetchval(_IS_GRANTED, partner_id, practitioner_id))
-
-
-async def get_appointment(conn: Connection, partner_id: UUID, appointment_id: UUID) -> models.BasicAppointment | None:
-    """Return the appointment if it exists and is visible to the partner, else ``None``."""
-    row = await conn.fetchrow(_GET, partner_id, appointment_id)
+async def get_appointment(
+    conn: Connection, *, key_id: str, partner_id: UUID, appointment_id: UUID
+) -> models.BasicAppointment | None:
+    """Return the appointment if it exists and is visible to the partner, else ``None``. Raises :class:`Refusal`."""
+    row = await _refusing(conn, lambda: conn.fetchrow(_GET, key_id, partner_id, appointment_id))
     return models.BasicAppointment(*row) if row else None

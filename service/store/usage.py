@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from uuid import UUID
 
 import asyncpg
@@ -10,6 +11,21 @@ import asyncpg
 from service import models
 from service.errors import FailedPrecondition, NotFound
 from service.store.database import Connection
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeTerms:
+    """What a response is counted against: the partner's caps and the anomaly rule."""
+
+    contact_cap: int
+    patient_cap: int
+    anomaly_factor: float
+    anomaly_min: int
+    suspend_on_anomaly: bool
+
+
+#: The answers of ``charge_partner_usage`` (and of the statements built on it) over a cap.
+CAP_OUTCOMES = ("contact_cap", "patient_cap")
 
 _OVERRIDES = "requests_per_second, burst, contact_daily_cap, patient_daily_cap, suspend_time, suspend_reason"
 

@@ -86,6 +86,18 @@ async def test_refused_attempts_are_recorded_as_denied(world: World) -> None:
     assert not_found.appointment_id == "" and not_found.patient_id == ""
 
 
+async def test_listing_a_practitioner_not_granted_is_recorded_as_denied(world: World) -> None:
+    _, _, partner = await _three_appointments(world)
+    stranger = await world.practitioner()
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await partner.list(practitioner_id=stranger)
+
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    [record] = [r for r in await world.disclosures() if r.outcome == audit_pb2.DISCLOSURE_OUTCOME_DENIED]
+    assert (record.rpc, record.denial_reason, record.appointment_id) == (LIST_RPC, "NOT_FOUND", "")
+
+
 async def test_list_disclosures_filters_and_pages_without_gaps(world: World) -> None:
     _, patients, partner = await _three_appointments(world)
     for _ in range(4):

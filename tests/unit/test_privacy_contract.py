@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 from appointments.annotations.v1 import privacy_pb2
 from appointments.partner.v1 import partner_appointment_service_pb2
@@ -95,9 +96,24 @@ def test_the_walk_would_catch_a_marked_field() -> None:
     assert "AppointmentContact.patient.given_name" in marked
 
 
+_FORBIDDEN = re.compile(r"\b(given_name|family_name|sex|phone|email|reason)\b|\*")
+_READ_FUNCTIONS = ("partner_bind", "partner_list_appointments", "partner_get_appointment")
+
+
 def test_partner_path_sql_never_names_a_contact_or_reason_column() -> None:
     statements = [value for name, value in vars(partner_reads).items() if name.isupper() or name.startswith("_")]
     sql = [s for s in statements if isinstance(s, str) and "SELECT" in s]
-    assert sql, "no SQL found in service.store.partner_reads"
-    forbidden = re.compile(r"\b(given_name|family_name|sex|phone|email|reason)\b|\*")
-    assert [s for s in sql if forbidden.search(s)] == []
+    assert len(sql) == 2, "the SQL of service.store.partner_reads was not found"
+    assert [s for s in sql if _FORBIDDEN.search(s)] == []
+
+
+def test_the_partner_read_functions_never_name_a_contact_or_reason_column() -> None:
+    # The statements above call these functions (migration 0013); their bodies are the SQL that reads.
+    source = (Path(__file__).parents[2] / "migrations" / "0013_partner_calls_in_two_statements.sql").read_text()
+    bodies = {
+        name: re.search(rf"CREATE FUNCTION {name}\(.*?\$\$(.*?)\$\$;", source, re.DOTALL) for name in _READ_FUNCTIONS
+    }
+    assert all(bodies.values()), f"a read function was not found: {bodies}"
+    assert {
+        name: _FORBIDDEN.findall(m.group(1)) for name, m in bodies.items() if m and _FORBIDDEN.search(m.group(1))
+    } == {}
