@@ -27,16 +27,15 @@ from service.errors import (
     NotFound,
     OutOfRange,
     PermissionDenied,
-    ResourceExhausted,
     Unauthenticated,
 )
-from service.extraction import SUSPENDED
+from service.extraction import SUSPENDED, ExtractionGuard
 from service.feed import FeedHub, Subscription
 from service.limits import PartnerPolicy
 from service.partner_gate import PartnerGate
 from service.pseudonyms import Pseudonyms
 from service.store import feed as store_feed
-from service.store import ledger, partners
+from service.store import ledger, partners, usage
 from service.store.database import PARTNER_ROLE, Database
 from service.telemetry import Telemetry, annotate
 
@@ -156,12 +155,20 @@ class _Delivery:
 
 
 class _CapReached(Exception):
-    """A partner's daily cap was reached while charging a group: roll the group back, retry without it."""
+    """Partners reached a daily cap while a group was charged: roll the group back, retry without them."""
 
-    def __init__(self, partner_id: UUID, error: ApptgateError) -> None:
-        super().__init__(partner_id)
-        self.partner_id = partner_id
-        self.error = error
+    def __init__(self, refusals: dict[UUID, ApptgateError]) -> None:
+        super().__init__(len(refusals))
+        self.refusals = refusals
+
+
+def _refusal(guard: ExtractionGuard, partner_id: UUID, outcome: str) -> ApptgateError:
+    """The error :meth:`ExtractionGuard.settle` answers a cap outcome with."""
+    try:
+        guard.settle(partner_id, outcome)
+    except ApptgateError as error:
+        return error
+    raise AssertionError(f"not a cap outcome: {outcome}")
 
 
 class _FanoutLedger:
@@ -169,15 +176,16 @@ class _FanoutLedger:
 
     One change watched by 1,000 streams wakes them all at once; each hands its
     batch here and waits. One task takes every delivery queued so far and, in
-    one transaction, re-reads the keys, the partners' limits and the grants of
-    every partner concerned (one statement), charges each partner's
-    usage once for all its streams, and appends the ledger records of every
-    stream in one statement; when it has committed, each stream gets its
+    one transaction of three statements whatever its size, re-reads the keys,
+    the partners' limits and the grants of every partner concerned, charges
+    each partner's usage once for all its streams, and appends the ledger
+    records of every stream; when it has committed, each stream gets its
     events and sends them. Deliveries queued meanwhile form the next group.
     The checks and the guarantee are those of a stream auditing alone — the
     key and the grants are re-checked in the transaction that records the
-    delivery, which commits before anything is sent — in a handful of
-    statements per group instead of one transaction per stream.
+    delivery, which commits before anything is sent. A partner over a daily
+    cap rolls the group back; it is retried without that partner, whose
+    streams end with RESOURCE_EXHAUSTED.
 
     The transaction spans partners, so it runs on the owner path (like the
     hub's reads of the outbox) and filters by the grants it reads itself.
@@ -234,7 +242,7 @@ class _FanoutLedger:
             try:
                 return await self._commit_once(group, capped)
             except _CapReached as cap:
-                capped[cap.partner_id] = cap.error
+                capped.update(cap.refusals)
 
     async def _commit_once(
         self, group: list[_Delivery], capped: dict[UUID, ApptgateError]
@@ -267,20 +275,20 @@ class _FanoutLedger:
                         for c in d.batch
                         if c.appointment.practitioner_id in granted and c.appointment.practitioner_id in watched
                     ]
-            # Each partner's usage is charged once for all its streams, partners in a fixed order.
+            # Each partner's usage is charged once for all its streams, in one statement, partners in order.
             patients: dict[UUID, list[UUID]] = {}
             for d in group:
                 if allowed.get(id(d)):
                     patients.setdefault(d.principal.partner_id, []).extend(
                         c.appointment.patient_id for c in allowed[id(d)]
                     )
-            suspended: set[UUID] = set()
-            for partner_id in sorted(patients):
-                try:
-                    if not await self._gate.guard.charge(conn, partner_id, policies[partner_id], patients[partner_id]):
-                        suspended.add(partner_id)
-                except ResourceExhausted as exc:
-                    raise _CapReached(partner_id, exc) from exc
+            charged = sorted(patients)
+            guard = self._gate.guard
+            outcomes = await usage.charge_many(conn, [(p, patients[p], guard.terms(policies[p])) for p in charged])
+            over = {p: o for p, o in zip(charged, outcomes, strict=True) if o in usage.CAP_OUTCOMES}
+            if over:
+                raise _CapReached({p: _refusal(guard, p, o) for p, o in over.items()})
+            suspended = {p for p, o in zip(charged, outcomes, strict=True) if not guard.settle(p, o)}
             records: list[tuple[ledger.Entry, list[tuple[str, UUID | None, UUID | None]]]] = []
             events: dict[tuple[UUID, int], pb.AppointmentChange] = {}
             for d in group:
@@ -296,7 +304,7 @@ class _FanoutLedger:
                     (d.entry, [(m.appointment.appointment_id, c.appointment.id, c.appointment.patient_id)
                                for m, c in zip(messages, allowed[id(d)], strict=True)])
                 )  # fmt: skip
-            await store_feed.append_deliveries(conn, records)
+            await ledger.append_many(conn, records)
         return results
 
     def _event(

@@ -8,13 +8,11 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 from uuid import UUID
 
 import asyncpg
 
 from service import models
-from service.store import ledger
 from service.store.database import UNREACHABLE, Connection
 
 log = logging.getLogger(__name__)
@@ -95,57 +93,6 @@ async def key_states(conn: Connection, key_ids: Sequence[str]) -> dict[str, KeyS
         row[0]: KeyState(row[1], row[2] is not None, models.PartnerOverrides(*row[3:8]), frozenset(row[8]))
         for row in rows
     }
-
-
-# One append_disclosures call (migration 0011, the one definition of a ledger append) per
-# entry, all in one statement: the records of entry n are the items tagged n, in order.
-_APPEND_DELIVERIES = """
-SELECT coalesce(sum(append_disclosures(
-           e.partner_id, e.key_id, e.rpc, e.trace_id, e.view, e.outcome, e.denial_reason,
-           r.requested_ids, r.appointment_ids, r.patient_ids, '{}'::smallint[], NULL::uuid)), 0)
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::smallint[], $6::smallint[], $7::text[])
-     WITH ORDINALITY AS e(partner_id, key_id, rpc, trace_id, view, outcome, denial_reason, n)
-JOIN (SELECT x.n, array_agg(x.requested_id ORDER BY x.o) AS requested_ids,
-             array_agg(x.appointment_id ORDER BY x.o) AS appointment_ids,
-             array_agg(x.patient_id ORDER BY x.o) AS patient_ids
-      FROM unnest($8::bigint[], $9::text[], $10::uuid[], $11::uuid[])
-           WITH ORDINALITY AS x(n, requested_id, appointment_id, patient_id, o)
-      GROUP BY x.n) r ON r.n = e.n
-"""
-
-
-async def append_deliveries(
-    conn: Connection, deliveries: Sequence[tuple[ledger.Entry, Sequence[tuple[str, UUID | None, UUID | None]]]]
-) -> int:
-    """Append the ledger records of many streams' deliveries in one statement; return how many were written.
-
-    Each ``(entry, items)`` becomes exactly the records ``ledger.append(conn, entry, items)``
-    would write; entries without items write nothing. Entries carry no contact
-    field and no consent (the feed discloses the basic view only).
-    """
-    columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
-    tags: list[int] = []
-    requested: list[str] = []
-    appointments: list[UUID | None] = []
-    patients: list[UUID | None] = []
-    for n, (entry, items) in enumerate(deliveries, start=1):
-        if entry.contact_fields or entry.consent_id is not None:
-            raise ValueError("append_deliveries records basic-view disclosures only")
-        for column, value in zip(
-            columns,
-            (entry.partner_id, entry.key_id, entry.rpc, entry.trace_id, entry.view, entry.outcome, entry.denial_reason),
-            strict=True,
-        ):
-            column.append(value)
-        for requested_id, appointment_id, patient_id in items:
-            tags.append(n)
-            requested.append(requested_id)
-            appointments.append(appointment_id)
-            patients.append(patient_id)
-    if not tags:
-        return 0
-    written = await conn.fetchval(_APPEND_DELIVERIES, *columns, tags, requested, appointments, patients)
-    return int(written)
 
 
 async def prune(conn: Connection, retention: timedelta) -> int:

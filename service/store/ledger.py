@@ -15,6 +15,7 @@ import hmac
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -127,6 +128,48 @@ async def charge_and_append(
         if getattr(exc, "sqlstate", None) == "AG429" and exc.detail in usage.CAP_OUTCOMES:
             return str(exc.detail)
         raise
+
+
+_APPEND_MANY = """
+INSERT INTO disclosures (partner_id, key_id, requested_id, appointment_id, patient_id, view, contact_fields,
+                         consent_id, rpc, trace_id, disclose_time, outcome, denial_reason)
+SELECT u.partner_id, u.key_id, u.requested_id, u.appointment_id, u.patient_id, u.view, '{}', NULL, u.rpc,
+       u.trace_id, statement_timestamp(), u.outcome, u.denial_reason
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::uuid[], $6::smallint[], $7::text[], $8::text[],
+            $9::smallint[], $10::text[])
+     WITH ORDINALITY AS u(partner_id, key_id, requested_id, appointment_id, patient_id, view, rpc, trace_id,
+                          outcome, denial_reason, n)
+ORDER BY u.n
+"""
+
+
+async def append_many(
+    conn: Connection, entries: Sequence[tuple[Entry, Sequence[tuple[str, UUID | None, UUID | None]]]]
+) -> int:
+    """Append the records of many entries in one INSERT, in order; return how many.
+
+    Each ``(entry, items)`` becomes exactly the records ``append(conn, entry, items)``
+    writes through ``append_disclosures`` (migration 0011). For the owner path
+    only (the partner role cannot write the table), and for entries without
+    contact fields or consent: the change feed audits the deliveries of many
+    streams with it, in one statement instead of one call per stream.
+    """
+    columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [], [], [])
+    for entry, items in entries:
+        if entry.contact_fields or entry.consent_id is not None:
+            raise ValueError("append_many records entries without contact fields or consent only")
+        for requested_id, appointment_id, patient_id in items:
+            for column, value in zip(
+                columns,
+                (entry.partner_id, entry.key_id, requested_id, appointment_id, patient_id, entry.view, entry.rpc,
+                 entry.trace_id or "", entry.outcome, entry.denial_reason or ""),
+                strict=True,
+            ):  # fmt: skip
+                column.append(value)
+    if not columns[0]:
+        return 0
+    status = await conn.execute(_APPEND_MANY, *columns)
+    return int(status.rsplit(" ", 1)[-1])
 
 
 def _disclosure(row: object) -> models.Disclosure:
