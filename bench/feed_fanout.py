@@ -4,14 +4,18 @@ Measures, per scenario, on one gateway process (``APPTGATE_WORKERS=1``, default 
 
 * PostgreSQL transactions per second in the benchmark database while idle,
   with no stream and with every stream open (``pg_stat_database``
-  ``xact_commit + xact_rollback`` deltas; every statement outside an explicit
-  transaction counts as one), and the server's CPU while idle;
-* the server's RSS with no stream, with the streams open and idle, and after the burst;
+  ``xact_commit + xact_rollback`` deltas over ``--idle`` seconds; every
+  statement outside an explicit transaction counts as one), and the server's
+  CPU while idle;
+* the server's RSS with no stream, with the streams open and idle, and after
+  the burst ("memory for the streams" = open and idle minus no stream);
 * commit-to-delivery latency over every delivery: a writer process commits
   appointments at a fixed rate (each INSERT its own transaction, the commit
-  timestamped when PostgreSQL acknowledges it); reader processes note when
-  each stream reads each change. Every expected delivery is checked to have
-  arrived exactly once.
+  timestamped when PostgreSQL acknowledges it), each to a patient of its own
+  (so every delivery reaches a patient new to the partner that day: the usage
+  charge does its full work); reader processes note when each stream reads
+  each change (CLOCK_MONOTONIC, shared by the processes). Every expected
+  delivery is checked to arrive exactly once and in order.
 
 Scenarios (how the streams are spread over partners and practitioners):
 
@@ -19,7 +23,7 @@ Scenarios (how the streams are spread over partners and practitioners):
   practitioners (each practitioner is granted to 2 partners). Even partners
   open one stream per granted practitioner, odd partners 4 streams over all
   their grants (several installations of one software). A change to one
-  practitioner reaches 5 streams.
+  practitioner reaches 5 streams; changes go to practitioners at random.
 * ``hot``: the worst case — 50 partners (the default limit of 20 streams each),
   all granted one practitioner and 3 others of their own; each opens 10 streams
   on that practitioner and 10 over all its grants. Every change is to the
@@ -27,7 +31,7 @@ Scenarios (how the streams are spread over partners and practitioners):
 
 Usage::
 
-    .venv/bin/python bench/feed_fanout.py [--streams 1000] [--scenarios spread,hot] [--readers 2]
+    .venv/bin/python bench/feed_fanout.py [--streams 1000] [--scenarios spread,hot] [--readers 2] [--at-commit REV]
 
 Writes ``bench/results/<date>-feed.md`` and ``.json`` and prints the table.
 PostgreSQL from BENCH_ADMIN_DSN / DATABASE_URL, else the local server.
@@ -343,11 +347,16 @@ async def settle(dsn: str) -> None:
         await conn.execute("VACUUM ANALYZE")
     finally:
         await conn.close()
-    await asyncio.sleep(3)
+    await asyncio.sleep(10)
 
 
 async def idle_window(dsn: str, seconds: float, server_pid: int) -> tuple[float, float]:
-    """(transactions/s in the database, server CPU s/s) over ``seconds`` of idleness."""
+    """(transactions/s in the database, server CPU s/s) over ``seconds`` of idleness.
+
+    PostgreSQL counts a transaction when it ends and publishes a backend's
+    counts up to ~10 s later when it is mostly idle: over a long window that
+    lag is noise. Every statement outside an explicit transaction counts as one.
+    """
     conn = await asyncpg.connect(dsn)
     try:
         query = "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()"
@@ -434,7 +443,7 @@ async def run_scenario(args: argparse.Namespace, scenario: str, admin: str, dsn:
             if line.strip() != b"ready":
                 raise RuntimeError(f"a reader failed to open its streams: {line!r}")
         open_seconds = time.monotonic() - opened
-        await asyncio.sleep(3)
+        await asyncio.sleep(10)  # PostgreSQL publishes the counts of the streams' opening transactions
         rss_idle = common.rss_mib(server.pid)[0]
         log(f"{scenario}: idle {args.idle:.0f}s with {len(streams)} streams")
         idle_streams, cpu_streams = await idle_window(dsn, args.idle, server.pid)
@@ -648,7 +657,7 @@ if __name__ == "__main__":
     parser.add_argument("--hot-changes", type=int, default=60)
     parser.add_argument("--hot-rate", type=float, default=2.0, help="changes per second (hot)")
     parser.add_argument("--readers", type=int, default=2, help="reader processes sharing the streams")
-    parser.add_argument("--idle", type=float, default=30.0, help="seconds of each idle measurement")
+    parser.add_argument("--idle", type=float, default=60.0, help="seconds of each idle measurement")
     parser.add_argument("--drain", type=float, default=60.0, help="seconds readers get after the last write")
     parser.add_argument("--at-commit", metavar="REV", help="run the service of this commit instead of the work tree")
     parser.add_argument("--role", choices=["main", "reader", "writer"], default="main", help=argparse.SUPPRESS)
