@@ -13,7 +13,7 @@ import logging
 import os
 import secrets
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import replace
 from typing import Any
@@ -111,6 +111,17 @@ async def _demo(settings: settings_module.Settings) -> None:
     await app.serve(settings, prepare=prepare, on_ready=ready)
 
 
+def _run_loop(settings: settings_module.Settings, main: Coroutine[Any, Any, None]) -> None:
+    """Run a server's main coroutine on the configured event loop (``APPTGATE_EVENT_LOOP``)."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if settings.event_loop == "uvloop":
+        import uvloop  # only the server commands need it
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; return the process exit code."""
     args = _parser().parse_args(argv)
@@ -122,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "serve":
             if settings.workers > 1:
                 return workers.supervise(settings, os.environ, list(argv if argv is not None else sys.argv[2:]))
-            asyncio.run(app.serve(settings))
+            _run_loop(settings, app.serve(settings))
         elif args.command == "partners":
             return asyncio.run(partners_cli.run(settings, args))
         elif args.command == "audit":
@@ -134,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 settings = replace(settings, partner_addr="localhost:50051")
             if not settings.internal_token:
                 settings = replace(settings, internal_token=secrets.token_urlsafe(32))
-            asyncio.run(_demo(settings))
+            _run_loop(settings, _demo(settings))
     except ConfigError as exc:
         print(f"apptgate: {exc}", file=sys.stderr)
         return 2

@@ -105,6 +105,9 @@ class Settings:
     log_level: str = "INFO"
     limits: Limits = field(default_factory=Limits)
     workers: int = field(default_factory=lambda: _cpus())
+    #: The event loop of ``serve`` and ``demo``: "uvloop" (libuv; faster sockets for
+    #: both gRPC's and asyncpg's I/O) or "asyncio" (the standard library's).
+    event_loop: str = "uvloop"
     reuse_port: bool = False
     feed_buffer: int = 1000
     feed_max_streams: int = 20
@@ -154,6 +157,7 @@ _ENVIRONMENT: dict[str, str] = {
     "APPTGATE_SHUTDOWN_GRACE": "shutdown_grace",
     "APPTGATE_LOG_LEVEL": "log_level",
     "APPTGATE_WORKERS": "workers",
+    "APPTGATE_EVENT_LOOP": "event_loop",
     "APPTGATE_REUSE_PORT": "reuse_port",
     "APPTGATE_MAX_MESSAGE_BYTES": "limits.max_receive_message_bytes",
     "APPTGATE_MAX_METADATA_BYTES": "limits.max_metadata_bytes",
@@ -178,6 +182,8 @@ _OTLP_PROTOCOL = {
     "otel_traces_protocol": ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"),
     "otel_metrics_protocol": ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"),
 }
+
+EVENT_LOOPS = ("uvloop", "asyncio")
 
 #: The variables the service understands, for documentation and ``--help``.
 ENVIRONMENT_VARIABLES = tuple(_ENVIRONMENT)
@@ -258,6 +264,8 @@ def _check(s: Settings) -> list[str]:
     sizes = [getattr(s.limits, name) for name in _LIMIT_COUNTS]
     if min(sizes) < 1 or s.limits.default_deadline <= 0:
         problems.append("APPTGATE_MAX_*/KEEPALIVE_*/DEFAULT_DEADLINE: must be positive")
+    if s.event_loop not in EVENT_LOOPS:
+        problems.append(f"APPTGATE_EVENT_LOOP must be one of {', '.join(EVENT_LOOPS)}, not {s.event_loop!r}")
     if not 1 <= s.workers <= 256:
         problems.append("APPTGATE_WORKERS: from 1 to 256")
     if s.feed_buffer < 1 or s.feed_max_streams < 1 or s.feed_retention < timedelta(minutes=1):
@@ -374,6 +382,7 @@ _CONVERTERS: dict[str, Any] = {
     "otel_sdk_disabled": _boolean,
     "feed_buffer": int,
     "workers": int,
+    "event_loop": lambda v: str(v).strip().lower(),
     "reuse_port": _boolean,
     "feed_max_streams": int,
     "feed_retention": _seconds,

@@ -159,6 +159,13 @@ class TestSettings:
             settings.load({"APPTGATE_DB_POOL_MIN": "x", "APPTGATE_ALLOW_INSECURE": "maybe"})
         assert len(caught.value.problems) == 2
 
+    def test_the_event_loop_is_uvloop_unless_asked_otherwise(self) -> None:
+        assert settings.load({}).event_loop == "uvloop"
+        assert settings.load({"APPTGATE_EVENT_LOOP": " Asyncio "}).event_loop == "asyncio"
+        with pytest.raises(errors.ConfigError) as caught:
+            settings.load({"APPTGATE_EVENT_LOOP": "trio"})
+        assert caught.value.problems == ["APPTGATE_EVENT_LOOP must be one of uvloop, asyncio, not 'trio'"]
+
     def test_flags_override_the_environment(self) -> None:
         loaded = settings.load({"APPTGATE_PARTNER_ADDR": "127.0.0.1:1"}, {"partner_addr": "127.0.0.1:2"})
         assert loaded.partner_addr == "127.0.0.1:2"
