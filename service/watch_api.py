@@ -41,8 +41,9 @@ from service.telemetry import Telemetry, annotate
 
 _POSITION = struct.Struct(">q")
 _REPLAY_BATCH = 500
-#: Most deliveries audited in one transaction (a bound on its size, not a wait).
-_GROUP_MAX = 5000
+#: Most changes audited in one transaction, over all its deliveries (a bound on its size, not a
+#: wait); a delivery larger than this (a replay batch is at most 500) still goes alone.
+_GROUP_CHANGES = 20_000
 
 
 class AppointmentFeed:
@@ -213,8 +214,14 @@ class _FanoutLedger:
     async def _run(self) -> None:
         # Runs after every stream woken with the first one has queued its delivery.
         while self._queue:
-            group = [d for d in self._queue[:_GROUP_MAX] if not d.future.done()]
-            del self._queue[:_GROUP_MAX]
+            taken, changes = 0, 0
+            while taken < len(self._queue) and (
+                taken == 0 or changes + len(self._queue[taken].batch) <= _GROUP_CHANGES
+            ):
+                changes += len(self._queue[taken].batch)
+                taken += 1
+            group = [d for d in self._queue[:taken] if not d.future.done()]
+            del self._queue[:taken]
             if not group:
                 continue
             try:
