@@ -372,12 +372,15 @@ async def idle_window(dsn: str, seconds: float, server_pid: int) -> tuple[float,
     return (after - before - 1) / seconds, cpu / seconds
 
 
+# cwd: `python -m` puts the current directory first on sys.path, before PYTHONPATH; run from the
+# measured source, or the work tree's service would run whatever --at-commit says.
 def start_server(env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env)
+    return subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env, cwd=common.source())
 
 
 def migrate(env: dict[str, str]) -> None:
-    subprocess.run([sys.executable, "-m", "service", "migrate"], env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "service", "migrate"], env=env, check=True, capture_output=True,
+                   cwd=common.source())  # fmt: skip
 
 
 async def spawn(*args: str) -> asyncio.subprocess.Process:
