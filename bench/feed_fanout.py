@@ -530,6 +530,11 @@ async def run_scenario(args: argparse.Namespace, scenario: str, admin: str, dsn:
     }
 
 
+def _environment() -> list[str]:
+    """The APPTGATE_* variables the run was given (they reach the server)."""
+    return [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("APPTGATE_")]
+
+
 def render(args: argparse.Namespace, runs: list[dict[str, Any]], started: datetime) -> str:
     def row(label: str, key: str, fmt: str, target: str = "") -> str:
         return f"| {label} | " + " | ".join(format(r[key], fmt) for r in runs) + f" | {target} |"
@@ -537,7 +542,8 @@ def render(args: argparse.Namespace, runs: list[dict[str, Any]], started: dateti
     lines = [
         f"# Change-feed fan-out — {started.isoformat(timespec='seconds')}",
         "",
-        f"`{' '.join(['.venv/bin/python', 'bench/feed_fanout.py', *sys.argv[1:]])}` — one gateway process "
+        f"`{' '.join([*_environment(), '.venv/bin/python', 'bench/feed_fanout.py', *sys.argv[1:]])}` — "
+        "one gateway process "
         f"(`APPTGATE_WORKERS=1`, default limits), {os.cpu_count()} CPUs shared with PostgreSQL, the writer and "
         f"{args.readers} reader processes; code at `{common_git_describe()}`.",
         "",
