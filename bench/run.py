@@ -760,7 +760,8 @@ async def statement_cost(fx: Fixture, repeats: int = 300) -> dict[str, Any]:
     """The partner path's listing and appointment read as the partner role, alone: what row-level security costs.
 
     For each statement of the measured source (``service.store.partner_reads``:
-    ``_LIST_ALL``, ``_GET``; skipped when a refactoring removed them), bound as
+    ``_LIST`` and ``_GET``, the functions of migration 0013, or before it
+    ``_LIST_ALL`` and ``_GET``; skipped when a refactoring removed them), bound as
     the gateway binds a call (``SET LOCAL ROLE``, ``set_config``): the median
     round trip of ``repeats`` executions of the prepared statement, one at a
     time, the median server-side execution time (``EXPLAIN (ANALYZE, TIMING
@@ -768,18 +769,23 @@ async def statement_cost(fx: Fixture, repeats: int = 300) -> dict[str, Any]:
     """
     import statistics
 
-    try:
-        from service.store import partner_reads
+    from service.store import partner_reads
 
-        statements = {"list": partner_reads._LIST_ALL, "get": partner_reads._GET}
-    except (ImportError, AttributeError):
-        return {}
     partner = uuid.UUID(fx.meta["bench_partner_id"])
     anchor = datetime.fromisoformat(fx.meta["anchor"])
-    params = {
-        "list": (partner, anchor, anchor + timedelta(days=1), 51),
-        "get": (partner, uuid.UUID(fx.meta["target"]["appointment_id"])),
-    }
+    target = uuid.UUID(fx.meta["target"]["appointment_id"])
+    if hasattr(partner_reads, "_LIST"):  # migration 0013: the statements call the partner-path functions
+        key_id = fx.issued[0].key_id
+        statements = {"list": partner_reads._LIST, "get": partner_reads._GET}
+        params: dict[str, tuple[Any, ...]] = {
+            "list": (key_id, partner, None, anchor, anchor + timedelta(days=1), None, None, 51),
+            "get": (key_id, partner, target),
+        }
+    elif hasattr(partner_reads, "_LIST_ALL"):
+        statements = {"list": partner_reads._LIST_ALL, "get": partner_reads._GET}
+        params = {"list": (partner, anchor, anchor + timedelta(days=1), 51), "get": (partner, target)}
+    else:
+        return {}
     out: dict[str, Any] = {}
     conn = await asyncpg.connect(fx.dsn)
     try:
