@@ -89,3 +89,10 @@ bench: install
 	command -v h2load >/dev/null || (apt-get update && apt-get install -y nghttp2-client)
 	$(PY) -m pip install --quiet -r bench/requirements.txt
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+## Soak (bench/soak.py): ten minutes of fixed-rate mixed traffic against one gateway
+## process; RSS growth and p99 drift are the verdicts. Results in bench/results/<date>-soak.*.
+## SOAK_ARGS="--duration 120" for a short run, "--at-commit HEAD" to measure a commit.
+.PHONY: soak
+soak: install
+	$(PY) bench/soak.py $(SOAK_ARGS)
