@@ -255,19 +255,27 @@ async def test_a_thousand_cancelled_calls_leave_the_pool_at_rest_and_no_task_beh
         for pending in calls:
             pending.cancel()
         await asyncio.gather(*calls, return_exceptions=True)
-    await asyncio.sleep(0.5)  # let the server notice every cancellation
+    # The server notices each cancellation, cancels its statement and waits for PostgreSQL
+    # to confirm before the connection goes back to the pool: give that a bounded time.
+    waiting_for_next_call = "AioServer._request_registered_call"  # each call replaces this one task
 
-    in_use, idle, waiting = gateway.database.pool_usage()
-    # The server always has one task waiting for the next call; each call replaces it.
-    waiting_for_next_call = "AioServer._request_registered_call"
-    leftover = {
-        t
-        for t in asyncio.all_tasks()
-        if t not in tasks_before
-        and not t.done()
-        and t is not asyncio.current_task()
-        and getattr(t.get_coro(), "__qualname__", "") != waiting_for_next_call
-    }
+    def leftover_tasks() -> set[asyncio.Task[object]]:
+        return {
+            t
+            for t in asyncio.all_tasks()
+            if t not in tasks_before
+            and not t.done()
+            and t is not asyncio.current_task()
+            and getattr(t.get_coro(), "__qualname__", "") != waiting_for_next_call
+        }
+
+    settle_by = time.monotonic() + 10.0
+    while True:
+        in_use, idle, waiting = gateway.database.pool_usage()
+        leftover = leftover_tasks()
+        if ((in_use, waiting) == (0, 0) and not leftover) or time.monotonic() > settle_by:
+            break
+        await asyncio.sleep(0.05)
     assert (in_use, waiting) == (0, 0)
     assert idle >= idle_before and in_use_before == 0
     assert [getattr(t.get_coro(), "__qualname__", repr(t)) for t in leftover] == []
