@@ -45,6 +45,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import signal
 import socket
 import statistics
@@ -629,8 +630,15 @@ async def cancellable(work: Coroutine[Any, Any, str]) -> str:
 
 async def main(args: argparse.Namespace) -> str:
     started = datetime.now(UTC)
-    if args.at_commit:
-        export_commit(args.at_commit)
+    exported = export_commit(args.at_commit) if args.at_commit else None
+    try:
+        return await measure(args, started)
+    finally:
+        if exported is not None:
+            shutil.rmtree(exported, ignore_errors=True)
+
+
+async def measure(args: argparse.Namespace, started: datetime) -> str:
     admin = common.admin_dsn()
     name = f"apptgate_feed_{uuid.uuid4().hex[:8]}"
     conn = await asyncpg.connect(admin)
