@@ -144,7 +144,8 @@ async def disclose_consented_contact(
             terms.suspend_on_anomaly,
         )
     except asyncpg.PostgresError as exc:
-        if getattr(exc, "sqlstate", None) == "AG429" and exc.detail in usage.CAP_OUTCOMES:
-            return models.StoredConsentedContact(str(exc.detail), (), None, None, None, None, None)
-        raise
+        cap = usage.cap_reached(exc)
+        if cap is None:
+            raise
+        return models.StoredConsentedContact(cap, (), None, None, None, None, None)
     return _stored_contact(row)

@@ -55,6 +55,22 @@ def partner_login_dsn(dsn: str) -> str:
 _CANCEL_MARGIN = 0.1
 
 
+@asynccontextmanager
+async def _translated_failures() -> AsyncIterator[None]:
+    """Turn the database's failures of a unit of work into the service's errors."""
+    try:
+        yield
+    except asyncpg.QueryCanceledError as exc:  # statement_timeout, from the call's deadline
+        raise DeadlineExceeded("the database work did not finish before the deadline") from exc
+    except asyncpg.DataError as exc:
+        # A value the database cannot hold (a NUL character, a number out of range) that
+        # validation let through: still the caller's input, never INTERNAL. Fields are
+        # validated one by one before this; this is the net under them.
+        raise InvalidArgument.field("request", "a value cannot be stored", reason="INVALID_VALUE") from exc
+    except UNREACHABLE as exc:
+        raise Unavailable("the database is unreachable") from exc
+
+
 async def _keep_session(conn: Connection) -> None:
     """The partner pool's reset on release: nothing to undo (see :meth:`Database.connect`)."""
 
@@ -211,18 +227,10 @@ class Database:
         # reads DEADLINE_EXCEEDED.
         timer = asyncio.timeout(None if budget is None else budget - min(_CANCEL_MARGIN, budget / 5))
         try:
-            async with timer, self._acquire(budget, partner=True) as conn:
+            async with timer, _translated_failures(), self._acquire(budget, partner=True) as conn:
                 yield conn
-        except TimeoutError as exc:
-            if timer.expired():
-                raise DeadlineExceeded("the database work did not finish before the deadline") from exc
-            raise Unavailable("the database is unreachable") from exc  # a connect timeout
-        except asyncpg.QueryCanceledError as exc:
+        except TimeoutError as exc:  # the timer's: connection timeouts became Unavailable inside
             raise DeadlineExceeded("the database work did not finish before the deadline") from exc
-        except asyncpg.DataError as exc:
-            raise InvalidArgument.field("request", "a value cannot be stored", reason="INVALID_VALUE") from exc
-        except UNREACHABLE as exc:
-            raise Unavailable("the database is unreachable") from exc
 
     @asynccontextmanager
     async def transaction(self, *, readonly: bool = False, role: str | None = None) -> AsyncIterator[Connection]:
@@ -240,19 +248,13 @@ class Database:
         timeout_ms = max(1, int((budget if budget is not None else self._statement_timeout) * 1000))
         # One round trip: an integer we computed, and a role from a fixed table; never caller input.
         prelude = (_SET_ROLE[role] if role is not None else "") + f"SET LOCAL statement_timeout = {timeout_ms}"
-        try:
-            async with self._acquire(budget, partner=role is not None) as conn, conn.transaction(readonly=readonly):
-                await conn.execute(prelude)
-                yield conn
-        except asyncpg.QueryCanceledError as exc:
-            raise DeadlineExceeded("the database work did not finish before the deadline") from exc
-        except asyncpg.DataError as exc:
-            # A value the database cannot hold (a NUL character, a number out of range) that
-            # validation let through: still the caller's input, never INTERNAL. Fields are
-            # validated one by one before this; this is the net under them.
-            raise InvalidArgument.field("request", "a value cannot be stored", reason="INVALID_VALUE") from exc
-        except UNREACHABLE as exc:
-            raise Unavailable("the database is unreachable") from exc
+        async with (
+            _translated_failures(),
+            self._acquire(budget, partner=role is not None) as conn,
+            conn.transaction(readonly=readonly),
+        ):
+            await conn.execute(prelude)
+            yield conn
 
     async def ensure_migrated(self) -> None:
         """Raise :class:`NotMigratedError` unless every migration has been applied."""

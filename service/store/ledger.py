@@ -125,9 +125,10 @@ async def charge_and_append(
             )
         )
     except asyncpg.PostgresError as exc:
-        if getattr(exc, "sqlstate", None) == "AG429" and exc.detail in usage.CAP_OUTCOMES:
-            return str(exc.detail)
-        raise
+        cap = usage.cap_reached(exc)
+        if cap is None:
+            raise
+        return cap
 
 
 _APPEND_MANY = """

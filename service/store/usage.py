@@ -27,6 +27,15 @@ class ChargeTerms:
 #: The answers of ``charge_partner_usage`` (and of the statements built on it) over a cap.
 CAP_OUTCOMES = ("contact_cap", "patient_cap")
 
+
+def cap_reached(exc: asyncpg.PostgresError) -> str | None:
+    """The cap a partner-path record statement refused over (SQLSTATE AG429, migration 0013), if that was it."""
+    detail = getattr(exc, "detail", None)
+    if getattr(exc, "sqlstate", None) == "AG429" and detail in CAP_OUTCOMES:
+        return str(detail)
+    return None
+
+
 _OVERRIDES = "requests_per_second, burst, contact_daily_cap, patient_daily_cap, suspend_time, suspend_reason"
 
 
