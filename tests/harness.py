@@ -12,9 +12,11 @@ import asyncio
 import base64
 import os
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -60,6 +62,9 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from service.store import migrations
+
+if TYPE_CHECKING:
+    from service.app import Gateway
 
 INTERNAL_TOKEN = "test-internal-token-" + "x" * 32
 MONDAY = datetime(2030, 3, 4, tzinfo=UTC)
@@ -324,6 +329,21 @@ class World:
         await self.registry.RevokePartnerKey(
             registry_pb.RevokePartnerKeyRequest(key_id=key_id), metadata=self.internal_metadata
         )
+
+
+@asynccontextmanager
+async def serving(gateway: Gateway) -> AsyncIterator[World]:
+    """Start ``gateway``, yield a :class:`World` over channels to both of its listeners, then stop it."""
+    await gateway.start()
+    assert gateway.partner and gateway.internal
+    try:
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{gateway.partner.port}") as partner_channel,
+            grpc.aio.insecure_channel(f"127.0.0.1:{gateway.internal.port}") as internal_channel,
+        ):
+            yield World(partner_channel, internal_channel)
+    finally:
+        await gateway.stop(0)
 
 
 def uuid_of(text: str) -> uuid.UUID:

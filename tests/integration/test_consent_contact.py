@@ -222,16 +222,8 @@ async def _running(
     settings: Settings, database: Database, keyring: ConsentKeyring, secret: bytes, data_keys: DataKeyring
 ) -> AsyncIterator[World]:
     gateway = Gateway(replace(settings), database, Secrets(secret, keyring, data_keys))
-    await gateway.start()
-    assert gateway.partner and gateway.internal
-    try:
-        async with (
-            grpc.aio.insecure_channel(f"127.0.0.1:{gateway.partner.port}") as partner_channel,
-            grpc.aio.insecure_channel(f"127.0.0.1:{gateway.internal.port}") as internal_channel,
-        ):
-            yield World(partner_channel, internal_channel)
-    finally:
-        await gateway.stop(0)
+    async with harness.serving(gateway) as world:
+        yield world
 
 
 async def test_signing_key_rotation_keeps_old_tokens_until_the_key_is_retired(

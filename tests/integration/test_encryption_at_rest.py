@@ -229,16 +229,8 @@ async def _data_key(database_dsn: str, tmp_path: Path, data_key: str, *args: str
 @asynccontextmanager
 async def _running(settings: Settings, database: Database, secrets: Secrets) -> AsyncIterator[World]:
     gateway = Gateway(replace(settings), database, secrets)
-    await gateway.start()
-    assert gateway.partner and gateway.internal
-    try:
-        async with (
-            grpc.aio.insecure_channel(f"127.0.0.1:{gateway.partner.port}") as partner_channel,
-            grpc.aio.insecure_channel(f"127.0.0.1:{gateway.internal.port}") as internal_channel,
-        ):
-            yield World(partner_channel, internal_channel)
-    finally:
-        await gateway.stop(0)
+    async with harness.serving(gateway) as world:
+        yield world
 
 
 def _on(world: World, partner: PartnerHandle) -> PartnerHandle:

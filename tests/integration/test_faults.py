@@ -97,16 +97,10 @@ async def proxied(
     gateway = Gateway(
         replace(settings, limits=Limits(default_deadline=2.0)), database, Secrets(os.urandom(32), keyring, data_keys)
     )
-    await gateway.start()
-    assert gateway.partner and gateway.internal
     try:
-        async with (
-            grpc.aio.insecure_channel(f"127.0.0.1:{gateway.partner.port}") as partner_channel,
-            grpc.aio.insecure_channel(f"127.0.0.1:{gateway.internal.port}") as internal_channel,
-        ):
-            yield World(partner_channel, internal_channel), proxy, gateway
+        async with harness.serving(gateway) as world:
+            yield world, proxy, gateway
     finally:
-        await gateway.stop(0)
         await database.close()
         await proxy.cut()
 

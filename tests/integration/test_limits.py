@@ -119,16 +119,10 @@ async def watchful(
         database,
         Secrets(os.urandom(32), keyring, data_keys),
     )
-    await gateway.start()
-    assert gateway.partner and gateway.internal
     try:
-        async with (
-            grpc.aio.insecure_channel(f"127.0.0.1:{gateway.partner.port}") as partner_channel,
-            grpc.aio.insecure_channel(f"127.0.0.1:{gateway.internal.port}") as internal_channel,
-        ):
-            yield World(partner_channel, internal_channel)
+        async with harness.serving(gateway) as world:
+            yield world
     finally:
-        await gateway.stop(0)
         await database.close()
 
 

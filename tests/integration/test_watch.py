@@ -275,16 +275,10 @@ async def small_gateway(
     gateway = Gateway(
         replace(settings, feed_buffer=5, feed_max_streams=30), database, Secrets(os.urandom(32), keyring, data_keys)
     )
-    await gateway.start()
-    assert gateway.partner and gateway.internal
     try:
-        async with (
-            grpc.aio.insecure_channel(f"127.0.0.1:{gateway.partner.port}") as partner_channel,
-            grpc.aio.insecure_channel(f"127.0.0.1:{gateway.internal.port}") as internal_channel,
-        ):
-            yield World(partner_channel, internal_channel), statements
+        async with harness.serving(gateway) as world:
+            yield world, statements
     finally:
-        await gateway.stop(0)
         await database.close()
 
 
