@@ -16,7 +16,7 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -231,6 +231,21 @@ async def test_two_thousand_interleaved_calls_never_cross_partners(
     assert all(len(seen) == 1 for seen in results)  # each answer held only its own partner's practitioner
 
 
+async def _settled(check: Callable[[], bool], within: float = 10.0) -> None:
+    """Wait until ``check()`` holds, at most ``within`` seconds.
+
+    The server's background tasks (the ledger sequencer, the health probe) borrow
+    pool connections for a moment, and a cancelled statement returns its connection
+    only once PostgreSQL confirmed the cancel: a pool is at rest a little after the
+    last call, and a connection truly held stays in use past any bound.
+    """
+    settle_by = time.monotonic() + within
+    while time.monotonic() < settle_by:
+        if check():
+            return
+        await asyncio.sleep(0.05)
+
+
 async def test_a_thousand_cancelled_calls_leave_the_pool_at_rest_and_no_task_behind(
     world: World, gateway: Gateway
 ) -> None:
@@ -241,6 +256,7 @@ async def test_a_thousand_cancelled_calls_leave_the_pool_at_rest_and_no_task_beh
     partner = await world.partner("Impatient", practitioner)
     await partner.list()
     tasks_before = {t for t in asyncio.all_tasks()}
+    await _settled(lambda: gateway.database.pool_usage()[0] == 0)
     in_use_before, idle_before, _ = gateway.database.pool_usage()
 
     for _ in range(10):
@@ -263,13 +279,9 @@ async def test_a_thousand_cancelled_calls_leave_the_pool_at_rest_and_no_task_beh
             and getattr(t.get_coro(), "__qualname__", "") != waiting_for_next_call
         }
 
-    settle_by = time.monotonic() + 10.0
-    while True:
-        in_use, idle, waiting = gateway.database.pool_usage()
-        leftover = leftover_tasks()
-        if ((in_use, waiting) == (0, 0) and not leftover) or time.monotonic() > settle_by:
-            break
-        await asyncio.sleep(0.05)
+    await _settled(lambda: gateway.database.pool_usage()[0::2] == (0, 0) and not leftover_tasks())
+    in_use, idle, waiting = gateway.database.pool_usage()
+    leftover = leftover_tasks()
     assert (in_use, waiting) == (0, 0)
     assert idle >= idle_before and in_use_before == 0
     assert [getattr(t.get_coro(), "__qualname__", repr(t)) for t in leftover] == []
@@ -302,6 +314,7 @@ async def test_a_call_without_a_deadline_gets_the_default_one(
             assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             assert waited < 2.0
             assert len((await partner.list()).appointments) == 0  # the lock is gone, it serves again
+            await _settled(lambda: gateway.database.pool_usage()[0] == 0)
             assert gateway.database.pool_usage()[0] == 0
     finally:
         await blocker.close()
