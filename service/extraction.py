@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
@@ -26,8 +26,6 @@ from service import models
 from service.errors import PermissionDenied, ResourceExhausted
 from service.limits import PartnerPolicy, TokenBuckets
 from service.settings import Settings
-from service.store import usage
-from service.store.database import Connection
 from service.store.usage import ChargeTerms
 from service.telemetry import Telemetry
 
@@ -104,35 +102,6 @@ class ExtractionGuard:
         wait = self._buckets.take(partner_id, policy.requests_per_second, policy.burst)
         if wait > 0:
             raise ResourceExhausted("too many requests", reason="RATE_LIMITED", retry_delay=wait)
-
-    async def charge(
-        self,
-        conn: Connection,
-        partner_id: UUID,
-        policy: PartnerPolicy,
-        patient_ids: Sequence[UUID],
-        *,
-        contacts: int = 0,
-    ) -> bool:
-        """Count a response's disclosures; return False when the partner was just suspended for it.
-
-        Raises :class:`ResourceExhausted` over a daily cap (the caller's
-        transaction then rolls back, this count with it).
-        """
-        terms = self.terms(policy)
-        outcome = await usage.charge(
-            conn,
-            partner_id=partner_id,
-            patient_ids=patient_ids,
-            disclosures=len(patient_ids),
-            contacts=contacts,
-            contact_cap=terms.contact_cap,
-            patient_cap=terms.patient_cap,
-            anomaly_factor=terms.anomaly_factor,
-            anomaly_min=terms.anomaly_min,
-            suspend_on_anomaly=terms.suspend_on_anomaly,
-        )
-        return self.settle(partner_id, outcome)
 
     def terms(self, policy: PartnerPolicy) -> ChargeTerms:
         """What the partner's responses are counted against."""

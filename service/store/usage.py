@@ -39,35 +39,6 @@ def cap_reached(exc: asyncpg.PostgresError) -> str | None:
 _OVERRIDES = "requests_per_second, burst, contact_daily_cap, patient_daily_cap, suspend_time, suspend_reason"
 
 
-async def charge(
-    conn: Connection,
-    *,
-    partner_id: UUID,
-    patient_ids: Sequence[UUID],
-    disclosures: int,
-    contacts: int,
-    contact_cap: int,
-    patient_cap: int,
-    anomaly_factor: float,
-    anomaly_min: int,
-    suspend_on_anomaly: bool,
-) -> str:
-    """Count one response against the partner's day; see ``charge_partner_usage`` for the answers."""
-    result = await conn.fetchval(
-        "SELECT charge_partner_usage($1, $2::uuid[], $3, $4, $5, $6, $7, $8, $9)",
-        partner_id,
-        list(patient_ids),
-        disclosures,
-        contacts,
-        contact_cap,
-        patient_cap,
-        anomaly_factor,
-        anomaly_min,
-        suspend_on_anomaly,
-    )
-    return str(result)
-
-
 # charge_partner_usage once per partner, in the order given, in one statement: partner n's
 # patients are the items tagged n.
 _CHARGE_MANY = """
