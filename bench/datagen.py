@@ -22,12 +22,14 @@ into dedicated databases that this module creates and drops:
   answer is the same at every size: what grows is the table, which is what
   "p50 at 10M vs 100k" measures.
 * ``apptgate_bench_ledger``: a migrated schema whose ``disclosures`` hold a
-  valid hash chain of N records (default 10M) over 30 days and 1,000 partners
-  (Zipf-weighted, so the busiest partner has ~13% of the calls): ListAppointments
-  pages of 50 basic records, single GetAppointment records, contact
-  disclosures with consent ids, and refused attempts. Digests are computed in
-  Python exactly as ``disclosure_digest`` (migration 0004) does, checked
-  against the SQL function on a sample, and ``python -m service audit verify``
+  valid hash chain of records, one per call as the service writes them
+  (migration 0016), disclosing N appointments in all (default 10M, ~282k
+  records) over 30 days and 1,000 partners (Zipf-weighted, so the busiest
+  partner has ~13% of the calls): ListAppointments pages of 50 basic items,
+  single GetAppointment items, contact disclosures with consent ids, and
+  refused attempts. Digests are computed in Python exactly as
+  ``disclosure_digest`` (migration 0016) does, checked against the SQL
+  function on a sample, and ``python -m service audit verify``
   passes on the result (``--verify`` runs it).
 
 A database is reused when its ``bench_meta`` row matches the requested
@@ -36,7 +38,7 @@ parameters (``--regen`` drops and rebuilds it). Usage::
     .venv/bin/python bench/datagen.py world --size 100k
     .venv/bin/python bench/datagen.py world --size 10m
     .venv/bin/python bench/datagen.py world --size 100k --nodefense
-    .venv/bin/python bench/datagen.py ledger --records 10m [--verify]
+    .venv/bin/python bench/datagen.py ledger --items 10m [--verify]
     .venv/bin/python bench/datagen.py drop --all
 """
 
@@ -63,7 +65,7 @@ import asyncpg
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import Progress, admin_dsn, parse_size, service_env, size_label, source, source_migrations, with_database
 
-GENERATOR_VERSION = 4  # 4: sealed contact details and reasons; nodefense worlds
+GENERATOR_VERSION = 5  # 4: sealed contact details and reasons; nodefense worlds; 5: one ledger record per call
 ANCHOR = datetime(2030, 1, 7, tzinfo=UTC)  # a Monday; the benchmark queries this day
 LEDGER_START = datetime(2030, 2, 1, tzinfo=UTC)
 CHUNK = 50_000
@@ -503,13 +505,13 @@ _FMT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
 def digest(prev: bytes, fields: list[str]) -> bytes:
-    """``disclosure_digest`` (migration 0004) in Python: sha256(prev_hash || concat_ws(0x1f, …) as UTF-8)."""
+    """``disclosure_digest`` (migration 0016) in Python: sha256(prev_hash || concat_ws(0x1f, …) as UTF-8)."""
     return hashlib.sha256(prev + "\x1f".join(fields).encode("utf-8")).digest()
 
 
 @dataclass(frozen=True)
 class LedgerSpec:
-    records: int = 10_000_000
+    items: int = 10_000_000  # appointments disclosed or refused, over all records
     partners: int = 1_000
     days: int = 30
     appointment_pool: int = 1_000_000
@@ -526,10 +528,10 @@ async def generate_ledger(spec: LedgerSpec, *, regen: bool = False) -> dict[str,
     if not regen:
         meta = await read_meta(dsn)
         if meta is not None and meta.get("spec") == asdict(spec):
-            print(f"{LEDGER_DB}: reusing ({spec.records:,} records)", file=sys.stderr)
+            print(f"{LEDGER_DB}: reusing ({spec.items:,} appointments)", file=sys.stderr)
             migrate(dsn)
             return meta
-    print(f"{LEDGER_DB}: generating {spec.records:,} ledger records", file=sys.stderr, flush=True)
+    print(f"{LEDGER_DB}: generating a ledger of {spec.items:,} appointments", file=sys.stderr, flush=True)
     started = time.monotonic()
     await create_database(LEDGER_DB)
     migrate(dsn)
@@ -549,8 +551,9 @@ async def generate_ledger(spec: LedgerSpec, *, regen: bool = False) -> dict[str,
         cumulative.append(acc)
     offsets = [rng.randrange(spec.appointment_pool) for _ in partners]
     span = spec.days * 86_400
-    # ~35 records per call on average; spread the calls evenly over the span.
-    mean_gap = span / (spec.records / 35.5)
+    # ~35.5 appointments per call on average; spread the calls evenly over the span.
+    calls = round(spec.items / 35.5)
+    mean_gap = span / calls
 
     conn = await asyncpg.connect(dsn)
     head = (0, bytes(32))
@@ -570,17 +573,17 @@ async def generate_ledger(spec: LedgerSpec, *, regen: bool = False) -> dict[str,
         )
         deferred = await _drop_secondary_indexes(conn, "disclosures")
         columns = [
-            "seq", "partner_id", "key_id", "requested_id", "appointment_id", "patient_id", "view", "contact_fields",
-            "consent_id", "rpc", "trace_id", "disclose_time", "outcome", "denial_reason", "prev_hash", "hash",
+            "seq", "partner_id", "key_id", "view", "contact_fields", "consent_id", "rpc", "trace_id", "disclose_time",
+            "outcome", "denial_reason", "requested_ids", "appointment_ids", "patient_ids", "prev_hash", "hash",
         ]  # fmt: skip
-        state = {"seq": 0, "prev": bytes(32), "t": LEDGER_START.timestamp()}
+        state = {"seq": 0, "items": 0, "prev": bytes(32), "t": LEDGER_START.timestamp()}
 
         def records() -> Any:
             sha = hashlib.sha256
             bisect = __import__("bisect").bisect_left
             total_w = cumulative[-1]
-            seq, prev, t = 0, bytes(32), LEDGER_START.timestamp()
-            while seq < spec.records:
+            seq, done, prev, t = 0, 0, bytes(32), LEDGER_START.timestamp()
+            while done < spec.items:
                 t += rng.expovariate(1 / mean_gap)
                 when = datetime.fromtimestamp(round(t, 6), UTC)
                 when_text = when.strftime(_FMT)
@@ -589,60 +592,50 @@ async def generate_ledger(spec: LedgerSpec, *, regen: bool = False) -> dict[str,
                 trace_id = f"{rng.getrandbits(128):032x}"
                 roll = rng.random()
                 base = offsets[k]
-                items: list[tuple[int, int]] = []  # (appointment index or -1, kind)
+                outcome, reason = 1, ""
                 if roll < 0.70:
-                    rpc, view, n = "ListAppointments", 1, 50
+                    rpc, view = "ListAppointments", 1
                     start = base + rng.randrange(spec.partner_range)
-                    items = [((start + j) % spec.appointment_pool, 0) for j in range(n)]
-                elif roll < 0.90:
-                    rpc, view = "GetAppointment", 1
-                    items = [((base + rng.randrange(spec.partner_range)) % spec.appointment_pool, 0)]
-                elif roll < 0.98:
-                    rpc, view = "GetAppointmentContact", 2
-                    items = [((base + rng.randrange(spec.partner_range)) % spec.appointment_pool, 0)]
+                    indexes = [(start + j) % spec.appointment_pool for j in range(min(50, spec.items - done))]
                 elif roll < 0.99:
-                    rpc, view = "GetAppointmentContact", 2
-                    items = [((base + rng.randrange(spec.partner_range)) % spec.appointment_pool, 1)]  # revoked
+                    rpc, view = ("GetAppointment", 1) if roll < 0.90 else ("GetAppointmentContact", 2)
+                    indexes = [(base + rng.randrange(spec.partner_range)) % spec.appointment_pool]
+                    if roll >= 0.98:
+                        outcome, reason = 2, "CONSENT_REVOKED"
                 else:
-                    rpc, view = "GetAppointment", 1
-                    items = [(-1, 2)]  # a probe for an id that resolves to nothing
+                    rpc, view, indexes = "GetAppointment", 1, []  # a probe for an id that resolves to nothing
+                    outcome, reason = 2, "NOT_FOUND"
                 rpc = _RPC + rpc
                 if view == 2:
-                    fields = sorted(rng.sample([1, 2, 3, 4], rng.randint(1, 4)))
+                    fields = sorted(rng.sample([1, 2, 3, 4], rng.randint(1, 4))) if outcome == 1 else []
                     consent = str(uuid.UUID(int=rng.getrandbits(128), version=4))
                 else:
                     fields, consent = [], None
-                fields_text = ",".join(map(str, fields))
-                for index, kind in items:
-                    if seq >= spec.records:
-                        break
-                    seq += 1
-                    if kind == 2:
-                        req = "apt_" + base64.b32encode(rng.randbytes(16)).decode("ascii").rstrip("=").lower()
-                        appointment = patient = None
-                        outcome, reason, rec_fields, rec_consent = 2, "NOT_FOUND", [], None
-                    else:
-                        req, appointment, patient = requested[index], appointments[index], patient_of[index]
-                        if kind == 1:
-                            outcome, reason, rec_fields, rec_consent = 2, "CONSENT_REVOKED", [], consent
-                        else:
-                            outcome, reason, rec_fields, rec_consent = 1, "", fields, consent
-                    rf_text = fields_text if rec_fields is fields else ",".join(map(str, rec_fields))
-                    data = "\x1f".join(
-                        (
-                            str(seq), partner, key_id, req, appointment or "", patient or "", str(view), rf_text,
-                            rec_consent or "", rpc, trace_id, when_text, str(outcome), reason,
-                        )
-                    )  # fmt: skip
-                    h = sha(prev + data.encode()).digest()
-                    yield (
-                        seq, partner, key_id, req, appointment, patient, view, rec_fields, rec_consent, rpc,
-                        trace_id, when, outcome, reason, prev, h,
-                    )  # fmt: skip
-                    prev = h
-                state.update(seq=seq, prev=prev, t=t)
+                if indexes:
+                    requested_ids = [requested[i] for i in indexes]
+                    appointment_ids: list[str | None] = [appointments[i] for i in indexes]
+                    patient_ids: list[str | None] = [patient_of[i] for i in indexes]
+                else:
+                    requested_ids = ["apt_" + base64.b32encode(rng.randbytes(16)).decode("ascii").rstrip("=").lower()]
+                    appointment_ids, patient_ids = [None], [None]
+                seq += 1
+                done += len(requested_ids)
+                data = "\x1f".join(
+                    (
+                        str(seq), partner, key_id, "", "", "", str(view), ",".join(map(str, fields)), consent or "",
+                        rpc, trace_id, when_text, str(outcome), reason, "\x1e".join(requested_ids),
+                        "\x1e".join(a or "" for a in appointment_ids), "\x1e".join(p or "" for p in patient_ids),
+                    )
+                )  # fmt: skip
+                h = sha(prev + data.encode()).digest()
+                yield (
+                    seq, partner, key_id, view, fields, consent, rpc, trace_id, when, outcome, reason,
+                    requested_ids, appointment_ids, patient_ids, prev, h,
+                )  # fmt: skip
+                prev = h
+                state.update(seq=seq, items=done, prev=prev, t=t)
 
-        await _copy(conn, "disclosures", columns, records(), spec.records, "disclosures")
+        await _copy(conn, "disclosures", columns, records(), calls, "records")
         head = (state["seq"], state["prev"])
         await conn.execute("UPDATE ledger_head SET seq = $1, hash = $2", head[0], head[1])
         print("recreating ledger indexes", file=sys.stderr, flush=True)
@@ -664,6 +657,7 @@ async def generate_ledger(spec: LedgerSpec, *, regen: bool = False) -> dict[str,
             "spec": asdict(spec),
             "database": LEDGER_DB,
             "head_seq": head[0],
+            "items": state["items"],
             "busiest_partner_id": str(busiest["partner_id"]),
             "first_time": first.isoformat(),
             "last_time": last.isoformat(),
@@ -707,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="the world with contact values in clear and row-level security off (apptgate_bench_<size>"
                             "_nodefense, for the gateway-nodefense variant)")  # fmt: skip
     ledger = sub.add_parser("ledger", help="the disclosure ledger")
-    ledger.add_argument("--records", default="10m")
+    ledger.add_argument("--items", default="10m", help="appointments disclosed or refused in all (default 10m)")
     ledger.add_argument("--partners", type=int, default=1_000)
     ledger.add_argument("--days", type=int, default=30)
     ledger.add_argument("--regen", action="store_true")
@@ -729,9 +723,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: meta[k] for k in ("database", "days", "generation_seconds")}))
         return 0
     if args.command == "ledger":
-        lspec = LedgerSpec(parse_size(args.records), partners=args.partners, days=args.days)
+        lspec = LedgerSpec(parse_size(args.items), partners=args.partners, days=args.days)
         meta = asyncio.run(generate_ledger(lspec, regen=args.regen))
-        print(json.dumps({k: meta[k] for k in ("database", "head_seq", "busiest_partner_id", "generation_seconds")}))
+        print(json.dumps({k: meta[k] for k in ("database", "head_seq", "items", "busiest_partner_id",
+                                               "generation_seconds")}))  # fmt: skip
         return verify_ledger() if args.verify else 0
     names = []
     if args.all:

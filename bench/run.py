@@ -710,7 +710,12 @@ def breach_report(args: argparse.Namespace, ledger_meta: dict[str, Any]) -> dict
     first = datetime.fromisoformat(ledger_meta["first_time"])
     day = (first + timedelta(days=15)).replace(hour=0, minute=0, second=0, microsecond=0)
     partner = ledger_meta["busiest_partner_id"]
-    result: dict[str, Any] = {"partner": partner, "records": ledger_meta["head_seq"], "runs": []}
+    result: dict[str, Any] = {
+        "partner": partner,
+        "records": ledger_meta["head_seq"],
+        "items": ledger_meta["items"],
+        "runs": [],
+    }
     windows = [("one day", day, day + timedelta(days=1))] * args.breach_repeats
     if args.breach_month:
         windows.append(("whole ledger (30 days)", first, datetime.fromisoformat(ledger_meta["last_time"])
@@ -912,7 +917,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up before each measured run")
     parser.add_argument("--workers", type=int, default=1, help="server processes per variant (APPTGATE_WORKERS)")
     parser.add_argument("--ledger", action="store_true", help="generate the 10M ledger if missing; time breach report")
-    parser.add_argument("--ledger-records", default="10m")
+    parser.add_argument("--ledger-items", default="10m", help="appointments disclosed in the generated ledger")
     parser.add_argument("--breach-repeats", type=int, default=3)
     parser.add_argument("--breach-month", action="store_true", help="also report the busiest partner over 30 days")
     parser.add_argument("--whatif", metavar="PATCHES", default="",
@@ -1012,11 +1017,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     ledger_meta = None
     if args.ledger:
-        ledger_meta = asyncio.run(datagen.generate_ledger(datagen.LedgerSpec(parse_size(args.ledger_records))))
+        ledger_meta = asyncio.run(datagen.generate_ledger(datagen.LedgerSpec(parse_size(args.ledger_items))))
     else:
         ledger_meta = asyncio.run(datagen.read_meta(with_database(admin_dsn(), datagen.LEDGER_DB)))
-        if ledger_meta and ledger_meta["head_seq"] < 10_000_000:
-            ledger_meta = None  # only a 10M ledger answers the question
+        if ledger_meta and ledger_meta.get("items", 0) < 10_000_000:
+            ledger_meta = None  # only a ledger of 10M disclosures, in records of the current shape, answers it
     log(f"data ready in {time.monotonic() - started:.0f}s")
     workdir = Path(tempfile.mkdtemp(prefix="apptgate-bench-"))
     servers: list[Server] = []

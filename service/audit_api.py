@@ -25,7 +25,7 @@ from service.timestamps import set_timestamp
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AuditService"].full_name
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
-_SEQ = struct.Struct(">q")
+_CURSOR = struct.Struct(">qi")
 
 
 def _uuid_text(value: UUID | None) -> str:
@@ -36,6 +36,7 @@ def disclosure_message(row: models.Disclosure) -> audit_pb2.Disclosure:
     """The internal message of a ledger record."""
     message = audit_pb2.Disclosure(
         disclosure_id=row.id,
+        item=row.item,
         partner_id=str(row.partner_id),
         key_id=row.key_id,
         appointment_id=_uuid_text(row.appointment_id),
@@ -100,9 +101,12 @@ class AuditApi(pb_grpc.AuditServiceServicer):
             [b"ListDisclosures", request.partner_id.encode(), request.patient_id.encode(),
              request.start_time.SerializeToString(), request.end_time.SerializeToString()]
         )  # fmt: skip
-        after = 0
+        after = (0, 0)
         if request.page_token:
-            after = _SEQ.unpack(self._page_tokens.open(request.page_token, binding))[0]
+            try:
+                after = _CURSOR.unpack(self._page_tokens.open(request.page_token, binding))
+            except struct.error as exc:  # sealed by us, so only a format change gets here
+                raise InvalidArgument.field("page_token", "unsupported page token") from exc
         async with self._db.transaction(readonly=True) as conn:
             rows = await ledger.list_disclosures(
                 conn,
@@ -110,12 +114,13 @@ class AuditApi(pb_grpc.AuditServiceServicer):
                 patient_id=patient,
                 start_time=start,
                 end_time=end,
-                after_id=after,
+                after=after,
                 limit=size + 1,
             )
         response = pb.ListDisclosuresResponse(disclosures=[disclosure_message(r) for r in rows[:size]])
         if len(rows) > size:
-            response.next_page_token = self._page_tokens.seal(_SEQ.pack(rows[size - 1].id), binding)
+            last = rows[size - 1]
+            response.next_page_token = self._page_tokens.seal(_CURSOR.pack(last.id, last.item), binding)
         return response
 
     async def BreachReport(

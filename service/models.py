@@ -152,9 +152,10 @@ class ConsentedContact:
 
 @dataclass(frozen=True, slots=True)
 class Disclosure:
-    """One record of the disclosure ledger."""
+    """One appointment of a disclosure ledger record (record ``id``, position ``item`` in it)."""
 
     id: int
+    item: int
     partner_id: UUID
     key_id: str
     requested_id: str

@@ -1,10 +1,12 @@
-"""The disclosure ledger: appends (one statement per response), chaining, queries, the breach report, verification.
+"""The disclosure ledger: appends (one record per response), chaining, queries, the breach report, verification.
 
-Records are appended by ``append_disclosures``, set-based and without a lock,
-in the transaction of the response they describe (migration 0011). The
-sequencer (:func:`chain`, run every ~100 ms) then numbers and hash-chains the
-committed ones under the ``ledger_head`` lock, off the request path.
-Verification recomputes every chained record's digest in the database
+A record holds every appointment of the response it describes (migration
+0016), appended by ``append_disclosures`` without a lock, in the transaction
+of that response (migration 0011). The sequencer (:func:`chain`, run every
+~100 ms) then numbers and hash-chains the committed records under the
+``ledger_head`` lock, off the request path. Queries read the
+``disclosure_items`` view: one row per appointment, whichever shape its record
+has. Verification recomputes every chained record's digest in the database
 (``disclosure_digest``, the one definition) and walks the chain here.
 """
 
@@ -32,7 +34,7 @@ GENESIS_HASH = bytes(32)
 CHAIN_BATCH = 5000
 
 _COLUMNS = (
-    "id, partner_id, key_id, requested_id, appointment_id, patient_id, view, contact_fields, consent_id, rpc, "
+    "id, item, partner_id, key_id, requested_id, appointment_id, patient_id, view, contact_fields, consent_id, rpc, "
     "trace_id, disclose_time, outcome, denial_reason"
 )
 _APPEND = (
@@ -61,7 +63,7 @@ async def append(
     entry: Entry,
     items: Sequence[tuple[str, UUID | None, UUID | None]],
 ) -> None:
-    """Append one record per ``(requested_id, appointment_id, patient_id)``: one statement for the whole batch."""
+    """Append one record holding every ``(requested_id, appointment_id, patient_id)`` of a response."""
     if not items:
         return
     await conn.execute(
@@ -132,50 +134,62 @@ async def charge_and_append(
 
 
 _APPEND_MANY = """
-INSERT INTO disclosures (partner_id, key_id, requested_id, appointment_id, patient_id, view, contact_fields,
-                         consent_id, rpc, trace_id, disclose_time, outcome, denial_reason)
-SELECT u.partner_id, u.key_id, u.requested_id, u.appointment_id, u.patient_id, u.view, '{}', NULL, u.rpc,
-       u.trace_id, statement_timestamp(), u.outcome, u.denial_reason
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::uuid[], $6::smallint[], $7::text[], $8::text[],
-            $9::smallint[], $10::text[])
-     WITH ORDINALITY AS u(partner_id, key_id, requested_id, appointment_id, patient_id, view, rpc, trace_id,
-                          outcome, denial_reason, n)
-ORDER BY u.n
+INSERT INTO disclosures (partner_id, key_id, view, contact_fields, consent_id, rpc, trace_id, disclose_time, outcome,
+                         denial_reason, requested_ids, appointment_ids, patient_ids)
+SELECT e.partner_id, e.key_id, e.view, '{}', NULL, e.rpc, e.trace_id, statement_timestamp(), e.outcome,
+       e.denial_reason, i.requested_ids, i.appointment_ids, i.patient_ids
+FROM unnest($1::uuid[], $2::text[], $3::smallint[], $4::text[], $5::text[], $6::smallint[], $7::text[])
+     WITH ORDINALITY AS e(partner_id, key_id, view, rpc, trace_id, outcome, denial_reason, n)
+JOIN (
+    SELECT u.entry, array_agg(u.requested_id ORDER BY u.k) AS requested_ids,
+           array_agg(u.appointment_id ORDER BY u.k) AS appointment_ids,
+           array_agg(u.patient_id ORDER BY u.k) AS patient_ids
+    FROM unnest($8::bigint[], $9::text[], $10::uuid[], $11::uuid[]) WITH ORDINALITY
+         AS u(entry, requested_id, appointment_id, patient_id, k)
+    GROUP BY u.entry
+) i ON i.entry = e.n
+ORDER BY e.n
 """
 
 
 async def append_many(
     conn: Connection, entries: Sequence[tuple[Entry, Sequence[tuple[str, UUID | None, UUID | None]]]]
 ) -> int:
-    """Append the records of many entries in one INSERT, in order; return how many.
+    """Append one record per entry that has items, in one INSERT, in order; return how many appointments.
 
-    Each ``(entry, items)`` becomes exactly the records ``append(conn, entry, items)``
-    writes through ``append_disclosures`` (migration 0011). For the owner path
+    Each ``(entry, items)`` becomes exactly the record ``append(conn, entry, items)``
+    writes through ``append_disclosures`` (migration 0016). For the owner path
     only (the partner role cannot write the table), and for entries without
     contact fields or consent: the change feed audits the deliveries of many
     streams with it, in one statement instead of one call per stream.
     """
-    columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [], [], [])
+    records: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
+    items_of: tuple[list[Any], ...] = ([], [], [], [])
     for entry, items in entries:
         if entry.contact_fields or entry.consent_id is not None:
             raise ValueError("append_many records entries without contact fields or consent only")
-        for requested_id, appointment_id, patient_id in items:
-            for column, value in zip(
-                columns,
-                (entry.partner_id, entry.key_id, requested_id, appointment_id, patient_id, entry.view, entry.rpc,
-                 entry.trace_id or "", entry.outcome, entry.denial_reason or ""),
-                strict=True,
-            ):  # fmt: skip
+        if not items:
+            continue
+        for column, value in zip(
+            records,
+            (entry.partner_id, entry.key_id, entry.view, entry.rpc, entry.trace_id or "", entry.outcome,
+             entry.denial_reason or ""),
+            strict=True,
+        ):  # fmt: skip
+            column.append(value)
+        entry_number = len(records[0])
+        for item in items:
+            for column, value in zip(items_of, (entry_number, *item), strict=True):
                 column.append(value)
-    if not columns[0]:
+    if not records[0]:
         return 0
-    status = await conn.execute(_APPEND_MANY, *columns)
-    return int(status.rsplit(" ", 1)[-1])
+    await conn.execute(_APPEND_MANY, *records, *items_of)
+    return len(items_of[0])
 
 
 def _disclosure(row: object) -> models.Disclosure:
     values = list(row)  # type: ignore[call-overload]
-    values[7] = tuple(values[7])
+    values[8] = tuple(values[8])
     return models.Disclosure(*values)
 
 
@@ -186,21 +200,37 @@ async def list_disclosures(
     patient_id: UUID | None,
     start_time: datetime | None,
     end_time: datetime | None,
-    after_id: int,
+    after: tuple[int, int],
     limit: int,
 ) -> list[models.Disclosure]:
-    """Records matching every given filter, in the order they were written, after ``after_id``."""
+    """Appointments of the records matching every given filter, in the order written, after ``(id, item)``.
+
+    Only the filters given become conditions, so each can use its index: a
+    patient is found through ``disclosures_patient_ids_idx`` (records of one
+    response) or ``disclosures_patient_time_idx`` (records written before 0016).
+    """
+    conditions = ["d.id >= $1", "(d.id, d.item) > ($1, $2)"]
+    args: list[Any] = [after[0], after[1]]
+    if partner_id is not None:
+        args.append(partner_id)
+        conditions.append(f"d.partner_id = ${len(args)}")
+    if patient_id is not None:
+        args.append(patient_id)
+        conditions.append(
+            f"d.patient_id = ${len(args)} AND d.id IN (SELECT r.id FROM disclosures r "
+            f"WHERE r.patient_ids @> ARRAY[${len(args)}::uuid] OR r.patient_id = ${len(args)})"
+        )
+    if start_time is not None:
+        args.append(start_time)
+        conditions.append(f"d.disclose_time >= ${len(args)}")
+    if end_time is not None:
+        args.append(end_time)
+        conditions.append(f"d.disclose_time < ${len(args)}")
+    args.append(limit)
     rows = await conn.fetch(
-        f"SELECT {_COLUMNS} FROM disclosures WHERE id > $1 "
-        "AND ($2::uuid IS NULL OR partner_id = $2) AND ($3::uuid IS NULL OR patient_id = $3) "
-        "AND ($4::timestamptz IS NULL OR disclose_time >= $4) AND ($5::timestamptz IS NULL OR disclose_time < $5) "
-        "ORDER BY id LIMIT $6",
-        after_id,
-        partner_id,
-        patient_id,
-        start_time,
-        end_time,
-        limit,
+        f"SELECT {_COLUMNS} FROM disclosure_items d WHERE {' AND '.join(conditions)} "
+        f"ORDER BY d.id, d.item LIMIT ${len(args)}",
+        *args,
     )
     return [_disclosure(row) for row in rows]
 
@@ -211,7 +241,7 @@ SELECT d.patient_id,
        array_agg(DISTINCT f.field) FILTER (WHERE f.field IS NOT NULL) AS contact_fields,
        min(d.disclose_time) AS first_time,
        max(d.disclose_time) AS last_time
-FROM disclosures d
+FROM disclosure_items d
 LEFT JOIN LATERAL unnest(d.contact_fields) AS f(field) ON true
 WHERE d.partner_id = $1 AND d.disclose_time >= $2 AND d.disclose_time < $3
   AND d.outcome = 1 AND d.patient_id IS NOT NULL AND ($4::text IS NULL OR d.key_id = $4)

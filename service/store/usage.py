@@ -145,7 +145,7 @@ async def today(conn: Connection, partner_id: UUID) -> models.PartnerUsage:
     row = await conn.fetchrow(
         "WITH d AS (SELECT (statement_timestamp() AT TIME ZONE 'UTC')::date AS day) "
         "SELECT d.day::text, "
-        "(SELECT count(*) FROM disclosures l WHERE l.partner_id = $1 AND l.outcome = 1 "
+        "(SELECT count(*) FROM disclosure_items l WHERE l.partner_id = $1 AND l.outcome = 1 "
         " AND l.disclose_time >= d.day::timestamp AT TIME ZONE 'UTC'), "
         "coalesce(u.contact_disclosures, 0), coalesce(u.patients_reached, 0), "
         "(SELECT coalesce(sum(p.patients_reached), 0) / 7.0 FROM partner_daily_usage p "

@@ -1,4 +1,4 @@
-"""The disclosure ledger: a record per disclosure and per refusal, append-only, verifiable."""
+"""The disclosure ledger: a record per response and per refusal, append-only, verifiable."""
 
 from __future__ import annotations
 
@@ -56,6 +56,48 @@ async def test_every_listed_appointment_gets_one_basic_record(world: World) -> N
         assert list(record.contact_fields) == []
 
 
+async def test_a_page_is_one_record_holding_its_appointments_in_order(world: World, admin: asyncpg.Connection) -> None:
+    _, _, partner = await _three_appointments(world)
+
+    listed = await partner.list_all()
+    rows = await admin.fetch("SELECT id, appointment_ids, patient_ids, requested_ids FROM disclosures")
+    items = await world.disclosures(partner_id=partner.partner_id)
+
+    [row] = rows
+    assert [str(a) for a in row["appointment_ids"]] == [r.appointment_id for r in items]
+    assert [str(p) for p in row["patient_ids"]] == [r.patient_id for r in items]
+    assert list(row["requested_ids"]) == [a.appointment_id for a in listed]  # what the partner was shown
+    assert [(r.disclosure_id, r.item) for r in items] == [(row["id"], 0), (row["id"], 1), (row["id"], 2)]
+
+
+async def test_records_written_before_0016_still_verify_and_list_beside_new_ones(
+    world: World, admin: asyncpg.Connection, database_dsn: str, tmp_path: Path
+) -> None:
+    _, patients, partner = await _three_appointments(world)
+    # A record of the old shape (one appointment in the scalar columns), as 0004-0015 wrote them.
+    legacy_appointment = await admin.fetchval("SELECT id FROM appointments LIMIT 1")
+    await admin.execute(
+        "INSERT INTO disclosures (partner_id, key_id, requested_id, appointment_id, patient_id, view, rpc, "
+        "disclose_time, outcome) VALUES ($1, $2, 'apt_legacy', $3, $4, 1, $5, now(), 1)",
+        harness.uuid_of(partner.partner_id),
+        partner.key_id,
+        legacy_appointment,
+        harness.uuid_of(patients[0].patient_id),
+        LIST_RPC,
+    )
+    await partner.list_all()
+
+    code, out, err = await _audit_cli(database_dsn, tmp_path, "verify")
+    items = await world.disclosures(partner_id=partner.partner_id)
+    one_patient = await world.disclosures(patient_id=patients[0].patient_id)
+
+    assert code == 0, err
+    assert "intact: 2 records" in out
+    assert [(r.disclosure_id, r.item) for r in items] == [(1, 0), (2, 0), (2, 1), (2, 2)]
+    assert items[0].appointment_id == str(legacy_appointment)
+    assert [r.disclosure_id for r in one_patient] == [1, 2]  # found through both indexes
+
+
 async def test_a_contact_disclosure_records_its_fields_and_consent(world: World) -> None:
     _, patients, partner = await _three_appointments(world)
     [first, *_] = await partner.list_all()
@@ -106,7 +148,8 @@ async def test_list_disclosures_filters_and_pages_without_gaps(world: World) -> 
     everything = await world.disclosures(page_size=5)
     one_patient = await world.disclosures(patient_id=patients[0].patient_id, page_size=1)
 
-    assert [r.disclosure_id for r in everything] == list(range(1, 13))
+    # One record per response, one message per appointment; pages of 5 cut records in the middle.
+    assert [(r.disclosure_id, r.item) for r in everything] == [(d, i) for d in range(1, 5) for i in range(3)]
     assert len(one_patient) == 4
     assert {r.patient_id for r in one_patient} == {patients[0].patient_id}
 
@@ -177,17 +220,16 @@ async def test_audit_verify_passes_then_catches_a_record_altered_in_the_database
     world: World, admin: asyncpg.Connection, database_dsn: str, tmp_path: Path
 ) -> None:
     _, _, partner = await _three_appointments(world)
-    await partner.list_all()
+    for _ in range(3):
+        await partner.list_all()
     code, out, err = await _audit_cli(database_dsn, tmp_path, "verify")
     assert code == 0, err
     assert "intact: 3 records" in out
 
     async with admin.transaction():
         await admin.execute("SET LOCAL session_replication_role = replica")  # what an attacker with superuser does
-        # Hide a patient from any breach report by pointing the record at another one.
-        await admin.execute(
-            "UPDATE disclosures SET patient_id = (SELECT patient_id FROM disclosures WHERE seq = 1) WHERE seq = 2"
-        )
+        # Hide a patient from any breach report by pointing the record's first appointment at another patient.
+        await admin.execute("UPDATE disclosures SET patient_ids[1] = patient_ids[2] WHERE seq = 2")
 
     code, out, err = await _audit_cli(database_dsn, tmp_path, "verify")
     assert code == 1
@@ -198,7 +240,8 @@ async def test_audit_verify_catches_a_deleted_record_and_a_rewritten_chain(
     world: World, admin: asyncpg.Connection, database_dsn: str, tmp_path: Path
 ) -> None:
     _, _, partner = await _three_appointments(world)
-    await partner.list_all()
+    for _ in range(3):
+        await partner.list_all()
     assert (await _audit_cli(database_dsn, tmp_path, "verify"))[0] == 0  # seals record 3
 
     async with admin.transaction():

@@ -169,7 +169,8 @@ async def test_cutting_the_database_mid_traffic_fails_fast_recovers_alone_and_lo
     conn = await asyncpg.connect(database_dsn)
     try:
         audited = await conn.fetchval(
-            "SELECT count(*) FROM disclosures WHERE partner_id = $1 AND rpc LIKE '%/GetAppointment' AND outcome = 1",
+            "SELECT count(*) FROM disclosure_items "
+            "WHERE partner_id = $1 AND rpc LIKE '%/GetAppointment' AND outcome = 1",
             harness.uuid_of(partner.partner_id),
         )
     finally:

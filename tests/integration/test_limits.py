@@ -155,7 +155,7 @@ async def test_an_anomalous_volume_is_flagged_suspends_the_partner_until_an_oper
     conn = await asyncpg.connect(database_dsn)
     try:
         events = [r["kind"] for r in await conn.fetch("SELECT kind FROM partner_events ORDER BY id")]
-        sent_before_suspension = await conn.fetchval("SELECT count(*) FROM disclosures WHERE outcome = 1")
+        sent_before_suspension = await conn.fetchval("SELECT count(*) FROM disclosure_items WHERE outcome = 1")
     finally:
         await conn.close()
     assert events == ["anomaly", "suspended", "lifted"]

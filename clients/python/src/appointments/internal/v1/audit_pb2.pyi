@@ -71,8 +71,10 @@ Global___DisclosureOutcome: _TypeAlias = DisclosureOutcome  # noqa: Y015
 
 @_typing.final
 class Disclosure(_message.Message):
-    """One record of the disclosure audit trail: one appointment disclosed (or
-    refused) to one partner by one call.
+    """One appointment of the disclosure audit trail: disclosed (or refused) to
+    one partner by one call. A ledger record holds every appointment of one
+    response; it is listed as one message per appointment, which share the
+    record's disclosure_id and differ by item.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -90,8 +92,11 @@ class Disclosure(_message.Message):
     DISCLOSE_TIME_FIELD_NUMBER: _builtins.int
     OUTCOME_FIELD_NUMBER: _builtins.int
     DENIAL_REASON_FIELD_NUMBER: _builtins.int
+    ITEM_FIELD_NUMBER: _builtins.int
     disclosure_id: _builtins.int
-    """The position of the record in the ledger; increases with each record."""
+    """The position of the record in the ledger; increases with each record.
+    The appointments of one response share it.
+    """
     partner_id: _builtins.str
     """The partner that called."""
     key_id: _builtins.str
@@ -118,6 +123,10 @@ class Disclosure(_message.Message):
     """For a refused call, the ErrorInfo reason it was refused with, for
     example "CONSENT_EXPIRED" or "NOT_FOUND".
     """
+    item: _builtins.int
+    """The position of this appointment in its record, from 0, in the order
+    the response carried them. (disclosure_id, item) identifies a message.
+    """
     @_builtins.property
     def contact_fields(self) -> _containers.RepeatedScalarFieldContainer[_contact_pb2.ContactField.ValueType]:
         """The contact fields disclosed, in enum order. Empty in the basic view."""
@@ -142,10 +151,11 @@ class Disclosure(_message.Message):
         disclose_time: _timestamp_pb2.Timestamp | None = ...,
         outcome: Global___DisclosureOutcome.ValueType = ...,
         denial_reason: _builtins.str = ...,
+        item: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["disclose_time", b"disclose_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointment_id", b"appointment_id", "consent_id", b"consent_id", "contact_fields", b"contact_fields", "denial_reason", b"denial_reason", "disclose_time", b"disclose_time", "disclosure_id", b"disclosure_id", "key_id", b"key_id", "outcome", b"outcome", "partner_id", b"partner_id", "patient_id", b"patient_id", "rpc", b"rpc", "trace_id", b"trace_id", "view", b"view"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointment_id", b"appointment_id", "consent_id", b"consent_id", "contact_fields", b"contact_fields", "denial_reason", b"denial_reason", "disclose_time", b"disclose_time", "disclosure_id", b"disclosure_id", "item", b"item", "key_id", b"key_id", "outcome", b"outcome", "partner_id", b"partner_id", "patient_id", b"patient_id", "rpc", b"rpc", "trace_id", b"trace_id", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
