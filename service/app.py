@@ -34,6 +34,7 @@ from service.keyfiles import load_data_keys, load_server_secret, load_signing_ke
 from service.pagination import PageTokens
 from service.partner_gate import SERVICE_NAME, PartnerGate
 from service.pseudonyms import Pseudonyms, derive_key
+from service.recorder import DisclosureRecorder
 from service.reflection import DocumentedPool, documented_files
 from service.server import ErrorBoundary, Listener, start_listener
 from service.settings import Settings, is_loopback
@@ -136,6 +137,7 @@ class Gateway:
             self.telemetry,
             self._data_keys,
             feed,
+            DisclosureRecorder(self.database, budget=self._limits.default_deadline),
         )
         partner_appointment_service_pb2_grpc.add_PartnerAppointmentServiceServicer_to_server(api, server)
         return [SERVICE_NAME]

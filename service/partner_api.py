@@ -1,13 +1,15 @@
 """The partner servicer: validate → authenticate → authorize and query → audit → view.
 
-Each read is two statements as the partner-path database role (migration
-0013): the read, which re-checks the key and the partner's suspension and
-joins the caller's active grants, so revoking a key or a grant takes effect on
-the next call; then the record, which counts the response against the
-partner's limits and writes its ledger records, and commits before the
-response leaves: no data is sent unless its audit record is durable. Anything
-the caller may not see answers NOT_FOUND, whatever the reason, and every
-refused attempt is recorded too.
+Each read is one statement as the partner-path database role (migration
+0013), which re-checks the key and the partner's suspension and joins the
+caller's active grants, so revoking a key or a grant takes effect on the next
+call; then the record, which counts the response against the partner's
+limits and writes its ledger record, and commits before the response leaves:
+no data is sent unless its audit record is durable. Basic views are recorded
+together with those of concurrent calls (:mod:`service.recorder`, one commit
+for all); a contact view is checked, counted, recorded and read in one
+statement of its own. Anything the caller may not see answers NOT_FOUND,
+whatever the reason, and every refused attempt is recorded too.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from service.errors import (
 from service.extraction import SUSPENDED
 from service.partner_gate import PartnerGate
 from service.pseudonyms import Pseudonyms, looks_like_appointment_id
+from service.recorder import DisclosureRecorder
 from service.store import consents, ledger, partner_reads
 from service.store.database import PARTNER_ROLE, Connection, Database
 from service.telemetry import Telemetry, annotate
@@ -115,8 +118,10 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
         telemetry: Telemetry,
         data_keys: sealing.DataKeyring,
         feed: AppointmentFeed,
+        recorder: DisclosureRecorder,
     ) -> None:
         self._db = database
+        self._recorder = recorder
         self._gate = gate
         self._guard = gate.guard
         self._data_keys = data_keys
@@ -141,7 +146,6 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
             except ValueError as exc:  # sealed by us, so only a format change gets here
                 raise InvalidArgument.field("page_token", "unsupported page token") from exc
         response = pb.ListAppointmentsResponse()
-        failure: ApptgateError | None = None
         async with self._db.partner_statements() as conn:
             try:
                 rows = await partner_reads.list_appointments(
@@ -157,25 +161,23 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
             except partner_reads.Refusal as refusal:
                 if refusal.kind != partner_reads.NOT_GRANTED:
                     raise self._gate.refused(refusal, principal) from None
-                rows = []
-                failure = NotFound("practitioner not found")
                 entry = self._gate.entry(principal, "ListAppointments", ledger.VIEW_BASIC, denial_reason="NOT_FOUND")
                 await ledger.append(conn, entry, [(request.practitioner_id, None, None)])
-            page = rows[: query.page_size]
-            if page:
-                ids = self._pseudonyms.for_partner(principal.partner_id)
-                for row in page:
-                    views.fill_basic_appointment(response.appointments.add(), row, ids)
-                outcome = await ledger.charge_and_append(
-                    conn,
-                    self._gate.entry(principal, "ListAppointments", ledger.VIEW_BASIC),
-                    [(m.appointment_id, r.id, r.patient_id) for m, r in zip(response.appointments, page, strict=True)],
-                    self._guard.terms(policy),
-                )
-                if not self._guard.settle(principal.partner_id, outcome):
-                    failure = SUSPENDED  # committed (the suspension sticks), nothing sent
-        if failure is not None:
-            raise failure
+                rows = None
+        if rows is None:
+            raise NotFound("practitioner not found")
+        page = rows[: query.page_size]
+        if page:
+            ids = self._pseudonyms.for_partner(principal.partner_id)
+            for row in page:
+                views.fill_basic_appointment(response.appointments.add(), row, ids)
+            outcome = await self._recorder.record(
+                self._gate.entry(principal, "ListAppointments", ledger.VIEW_BASIC),
+                [(m.appointment_id, r.id, r.patient_id) for m, r in zip(response.appointments, page, strict=True)],
+                self._guard.terms(policy),
+            )
+            if not self._guard.settle(principal.partner_id, outcome):
+                raise SUSPENDED  # committed (the suspension sticks), nothing recorded or sent
         self._gate.disclosed("basic", len(page))
         if len(rows) > query.page_size:
             last = page[-1]
@@ -202,27 +204,23 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
         token = auth.bearer_token(context.invocation_metadata())
         principal, policy = await self._gate.admit(token, auth.partner_key_id(token))
         ids = self._pseudonyms.for_partner(principal.partner_id)
-        failure: ApptgateError | None = None
         async with self._db.partner_statements() as conn:
             row = await self._visible(conn, principal, ids.parse_appointment_id(request.appointment_id))
             if row is None:
-                # No metadata: "does not exist", "not yours" and "no longer granted"
-                # must be byte-for-byte the same answer.
-                failure = NotFound("appointment not found")
                 entry = self._gate.entry(principal, "GetAppointment", ledger.VIEW_BASIC, denial_reason="NOT_FOUND")
                 await ledger.append(conn, entry, [(request.appointment_id, None, None)])
-            else:
-                message = views.basic_appointment(row, ids)
-                outcome = await ledger.charge_and_append(
-                    conn,
-                    self._gate.entry(principal, "GetAppointment", ledger.VIEW_BASIC),
-                    [(request.appointment_id, row.id, row.patient_id)],
-                    self._guard.terms(policy),
-                )
-                if not self._guard.settle(principal.partner_id, outcome):
-                    failure = SUSPENDED
-        if failure is not None:
-            raise failure
+        if row is None:
+            # No metadata: "does not exist", "not yours" and "no longer granted"
+            # must be byte-for-byte the same answer.
+            raise NotFound("appointment not found")
+        message = views.basic_appointment(row, ids)
+        outcome = await self._recorder.record(
+            self._gate.entry(principal, "GetAppointment", ledger.VIEW_BASIC),
+            [(request.appointment_id, row.id, row.patient_id)],
+            self._guard.terms(policy),
+        )
+        if not self._guard.settle(principal.partner_id, outcome):
+            raise SUSPENDED
         self._gate.disclosed("basic", 1)
         return message
 

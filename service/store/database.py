@@ -233,6 +233,22 @@ class Database:
             raise DeadlineExceeded("the database work did not finish before the deadline") from exc
 
     @asynccontextmanager
+    async def statements(self, budget: float) -> AsyncIterator[Connection]:
+        """Borrow an owner-path connection on which every statement is its own transaction.
+
+        For work the gateway does on behalf of several calls at once (the
+        group records of :mod:`service.recorder`), so no one caller's deadline
+        applies: ``budget`` seconds bound the wait for a connection and the
+        statements, after which the running statement is cancelled and
+        :class:`DeadlineExceeded` raised.
+        """
+        try:
+            async with asyncio.timeout(budget), _translated_failures(), self._acquire(budget) as conn:
+                yield conn
+        except TimeoutError as exc:
+            raise DeadlineExceeded("the database work did not finish in time") from exc
+
+    @asynccontextmanager
     async def transaction(self, *, readonly: bool = False, role: str | None = None) -> AsyncIterator[Connection]:
         """Run a unit of work in one transaction: committed on success, rolled back on any error.
 

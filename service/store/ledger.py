@@ -83,54 +83,64 @@ async def append(
     )
 
 
-_RECORD = (
-    "SELECT record_partner_disclosure($1, $2, $3, $4, $5::smallint, $6::text[], $7::uuid[], $8::uuid[], "
-    "$9::smallint[], $10, $11, $12, $13, $14, $15, $16)"
+_RECORD_MANY = (
+    "SELECT partner_id, outcome FROM record_partner_disclosures($1::uuid[], $2::text[], $3::text[], $4::text[], "
+    "$5::int[], $6::text[], $7::uuid[], $8::uuid[], $9::uuid[], $10::int[], $11::int[], $12::float8[], "
+    "$13::bigint[], $14::bool[])"
 )
 
 
-async def charge_and_append(
-    conn: Connection,
-    entry: Entry,
-    items: Sequence[tuple[str, UUID | None, UUID | None]],
-    terms: usage.ChargeTerms,
-    *,
-    contacts: int = 0,
-) -> str:
-    """Count a response against the partner's day and record it, in one statement (its own transaction).
+class CapReached(Exception):
+    """A partner of a group went over a daily cap: nothing of the group was counted or recorded."""
 
-    Returns ``charge_partner_usage``'s outcome: over a cap (``contact_cap`` or
-    ``patient_cap``) nothing is counted or recorded; ``suspended`` commits the
-    suspension and records nothing; ``ok`` and ``flagged`` mean the records
-    are durable.
+    def __init__(self, partner_id: UUID, cap: str) -> None:
+        super().__init__(cap)
+        self.partner_id = partner_id
+        self.cap = cap
+
+
+async def record_many(
+    conn: Connection,
+    responses: Sequence[tuple[Entry, Sequence[tuple[str, UUID | None, UUID | None]]]],
+    terms: dict[UUID, usage.ChargeTerms],
+) -> dict[UUID, str]:
+    """Charge and record the basic-view responses of many calls in one statement (one transaction).
+
+    Each partner in ``terms`` is charged once for all its responses (in sorted
+    order); each response becomes exactly the record :func:`append` writes.
+    Returns each partner's charge outcome; a partner suspended by it has none
+    of its responses recorded. Raises :class:`CapReached` when a partner goes
+    over a daily cap, and then nothing at all is counted or recorded
+    (migration 0017).
     """
+    columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [])
+    for number, (entry, items) in enumerate(responses, start=1):
+        if entry.view != VIEW_BASIC or entry.outcome != OUTCOME_DISCLOSED or entry.consent_id is not None:
+            raise ValueError("record_many records disclosed basic views only")
+        for column, value in zip(columns[:4], (entry.partner_id, entry.key_id, entry.rpc, entry.trace_id), strict=True):
+            column.append(value)
+        for item in items:
+            for column, value in zip(columns[4:], (number, *item), strict=True):
+                column.append(value)
+    partners = sorted(terms)
+    charged = [terms[p] for p in partners]
     try:
-        return str(
-            await conn.fetchval(
-                _RECORD,
-                entry.partner_id,
-                entry.key_id,
-                entry.rpc,
-                entry.trace_id,
-                entry.view,
-                [i[0] for i in items],
-                [i[1] for i in items],
-                [i[2] for i in items],
-                list(entry.contact_fields),
-                entry.consent_id,
-                contacts,
-                terms.contact_cap,
-                terms.patient_cap,
-                terms.anomaly_factor,
-                terms.anomaly_min,
-                terms.suspend_on_anomaly,
-            )
+        rows = await conn.fetch(
+            _RECORD_MANY,
+            *columns,
+            partners,
+            [t.contact_cap for t in charged],
+            [t.patient_cap for t in charged],
+            [t.anomaly_factor for t in charged],
+            [t.anomaly_min for t in charged],
+            [t.suspend_on_anomaly for t in charged],
         )
     except asyncpg.PostgresError as exc:
         cap = usage.cap_reached(exc)
         if cap is None:
             raise
-        return cap
+        raise CapReached(UUID(str(getattr(exc, "hint", ""))), cap) from None
+    return {row["partner_id"]: str(row["outcome"]) for row in rows}
 
 
 _APPEND_MANY = """

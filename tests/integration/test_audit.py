@@ -191,7 +191,10 @@ async def test_a_response_is_not_sent_when_its_audit_record_cannot_be_written(
     world: World, admin: asyncpg.Connection
 ) -> None:
     _, _, partner = await _three_appointments(world)
-    await admin.execute("REVOKE EXECUTE ON FUNCTION append_disclosures FROM apptgate_partner")
+    # Every insert into the ledger now fails, whichever path writes it.
+    await admin.execute(
+        "CREATE TRIGGER refuse_all BEFORE INSERT ON disclosures FOR EACH ROW EXECUTE FUNCTION refuse_ledger_change()"
+    )
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await partner.list_all()

@@ -108,6 +108,43 @@ async def test_the_daily_patient_cap_refuses_new_patients_but_not_ones_already_r
     assert (await _usage(world, partner.partner_id)).patients_reached == 2
 
 
+async def test_concurrent_reads_recorded_together_stop_exactly_at_the_patient_cap(
+    world: World, database_dsn: str
+) -> None:
+    practitioner = await world.practitioner()
+    patients = [await world.patient() for _ in range(24)]
+    for n, patient in enumerate(patients):
+        await world.appointment(practitioner, patient.patient_id, MONDAY + timedelta(minutes=10 * n))
+    partner = await world.partner("Crowd", practitioner)
+    bystander = await world.partner("Bystander", practitioner)
+    appointments = await partner.list_all()  # the partner's ids for them; this reaches every patient, so:
+    conn = await asyncpg.connect(database_dsn)
+    try:  # start the day again, as if the listing had been yesterday's
+        for table in ("partner_daily_patients", "partner_daily_usage"):
+            await conn.execute(f"DELETE FROM {table} WHERE partner_id = $1", harness.uuid_of(partner.partner_id))
+    finally:
+        await conn.close()
+    await _limits(world, partner.partner_id, patient_daily_cap=10)
+    before = len(await world.disclosures(partner_id=partner.partner_id))
+
+    # 24 reads of different patients at once (the gateway records concurrent ones in shared
+    # statements), with another partner's listings in between.
+    codes = await asyncio.gather(
+        *(_code(partner.get(a.appointment_id)) for a in appointments),
+        *(_code(bystander.list()) for _ in range(8)),
+    )
+
+    assert codes.count(grpc.StatusCode.OK) == 10 + 8
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 14
+    assert (await _usage(world, partner.partner_id)).patients_reached == 10
+    recorded = (await world.disclosures(partner_id=partner.partner_id))[before:]
+    assert len(recorded) == 10
+    assert len({r.patient_id for r in recorded}) == 10
+    listed = await world.disclosures(partner_id=bystander.partner_id)
+    assert len(listed) == 8 * 24  # each listing its own record of every appointment
+    assert len({r.disclosure_id for r in listed}) == 8
+
+
 @pytest.fixture
 async def watchful(
     settings: Settings, database_dsn: str, keyring: ConsentKeyring, data_keys: DataKeyring
