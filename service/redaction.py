@@ -20,7 +20,7 @@ formatter keep only the keys named here, and reduce what they keep:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 #: Span attributes that may be recorded (OpenTelemetry semantic conventions and ours).
@@ -101,6 +101,22 @@ def span_attributes(attributes: Mapping[str, Any] | None) -> dict[str, Any]:
         elif _scalar(value):
             kept[key] = value
     return kept
+
+
+def within_policy(name: str, attributes: Mapping[str, Any] | None, clean_statement: Callable[[str], bool]) -> bool:
+    """True when :func:`span_name` and :func:`span_attributes` would return ``name`` and ``attributes`` unchanged.
+
+    ``clean_statement(text)`` must answer ``scrub_sql(text) == text`` (callers
+    memoize it: a service runs a fixed set of statements).
+    """
+    if not _SPAN_NAME.match(name):
+        return False
+    for key, value in (attributes or {}).items():
+        if key not in SPAN_ATTRIBUTES or not _scalar(value):
+            return False
+        if key == "db.statement" and not clean_statement(value):
+            return False
+    return True
 
 
 def event_attributes(attributes: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import json
 import logging
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -126,19 +126,52 @@ def _redacted(span: ReadableSpan) -> ReadableSpan:
 
 
 class RedactingSpanExporter(SpanExporter):
-    """Hands an exporter copies of the spans reduced to what :mod:`service.redaction` allows."""
+    """Hands an exporter the spans reduced to what :mod:`service.redaction` allows.
+
+    A span already within the policy (its name, attributes and statement text
+    unchanged by it, no events, links or status text) is passed as it is: that
+    is what the redacted copy would be, without the cost of making it. Any
+    other span is copied, reduced.
+    """
 
     def __init__(self, exporter: SpanExporter) -> None:
         self._exporter = exporter
+        self._statements = _Memo(lambda text: redaction.scrub_sql(text) == text)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        return self._exporter.export([_redacted(span) for span in spans])
+        return self._exporter.export([span if self._within_policy(span) else _redacted(span) for span in spans])
+
+    def _within_policy(self, span: ReadableSpan) -> bool:
+        return (
+            not span.events
+            and not span.links
+            and span.status.description is None
+            and redaction.within_policy(span.name, span.attributes, self._statements)
+        )
 
     def shutdown(self) -> None:
         self._exporter.shutdown()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self._exporter.force_flush(timeout_millis)
+
+
+class _Memo:
+    """A bounded memo of a pure function of text (statement texts: a fixed set in a running service)."""
+
+    def __init__(self, function: Callable[[str], Any], size: int = 1024) -> None:
+        self._function = function
+        self._size = size
+        self._values: dict[str, Any] = {}
+
+    def __call__(self, text: str) -> Any:
+        try:
+            return self._values[text]
+        except KeyError:
+            if len(self._values) >= self._size:
+                self._values.clear()
+            value = self._values[text] = self._function(text)
+            return value
 
 
 def metric_views() -> list[View]:
@@ -158,6 +191,7 @@ class Telemetry:
         meter: Meter = meter_provider.get_meter(SCOPE) if meter_provider else NoOpMeter(SCOPE)
         self._meter = meter
         self._propagator = TraceContextTextMapPropagator()
+        self._statement = _Memo(_describe_statement)
         self.rpc_duration = meter.create_histogram(
             "rpc.server.duration", unit="ms", description="Duration of RPCs, by method and status code."
         )
@@ -295,20 +329,32 @@ class Telemetry:
         """Record one finished statement as a child span of the current call (never its parameters)."""
         if not trace.get_current_span().get_span_context().is_valid:
             return  # pool housekeeping outside any call
-        if query.lstrip().upper().startswith(_BOOKKEEPING):
+        described = self._statement(query)
+        if described is None:
             return  # transaction control carries no information worth a span, and spans cost CPU
+        name, operation, text = described
         end = time.time_ns()
-        operation = (query.lstrip().split(None, 1) or ["?"])[0].upper()
         span = self.tracer.start_span(
-            f"db {operation}" if operation.isalpha() else "db",
+            name,
             kind=SpanKind.CLIENT,
             start_time=end - int(elapsed * 1e9),
-            attributes={"db.system": "postgresql", "db.operation": operation, "db.statement": query},
+            attributes={"db.system": "postgresql", "db.operation": operation, "db.statement": text},
         )
         if exception is not None:
             span.set_attribute("error.type", type(exception).__name__)
             span.set_status(Status(StatusCode.ERROR))
         span.end(end_time=end)
+
+
+def _describe_statement(query: str) -> tuple[str, str, str] | None:
+    """A statement's span name, operation and text without literals, or None for transaction control.
+
+    Reduced at the source, once per distinct statement (memoized by the caller).
+    """
+    if query.lstrip().upper().startswith(_BOOKKEEPING):
+        return None
+    operation = (query.lstrip().split(None, 1) or ["?"])[0].upper()
+    return (f"db {operation}" if operation.isalpha() else "db"), operation, redaction.scrub_sql(query)
 
 
 def _span_exporter(kind: str, protocol: str) -> SpanExporter:

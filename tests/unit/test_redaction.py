@@ -9,7 +9,7 @@ import logging
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Status, StatusCode
 
@@ -71,6 +71,40 @@ def test_unknown_attributes_parameters_and_odd_span_names_are_dropped() -> None:
         "db.statement": "SELECT * FROM patients WHERE email = ? AND id = ?",
         "rpc.method": "GetAppointment",
     }
+
+
+def test_a_span_within_the_policy_is_passed_as_it_is_and_any_other_is_reduced() -> None:
+    received: list[object] = []
+
+    class Keep(InMemorySpanExporter):
+        def export(self, spans: object) -> SpanExportResult:
+            received.extend(spans)  # type: ignore[call-overload]
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    memory = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("test")
+    clean = {"db.system": "postgresql", "db.statement": "SELECT f($1, $2)", "apptgate.appointments": 50}
+    for attributes in (
+        clean,
+        {**clean, "db.statement": "SELECT f($1,\n  'leak.me@example.invalid')"},  # a literal, and unfolded text
+        {**clean, "apptgate.view": "x" * 300},  # too long to be a label
+        {**clean, "patient.email": "leak.me@example.invalid"},
+    ):
+        with tracer.start_as_current_span("db SELECT", attributes=attributes):
+            pass
+    spans = memory.get_finished_spans()
+
+    RedactingSpanExporter(Keep()).export(spans)
+
+    assert received[0] is spans[0]
+    assert all(r is not s for r, s in zip(received[1:], spans[1:], strict=True))
+    assert [dict(r.attributes) for r in received[1:]] == [  # type: ignore[attr-defined]
+        {**clean, "db.statement": "SELECT f($1, ?)"},
+        clean,
+        clean,
+    ]
 
 
 def test_scrub_sql_replaces_literals_and_keeps_placeholders() -> None:
