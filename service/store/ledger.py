@@ -113,15 +113,18 @@ async def record_many(
     over a daily cap, and then nothing at all is counted or recorded
     (migration 0017).
     """
-    columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [])
-    for number, (entry, items) in enumerate(responses, start=1):
+    for entry, _ in responses:
         if entry.view != VIEW_BASIC or entry.outcome != OUTCOME_DISCLOSED or entry.consent_id is not None:
             raise ValueError("record_many records disclosed basic views only")
-        for column, value in zip(columns[:4], (entry.partner_id, entry.key_id, entry.rpc, entry.trace_id), strict=True):
-            column.append(value)
-        for item in items:
-            for column, value in zip(columns[4:], (number, *item), strict=True):
-                column.append(value)
+    # Per appointment: (response number, requested id, appointment id, patient id), as four columns.
+    items = [(n, *item) for n, (_, appointments) in enumerate(responses, start=1) for item in appointments]
+    columns = (
+        [e.partner_id for e, _ in responses],
+        [e.key_id for e, _ in responses],
+        [e.rpc for e, _ in responses],
+        [e.trace_id for e, _ in responses],
+        *([list(column) for column in zip(*items, strict=True)] if items else [[], [], [], []]),
+    )
     partners = sorted(terms)
     charged = [terms[p] for p in partners]
     try:
