@@ -55,6 +55,23 @@ class TestPseudonyms:
         with pytest.raises(ValueError, match="not an appointment id"):
             Pseudonyms(SECRET).for_partner(uuid.uuid4()).parse_appointment_id(text)
 
+    def test_remembered_ids_are_the_ids_derived_anew_and_the_memory_stays_bounded(self) -> None:
+        partners = [uuid.uuid4() for _ in range(3)]
+        internals = [uuid.uuid4() for _ in range(40)]
+        remembering = Pseudonyms(SECRET, memo_size=16)
+        fresh = Pseudonyms(SECRET, memo_size=0)
+
+        for _ in range(2):  # the second round answers partly from memory
+            for partner in partners:
+                for internal in internals:
+                    codec, check = remembering.for_partner(partner), fresh.for_partner(partner)
+                    assert codec.appointment_id(internal) == check.appointment_id(internal)
+                    assert codec.patient_ref(internal) == check.patient_ref(internal)
+
+        derived = remembering._derived
+        assert 0 < len(derived.appointments) <= 16 and 0 < len(derived.patients) <= 16
+        assert not fresh._derived.appointments and not fresh._derived.patients
+
     def test_a_short_secret_is_refused(self) -> None:
         with pytest.raises(ValueError, match="32 bytes"):
             Pseudonyms(b"short")
