@@ -31,7 +31,8 @@ VIEW_CONTACT = 2
 OUTCOME_DISCLOSED = 1
 OUTCOME_DENIED = 2
 GENESIS_HASH = bytes(32)
-CHAIN_BATCH = 5000
+#: Records chained per sequencer pass: ~0.3 s of work for pages of 50 (~275 µs each), so records wait ~one pass.
+CHAIN_BATCH = 1000
 
 _COLUMNS = (
     "id, item, partner_id, key_id, requested_id, appointment_id, patient_id, view, contact_fields, consent_id, rpc, "
