@@ -61,10 +61,12 @@ class DisclosureRecorder:
     async def record(self, entry: ledger.Entry, items: Items, terms: usage.ChargeTerms) -> str:
         """Charge and record one response; return the charge's outcome once it is durable.
 
-        The outcome is ``charge_partner_usage``'s: ``ok``; ``flagged`` (given to one call of the partner's
-        group only, so the anomaly is reported once); ``suspended`` (nothing
-        recorded: send nothing); ``contact_cap`` or ``patient_cap`` (nothing
-        counted or recorded).
+        The outcome is ``charge_partner_usage``'s: ``ok``; ``flagged`` (given to
+        one call of the partner's group only, so the anomaly is reported once);
+        ``suspended`` (nothing recorded: send nothing); ``contact_cap`` or
+        ``patient_cap`` (nothing counted or recorded). A caller that goes away
+        (cancelled, out of time) leaves its record to be written with its group:
+        the ledger may then hold a disclosure that was not sent, never the reverse.
         """
         outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(entry, items, terms, outcome))
@@ -73,7 +75,11 @@ class DisclosureRecorder:
             writer = asyncio.create_task(self._drain(), name="apptgate-ledger-writer", context=contextvars.Context())
             self._writers.add(writer)
             writer.add_done_callback(self._writers.discard)
-        return await asyncio.shield(outcome)
+        try:
+            return await asyncio.shield(outcome)
+        except asyncio.CancelledError:
+            outcome.add_done_callback(_unclaimed)  # nobody will read its result or failure
+            raise
 
     async def _drain(self) -> None:
         while self._queue:
@@ -111,6 +117,11 @@ class DisclosureRecorder:
             if outcome == "flagged":
                 outcomes[pending.entry.partner_id] = "ok"  # reported once, by this call
             _settle(pending, outcome)
+
+
+def _unclaimed(outcome: asyncio.Future[str]) -> None:
+    if not outcome.cancelled():
+        outcome.exception()  # retrieved, so asyncio does not report it as lost
 
 
 def _settle(pending: _Pending, outcome: str) -> None:
