@@ -311,7 +311,7 @@ class _FanoutLedger:
                     (d.entry, [(m.appointment.appointment_id, c.appointment.id, c.appointment.patient_id)
                                for m, c in zip(messages, allowed[id(d)], strict=True)])
                 )  # fmt: skip
-            await ledger.append_many(conn, records)
+            await ledger.record_many(conn, records, {})  # charged above
         return results
 
     def _event(

@@ -108,11 +108,13 @@ async def record_many(
     """Charge and record the basic-view responses of many calls in one statement (one transaction).
 
     Each partner in ``terms`` is charged once for all its responses (in sorted
-    order); each response becomes exactly the record :func:`append` writes.
-    Returns each partner's charge outcome; a partner suspended by it has none
-    of its responses recorded. Raises :class:`CapReached` when a partner goes
-    over a daily cap, and then nothing at all is counted or recorded
-    (migration 0017).
+    order); each response with appointments becomes exactly the record
+    :func:`append` writes. Returns each partner's charge outcome; a partner
+    suspended by it has none of its responses recorded. Raises
+    :class:`CapReached` when a partner goes over a daily cap, and then nothing
+    at all is counted or recorded (migration 0017). With no ``terms`` nothing
+    is charged: the change feed charges its delivery groups itself, in the
+    transaction it records them in.
     """
     for entry, _ in responses:
         if entry.view != VIEW_BASIC or entry.outcome != OUTCOME_DISCLOSED or entry.consent_id is not None:
@@ -145,60 +147,6 @@ async def record_many(
             raise
         raise CapReached(UUID(str(getattr(exc, "hint", ""))), cap) from None
     return {row["partner_id"]: str(row["outcome"]) for row in rows}
-
-
-_APPEND_MANY = """
-INSERT INTO disclosures (partner_id, key_id, view, contact_fields, consent_id, rpc, trace_id, disclose_time, outcome,
-                         denial_reason, requested_ids, appointment_ids, patient_ids)
-SELECT e.partner_id, e.key_id, e.view, '{}', NULL, e.rpc, e.trace_id, statement_timestamp(), e.outcome,
-       e.denial_reason, i.requested_ids, i.appointment_ids, i.patient_ids
-FROM unnest($1::uuid[], $2::text[], $3::smallint[], $4::text[], $5::text[], $6::smallint[], $7::text[])
-     WITH ORDINALITY AS e(partner_id, key_id, view, rpc, trace_id, outcome, denial_reason, n)
-JOIN (
-    SELECT u.entry, array_agg(u.requested_id ORDER BY u.k) AS requested_ids,
-           array_agg(u.appointment_id ORDER BY u.k) AS appointment_ids,
-           array_agg(u.patient_id ORDER BY u.k) AS patient_ids
-    FROM unnest($8::bigint[], $9::text[], $10::uuid[], $11::uuid[]) WITH ORDINALITY
-         AS u(entry, requested_id, appointment_id, patient_id, k)
-    GROUP BY u.entry
-) i ON i.entry = e.n
-ORDER BY e.n
-"""
-
-
-async def append_many(
-    conn: Connection, entries: Sequence[tuple[Entry, Sequence[tuple[str, UUID | None, UUID | None]]]]
-) -> int:
-    """Append one record per entry that has items, in one INSERT, in order; return how many appointments.
-
-    Each ``(entry, items)`` becomes exactly the record ``append(conn, entry, items)``
-    writes through ``append_disclosures`` (migration 0016). For the owner path
-    only (the partner role cannot write the table), and for entries without
-    contact fields or consent: the change feed audits the deliveries of many
-    streams with it, in one statement instead of one call per stream.
-    """
-    records: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
-    items_of: tuple[list[Any], ...] = ([], [], [], [])
-    for entry, items in entries:
-        if entry.contact_fields or entry.consent_id is not None:
-            raise ValueError("append_many records entries without contact fields or consent only")
-        if not items:
-            continue
-        for column, value in zip(
-            records,
-            (entry.partner_id, entry.key_id, entry.view, entry.rpc, entry.trace_id or "", entry.outcome,
-             entry.denial_reason or ""),
-            strict=True,
-        ):  # fmt: skip
-            column.append(value)
-        entry_number = len(records[0])
-        for item in items:
-            for column, value in zip(items_of, (entry_number, *item), strict=True):
-                column.append(value)
-    if not records[0]:
-        return 0
-    await conn.execute(_APPEND_MANY, *records, *items_of)
-    return len(items_of[0])
 
 
 def _disclosure(row: object) -> models.Disclosure:
