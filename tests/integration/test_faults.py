@@ -199,14 +199,8 @@ async def test_two_thousand_interleaved_calls_never_cross_partners(
 ) -> None:
     database = await Database.connect(database_dsn, min_size=1, max_size=2)
     gateway = Gateway(replace(settings), database, Secrets(os.urandom(32), keyring, data_keys))
-    await gateway.start()
-    assert gateway.partner and gateway.internal
     try:
-        async with (
-            grpc.aio.insecure_channel(f"127.0.0.1:{gateway.partner.port}") as partner_channel,
-            grpc.aio.insecure_channel(f"127.0.0.1:{gateway.internal.port}") as internal_channel,
-        ):
-            world = World(partner_channel, internal_channel)
+        async with harness.serving(gateway) as world:
             mine, theirs = await world.practitioner(), await world.practitioner()
             patient = await world.patient()
             for hour in range(3):
@@ -225,7 +219,6 @@ async def test_two_thousand_interleaved_calls_never_cross_partners(
             for chunk in range(0, len(calls), 80):  # under the 100 streams a connection may carry
                 results.extend(await asyncio.gather(*calls[chunk : chunk + 80]))
     finally:
-        await gateway.stop(0)
         await database.close()
 
     assert len(results) == 2000
