@@ -54,7 +54,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -537,8 +537,10 @@ def _environment() -> list[str]:
 
 
 def render(args: argparse.Namespace, runs: list[dict[str, Any]], started: datetime) -> str:
-    def row(label: str, key: str, fmt: str, target: str = "") -> str:
-        return f"| {label} | " + " | ".join(format(r[key], fmt) for r in runs) + f" | {target} |"
+    def row(label: str, cell: str | Callable[[dict[str, Any]], str], fmt: str = "", target: str = "") -> str:
+        """One line of the table: each run's ``cell`` (a key, formatted with ``fmt``, or a function of the run)."""
+        texts = (cell(r) if callable(cell) else format(r[cell], fmt) for r in runs)
+        return f"| {label} | " + " | ".join(texts) + f" | {target} |"
 
     lines = [
         f"# Change-feed fan-out — {started.isoformat(timespec='seconds')}",
@@ -558,9 +560,10 @@ def render(args: argparse.Namespace, runs: list[dict[str, Any]], started: dateti
         row("deliveries per change", "fanout_per_change", ".1f"),
         row("deliveries expected", "expected", ","),
         row("deliveries received", "delivered", ","),
-        "| deliveries missing / duplicated / streams out of order | "
-        + " | ".join(f"{r['missing']} / {r['duplicates']} / {r['out_of_order_streams']}" for r in runs)
-        + " | |",
+        row(
+            "deliveries missing / duplicated / streams out of order",
+            lambda r: f"{r['missing']} / {r['duplicates']} / {r['out_of_order_streams']}",
+        ),
         row("streams ended with an error", "stream_errors", ","),
         row("commit-to-delivery p50 (ms)", "p50_ms", ".1f"),
         row("commit-to-delivery p90 (ms)", "p90_ms", ".1f"),
@@ -568,9 +571,11 @@ def render(args: argparse.Namespace, runs: list[dict[str, Any]], started: dateti
         row("commit-to-delivery max (ms)", "max_ms", ".1f"),
         row("server RSS, no stream (MiB)", "rss_empty_mib", ".1f"),
         row("server RSS, streams open and idle (MiB)", "rss_idle_mib", ".1f"),
-        "| memory for the streams (MiB) | "
-        + " | ".join(f"{r['rss_idle_mib'] - r['rss_empty_mib']:.1f}" for r in runs)
-        + " | < 100 MiB |",
+        row(
+            "memory for the streams (MiB)",
+            lambda r: f"{r['rss_idle_mib'] - r['rss_empty_mib']:.1f}",
+            target="< 100 MiB",
+        ),
         row("server RSS after the burst (MiB)", "rss_after_mib", ".1f"),
         row("idle transactions/s, no stream", "idle_xact_s_none", ".2f"),
         row("idle transactions/s, streams open", "idle_xact_s_streams", ".2f", "independent of the streams"),
@@ -580,9 +585,7 @@ def render(args: argparse.Namespace, runs: list[dict[str, Any]], started: dateti
         row("burst: PostgreSQL CPU, all databases (s)", "burst_postgres_cpu_s", ".1f"),
         row("burst: readers' CPU (s)", "reader_cpu_s", ".1f"),
         row("burst duration (s)", "burst_seconds", ".1f"),
-        "| load average before / after the burst | "
-        + " | ".join(f"{r['load_before'][0]:.2f} / {r['load_after'][0]:.2f}" for r in runs)
-        + " | |",
+        row("load average before / after the burst", lambda r: f"{r['load_before'][0]:.2f} / {r['load_after'][0]:.2f}"),
     ]
     for r in runs:
         if r["error_samples"]:
