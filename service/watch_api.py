@@ -35,7 +35,7 @@ from service.limits import PartnerPolicy
 from service.partner_gate import PartnerGate
 from service.pseudonyms import Pseudonyms
 from service.store import feed as store_feed
-from service.store import ledger, partners, usage
+from service.store import ledger, partners
 from service.store.database import PARTNER_ROLE, Database
 from service.telemetry import Telemetry, annotate
 
@@ -177,10 +177,11 @@ class _FanoutLedger:
 
     One change watched by 1,000 streams wakes them all at once; each hands its
     batch here and waits. One task takes every delivery queued so far and, in
-    one transaction of three statements whatever its size, re-reads the keys,
-    the partners' limits and the grants of every partner concerned, charges
-    each partner's usage once for all its streams, and appends the ledger
-    records of every stream; when it has committed, each stream gets its
+    one transaction of two statements whatever its size, re-reads the keys,
+    the partners' limits and the grants of every partner concerned, then
+    charges each partner's usage once for all its streams and appends the
+    ledger record of every stream (``ledger.record_many``, the statement basic
+    reads are recorded with too); when it has committed, each stream gets its
     events and sends them. Deliveries queued meanwhile form the next group.
     The checks and the guarantee are those of a stream auditing alone — the
     key and the grants are re-checked in the transaction that records the
@@ -282,36 +283,29 @@ class _FanoutLedger:
                         for c in d.batch
                         if c.appointment.practitioner_id in granted and c.appointment.practitioner_id in watched
                     ]
-            # Each partner's usage is charged once for all its streams, in one statement, partners in order.
-            patients: dict[UUID, list[UUID]] = {}
-            for d in group:
-                if allowed.get(id(d)):
-                    patients.setdefault(d.principal.partner_id, []).extend(
-                        c.appointment.patient_id for c in allowed[id(d)]
-                    )
-            charged = sorted(patients)
-            guard = self._gate.guard
-            outcomes = await usage.charge_many(conn, [(p, patients[p], guard.terms(policies[p])) for p in charged])
-            over = {p: o for p, o in zip(charged, outcomes, strict=True) if o in usage.CAP_OUTCOMES}
-            if over:
-                raise _CapReached({p: _refusal(guard, p, o) for p, o in over.items()})
-            suspended = {p for p, o in zip(charged, outcomes, strict=True) if not guard.settle(p, o)}
             records: list[tuple[ledger.Entry, list[tuple[str, UUID | None, UUID | None]]]] = []
             events: dict[tuple[UUID, int], pb.AppointmentChange] = {}
             for d in group:
                 if id(d) in results:
                     continue
-                partner_id = d.principal.partner_id
-                if partner_id in suspended:
-                    results[id(d)] = SUSPENDED
-                    continue
-                messages = [self._event(events, partner_id, c, d.binding) for c in allowed[id(d)]]
+                messages = [self._event(events, d.principal.partner_id, c, d.binding) for c in allowed[id(d)]]
                 results[id(d)] = messages
                 records.append(
                     (d.entry, [(m.appointment.appointment_id, c.appointment.id, c.appointment.patient_id)
                                for m, c in zip(messages, allowed[id(d)], strict=True)])
                 )  # fmt: skip
-            await ledger.record_many(conn, records, {})  # charged above
+            # One statement charges each partner once for all its streams (partners in order) and
+            # records every stream's delivery, except a partner's that its charge just suspended.
+            guard = self._gate.guard
+            reached = {d.principal.partner_id for d in group if allowed.get(id(d))}
+            try:
+                outcomes = await ledger.record_many(conn, records, {p: guard.terms(policies[p]) for p in reached})
+            except ledger.CapReached as over:
+                raise _CapReached({over.partner_id: _refusal(guard, over.partner_id, over.cap)}) from None
+            suspended = {p for p, o in outcomes.items() if not guard.settle(p, o)}
+            for d in group:
+                if d.principal.partner_id in suspended and isinstance(results[id(d)], list):
+                    results[id(d)] = SUSPENDED
         return results
 
     def _event(

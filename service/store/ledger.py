@@ -105,16 +105,14 @@ async def record_many(
     responses: Sequence[tuple[Entry, Sequence[tuple[str, UUID | None, UUID | None]]]],
     terms: dict[UUID, usage.ChargeTerms],
 ) -> dict[UUID, str]:
-    """Charge and record the basic-view responses of many calls in one statement (one transaction).
+    """Charge and record the basic-view responses of many calls in one statement.
 
     Each partner in ``terms`` is charged once for all its responses (in sorted
     order); each response with appointments becomes exactly the record
     :func:`append` writes. Returns each partner's charge outcome; a partner
     suspended by it has none of its responses recorded. Raises
     :class:`CapReached` when a partner goes over a daily cap, and then nothing
-    at all is counted or recorded (migration 0017). With no ``terms`` nothing
-    is charged: the change feed charges its delivery groups itself, in the
-    transaction it records them in.
+    at all is counted or recorded (migration 0017).
     """
     for entry, _ in responses:
         if entry.view != VIEW_BASIC or entry.outcome != OUTCOME_DISCLOSED or entry.consent_id is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from uuid import UUID
 
@@ -29,7 +28,7 @@ CAP_OUTCOMES = ("contact_cap", "patient_cap")
 
 
 def cap_reached(exc: asyncpg.PostgresError) -> str | None:
-    """The cap a partner-path record statement refused over (SQLSTATE AG429, migration 0013), if that was it."""
+    """The cap a record statement refused over (SQLSTATE AG429, migrations 0013 and 0017), if that was it."""
     detail = getattr(exc, "detail", None)
     if getattr(exc, "sqlstate", None) == "AG429" and detail in CAP_OUTCOMES:
         return str(detail)
@@ -37,48 +36,6 @@ def cap_reached(exc: asyncpg.PostgresError) -> str | None:
 
 
 _OVERRIDES = "requests_per_second, burst, contact_daily_cap, patient_daily_cap, suspend_time, suspend_reason"
-
-
-# charge_partner_usage once per partner, in the order given, in one statement: partner n's
-# patients are the items tagged n.
-_CHARGE_MANY = """
-SELECT c.n, charge_partner_usage(
-           c.partner_id,
-           ARRAY(SELECT x.patient_id FROM unnest($2::int[], $3::uuid[]) AS x(n, patient_id) WHERE x.n = c.n),
-           c.disclosures, 0, c.contact_cap, c.patient_cap, c.anomaly_factor, c.anomaly_min, c.suspend)
-FROM unnest($1::uuid[], $4::int[], $5::int[], $6::int[], $7::float8[], $8::bigint[], $9::bool[])
-     WITH ORDINALITY AS c(partner_id, disclosures, contact_cap, patient_cap, anomaly_factor, anomaly_min, suspend, n)
-ORDER BY c.n
-"""
-
-
-async def charge_many(conn: Connection, charges: Sequence[tuple[UUID, Sequence[UUID], ChargeTerms]]) -> list[str]:
-    """Count basic-view disclosures of several partners in one statement; return each ``charge``'s answer, in order.
-
-    Each ``(partner_id, patient_ids, terms)`` is charged exactly as :func:`charge`
-    would (no contact disclosure). Over a cap the partner's count is already
-    made in this transaction: the caller rolls it back, as with :func:`charge`.
-    Pass partners in a fixed order (e.g. sorted) so concurrent callers lock
-    their counters in the same order.
-    """
-    if not charges:
-        return []
-    tags = [n for n, (_, patients, _) in enumerate(charges, start=1) for _ in patients]
-    patients = [p for _, ps, _ in charges for p in ps]
-    rows = await conn.fetch(
-        _CHARGE_MANY,
-        [c[0] for c in charges],
-        tags,
-        patients,
-        [len(c[1]) for c in charges],
-        [c[2].contact_cap for c in charges],
-        [c[2].patient_cap for c in charges],
-        [c[2].anomaly_factor for c in charges],
-        [c[2].anomaly_min for c in charges],
-        [c[2].suspend_on_anomaly for c in charges],
-    )
-    outcomes = {row[0]: str(row[1]) for row in rows}
-    return [outcomes[n] for n in range(1, len(charges) + 1)]
 
 
 async def overrides(conn: Connection, partner_id: UUID) -> models.PartnerOverrides:
