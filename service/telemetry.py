@@ -364,9 +364,9 @@ def _span_exporter(kind: str, protocol: str) -> SpanExporter:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
 
         return GrpcSpanExporter()
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
+    from service.span_export import OtlpHttpSpanExporter  # imports the SDK's OTLP/HTTP exporter
 
-    return HttpSpanExporter()
+    return OtlpHttpSpanExporter()
 
 
 def _metric_exporter(kind: str, protocol: str) -> Any:
