@@ -37,16 +37,39 @@ def _size_key(label: str) -> int:
 
 
 def _find(runs: list[dict[str, Any]], **where: Any) -> dict[str, Any] | None:
-    for run in runs:
-        if all(run.get(k) == v for k, v in where.items()):
-            return run
-    return None
+    """The run matching ``where``; with several rounds (``run.py --rounds``), the one of median throughput."""
+    found = sorted((run for run in runs if all(run.get(k) == v for k, v in where.items())), key=lambda r: r["rps"])
+    return found[(len(found) - 1) // 2] if found else None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     if not a or not b:
         return None
     return a / b
+
+
+def _paired(runs: list[dict[str, Any]], num: str, den: str, field: str = "rps", **where: Any) -> list[float]:
+    """``num``'s ``field`` over ``den``'s, one ratio per round that measured both (rounds alternate their order)."""
+    by_round: dict[int, dict[str, float]] = {}
+    for run in runs:
+        if run["variant"] in (num, den) and all(run.get(k) == v for k, v in where.items()):
+            by_round.setdefault(run.get("round", 0), {})[run["variant"]] = run[field]
+    pairs = [_ratio(values.get(num), values.get(den)) for values in by_round.values()]
+    return sorted(r for r in pairs if r is not None)
+
+
+def _median_ratio(runs: list[dict[str, Any]], num: str, den: str, field: str = "rps", **where: Any) -> float | None:
+    pairs = _paired(runs, num, den, field, **where)
+    return statistics.median(pairs) if pairs else None
+
+
+def _ratio_cell(runs: list[dict[str, Any]], num: str, den: str, field: str = "rps", **where: Any) -> str:
+    """The median of the per-round ratios and, over several rounds, their range."""
+    pairs = _paired(runs, num, den, field, **where)
+    if not pairs:
+        return "–"
+    median = f"{statistics.median(pairs):.2f}"
+    return median if len(pairs) == 1 else f"{median} ({pairs[0]:.2f}–{pairs[-1]:.2f})"
 
 
 def _ledger_size(breach: dict[str, Any]) -> str:
@@ -70,16 +93,19 @@ def table(runs: list[dict[str, Any]]) -> list[str]:
         "| RSS MiB (peak) | resp. bytes | errors |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    rounds = {r.get("round", 0) for r in runs}
     ordered = sorted(
         runs,
         key=lambda r: (
             _size_key(r["size"]), list(SCENARIO_NAMES).index(r["scenario"]),
             VARIANT_ORDER.index(r["variant"]) if r["variant"] in VARIANT_ORDER else 9, r["concurrency"],
+            r.get("round", 0),
         ),
     )  # fmt: skip
     for r in ordered:
+        variant = f"{r['variant']} (round {r['round'] + 1})" if "round" in r and len(rounds) > 1 else r["variant"]
         lines.append(
-            f"| {r['size']} | {r['scenario']} | {r['variant']} | {r['concurrency']} | {r['rps']:,.0f} | "
+            f"| {r['size']} | {r['scenario']} | {variant} | {r['concurrency']} | {r['rps']:,.0f} | "
             f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['server_cpu_s']:.1f} ({r['server_cpu_ms_per_req']:.3f}) | "
             f"{r['pg_cpu_s']:.1f} ({r['pg_cpu_ms_per_req']:.3f}) | {r['rss_mib']:.0f} ({r['hwm_mib']:.0f}) | "
             f"{r['response_bytes']:,} | {r['errors']} |"
@@ -96,19 +122,16 @@ def ratios(runs: list[dict[str, Any]]) -> list[str]:
     keys = sorted({(r["size"], r["scenario"], r["concurrency"]) for r in runs},
                   key=lambda k: (_size_key(k[0]), list(SCENARIO_NAMES).index(k[1]), k[2]))  # fmt: skip
     for size, scenario, c in keys:
-        g = _find(runs, size=size, scenario=scenario, concurrency=c, variant="gateway")
-        n = _find(runs, size=size, scenario=scenario, concurrency=c, variant="naive")
-        b = _find(runs, size=size, scenario=scenario, concurrency=c, variant="bare")
-        t = _find(runs, size=size, scenario=scenario, concurrency=c, variant="gateway+tracing")
-        w = _find(runs, size=size, scenario=scenario, concurrency=c, variant="gateway+whatif")
-        d = _find(runs, size=size, scenario=scenario, concurrency=c, variant="gateway-nodefense")
-        if g is None:
+        if _find(runs, size=size, scenario=scenario, concurrency=c, variant="gateway") is None:
             continue
+        where = {"size": size, "scenario": scenario, "concurrency": c}
         lines.append(
-            f"| {size} | {scenario} | {c} | {_fmt(_ratio(g['rps'], n and n['rps']))} | "
-            f"{_fmt(_ratio(g['rps'], b and b['rps']))} | {_fmt(_ratio(t and t['rps'], g['rps']))} | "
-            f"{_fmt(_ratio(t and t['p99_ms'], g['p99_ms']))} | {_fmt(_ratio(w and w['rps'], n and n['rps']))} | "
-            f"{_fmt(_ratio(g['rps'], d and d['rps']))} |"
+            f"| {size} | {scenario} | {c} | {_ratio_cell(runs, 'gateway', 'naive', **where)} | "
+            f"{_ratio_cell(runs, 'gateway', 'bare', **where)} | "
+            f"{_ratio_cell(runs, 'gateway+tracing', 'gateway', **where)} | "
+            f"{_ratio_cell(runs, 'gateway+tracing', 'gateway', 'p99_ms', **where)} | "
+            f"{_ratio_cell(runs, 'gateway+whatif', 'naive', **where)} | "
+            f"{_ratio_cell(runs, 'gateway', 'gateway-nodefense', **where)} |"
         )
     return lines
 
@@ -194,21 +217,18 @@ def targets(report: dict[str, Any]) -> list[str]:
     sizes = sorted({r["size"] for r in runs}, key=_size_key)
     base = sizes[0] if sizes else "100k"
     g = _find(runs, size=base, scenario="list", concurrency=16, variant="gateway")
-    n = _find(runs, size=base, scenario="list", concurrency=16, variant="naive")
-    b = _find(runs, size=base, scenario="list", concurrency=16, variant="bare")
-    gc = _find(runs, size=base, scenario="contact", concurrency=16, variant="gateway")
-    nc = _find(runs, size=base, scenario="contact", concurrency=16, variant="naive")
+    list16 = {"size": base, "scenario": "list", "concurrency": 16}
     rows = ["| target (issue 8) | measured | verdict |", "| --- | ---: | --- |"]
-    r = _ratio(g and g["rps"], n and n["rps"])
+    r = _median_ratio(runs, "gateway", "naive", **list16)
     rows.append(f"| ListAppointments c=16, {base}: ≥ {TARGETS['list_vs_naive']}× naive | {_fmt(r)}× | "
                 f"{_mark(None if r is None else r >= TARGETS['list_vs_naive'])} |")  # fmt: skip
-    r = _ratio(g and g["rps"], b and b["rps"])
+    r = _median_ratio(runs, "gateway", "bare", **list16)
     rows.append(f"| ListAppointments c=16, {base}: ≥ {TARGETS['list_vs_bare']}× bare | {_fmt(r)}× | "
                 f"{_mark(None if r is None else r >= TARGETS['list_vs_bare'])} |")  # fmt: skip
     p99 = g["p99_ms"] if g else None
     rows.append(f"| ListAppointments c=16, {base}: p99 ≤ {TARGETS['list_p99_ms']:.0f} ms | {_fmt(p99)} ms | "
                 f"{_mark(None if p99 is None else p99 <= TARGETS['list_p99_ms'])} |")  # fmt: skip
-    r = _ratio(gc and gc["rps"], nc and nc["rps"])
+    r = _median_ratio(runs, "gateway", "naive", size=base, scenario="contact", concurrency=16)
     rows.append(f"| GetAppointmentContact c=16, {base}: ≥ {TARGETS['contact_vs_naive']}× naive contact read | "
                 f"{_fmt(r)}× | {_mark(None if r is None else r >= TARGETS['contact_vs_naive'])} |")  # fmt: skip
     for c in (1, 16):
@@ -354,11 +374,9 @@ def chart(report: dict[str, Any], path: Path) -> bool:
     for row, scenario in enumerate(scenarios):
         for size in sizes:
             for variant in VARIANT_ORDER:
-                points = sorted(
-                    (r["concurrency"], r["rps"], r["p99_ms"])
-                    for r in runs
-                    if r["scenario"] == scenario and r["variant"] == variant and r["size"] == size
-                )
+                found = (_find(runs, scenario=scenario, variant=variant, size=size, concurrency=c)
+                         for c in sorted({r["concurrency"] for r in runs}))  # fmt: skip
+                points = [(r["concurrency"], r["rps"], r["p99_ms"]) for r in found if r is not None]
                 if not points:
                     continue
                 color, marker = styles.get(variant, ("k", "x"))

@@ -20,7 +20,9 @@ One run, in order:
    be held by that server alone (grpc's SO_REUSEPORT would let a stale server
    take part of the load).
 3. Per scenario × concurrency × variant, interleaved so drift hits all variants
-   alike: a check call with a real gRPC client (status OK, the expected
+   alike (``--rounds N``: all of it N times, every other round with the
+   variants in reverse order; each ratio is then the median of the rounds'
+   ratios, with their range): a check call with a real gRPC client (status OK, the expected
    response size and content), an h2load warm-up, then the measured h2load run
    (gRPC over h2c: 5-byte-framed body, ``content-type: application/grpc``,
    ``te: trailers``, ``authorization``). Measured: throughput, p50/p99 from
@@ -919,6 +921,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ledger", action="store_true", help="generate the 10M ledger if missing; time breach report")
     parser.add_argument("--ledger-items", default="10m", help="appointments disclosed in the generated ledger")
     parser.add_argument("--breach-repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every scenario × concurrency × variant this many times, the variants "
+                             "in reverse order every other round; ratios: the median of the rounds'")  # fmt: skip
     parser.add_argument("--breach-month", action="store_true", help="also report the busiest partner over 30 days")
     parser.add_argument("--whatif", metavar="PATCHES", default="",
                         help="add the variant gateway+whatif: the gateway with bench/whatif.py's patches "
@@ -1072,15 +1077,19 @@ def main(argv: list[str] | None = None) -> int:
                 by_variant["bare"] = start_baseline(fx, "bare", port + 30, workdir, args)
             log(f"{size_label(size)}: servers up: " + ", ".join(f"{s.variant}:{s.port} pid {s.pids}" for s in servers))
             order = [v for v in VARIANTS if v in by_variant and v in size_variants]
-            for scenario in size_scenarios:
-                for c in concurrency:
-                    for variant in order:
-                        if variant == "gateway+tracing" and scenario != "list":
-                            continue
-                        server = by_variant[variant]
-                        exp = expected.get(scenario, 0) if server.kind in ("gateway", "bare") else 0
-                        run = measure(server, scenario, c, fixture_of.get(variant) or fx, workdir, args, pg_pid, exp)
-                        report["runs"].append(asdict(run))
+            for round_ in range(args.rounds):
+                for scenario in size_scenarios:
+                    for c in concurrency:
+                        # Odd rounds take the variants in reverse: drift over a run (the ledger grows, the
+                        # machine's other load comes and goes) then favours none of them.
+                        for variant in order if round_ % 2 == 0 else order[::-1]:
+                            if variant == "gateway+tracing" and scenario != "list":
+                                continue
+                            server = by_variant[variant]
+                            exp = expected.get(scenario, 0) if server.kind in ("gateway", "bare") else 0
+                            run = measure(server, scenario, c, fixture_of.get(variant) or fx, workdir, args, pg_pid,
+                                          exp)  # fmt: skip
+                            report["runs"].append({**asdict(run), "round": round_})
             if args.profile and size == full:
                 for variant in args.profile_variants.split(","):
                     if variant in by_variant:
