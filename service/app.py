@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -303,6 +304,10 @@ async def serve(
         gateway = Gateway(settings, database, secrets, telemetry=telemetry)
         await gateway.start()
         assert gateway.partner and gateway.internal
+        # What starting allocated (modules, descriptors, pools) lives as long as the process: out of
+        # the collector's sight, a full collection walks only what calls allocate. Measured under
+        # ListAppointments load: full collections 0.39 s → 0.01 s per ~20k calls (docs/performance.md).
+        gc.freeze()
         log.info(
             "serving: partner on %s (port %d), internal on %s (port %d)",
             settings.partner_addr,
