@@ -70,7 +70,8 @@ class CallInfo:
     method: str
     partner_id: str = ""
     key_id: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    #: Attributes for the call's span, set on it once when the call ends.
+    attributes: dict[str, Any] = field(default_factory=dict)
 
 
 _CALL: ContextVar[CallInfo | None] = ContextVar("apptgate_call", default=None)
@@ -85,7 +86,12 @@ def annotate(
     consent_presented: bool | None = None,
     consent_outcome: str | None = None,
 ) -> None:
-    """Record facts about the current call on its span and access log (only these, by design)."""
+    """Record facts about the current call for its span and access log (only these, by design).
+
+    Inside a call they are gathered and set on its span when it ends, in one
+    update (each update of an SDK span takes its lock and validates every
+    value); outside one, on the current span at once.
+    """
     attributes: dict[str, Any] = {
         "apptgate.partner_id": partner_id,
         "apptgate.key_id": key_id,
@@ -95,9 +101,11 @@ def annotate(
         "apptgate.consent.outcome": consent_outcome,
     }
     attributes = {k: v for k, v in attributes.items() if v is not None}
-    trace.get_current_span().set_attributes(attributes)
     call = _CALL.get()
-    if call is not None:
+    if call is None:
+        trace.get_current_span().set_attributes(attributes)
+    else:
+        call.attributes.update(attributes)
         if partner_id is not None:
             call.partner_id = partner_id
         if key_id is not None:
@@ -286,15 +294,15 @@ class Telemetry:
                 "rpc.method": rpc,
                 "apptgate.listener": listener,
             }
-            with self.tracer.start_as_current_span(
-                method,
-                context=parent,
-                kind=SpanKind.SERVER,
-                attributes=attributes,
-                record_exception=False,
-                set_status_on_exception=False,
-            ):
+            # Not start_as_current_span: no exception is recorded (finish_call records the
+            # outcome), and starting, attaching and ending by hand skips two context managers.
+            span = self.tracer.start_span(method, context=parent, kind=SpanKind.SERVER, attributes=attributes)
+            attached = otel_context.attach(trace.set_span_in_context(span, parent))
+            try:
                 yield call
+            finally:
+                otel_context.detach(attached)
+                span.end()
         finally:
             # A cancelled stream's generator can be finalised in another context,
             # where the token no longer applies; the variable dies with that context.
@@ -305,11 +313,14 @@ class Telemetry:
         """Record the outcome of a call on its span, in the RPC metrics and in the access log."""
         duration_ms = (time.perf_counter() - started) * 1000
         span = trace.get_current_span()
-        span.set_attribute("rpc.grpc.status_code", code)
-        if reason:
-            span.set_attribute("apptgate.error.reason", reason)
-        if code in ("INTERNAL", "UNKNOWN", "UNAVAILABLE", "DEADLINE_EXCEEDED"):
-            span.set_status(Status(StatusCode.ERROR))
+        if span.is_recording():
+            attributes = call.attributes
+            attributes["rpc.grpc.status_code"] = code
+            if reason:
+                attributes["apptgate.error.reason"] = reason
+            span.set_attributes(attributes)
+            if code in ("INTERNAL", "UNKNOWN", "UNAVAILABLE", "DEADLINE_EXCEEDED"):
+                span.set_status(Status(StatusCode.ERROR))
         self.rpc_duration.record(duration_ms, {"rpc.method": call.method, "rpc.grpc.status_code": code})
         logging.getLogger("apptgate.access").info(
             "rpc",
