@@ -75,6 +75,40 @@ async def _keep_session(conn: Connection) -> None:
     """The partner pool's reset on release: nothing to undo (see :meth:`Database.connect`)."""
 
 
+class _SessionReset:
+    """The main pool's reset on release: asyncpg's, except after :meth:`Database.statements`.
+
+    asyncpg resets every released connection with one more round trip
+    (``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL``). Single
+    statements run in their own transactions, as the group records of every
+    basic read are, leave no session state to undo; they paid that round trip
+    for nothing, once per group (once per call when the gateway is quiet).
+    Connections lent to such work are marked, by backend pid, and skip it once.
+    """
+
+    def __init__(self) -> None:
+        self._unchanged: set[int] = set()
+
+    def skip_next(self, conn: Connection) -> int:
+        """Mark ``conn`` as changing no session state until its release; return the mark."""
+        pid = int(conn.get_server_pid())
+        self._unchanged.add(pid)
+        return pid
+
+    def forget(self, pid: int) -> None:
+        """Drop a mark its release did not consume (the connection broke and was never reset)."""
+        self._unchanged.discard(pid)
+
+    async def __call__(self, conn: Connection) -> None:
+        pid = conn.get_server_pid()
+        if pid in self._unchanged:
+            self._unchanged.discard(pid)
+            return
+        query = conn.get_reset_query()
+        if query:
+            await conn.execute(query)
+
+
 class NotMigratedError(Exception):
     """The database lacks migrations this code needs; run ``python -m service migrate``."""
 
@@ -88,9 +122,11 @@ class Database:
         dsn: str,
         statement_timeout: float = 10.0,
         partner_pool: asyncpg.Pool | None = None,
+        session_reset: _SessionReset | None = None,
     ) -> None:
         self._pool = pool
         self._partner_pool = partner_pool
+        self._session_reset = session_reset
         self._waiting = 0
         self._statement_timeout = statement_timeout
         self.dsn = dsn
@@ -126,6 +162,8 @@ class Database:
             if on_query is not None:
                 conn.add_query_logger(lambda q: on_query(q.query, q.elapsed, q.exception))
 
+        session_reset = _SessionReset()
+
         async def open_pool(target: str, *, partner: bool = False) -> asyncpg.Pool:
             return await asyncpg.create_pool(
                 target,
@@ -134,11 +172,12 @@ class Database:
                 timeout=connect_timeout,
                 max_inactive_connection_lifetime=300.0,
                 init=init,
-                # The main pool runs asyncpg's reset query on release. The partner
+                # The main pool runs asyncpg's reset query on release, unless the
+                # connection only ran single statements (_SessionReset). The partner
                 # pool cannot change its session (it may only run its functions and
                 # transaction-local settings), so it skips that round trip; an open
                 # transaction is still rolled back by asyncpg on release.
-                reset=_keep_session if partner else None,
+                reset=_keep_session if partner else session_reset,
                 # The backstop for a statement run outside a call deadline; within a
                 # call, the deadline cancels the statement from the client side.
                 server_settings={"statement_timeout": str(int(statement_timeout * 1000))} if partner else None,
@@ -163,7 +202,7 @@ class Database:
                 raise
         except UNREACHABLE as exc:
             raise Unavailable("the database is unreachable") from exc
-        return cls(pool, dsn, statement_timeout, partner_pool)
+        return cls(pool, dsn, statement_timeout, partner_pool, session_reset)
 
     async def close(self) -> None:
         """Close the pools, waiting for connections in use to be released."""
@@ -240,13 +279,21 @@ class Database:
         group records of :mod:`service.recorder`), so no one caller's deadline
         applies: ``budget`` seconds bound the wait for a connection and the
         statements, after which the running statement is cancelled and
-        :class:`DeadlineExceeded` raised.
+        :class:`DeadlineExceeded` raised. The block must leave no session
+        state behind (no SET, LISTEN or session lock): the connection goes
+        back to the pool without asyncpg's reset query.
         """
+        mark = None
         try:
             async with asyncio.timeout(budget), _translated_failures(), self._acquire(budget) as conn:
+                if self._session_reset is not None:
+                    mark = self._session_reset.skip_next(conn)
                 yield conn
         except TimeoutError as exc:
             raise DeadlineExceeded("the database work did not finish in time") from exc
+        finally:
+            if mark is not None and self._session_reset is not None:
+                self._session_reset.forget(mark)
 
     @asynccontextmanager
     async def transaction(self, *, readonly: bool = False, role: str | None = None) -> AsyncIterator[Connection]:

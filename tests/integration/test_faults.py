@@ -341,3 +341,33 @@ async def test_the_callers_shorter_deadline_bounds_the_database_work(world: Worl
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert waited < 1.0
     assert locks_waiting == 0  # the server's statement was cancelled with the call, not left waiting
+
+
+async def test_only_single_statement_work_skips_the_session_reset_on_release(database_dsn: str) -> None:
+    # One connection, so every block below gets the same session back.
+    db = await Database.connect(database_dsn, min_size=1, max_size=1)
+    try:
+        async with db.connection() as conn:
+            pid = conn.get_server_pid()
+            await conn.execute("SET application_name = 'apptgate-reset-probe'")
+        async with db.connection() as conn:
+            assert conn.get_server_pid() == pid
+            # Released from connection(): asyncpg's reset query ran (RESET ALL).
+            assert await conn.fetchval("SHOW application_name") == ""
+        async with db.statements(5.0) as conn:
+            # Against the contract of statements() on purpose, to see that its release skips the reset.
+            await conn.execute("SET application_name = 'apptgate-reset-probe'")
+        async with db.transaction() as conn:
+            assert conn.get_server_pid() == pid
+            assert await conn.fetchval("SHOW application_name") == "apptgate-reset-probe"
+        async with db.connection() as conn:
+            # The skip was used once: the transaction's release reset the session again.
+            assert await conn.fetchval("SHOW application_name") == ""
+        # A statements() block that fails still hands its connection back in a usable state.
+        with pytest.raises(asyncpg.UndefinedTableError):
+            async with db.statements(5.0) as conn:
+                await conn.execute("SELECT * FROM apptgate_no_such_table")
+        async with db.statements(5.0) as conn:
+            assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        await db.close()
