@@ -188,6 +188,9 @@ class ErrorBoundary(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._guard = guard
         self._telemetry = telemetry
         self._listener = listener
+        # Method → (its registered handler, that handler wrapped): grpc asks for every call,
+        # and the registered methods are a fixed set once the server runs.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -198,7 +201,11 @@ class ErrorBoundary(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         method: str = handler_call_details.method
         if handler is None or not method.startswith(self._prefix):
             return handler
-        return _wrap(handler, method, self._guard, self._telemetry, self._listener, self._default_deadline)
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            wrapped = _wrap(handler, method, self._guard, self._telemetry, self._listener, self._default_deadline)
+            cached = self._wrapped[method] = (handler, wrapped)
+        return cached[1]
 
 
 @dataclass
