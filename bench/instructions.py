@@ -1,0 +1,115 @@
+"""Instructions per call of the gateway, counted by callgrind: a figure this noisy machine cannot move.
+
+Throughput and CPU time on the shared 2-core machine move by ±20% between
+consecutive runs; instruction counts do not (the same binary, inputs and
+environment give the same total whatever else runs). This starts the gateway
+on the bench's 100k world under ``valgrind --tool=callgrind`` with collection
+off, warms it up, counts only while one client makes N ``ListAppointments``
+calls one at a time over one channel, and prints the total per call; the
+dump (``callgrind_annotate`` reads it) is kept for the breakdown.
+
+    .venv/bin/python bench/instructions.py plain tracing sampled-out --calls 300
+
+Variants: ``plain`` (tracing off, as ``gateway`` in run.py), ``tracing``
+(100% to the OTLP sink, as ``gateway+tracing``), ``sampled-out`` (a tracer
+provider whose sampler drops every span: what tracing costs before any span
+is recorded). Each counts the whole process (the event loop, grpc's threads,
+the export thread, the sequencer's passes during the calls). ~1 min per
+variant. Needs valgrind (Debian's ``valgrind``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+
+import datagen  # noqa: E402
+import run  # noqa: E402
+
+VARIANTS = ("plain", "tracing", "sampled-out")
+PORT, SINK_PORT = 57400, 57490
+
+
+def count(variant: str, fx: run.Fixture, calls: int, workdir: Path) -> int:
+    """Instructions the gateway executed during ``calls`` sequential ListAppointments calls."""
+    env = run.gateway_env(fx, PORT, workdir, tracing=variant != "plain", sink_port=SINK_PORT, workers=1)
+    if variant == "sampled-out":
+        env["OTEL_TRACES_SAMPLER"] = "always_off"
+    out = workdir / f"callgrind.{variant}.out"
+    command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+               run.PY, "-m", "service", "serve"]  # fmt: skip
+    run.ensure_port_free(PORT)
+    sink = None
+    if variant != "plain":
+        sink = subprocess.Popen([run.PY, str(BENCH_DIR / "otlp_sink.py"), "--port", str(SINK_PORT)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    with (workdir / f"{variant}.log").open("wb") as log:
+        server = subprocess.Popen(command, cwd=run.source(), env=run.service_env(env), stdout=log, stderr=log)
+    metadata = [("authorization", f"Bearer {fx.partner_key}")]
+    body = fx.bodies[("gateway", "list")]
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{PORT}") as channel:
+            call = channel.unary_unary(run.SERVICE + run.SCENARIOS["list"])
+            grpc.channel_ready_future(channel).result(timeout=300)  # startup under valgrind takes a while
+            for _ in range(50):
+                call(body, metadata=metadata, timeout=30)
+            subprocess.run(["callgrind_control", "--instr=on", str(server.pid)], check=True, capture_output=True)
+            for _ in range(calls):
+                call(body, metadata=metadata, timeout=30)
+            subprocess.run(["callgrind_control", "--instr=off", str(server.pid)], check=True, capture_output=True)
+            subprocess.run(["callgrind_control", "--dump", str(server.pid)], check=True, capture_output=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=120)
+        if sink is not None:
+            sink.terminate()
+            sink.wait(timeout=10)
+    dumps = sorted(workdir.glob(f"callgrind.{variant}.out.*"))
+    totals = re.search(r"^totals: (\d+)", dumps[-1].read_text(), re.MULTILINE)
+    if totals is None:
+        raise SystemExit(f"{dumps[-1]}: no totals line")
+    return int(totals.group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("variants", nargs="+", choices=VARIANTS)
+    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--keep", type=Path, help="copy the callgrind dumps here (for callgrind_annotate)")
+    args = parser.parse_args()
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is missing: apt-get install -y valgrind")
+    meta = asyncio.run(datagen.generate_world(datagen.WorldSpec(100_000)))
+    fx = asyncio.run(run.prepare_fixture(100_000, meta))
+    results: dict[str, int] = {}
+    with tempfile.TemporaryDirectory(prefix="apptgate-instructions-") as tmp:
+        for variant in args.variants:
+            started = time.monotonic()
+            results[variant] = count(variant, fx, args.calls, Path(tmp))
+            print(f"{variant:12} {results[variant] / args.calls / 1e6:7.3f} M instructions per call "
+                  f"({args.calls} calls, {time.monotonic() - started:.0f} s)", flush=True)  # fmt: skip
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            for dump in Path(tmp).glob("callgrind.*.out.*"):
+                shutil.copy(dump, args.keep / dump.name)
+    base = results.get("plain")
+    if base:
+        for variant, total in results.items():
+            if variant != "plain":
+                print(f"{variant} / plain: {total / base:.3f}")
+
+
+if __name__ == "__main__":
+    main()
