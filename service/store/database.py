@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TypeAlias
+from typing import Any, TypeAlias, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 Connection: TypeAlias = asyncpg.Connection
 QueryObserver: TypeAlias = Callable[[str, float, BaseException | None], None]
+T = TypeVar("T")
 
 #: The role every partner-path transaction runs as (migration 0006): basic-view
 #: columns only, no contact column, no visit reason, no UPDATE or DELETE on the ledger.
@@ -73,6 +75,51 @@ async def _translated_failures() -> AsyncIterator[None]:
 
 async def _keep_session(conn: Connection) -> None:
     """The partner pool's reset on release: nothing to undo (see :meth:`Database.connect`)."""
+
+
+class _ObservedConnection(asyncpg.Connection):  # type: ignore[misc]
+    """A connection that reports each statement to the tracing observer: text, duration, failure.
+
+    Never its arguments. Used by a traced gateway's pools instead of asyncpg's
+    query logger, which for every statement (traced or not) entered a
+    generator context manager, built a record holding the arguments and
+    scheduled a loop callback. :func:`_observed_connection_class` binds the
+    observer; an untraced gateway's pools use asyncpg's own class.
+    """
+
+    __slots__ = ()
+    _observe: QueryObserver
+
+    async def _observed(self, query: str, statement: Awaitable[T]) -> T:
+        started = time.perf_counter()
+        try:
+            result = await statement
+        except BaseException as exc:
+            self._observe(query, time.perf_counter() - started, exc)
+            raise
+        self._observe(query, time.perf_counter() - started, None)
+        return result
+
+    # asyncpg's signatures, timeouts included (hence ASYNC109).
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:  # noqa: ASYNC109
+        return await self._observed(query, super().execute(query, *args, timeout=timeout))
+
+    async def executemany(self, command: str, args: Any, *, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        await self._observed(command, super().executemany(command, args, timeout=timeout))
+
+    async def fetch(self, query: str, *args: Any, timeout: float | None = None, record_class: Any = None) -> Any:  # noqa: ASYNC109
+        return await self._observed(query, super().fetch(query, *args, timeout=timeout, record_class=record_class))
+
+    async def fetchrow(self, query: str, *args: Any, timeout: float | None = None, record_class: Any = None) -> Any:  # noqa: ASYNC109
+        return await self._observed(query, super().fetchrow(query, *args, timeout=timeout, record_class=record_class))
+
+    async def fetchval(self, query: str, *args: Any, column: int = 0, timeout: float | None = None) -> Any:  # noqa: ASYNC109
+        return await self._observed(query, super().fetchval(query, *args, column=column, timeout=timeout))
+
+
+def _observed_connection_class(observe: QueryObserver) -> type[asyncpg.Connection]:
+    """A connection class whose statements are reported to ``observe``."""
+    return type("ObservedConnection", (_ObservedConnection,), {"__slots__": (), "_observe": staticmethod(observe)})
 
 
 class _SessionReset:
@@ -158,10 +205,7 @@ class Database:
         ``statement_timeout`` bounds transactions run outside any call deadline.
         """
 
-        async def init(conn: Connection) -> None:
-            if on_query is not None:
-                conn.add_query_logger(lambda q: on_query(q.query, q.elapsed, q.exception))
-
+        connection_class = asyncpg.Connection if on_query is None else _observed_connection_class(on_query)
         session_reset = _SessionReset()
 
         async def open_pool(target: str, *, partner: bool = False) -> asyncpg.Pool:
@@ -171,7 +215,7 @@ class Database:
                 max_size=max_size,
                 timeout=connect_timeout,
                 max_inactive_connection_lifetime=300.0,
-                init=init,
+                connection_class=connection_class,
                 # The main pool runs asyncpg's reset query on release, unless the
                 # connection only ran single statements (_SessionReset). The partner
                 # pool cannot change its session (it may only run its functions and
