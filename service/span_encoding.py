@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
@@ -31,6 +31,8 @@ _INT64_MASK = (1 << 64) - 1
 #: Span.flags bits: the parent's is_remote is known (always), and it is true.
 _HAS_IS_REMOTE = 0x100
 _IS_REMOTE = 0x200
+K = TypeVar("K")
+V = TypeVar("V")
 #: Entries kept in each of the encoder's memos (attribute names, whole scalar attributes).
 _MEMO_SIZE = 4096
 
@@ -114,6 +116,14 @@ def _any_value(value: Any) -> bytes:
 
 def _key_value(key: str, value: Any) -> bytes:
     return _len_field(_KEY_VALUE_KEY, key.encode()) + _len_field(_KEY_VALUE_VALUE, _any_value(value))
+
+
+def _remember(table: dict[K, V], key: K, value: V, size: int) -> V:
+    """Store ``value`` in a memo of at most ``size`` entries (emptied at once when full); return it."""
+    if len(table) >= size:
+        table.clear()
+    table[key] = value
+    return value
 
 
 def _trace_state(context: SpanContext) -> str:
@@ -223,35 +233,25 @@ class SpanEncoder:
     def _attribute(self, key: str, value: Any) -> bytes:
         kind = type(value)
         if kind is str or kind is int or kind is bool:  # the type is part of the key: True == 1
-            try:
-                return self._scalars[key, kind, value]
-            except KeyError:
-                if len(self._scalars) >= _MEMO_SIZE:
-                    self._scalars.clear()
-                encoded = self._scalars[key, kind, value] = self._key(key) + _len_field(
-                    _KEY_VALUE_VALUE, _any_value(value)
-                )
-                return encoded
+            known = self._scalars.get((key, kind, value))
+            if known is not None:
+                return known
+            encoded = self._key(key) + _len_field(_KEY_VALUE_VALUE, _any_value(value))
+            return _remember(self._scalars, (key, kind, value), encoded, _MEMO_SIZE)
         return self._key(key) + _len_field(_KEY_VALUE_VALUE, _any_value(value))
 
     def _key(self, key: str) -> bytes:
-        try:
-            return self._keys[key]
-        except KeyError:
-            if len(self._keys) >= _MEMO_SIZE:
-                self._keys.clear()
-            encoded = self._keys[key] = _len_field(_KEY_VALUE_KEY, key.encode())
-            return encoded
+        known = self._keys.get(key)
+        if known is not None:
+            return known
+        return _remember(self._keys, key, _len_field(_KEY_VALUE_KEY, key.encode()), _MEMO_SIZE)
 
     def _resource(self, resource: Resource) -> bytes:
         cached = self._resources.get(id(resource))
         if cached is not None and cached[0] is resource:
             return cached[1]
         encoded = self._attributes(_RESOURCE_ATTRIBUTES, resource.attributes)
-        if len(self._resources) >= 16:
-            self._resources.clear()
-        self._resources[id(resource)] = (resource, encoded)
-        return encoded
+        return _remember(self._resources, id(resource), (resource, encoded), 16)[1]
 
     def _scope(self, scope: InstrumentationScope | None) -> bytes:
         if scope is None:
