@@ -573,10 +573,11 @@ async def generate_ledger(spec: LedgerSpec, *, regen: bool = False) -> dict[str,
         )
         deferred = await _drop_secondary_indexes(conn, "disclosures")
         columns = [
-            "seq", "partner_id", "key_id", "view", "contact_fields", "consent_id", "rpc", "trace_id", "disclose_time",
-            "outcome", "denial_reason", "requested_ids", "appointment_ids", "patient_ids", "prev_hash", "hash",
+            "id", "partner_id", "key_id", "view", "contact_fields", "consent_id", "rpc", "trace_id", "disclose_time",
+            "outcome", "denial_reason", "requested_ids", "appointment_ids", "patient_ids",
         ]  # fmt: skip
         state = {"seq": 0, "items": 0, "prev": bytes(32), "t": LEDGER_START.timestamp()}
+        chain: list[tuple[int, int, bytes, bytes]] = []  # disclosure_chain (migration 0018): id = seq here
 
         def records() -> Any:
             sha = hashlib.sha256
@@ -630,27 +631,37 @@ async def generate_ledger(spec: LedgerSpec, *, regen: bool = False) -> dict[str,
                 h = sha(prev + data.encode()).digest()
                 yield (
                     seq, partner, key_id, view, fields, consent, rpc, trace_id, when, outcome, reason,
-                    requested_ids, appointment_ids, patient_ids, prev, h,
+                    requested_ids, appointment_ids, patient_ids,
                 )  # fmt: skip
+                chain.append((seq, seq, prev, h))
                 prev = h
                 state.update(seq=seq, items=done, prev=prev, t=t)
 
         await _copy(conn, "disclosures", columns, records(), calls, "records")
+        await conn.copy_records_to_table("disclosure_chain", records=chain, columns=["id", "seq", "prev_hash", "hash"])
         head = (state["seq"], state["prev"])
-        await conn.execute("UPDATE ledger_head SET seq = $1, hash = $2", head[0], head[1])
+        await conn.execute("SELECT setval('disclosures_id_seq', $1)", head[0])
+        # Every record is chained: the sequencer's cursor goes after the last one.
+        await conn.execute(
+            "UPDATE ledger_head SET seq = $1, hash = $2, (chained_txid, chained_id) = "
+            "(SELECT txid, id FROM disclosures ORDER BY txid DESC, id DESC LIMIT 1)",
+            head[0],
+            head[1],
+        )
         print("recreating ledger indexes", file=sys.stderr, flush=True)
         await _create_indexes(conn, deferred)
         await conn.execute("VACUUM (ANALYZE) disclosures")
         # The Python digests must be the SQL function's: check a sample at both ends.
         bad = await conn.fetchval(
-            "SELECT count(*) FROM disclosures d WHERE (seq <= 2000 OR seq > $1 - 2000) "
-            "AND disclosure_digest(d) IS DISTINCT FROM hash",
+            "SELECT count(*) FROM disclosure_chain c JOIN disclosures d ON d.id = c.id "
+            "WHERE (c.seq <= 2000 OR c.seq > $1 - 2000) "
+            "AND disclosure_digest(d, c.seq, c.prev_hash) IS DISTINCT FROM c.hash",
             head[0],
         )
         if bad:
             raise SystemExit(f"ledger generator: {bad} digests differ from disclosure_digest()")
         busiest = await conn.fetchrow(
-            "SELECT partner_id, count(*) AS n FROM disclosures WHERE seq <= 500000 GROUP BY 1 ORDER BY 2 DESC LIMIT 1"
+            "SELECT partner_id, count(*) AS n FROM disclosures WHERE id <= 500000 GROUP BY 1 ORDER BY 2 DESC LIMIT 1"
         )
         first, last = await conn.fetchrow("SELECT min(disclose_time), max(disclose_time) FROM disclosures")
         meta = {

@@ -179,7 +179,7 @@ async def prepare_fixture(size: int, meta: dict[str, Any], like: Fixture | None 
         # The bench database's ledger is ours: start each run from an empty chain (the
         # append-only triggers are ordinary triggers, off under session_replication_role).
         await conn.execute("SET session_replication_role = replica")
-        await conn.execute("TRUNCATE disclosures, ledger_seals")
+        await conn.execute("TRUNCATE disclosures, disclosure_chain, ledger_seals")
         await conn.execute("UPDATE ledger_head SET seq = 0, hash = $1", bytes(32))
         await conn.execute("SET session_replication_role = DEFAULT")
         await conn.execute("VACUUM ANALYZE disclosures")

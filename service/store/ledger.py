@@ -4,7 +4,8 @@ A record holds every appointment of the response it describes (migration
 0016), appended by ``append_disclosures`` without a lock, in the transaction
 of that response (migration 0011). The sequencer (:func:`chain`, run every
 ~100 ms) then numbers and hash-chains the committed records under the
-``ledger_head`` lock, off the request path. Queries read the
+``ledger_head`` lock, off the request path, into ``disclosure_chain``
+(migration 0018; the record itself is never written again). Queries read the
 ``disclosure_items`` view: one row per appointment, whichever shape its record
 has. Verification recomputes every chained record's digest in the database
 (``disclosure_digest``, the one definition) and walks the chain here.
@@ -250,12 +251,17 @@ def seal_signature(key: bytes, seq: int, chain_hash: bytes) -> bytes:
 
 
 async def chain(conn: Connection, *, batch: int = CHAIN_BATCH) -> int:
-    """Chain committed records not chained yet, up to ``batch``; return how many (0 if another process is at it)."""
+    """Chain committed records not chained yet, up to ``batch``.
+
+    Returns how many records the pass went over: 0 once none is waiting (or
+    while another process is at it). Only right after migration 0018 can that
+    count include records found chained already.
+    """
     return int(await conn.fetchval("SELECT chain_disclosures($1)", batch))
 
 
 async def chain_all(conn: Connection) -> int:
-    """Chain every record committed so far (for verification and sealing); return how many."""
+    """Chain every record committed so far (for verification and sealing); return how many the passes went over."""
     total = 0
     while chained := await chain(conn):
         total += chained
@@ -272,8 +278,10 @@ async def verify(
     last_seq = 0
     while True:
         rows = await conn.fetch(
-            "SELECT seq, prev_hash, hash, disclosure_digest(d) = hash AS intact FROM disclosures d "
-            "WHERE seq IS NOT NULL AND seq > $1 ORDER BY seq LIMIT $2",
+            "SELECT c.seq, c.prev_hash, c.hash, d.id IS NOT NULL AS present, "
+            "disclosure_digest(d, c.seq, c.prev_hash) = c.hash AS intact "
+            "FROM disclosure_chain c LEFT JOIN disclosures d ON d.id = c.id "
+            "WHERE c.seq > $1 ORDER BY c.seq LIMIT $2",
             last_seq,
             batch,
         )
@@ -283,7 +291,9 @@ async def verify(
                 result.problems.append(f"records {expected_seq}..{seq - 1} are missing")
             if row["prev_hash"] != previous:
                 result.problems.append(f"record {seq} does not link to the record before it")
-            if not row["intact"]:
+            if not row["present"]:
+                result.problems.append(f"record {seq} is missing (its place in the chain is left)")
+            elif not row["intact"]:
                 result.problems.append(f"record {seq} was altered (its digest does not match)")
             if seq in seals:
                 sealed_hash, signature = seals.pop(seq)
@@ -300,11 +310,23 @@ async def verify(
             break
     for seq in sorted(seals):
         result.problems.append(f"the sealed record {seq} is missing")
-    head = await conn.fetchrow("SELECT seq, hash FROM ledger_head")
+    head = await conn.fetchrow("SELECT seq, hash, chained_txid, chained_id FROM ledger_head")
     result.head_seq, result.head_hash = head["seq"], head["hash"]
     if head["seq"] != last_seq or head["hash"] != previous:
         result.problems.append(f"the ledger head ({head['seq']}) does not match the last record ({last_seq})")
+    unchained = await conn.fetchval(_PASSED_OVER, head["chained_txid"], head["chained_id"])
+    if unchained == 1:
+        result.problems.append("1 record the sequencer has passed is not in the chain")
+    elif unchained:
+        result.problems.append(f"{unchained} records the sequencer has passed are not in the chain")
     return result
+
+
+# Records at or before the sequencer's cursor that have no place in the chain (migration 0018).
+_PASSED_OVER = (
+    "SELECT count(*) FROM disclosures d WHERE (d.txid, d.id) <= ($1::xid8, $2::bigint) "
+    "AND NOT EXISTS (SELECT 1 FROM disclosure_chain c WHERE c.id = d.id)"
+)
 
 
 async def seal(conn: Connection, seal_key: bytes) -> int:

@@ -160,7 +160,17 @@ async def test_the_ledger_refuses_updates_and_deletes_even_from_its_owner(
     _, _, partner = await _three_appointments(world)
     await partner.list_all()
 
-    for statement in ("UPDATE disclosures SET denial_reason = 'x'", "DELETE FROM disclosures", "TRUNCATE disclosures"):
+    await admin.execute("SELECT chain_disclosures(1000)")
+    assert await admin.fetchval("SELECT count(*) FROM disclosure_chain") == 1
+
+    for statement in (
+        "UPDATE disclosures SET denial_reason = 'x'",
+        "DELETE FROM disclosures",
+        "TRUNCATE disclosures",
+        "UPDATE disclosure_chain SET hash = prev_hash",
+        "DELETE FROM disclosure_chain",
+        "TRUNCATE disclosure_chain",
+    ):
         with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
             await admin.execute(statement)
 
@@ -176,6 +186,9 @@ async def test_the_ledger_refuses_updates_and_deletes_even_from_its_owner(
         "SELECT reason FROM appointments",
         "SELECT * FROM appointments",
         "UPDATE ledger_head SET seq = 0",
+        "SELECT * FROM disclosure_chain",
+        "DELETE FROM disclosure_chain",
+        "SELECT chain_disclosures(10)",
     ],
 )
 async def test_the_partner_role_cannot_touch_contact_reason_or_ledger(
@@ -232,7 +245,10 @@ async def test_audit_verify_passes_then_catches_a_record_altered_in_the_database
     async with admin.transaction():
         await admin.execute("SET LOCAL session_replication_role = replica")  # what an attacker with superuser does
         # Hide a patient from any breach report by pointing the record's first appointment at another patient.
-        await admin.execute("UPDATE disclosures SET patient_ids[1] = patient_ids[2] WHERE seq = 2")
+        await admin.execute(
+            "UPDATE disclosures SET patient_ids[1] = patient_ids[2] "
+            "WHERE id = (SELECT id FROM disclosure_chain WHERE seq = 2)"
+        )
 
     code, out, err = await _audit_cli(database_dsn, tmp_path, "verify")
     assert code == 1
@@ -246,29 +262,63 @@ async def test_audit_verify_catches_a_deleted_record_and_a_rewritten_chain(
     for _ in range(3):
         await partner.list_all()
     assert (await _audit_cli(database_dsn, tmp_path, "verify"))[0] == 0  # seals record 3
+    second = await admin.fetchval("SELECT id FROM disclosure_chain WHERE seq = 2")
 
     async with admin.transaction():
         await admin.execute("SET LOCAL session_replication_role = replica")
-        await admin.execute("DELETE FROM disclosures WHERE seq = 2")
+        await admin.execute("DELETE FROM disclosures WHERE id = $1", second)
+    code, _, err = await _audit_cli(database_dsn, tmp_path, "verify")
+    assert code == 1
+    assert "record 2 is missing" in err
+
+    # Its place in the chain removed too: a gap.
+    async with admin.transaction():
+        await admin.execute("SET LOCAL session_replication_role = replica")
+        await admin.execute("DELETE FROM disclosure_chain WHERE id = $1", second)
     code, _, err = await _audit_cli(database_dsn, tmp_path, "verify")
     assert code == 1
     assert "records 2..2 are missing" in err
 
-    # Rewrite the whole chain consistently, as someone who can write the table could:
+    # Rewrite the whole chain consistently, as someone who can write the tables could:
     # only the seal (keyed by a secret the database never sees) still tells.
     async with admin.transaction():
         await admin.execute("SET LOCAL session_replication_role = replica")
-        await admin.execute("UPDATE disclosures SET seq = seq - 1 WHERE seq > 2")
-        rows = await admin.fetch("SELECT seq FROM disclosures ORDER BY seq")
+        await admin.execute("UPDATE disclosure_chain SET seq = seq - 1 WHERE seq > 2")
+        rows = await admin.fetch("SELECT id, seq FROM disclosure_chain ORDER BY seq")
         previous = bytes(32)
         for row in rows:
-            await admin.execute("UPDATE disclosures SET prev_hash = $1 WHERE seq = $2", previous, row["seq"])
-            await admin.execute("UPDATE disclosures d SET hash = disclosure_digest(d) WHERE seq = $1", row["seq"])
-            previous = await admin.fetchval("SELECT hash FROM disclosures WHERE seq = $1", row["seq"])
+            previous = await admin.fetchval(
+                "UPDATE disclosure_chain c SET prev_hash = $1, hash = disclosure_digest(d, c.seq, $1) "
+                "FROM disclosures d WHERE d.id = c.id AND c.id = $2 RETURNING c.hash",
+                previous,
+                row["id"],
+            )
         await admin.execute("UPDATE ledger_head SET seq = $1, hash = $2", rows[-1]["seq"], previous)
     code, _, err = await _audit_cli(database_dsn, tmp_path, "verify")
     assert code == 1
     assert "sealed record 3 is missing" in err
+    assert "record 2 was altered" not in err  # the rewrite itself is consistent
+
+
+async def test_audit_verify_catches_a_record_dropped_from_the_chain(
+    world: World, admin: asyncpg.Connection, database_dsn: str, tmp_path: Path
+) -> None:
+    _, _, partner = await _three_appointments(world)
+    for _ in range(2):
+        await partner.list_all()
+    assert (await _audit_cli(database_dsn, tmp_path, "verify", "--no-seal"))[0] == 0
+
+    # The last record's place in the chain removed and the head moved back: the chain
+    # itself is consistent, but the sequencer has passed a record that is not in it.
+    async with admin.transaction():
+        await admin.execute("SET LOCAL session_replication_role = replica")
+        first_hash = await admin.fetchval("SELECT hash FROM disclosure_chain WHERE seq = 1")
+        await admin.execute("DELETE FROM disclosure_chain WHERE seq = 2")
+        await admin.execute("UPDATE ledger_head SET seq = 1, hash = $1", first_hash)
+    code, _, err = await _audit_cli(database_dsn, tmp_path, "verify", "--no-seal")
+
+    assert code == 1
+    assert "1 record the sequencer has passed is not in the chain" in err
 
 
 async def test_breach_report_refuses_a_missing_partner_or_window(world: World) -> None:
