@@ -85,11 +85,36 @@ async def append(
     )
 
 
+# The four per-appointment arrays travel as array literals ($5 to $8, see _array_literal).
 _RECORD_MANY = (
     "SELECT partner_id, outcome FROM record_partner_disclosures($1::uuid[], $2::text[], $3::text[], $4::text[], "
-    "$5::int[], $6::text[], $7::uuid[], $8::uuid[], $9::uuid[], $10::int[], $11::int[], $12::float8[], "
-    "$13::bigint[], $14::bool[])"
+    "$5::text::int[], $6::text::text[], $7::text::uuid[], $8::text::uuid[], $9::uuid[], $10::int[], $11::int[], "
+    "$12::float8[], $13::bigint[], $14::bool[])"
 )
+
+
+def _array_literal(values: Sequence[object]) -> str:
+    """The PostgreSQL array literal of ``values`` (``None`` for NULL), every other element quoted.
+
+    A group's per-appointment arrays hold ~50 elements per call, and asyncpg
+    encodes an array parameter element by element, asking each whether it is
+    itself a sequence: 12% of the gateway's instructions per ListAppointments
+    call (callgrind, ``bench/instructions.py``). As one text parameter each,
+    PostgreSQL's ``array_in`` parses them instead.
+    """
+    strings = list(map(str, values))
+    if not strings:
+        return "{}"
+    if "None" in strings and any(v is None for v in values):  # comparing strings is cheaper than ids to None
+        return "{" + ",".join("NULL" if v is None else _quoted(str(v)) for v in values) + "}"
+    plain = "".join(strings)
+    if '"' in plain or "\\" in plain:
+        return "{" + ",".join(map(_quoted, strings)) + "}"
+    return '{"' + '","'.join(strings) + '"}'
+
+
+def _quoted(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 class CapReached(Exception):
@@ -125,7 +150,7 @@ async def record_many(
         [e.key_id for e, _ in responses],
         [e.rpc for e, _ in responses],
         [e.trace_id for e, _ in responses],
-        *([list(column) for column in zip(*items, strict=True)] if items else [[], [], [], []]),
+        *([_array_literal(column) for column in zip(*items, strict=True)] if items else ["{}"] * 4),
     )
     partners = sorted(terms)
     charged = [terms[p] for p in partners]

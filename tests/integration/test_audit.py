@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ import pytest
 from appointments.internal.v1 import audit_pb2
 from appointments.type.v1.contact_pb2 import CONTACT_FIELD_EMAIL, CONTACT_FIELD_PHONE
 from harness import World
+
+from service.store import ledger
 
 LIST_RPC = "/appointments.partner.v1.PartnerAppointmentService/ListAppointments"
 CONTACT_RPC = "/appointments.partner.v1.PartnerAppointmentService/GetAppointmentContact"
@@ -96,6 +99,24 @@ async def test_records_written_before_0016_still_verify_and_list_beside_new_ones
     assert [(r.disclosure_id, r.item) for r in items] == [(1, 0), (2, 0), (2, 1), (2, 2)]
     assert items[0].appointment_id == str(legacy_appointment)
     assert [r.disclosure_id for r in one_patient] == [1, 2]  # found through both indexes
+
+
+@pytest.mark.parametrize(
+    ("cast", "values"),
+    [
+        ("text[]", ["apt_plain", 'a "quoted" id', "back\\slash", "NULL", "", "comma, {brace}", "été"]),
+        ("text[]", ["apt_one", None, "apt_two"]),
+        ("uuid[]", [uuid.UUID(int=1), uuid.UUID(int=2**128 - 1)]),
+        ("int[]", [1, 2, 50]),
+        ("uuid[]", []),
+    ],
+)
+async def test_group_records_pass_their_arrays_as_literals_postgresql_reads_back_exactly(
+    admin: asyncpg.Connection, cast: str, values: list[object]
+) -> None:
+    literal = ledger._array_literal(values)
+
+    assert await admin.fetchval(f"SELECT $1::text::{cast}", literal) == values
 
 
 async def test_a_contact_disclosure_records_its_fields_and_consent(world: World) -> None:
