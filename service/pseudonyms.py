@@ -60,7 +60,9 @@ def looks_like_appointment_id(text: str) -> bool:
     return text.startswith(APPOINTMENT_PREFIX) and _BODY.match(text[len(APPOINTMENT_PREFIX) :]) is not None
 
 
-_Key = tuple["PartnerPseudonyms", UUID]
+# Keyed by the id's bytes: hashing a UUID builds its 128-bit int first, ~10 times the
+# cost of hashing 16 bytes (callgrind: 4% of a ListAppointments call's instructions).
+_Key = tuple["PartnerPseudonyms", bytes]
 
 
 class Derived:
@@ -98,11 +100,12 @@ class PartnerPseudonyms:
 
     def appointment_id(self, internal_id: UUID) -> str:
         """Return the partner's opaque id for an appointment."""
-        key = (self, internal_id)
+        raw = internal_id.bytes
+        key = (self, raw)
         known = self._derived.appointments.get(key)
         if known is not None:
             return known
-        value = APPOINTMENT_PREFIX + _b32(self._encryptor.update(internal_id.bytes))
+        value = APPOINTMENT_PREFIX + _b32(self._encryptor.update(raw))
         return self._derived.keep(self._derived.appointments, key, value)
 
     def parse_appointment_id(self, public_id: str) -> UUID:
@@ -120,11 +123,12 @@ class PartnerPseudonyms:
 
     def patient_ref(self, patient_id: UUID) -> str:
         """Return the partner's pseudonym for a patient (one-way)."""
-        key = (self, patient_id)
+        raw = patient_id.bytes
+        key = (self, raw)
         known = self._derived.patients.get(key)
         if known is not None:
             return known
-        value = PATIENT_PREFIX + _b32(hmac.digest(self._patient_key, patient_id.bytes, "sha256")[:16])
+        value = PATIENT_PREFIX + _b32(hmac.digest(self._patient_key, raw, "sha256")[:16])
         return self._derived.keep(self._derived.patients, key, value)
 
 
