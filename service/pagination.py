@@ -13,17 +13,16 @@ import base64
 import binascii
 import os
 import struct
-from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from service.errors import InvalidArgument
+from service.timestamps import Micros
 
 _VERSION = b"\x01"
 _NONCE_SIZE = 12
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _TIME_CURSOR = struct.Struct(">q16s")
 MAX_TOKEN_LENGTH = 512
 
@@ -72,16 +71,14 @@ class PageTokens:
             raise invalid from None
 
 
-def pack_time_cursor(time: datetime, row_id: UUID) -> bytes:
-    """Encode a ``(time, id)`` keyset cursor."""
-    delta = time - _EPOCH
-    micros = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-    return _TIME_CURSOR.pack(micros, row_id.bytes)
+def pack_time_cursor(time: Micros, row_id: UUID) -> bytes:
+    """Encode a ``(time, id)`` keyset cursor (time in microseconds since the epoch)."""
+    return _TIME_CURSOR.pack(time, row_id.bytes)
 
 
-def unpack_time_cursor(cursor: bytes) -> tuple[datetime, UUID]:
+def unpack_time_cursor(cursor: bytes) -> tuple[Micros, UUID]:
     """Decode a cursor made by :func:`pack_time_cursor`. Raises ``ValueError`` when malformed."""
     if len(cursor) != _TIME_CURSOR.size:
         raise ValueError("bad cursor")
     micros, raw_id = _TIME_CURSOR.unpack(cursor)
-    return _EPOCH + timedelta(microseconds=micros), UUID(bytes=raw_id)
+    return micros, UUID(bytes=raw_id)

@@ -1,7 +1,11 @@
-"""Conversions between ``google.protobuf.Timestamp`` and timezone-aware datetimes. Pure: no I/O.
+"""Conversions between ``google.protobuf.Timestamp``, timezone-aware datetimes and microseconds. Pure: no I/O.
 
 ``Timestamp.FromDatetime`` is slow enough to dominate building a page of
-messages; these do the arithmetic directly.
+messages; these do the arithmetic directly. The partner path's rows carry
+their times as integer microseconds since the Unix epoch (:data:`Micros`):
+asyncpg builds a datetime through a timedelta for each timestamptz it
+decodes, 16% of a ListAppointments call's instructions for the 150 times of
+a page, where PostgreSQL hands over the integer for almost nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from service.errors import FieldViolation
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: Microseconds since 1970-01-01T00:00:00Z: how the partner path's rows carry times.
+Micros = int
 # The range PostgreSQL and datetime both hold, well inside the Timestamp range.
 _MIN_SECONDS = -62_135_596_800  # 0001-01-01T00:00:00Z
 _MAX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
@@ -29,6 +35,24 @@ def set_timestamp(target: Timestamp, value: datetime) -> None:
     delta = value - _EPOCH
     target.seconds = delta.days * 86_400 + delta.seconds
     target.nanos = delta.microseconds * 1000
+
+
+def set_timestamp_micros(target: Timestamp, value: Micros) -> None:
+    """Set ``target`` (a message's Timestamp field) to a time in microseconds since the epoch."""
+    seconds, micros = divmod(value, 1_000_000)
+    target.seconds = seconds
+    target.nanos = micros * 1000
+
+
+def to_micros(value: datetime) -> Micros:
+    """Return an aware datetime as microseconds since the epoch."""
+    delta = value - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def from_micros(value: Micros) -> datetime:
+    """Return the aware datetime (UTC) of a time in microseconds since the epoch."""
+    return _EPOCH + timedelta(microseconds=value)
 
 
 def from_timestamp(value: Timestamp, field: str, problems: list[FieldViolation]) -> datetime | None:

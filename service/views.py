@@ -23,7 +23,7 @@ from appointments.type.v1.contact_pb2 import (
 from service import models
 from service.consent import SigningKey
 from service.pseudonyms import PartnerPseudonyms
-from service.timestamps import set_timestamp
+from service.timestamps import set_timestamp_micros
 
 ALL_CONTACT_FIELDS = (CONTACT_FIELD_NAME, CONTACT_FIELD_SEX, CONTACT_FIELD_PHONE, CONTACT_FIELD_EMAIL)
 _STATUS = {
@@ -50,9 +50,9 @@ def fill_basic_appointment(
     practitioner.practitioner_id = str(row.practitioner_id)
     practitioner.display_name = row.practitioner_display_name
     practitioner.specialty = row.practitioner_specialty
-    set_timestamp(message.start_time, row.start_time)
-    set_timestamp(message.end_time, row.end_time)
-    set_timestamp(message.update_time, row.update_time)
+    set_timestamp_micros(message.start_time, row.start_time)
+    set_timestamp_micros(message.end_time, row.end_time)
+    set_timestamp_micros(message.update_time, row.update_time)
 
 
 def appointment_contact(

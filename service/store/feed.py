@@ -14,6 +14,7 @@ import asyncpg
 
 from service import models
 from service.store.database import UNREACHABLE, Connection
+from service.timestamps import to_micros
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,9 @@ class KeyState:
 
 
 def _change(row: asyncpg.Record) -> models.FeedChange:
-    appointment = models.BasicAppointment(row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10])
+    appointment = models.BasicAppointment(
+        row[2], row[3], to_micros(row[4]), to_micros(row[5]), row[6], to_micros(row[7]), row[8], row[9], row[10]
+    )
     return models.FeedChange(row[0], row[1], appointment)
 
 

@@ -19,6 +19,7 @@ import asyncpg
 
 from service import models
 from service.store.database import Connection
+from service.timestamps import Micros, from_micros
 
 T = TypeVar("T")
 
@@ -28,7 +29,12 @@ SUSPENDED = "suspended"
 NOT_GRANTED = "not_granted"
 _REFUSALS = {"AG401": KEY_INVALID, "AG403": SUSPENDED, "AG404": NOT_GRANTED}
 
-_COLUMNS = "id, patient_id, start_time, end_time, status, update_time, practitioner_id, display_name, specialty"
+# Times as exact integer microseconds since the epoch (EXTRACT gives numeric; PostgreSQL 14 and
+# newer): ~15 µs of PostgreSQL per page, against ~150 µs for asyncpg to build 150 datetimes.
+_COLUMNS = (
+    "id, patient_id, (extract(epoch FROM start_time) * 1000000)::int8, (extract(epoch FROM end_time) * 1000000)::int8, "
+    "status, (extract(epoch FROM update_time) * 1000000)::int8, practitioner_id, display_name, specialty"
+)
 _LIST = f"SELECT {_COLUMNS} FROM partner_list_appointments($1, $2, $3, $4, $5, $6, $7, $8)"
 _GET = f"SELECT {_COLUMNS} FROM partner_get_appointment($1, $2, $3)"
 
@@ -64,7 +70,7 @@ async def list_appointments(
     practitioner_id: UUID | None,
     start_time: datetime,
     end_time: datetime,
-    after: tuple[datetime, UUID] | None,
+    after: tuple[Micros, UUID] | None,
     limit: int,
 ) -> list[models.BasicAppointment]:
     """Return up to ``limit`` visible appointments starting in ``[start_time, end_time)``.
@@ -72,7 +78,7 @@ async def list_appointments(
     Ordered by ``(start_time, id)`` and strictly after the ``after`` cursor.
     Raises :class:`Refusal` (``NOT_GRANTED`` when ``practitioner_id`` is not granted).
     """
-    after_time, after_id = after if after is not None else (None, None)
+    after_time, after_id = (from_micros(after[0]), after[1]) if after is not None else (None, None)
     values = (key_id, partner_id, practitioner_id, start_time, end_time, after_time, after_id, limit)
     rows = await _refusing(conn, lambda: conn.fetch(_LIST, *values))
     return [models.BasicAppointment(*row) for row in rows]

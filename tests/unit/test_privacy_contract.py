@@ -96,7 +96,8 @@ def test_the_walk_would_catch_a_marked_field() -> None:
     assert "AppointmentContact.patient.given_name" in marked
 
 
-_FORBIDDEN = re.compile(r"\b(given_name|family_name|sex|phone|email|reason)\b|\*")
+# A contact or reason column, or a wildcard (`SELECT *`, `t.*`, `, *`); a `*` that multiplies is fine.
+_FORBIDDEN = re.compile(r"\b(given_name|family_name|sex|phone|email|reason)\b|\bSELECT\s+\*|\.\*|,\s*\*|\*\s*FROM\b")
 _READ_FUNCTIONS = ("partner_bind", "partner_list_appointments", "partner_get_appointment")
 
 
