@@ -4,11 +4,13 @@ Throughput and CPU time on the shared 2-core machine move by ±20% between
 consecutive runs; instruction counts do not (the same binary, inputs and
 environment give the same total whatever else runs). This starts the gateway
 on the bench's 100k world under ``valgrind --tool=callgrind`` with collection
-off, warms it up, counts only while one client makes N ``ListAppointments``
-calls one at a time over one channel, and prints the total per call; the
-dump (``callgrind_annotate`` reads it) is kept for the breakdown.
+off, warms it up, counts only while one client makes N calls of one
+scenario (``--scenario``: ``list``, the default, ``get`` or ``contact``, as
+in run.py) one at a time over one channel, and prints the total per call;
+the dump (``callgrind_annotate`` reads it) is kept for the breakdown.
 
     .venv/bin/python bench/instructions.py plain tracing sampled-out --calls 300
+    .venv/bin/python bench/instructions.py plain --scenario contact --keep /tmp/cg
 
 Variants: ``plain`` (tracing off, as ``gateway`` in run.py), ``tracing``
 (100% to the OTLP sink, as ``gateway+tracing``), ``sampled-out`` (a tracer
@@ -42,8 +44,8 @@ VARIANTS = ("plain", "tracing", "sampled-out")
 PORT, SINK_PORT = 57400, 57490
 
 
-def count(variant: str, fx: run.Fixture, calls: int, workdir: Path) -> int:
-    """Instructions the gateway executed during ``calls`` sequential ListAppointments calls."""
+def count(variant: str, fx: run.Fixture, calls: int, workdir: Path, scenario: str = "list") -> int:
+    """Instructions the gateway executed during ``calls`` sequential calls of ``scenario``."""
     env = run.gateway_env(fx, PORT, workdir, tracing=variant != "plain", sink_port=SINK_PORT, workers=1)
     if variant == "sampled-out":
         env["OTEL_TRACES_SAMPLER"] = "always_off"
@@ -58,10 +60,10 @@ def count(variant: str, fx: run.Fixture, calls: int, workdir: Path) -> int:
     with (workdir / f"{variant}.log").open("wb") as log:
         server = subprocess.Popen(command, cwd=run.source(), env=run.service_env(env), stdout=log, stderr=log)
     metadata = [("authorization", f"Bearer {fx.partner_key}")]
-    body = fx.bodies[("gateway", "list")]
+    body = fx.bodies[("gateway", scenario)]
     try:
         with grpc.insecure_channel(f"127.0.0.1:{PORT}") as channel:
-            call = channel.unary_unary(run.SERVICE + run.SCENARIOS["list"])
+            call = channel.unary_unary(run.SERVICE + run.SCENARIOS[scenario])
             grpc.channel_ready_future(channel).result(timeout=300)  # startup under valgrind takes a while
             for _ in range(50):
                 call(body, metadata=metadata, timeout=30)
@@ -87,6 +89,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variants", nargs="+", choices=VARIANTS)
     parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--scenario", choices=sorted(run.SCENARIOS), default="list")
     parser.add_argument("--keep", type=Path, help="copy the callgrind dumps here (for callgrind_annotate)")
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
@@ -97,8 +100,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="apptgate-instructions-") as tmp:
         for variant in args.variants:
             started = time.monotonic()
-            results[variant] = count(variant, fx, args.calls, Path(tmp))
-            print(f"{variant:12} {results[variant] / args.calls / 1e6:7.3f} M instructions per call "
+            results[variant] = count(variant, fx, args.calls, Path(tmp), args.scenario)
+            print(f"{variant:12} {results[variant] / args.calls / 1e6:7.3f} M instructions per {args.scenario} call "
                   f"({args.calls} calls, {time.monotonic() - started:.0f} s)", flush=True)  # fmt: skip
         if args.keep:
             args.keep.mkdir(parents=True, exist_ok=True)
