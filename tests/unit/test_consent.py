@@ -292,6 +292,47 @@ def _explode(*_args: object, **_kwargs: object) -> object:
     raise AssertionError("must not be called")
 
 
+def test_a_token_verified_once_is_not_verified_again_but_its_claims_are_checked_every_time(
+    key: SigningKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keyring = ConsentKeyring([key])
+    exp = NOW + timedelta(minutes=5)
+    token = keyring.sign(make_claims(expires_at=exp))
+    assert keyring.verify(token, partner_id=PARTNER, now=NOW).expires_at == exp
+
+    monkeypatch.setattr(pyseto, "decode", _explode)  # from here on, no signature is verified
+
+    assert keyring.verify(token, partner_id=PARTNER, now=NOW) == make_claims(expires_at=exp)
+    assert denial(keyring, token, now=exp) == CONSENT_EXPIRED  # expiry against this call's now
+    with pytest.raises(AssertionError, match="must not be called"):  # another partner: verified afresh
+        keyring.verify(token, partner_id=OTHER_PARTNER, now=NOW)
+
+
+def test_a_token_that_failed_is_not_remembered(key: SigningKey, monkeypatch: pytest.MonkeyPatch) -> None:
+    keyring = ConsentKeyring([key])
+    token = keyring.sign(make_claims())
+    assert denial(keyring, token, partner=OTHER_PARTNER) == CONSENT_INVALID
+
+    monkeypatch.setattr(pyseto, "decode", _explode)
+
+    with pytest.raises(AssertionError, match="must not be called"):  # checked again, not answered from memory
+        keyring.verify(token, partner_id=OTHER_PARTNER, now=NOW)
+
+
+def test_the_memo_of_verified_tokens_is_bounded(key: SigningKey, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(consent, "VERIFIED_MEMO_SIZE", 3)
+    keyring = ConsentKeyring([key])
+    tokens = [keyring.sign(make_claims(purpose=f"purpose {n}")) for n in range(4)]
+    for token in tokens:
+        keyring.verify(token, partner_id=PARTNER, now=NOW)
+
+    monkeypatch.setattr(pyseto, "decode", _explode)
+
+    keyring.verify(tokens[3], partner_id=PARTNER, now=NOW)  # remembered after the memo was emptied
+    with pytest.raises(AssertionError, match="must not be called"):
+        keyring.verify(tokens[0], partner_id=PARTNER, now=NOW)  # forgotten when it was full
+
+
 @pytest.mark.parametrize(
     "text",
     [
