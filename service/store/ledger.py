@@ -85,11 +85,12 @@ async def append(
     )
 
 
-# The four per-appointment arrays travel as array literals ($5 to $8, see _array_literal).
+# Every array travels as an array literal (see _array_literal).
 _RECORD_MANY = (
-    "SELECT partner_id, outcome FROM record_partner_disclosures($1::uuid[], $2::text[], $3::text[], $4::text[], "
-    "$5::text::int[], $6::text::text[], $7::text::uuid[], $8::text::uuid[], $9::uuid[], $10::int[], $11::int[], "
-    "$12::float8[], $13::bigint[], $14::bool[])"
+    "SELECT partner_id, outcome FROM record_partner_disclosures($1::text::uuid[], $2::text::text[], "
+    "$3::text::text[], $4::text::text[], $5::text::int[], $6::text::text[], $7::text::uuid[], $8::text::uuid[], "
+    "$9::text::uuid[], $10::text::int[], $11::text::int[], $12::text::float8[], $13::text::bigint[], "
+    "$14::text::bool[])"
 )
 
 
@@ -99,8 +100,10 @@ def _array_literal(values: Sequence[object]) -> str:
     A group's per-appointment arrays hold ~50 elements per call, and asyncpg
     encodes an array parameter element by element, asking each whether it is
     itself a sequence: 12% of the gateway's instructions per ListAppointments
-    call (callgrind, ``bench/instructions.py``). As one text parameter each,
-    PostgreSQL's ``array_in`` parses them instead.
+    call, and 6% of a GetAppointment call's for its one-element arrays
+    (callgrind, ``bench/instructions.py``). As one text parameter each,
+    PostgreSQL's ``array_in`` parses them instead. Numbers and booleans are
+    written as Python prints them, which PostgreSQL reads back exactly.
     """
     strings = list(map(str, values))
     if not strings:
@@ -145,26 +148,23 @@ async def record_many(
             raise ValueError("record_many records disclosed basic views only")
     # Per appointment: (response number, requested id, appointment id, patient id), as four columns.
     items = [(n, *item) for n, (_, appointments) in enumerate(responses, start=1) for item in appointments]
+    partners = sorted(terms)
+    charged = [terms[p] for p in partners]
     columns = (
         [e.partner_id for e, _ in responses],
         [e.key_id for e, _ in responses],
         [e.rpc for e, _ in responses],
         [e.trace_id for e, _ in responses],
-        *([_array_literal(column) for column in zip(*items, strict=True)] if items else ["{}"] * 4),
+        *(zip(*items, strict=True) if items else [()] * 4),
+        partners,
+        [t.contact_cap for t in charged],
+        [t.patient_cap for t in charged],
+        [t.anomaly_factor for t in charged],
+        [t.anomaly_min for t in charged],
+        [t.suspend_on_anomaly for t in charged],
     )
-    partners = sorted(terms)
-    charged = [terms[p] for p in partners]
     try:
-        rows = await conn.fetch(
-            _RECORD_MANY,
-            *columns,
-            partners,
-            [t.contact_cap for t in charged],
-            [t.patient_cap for t in charged],
-            [t.anomaly_factor for t in charged],
-            [t.anomaly_min for t in charged],
-            [t.suspend_on_anomaly for t in charged],
-        )
+        rows = await conn.fetch(_RECORD_MANY, *map(_array_literal, columns))
     except asyncpg.PostgresError as exc:
         cap = usage.cap_reached(exc)
         if cap is None:

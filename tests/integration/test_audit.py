@@ -108,6 +108,9 @@ async def test_records_written_before_0016_still_verify_and_list_beside_new_ones
         ("text[]", ["apt_one", None, "apt_two"]),
         ("uuid[]", [uuid.UUID(int=1), uuid.UUID(int=2**128 - 1)]),
         ("int[]", [1, 2, 50]),
+        ("bigint[]", [0, 2**62]),
+        ("float8[]", [3.0, 0.1, 1e-300, float("inf")]),
+        ("bool[]", [True, False]),
         ("uuid[]", []),
     ],
 )
