@@ -87,14 +87,15 @@ class Derived:
 class PartnerPseudonyms:
     """The identifier codec of one partner."""
 
-    __slots__ = ("_cipher", "_derived", "_encryptor", "_patient_key")
+    __slots__ = ("_decryptor", "_derived", "_encryptor", "_patient_key")
 
     def __init__(self, appointment_key: bytes, patient_key: bytes, derived: Derived | None = None) -> None:
         # ECB on exactly one block is the raw block cipher: a keyed permutation
         # of 128-bit values, which is what a reversible pseudonym needs. ECB keeps
-        # no state between blocks, so one encryptor serves every call.
-        self._cipher = Cipher(algorithms.AES(appointment_key), modes.ECB())  # noqa: S305
-        self._encryptor = self._cipher.encryptor()
+        # no state between blocks, so one encryptor and one decryptor serve every call.
+        cipher = Cipher(algorithms.AES(appointment_key), modes.ECB())  # noqa: S305
+        self._encryptor = cipher.encryptor()
+        self._decryptor = cipher.decryptor()
         self._patient_key = patient_key
         self._derived = derived if derived is not None else Derived(0)
 
@@ -117,9 +118,10 @@ class PartnerPseudonyms:
         """
         if not looks_like_appointment_id(public_id):
             raise ValueError("not an appointment id")
-        body = public_id[len(APPOINTMENT_PREFIX) :]
-        decryptor = self._cipher.decryptor()
-        return UUID(bytes=decryptor.update(_unb32(body)) + decryptor.finalize())
+        block = _unb32(public_id[len(APPOINTMENT_PREFIX) :])
+        if len(block) != 16:  # never with the shape checked above; a partial block would stay in the decryptor
+            raise ValueError("not an appointment id")
+        return UUID(bytes=self._decryptor.update(block))
 
     def patient_ref(self, patient_id: UUID) -> str:
         """Return the partner's pseudonym for a patient (one-way)."""

@@ -281,6 +281,7 @@ class Telemetry:
         meter: Meter = meter_provider.get_meter(SCOPE) if meter_provider else NoOpMeter(SCOPE)
         self._meter = meter
         self._propagator = TraceContextTextMapPropagator()
+        self._access_log = logging.getLogger("apptgate.access")
         self._statement = _Memo(_describe_statement)
         self.rpc_duration = meter.create_histogram(
             "rpc.server.duration", unit="ms", description="Duration of RPCs, by method and status code."
@@ -407,7 +408,7 @@ class Telemetry:
                 attributes["apptgate.error.reason"] = reason
             call.failed = code in ("INTERNAL", "UNKNOWN", "UNAVAILABLE", "DEADLINE_EXCEEDED")
         self.rpc_duration.record(duration_ms, {"rpc.method": call.method, "rpc.grpc.status_code": code})
-        logging.getLogger("apptgate.access").info(
+        self._access_log.info(
             "rpc",
             extra={
                 "event": "rpc",
