@@ -15,7 +15,9 @@ the dump (``callgrind_annotate`` reads it) is kept for the breakdown.
 Variants: ``plain`` (tracing off, as ``gateway`` in run.py), ``tracing``
 (100% to the OTLP sink, as ``gateway+tracing``), ``sampled-out`` (a tracer
 provider whose sampler drops every span: what tracing costs before any span
-is recorded). Each counts the whole process (the event loop, grpc's threads,
+is recorded), ``naive`` (the naive handler of ``bench/baselines.py``: the
+gateway's server-side cost against it, noise-free; PostgreSQL's share is not
+counted for either). Each counts the whole process (the event loop, grpc's threads,
 the export thread, the sequencer's passes during the calls). ~1 min per
 variant. Needs valgrind (Debian's ``valgrind``).
 """
@@ -40,7 +42,7 @@ sys.path.insert(0, str(BENCH_DIR))
 import datagen  # noqa: E402
 import run  # noqa: E402
 
-VARIANTS = ("plain", "tracing", "sampled-out")
+VARIANTS = ("plain", "tracing", "sampled-out", "naive")
 PORT, SINK_PORT = 57400, 57490
 
 
@@ -50,8 +52,12 @@ def count(variant: str, fx: run.Fixture, calls: int, workdir: Path, scenario: st
     if variant == "sampled-out":
         env["OTEL_TRACES_SAMPLER"] = "always_off"
     out = workdir / f"callgrind.{variant}.out"
-    command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
-               run.PY, "-m", "service", "serve"]  # fmt: skip
+    command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", run.PY]
+    if variant == "naive":
+        command += [str(BENCH_DIR / "baselines.py"), "naive", "--port", str(PORT), "--dsn", fx.dsn,
+                    "--partner-id", fx.meta["bench_partner_id"]]  # fmt: skip
+    else:
+        command += ["-m", "service", "serve"]
     run.ensure_port_free(PORT)
     sink = None
     if variant != "plain":
@@ -60,7 +66,7 @@ def count(variant: str, fx: run.Fixture, calls: int, workdir: Path, scenario: st
     with (workdir / f"{variant}.log").open("wb") as log:
         server = subprocess.Popen(command, cwd=run.source(), env=run.service_env(env), stdout=log, stderr=log)
     metadata = [("authorization", f"Bearer {fx.partner_key}")]
-    body = fx.bodies[("gateway", scenario)]
+    body = fx.bodies[("naive" if variant == "naive" else "gateway", scenario)]
     try:
         with grpc.insecure_channel(f"127.0.0.1:{PORT}") as channel:
             call = channel.unary_unary(run.SERVICE + run.SCENARIOS[scenario])
