@@ -6,6 +6,7 @@ import asyncio
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +257,21 @@ async def _audit_cli(database_dsn: str, tmp_path: Path, *args: str) -> tuple[int
     return process.returncode, out.decode(), err.decode()
 
 
+@asynccontextmanager
+async def _tampering(admin: asyncpg.Connection) -> AsyncIterator[asyncpg.Connection]:
+    """A transaction that writes past the ledger's triggers, as someone with superuser rights can."""
+    async with admin.transaction():
+        await admin.execute("SET LOCAL session_replication_role = replica")
+        yield admin
+
+
+async def _verify_refuses(database_dsn: str, tmp_path: Path, *args: str) -> str:
+    """Run ``audit verify``, check that it fails, and return what it reported."""
+    code, _, err = await _audit_cli(database_dsn, tmp_path, "verify", *args)
+    assert code == 1, err
+    return err
+
+
 async def test_audit_verify_passes_then_catches_a_record_altered_in_the_database(
     world: World, admin: asyncpg.Connection, database_dsn: str, tmp_path: Path
 ) -> None:
@@ -266,17 +282,14 @@ async def test_audit_verify_passes_then_catches_a_record_altered_in_the_database
     assert code == 0, err
     assert "intact: 3 records" in out
 
-    async with admin.transaction():
-        await admin.execute("SET LOCAL session_replication_role = replica")  # what an attacker with superuser does
+    async with _tampering(admin) as conn:
         # Hide a patient from any breach report by pointing the record's first appointment at another patient.
-        await admin.execute(
+        await conn.execute(
             "UPDATE disclosures SET patient_ids[1] = patient_ids[2] "
             "WHERE id = (SELECT id FROM disclosure_chain WHERE seq = 2)"
         )
 
-    code, out, err = await _audit_cli(database_dsn, tmp_path, "verify")
-    assert code == 1
-    assert "record 2 was altered" in err
+    assert "record 2 was altered" in await _verify_refuses(database_dsn, tmp_path)
 
 
 async def test_audit_verify_catches_a_deleted_record_and_a_rewritten_chain(
@@ -288,38 +301,30 @@ async def test_audit_verify_catches_a_deleted_record_and_a_rewritten_chain(
     assert (await _audit_cli(database_dsn, tmp_path, "verify"))[0] == 0  # seals record 3
     second = await admin.fetchval("SELECT id FROM disclosure_chain WHERE seq = 2")
 
-    async with admin.transaction():
-        await admin.execute("SET LOCAL session_replication_role = replica")
-        await admin.execute("DELETE FROM disclosures WHERE id = $1", second)
-    code, _, err = await _audit_cli(database_dsn, tmp_path, "verify")
-    assert code == 1
-    assert "record 2 is missing" in err
+    async with _tampering(admin) as conn:
+        await conn.execute("DELETE FROM disclosures WHERE id = $1", second)
+    assert "record 2 is missing" in await _verify_refuses(database_dsn, tmp_path)
 
     # Its place in the chain removed too: a gap.
-    async with admin.transaction():
-        await admin.execute("SET LOCAL session_replication_role = replica")
-        await admin.execute("DELETE FROM disclosure_chain WHERE id = $1", second)
-    code, _, err = await _audit_cli(database_dsn, tmp_path, "verify")
-    assert code == 1
-    assert "records 2..2 are missing" in err
+    async with _tampering(admin) as conn:
+        await conn.execute("DELETE FROM disclosure_chain WHERE id = $1", second)
+    assert "records 2..2 are missing" in await _verify_refuses(database_dsn, tmp_path)
 
     # Rewrite the whole chain consistently, as someone who can write the tables could:
     # only the seal (keyed by a secret the database never sees) still tells.
-    async with admin.transaction():
-        await admin.execute("SET LOCAL session_replication_role = replica")
-        await admin.execute("UPDATE disclosure_chain SET seq = seq - 1 WHERE seq > 2")
-        rows = await admin.fetch("SELECT id, seq FROM disclosure_chain ORDER BY seq")
+    async with _tampering(admin) as conn:
+        await conn.execute("UPDATE disclosure_chain SET seq = seq - 1 WHERE seq > 2")
+        rows = await conn.fetch("SELECT id, seq FROM disclosure_chain ORDER BY seq")
         previous = bytes(32)
         for row in rows:
-            previous = await admin.fetchval(
+            previous = await conn.fetchval(
                 "UPDATE disclosure_chain c SET prev_hash = $1, hash = disclosure_digest(d, c.seq, $1) "
                 "FROM disclosures d WHERE d.id = c.id AND c.id = $2 RETURNING c.hash",
                 previous,
                 row["id"],
             )
-        await admin.execute("UPDATE ledger_head SET seq = $1, hash = $2", rows[-1]["seq"], previous)
-    code, _, err = await _audit_cli(database_dsn, tmp_path, "verify")
-    assert code == 1
+        await conn.execute("UPDATE ledger_head SET seq = $1, hash = $2", rows[-1]["seq"], previous)
+    err = await _verify_refuses(database_dsn, tmp_path)
     assert "sealed record 3 is missing" in err
     assert "record 2 was altered" not in err  # the rewrite itself is consistent
 
@@ -334,14 +339,12 @@ async def test_audit_verify_catches_a_record_dropped_from_the_chain(
 
     # The last record's place in the chain removed and the head moved back: the chain
     # itself is consistent, but the sequencer has passed a record that is not in it.
-    async with admin.transaction():
-        await admin.execute("SET LOCAL session_replication_role = replica")
-        first_hash = await admin.fetchval("SELECT hash FROM disclosure_chain WHERE seq = 1")
-        await admin.execute("DELETE FROM disclosure_chain WHERE seq = 2")
-        await admin.execute("UPDATE ledger_head SET seq = 1, hash = $1", first_hash)
-    code, _, err = await _audit_cli(database_dsn, tmp_path, "verify", "--no-seal")
+    async with _tampering(admin) as conn:
+        first_hash = await conn.fetchval("SELECT hash FROM disclosure_chain WHERE seq = 1")
+        await conn.execute("DELETE FROM disclosure_chain WHERE seq = 2")
+        await conn.execute("UPDATE ledger_head SET seq = 1, hash = $1", first_hash)
 
-    assert code == 1
+    err = await _verify_refuses(database_dsn, tmp_path, "--no-seal")
     assert "1 record the sequencer has passed is not in the chain" in err
 
 
