@@ -42,6 +42,8 @@ from uuid import UUID
 import pyseto
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from service.memo import remember
+
 #: Contact field number (the ``appointments.type.v1.ContactField`` enum value) → claim name.
 CONTACT_FIELDS: Mapping[int, str] = MappingProxyType({1: "name", 2: "sex", 3: "phone", 4: "email"})
 _FIELD_NUMBERS: Mapping[str, int] = MappingProxyType({name: number for number, name in CONTACT_FIELDS.items()})
@@ -411,12 +413,10 @@ class ConsentKeyring:
             _deny(CONSENT_REQUIRED, "empty token")
         if not isinstance(token, str) or len(token) > MAX_TOKEN_LENGTH:
             _deny(CONSENT_INVALID, "token too long")
-        raw = self._verified.get((token, partner_id))
+        key = (token, partner_id)
+        raw = self._verified.get(key)
         if raw is None:
-            raw = self._verify_signature(token, partner_id)
-            if len(self._verified) >= VERIFIED_MEMO_SIZE:
-                self._verified.clear()
-            self._verified[(token, partner_id)] = raw
+            raw = remember(self._verified, key, self._verify_signature(token, partner_id), VERIFIED_MEMO_SIZE)
         claims = self._check_claims(raw, partner_id)
         if now >= claims.expires_at:
             _deny(CONSENT_EXPIRED, "expired")

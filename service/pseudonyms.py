@@ -34,6 +34,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from service.memo import remember
+
 APPOINTMENT_PREFIX = "apt_"
 PATIENT_PREFIX = "pat_"
 _BODY = re.compile(r"^[a-z2-7]{26}$")
@@ -77,11 +79,7 @@ class Derived:
 
     def keep(self, table: dict[_Key, str], key: _Key, value: str) -> str:
         """Remember ``value`` under ``key`` in ``table`` (forgetting the whole table when full); return it."""
-        if self.size:
-            if len(table) >= self.size:
-                table.clear()
-            table[key] = value
-        return value
+        return remember(table, key, value, self.size) if self.size else value
 
 
 class PartnerPseudonyms:

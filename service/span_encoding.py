@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext
+
+from service.memo import remember
 
 _FIXED64 = struct.Struct("<Q")
 _DOUBLE = struct.Struct("<d")
@@ -31,8 +33,6 @@ _INT64_MASK = (1 << 64) - 1
 #: Span.flags bits: the parent's is_remote is known (always), and it is true.
 _HAS_IS_REMOTE = 0x100
 _IS_REMOTE = 0x200
-K = TypeVar("K")
-V = TypeVar("V")
 #: Entries kept in each of the encoder's memos (attribute names, whole scalar attributes).
 _MEMO_SIZE = 4096
 
@@ -116,14 +116,6 @@ def _any_value(value: Any) -> bytes:
 
 def _key_value(key: str, value: Any) -> bytes:
     return _len_field(_KEY_VALUE_KEY, key.encode()) + _len_field(_KEY_VALUE_VALUE, _any_value(value))
-
-
-def _remember(table: dict[K, V], key: K, value: V, size: int) -> V:
-    """Store ``value`` in a memo of at most ``size`` entries (emptied at once when full); return it."""
-    if len(table) >= size:
-        table.clear()
-    table[key] = value
-    return value
 
 
 def _trace_state(context: SpanContext) -> str:
@@ -237,21 +229,21 @@ class SpanEncoder:
             if known is not None:
                 return known
             encoded = self._key(key) + _len_field(_KEY_VALUE_VALUE, _any_value(value))
-            return _remember(self._scalars, (key, kind, value), encoded, _MEMO_SIZE)
+            return remember(self._scalars, (key, kind, value), encoded, _MEMO_SIZE)
         return self._key(key) + _len_field(_KEY_VALUE_VALUE, _any_value(value))
 
     def _key(self, key: str) -> bytes:
         known = self._keys.get(key)
         if known is not None:
             return known
-        return _remember(self._keys, key, _len_field(_KEY_VALUE_KEY, key.encode()), _MEMO_SIZE)
+        return remember(self._keys, key, _len_field(_KEY_VALUE_KEY, key.encode()), _MEMO_SIZE)
 
     def _resource(self, resource: Resource) -> bytes:
         cached = self._resources.get(id(resource))
         if cached is not None and cached[0] is resource:
             return cached[1]
         encoded = self._attributes(_RESOURCE_ATTRIBUTES, resource.attributes)
-        return _remember(self._resources, id(resource), (resource, encoded), 16)[1]
+        return remember(self._resources, id(resource), (resource, encoded), 16)[1]
 
     def _scope(self, scope: InstrumentationScope | None) -> bytes:
         if scope is None:

@@ -50,6 +50,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status,
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from service import redaction
+from service.memo import remember
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -258,10 +259,7 @@ class _Memo:
         try:
             return self._values[text]
         except KeyError:
-            if len(self._values) >= self._size:
-                self._values.clear()
-            value = self._values[text] = self._function(text)
-            return value
+            return remember(self._values, text, self._function(text), self._size)
 
 
 def metric_views() -> list[View]:

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from service import auth, errors, pagination, settings, timestamps
+from service import auth, errors, memo, pagination, settings, timestamps
 from service.models import PartnerKey
 from service.pseudonyms import Pseudonyms, looks_like_appointment_id
 
@@ -244,3 +244,14 @@ def test_times_in_microseconds_convert_exactly(when: datetime) -> None:
 
     assert timestamps.from_micros(micros) == when
     assert stamp == timestamps.to_timestamp(when)  # the same seconds and nanos, before 1970 too
+
+
+def test_a_memo_holds_at_most_its_size_and_is_emptied_at_once_when_full() -> None:
+    table: dict[str, int] = {}
+    for n in range(3):
+        assert memo.remember(table, f"k{n}", n, 3) == n
+    assert table == {"k0": 0, "k1": 1, "k2": 2}
+
+    assert memo.remember(table, "k3", 3, 3) == 3
+
+    assert table == {"k3": 3}
