@@ -198,13 +198,17 @@ class _SpanBuilder:
         self._scope = InstrumentationScope(SCOPE)
 
     def begin(
-        self, name: str, parent: otel_context.Context | None, kind: SpanKind, attributes: dict[str, Any]
+        self,
+        name: str,
+        parent: otel_context.Context | None,
+        parent_span: SpanContext,
+        kind: SpanKind,
+        attributes: dict[str, Any],
     ) -> SpanContext:
-        """The context of a new span under ``parent``, sampled or not by the provider's sampler.
+        """The context of a new span under ``parent`` (whose span is ``parent_span``), sampled or not by the sampler.
 
         Attributes the sampler adds are added to ``attributes``.
         """
-        parent_span = trace.get_current_span(parent).get_span_context()
         trace_id = parent_span.trace_id if parent_span.is_valid else self._ids.generate_trace_id()
         sampled = self._sampler.should_sample(parent, trace_id, name, kind, attributes)
         if sampled.attributes:
@@ -212,9 +216,9 @@ class _SpanBuilder:
         flags = TraceFlags(TraceFlags.SAMPLED if sampled.decision is Decision.RECORD_AND_SAMPLE else TraceFlags.DEFAULT)
         return SpanContext(trace_id, self._ids.generate_span_id(), False, flags, sampled.trace_state)
 
-    def new_span_id(self) -> int:
-        """A new span id from the provider's id generator."""
-        return self._ids.generate_span_id()
+    def child(self, parent: SpanContext) -> SpanContext:
+        """The context of a new span under ``parent``, following its sampling decision."""
+        return SpanContext(parent.trace_id, self._ids.generate_span_id(), False, parent.trace_flags, parent.trace_state)
 
     def end(
         self,
@@ -376,7 +380,8 @@ class Telemetry:
                 "apptgate.listener": listener,
             }
             start = time.time_ns()
-            span = self._spans.begin(method, parent, SpanKind.SERVER, attributes)
+            remote = trace.get_current_span(parent).get_span_context()
+            span = self._spans.begin(method, parent, remote, SpanKind.SERVER, attributes)
             call.traced = span.trace_flags.sampled
             # The call's span is current (its statements are its children, its trace id goes
             # into the audit records); it is built when the call ends, with what it gathered.
@@ -386,7 +391,6 @@ class Telemetry:
             finally:
                 otel_context.detach(attached)
                 attributes.update(call.attributes)
-                remote = trace.get_current_span(parent).get_span_context()
                 self._spans.end(
                     method, span, remote, SpanKind.SERVER, attributes, start, time.time_ns(), failed=call.failed
                 )
@@ -436,9 +440,15 @@ class Telemetry:
         attributes: dict[str, Any] = {"db.system": "postgresql", "db.operation": operation, "db.statement": text}
         if exception is not None:
             attributes["error.type"] = type(exception).__name__
-        span = SpanContext(parent.trace_id, self._spans.new_span_id(), False, parent.trace_flags, parent.trace_state)
         self._spans.end(
-            name, span, parent, SpanKind.CLIENT, attributes, end - int(elapsed * 1e9), end, failed=exception is not None
+            name,
+            self._spans.child(parent),
+            parent,
+            SpanKind.CLIENT,
+            attributes,
+            end - int(elapsed * 1e9),
+            end,
+            failed=exception is not None,
         )
 
 
