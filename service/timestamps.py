@@ -26,15 +26,14 @@ _MAX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
 
 def to_timestamp(value: datetime) -> Timestamp:
     """Return the Timestamp of an aware datetime (microsecond precision)."""
-    delta = value - _EPOCH
-    return Timestamp(seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1000)
+    stamp = Timestamp()
+    set_timestamp_micros(stamp, to_micros(value))
+    return stamp
 
 
 def set_timestamp(target: Timestamp, value: datetime) -> None:
     """Set ``target`` (a message's Timestamp field) to an aware datetime."""
-    delta = value - _EPOCH
-    target.seconds = delta.days * 86_400 + delta.seconds
-    target.nanos = delta.microseconds * 1000
+    set_timestamp_micros(target, to_micros(value))
 
 
 def set_timestamp_micros(target: Timestamp, value: Micros) -> None:

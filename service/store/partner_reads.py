@@ -31,9 +31,10 @@ _REFUSALS = {"AG401": KEY_INVALID, "AG403": SUSPENDED, "AG404": NOT_GRANTED}
 
 # Times as exact integer microseconds since the epoch (EXTRACT gives numeric; PostgreSQL 14 and
 # newer): ~15 µs of PostgreSQL per page, against ~150 µs for asyncpg to build 150 datetimes.
+_MICROS = "(extract(epoch FROM {}) * 1000000)::int8".format
 _COLUMNS = (
-    "id, patient_id, (extract(epoch FROM start_time) * 1000000)::int8, (extract(epoch FROM end_time) * 1000000)::int8, "
-    "status, (extract(epoch FROM update_time) * 1000000)::int8, practitioner_id, display_name, specialty"
+    f"id, patient_id, {_MICROS('start_time')}, {_MICROS('end_time')}, status, {_MICROS('update_time')}, "
+    "practitioner_id, display_name, specialty"
 )
 _LIST = f"SELECT {_COLUMNS} FROM partner_list_appointments($1, $2, $3, $4, $5, $6, $7, $8)"
 _GET = f"SELECT {_COLUMNS} FROM partner_get_appointment($1, $2, $3)"

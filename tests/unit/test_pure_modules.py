@@ -242,8 +242,10 @@ def test_times_in_microseconds_convert_exactly(when: datetime) -> None:
     stamp = Timestamp()
     timestamps.set_timestamp_micros(stamp, micros)
 
+    expected = Timestamp()
+    expected.FromDatetime(when)
     assert timestamps.from_micros(micros) == when
-    assert stamp == timestamps.to_timestamp(when)  # the same seconds and nanos, before 1970 too
+    assert stamp == expected == timestamps.to_timestamp(when)  # the same seconds and nanos, before 1970 too
 
 
 def test_a_memo_holds_at_most_its_size_and_is_emptied_at_once_when_full() -> None:
