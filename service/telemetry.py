@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -410,9 +409,11 @@ class Telemetry:
                 attributes["apptgate.error.reason"] = reason
             call.failed = code in ("INTERNAL", "UNKNOWN", "UNAVAILABLE", "DEADLINE_EXCEEDED")
         self.rpc_duration.record(duration_ms, {"rpc.method": call.method, "rpc.grpc.status_code": code})
-        self._access_log.info(
-            "rpc",
-            extra={
+        access = self._access_log
+        if access.isEnabledFor(logging.INFO):
+            # Built and handed to the handlers directly: Logger.info would also look for its
+            # caller's source line in the stack, which an access line does not carry.
+            extra = {
                 "event": "rpc",
                 "listener": call.listener,
                 "method": call.method,
@@ -421,8 +422,8 @@ class Telemetry:
                 "partner_id": call.partner_id or None,
                 "key_id": call.key_id or None,
                 "trace_id": current_trace_id() or None,
-            },
-        )
+            }
+            access.handle(access.makeRecord(access.name, logging.INFO, __file__, 0, "rpc", (), None, extra=extra))
 
     def observe_query(self, query: str, elapsed: float, exception: BaseException | None) -> None:
         """Record one finished statement as a child span of the current call (never its parameters).
@@ -493,18 +494,38 @@ class JsonFormatter(logging.Formatter):
     An exception is logged as its class and its stack frames, never its message.
     """
 
+    #: Fields a record may carry as ``extra`` (the first four come from the record itself).
+    _EXTRA = redaction.LOG_FIELD_ORDER[4:]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._encode = json.JSONEncoder(default=str).encode  # json.dumps would build one per line
+        self._second = -1
+        self._second_text = ""
+
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "time": self._time(record.created),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
         }
-        fields.update({k: v for k, v in record.__dict__.items() if k in redaction.LOG_FIELDS and k not in fields})
+        given = record.__dict__
+        for key in self._EXTRA:
+            if key in given:
+                fields[key] = given[key]
         if record.exc_info and record.exc_info[0] is not None:
             fields["exception_type"] = record.exc_info[0].__name__
             fields["stack"] = "".join(traceback.format_tb(record.exc_info[2]))
-        return json.dumps(redaction.log_fields(fields), default=str)
+        return self._encode(redaction.log_fields(fields))
+
+    def _time(self, created: float) -> str:
+        """``created`` in ISO 8601, UTC, to the millisecond (the second's text is formatted once)."""
+        second, micros = divmod(round(created * 1_000_000), 1_000_000)
+        if second != self._second:
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return f"{self._second_text}.{micros // 1000:03d}+00:00"
 
 
 def configure_logging(level: str, stream: Any = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from datetime import UTC, datetime
 
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -149,3 +150,13 @@ def test_json_logs_keep_allowed_fields_and_log_exceptions_without_their_message(
     assert line["method"] == "/a.B/C"
     assert line["exception_type"] == "ValueError"
     assert "leak.me" not in stream.getvalue() and "email" not in line
+
+
+def test_json_log_time_is_the_records_utc_time_to_the_millisecond() -> None:
+    formatter = JsonFormatter()
+    record = logging.makeLogRecord({"msg": "tick"})
+    # Within one second (the second's text is reused), across seconds, and next to a boundary.
+    for created in (1_764_400_000.0, 1_764_400_000.25, 1_764_400_000.9995, 1_764_400_001.0019, 1_764_400_059.9999996):
+        record.created = created
+        expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
+        assert json.loads(formatter.format(record))["time"] == expected
