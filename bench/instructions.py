@@ -11,6 +11,7 @@ the dump (``callgrind_annotate`` reads it) is kept for the breakdown.
 
     .venv/bin/python bench/instructions.py plain tracing sampled-out --calls 300
     .venv/bin/python bench/instructions.py plain --scenario contact --keep /tmp/cg
+    .venv/bin/python bench/instructions.py plain --scenario get --at-commit HEAD   # before a change
 
 Variants: ``plain`` (tracing off, as ``gateway`` in run.py), ``tracing``
 (100% to the OTLP sink, as ``gateway+tracing``), ``sampled-out`` (a tracer
@@ -97,9 +98,16 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--scenario", choices=sorted(run.SCENARIOS), default="list")
     parser.add_argument("--keep", type=Path, help="copy the callgrind dumps here (for callgrind_annotate)")
+    parser.add_argument("--at-commit", metavar="REV", help="count this commit (git archive) instead of the work tree")
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is missing: apt-get install -y valgrind")
+    if args.at_commit:
+        exported = Path(tempfile.mkdtemp(prefix="apptgate-src-"))
+        archive = subprocess.run(["git", "archive", args.at_commit], cwd=run.ROOT, capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(exported)], input=archive.stdout, check=True)
+        run.set_source(exported)
+        print(f"counting {args.at_commit} (exported to {exported}), not the work tree", flush=True)
     meta = asyncio.run(datagen.generate_world(datagen.WorldSpec(100_000)))
     fx = asyncio.run(run.prepare_fixture(100_000, meta))
     results: dict[str, int] = {}
