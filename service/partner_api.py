@@ -5,11 +5,11 @@ Each read is one statement as the partner-path database role (migration
 caller's active grants, so revoking a key or a grant takes effect on the next
 call; then the record, which counts the response against the partner's
 limits and writes its ledger record, and commits before the response leaves:
-no data is sent unless its audit record is durable. Basic views are recorded
+no data is sent unless its audit record is durable. Responses are recorded
 together with those of concurrent calls (:mod:`service.recorder`, one commit
-for all); a contact view is checked, counted, recorded and read in one
-statement of its own. Anything the caller may not see answers NOT_FOUND,
-whatever the reason, and every refused attempt is recorded too.
+for all); for a contact view, that statement also checks the consent and
+returns the released fields. Anything the caller may not see answers
+NOT_FOUND, whatever the reason, and every refused attempt is recorded too.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from service.consent import (
     ConsentKeyring,
 )
 from service.errors import (
-    ApptgateError,
     FieldViolation,
     InvalidArgument,
     NotFound,
@@ -232,58 +231,51 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
         principal, policy = await self._gate.admit(token, auth.partner_key_id(token))
         ids = self._pseudonyms.for_partner(principal.partner_id)
         rpc = "GetAppointmentContact"
-        failure: ApptgateError | None = None
         async with self._db.partner_statements() as conn:
             row = await self._visible(conn, principal, ids.parse_appointment_id(request.appointment_id))
             if row is None:
-                failure = NotFound("appointment not found")
                 entry = self._gate.entry(principal, rpc, ledger.VIEW_CONTACT, denial_reason="NOT_FOUND")
                 await ledger.append(conn, entry, [(request.appointment_id, None, None)])
-            else:
-                consent_id: UUID | None = None
-                try:
-                    claims = self._keyring.verify(
-                        request.consent_token, partner_id=principal.partner_id, now=datetime.now(UTC)
-                    )
-                    consent_id = claims.consent_id
-                    if claims.patient_id != row.patient_id:
-                        raise ConsentDenied(CONSENT_INVALID, "issued for another patient")
-                    # One statement checks the consent, counts and records the disclosure,
-                    # and returns the released fields sealed.
-                    stored = await consents.disclose_consented_contact(
-                        conn,
-                        self._gate.entry(principal, rpc, ledger.VIEW_CONTACT, consent_id=consent_id),
-                        request.appointment_id,
-                        row.id,
-                        row.patient_id,
-                        claims.fields,
-                        self._guard.terms(policy),
-                    )
-                    if stored.state in _CONSENT_STATES:
-                        raise ConsentDenied(_CONSENT_STATES[stored.state], stored.state)
-                    if not self._guard.settle(principal.partner_id, stored.state):
-                        failure = SUSPENDED
-                    else:
-                        # The only decryption on the partner path: the fields a live consent
-                        # released. Its record is already durable: should opening fail, the
-                        # ledger holds a disclosure that was not sent (never the reverse).
-                        contact = sealing.open_consented_contact(self._data_keys, row.patient_id, stored)
-                        message = views.appointment_contact(request.appointment_id, contact, stored.fields)
-                        self._gate.disclosed("contact", 1, stored.fields)
-                        annotate(consent_presented=True, consent_outcome="GRANTED")
-                except ConsentDenied as denied:
-                    annotate(
-                        view="contact", consent_presented=bool(request.consent_token), consent_outcome=denied.reason
-                    )
-                    self._telemetry.consent_denials.add(1, {"reason": denied.reason})
-                    failure = PermissionDenied(denied.message, reason=denied.reason)
-                    entry = self._gate.entry(
-                        principal, rpc, ledger.VIEW_CONTACT, denial_reason=denied.reason, consent_id=consent_id
-                    )
-                    await ledger.append(conn, entry, [(request.appointment_id, row.id, row.patient_id)])
-        if failure is not None:
-            raise failure
-        return message
+        if row is None:
+            raise NotFound("appointment not found")
+        consent_id: UUID | None = None
+        try:
+            claims = self._keyring.verify(request.consent_token, partner_id=principal.partner_id, now=datetime.now(UTC))
+            consent_id = claims.consent_id
+            if claims.patient_id != row.patient_id:
+                raise ConsentDenied(CONSENT_INVALID, "issued for another patient")
+            # One statement, shared with concurrent calls, checks the consent, counts and
+            # records the disclosure, and returns the released fields sealed.
+            stored = await self._recorder.disclose_contact(
+                consents.ContactRequest(
+                    self._gate.entry(principal, rpc, ledger.VIEW_CONTACT, consent_id=consent_id),
+                    request.appointment_id,
+                    row.id,
+                    row.patient_id,
+                    claims.fields,
+                ),
+                self._guard.terms(policy),
+            )
+            if stored.state in _CONSENT_STATES:
+                raise ConsentDenied(_CONSENT_STATES[stored.state], stored.state)
+        except ConsentDenied as denied:
+            annotate(view="contact", consent_presented=bool(request.consent_token), consent_outcome=denied.reason)
+            self._telemetry.consent_denials.add(1, {"reason": denied.reason})
+            entry = self._gate.entry(
+                principal, rpc, ledger.VIEW_CONTACT, denial_reason=denied.reason, consent_id=consent_id
+            )
+            async with self._db.partner_statements() as conn:
+                await ledger.append(conn, entry, [(request.appointment_id, row.id, row.patient_id)])
+            raise PermissionDenied(denied.message, reason=denied.reason) from None
+        if not self._guard.settle(principal.partner_id, stored.state):
+            raise SUSPENDED  # committed (the suspension sticks), nothing recorded or sent
+        # The only decryption on the partner path: the fields a live consent released. Its
+        # record is already durable: should opening fail, the ledger holds a disclosure
+        # that was not sent (never the reverse).
+        contact = sealing.open_consented_contact(self._data_keys, row.patient_id, stored)
+        self._gate.disclosed("contact", 1, stored.fields)
+        annotate(consent_presented=True, consent_outcome="GRANTED")
+        return views.appointment_contact(request.appointment_id, contact, stored.fields)
 
     def WatchAppointments(
         self, request: pb.WatchAppointmentsRequest, context: grpc.aio.ServicerContext

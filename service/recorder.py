@@ -1,11 +1,16 @@
-"""Group commit for the ledger: the records of concurrent basic reads share one statement and one commit.
+"""Group commit for the ledger: the records of concurrent calls share one statement and one commit.
 
-A basic read (``ListAppointments``, ``GetAppointment``) may send its response
-only once its usage charge and ledger record are durable. Committing each one
-alone made every call pay a WAL flush, and under load the flushes queued
-(migration 0017 has the figures). :class:`DisclosureRecorder` instead records
-the responses of the calls waiting at the same moment in one statement
-(``record_partner_disclosures``):
+A partner call may send its response only once its usage charge and ledger
+record are durable. Committing each one alone made every call pay a WAL
+flush and hold its partner's counter lock until then, and under load the
+flushes and the lock queued (migrations 0017 and 0019 have the figures).
+:class:`DisclosureRecorder` instead records the responses of the calls
+waiting at the same moment in one statement: basic views
+(``ListAppointments``, ``GetAppointment``) with ``record_partner_disclosures``,
+contact views (``GetAppointmentContact``) with ``disclose_consented_contacts``,
+which also checks each consent and returns the released fields sealed.
+
+For each of the two kinds:
 
 * a call that finds a writer free is written at once, alone: no timer, no
   added latency when the gateway is quiet;
@@ -16,69 +21,87 @@ the responses of the calls waiting at the same moment in one statement
   without that partner, whose calls are then written one by one, so a cap
   stops exactly where it would have without grouping;
 * a failure of the statement (database unreachable, too slow) is every
-  waiting call's failure, as its own statement's would have been.
-
-Contact disclosures are not grouped: their one statement also checks the
-consent and returns the sealed fields (``disclose_consented_contact``).
+  waiting call's failure, as its own statement's would have been;
+* a partner flagged by its charge is reported by one call of the group only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Generic, TypeVar
 from uuid import UUID
 
-from service.store import ledger, usage
-from service.store.database import Database
+from service import models
+from service.store import consents, ledger, usage
+from service.store.database import Connection, Database
 
-#: Groups written at the same time. Two keep the database busy while a group's commit is flushed.
+#: Groups of one kind written at the same time. Two keep the database busy while a group's commit is flushed.
 WRITERS = 2
-#: Responses in one group at most (a page of 50 is ~3.6 KB of record).
+#: Calls in one group at most (a page of 50 is ~3.6 KB of record).
 MAX_GROUP = 64
 
 Items = Sequence[tuple[str, UUID | None, UUID | None]]
+Request = TypeVar("Request")
+Answer = TypeVar("Answer")
 
 
 @dataclass(slots=True)
-class _Pending:
-    entry: ledger.Entry
-    items: Items
+class _Pending(Generic[Request, Answer]):
+    partner_id: UUID
+    request: Request
     terms: usage.ChargeTerms
-    outcome: asyncio.Future[str]
+    answer: asyncio.Future[Answer]
 
 
-class DisclosureRecorder:
-    """Charges and records basic-view responses, many calls per statement."""
+class _Groups(Generic[Request, Answer]):
+    """Writes the requests of one kind many calls per statement, through ``write``.
 
-    def __init__(self, database: Database, *, budget: float) -> None:
+    ``write(conn, requests, terms)`` writes a group in one statement and
+    returns one answer per request, in order, or raises
+    :class:`ledger.CapReached`; ``capped(cap)`` is the answer of a call refused
+    over ``cap``; ``outcome(answer)`` is an answer's charge outcome, and
+    ``relabel(answer, outcome)`` the same answer with another one.
+    """
+
+    def __init__(
+        self,
+        database: Database,
+        budget: float,
+        write: Callable[[Connection, list[Request], dict[UUID, usage.ChargeTerms]], Awaitable[list[Answer]]],
+        capped: Callable[[str], Answer],
+        outcome: Callable[[Answer], str],
+        relabel: Callable[[Answer, str], Answer],
+    ) -> None:
         self._db = database
         self._budget = budget
-        self._queue: list[_Pending] = []
+        self._write_group = write
+        self._capped = capped
+        self._outcome = outcome
+        self._relabel = relabel
+        self._queue: list[_Pending[Request, Answer]] = []
         self._writers: set[asyncio.Task[None]] = set()
 
-    async def record(self, entry: ledger.Entry, items: Items, terms: usage.ChargeTerms) -> str:
-        """Charge and record one response; return the charge's outcome once it is durable.
+    async def submit(self, partner_id: UUID, request: Request, terms: usage.ChargeTerms) -> Answer:
+        """Write ``request`` with the group it joins; return its answer once durable.
 
-        The outcome is ``charge_partner_usage``'s: ``ok``; ``flagged`` (given to
-        one call of the partner's group only, so the anomaly is reported once);
-        ``suspended`` (nothing recorded: send nothing); ``contact_cap`` or
-        ``patient_cap`` (nothing counted or recorded). A caller that goes away
-        (cancelled, out of time) leaves its record to be written with its group:
-        the ledger may then hold a disclosure that was not sent, never the reverse.
+        A caller that goes away (cancelled, out of time) leaves its request to
+        be written with its group: the ledger may then hold a disclosure that
+        was not sent, never the reverse.
         """
-        outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(entry, items, terms, outcome))
+        answer: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(partner_id, request, terms, answer))
         if len(self._writers) < WRITERS:
             # A fresh context: the group's statement belongs to no one call (its deadline, its span).
             writer = asyncio.create_task(self._drain(), name="apptgate-ledger-writer", context=contextvars.Context())
             self._writers.add(writer)
             writer.add_done_callback(self._writers.discard)
         try:
-            return await asyncio.shield(outcome)
+            return await asyncio.shield(answer)
         except asyncio.CancelledError:
-            outcome.add_done_callback(_unclaimed)  # nobody will read its result or failure
+            answer.add_done_callback(_unclaimed)  # nobody will read its result or failure
             raise
 
     async def _drain(self) -> None:
@@ -88,42 +111,89 @@ class DisclosureRecorder:
                 await self._write(group)
             except Exception as exc:
                 for pending in group:
-                    if not pending.outcome.done():
-                        pending.outcome.set_exception(exc)
+                    if not pending.answer.done():
+                        pending.answer.set_exception(exc)
             except BaseException:
                 for pending in group:
-                    pending.outcome.cancel()
+                    pending.answer.cancel()
                 raise
 
-    async def _write(self, group: list[_Pending]) -> None:
+    async def _write(self, group: list[_Pending[Request, Answer]]) -> None:
         """Write ``group`` in one statement; on a cap, write the rest again and the capped partner's calls alone."""
-        terms = {p.entry.partner_id: p.terms for p in group}
+        terms = {p.partner_id: p.terms for p in group}
         try:
             async with self._db.statements(self._budget) as conn:
-                outcomes = await ledger.record_many(conn, [(p.entry, p.items) for p in group], terms)
+                answers = await self._write_group(conn, [p.request for p in group], terms)
         except ledger.CapReached as over:
-            capped = [p for p in group if p.entry.partner_id == over.partner_id]
+            capped = [p for p in group if p.partner_id == over.partner_id]
             if len(capped) == 1:
-                _settle(capped[0], over.cap)
+                _settle(capped[0], self._capped(over.cap))
             else:
                 for pending in capped:
                     await self._write([pending])
-            rest = [p for p in group if p.entry.partner_id != over.partner_id]
+            rest = [p for p in group if p.partner_id != over.partner_id]
             if rest:
                 await self._write(rest)
             return
-        for pending in group:
-            outcome = outcomes[pending.entry.partner_id]
-            if outcome == "flagged":
-                outcomes[pending.entry.partner_id] = "ok"  # reported once, by this call
-            _settle(pending, outcome)
+        reported: set[UUID] = set()
+        for pending, answer in zip(group, answers, strict=True):
+            if self._outcome(answer) == "flagged":
+                if pending.partner_id in reported:
+                    answer = self._relabel(answer, "ok")
+                reported.add(pending.partner_id)
+            _settle(pending, answer)
 
 
-def _unclaimed(outcome: asyncio.Future[str]) -> None:
-    if not outcome.cancelled():
-        outcome.exception()  # retrieved, so asyncio does not report it as lost
+class DisclosureRecorder:
+    """Charges and records partner responses, many calls per statement: basic views and contact views apart."""
+
+    def __init__(self, database: Database, *, budget: float) -> None:
+        self._basic: _Groups[tuple[ledger.Entry, Items], str] = _Groups(
+            database, budget, _record_basic, capped=str, outcome=str, relabel=lambda _, outcome: outcome
+        )
+        self._contact: _Groups[consents.ContactRequest, models.StoredConsentedContact] = _Groups(
+            database,
+            budget,
+            consents.disclose_many,
+            capped=lambda cap: models.StoredConsentedContact(cap, (), None, None, None, None, None),
+            outcome=lambda stored: stored.state,
+            relabel=lambda stored, outcome: replace(stored, state=outcome),
+        )
+
+    async def record(self, entry: ledger.Entry, items: Items, terms: usage.ChargeTerms) -> str:
+        """Charge and record one basic-view response; return the charge's outcome once it is durable.
+
+        The outcome is ``charge_partner_usage``'s: ``ok``; ``flagged`` (given to
+        one call of the partner's group only, so the anomaly is reported once);
+        ``suspended`` (nothing recorded: send nothing); ``contact_cap`` or
+        ``patient_cap`` (nothing counted or recorded).
+        """
+        return await self._basic.submit(entry.partner_id, (entry, items), terms)
+
+    async def disclose_contact(
+        self, request: consents.ContactRequest, terms: usage.ChargeTerms
+    ) -> models.StoredConsentedContact:
+        """Check the consent, charge and record one contact view; return what it releases once durable.
+
+        The answer is :func:`consents.disclose_many`'s for this request: a
+        consent that is not live in ``state`` (nothing recorded), else the
+        charge's outcome as for :meth:`record`, with the released fields sealed.
+        """
+        return await self._contact.submit(request.entry.partner_id, request, terms)
 
 
-def _settle(pending: _Pending, outcome: str) -> None:
-    if not pending.outcome.done():
-        pending.outcome.set_result(outcome)
+async def _record_basic(
+    conn: Connection, requests: list[tuple[ledger.Entry, Items]], terms: dict[UUID, usage.ChargeTerms]
+) -> list[str]:
+    outcomes = await ledger.record_many(conn, requests, terms)
+    return [outcomes[entry.partner_id] for entry, _ in requests]
+
+
+def _unclaimed(answer: asyncio.Future[Answer]) -> None:
+    if not answer.cancelled():
+        answer.exception()  # retrieved, so asyncio does not report it as lost
+
+
+def _settle(pending: _Pending[Request, Answer], answer: Answer) -> None:
+    if not pending.answer.done():
+        pending.answer.set_result(answer)

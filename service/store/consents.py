@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from uuid import UUID
 
 import asyncpg
@@ -101,51 +102,61 @@ def _stored_contact(row: asyncpg.Record | None) -> models.StoredConsentedContact
     )
 
 
-_DISCLOSE = (
-    "SELECT * FROM disclose_consented_contact($1, $2, $3, $4, $5, $6, $7, $8, $9::smallint[], $10, $11, $12, $13, $14)"
+@dataclass(frozen=True, slots=True)
+class ContactRequest:
+    """One call's contact disclosure: its entry (``entry.consent_id`` names the consent) and what it asks for."""
+
+    entry: ledger.Entry
+    requested_id: str
+    appointment_id: UUID
+    patient_id: UUID
+    token_fields: Sequence[int]
+
+
+# Every array travels as an array literal (ledger.array_literal).
+_DISCLOSE_MANY = (
+    "SELECT * FROM disclose_consented_contacts($1::text::uuid[], $2::text::text[], $3::text::text[], "
+    "$4::text::text[], $5::text::text[], $6::text::uuid[], $7::text::uuid[], $8::text::uuid[], $9::text::text[], "
+    "$10::text::uuid[], $11::text::int[], $12::text::int[], $13::text::float8[], $14::text::bigint[], "
+    "$15::text::bool[])"
 )
 
 
-async def disclose_consented_contact(
-    conn: Connection,
-    entry: ledger.Entry,
-    requested_id: str,
-    appointment_id: UUID,
-    patient_id: UUID,
-    token_fields: Sequence[int],
-    terms: usage.ChargeTerms,
-) -> models.StoredConsentedContact:
-    """Check the consent, count and record the disclosure, and read the released fields: one statement.
+async def disclose_many(
+    conn: Connection, requests: Sequence[ContactRequest], terms: dict[UUID, usage.ChargeTerms]
+) -> list[models.StoredConsentedContact]:
+    """Check the consents, count and record the disclosures, and read the released fields of many calls: one statement.
 
-    ``entry.consent_id`` names the consent. The released fields are those both
-    the token and the stored consent name (``fields`` of the answer). The
-    answer's ``state`` is the consent's state when it is not live (nothing was
-    counted or recorded: the caller records the refusal), else the charge's
-    outcome: ``ok`` or ``flagged`` (recorded, values returned sealed),
-    ``suspended`` (nothing recorded, no value), or a cap (``contact_cap``,
-    ``patient_cap``: nothing counted or recorded).
+    One answer per request, in order (migration 0019). The released fields are
+    those both the token and the stored consent name (``fields`` of the
+    answer). An answer's ``state`` is its consent's state when that is not
+    live (nothing was counted or recorded for it: the caller records the
+    refusal), else its partner's charge outcome: ``ok`` or ``flagged``
+    (recorded, values returned sealed) or ``suspended`` (nothing recorded, no
+    value). Each partner in ``terms`` is charged once for all its live
+    requests. Raises :class:`ledger.CapReached` when a partner goes over a
+    daily cap, and then nothing at all is counted or recorded.
     """
+    for request in requests:
+        if request.entry.view != ledger.VIEW_CONTACT or request.entry.consent_id is None:
+            raise ValueError("disclose_many records contact views under a consent only")
+    columns: tuple[Sequence[object], ...] = (
+        [r.entry.partner_id for r in requests],
+        [r.entry.key_id for r in requests],
+        [r.entry.rpc for r in requests],
+        [r.entry.trace_id for r in requests],
+        [r.requested_id for r in requests],
+        [r.appointment_id for r in requests],
+        [r.patient_id for r in requests],
+        [r.entry.consent_id for r in requests],
+        ["{" + ",".join(map(str, r.token_fields)) + "}" for r in requests],
+        *usage.charge_columns(terms),
+    )
     try:
-        row = await conn.fetchrow(
-            _DISCLOSE,
-            entry.partner_id,
-            entry.key_id,
-            entry.rpc,
-            entry.trace_id,
-            requested_id,
-            appointment_id,
-            patient_id,
-            entry.consent_id,
-            list(token_fields),
-            terms.contact_cap,
-            terms.patient_cap,
-            terms.anomaly_factor,
-            terms.anomaly_min,
-            terms.suspend_on_anomaly,
-        )
+        rows = await conn.fetch(_DISCLOSE_MANY, *map(ledger.array_literal, columns))
     except asyncpg.PostgresError as exc:
-        cap = usage.cap_reached(exc)
-        if cap is None:
+        over = ledger.cap_refusal(exc)
+        if over is None:
             raise
-        return models.StoredConsentedContact(cap, (), None, None, None, None, None)
-    return _stored_contact(row)
+        raise over from None
+    return [_stored_contact(row) for row in rows]

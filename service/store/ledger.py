@@ -85,7 +85,7 @@ async def append(
     )
 
 
-# Every array travels as an array literal (see _array_literal).
+# Every array travels as an array literal (see array_literal).
 _RECORD_MANY = (
     "SELECT partner_id, outcome FROM record_partner_disclosures($1::text::uuid[], $2::text::text[], "
     "$3::text::text[], $4::text::text[], $5::text::int[], $6::text::text[], $7::text::uuid[], $8::text::uuid[], "
@@ -94,7 +94,7 @@ _RECORD_MANY = (
 )
 
 
-def _array_literal(values: Sequence[object]) -> str:
+def array_literal(values: Sequence[object]) -> str:
     """The PostgreSQL array literal of ``values`` (``None`` for NULL), every other element quoted.
 
     A group's per-appointment arrays hold ~50 elements per call, and asyncpg
@@ -148,29 +148,28 @@ async def record_many(
             raise ValueError("record_many records disclosed basic views only")
     # Per appointment: (response number, requested id, appointment id, patient id), as four columns.
     items = [(n, *item) for n, (_, appointments) in enumerate(responses, start=1) for item in appointments]
-    partners = sorted(terms)
-    charged = [terms[p] for p in partners]
     columns = (
         [e.partner_id for e, _ in responses],
         [e.key_id for e, _ in responses],
         [e.rpc for e, _ in responses],
         [e.trace_id for e, _ in responses],
         *(zip(*items, strict=True) if items else [()] * 4),
-        partners,
-        [t.contact_cap for t in charged],
-        [t.patient_cap for t in charged],
-        [t.anomaly_factor for t in charged],
-        [t.anomaly_min for t in charged],
-        [t.suspend_on_anomaly for t in charged],
+        *usage.charge_columns(terms),
     )
     try:
-        rows = await conn.fetch(_RECORD_MANY, *map(_array_literal, columns))
+        rows = await conn.fetch(_RECORD_MANY, *map(array_literal, columns))
     except asyncpg.PostgresError as exc:
-        cap = usage.cap_reached(exc)
-        if cap is None:
+        over = cap_refusal(exc)
+        if over is None:
             raise
-        raise CapReached(UUID(str(getattr(exc, "hint", ""))), cap) from None
+        raise over from None
     return {row["partner_id"]: str(row["outcome"]) for row in rows}
+
+
+def cap_refusal(exc: asyncpg.PostgresError) -> CapReached | None:
+    """The partner and cap a group statement refused over (AG429, its partner in HINT), if that was it."""
+    cap = usage.cap_reached(exc)
+    return None if cap is None else CapReached(UUID(str(getattr(exc, "hint", ""))), cap)
 
 
 def _disclosure(row: object) -> models.Disclosure:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -21,6 +23,20 @@ class ChargeTerms:
     anomaly_factor: float
     anomaly_min: int
     suspend_on_anomaly: bool
+
+
+def charge_columns(terms: Mapping[UUID, ChargeTerms]) -> tuple[list[Any], ...]:
+    """The partners a group statement charges, in lock order (sorted), and their terms: one list per column."""
+    partners = sorted(terms)
+    charged = [terms[p] for p in partners]
+    return (
+        partners,
+        [t.contact_cap for t in charged],
+        [t.patient_cap for t in charged],
+        [t.anomaly_factor for t in charged],
+        [t.anomaly_min for t in charged],
+        [t.suspend_on_anomaly for t in charged],
+    )
 
 
 #: The answers of ``charge_partner_usage`` (and of the statements built on it) over a cap.

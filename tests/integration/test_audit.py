@@ -118,7 +118,7 @@ async def test_records_written_before_0016_still_verify_and_list_beside_new_ones
 async def test_group_records_pass_their_arrays_as_literals_postgresql_reads_back_exactly(
     admin: asyncpg.Connection, cast: str, values: list[object]
 ) -> None:
-    literal = ledger._array_literal(values)
+    literal = ledger.array_literal(values)
 
     assert await admin.fetchval(f"SELECT $1::text::{cast}", literal) == values
 

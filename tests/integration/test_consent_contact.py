@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
+import asyncpg
 import grpc
 import grpc.aio
 import harness
@@ -26,7 +27,9 @@ from service.app import Gateway, Secrets
 from service.consent import ConsentKeyring, SigningKey
 from service.sealing import DataKeyring
 from service.settings import Settings
+from service.store import consents, ledger
 from service.store.database import Database
+from service.store.usage import ChargeTerms
 
 ALL = [CONTACT_FIELD_NAME, CONTACT_FIELD_SEX, CONTACT_FIELD_PHONE, CONTACT_FIELD_EMAIL]
 
@@ -251,3 +254,75 @@ async def test_signing_key_rotation_keeps_old_tokens_until_the_key_is_retired(
         )
         await _denied(scene.partner.contact(scene.appointment_id, old_token), "CONSENT_INVALID")
         assert (await scene.partner.contact(scene.appointment_id, new_token)).patient.email == scene.patient.email
+
+
+async def test_one_statement_answers_each_contact_of_a_group_and_records_only_the_live_ones(
+    world: World, database_dsn: str
+) -> None:
+    practitioner = await world.practitioner()
+    patients = [await world.patient() for _ in range(3)]
+    booked = [await world.appointment(practitioner, p.patient_id) for p in patients]
+    first = await world.partner("Agenda A", practitioner)
+    second = await world.partner("Agenda B", practitioner)
+    email_only = await world.consent(patients[0].patient_id, first.partner_id, [CONTACT_FIELD_EMAIL])
+    everything = await world.consent(patients[1].patient_id, second.partner_id, ALL)
+    revoked = await world.consent(patients[2].patient_id, first.partner_id, ALL)
+    await world.consents.RevokeConsent(
+        harness.consent_pb.RevokeConsentRequest(consent_id=revoked.consent_id), metadata=world.internal_metadata
+    )
+
+    def request(partner: PartnerHandle, consent: Any, n: int, token_fields: list[int]) -> consents.ContactRequest:
+        entry = ledger.Entry(
+            harness.uuid_of(partner.partner_id),
+            partner.key_id,
+            "GetAppointmentContact",
+            "",
+            ledger.VIEW_CONTACT,
+            consent_id=harness.uuid_of(consent.consent_id),
+        )
+        return consents.ContactRequest(
+            entry,
+            f"shown-{n}",
+            harness.uuid_of(booked[n].appointment_id),
+            harness.uuid_of(patients[n].patient_id),
+            token_fields,
+        )
+
+    def terms(contact_cap: int) -> ChargeTerms:
+        return ChargeTerms(contact_cap, 1000, anomaly_factor=1000.0, anomaly_min=10**6, suspend_on_anomaly=False)
+
+    group = [
+        request(first, email_only, 0, [CONTACT_FIELD_PHONE, CONTACT_FIELD_EMAIL]),  # the token names more
+        request(second, everything, 1, [CONTACT_FIELD_EMAIL, CONTACT_FIELD_NAME]),  # the consent covers more
+        request(first, revoked, 2, ALL),
+    ]
+    both = {harness.uuid_of(first.partner_id): terms(10), harness.uuid_of(second.partner_id): terms(10)}
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        answers = await consents.disclose_many(conn, group, both)
+        # Over the first partner's cap now (one contact used, cap 1): the whole group is refused.
+        with pytest.raises(ledger.CapReached) as over:
+            await consents.disclose_many(conn, group, {**both, harness.uuid_of(first.partner_id): terms(1)})
+    finally:
+        await conn.close()
+
+    email, name_and_email, refused = answers
+    assert (email.state, email.fields) == ("ok", (CONTACT_FIELD_EMAIL,))
+    assert isinstance(email.email, bytes) and email.phone is None and email.given_name is None
+    assert (name_and_email.state, name_and_email.fields) == ("ok", (CONTACT_FIELD_NAME, CONTACT_FIELD_EMAIL))
+    assert isinstance(name_and_email.given_name, bytes) and isinstance(name_and_email.email, bytes)
+    assert name_and_email.phone is None and name_and_email.sex is None
+    assert (refused.state, refused.fields) == ("revoked", tuple(ALL))
+    assert (refused.given_name, refused.sex, refused.phone, refused.email) == (None, None, None, None)
+    assert (over.value.partner_id, over.value.cap) == (harness.uuid_of(first.partner_id), "contact_cap")
+    released = [
+        (first, email_only, [CONTACT_FIELD_EMAIL]),
+        (second, everything, [CONTACT_FIELD_NAME, CONTACT_FIELD_EMAIL]),
+    ]
+    for partner, consent, fields in released:
+        recorded = [r for r in await world.disclosures(partner_id=partner.partner_id) if r.view == ledger.VIEW_CONTACT]
+        assert [(r.consent_id, list(r.contact_fields)) for r in recorded] == [(consent.consent_id, fields)]
+        usage = await world.registry.GetPartnerUsage(
+            harness.registry_pb.GetPartnerUsageRequest(partner_id=partner.partner_id), metadata=world.internal_metadata
+        )
+        assert usage.contact_disclosures == 1  # the refused group counted nothing

@@ -145,6 +145,35 @@ async def test_concurrent_reads_recorded_together_stop_exactly_at_the_patient_ca
     assert len({r.disclosure_id for r in listed}) == 8
 
 
+async def test_concurrent_contacts_recorded_together_stop_exactly_at_the_contact_cap(world: World) -> None:
+    practitioner = await world.practitioner()
+    patients = [await world.patient() for _ in range(12)]
+    for n, patient in enumerate(patients):
+        await world.appointment(practitioner, patient.patient_id, MONDAY + timedelta(minutes=10 * n))
+    capped = await world.partner("Caller", practitioner)
+    bystander = await world.partner("Neighbour", practitioner)
+    calls = []
+    for partner, how_many in ((capped, 12), (bystander, 6)):
+        before = len(await world.disclosures(partner_id=partner.partner_id))
+        listed = await partner.list_all()
+        owners = [r.patient_id for r in await world.disclosures(partner_id=partner.partner_id)][before:]
+        for shown, owner in list(zip(listed, owners, strict=True))[:how_many]:
+            token = (await world.consent(owner, partner.partner_id, [CONTACT_FIELD_EMAIL])).token
+            calls.append((partner, shown.appointment_id, token))
+    await _limits(world, capped.partner_id, contact_daily_cap=5)
+
+    # 18 contact calls at once: the gateway checks, counts and records concurrent ones in shared statements.
+    codes = await asyncio.gather(*(_code(partner.contact(shown, token)) for partner, shown, token in calls))
+
+    assert codes[:12].count(grpc.StatusCode.OK) == 5
+    assert codes[:12].count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 7
+    assert codes[12:] == [grpc.StatusCode.OK] * 6
+    for partner, expected in ((capped, 5), (bystander, 6)):
+        assert (await _usage(world, partner.partner_id)).contact_disclosures == expected
+        recorded = [r for r in await world.disclosures(partner_id=partner.partner_id) if r.view == 2]
+        assert len(recorded) == expected
+
+
 @pytest.fixture
 async def watchful(
     settings: Settings, database_dsn: str, keyring: ConsentKeyring, data_keys: DataKeyring
