@@ -53,7 +53,10 @@ AS $$
 #variable_conflict use_column
 DECLARE
     calls     integer := coalesce(cardinality(p_call_partners), 0);
-    seen      contact_disclosure[];
+    seen      contact_disclosure[] := '{}';
+    c         record;
+    r         contact_disclosure;
+    granted   smallint[];
     outcomes  text[] := '{}';
     suspended uuid[] := '{}';
     patients  uuid[];
@@ -66,31 +69,34 @@ BEGIN
         RAISE EXCEPTION 'disclose_consented_contacts: call arrays of different lengths';
     END IF;
     -- Each call's consent, read once: its state and the values of the fields both it and the token name.
-    -- A patient row that vanished reads as an unknown consent.
-    seen := ARRAY(
-        SELECT ROW(coalesce(c.state, 'unknown'),
-                   CASE WHEN c.state = 'live' THEN g.granted ELSE coalesce(c.fields, '{}') END,
-                   CASE WHEN 1 = ANY (g.granted) THEN c.sealed_given_name END,
-                   CASE WHEN 1 = ANY (g.granted) THEN c.sealed_family_name END,
-                   CASE WHEN 2 = ANY (g.granted) THEN c.sex END,
-                   CASE WHEN 3 = ANY (g.granted) THEN c.sealed_phone END,
-                   CASE WHEN 4 = ANY (g.granted) THEN c.sealed_email END,
-                   CASE WHEN 1 = ANY (g.granted) THEN c.given_name END,
-                   CASE WHEN 1 = ANY (g.granted) THEN c.family_name END,
-                   CASE WHEN 3 = ANY (g.granted) THEN c.phone END,
-                   CASE WHEN 4 = ANY (g.granted) THEN c.email END)::contact_disclosure
-        FROM unnest(p_call_partners, p_patient_ids, p_consent_ids, p_token_fields) WITH ORDINALITY
-             AS u(partner_id, patient_id, consent_id, token_fields, n)
-        LEFT JOIN LATERAL read_consented_contact(u.consent_id, u.partner_id, u.patient_id) c ON true
-        CROSS JOIN LATERAL (
-            SELECT CASE WHEN c.state = 'live' THEN ARRAY(
-                SELECT DISTINCT f FROM unnest(c.fields) AS f WHERE f = ANY (u.token_fields::smallint[]) ORDER BY f)
-            END AS granted
-        ) g
-        ORDER BY u.n);
+    FOR k IN 1 .. calls LOOP
+        SELECT * INTO c FROM read_consented_contact(p_consent_ids[k], p_call_partners[k], p_patient_ids[k]);
+        IF NOT FOUND THEN  -- the patient row vanished: as an unknown consent
+            seen[k] := ROW('unknown', '{}', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)::contact_disclosure;
+        ELSIF c.state <> 'live' THEN
+            seen[k] := ROW(c.state, c.fields, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)::contact_disclosure;
+        ELSE
+            granted := ARRAY(SELECT DISTINCT f FROM unnest(c.fields) AS f
+                             WHERE f = ANY (p_token_fields[k]::smallint[]) ORDER BY f);
+            seen[k] := ROW('live', granted,
+                           CASE WHEN 1 = ANY (granted) THEN c.sealed_given_name END,
+                           CASE WHEN 1 = ANY (granted) THEN c.sealed_family_name END,
+                           CASE WHEN 2 = ANY (granted) THEN c.sex END,
+                           CASE WHEN 3 = ANY (granted) THEN c.sealed_phone END,
+                           CASE WHEN 4 = ANY (granted) THEN c.sealed_email END,
+                           CASE WHEN 1 = ANY (granted) THEN c.given_name END,
+                           CASE WHEN 1 = ANY (granted) THEN c.family_name END,
+                           CASE WHEN 3 = ANY (granted) THEN c.phone END,
+                           CASE WHEN 4 = ANY (granted) THEN c.email END)::contact_disclosure;
+        END IF;
+    END LOOP;
     FOR i IN 1 .. coalesce(cardinality(p_partners), 0) LOOP
-        patients := ARRAY(SELECT p_patient_ids[k] FROM generate_series(1, calls) AS k
-                          WHERE p_call_partners[k] = p_partners[i] AND (seen[k]).state = 'live' ORDER BY k);
+        patients := '{}';
+        FOR k IN 1 .. calls LOOP
+            IF p_call_partners[k] = p_partners[i] AND (seen[k]).state = 'live' THEN
+                patients := patients || p_patient_ids[k];
+            END IF;
+        END LOOP;
         charged := 'ok';
         IF cardinality(patients) > 0 THEN
             charged := charge_partner_usage(p_partners[i], patients, cardinality(patients), cardinality(patients),
@@ -105,31 +111,35 @@ BEGIN
         END IF;
         outcomes := outcomes || charged;
     END LOOP;
-    INSERT INTO disclosures (partner_id, key_id, view, contact_fields, consent_id, rpc, trace_id, disclose_time,
-                             outcome, denial_reason, requested_ids, appointment_ids, patient_ids)
-    SELECT p_call_partners[k], p_key_ids[k], 2, (seen[k]).fields, p_consent_ids[k], p_rpcs[k],
-           coalesce(p_trace_ids[k], ''), statement_timestamp(), 1, '',
-           ARRAY[p_requested_ids[k]], ARRAY[p_appointment_ids[k]], ARRAY[p_patient_ids[k]]
-    FROM generate_series(1, calls) AS k
-    WHERE (seen[k]).state = 'live' AND p_call_partners[k] <> ALL (suspended)
-    ORDER BY k;
-    -- One answer per call, in the order given; a suspended partner's live calls get no value.
-    RETURN QUERY
-    SELECT CASE WHEN s.state <> 'live' THEN s.state ELSE outcomes[array_position(p_partners, p_call_partners[k])] END,
-           CASE WHEN w.withheld THEN '{}'::smallint[] ELSE s.fields END,
-           CASE WHEN NOT w.withheld THEN s.sealed_given_name END,
-           CASE WHEN NOT w.withheld THEN s.sealed_family_name END,
-           CASE WHEN NOT w.withheld THEN s.sex END,
-           CASE WHEN NOT w.withheld THEN s.sealed_phone END,
-           CASE WHEN NOT w.withheld THEN s.sealed_email END,
-           CASE WHEN NOT w.withheld THEN s.given_name END,
-           CASE WHEN NOT w.withheld THEN s.family_name END,
-           CASE WHEN NOT w.withheld THEN s.phone END,
-           CASE WHEN NOT w.withheld THEN s.email END
-    FROM generate_series(1, calls) AS k
-    CROSS JOIN LATERAL (SELECT (seen[k]).*) s
-    CROSS JOIN LATERAL (SELECT s.state = 'live' AND p_call_partners[k] = ANY (suspended) AS withheld) w
-    ORDER BY k;
+    -- One record per live call of a partner not suspended; one answer per call, in the order given.
+    FOR k IN 1 .. calls LOOP
+        r := seen[k];
+        IF r.state = 'live' THEN
+            IF p_call_partners[k] = ANY (suspended) THEN
+                r := ROW('suspended', '{}', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)::contact_disclosure;
+            ELSE
+                INSERT INTO disclosures (partner_id, key_id, view, contact_fields, consent_id, rpc, trace_id,
+                                         disclose_time, outcome, denial_reason, requested_ids, appointment_ids,
+                                         patient_ids)
+                VALUES (p_call_partners[k], p_key_ids[k], 2, r.fields, p_consent_ids[k], p_rpcs[k],
+                        coalesce(p_trace_ids[k], ''), statement_timestamp(), 1, '', ARRAY[p_requested_ids[k]],
+                        ARRAY[p_appointment_ids[k]], ARRAY[p_patient_ids[k]]);
+                r.state := outcomes[array_position(p_partners, p_call_partners[k])];
+            END IF;
+        END IF;
+        state := r.state;
+        fields := r.fields;
+        sealed_given_name := r.sealed_given_name;
+        sealed_family_name := r.sealed_family_name;
+        sex := r.sex;
+        sealed_phone := r.sealed_phone;
+        sealed_email := r.sealed_email;
+        given_name := r.given_name;
+        family_name := r.family_name;
+        phone := r.phone;
+        email := r.email;
+        RETURN NEXT;
+    END LOOP;
 END
 $$;
 -- The gateway calls it on its own (owner) path; the partner role cannot.

@@ -303,6 +303,14 @@ async def test_one_statement_answers_each_contact_of_a_group_and_records_only_th
         # Over the first partner's cap now (one contact used, cap 1): the whole group is refused.
         with pytest.raises(ledger.CapReached) as over:
             await consents.disclose_many(conn, group, {**both, harness.uuid_of(first.partner_id): terms(1)})
+        # A new patient for the second partner, under terms that suspend at the first one: nothing is sent.
+        again = await world.consent(patients[0].patient_id, second.partner_id, ALL)
+        suspending = replace(terms(10), anomaly_factor=0.0, anomaly_min=1, suspend_on_anomaly=True)
+        withheld = await consents.disclose_many(
+            conn,
+            [request(second, again, 0, ALL), request(second, everything, 1, ALL)],
+            {harness.uuid_of(second.partner_id): suspending},
+        )
     finally:
         await conn.close()
 
@@ -315,6 +323,9 @@ async def test_one_statement_answers_each_contact_of_a_group_and_records_only_th
     assert (refused.state, refused.fields) == ("revoked", tuple(ALL))
     assert (refused.given_name, refused.sex, refused.phone, refused.email) == (None, None, None, None)
     assert (over.value.partner_id, over.value.cap) == (harness.uuid_of(first.partner_id), "contact_cap")
+    assert [(w.state, w.fields, w.given_name, w.sex, w.phone, w.email) for w in withheld] == [
+        ("suspended", (), None, None, None, None)
+    ] * 2
     released = [
         (first, email_only, [CONTACT_FIELD_EMAIL]),
         (second, everything, [CONTACT_FIELD_NAME, CONTACT_FIELD_EMAIL]),
@@ -322,7 +333,7 @@ async def test_one_statement_answers_each_contact_of_a_group_and_records_only_th
     for partner, consent, fields in released:
         recorded = [r for r in await world.disclosures(partner_id=partner.partner_id) if r.view == ledger.VIEW_CONTACT]
         assert [(r.consent_id, list(r.contact_fields)) for r in recorded] == [(consent.consent_id, fields)]
-        usage = await world.registry.GetPartnerUsage(
-            harness.registry_pb.GetPartnerUsageRequest(partner_id=partner.partner_id), metadata=world.internal_metadata
-        )
-        assert usage.contact_disclosures == 1  # the refused group counted nothing
+    usage = await world.registry.GetPartnerUsage(
+        harness.registry_pb.GetPartnerUsageRequest(partner_id=first.partner_id), metadata=world.internal_metadata
+    )
+    assert usage.contact_disclosures == 1  # the refused group counted nothing
