@@ -36,12 +36,14 @@ from uuid import UUID
 
 from service import models
 from service.store import consents, ledger, usage
-from service.store.database import Connection, Database
+from service.store.database import Connection, Database, StatementSeries
 
 #: Groups of one kind written at the same time. Two keep the database busy while a group's commit is flushed.
 WRITERS = 2
 #: Calls in one group at most (a page of 50 is ~3.6 KB of record).
 MAX_GROUP = 64
+#: Seconds a writer with nothing to write keeps its connection for the next call.
+LINGER = 0.05
 
 Items = Sequence[tuple[str, UUID | None, UUID | None]]
 Request = TypeVar("Request")
@@ -64,6 +66,10 @@ class _Groups(Generic[Request, Answer]):
     :class:`ledger.CapReached`; ``capped(cap)`` is the answer of a call refused
     over ``cap``; ``outcome(answer)`` is an answer's charge outcome, and
     ``relabel(answer, outcome)`` the same answer with another one.
+
+    A writer keeps its connection while calls keep coming: after a group it
+    waits up to :data:`LINGER` for the next one, and a call that finds a
+    writer waiting wakes it instead of starting another.
     """
 
     def __init__(
@@ -82,7 +88,9 @@ class _Groups(Generic[Request, Answer]):
         self._outcome = outcome
         self._relabel = relabel
         self._queue: list[_Pending[Request, Answer]] = []
-        self._writers: set[asyncio.Task[None]] = set()
+        self._writers = 0  # running or waiting for work (counted as they start and end, not by their tasks)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._waiting: list[asyncio.Future[None]] = []  # one per writer waiting for work
 
     async def submit(self, partner_id: UUID, request: Request, terms: usage.ChargeTerms) -> Answer:
         """Write ``request`` with the group it joins; return its answer once durable.
@@ -93,47 +101,76 @@ class _Groups(Generic[Request, Answer]):
         """
         answer: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(partner_id, request, terms, answer))
-        if len(self._writers) < WRITERS:
+        if self._waiting:
+            waiting = self._waiting.pop()
+            if not waiting.done():
+                waiting.set_result(None)
+        elif self._writers < WRITERS:
+            self._writers += 1
             # A fresh context: the group's statement belongs to no one call (its deadline, its span).
             writer = asyncio.create_task(self._drain(), name="apptgate-ledger-writer", context=contextvars.Context())
-            self._writers.add(writer)
-            writer.add_done_callback(self._writers.discard)
+            self._tasks.add(writer)
+            writer.add_done_callback(self._tasks.discard)
         try:
             return await asyncio.shield(answer)
         except asyncio.CancelledError:
             answer.add_done_callback(_unclaimed)  # nobody will read its result or failure
             raise
 
-    async def _drain(self) -> None:
-        while self._queue:
-            group, self._queue = self._queue[:MAX_GROUP], self._queue[MAX_GROUP:]
-            try:
-                await self._write(group)
-            except Exception as exc:
-                for pending in group:
-                    if not pending.answer.done():
-                        pending.answer.set_exception(exc)
-            except BaseException:
-                for pending in group:
-                    pending.answer.cancel()
-                raise
+    def _take(self) -> list[_Pending[Request, Answer]]:
+        group, self._queue = self._queue[:MAX_GROUP], self._queue[MAX_GROUP:]
+        return group
 
-    async def _write(self, group: list[_Pending[Request, Answer]]) -> None:
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                group = self._take()
+                try:
+                    async with self._db.statement_series(self._budget) as series:
+                        while group:
+                            await self._write(series, group)
+                            group = self._take() if self._queue or await self._more(series) else []
+                except Exception as exc:  # the group in hand fails; the next borrows a connection again
+                    for pending in group:
+                        if not pending.answer.done():
+                            pending.answer.set_exception(exc)
+                except BaseException:
+                    for pending in group:
+                        pending.answer.cancel()
+                    raise
+        finally:
+            self._writers -= 1
+
+    async def _more(self, series: StatementSeries) -> bool:
+        """Wait up to :data:`LINGER` for another call, keeping the connection; True when there is work."""
+        series.pause()
+        wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(wake)
+        try:
+            async with asyncio.timeout(LINGER):
+                await wake
+        except TimeoutError:
+            pass
+        finally:
+            if wake in self._waiting:
+                self._waiting.remove(wake)
+        return bool(self._queue)
+
+    async def _write(self, series: StatementSeries, group: list[_Pending[Request, Answer]]) -> None:
         """Write ``group`` in one statement; on a cap, write the rest again and the capped partner's calls alone."""
         terms = {p.partner_id: p.terms for p in group}
         try:
-            async with self._db.statements(self._budget) as conn:
-                answers = await self._write_group(conn, [p.request for p in group], terms)
+            answers = await self._write_group(series.next(), [p.request for p in group], terms)
         except ledger.CapReached as over:
             capped = [p for p in group if p.partner_id == over.partner_id]
             if len(capped) == 1:
                 _settle(capped[0], self._capped(over.cap))
             else:
                 for pending in capped:
-                    await self._write([pending])
+                    await self._write(series, [pending])
             rest = [p for p in group if p.partner_id != over.partner_id]
             if rest:
-                await self._write(rest)
+                await self._write(series, rest)
             return
         reported: set[UUID] = set()
         for pending, answer in zip(group, answers, strict=True):

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -154,6 +155,24 @@ class _SessionReset:
         query = conn.get_reset_query()
         if query:
             await conn.execute(query)
+
+
+@dataclass(slots=True)
+class StatementSeries:
+    """A connection lent by :meth:`Database.statement_series`, and the budget of its next statement."""
+
+    conn: Connection
+    _timer: asyncio.Timeout
+    _budget: float
+
+    def next(self) -> Connection:
+        """The connection, with a full budget for the statement about to run."""
+        self._timer.reschedule(asyncio.get_running_loop().time() + self._budget)
+        return self.conn
+
+    def pause(self) -> None:
+        """No budget while the series waits for work (an idle wait is not a statement)."""
+        self._timer.reschedule(None)
 
 
 class NotMigratedError(Exception):
@@ -327,12 +346,23 @@ class Database:
         state behind (no SET, LISTEN or session lock): the connection goes
         back to the pool without asyncpg's reset query.
         """
+        async with self.statement_series(budget) as series:
+            yield series.conn
+
+    @asynccontextmanager
+    async def statement_series(self, budget: float) -> AsyncIterator[StatementSeries]:
+        """:meth:`statements` for a series of statements, each given ``budget`` seconds by :meth:`StatementSeries.next`.
+
+        A writer that keeps its connection between groups pays for borrowing
+        it once, not once per group.
+        """
         mark = None
+        timer = asyncio.timeout(budget)
         try:
-            async with asyncio.timeout(budget), _translated_failures(), self._acquire(budget) as conn:
+            async with timer, _translated_failures(), self._acquire(budget) as conn:
                 if self._session_reset is not None:
                     mark = self._session_reset.skip_next(conn)
-                yield conn
+                yield StatementSeries(conn, timer, budget)
         except TimeoutError as exc:
             raise DeadlineExceeded("the database work did not finish in time") from exc
         finally:
