@@ -10,7 +10,12 @@
 -- contact disclosures of the calls waiting at the same moment to this
 -- function (service/recorder.py), as it does basic views: one statement, one
 -- transaction, one flush and one counter lock per partner for all of them,
--- and each answer still leaves only once its record is durable.
+-- and each answer still leaves only once its record is durable. Measured
+-- after (same bench, two alternating runs of each version): 0.63-0.64 ms of
+-- PostgreSQL CPU per contact call against 0.73-0.77 ms. Alone, a call costs
+-- a little more than with disclose_consented_contact (pgbench, prepared
+-- statements: 0.57 against 0.52 ms); three together cost 0.84 ms against
+-- 1.60 ms for three single statements.
 --
 -- Per call, exactly what disclose_consented_contact did: the consent is read
 -- once (read_consented_contact); one that is not live returns its state and
