@@ -48,6 +48,15 @@ async def _usage(world: World, partner_id: str) -> Any:
     )
 
 
+async def _agenda(world: World, appointments: int, *partners: str) -> list[harness.PartnerHandle]:
+    """One practitioner with ``appointments`` of as many patients, 10 minutes apart, and partners granted it."""
+    practitioner = await world.practitioner()
+    for n in range(appointments):
+        patient = await world.patient()
+        await world.appointment(practitioner, patient.patient_id, MONDAY + timedelta(minutes=10 * n))
+    return [await world.partner(name, practitioner) for name in partners]
+
+
 async def test_a_partner_over_its_rate_gets_resource_exhausted_with_retry_info(world: World) -> None:
     partner = await world.partner("Eager", await world.practitioner())
     await _limits(world, partner.partner_id, requests_per_second=0.5, burst=3)
@@ -111,12 +120,7 @@ async def test_the_daily_patient_cap_refuses_new_patients_but_not_ones_already_r
 async def test_concurrent_reads_recorded_together_stop_exactly_at_the_patient_cap(
     world: World, database_dsn: str
 ) -> None:
-    practitioner = await world.practitioner()
-    patients = [await world.patient() for _ in range(24)]
-    for n, patient in enumerate(patients):
-        await world.appointment(practitioner, patient.patient_id, MONDAY + timedelta(minutes=10 * n))
-    partner = await world.partner("Crowd", practitioner)
-    bystander = await world.partner("Bystander", practitioner)
+    partner, bystander = await _agenda(world, 24, "Crowd", "Bystander")
     appointments = await partner.list_all()  # the partner's ids for them; this reaches every patient, so:
     conn = await asyncpg.connect(database_dsn)
     try:  # start the day again, as if the listing had been yesterday's
@@ -146,12 +150,7 @@ async def test_concurrent_reads_recorded_together_stop_exactly_at_the_patient_ca
 
 
 async def test_concurrent_contacts_recorded_together_stop_exactly_at_the_contact_cap(world: World) -> None:
-    practitioner = await world.practitioner()
-    patients = [await world.patient() for _ in range(12)]
-    for n, patient in enumerate(patients):
-        await world.appointment(practitioner, patient.patient_id, MONDAY + timedelta(minutes=10 * n))
-    capped = await world.partner("Caller", practitioner)
-    bystander = await world.partner("Neighbour", practitioner)
+    capped, bystander = await _agenda(world, 12, "Caller", "Neighbour")
     calls = []
     for partner, how_many in ((capped, 12), (bystander, 6)):
         before = len(await world.disclosures(partner_id=partner.partner_id))
