@@ -47,15 +47,10 @@ CREATE FUNCTION disclose_consented_contacts(
     -- One element per partner to charge, and its terms.
     p_partners uuid[], p_contact_caps integer[], p_patient_caps integer[], p_anomaly_factors double precision[],
     p_anomaly_mins bigint[], p_suspends boolean[]
-) RETURNS TABLE (
-    state text, fields smallint[],
-    sealed_given_name bytea, sealed_family_name bytea, sex smallint, sealed_phone bytea, sealed_email bytea,
-    given_name text, family_name text, phone text, email text
-)
+) RETURNS SETOF contact_disclosure
 LANGUAGE plpgsql
 SET search_path = pg_catalog, public
 AS $$
-#variable_conflict use_column
 DECLARE
     calls     integer := coalesce(cardinality(p_call_partners), 0);
     seen      contact_disclosure[] := '{}';
@@ -132,18 +127,7 @@ BEGIN
                 r.state := outcomes[array_position(p_partners, p_call_partners[k])];
             END IF;
         END IF;
-        state := r.state;
-        fields := r.fields;
-        sealed_given_name := r.sealed_given_name;
-        sealed_family_name := r.sealed_family_name;
-        sex := r.sex;
-        sealed_phone := r.sealed_phone;
-        sealed_email := r.sealed_email;
-        given_name := r.given_name;
-        family_name := r.family_name;
-        phone := r.phone;
-        email := r.email;
-        RETURN NEXT;
+        RETURN NEXT r;
     END LOOP;
 END
 $$;
