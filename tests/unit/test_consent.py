@@ -292,7 +292,7 @@ def _explode(*_args: object, **_kwargs: object) -> object:
     raise AssertionError("must not be called")
 
 
-def test_a_token_verified_once_is_not_verified_again_but_its_claims_are_checked_every_time(
+def test_a_token_verified_once_is_not_verified_again_but_its_expiry_is_checked_every_time(
     key: SigningKey, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     keyring = ConsentKeyring([key])
@@ -317,6 +317,19 @@ def test_a_token_that_failed_is_not_remembered(key: SigningKey, monkeypatch: pyt
 
     with pytest.raises(AssertionError, match="must not be called"):  # checked again, not answered from memory
         keyring.verify(token, partner_id=OTHER_PARTNER, now=NOW)
+
+
+def test_a_token_with_a_good_signature_but_a_bad_claim_is_not_remembered(
+    key: SigningKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keyring = ConsentKeyring([key])
+    forged = forge(key, {**valid_payload(), "iss": "someone-else"})
+    assert denial(keyring, forged) == CONSENT_INVALID
+
+    monkeypatch.setattr(pyseto, "decode", _explode)
+
+    with pytest.raises(AssertionError, match="must not be called"):  # verified again, not answered from memory
+        keyring.verify(forged, partner_id=PARTNER, now=NOW)
 
 
 def test_the_memo_of_verified_tokens_is_bounded(key: SigningKey, monkeypatch: pytest.MonkeyPatch) -> None:
