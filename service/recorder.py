@@ -38,8 +38,11 @@ from service import models
 from service.store import consents, ledger, usage
 from service.store.database import Connection, Database, StatementSeries
 
-#: Groups of one kind written at the same time. Two keep the database busy while a group's commit is flushed.
-WRITERS = 2
+#: Groups of one kind written at the same time. One: calls that arrive while a group is written
+#: wait for the next, so groups grow with the load. Against two (bench/run.py, c=16 and c=64): 1.70
+#: records per transaction instead of 1.33-1.42 for GetAppointment, 7-15% less PostgreSQL CPU per
+#: call, throughput the same or better (docs/performance.md).
+WRITERS = 1
 #: Calls in one group at most (a page of 50 is ~3.6 KB of record).
 MAX_GROUP = 64
 #: Seconds a writer with nothing to write keeps its connection for the next call.
