@@ -48,10 +48,10 @@ from service.errors import (
 )
 from service.extraction import SUSPENDED
 from service.partner_gate import PartnerGate
-from service.pseudonyms import Pseudonyms, looks_like_appointment_id
+from service.pseudonyms import PartnerPseudonyms, Pseudonyms, looks_like_appointment_id
 from service.recorder import DisclosureRecorder
 from service.store import consents, ledger, partner_reads
-from service.store.database import PARTNER_ROLE, Connection, Database
+from service.store.database import PARTNER_ROLE, Database
 from service.telemetry import Telemetry, annotate
 from service.watch_api import AppointmentFeed
 
@@ -185,16 +185,31 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
             )
         return response
 
-    async def _visible(
-        self, conn: Connection, principal: auth.Principal, appointment_id: UUID
-    ) -> models.BasicAppointment | None:
-        """The appointment if the caller may see it; raises for a key revoked or a partner suspended since cached."""
-        try:
-            return await partner_reads.get_appointment(
-                conn, key_id=principal.key_id, partner_id=principal.partner_id, appointment_id=appointment_id
-            )
-        except partner_reads.Refusal as refusal:
-            raise self._gate.refused(refusal, principal) from None
+    async def _named_appointment(
+        self, principal: auth.Principal, ids: PartnerPseudonyms, appointment_id: str, rpc: str, view: int
+    ) -> models.BasicAppointment:
+        """The appointment the caller named, if it may see it; otherwise the attempt is recorded and NOT_FOUND raised.
+
+        Raises for a key revoked or a partner suspended since they were cached.
+        """
+        async with self._db.partner_statements() as conn:
+            try:
+                row = await partner_reads.get_appointment(
+                    conn,
+                    key_id=principal.key_id,
+                    partner_id=principal.partner_id,
+                    appointment_id=ids.parse_appointment_id(appointment_id),
+                )
+            except partner_reads.Refusal as refusal:
+                raise self._gate.refused(refusal, principal) from None
+            if row is None:
+                entry = self._gate.entry(principal, rpc, view, denial_reason="NOT_FOUND")
+                await ledger.append(conn, entry, [(appointment_id, None, None)])
+        if row is None:
+            # No metadata: "does not exist", "not yours" and "no longer granted"
+            # must be byte-for-byte the same answer.
+            raise NotFound("appointment not found")
+        return row
 
     async def GetAppointment(
         self, request: pb.GetAppointmentRequest, context: grpc.aio.ServicerContext
@@ -203,15 +218,7 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
         token = auth.bearer_token(context.invocation_metadata())
         principal, policy = await self._gate.admit(token, auth.partner_key_id(token))
         ids = self._pseudonyms.for_partner(principal.partner_id)
-        async with self._db.partner_statements() as conn:
-            row = await self._visible(conn, principal, ids.parse_appointment_id(request.appointment_id))
-            if row is None:
-                entry = self._gate.entry(principal, "GetAppointment", ledger.VIEW_BASIC, denial_reason="NOT_FOUND")
-                await ledger.append(conn, entry, [(request.appointment_id, None, None)])
-        if row is None:
-            # No metadata: "does not exist", "not yours" and "no longer granted"
-            # must be byte-for-byte the same answer.
-            raise NotFound("appointment not found")
+        row = await self._named_appointment(principal, ids, request.appointment_id, "GetAppointment", ledger.VIEW_BASIC)
         message = views.basic_appointment(row, ids)
         outcome = await self._recorder.record(
             self._gate.entry(principal, "GetAppointment", ledger.VIEW_BASIC),
@@ -231,13 +238,7 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
         principal, policy = await self._gate.admit(token, auth.partner_key_id(token))
         ids = self._pseudonyms.for_partner(principal.partner_id)
         rpc = "GetAppointmentContact"
-        async with self._db.partner_statements() as conn:
-            row = await self._visible(conn, principal, ids.parse_appointment_id(request.appointment_id))
-            if row is None:
-                entry = self._gate.entry(principal, rpc, ledger.VIEW_CONTACT, denial_reason="NOT_FOUND")
-                await ledger.append(conn, entry, [(request.appointment_id, None, None)])
-        if row is None:
-            raise NotFound("appointment not found")
+        row = await self._named_appointment(principal, ids, request.appointment_id, rpc, ledger.VIEW_CONTACT)
         consent_id: UUID | None = None
         try:
             claims = self._keyring.verify(request.consent_token, partner_id=principal.partner_id, now=datetime.now(UTC))
