@@ -113,7 +113,7 @@ class ContactRequest:
     token_fields: Sequence[int]
 
 
-# Every array travels as an array literal (ledger.array_literal).
+# Every array travels as an array literal (ledger.run_group_statement).
 _DISCLOSE_MANY = (
     "SELECT * FROM disclose_consented_contacts($1::text::uuid[], $2::text::text[], $3::text::text[], "
     "$4::text::text[], $5::text::text[], $6::text::uuid[], $7::text::uuid[], $8::text::uuid[], $9::text::text[], "
@@ -149,14 +149,7 @@ async def disclose_many(
         [r.appointment_id for r in requests],
         [r.patient_id for r in requests],
         [r.entry.consent_id for r in requests],
-        ["{" + ",".join(map(str, r.token_fields)) + "}" for r in requests],
+        [ledger.array_literal(r.token_fields) for r in requests],
         *usage.charge_columns(terms),
     )
-    try:
-        rows = await conn.fetch(_DISCLOSE_MANY, *map(ledger.array_literal, columns))
-    except asyncpg.PostgresError as exc:
-        over = ledger.cap_refusal(exc)
-        if over is None:
-            raise
-        raise over from None
-    return [_stored_contact(row) for row in rows]
+    return [_stored_contact(row) for row in await ledger.run_group_statement(conn, _DISCLOSE_MANY, columns)]

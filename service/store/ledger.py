@@ -156,20 +156,24 @@ async def record_many(
         *(zip(*items, strict=True) if items else [()] * 4),
         *usage.charge_columns(terms),
     )
-    try:
-        rows = await conn.fetch(_RECORD_MANY, *map(array_literal, columns))
-    except asyncpg.PostgresError as exc:
-        over = cap_refusal(exc)
-        if over is None:
-            raise
-        raise over from None
+    rows = await run_group_statement(conn, _RECORD_MANY, columns)
     return {row["partner_id"]: str(row["outcome"]) for row in rows}
 
 
-def cap_refusal(exc: asyncpg.PostgresError) -> CapReached | None:
-    """The partner and cap a group statement refused over (AG429, its partner in HINT), if that was it."""
-    cap = usage.cap_reached(exc)
-    return None if cap is None else CapReached(UUID(str(getattr(exc, "hint", ""))), cap)
+async def run_group_statement(conn: Connection, statement: str, columns: Sequence[Sequence[object]]) -> list[Any]:
+    """Run a group statement (migrations 0017, 0019) with one array literal per column; return its rows.
+
+    Raises :class:`CapReached` when the statement refused a partner over a
+    daily cap (AG429, the partner in HINT).
+    """
+    try:
+        rows: list[Any] = await conn.fetch(statement, *map(array_literal, columns))
+    except asyncpg.PostgresError as exc:
+        cap = usage.cap_reached(exc)
+        if cap is None:
+            raise
+        raise CapReached(UUID(str(getattr(exc, "hint", ""))), cap) from None
+    return rows
 
 
 def _disclosure(row: object) -> models.Disclosure:
