@@ -53,6 +53,7 @@ from service.recorder import DisclosureRecorder
 from service.store import consents, ledger, partner_reads
 from service.store.database import PARTNER_ROLE, Database
 from service.telemetry import Telemetry, annotate
+from service.timestamps import Micros
 from service.watch_api import AppointmentFeed
 
 DEFAULT_PAGE_SIZE = 50
@@ -145,9 +146,45 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
             except ValueError as exc:  # sealed by us, so only a format change gets here
                 raise InvalidArgument.field("page_token", "unsupported page token") from exc
         response = pb.ListAppointmentsResponse()
+        with self._recorder.expect_basic() as expected:
+            rows = await self._listed_rows(principal, query, after, request.practitioner_id)
+            page = rows[: query.page_size]
+            if page:
+                ids = self._pseudonyms.for_partner(principal.partner_id)
+                for row in page:
+                    views.fill_basic_appointment(response.appointments.add(), row, ids)
+                outcome = await self._recorder.record(
+                    self._gate.entry(principal, "ListAppointments", ledger.VIEW_BASIC),
+                    [(m.appointment_id, r.id, r.patient_id) for m, r in zip(response.appointments, page, strict=True)],
+                    self._guard.terms(policy),
+                    expected,
+                )
+                if not self._guard.settle(principal.partner_id, outcome):
+                    raise SUSPENDED  # committed (the suspension sticks), nothing recorded or sent
+        self._gate.disclosed("basic", len(page))
+        if len(rows) > query.page_size:
+            last = page[-1]
+            response.next_page_token = self._page_tokens.seal(
+                pagination.pack_time_cursor(last.start_time, last.id), binding
+            )
+        return response
+
+    async def _listed_rows(
+        self,
+        principal: auth.Principal,
+        query: ListQuery,
+        after: tuple[Micros, UUID] | None,
+        practitioner_id: str,
+    ) -> list[models.BasicAppointment]:
+        """The page's rows (one more than the page, to tell whether another follows).
+
+        A practitioner the partner may not see is recorded and answered
+        NOT_FOUND; a key revoked or a partner suspended since they were cached
+        is refused.
+        """
         async with self._db.partner_statements() as conn:
             try:
-                rows = await partner_reads.list_appointments(
+                return await partner_reads.list_appointments(
                     conn,
                     key_id=principal.key_id,
                     partner_id=principal.partner_id,
@@ -161,29 +198,8 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
                 if refusal.kind != partner_reads.NOT_GRANTED:
                     raise self._gate.refused(refusal, principal) from None
                 entry = self._gate.entry(principal, "ListAppointments", ledger.VIEW_BASIC, denial_reason="NOT_FOUND")
-                await ledger.append(conn, entry, [(request.practitioner_id, None, None)])
-                rows = None
-        if rows is None:
-            raise NotFound("practitioner not found")
-        page = rows[: query.page_size]
-        if page:
-            ids = self._pseudonyms.for_partner(principal.partner_id)
-            for row in page:
-                views.fill_basic_appointment(response.appointments.add(), row, ids)
-            outcome = await self._recorder.record(
-                self._gate.entry(principal, "ListAppointments", ledger.VIEW_BASIC),
-                [(m.appointment_id, r.id, r.patient_id) for m, r in zip(response.appointments, page, strict=True)],
-                self._guard.terms(policy),
-            )
-            if not self._guard.settle(principal.partner_id, outcome):
-                raise SUSPENDED  # committed (the suspension sticks), nothing recorded or sent
-        self._gate.disclosed("basic", len(page))
-        if len(rows) > query.page_size:
-            last = page[-1]
-            response.next_page_token = self._page_tokens.seal(
-                pagination.pack_time_cursor(last.start_time, last.id), binding
-            )
-        return response
+                await ledger.append(conn, entry, [(practitioner_id, None, None)])
+        raise NotFound("practitioner not found")
 
     async def _named_appointment(
         self, principal: auth.Principal, ids: PartnerPseudonyms, appointment_id: str, rpc: str, view: int
@@ -218,13 +234,17 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
         token = auth.bearer_token(context.invocation_metadata())
         principal, policy = await self._gate.admit(token, auth.partner_key_id(token))
         ids = self._pseudonyms.for_partner(principal.partner_id)
-        row = await self._named_appointment(principal, ids, request.appointment_id, "GetAppointment", ledger.VIEW_BASIC)
-        message = views.basic_appointment(row, ids)
-        outcome = await self._recorder.record(
-            self._gate.entry(principal, "GetAppointment", ledger.VIEW_BASIC),
-            [(request.appointment_id, row.id, row.patient_id)],
-            self._guard.terms(policy),
-        )
+        with self._recorder.expect_basic() as expected:
+            row = await self._named_appointment(
+                principal, ids, request.appointment_id, "GetAppointment", ledger.VIEW_BASIC
+            )
+            message = views.basic_appointment(row, ids)
+            outcome = await self._recorder.record(
+                self._gate.entry(principal, "GetAppointment", ledger.VIEW_BASIC),
+                [(request.appointment_id, row.id, row.patient_id)],
+                self._guard.terms(policy),
+                expected,
+            )
         if not self._guard.settle(principal.partner_id, outcome):
             raise SUSPENDED
         self._gate.disclosed("basic", 1)
@@ -238,27 +258,31 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
         principal, policy = await self._gate.admit(token, auth.partner_key_id(token))
         ids = self._pseudonyms.for_partner(principal.partner_id)
         rpc = "GetAppointmentContact"
-        row = await self._named_appointment(principal, ids, request.appointment_id, rpc, ledger.VIEW_CONTACT)
         consent_id: UUID | None = None
         try:
-            claims = self._keyring.verify(request.consent_token, partner_id=principal.partner_id, now=datetime.now(UTC))
-            consent_id = claims.consent_id
-            if claims.patient_id != row.patient_id:
-                raise ConsentDenied(CONSENT_INVALID, "issued for another patient")
-            # One statement, shared with concurrent calls, checks the consent, counts and
-            # records the disclosure, and returns the released fields sealed.
-            stored = await self._recorder.disclose_contact(
-                consents.ContactRequest(
-                    self._gate.entry(principal, rpc, ledger.VIEW_CONTACT, consent_id=consent_id),
-                    request.appointment_id,
-                    row.id,
-                    row.patient_id,
-                    claims.fields,
-                ),
-                self._guard.terms(policy),
-            )
-            if stored.state in _CONSENT_STATES:
-                raise ConsentDenied(_CONSENT_STATES[stored.state], stored.state)
+            with self._recorder.expect_contact() as expected:
+                row = await self._named_appointment(principal, ids, request.appointment_id, rpc, ledger.VIEW_CONTACT)
+                claims = self._keyring.verify(
+                    request.consent_token, partner_id=principal.partner_id, now=datetime.now(UTC)
+                )
+                consent_id = claims.consent_id
+                if claims.patient_id != row.patient_id:
+                    raise ConsentDenied(CONSENT_INVALID, "issued for another patient")
+                # One statement, shared with concurrent calls, checks the consent, counts and
+                # records the disclosure, and returns the released fields sealed.
+                stored = await self._recorder.disclose_contact(
+                    consents.ContactRequest(
+                        self._gate.entry(principal, rpc, ledger.VIEW_CONTACT, consent_id=consent_id),
+                        request.appointment_id,
+                        row.id,
+                        row.patient_id,
+                        claims.fields,
+                    ),
+                    self._guard.terms(policy),
+                    expected,
+                )
+                if stored.state in _CONSENT_STATES:
+                    raise ConsentDenied(_CONSENT_STATES[stored.state], stored.state)
         except ConsentDenied as denied:
             annotate(view="contact", consent_presented=bool(request.consent_token), consent_outcome=denied.reason)
             self._telemetry.consent_denials.add(1, {"reason": denied.reason})

@@ -17,6 +17,12 @@ For each of the two kinds:
 * calls that arrive while :data:`WRITERS` groups are in flight wait for the
   next group, which takes all of them (up to :data:`MAX_GROUP`): the busier
   the gateway, the larger the groups and the fewer the commits;
+* before a group is written, the calls already underway (announced with
+  :meth:`DisclosureRecorder.expect_basic` or ``expect_contact`` before their
+  read) get up to :data:`GATHER` to join it: a call whose read is in flight
+  will ask for its record a moment later, and written in the same group it
+  shares the statement, the charge and the commit instead of paying for the
+  next ones. With no call underway nothing waits;
 * over a daily cap the statement records nothing; the group is written again
   without that partner, whose calls are then written one by one, so a cap
   stops exactly where it would have without grouping;
@@ -31,7 +37,7 @@ import asyncio
 import contextvars
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 from uuid import UUID
 
 from service import models
@@ -47,6 +53,8 @@ WRITERS = 1
 MAX_GROUP = 64
 #: Seconds a writer with nothing to write keeps its connection for the next call.
 LINGER = 0.05
+#: Seconds a group waits, at most, for the calls underway when it formed (their reads in flight).
+GATHER = 0.005
 
 Items = Sequence[tuple[str, UUID | None, UUID | None]]
 Request = TypeVar("Request")
@@ -61,6 +69,34 @@ class _Pending(Generic[Request, Answer]):
     answer: asyncio.Future[Answer]
 
 
+class Expected:
+    """A call underway that will ask for one record soon, or fail first (a context manager).
+
+    Leaving the block without submitting (an error, a refusal, a cancellation)
+    tells the group not to wait for this call any longer.
+    """
+
+    __slots__ = ("_groups", "_pending")
+
+    def __init__(self, groups: _Groups[Any, Any]) -> None:
+        self._groups = groups
+        self._pending = False
+
+    def __enter__(self) -> Expected:
+        self._pending = True
+        self._groups.underway += 1
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.arrived()
+
+    def arrived(self) -> None:
+        """Count this call as no longer underway (once)."""
+        if self._pending:
+            self._pending = False
+            self._groups.resolved()
+
+
 class _Groups(Generic[Request, Answer]):
     """Writes the requests of one kind many calls per statement, through ``write``.
 
@@ -72,7 +108,8 @@ class _Groups(Generic[Request, Answer]):
 
     A writer keeps its connection while calls keep coming: after a group it
     waits up to :data:`LINGER` for the next one, and a call that finds a
-    writer waiting wakes it instead of starting another.
+    writer waiting wakes it instead of starting another. Before each group it
+    waits up to :data:`GATHER` for the calls :class:`Expected` when it began.
     """
 
     def __init__(
@@ -94,8 +131,28 @@ class _Groups(Generic[Request, Answer]):
         self._writers = 0  # running or waiting for work (counted as they start and end, not by their tasks)
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiting: list[asyncio.Future[None]] = []  # one per writer waiting for work
+        self.underway = 0  # calls Expected that have neither submitted nor given up
+        self._settled = 0  # calls Expected that have, ever
+        # The gathering writer's goal (a count of settled calls) and wake-up. One slot: with more
+        # than one writer, a second gatherer would take it and the first would wait out GATHER.
+        self._gathered: tuple[int, asyncio.Future[None]] | None = None
 
-    async def submit(self, partner_id: UUID, request: Request, terms: usage.ChargeTerms) -> Answer:
+    def expect(self) -> Expected:
+        """Announce a call that will submit a request soon (see :class:`Expected`)."""
+        return Expected(self)
+
+    def resolved(self) -> None:
+        """One :class:`Expected` call submitted or gave up; wake a gathering writer whose goal it meets."""
+        self.underway -= 1
+        self._settled += 1
+        if self._gathered is not None:
+            goal, wake = self._gathered
+            if (self._settled >= goal or len(self._queue) >= MAX_GROUP) and not wake.done():
+                wake.set_result(None)
+
+    async def submit(
+        self, partner_id: UUID, request: Request, terms: usage.ChargeTerms, expected: Expected | None = None
+    ) -> Answer:
         """Write ``request`` with the group it joins; return its answer once durable.
 
         A caller that goes away (cancelled, out of time) leaves its request to
@@ -104,6 +161,8 @@ class _Groups(Generic[Request, Answer]):
         """
         answer: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(partner_id, request, terms, answer))
+        if expected is not None:
+            expected.arrived()
         if self._waiting:
             waiting = self._waiting.pop()
             if not waiting.done():
@@ -127,12 +186,16 @@ class _Groups(Generic[Request, Answer]):
     async def _drain(self) -> None:
         try:
             while self._queue:
+                await self._gather()
                 group = self._take()
                 try:
                     async with self._db.statement_series(self._budget) as series:
                         while group:
                             await self._write(series, group)
-                            group = self._take() if self._queue or await self._more(series) else []
+                            group = []
+                            if self._queue or await self._more(series):
+                                await self._gather()
+                                group = self._take()
                 except Exception as exc:  # the group in hand fails; the next borrows a connection again
                     for pending in group:
                         if not pending.answer.done():
@@ -143,6 +206,20 @@ class _Groups(Generic[Request, Answer]):
                     raise
         finally:
             self._writers -= 1
+
+    async def _gather(self) -> None:
+        """Wait up to :data:`GATHER` for the calls underway now to submit or give up, unless the group is full."""
+        if not self.underway or len(self._queue) >= MAX_GROUP:
+            return
+        wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._gathered = (self._settled + self.underway, wake)
+        try:
+            async with asyncio.timeout(GATHER):
+                await wake
+        except TimeoutError:
+            pass
+        finally:
+            self._gathered = None
 
     async def _more(self, series: StatementSeries) -> bool:
         """Wait up to :data:`LINGER` for another call, keeping the connection; True when there is work."""
@@ -200,7 +277,17 @@ class DisclosureRecorder:
             relabel=lambda stored, outcome: replace(stored, state=outcome),
         )
 
-    async def record(self, entry: ledger.Entry, items: Items, terms: usage.ChargeTerms) -> str:
+    def expect_basic(self) -> Expected:
+        """Announce a basic-view call before its read, so that groups formed meanwhile wait for it."""
+        return self._basic.expect()
+
+    def expect_contact(self) -> Expected:
+        """Announce a contact-view call before its read, so that groups formed meanwhile wait for it."""
+        return self._contact.expect()
+
+    async def record(
+        self, entry: ledger.Entry, items: Items, terms: usage.ChargeTerms, expected: Expected | None = None
+    ) -> str:
         """Charge and record one basic-view response; return the charge's outcome once it is durable.
 
         The outcome is ``charge_partner_usage``'s: ``ok``; ``flagged`` (given to
@@ -208,10 +295,10 @@ class DisclosureRecorder:
         ``suspended`` (nothing recorded: send nothing); ``contact_cap`` or
         ``patient_cap`` (nothing counted or recorded).
         """
-        return await self._basic.submit(entry.partner_id, (entry, items), terms)
+        return await self._basic.submit(entry.partner_id, (entry, items), terms, expected)
 
     async def disclose_contact(
-        self, request: consents.ContactRequest, terms: usage.ChargeTerms
+        self, request: consents.ContactRequest, terms: usage.ChargeTerms, expected: Expected | None = None
     ) -> models.StoredConsentedContact:
         """Check the consent, charge and record one contact view; return what it releases once durable.
 
@@ -219,7 +306,7 @@ class DisclosureRecorder:
         consent that is not live in ``state`` (nothing recorded), else the
         charge's outcome as for :meth:`record`, with the released fields sealed.
         """
-        return await self._contact.submit(request.entry.partner_id, request, terms)
+        return await self._contact.submit(request.entry.partner_id, request, terms, expected)
 
 
 async def _record_basic(

@@ -32,12 +32,9 @@ from harness import MONDAY, World
 
 from service.app import Gateway, Secrets
 from service.consent import ConsentKeyring
-from service.recorder import LINGER, DisclosureRecorder
 from service.sealing import DataKeyring
 from service.settings import Limits, Settings
-from service.store import ledger
 from service.store.database import Database
-from service.store.usage import ChargeTerms
 
 
 class Proxy:
@@ -344,33 +341,6 @@ async def test_the_callers_shorter_deadline_bounds_the_database_work(world: Worl
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert waited < 1.0
     assert locks_waiting == 0  # the server's statement was cancelled with the call, not left waiting
-
-
-async def test_a_ledger_writer_keeps_its_connection_while_calls_come_and_returns_it_when_they_stop(
-    database_dsn: str,
-) -> None:
-    db = await Database.connect(database_dsn, min_size=1, max_size=4)
-    try:
-        async with db.connection() as conn:
-            partner = await conn.fetchval("INSERT INTO partners (display_name) VALUES ('Lingering') RETURNING id")
-        recorder = DisclosureRecorder(db, budget=5.0)
-        terms = ChargeTerms(1000, 1000, anomaly_factor=1000.0, anomaly_min=10**6, suspend_on_anomaly=False)
-        entry = ledger.Entry(partner, "pk_lingering", "GetAppointment", "", ledger.VIEW_BASIC)
-        in_use_during = []
-        for n in range(5):  # one call at a time, as a quiet gateway gets them
-            assert await recorder.record(entry, [(f"shown-{n}", None, None)], terms) == "ok"
-            in_use, _, _ = db.pool_usage()
-            in_use_during.append(in_use)
-        await asyncio.sleep(LINGER * 4)
-        in_use_after, _, _ = db.pool_usage()
-        async with db.connection() as conn:
-            recorded = await conn.fetchval("SELECT count(*) FROM disclosures WHERE partner_id = $1", partner)
-    finally:
-        await db.close()
-
-    assert in_use_during == [1] * 5  # the writer held one connection from the first group to the fifth
-    assert in_use_after == 0  # and gave it back once no call came for a while
-    assert recorded == 5
 
 
 async def test_only_single_statement_work_skips_the_session_reset_on_release(database_dsn: str) -> None:

@@ -1,0 +1,123 @@
+"""The ledger's group commit (service.recorder), driven directly on a real database.
+
+What the API tests cannot pin down: which calls share a statement and when a
+writer waits. A group's calls share a transaction, so ``disclosures.txid``
+tells them apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from uuid import UUID
+
+import pytest
+
+from service import recorder as recorder_module
+from service.recorder import LINGER, DisclosureRecorder
+from service.store import ledger
+from service.store.database import Database
+from service.store.usage import ChargeTerms
+
+TERMS = ChargeTerms(1000, 1000, anomaly_factor=1000.0, anomaly_min=10**6, suspend_on_anomaly=False)
+
+
+@pytest.fixture
+async def db(database_dsn: str) -> AsyncIterator[Database]:
+    database = await Database.connect(database_dsn, min_size=1, max_size=4)
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+async def _partner(db: Database, name: str) -> tuple[UUID, ledger.Entry]:
+    async with db.connection() as conn:
+        partner = await conn.fetchval("INSERT INTO partners (display_name) VALUES ($1) RETURNING id", name)
+    return partner, ledger.Entry(partner, f"pk_{name.lower()}", "GetAppointment", "", ledger.VIEW_BASIC)
+
+
+async def _transactions(db: Database, partner: UUID) -> dict[str, int]:
+    """Each recorded request id with the number of its transaction, in order of first appearance."""
+    async with db.connection() as conn:
+        rows = await conn.fetch(
+            "SELECT requested_ids[1] AS shown, txid::text AS txid FROM disclosures WHERE partner_id = $1 ORDER BY id",
+            partner,
+        )
+    numbers: dict[str, int] = {}
+    return {row["shown"]: numbers.setdefault(row["txid"], len(numbers)) for row in rows}
+
+
+async def test_a_ledger_writer_keeps_its_connection_while_calls_come_and_returns_it_when_they_stop(
+    db: Database,
+) -> None:
+    partner, entry = await _partner(db, "Lingering")
+    recorder = DisclosureRecorder(db, budget=5.0)
+    in_use_during = []
+    for n in range(5):  # one call at a time, as a quiet gateway gets them
+        assert await recorder.record(entry, [(f"shown-{n}", None, None)], TERMS) == "ok"
+        in_use, _, _ = db.pool_usage()
+        in_use_during.append(in_use)
+    await asyncio.sleep(LINGER * 4)
+    in_use_after, _, _ = db.pool_usage()
+
+    assert in_use_during == [1] * 5  # the writer held one connection from the first group to the fifth
+    assert in_use_after == 0  # and gave it back once no call came for a while
+    assert len(await _transactions(db, partner)) == 5
+
+
+async def test_a_group_waits_for_the_call_whose_read_is_underway(db: Database) -> None:
+    partner, entry = await _partner(db, "Gathering")
+    recorder = DisclosureRecorder(db, budget=5.0)
+    with recorder.expect_basic() as underway:
+        first = asyncio.create_task(recorder.record(entry, [("shown-first", None, None)], TERMS))
+        for _ in range(3):  # the writer starts and, with a call underway, gathers
+            await asyncio.sleep(0)
+        second = await recorder.record(entry, [("shown-second", None, None)], TERMS, underway)
+    assert (await first, second) == ("ok", "ok")
+
+    # Written alone, the first would have had its own transaction.
+    assert await _transactions(db, partner) == {"shown-first": 0, "shown-second": 0}
+
+
+async def test_a_quiet_call_and_a_call_that_gives_up_hold_no_group_back(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(recorder_module, "GATHER", 60.0)  # were the group to wait it out, the test would time out
+    partner, entry = await _partner(db, "Hurried")
+    recorder = DisclosureRecorder(db, budget=5.0)
+    async with asyncio.timeout(10):
+        assert await recorder.record(entry, [("shown-alone", None, None)], TERMS) == "ok"  # nothing underway
+
+        with recorder.expect_basic():
+            waiting = asyncio.create_task(recorder.record(entry, [("shown-waiting", None, None)], TERMS))
+            for _ in range(3):
+                await asyncio.sleep(0)
+            assert not waiting.done()  # gathering for the call underway
+        # That call failed before asking for its record (left the block): the group goes at once.
+        assert await waiting == "ok"
+
+    assert await _transactions(db, partner) == {"shown-alone": 0, "shown-waiting": 1}
+
+
+async def test_a_group_waits_no_longer_than_gather_for_a_call_that_never_comes(db: Database) -> None:
+    partner, entry = await _partner(db, "Stalled")
+    recorder = DisclosureRecorder(db, budget=5.0)
+    with recorder.expect_basic():  # underway for the whole test, never asking for a record
+        async with asyncio.timeout(recorder_module.GATHER + 5):
+            assert await recorder.record(entry, [("shown-anyway", None, None)], TERMS) == "ok"
+
+    assert await _transactions(db, partner) == {"shown-anyway": 0}
+
+
+async def test_basic_and_contact_calls_underway_are_waited_for_apart(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(recorder_module, "GATHER", 60.0)
+    partner, entry = await _partner(db, "Apart")
+    recorder = DisclosureRecorder(db, budget=5.0)
+    with recorder.expect_contact():  # a contact call underway does not hold basic groups back
+        async with asyncio.timeout(10):
+            assert await recorder.record(entry, [("shown-basic", None, None)], TERMS) == "ok"
+
+    assert await _transactions(db, partner) == {"shown-basic": 0}
