@@ -14,6 +14,9 @@
 
 Both bind with ``grpc.so_reuseport = 0`` (as the gateway does), so a stale
 server on the port makes the start fail instead of silently sharing the load.
+``--loop uvloop`` runs them on the gateway's default event loop; ``run.py``
+passes the gateway's, so that the comparison is like for like (on asyncio the
+naive handler is 0-18% slower: docs/performance.md).
 
     python bench/baselines.py bare  --port 56061 --responses DIR
     python bench/baselines.py naive --port 56062 --dsn postgresql://… --partner-id UUID
@@ -205,8 +208,15 @@ def main() -> None:
     parser.add_argument("--pool-min", type=int, default=2)
     parser.add_argument("--pool-max", type=int, default=10)
     parser.add_argument("--reuse-port", action="store_true", help="share the port with sibling processes")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio", help="the event loop")
     args = parser.parse_args()
-    asyncio.run(serve(args))
+    factory = None
+    if args.loop == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(serve(args))
 
 
 if __name__ == "__main__":

@@ -298,6 +298,7 @@ def markdown(report: dict[str, Any], chart_name: str | None) -> str:
         f"- command: `{report['command']}`; wall time {report.get('wall_seconds', 0):.0f} s",
         f"- each run: {s['warmup_s']:.0f} s h2load warm-up, then {s['duration_s']:.0f} s measured; "
         f"{s['workers']} server process(es) per variant; concurrency c = {s['h2load_clients']}",
+        f"- event loop: gateway {s.get('gateway_loop', 'uvloop')}, naive and bare {s.get('baseline_loop', 'asyncio')}",
         "- CPU: seconds used by the server's process tree and by all PostgreSQL processes during the measured "
         "run (/proc), and per request; RSS at the end of the run (peak since start).",
         "",

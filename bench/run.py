@@ -387,10 +387,17 @@ def start_gateway(fx: Fixture, variant: str, port: int, workdir: Path, args: arg
     return server
 
 
+def baseline_loop(args: argparse.Namespace) -> str:
+    """The baselines' event loop: by default the gateway's (APPTGATE_EVENT_LOOP, else its default, uvloop)."""
+    if args.baseline_loop != "same":
+        return str(args.baseline_loop)
+    return os.environ.get("APPTGATE_EVENT_LOOP", "uvloop").strip().lower()
+
+
 def start_baseline(fx: Fixture, kind: str, port: int, workdir: Path, args: argparse.Namespace) -> Server:
     ensure_port_free(port)
     log_path = workdir / f"{kind}-{size_label(fx.size)}.log"
-    command = [PY, str(BENCH_DIR / "baselines.py"), kind, "--port", str(port)]
+    command = [PY, str(BENCH_DIR / "baselines.py"), kind, "--port", str(port), "--loop", baseline_loop(args)]
     if kind == "bare":
         command += ["--responses", str(workdir / f"responses-{size_label(fx.size)}")]
     else:
@@ -918,6 +925,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per measured run")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up before each measured run")
     parser.add_argument("--workers", type=int, default=1, help="server processes per variant (APPTGATE_WORKERS)")
+    parser.add_argument("--baseline-loop", choices=("same", "asyncio", "uvloop"), default="same",
+                        help="the naive and bare servers' event loop (default: the gateway's; before 2026-11-29 "
+                             "09:30 they ran on asyncio)")  # fmt: skip
     parser.add_argument("--ledger", action="store_true", help="generate the 10M ledger if missing; time breach report")
     parser.add_argument("--ledger-items", default="10m", help="appointments disclosed in the generated ledger")
     parser.add_argument("--breach-repeats", type=int, default=3)
@@ -1001,7 +1011,9 @@ def main(argv: list[str] | None = None) -> int:
         "commit": commit + (" + uncommitted changes in service/ or migrations/ (the work tree)" if dirty else ""),
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "workers": args.workers,
-                     "concurrency": concurrency, "h2load_clients": "min(c, 16) connections × c/16 streams"},
+                     "concurrency": concurrency, "h2load_clients": "min(c, 16) connections × c/16 streams",
+                     "gateway_loop": os.environ.get("APPTGATE_EVENT_LOOP", "uvloop"),
+                     "baseline_loop": baseline_loop(args)},
         "runs": [],
     }  # fmt: skip
     # Data first (reused when present).
