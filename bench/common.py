@@ -177,6 +177,34 @@ def tree_cpu_seconds(root: int) -> float:
     return total / CLK_TCK
 
 
+def tree_system_seconds_and_switches(root: int) -> tuple[float, int]:
+    """System CPU seconds and context switches (voluntary + not) so far of ``root``'s live threads and descendants'.
+
+    Per call, these tell a process that waits and wakes more (GIL handoffs,
+    socket round trips) from one that computes more: user CPU is the rest of
+    :func:`tree_cpu_seconds`.
+    """
+    system, switches = 0, 0
+    for pid in process_tree(root):
+        fields = _stat_fields(pid)
+        if fields is None:
+            continue
+        system += int(fields[12])
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except FileNotFoundError:
+            continue
+        for task in tasks:
+            try:
+                status = Path(f"/proc/{pid}/task/{task}/status").read_text()
+            except FileNotFoundError:
+                continue
+            for line in status.splitlines():
+                if "ctxt_switches:" in line:
+                    switches += int(line.split()[1])
+    return system / CLK_TCK, switches
+
+
 def rss_mib(pid: int) -> tuple[float, float]:
     """(VmRSS, VmHWM) of one process in MiB; zeros when it is gone."""
     rss = hwm = 0.0

@@ -54,9 +54,10 @@ def count(variant: str, fx: run.Fixture, calls: int, workdir: Path, scenario: st
         env["OTEL_TRACES_SAMPLER"] = "always_off"
     out = workdir / f"callgrind.{variant}.out"
     command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", run.PY]
-    if variant == "naive":
+    if variant == "naive":  # on the gateway's event loop
+        loop = env.get("APPTGATE_EVENT_LOOP", "uvloop")
         command += [str(BENCH_DIR / "baselines.py"), "naive", "--port", str(PORT), "--dsn", fx.dsn,
-                    "--partner-id", fx.meta["bench_partner_id"]]  # fmt: skip
+                    "--partner-id", fx.meta["bench_partner_id"], "--loop", loop]  # fmt: skip
     else:
         command += ["-m", "service", "serve"]
     run.ensure_port_free(PORT)

@@ -287,6 +287,25 @@ def statements(by_size: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
     return [*out, "", *plans]
 
 
+def waits(runs: list[dict[str, Any]]) -> list[str]:
+    """Per call: the server's system CPU and its threads' context switches (runs from 2026-11-29 09:40 on)."""
+    measured = [r for r in runs if "server_switches_per_req" in r]
+    if not measured:
+        return []
+    out = [
+        "Server system CPU (of the CPU above) and context switches of its threads, per call:",
+        "",
+        "| size | scenario | variant | c | system CPU ms/req | context switches / req |",
+        "| --- | --- | --- | ---: | ---: | ---: |",
+    ]
+    out += [
+        f"| {r['size']} | {r['scenario']} | {r['variant']} | {r['concurrency']} | {r['server_sys_ms_per_req']:.3f} "
+        f"| {r['server_switches_per_req']:.2f} |"
+        for r in measured
+    ]
+    return [*out, ""]
+
+
 def markdown(report: dict[str, Any], chart_name: str | None) -> str:
     m = report["machine"]
     s = report["settings"]
@@ -306,6 +325,7 @@ def markdown(report: dict[str, Any], chart_name: str | None) -> str:
         "",
         *table(report["runs"]),
         "",
+        *waits(report["runs"]),
         "## Ratios (throughput unless noted)",
         "",
         *ratios(report["runs"]),

@@ -82,6 +82,7 @@ from common import (
     size_label,
     source,
     tree_cpu_seconds,
+    tree_system_seconds_and_switches,
     with_database,
 )
 
@@ -277,6 +278,10 @@ class Server:
 
     def cpu_seconds(self) -> float:
         return sum(tree_cpu_seconds(pid) for pid in self.pids)
+
+    def system_seconds_and_switches(self) -> tuple[float, int]:
+        values = [tree_system_seconds_and_switches(pid) for pid in self.pids]
+        return sum(v[0] for v in values), sum(v[1] for v in values)
 
     def rss(self) -> tuple[float, float]:
         values = [rss_mib(pid) for root in self.pids for pid in process_tree(root)]
@@ -510,6 +515,8 @@ class Run:
     load_1m: float = 0.0  # the machine's 1-minute load average at the end of the run
     machine_cpu_s: float = 0.0  # busy CPU seconds of the whole machine during the run (/proc/stat)
     other_cpu_s: float = 0.0  # of which not this server, PostgreSQL or h2load: other people's work, this harness
+    server_sys_ms_per_req: float = 0.0  # the server's system CPU per call (in server_cpu_ms_per_req)
+    server_switches_per_req: float = 0.0  # context switches of the server's threads per call
 
 
 def process_cpu_seconds(pids: set[int]) -> dict[int, float]:
@@ -632,6 +639,7 @@ def measure(server: Server, scenario: str, concurrency: int, fx: Fixture, workdi
     log_file = workdir / "h2load.log"
     log_file.unlink(missing_ok=True)
     cpu0, pg0 = server.cpu_seconds(), tree_cpu_seconds(pg_pid) if pg_pid else 0.0
+    sys0, switches0 = server.system_seconds_and_switches()
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy0 = machine_busy_seconds()
     backends0 = process_cpu_seconds(asyncio.run(database_backends(fx.dsn, fx.meta["database"])))
@@ -645,6 +653,7 @@ def measure(server: Server, scenario: str, concurrency: int, fx: Fixture, workdi
     backends1 = process_cpu_seconds(waits.pids | set(backends0))
     db_cpu = sum(cpu - backends0.get(pid, 0.0) for pid, cpu in backends1.items())
     cpu1, pg1 = server.cpu_seconds(), tree_cpu_seconds(pg_pid) if pg_pid else 0.0
+    sys1, switches1 = server.system_seconds_and_switches()
     rss, hwm = server.rss()
     if done.returncode != 0:
         raise SystemExit(f"h2load failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
@@ -697,12 +706,15 @@ def measure(server: Server, scenario: str, concurrency: int, fx: Fixture, workdi
         db_cpu_ms_per_req=round(db_cpu * 1000 / max(requests, 1), 3),
         load_1m=round(os.getloadavg()[0], 2),
         machine_cpu_s=round(busy1 - busy0, 2),
+        server_sys_ms_per_req=round((sys1 - sys0) * 1000 / max(requests, 1), 3),
+        server_switches_per_req=round((switches1 - switches0) / max(requests, 1), 2),
     )
     run.other_cpu_s = round(max(0.0, run.machine_cpu_s - run.server_cpu_s - run.pg_cpu_s - run.loadgen_cpu_s), 2)
     log(
         f"  {run.size:>4} {scenario:<7} {server.variant:<16} c={concurrency:<3} {run.rps:>8.0f} req/s  "
         f"p50 {run.p50_ms:6.2f}  p99 {run.p99_ms:7.2f} ms  cpu {run.server_cpu_ms_per_req:.3f} ms/req  "
         f"pg {run.pg_cpu_ms_per_req:.3f} (db {run.db_cpu_ms_per_req:.3f}) ms/req  rss {run.rss_mib:.0f} MiB  "
+        f"sys {run.server_sys_ms_per_req:.3f} ms/req  cs {run.server_switches_per_req:.1f}/req  "
         f"err {errors}  load {run.load_1m:.1f}  " + ", ".join(f"{k} {v}" for k, v in list(run.pg_backends.items())[:3])
     )
     return run
