@@ -93,17 +93,7 @@ def table(runs: list[dict[str, Any]]) -> list[str]:
         "| RSS MiB (peak) | resp. bytes | errors |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    rounds = {r.get("round", 0) for r in runs}
-    ordered = sorted(
-        runs,
-        key=lambda r: (
-            _size_key(r["size"]), list(SCENARIO_NAMES).index(r["scenario"]),
-            VARIANT_ORDER.index(r["variant"]) if r["variant"] in VARIANT_ORDER else 9, r["concurrency"],
-            r.get("round", 0),
-        ),
-    )  # fmt: skip
-    for r in ordered:
-        variant = f"{r['variant']} (round {r['round'] + 1})" if "round" in r and len(rounds) > 1 else r["variant"]
+    for r, variant in _labelled(runs):
         lines.append(
             f"| {r['size']} | {r['scenario']} | {variant} | {r['concurrency']} | {r['rps']:,.0f} | "
             f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['server_cpu_s']:.1f} ({r['server_cpu_ms_per_req']:.3f}) | "
@@ -287,6 +277,23 @@ def statements(by_size: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
     return [*out, "", *plans]
 
 
+def _labelled(runs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str]]:
+    """The runs in table order, each with its variant's label (and its round, when there are several)."""
+    rounds = {r.get("round", 0) for r in runs}
+    ordered = sorted(
+        runs,
+        key=lambda r: (
+            _size_key(r["size"]), list(SCENARIO_NAMES).index(r["scenario"]),
+            VARIANT_ORDER.index(r["variant"]) if r["variant"] in VARIANT_ORDER else 9, r["concurrency"],
+            r.get("round", 0),
+        ),
+    )  # fmt: skip
+    return [
+        (r, f"{r['variant']} (round {r['round'] + 1})" if "round" in r and len(rounds) > 1 else r["variant"])
+        for r in ordered
+    ]
+
+
 def waits(runs: list[dict[str, Any]]) -> list[str]:
     """Per call: the server's system CPU and its threads' context switches (runs from 2026-11-29 09:40 on)."""
     measured = [r for r in runs if "server_switches_per_req" in r]
@@ -299,9 +306,9 @@ def waits(runs: list[dict[str, Any]]) -> list[str]:
         "| --- | --- | --- | ---: | ---: | ---: |",
     ]
     out += [
-        f"| {r['size']} | {r['scenario']} | {r['variant']} | {r['concurrency']} | {r['server_sys_ms_per_req']:.3f} "
+        f"| {r['size']} | {r['scenario']} | {variant} | {r['concurrency']} | {r['server_sys_ms_per_req']:.3f} "
         f"| {r['server_switches_per_req']:.2f} |"
-        for r in measured
+        for r, variant in _labelled(measured)
     ]
     return [*out, ""]
 
