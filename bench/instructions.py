@@ -12,6 +12,12 @@ the dump (``callgrind_annotate`` reads it) is kept for the breakdown.
     .venv/bin/python bench/instructions.py plain tracing sampled-out --calls 300
     .venv/bin/python bench/instructions.py plain --scenario contact --keep /tmp/cg
     .venv/bin/python bench/instructions.py plain --scenario get --at-commit HEAD   # before a change
+    .venv/bin/python bench/instructions.py plain naive --scenario get --clock --calls 1000
+
+``--clock`` runs without valgrind and reports what the instructions leave
+out — system calls, waiting, the kernel's share — as CPU and wall time per
+call and the idle server's CPU: one call at a time, so the figures of c=1,
+and noisy (repeat and alternate).
 
 Variants: ``plain`` (tracing off, as ``gateway`` in run.py), ``tracing``
 (100% to the OTLP sink, as ``gateway+tracing``), ``sampled-out`` (a tracer
@@ -27,12 +33,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -42,18 +50,20 @@ sys.path.insert(0, str(BENCH_DIR))
 
 import datagen  # noqa: E402
 import run  # noqa: E402
+from common import tree_cpu_seconds  # noqa: E402
 
 VARIANTS = ("plain", "tracing", "sampled-out", "naive")
 PORT, SINK_PORT = 57400, 57490
 
 
-def count(variant: str, fx: run.Fixture, calls: int, workdir: Path, scenario: str = "list") -> int:
-    """Instructions the gateway executed during ``calls`` sequential calls of ``scenario``."""
-    env = run.gateway_env(fx, PORT, workdir, tracing=variant != "plain", sink_port=SINK_PORT, workers=1)
+@contextlib.contextmanager
+def serving(variant: str, fx: run.Fixture, workdir: Path, prefix: list[str]) -> Iterator[subprocess.Popen[bytes]]:
+    """One server of ``variant`` on :data:`PORT`, started under ``prefix`` (valgrind, or nothing)."""
+    env = run.gateway_env(fx, PORT, workdir, tracing=variant not in ("plain", "naive"), sink_port=SINK_PORT,
+                          workers=1)  # fmt: skip
     if variant == "sampled-out":
         env["OTEL_TRACES_SAMPLER"] = "always_off"
-    out = workdir / f"callgrind.{variant}.out"
-    command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", run.PY]
+    command = [*prefix, run.PY]
     if variant == "naive":  # on the gateway's event loop
         loop = env.get("APPTGATE_EVENT_LOOP", "uvloop")
         command += [str(BENCH_DIR / "baselines.py"), "naive", "--port", str(PORT), "--dsn", fx.dsn,
@@ -62,35 +72,68 @@ def count(variant: str, fx: run.Fixture, calls: int, workdir: Path, scenario: st
         command += ["-m", "service", "serve"]
     run.ensure_port_free(PORT)
     sink = None
-    if variant != "plain":
+    if variant not in ("plain", "naive"):
         sink = subprocess.Popen([run.PY, str(BENCH_DIR / "otlp_sink.py"), "--port", str(SINK_PORT)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     with (workdir / f"{variant}.log").open("wb") as log:
         server = subprocess.Popen(command, cwd=run.source(), env=run.service_env(env), stdout=log, stderr=log)
-    metadata = [("authorization", f"Bearer {fx.partner_key}")]
-    body = fx.bodies[("naive" if variant == "naive" else "gateway", scenario)]
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{PORT}") as channel:
-            call = channel.unary_unary(run.SERVICE + run.SCENARIOS[scenario])
-            grpc.channel_ready_future(channel).result(timeout=300)  # startup under valgrind takes a while
-            for _ in range(50):
-                call(body, metadata=metadata, timeout=30)
-            subprocess.run(["callgrind_control", "--instr=on", str(server.pid)], check=True, capture_output=True)
-            for _ in range(calls):
-                call(body, metadata=metadata, timeout=30)
-            subprocess.run(["callgrind_control", "--instr=off", str(server.pid)], check=True, capture_output=True)
-            subprocess.run(["callgrind_control", "--dump", str(server.pid)], check=True, capture_output=True)
+        yield server
     finally:
         server.terminate()
         server.wait(timeout=120)
         if sink is not None:
             sink.terminate()
             sink.wait(timeout=10)
+
+
+def _caller(variant: str, fx: run.Fixture, scenario: str, channel: grpc.Channel) -> Callable[[], object]:
+    """One call of ``scenario`` against the server of ``variant``, once the channel is ready."""
+    call = channel.unary_unary(run.SERVICE + run.SCENARIOS[scenario])
+    metadata = [("authorization", f"Bearer {fx.partner_key}")]
+    body = fx.bodies[("naive" if variant == "naive" else "gateway", scenario)]
+    grpc.channel_ready_future(channel).result(timeout=300)  # startup under valgrind takes a while
+    return lambda: call(body, metadata=metadata, timeout=30)
+
+
+def count(variant: str, fx: run.Fixture, calls: int, workdir: Path, scenario: str = "list") -> int:
+    """Instructions the gateway executed during ``calls`` sequential calls of ``scenario``."""
+    out = workdir / f"callgrind.{variant}.out"
+    prefix = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
+    with serving(variant, fx, workdir, prefix) as server, grpc.insecure_channel(f"127.0.0.1:{PORT}") as channel:
+        call = _caller(variant, fx, scenario, channel)
+        for _ in range(50):
+            call()
+        subprocess.run(["callgrind_control", "--instr=on", str(server.pid)], check=True, capture_output=True)
+        for _ in range(calls):
+            call()
+        subprocess.run(["callgrind_control", "--instr=off", str(server.pid)], check=True, capture_output=True)
+        subprocess.run(["callgrind_control", "--dump", str(server.pid)], check=True, capture_output=True)
     dumps = sorted(workdir.glob(f"callgrind.{variant}.out.*"))
     totals = re.search(r"^totals: (\d+)", dumps[-1].read_text(), re.MULTILINE)
     if totals is None:
         raise SystemExit(f"{dumps[-1]}: no totals line")
     return int(totals.group(1))
+
+
+def clock(variant: str, fx: run.Fixture, calls: int, workdir: Path, scenario: str = "list") -> str:
+    """CPU and wall time per call of ``calls`` sequential calls, natively (noisy), and the idle server's CPU."""
+    with serving(variant, fx, workdir, []) as server, grpc.insecure_channel(f"127.0.0.1:{PORT}") as channel:
+        call = _caller(variant, fx, scenario, channel)
+        for _ in range(200):
+            call()
+        time.sleep(1)
+        cpu, started = tree_cpu_seconds(server.pid), time.monotonic()
+        time.sleep(10)
+        idle = (tree_cpu_seconds(server.pid) - cpu) / (time.monotonic() - started)
+        cpu, started = tree_cpu_seconds(server.pid), time.monotonic()
+        for _ in range(calls):
+            call()
+        wall, cpu = time.monotonic() - started, tree_cpu_seconds(server.pid) - cpu
+    return (
+        f"{calls / wall:5.0f} calls/s, {wall / calls * 1000:6.2f} ms of wall and {cpu / calls * 1000:6.3f} ms of "
+        f"server CPU per {scenario} call; idle, {idle * 100:.1f}% of a core"
+    )
 
 
 def main() -> None:
@@ -100,10 +143,14 @@ def main() -> None:
     parser.add_argument("--scenario", choices=sorted(run.SCENARIOS), default="list")
     parser.add_argument("--keep", type=Path, help="copy the callgrind dumps here (for callgrind_annotate)")
     parser.add_argument("--at-commit", metavar="REV", help="count this commit (git archive) instead of the work tree")
+    parser.add_argument("--source", type=Path, help="count this source tree (a patched copy) instead of the work tree")
+    parser.add_argument("--clock", action="store_true", help="no valgrind: CPU and wall time per call (noisy)")
     args = parser.parse_args()
-    if shutil.which("valgrind") is None:
+    if not args.clock and shutil.which("valgrind") is None:
         raise SystemExit("valgrind is missing: apt-get install -y valgrind")
-    if args.at_commit:
+    if args.source:
+        run.set_source(args.source)
+    elif args.at_commit:
         exported = Path(tempfile.mkdtemp(prefix="apptgate-src-"))
         archive = subprocess.run(["git", "archive", args.at_commit], cwd=run.ROOT, capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", str(exported)], input=archive.stdout, check=True)
@@ -114,6 +161,9 @@ def main() -> None:
     results: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="apptgate-instructions-") as tmp:
         for variant in args.variants:
+            if args.clock:
+                print(f"{variant:12} {clock(variant, fx, args.calls, Path(tmp), args.scenario)}", flush=True)
+                continue
             started = time.monotonic()
             results[variant] = count(variant, fx, args.calls, Path(tmp), args.scenario)
             print(f"{variant:12} {results[variant] / args.calls / 1e6:7.3f} M instructions per {args.scenario} call "
