@@ -58,6 +58,13 @@ def partner_login_dsn(dsn: str) -> str:
 _CANCEL_MARGIN = 0.1
 
 
+def _late(*, connected: bool) -> DeadlineExceeded:
+    """The error of a block whose timer ran out, before or after it had its connection."""
+    if connected:
+        return DeadlineExceeded("the database work did not finish before the deadline")
+    return DeadlineExceeded("the deadline passed while waiting for a database connection")
+
+
 @asynccontextmanager
 async def _translated_failures() -> AsyncIterator[None]:
     """Turn the database's failures of a unit of work into the service's errors."""
@@ -279,14 +286,22 @@ class Database:
         return self._partner_pool is not None
 
     @asynccontextmanager
-    async def _acquire(self, budget: float | None = None, *, partner: bool = False) -> AsyncIterator[Connection]:
+    async def _acquire(
+        self, budget: float | None = None, *, partner: bool = False, timed: bool = False
+    ) -> AsyncIterator[Connection]:
+        """Borrow a connection, waiting up to ``budget`` seconds.
+
+        ``timed``: an enclosing timer already bounds the block, so the wait gets
+        no timeout of its own (asyncpg runs a timed acquire as a task of its own,
+        one more per call).
+        """
         pool = self._partner_pool if partner and self._partner_pool is not None else self._pool
         self._waiting += 1
         try:
-            conn = await pool.acquire(timeout=budget)
+            conn = await pool.acquire(timeout=None if timed else budget)
         except TimeoutError as exc:
             if budget is not None:
-                raise DeadlineExceeded("the deadline passed while waiting for a database connection") from exc
+                raise _late(connected=False) from exc
             raise
         finally:
             self._waiting -= 1
@@ -328,11 +343,13 @@ class Database:
         # left the server (the pool's release waits for that) by the time the caller
         # reads DEADLINE_EXCEEDED.
         timer = asyncio.timeout(None if budget is None else budget - min(_CANCEL_MARGIN, budget / 5))
+        connected = False
         try:
-            async with timer, _translated_failures(), self._acquire(budget, partner=True) as conn:
+            async with timer, _translated_failures(), self._acquire(budget, partner=True, timed=True) as conn:
+                connected = True
                 yield conn
         except TimeoutError as exc:  # the timer's: connection timeouts became Unavailable inside
-            raise DeadlineExceeded("the database work did not finish before the deadline") from exc
+            raise _late(connected=connected) from exc
 
     @asynccontextmanager
     async def statements(self, budget: float) -> AsyncIterator[Connection]:
@@ -358,13 +375,15 @@ class Database:
         """
         mark = None
         timer = asyncio.timeout(budget)
+        connected = False
         try:
-            async with timer, _translated_failures(), self._acquire(budget) as conn:
+            async with timer, _translated_failures(), self._acquire(budget, timed=True) as conn:
+                connected = True
                 if self._session_reset is not None:
                     mark = self._session_reset.skip_next(conn)
                 yield StatementSeries(conn, timer, budget)
         except TimeoutError as exc:
-            raise DeadlineExceeded("the database work did not finish in time") from exc
+            raise _late(connected=connected) from exc
         finally:
             if mark is not None and self._session_reset is not None:
                 self._session_reset.forget(mark)

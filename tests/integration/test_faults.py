@@ -30,8 +30,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import MONDAY, World
 
+from service import deadlines
 from service.app import Gateway, Secrets
 from service.consent import ConsentKeyring
+from service.errors import DeadlineExceeded
 from service.sealing import DataKeyring
 from service.settings import Limits, Settings
 from service.store.database import Database
@@ -341,6 +343,23 @@ async def test_the_callers_shorter_deadline_bounds_the_database_work(world: Worl
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert waited < 1.0
     assert locks_waiting == 0  # the server's statement was cancelled with the call, not left waiting
+
+
+async def test_a_partner_read_that_finds_every_connection_taken_says_so_within_its_deadline(
+    database: Database,
+) -> None:
+    async with contextlib.AsyncExitStack() as taken:
+        for _ in range(5):  # the fixture's partner pool holds five
+            await taken.enter_async_context(database.partner_statements())
+        began = time.monotonic()
+        with deadlines.bounded(0.3), pytest.raises(DeadlineExceeded) as caught:
+            async with database.partner_statements() as conn:
+                await conn.fetchval("SELECT 1")
+        waited = time.monotonic() - began
+
+    # The wait is named (the call's timer used to run out first and blame the statement).
+    assert "waiting for a database connection" in caught.value.message
+    assert waited < 1.0
 
 
 async def test_only_single_statement_work_skips_the_session_reset_on_release(database_dsn: str) -> None:
