@@ -173,11 +173,9 @@ class _Groups(Generic[Request, Answer]):
             writer = asyncio.create_task(self._drain(), name="apptgate-ledger-writer", context=contextvars.Context())
             self._tasks.add(writer)
             writer.add_done_callback(self._tasks.discard)
-        try:
-            return await asyncio.shield(answer)
-        except asyncio.CancelledError:
-            answer.add_done_callback(_unclaimed)  # nobody will read its result or failure
-            raise
+        # A caller that goes away cancels its answer, not its request: the writer still
+        # writes the request with its group and leaves the answer alone (see _settle).
+        return await answer
 
     def _take(self) -> list[_Pending[Request, Answer]]:
         group, self._queue = self._queue[:MAX_GROUP], self._queue[MAX_GROUP:]
@@ -314,11 +312,6 @@ async def _record_basic(
 ) -> list[str]:
     outcomes = await ledger.record_many(conn, requests, terms)
     return [outcomes[entry.partner_id] for entry, _ in requests]
-
-
-def _unclaimed(answer: asyncio.Future[Answer]) -> None:
-    if not answer.cancelled():
-        answer.exception()  # retrieved, so asyncio does not report it as lost
 
 
 def _settle(pending: _Pending[Request, Answer], answer: Answer) -> None:

@@ -121,3 +121,19 @@ async def test_basic_and_contact_calls_underway_are_waited_for_apart(
             assert await recorder.record(entry, [("shown-basic", None, None)], TERMS) == "ok"
 
     assert await _transactions(db, partner) == {"shown-basic": 0}
+
+
+async def test_a_caller_that_goes_away_leaves_its_record_to_be_written(db: Database) -> None:
+    partner, entry = await _partner(db, "Gone")
+    recorder = DisclosureRecorder(db, budget=5.0)
+    with recorder.expect_basic() as underway:  # the group gathers, so the caller is cancelled before it is written
+        gone = asyncio.create_task(recorder.record(entry, [("shown-gone", None, None)], TERMS))
+        await asyncio.sleep(0)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        stayed = await recorder.record(entry, [("shown-stayed", None, None)], TERMS, underway)
+
+    assert stayed == "ok"
+    # The ledger may hold a disclosure that was not sent, never the reverse.
+    assert await _transactions(db, partner) == {"shown-gone": 0, "shown-stayed": 0}
