@@ -178,7 +178,7 @@ def tree_cpu_seconds(root: int) -> float:
 
 
 def tree_system_seconds_and_switches(root: int) -> tuple[float, int]:
-    """System CPU seconds and context switches (voluntary + not) so far of ``root``'s live threads and descendants'.
+    """System CPU seconds and context switches so far of ``root``, its live descendants and their threads.
 
     Per call, these tell a process that waits and wakes more (GIL handoffs,
     socket round trips) from one that computes more: user CPU is the rest of

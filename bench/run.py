@@ -938,8 +938,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up before each measured run")
     parser.add_argument("--workers", type=int, default=1, help="server processes per variant (APPTGATE_WORKERS)")
     parser.add_argument("--baseline-loop", choices=("same", "asyncio", "uvloop"), default="same",
-                        help="the naive and bare servers' event loop (default: the gateway's; before 2026-11-29 "
-                             "09:30 they ran on asyncio)")  # fmt: skip
+                        help="the naive and bare servers' event loop (default: the gateway's; before commit "
+                             "0fc513e they ran on asyncio)")  # fmt: skip
     parser.add_argument("--ledger", action="store_true", help="generate the 10M ledger if missing; time breach report")
     parser.add_argument("--ledger-items", default="10m", help="appointments disclosed in the generated ledger")
     parser.add_argument("--breach-repeats", type=int, default=3)
