@@ -177,23 +177,23 @@ class _Groups(Generic[Request, Answer]):
         # writes the request with its group and leaves the answer alone (see _settle).
         return await answer
 
-    def _take(self) -> list[_Pending[Request, Answer]]:
+    async def _next_group(self) -> list[_Pending[Request, Answer]]:
+        """The next group, once the calls underway have joined it (:meth:`_gather`)."""
+        await self._gather()
         group, self._queue = self._queue[:MAX_GROUP], self._queue[MAX_GROUP:]
         return group
 
     async def _drain(self) -> None:
         try:
             while self._queue:
-                await self._gather()
-                group = self._take()
+                group = await self._next_group()
                 try:
                     async with self._db.statement_series(self._budget) as series:
                         while group:
                             await self._write(series, group)
                             group = []
                             if self._queue or await self._more(series):
-                                await self._gather()
-                                group = self._take()
+                                group = await self._next_group()
                 except Exception as exc:  # the group in hand fails; the next borrows a connection again
                     for pending in group:
                         if not pending.answer.done():
@@ -212,10 +212,7 @@ class _Groups(Generic[Request, Answer]):
         wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._gathered = (self._settled + self.underway, wake)
         try:
-            async with asyncio.timeout(GATHER):
-                await wake
-        except TimeoutError:
-            pass
+            await _woken(wake, GATHER)
         finally:
             self._gathered = None
 
@@ -225,10 +222,7 @@ class _Groups(Generic[Request, Answer]):
         wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.append(wake)
         try:
-            async with asyncio.timeout(LINGER):
-                await wake
-        except TimeoutError:
-            pass
+            await _woken(wake, LINGER)
         finally:
             if wake in self._waiting:
                 self._waiting.remove(wake)
@@ -312,6 +306,15 @@ async def _record_basic(
 ) -> list[str]:
     outcomes = await ledger.record_many(conn, requests, terms)
     return [outcomes[entry.partner_id] for entry, _ in requests]
+
+
+async def _woken(wake: asyncio.Future[None], seconds: float) -> None:
+    """Wait for ``wake`` to be set, or ``seconds`` to pass."""
+    try:
+        async with asyncio.timeout(seconds):
+            await wake
+    except TimeoutError:
+        pass
 
 
 def _settle(pending: _Pending[Request, Answer], answer: Answer) -> None:
