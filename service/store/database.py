@@ -425,7 +425,7 @@ class Database:
     async def ping(self, within: float) -> bool:
         """True when the database answers a trivial query within ``within`` seconds."""
         try:
-            async with asyncio.timeout(within), self._acquire(within) as conn:
+            async with asyncio.timeout(within), self._acquire(within, timed=True) as conn:
                 await conn.fetchval("SELECT 1")
         except (*UNREACHABLE, DeadlineExceeded, asyncpg.PostgresError):
             return False
