@@ -65,7 +65,7 @@ def serving(variant: str, fx: run.Fixture, workdir: Path, prefix: list[str]) -> 
         env["OTEL_TRACES_SAMPLER"] = "always_off"
     command = [*prefix, run.PY]
     if variant == "naive":  # on the gateway's event loop
-        loop = env.get("APPTGATE_EVENT_LOOP", "uvloop")
+        loop = run.gateway_loop()
         command += [str(BENCH_DIR / "baselines.py"), "naive", "--port", str(PORT), "--dsn", fx.dsn,
                     "--partner-id", fx.meta["bench_partner_id"], "--loop", loop]  # fmt: skip
     else:

@@ -345,6 +345,8 @@ def gateway_env(
         # The key the world's contact values and reasons are sealed under (every gateway variant gets it).
         APPTGATE_DATA_KEY=fx.data_key,
         APPTGATE_WORKERS=str(workers),
+        # Passed on explicitly (every other APPTGATE_ variable of the harness is dropped above).
+        APPTGATE_EVENT_LOOP=gateway_loop(),
         OTEL_METRICS_EXPORTER="none",
         OTEL_TRACES_EXPORTER="none",
         # Per-partner limits (issue 6) stay on and are evaluated on every call, but set so that the
@@ -392,11 +394,14 @@ def start_gateway(fx: Fixture, variant: str, port: int, workdir: Path, args: arg
     return server
 
 
-def baseline_loop(args: argparse.Namespace) -> str:
-    """The baselines' event loop: by default the gateway's (APPTGATE_EVENT_LOOP, else its default, uvloop)."""
-    if args.baseline_loop != "same":
-        return str(args.baseline_loop)
+def gateway_loop() -> str:
+    """The gateway's event loop in a run: the harness's APPTGATE_EVENT_LOOP, else the gateway's default (uvloop)."""
     return os.environ.get("APPTGATE_EVENT_LOOP", "uvloop").strip().lower()
+
+
+def baseline_loop(args: argparse.Namespace) -> str:
+    """The baselines' event loop: by default the gateway's."""
+    return gateway_loop() if args.baseline_loop == "same" else str(args.baseline_loop)
 
 
 def start_baseline(fx: Fixture, kind: str, port: int, workdir: Path, args: argparse.Namespace) -> Server:
@@ -1024,7 +1029,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "workers": args.workers,
                      "concurrency": concurrency, "h2load_clients": "min(c, 16) connections × c/16 streams",
-                     "gateway_loop": os.environ.get("APPTGATE_EVENT_LOOP", "uvloop"),
+                     "gateway_loop": gateway_loop(),
                      "baseline_loop": baseline_loop(args)},
         "runs": [],
     }  # fmt: skip
