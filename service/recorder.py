@@ -257,8 +257,10 @@ class DisclosureRecorder:
     """Charges and records partner responses, many calls per statement: basic views and contact views apart."""
 
     def __init__(self, database: Database, *, budget: float) -> None:
+        # Patients known counted today, by partner: each basic record charges only the others.
+        self._counted = usage.CountedPatients()
         self._basic: _Groups[tuple[ledger.Entry, Items], str] = _Groups(
-            database, budget, _record_basic, capped=str, outcome=str, relabel=lambda _, outcome: outcome
+            database, budget, self._record_basic, capped=str, outcome=str, relabel=lambda _, outcome: outcome
         )
         self._contact: _Groups[consents.ContactRequest, models.StoredConsentedContact] = _Groups(
             database,
@@ -276,6 +278,12 @@ class DisclosureRecorder:
     def expect_contact(self) -> Expected:
         """Announce a contact-view call before its read, so that groups formed meanwhile wait for it."""
         return self._contact.expect()
+
+    async def _record_basic(
+        self, conn: Connection, requests: list[tuple[ledger.Entry, Items]], terms: dict[UUID, usage.ChargeTerms]
+    ) -> list[str]:
+        outcomes = await ledger.record_many(conn, requests, terms, self._counted)
+        return [outcomes[entry.partner_id] for entry, _ in requests]
 
     async def record(
         self, entry: ledger.Entry, items: Items, terms: usage.ChargeTerms, expected: Expected | None = None
@@ -299,13 +307,6 @@ class DisclosureRecorder:
         charge's outcome as for :meth:`record`, with the released fields sealed.
         """
         return await self._contact.submit(request.entry.partner_id, request, terms, expected)
-
-
-async def _record_basic(
-    conn: Connection, requests: list[tuple[ledger.Entry, Items]], terms: dict[UUID, usage.ChargeTerms]
-) -> list[str]:
-    outcomes = await ledger.record_many(conn, requests, terms)
-    return [outcomes[entry.partner_id] for entry, _ in requests]
 
 
 async def _woken(wake: asyncio.Future[None], seconds: float) -> None:

@@ -87,10 +87,10 @@ async def append(
 
 # Every array travels as an array literal (see array_literal).
 _RECORD_MANY = (
-    "SELECT partner_id, outcome FROM record_partner_disclosures($1::text::uuid[], $2::text::text[], "
+    "SELECT partner_id, outcome, counted_since FROM record_basic_disclosures($1::text::uuid[], $2::text::text[], "
     "$3::text::text[], $4::text::text[], $5::text::int[], $6::text::text[], $7::text::uuid[], $8::text::uuid[], "
     "$9::text::uuid[], $10::text::int[], $11::text::int[], $12::text::float8[], $13::text::bigint[], "
-    "$14::text::bool[])"
+    "$14::text::bool[], $15::text::bigint[], $16::text::int[], $17::text::uuid[])"
 )
 
 
@@ -133,6 +133,7 @@ async def record_many(
     conn: Connection,
     responses: Sequence[tuple[Entry, Sequence[tuple[str, UUID | None, UUID | None]]]],
     terms: dict[UUID, usage.ChargeTerms],
+    counted: usage.CountedPatients | None = None,
 ) -> dict[UUID, str]:
     """Charge and record the basic-view responses of many calls in one statement.
 
@@ -141,27 +142,64 @@ async def record_many(
     :func:`append` writes. Returns each partner's charge outcome; a partner
     suspended by it has none of its responses recorded. Raises
     :class:`CapReached` when a partner goes over a daily cap, and then nothing
-    at all is counted or recorded (migration 0017).
+    at all is counted or recorded (migrations 0017 and 0020).
+
+    With ``counted``, only the patients it does not hold are sent to be
+    charged, and it learns those of the statement once it returns: the
+    statement must commit on its own (no enclosing transaction).
     """
     for entry, _ in responses:
         if entry.view != VIEW_BASIC or entry.outcome != OUTCOME_DISCLOSED or entry.consent_id is not None:
             raise ValueError("record_many records disclosed basic views only")
-    # Per appointment: (response number, requested id, appointment id, patient id), as four columns.
-    items = [(n, *item) for n, (_, appointments) in enumerate(responses, start=1) for item in appointments]
-    columns = (
+    requested: list[object] = []
+    appointments: list[object] = []
+    patients: list[object] = []
+    ends: list[int] = []  # per response, the position of its last item
+    reached: dict[UUID, list[UUID]] = {partner: [] for partner in terms}
+    for entry, items in responses:
+        if items:
+            ids, internal_ids, patient_ids = zip(*items, strict=True)
+            requested += ids
+            appointments += internal_ids
+            patients += patient_ids
+            if entry.partner_id in reached:
+                reached[entry.partner_id] += patient_ids
+        ends.append(len(patients))
+    charged = usage.charge_columns(terms)
+    since: list[int | None] = []
+    new_ends: list[int] = []
+    new_patients: list[UUID] = []
+    for partner in charged[0]:  # the patients to charge: those the memo does not know counted
+        known = None if counted is None else counted.since(partner)
+        since.append(known)
+        if counted is not None and known is not None:
+            new_patients += counted.unknown(partner, reached[partner])
+        new_ends.append(len(new_patients))
+    columns: list[Sequence[object]] = [
         [e.partner_id for e, _ in responses],
         [e.key_id for e, _ in responses],
         [e.rpc for e, _ in responses],
         [e.trace_id for e, _ in responses],
-        *(zip(*items, strict=True) if items else [()] * 4),
-        *usage.charge_columns(terms),
-    )
+        ends,
+        requested,
+        appointments,
+        patients,
+        *charged,
+        since,
+        new_ends,
+        new_patients,
+    ]
     rows = await run_group_statement(conn, _RECORD_MANY, columns)
-    return {row["partner_id"]: str(row["outcome"]) for row in rows}
+    outcomes = {}
+    for partner_id, outcome, counted_since in rows:
+        outcomes[partner_id] = str(outcome)
+        if counted is not None:
+            counted.add(partner_id, counted_since, reached[partner_id])
+    return outcomes
 
 
 async def run_group_statement(conn: Connection, statement: str, columns: Sequence[Sequence[object]]) -> list[Any]:
-    """Run a group statement (migrations 0017, 0019) with one array literal per column; return its rows.
+    """Run a group statement (migrations 0019, 0020) with one array literal per column; return its rows.
 
     Raises :class:`CapReached` when the statement refused a partner over a
     daily cap (AG429, the partner in HINT).

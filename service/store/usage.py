@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -37,6 +37,61 @@ def charge_columns(terms: Mapping[UUID, ChargeTerms]) -> tuple[list[Any], ...]:
         [t.anomaly_min for t in charged],
         [t.suspend_on_anomaly for t in charged],
     )
+
+
+class CountedPatients:
+    """The patients each partner is known to have been counted for today: a memo of this process.
+
+    A partner's patients of the day (``partner_daily_patients``) only grow
+    while its counter row for the day stands, and counting a patient counted
+    already adds nothing; agenda tools list the same pages all day. So the
+    record statement of basic views (migration 0020) is sent only the patients
+    this memo does not hold, with the counter row they were counted under
+    (:meth:`since`, the row's ``counted_since``), and charges every patient
+    anyway when the partner's row for its day is another one (a new day, or
+    counters deleted and started again). What the memo holds was read back
+    from committed statements (:meth:`add`); once it holds ``size`` patients
+    it starts again empty. A patient it does not hold costs one probe more.
+    """
+
+    __slots__ = ("_held", "_known", "_size")
+
+    def __init__(self, size: int = 100_000) -> None:
+        self._size = size
+        self._known: dict[UUID, tuple[int, set[UUID]]] = {}  # partner → (counted_since, patients)
+        self._held = 0
+
+    def since(self, partner_id: UUID) -> int | None:
+        """The counter row (``counted_since``) the partner's known patients were counted under, if any."""
+        known = self._known.get(partner_id)
+        return known[0] if known is not None else None
+
+    def unknown(self, partner_id: UUID, patients: Iterable[UUID]) -> list[UUID]:
+        """The ``patients`` not known to be counted for ``partner_id``, in order."""
+        known = self._known.get(partner_id)
+        if known is None:
+            return list(patients)
+        counted = known[1]
+        return [p for p in patients if p not in counted]
+
+    def add(self, partner_id: UUID, since: int | None, patients: Iterable[UUID]) -> None:
+        """Remember ``patients`` as counted for ``partner_id`` under the counter row ``since`` (committed)."""
+        if self._held >= self._size:
+            self._known.clear()
+            self._held = 0
+        known = self._known.pop(partner_id, None)
+        if known is not None and known[0] != since:
+            self._held -= len(known[1])
+            known = None
+        if since is None:  # no counter row: nothing to know
+            return
+        if known is None:
+            known = (since, set())
+        counted = known[1]
+        before = len(counted)
+        counted.update(patients)
+        self._held += len(counted) - before
+        self._known[partner_id] = known
 
 
 #: The answers of ``charge_partner_usage`` (and of the statements built on it) over a cap.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import pytest
 
@@ -17,7 +17,7 @@ from service import recorder as recorder_module
 from service.recorder import LINGER, DisclosureRecorder
 from service.store import ledger
 from service.store.database import Database
-from service.store.usage import ChargeTerms
+from service.store.usage import ChargeTerms, CountedPatients
 
 TERMS = ChargeTerms(1000, 1000, anomaly_factor=1000.0, anomaly_min=10**6, suspend_on_anomaly=False)
 
@@ -137,3 +137,45 @@ async def test_a_caller_that_goes_away_leaves_its_record_to_be_written(db: Datab
     assert stayed == "ok"
     # The ledger may hold a disclosure that was not sent, never the reverse.
     assert await _transactions(db, partner) == {"shown-gone": 0, "shown-stayed": 0}
+
+
+async def _counted(db: Database, partner: UUID) -> tuple[set[UUID], int]:
+    """The partner's patients of the day, and its count of them."""
+    async with db.connection() as conn:
+        patients = {r["patient_id"] for r in await conn.fetch(_TODAY_PATIENTS, partner)}
+        reached = await conn.fetchval(_TODAY_REACHED, partner)
+    return patients, int(reached or 0)
+
+
+_TODAY = "(statement_timestamp() AT TIME ZONE 'UTC')::date"
+_TODAY_PATIENTS = f"SELECT patient_id FROM partner_daily_patients WHERE partner_id = $1 AND day = {_TODAY}"
+_TODAY_REACHED = f"SELECT patients_reached FROM partner_daily_usage WHERE partner_id = $1 AND day = {_TODAY}"
+
+
+async def test_patients_counted_today_are_not_charged_again_until_the_counters_start_over(db: Database) -> None:
+    partner, _ = await _partner(db, "Recounted")
+    entry = ledger.Entry(partner, "pk_recounted", "ListAppointments", "", ledger.VIEW_BASIC)
+    first, second, third, later = (uuid4() for _ in range(4))
+    page = [(f"shown-{n}", uuid4(), patient) for n, patient in enumerate((first, second, third))]
+    memo, terms = CountedPatients(), {partner: TERMS}
+    async with db.statements(5.0) as conn:
+        await ledger.record_many(conn, [(entry, page)], terms, memo)
+        # Behind the memo's back, one counted patient is forgotten while the counter row stands:
+        # only a patient the memo sent is counted again.
+        await conn.execute("DELETE FROM partner_daily_patients WHERE patient_id = $1", first)
+        await ledger.record_many(conn, [(entry, [*page, ("shown-later", uuid4(), later)])], terms, memo)
+        after_memo = await _counted(db, partner)
+        await ledger.record_many(conn, [(entry, page)], terms, CountedPatients())  # a memo that knows nothing
+        after_empty_memo = await _counted(db, partner)
+        # The day's counters started over: the memo's knowledge is of the old row.
+        for table in ("partner_daily_patients", "partner_daily_usage"):
+            await conn.execute(f"DELETE FROM {table} WHERE partner_id = $1", partner)
+        await ledger.record_many(conn, [(entry, page)], terms, memo)
+        after_restart = await _counted(db, partner)
+
+    assert after_memo == ({second, third, later}, 4)
+    assert after_empty_memo == ({first, second, third, later}, 5)
+    assert after_restart == ({first, second, third}, 3)
+    async with db.connection() as conn:  # every record holds its whole page all the same
+        pages = await conn.fetch("SELECT patient_ids FROM disclosures WHERE partner_id = $1 ORDER BY id", partner)
+    assert [len(row["patient_ids"]) for row in pages] == [3, 4, 3, 3]
