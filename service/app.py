@@ -202,10 +202,14 @@ class Gateway:
         self._sequencer_task = asyncio.create_task(self._chain_ledger(), name="apptgate-ledger-sequencer")
 
     async def _chain_ledger(self) -> None:
-        """Hash-chain committed disclosure records, off the request path (one process at a time does it)."""
+        """Hash-chain committed disclosure records, off the request path (one process at a time does it).
+
+        A pass is one statement in a transaction of its own: one round trip, where a
+        transaction block took five (BEGIN, its timeout, the pass, COMMIT, the pool's reset).
+        """
         while True:
             try:
-                async with self.database.transaction() as conn:
+                async with self.database.statements(self._limits.default_deadline) as conn:
                     chained = await ledger.chain(conn)
             except ApptgateError:
                 chained = 0  # the database is away: the health task reports it; records wait, durable
