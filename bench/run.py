@@ -954,7 +954,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--breach-month", action="store_true", help="also report the busiest partner over 30 days")
     parser.add_argument("--whatif", metavar="PATCHES", default="",
                         help="add the variant gateway+whatif: the gateway with bench/whatif.py's patches "
-                             "(ledger,reset,ids) to measure recommendations before they are made")  # fmt: skip
+                             "(norecord, nostatement) to measure a change before it is made")  # fmt: skip
     parser.add_argument("--profile", action="store_true", help="py-spy the gateway under ListAppointments c=16")
     parser.add_argument("--profile-seconds", type=int, default=20)
     parser.add_argument("--profile-variants", default="gateway,gateway+whatif",
@@ -991,7 +991,7 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = [s for s in args.scenarios.split(",") if s]
     variants = [v for v in args.variants.split(",") if v]
     if "gateway+whatif" in variants and not args.whatif:
-        args.whatif = "ledger,reset,ids"
+        args.whatif = "norecord"
     if args.whatif and "gateway+whatif" not in variants:
         variants.append("gateway+whatif")
     other_variants = [v for v in args.other_sizes_variants.split(",") if v]
