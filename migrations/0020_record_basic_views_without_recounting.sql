@@ -77,7 +77,7 @@ BEGIN
         FROM partner_daily_usage u WHERE u.partner_id = p_partners[i] AND u.day = today;
         IF since = p_counted_since[i] THEN
             patients := p_new_patients[coalesce(p_new_patient_ends[i - 1], 0) + 1 : p_new_patient_ends[i]];
-        ELSIF partners = 1 THEN
+        ELSIF partners = 1 AND p_response_partners <@ p_partners THEN  -- every response is this partner's
             patients := p_patient_ids;
         ELSE
             patients := ARRAY(
