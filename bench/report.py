@@ -300,17 +300,24 @@ def waits(runs: list[dict[str, Any]]) -> list[str]:
     if not measured:
         return []
     out = [
-        "Server system CPU (of the CPU above) and context switches of its threads, per call:",
+        "Server system CPU (of the CPU above) and context switches of its threads, per call; ledger records "
+        "written during the run per transaction that wrote them (the recorder's groups):",
         "",
-        "| size | scenario | variant | c | system CPU ms/req | context switches / req |",
-        "| --- | --- | --- | ---: | ---: | ---: |",
+        "| size | scenario | variant | c | system CPU ms/req | context switches / req | ledger records / commit |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     out += [
         f"| {r['size']} | {r['scenario']} | {variant} | {r['concurrency']} | {r['server_sys_ms_per_req']:.3f} "
-        f"| {r['server_switches_per_req']:.2f} |"
+        f"| {r['server_switches_per_req']:.2f} | {_per_commit(r)} |"
         for r, variant in _labelled(measured)
     ]
     return [*out, ""]
+
+
+def _per_commit(run: dict[str, Any]) -> str:
+    """Ledger records per writing transaction, or a dash where the run wrote none (the baselines, older runs)."""
+    commits = run.get("ledger_commits", 0)
+    return f"{run['ledger_records'] / commits:.2f}" if commits else "–"
 
 
 def markdown(report: dict[str, Any], chart_name: str | None) -> str:

@@ -522,6 +522,10 @@ class Run:
     other_cpu_s: float = 0.0  # of which not this server, PostgreSQL or h2load: other people's work, this harness
     server_sys_ms_per_req: float = 0.0  # the server's system CPU per call (in server_cpu_ms_per_req)
     server_switches_per_req: float = 0.0  # context switches of the server's threads per call
+    # Ledger records written during the run and the transactions they took (the recorder's groups):
+    # records per commit tells how well concurrent calls share a statement. 0 for the baselines.
+    ledger_records: int = 0
+    ledger_commits: int = 0
 
 
 def process_cpu_seconds(pids: set[int]) -> dict[int, float]:
@@ -549,6 +553,25 @@ async def database_backends(dsn: str, database: str) -> set[int]:
     finally:
         await conn.close()
     return {row["pid"] for row in rows}
+
+
+async def ledger_mark(dsn: str) -> int:
+    """The newest ledger record's id (0 when empty): records written after it are a run's."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval("SELECT coalesce(max(id), 0) FROM disclosures"))
+    finally:
+        await conn.close()
+
+
+async def ledger_written(dsn: str, after: int) -> tuple[int, int]:
+    """Ledger records written after the record ``after``, and the transactions that wrote them."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        row = await conn.fetchrow("SELECT count(*), count(DISTINCT txid) FROM disclosures WHERE id > $1", after)
+    finally:
+        await conn.close()
+    return int(row[0]), int(row[1])
 
 
 def machine_busy_seconds() -> float:
@@ -648,11 +671,13 @@ def measure(server: Server, scenario: str, concurrency: int, fx: Fixture, workdi
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy0 = machine_busy_seconds()
     backends0 = process_cpu_seconds(asyncio.run(database_backends(fx.dsn, fx.meta["database"])))
+    mark = asyncio.run(ledger_mark(fx.dsn))
     started = time.monotonic()
     with WaitSampler(fx.dsn, fx.meta["database"]) as waits:
         done = subprocess.run(h2load_command(server, scenario, body_path, concurrency, args.duration, log_file),
                               capture_output=True, text=True, check=False)  # fmt: skip
     elapsed = time.monotonic() - started
+    records, commits = asyncio.run(ledger_written(fx.dsn, mark))
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy1 = machine_busy_seconds()
     backends1 = process_cpu_seconds(waits.pids | set(backends0))
@@ -713,6 +738,8 @@ def measure(server: Server, scenario: str, concurrency: int, fx: Fixture, workdi
         machine_cpu_s=round(busy1 - busy0, 2),
         server_sys_ms_per_req=round((sys1 - sys0) * 1000 / max(requests, 1), 3),
         server_switches_per_req=round((switches1 - switches0) / max(requests, 1), 2),
+        ledger_records=records,
+        ledger_commits=commits,
     )
     run.other_cpu_s = round(max(0.0, run.machine_cpu_s - run.server_cpu_s - run.pg_cpu_s - run.loadgen_cpu_s), 2)
     log(
