@@ -21,8 +21,9 @@
 --
 -- Measured with pgbench on the bench world (one client, prepared statements,
 -- synchronous_commit off, the record of one page of 50 whose patients are all
--- counted): record_partner_disclosures 0.43-0.46 ms; this function charging
--- every patient 0.37 ms, and with no patient left to charge 0.27-0.29 ms.
+-- counted; SELECT 1 takes 0.06 ms): record_partner_disclosures 0.46-0.49 ms;
+-- this function charging every patient 0.38 ms, and with no patient left to
+-- charge 0.32-0.33 ms.
 --
 -- Returns each charged partner's outcome and its counter row's counted_since
 -- (NULL when it has none), which the gateway's memo follows. Everything else
