@@ -71,7 +71,7 @@ async def _translated_failures() -> AsyncIterator[None]:
     try:
         yield
     except asyncpg.QueryCanceledError as exc:  # statement_timeout, from the call's deadline
-        raise DeadlineExceeded("the database work did not finish before the deadline") from exc
+        raise _late(connected=True) from exc
     except asyncpg.DataError as exc:
         # A value the database cannot hold (a NUL character, a number out of range) that
         # validation let through: still the caller's input, never INTERNAL. Fields are
