@@ -41,7 +41,7 @@ from typing import Any, Generic, TypeVar
 from uuid import UUID
 
 from service import models
-from service.store import consents, ledger, usage
+from service.store import consents, ledger, repeats, usage
 from service.store.database import Connection, Database, StatementSeries
 
 #: Groups of one kind written at the same time. One: calls that arrive while a group is written
@@ -259,6 +259,8 @@ class DisclosureRecorder:
     def __init__(self, database: Database, *, budget: float) -> None:
         # Patients known counted today, by partner: each basic record charges only the others.
         self._counted = usage.CountedPatients()
+        # Records of responses written in full, by their items: a response repeating one is recorded by reference.
+        self._recorded = repeats.RecordedResponses()
         self._basic: _Groups[tuple[ledger.Entry, Items], str] = _Groups(
             database, budget, self._record_basic, capped=str, outcome=str, relabel=lambda _, outcome: outcome
         )
@@ -282,7 +284,7 @@ class DisclosureRecorder:
     async def _record_basic(
         self, conn: Connection, requests: list[tuple[ledger.Entry, Items]], terms: dict[UUID, usage.ChargeTerms]
     ) -> list[str]:
-        outcomes = await ledger.record_many(conn, requests, terms, self._counted)
+        outcomes = await ledger.record_many(conn, requests, terms, self._counted, self._recorded)
         return [outcomes[entry.partner_id] for entry, _ in requests]
 
     async def record(

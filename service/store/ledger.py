@@ -24,7 +24,7 @@ from uuid import UUID
 import asyncpg
 
 from service import models
-from service.store import usage
+from service.store import repeats, usage
 from service.store.database import Connection
 
 VIEW_BASIC = 1
@@ -87,11 +87,14 @@ async def append(
 
 # Every array travels as an array literal (see array_literal).
 _RECORD_MANY = (
-    "SELECT partner_id, outcome, counted_since FROM record_basic_disclosures($1::text::uuid[], $2::text::text[], "
-    "$3::text::text[], $4::text::text[], $5::text::int[], $6::text::text[], $7::text::uuid[], $8::text::uuid[], "
-    "$9::text::uuid[], $10::text::int[], $11::text::int[], $12::text::float8[], $13::text::bigint[], "
-    "$14::text::bool[], $15::text::bigint[], $16::text::int[], $17::text::uuid[])"
+    "SELECT partner_id, outcome, counted_since, record_ids FROM record_basic_disclosures($1::text::uuid[], "
+    "$2::text::text[], $3::text::text[], $4::text::text[], $5::text::int[], $6::text::bigint[], $7::text::text[], "
+    "$8::text::uuid[], $9::text::uuid[], $10::text::uuid[], $11::text::int[], $12::text::int[], "
+    "$13::text::float8[], $14::text::bigint[], $15::text::bool[], $16::text::bigint[], $17::text::int[], "
+    "$18::text::uuid[])"
 )
+#: The record statement refused a reference (migration 0021): the response must be written in full.
+REFERENCE_REFUSED = "AG409"
 
 
 def array_literal(values: Sequence[object]) -> str:
@@ -134,6 +137,7 @@ async def record_many(
     responses: Sequence[tuple[Entry, Sequence[tuple[str, UUID | None, UUID | None]]]],
     terms: dict[UUID, usage.ChargeTerms],
     counted: usage.CountedPatients | None = None,
+    recorded: repeats.RecordedResponses | None = None,
 ) -> dict[UUID, str]:
     """Charge and record the basic-view responses of many calls in one statement.
 
@@ -142,70 +146,94 @@ async def record_many(
     :func:`append` writes. Returns each partner's charge outcome; a partner
     suspended by it has none of its responses recorded. Raises
     :class:`CapReached` when a partner goes over a daily cap, and then nothing
-    at all is counted or recorded (migrations 0017 and 0020).
+    at all is counted or recorded (migrations 0017, 0020 and 0021).
 
     With ``counted``, only the patients it does not hold are sent to be
     charged, and it learns those of the statement once it returns: the
-    statement must commit on its own (no enclosing transaction).
+    statement must commit on its own (no enclosing transaction). With
+    ``recorded`` as well, a response whose items are those of a record it
+    holds, under the counter row ``counted`` knows, is recorded as a reference
+    to that record, and it learns the records the statement wrote in full.
     """
     for entry, _ in responses:
         if entry.view != VIEW_BASIC or entry.outcome != OUTCOME_DISCLOSED or entry.consent_id is not None:
             raise ValueError("record_many records disclosed basic views only")
-    requested: list[object] = []
-    appointments: list[object] = []
-    patients: list[object] = []
+    columns: tuple[list[str], list[str], list[str]] = ([], [], [])  # per response, its items' literals (inner)
     ends: list[int] = []  # per response, the position of its last item
+    items_of: list[int | None] = []  # per response, the record it repeats
+    fingerprints: list[bytes | None] = []  # per response written in full, what `recorded` learns it by
     reached: dict[UUID, list[UUID]] = {partner: [] for partner in terms}
+    total = 0
     for entry, items in responses:
+        ref = fingerprint = None
         if items:
             ids, internal_ids, patient_ids = zip(*items, strict=True)
-            requested += ids
-            appointments += internal_ids
-            patients += patient_ids
-            if entry.partner_id in reached:
-                reached[entry.partner_id] += patient_ids
-        ends.append(len(patients))
+            literals = (array_literal(ids), array_literal(internal_ids), array_literal(patient_ids))
+            if recorded is not None and counted is not None and len(items) >= repeats.MIN_ITEMS:
+                fingerprint = repeats.fingerprint(literals)
+                since = counted.since(entry.partner_id)
+                ref = None if since is None else recorded.find(entry.partner_id, since, fingerprint)
+            if ref is None:
+                for column, literal in zip(columns, literals, strict=True):
+                    column.append(literal[1:-1])
+                total += len(items)
+                if entry.partner_id in reached:
+                    reached[entry.partner_id] += patient_ids
+        ends.append(total)
+        items_of.append(ref)
+        fingerprints.append(fingerprint if ref is None else None)
     charged = usage.charge_columns(terms)
-    since: list[int | None] = []
+    since_column: list[int | None] = []
     new_ends: list[int] = []
     new_patients: list[UUID] = []
     for partner in charged[0]:  # the patients to charge: those the memo does not know counted
         known = None if counted is None else counted.since(partner)
-        since.append(known)
+        since_column.append(known)
         if counted is not None and known is not None:
             new_patients += counted.unknown(partner, reached[partner])
         new_ends.append(len(new_patients))
-    columns: list[Sequence[object]] = [
+    group: list[Sequence[object] | str] = [
         [e.partner_id for e, _ in responses],
         [e.key_id for e, _ in responses],
         [e.rpc for e, _ in responses],
         [e.trace_id for e, _ in responses],
         ends,
-        requested,
-        appointments,
-        patients,
+        items_of,
+        *("{" + ",".join(filter(None, column)) + "}" for column in columns),
         *charged,
-        since,
+        since_column,
         new_ends,
         new_patients,
     ]
-    rows = await run_group_statement(conn, _RECORD_MANY, columns)
+    try:
+        rows = await run_group_statement(conn, _RECORD_MANY, group)
+    except asyncpg.PostgresError as exc:
+        if getattr(exc, "sqlstate", None) != REFERENCE_REFUSED or recorded is None:
+            raise
+        recorded.clear()  # a record it held is not there (a failover lost it, say): write everything in full
+        return await record_many(conn, responses, terms, counted)
     outcomes = {}
-    for partner_id, outcome, counted_since in rows:
+    for partner_id, outcome, counted_since, record_ids in rows:
         outcomes[partner_id] = str(outcome)
         if counted is not None:
             counted.add(partner_id, counted_since, reached[partner_id])
+        if recorded is not None and counted_since is not None:
+            for (entry, _), fingerprint, record_id in zip(responses, fingerprints, record_ids, strict=True):
+                if entry.partner_id == partner_id and fingerprint is not None and record_id is not None:
+                    recorded.add(partner_id, counted_since, fingerprint, record_id)
     return outcomes
 
 
-async def run_group_statement(conn: Connection, statement: str, columns: Sequence[Sequence[object]]) -> list[Any]:
-    """Run a group statement (migrations 0019, 0020) with one array literal per column; return its rows.
+async def run_group_statement(conn: Connection, statement: str, columns: Sequence[Sequence[object] | str]) -> list[Any]:
+    """Run a group statement (migrations 0019 to 0021) with one array literal per column; return its rows.
+
+    A column given as a string is taken to be its array literal already.
 
     Raises :class:`CapReached` when the statement refused a partner over a
     daily cap (AG429, the partner in HINT).
     """
     try:
-        rows: list[Any] = await conn.fetch(statement, *map(array_literal, columns))
+        rows: list[Any] = await conn.fetch(statement, *(c if isinstance(c, str) else array_literal(c) for c in columns))
     except asyncpg.PostgresError as exc:
         cap = usage.cap_reached(exc)
         if cap is None:
@@ -234,7 +262,9 @@ async def list_disclosures(
 
     Only the filters given become conditions, so each can use its index: a
     patient is found through ``disclosures_patient_ids_idx`` (records of one
-    response) or ``disclosures_patient_time_idx`` (records written before 0016).
+    response), then ``disclosures_items_of_idx`` (the records repeating them,
+    migration 0021), or ``disclosures_patient_time_idx`` (records written
+    before 0016).
     """
     conditions = ["d.id >= $1", "(d.id, d.item) > ($1, $2)"]
     args: list[Any] = [after[0], after[1]]
@@ -245,7 +275,9 @@ async def list_disclosures(
         args.append(patient_id)
         conditions.append(
             f"d.patient_id = ${len(args)} AND d.id IN (SELECT r.id FROM disclosures r "
-            f"WHERE r.patient_ids @> ARRAY[${len(args)}::uuid] OR r.patient_id = ${len(args)})"
+            f"WHERE r.patient_ids @> ARRAY[${len(args)}::uuid] OR r.patient_id = ${len(args)} "
+            f"UNION ALL SELECT r.id FROM disclosures o JOIN disclosures r ON r.items_of = o.id "
+            f"WHERE o.patient_ids @> ARRAY[${len(args)}::uuid])"
         )
     if start_time is not None:
         args.append(start_time)
@@ -380,6 +412,12 @@ async def verify(
     result.head_seq, result.head_hash = head["seq"], head["hash"]
     if head["seq"] != last_seq or head["hash"] != previous:
         result.problems.append(f"the ledger head ({head['seq']}) does not match the last record ({last_seq})")
+    for row in await conn.fetch(_BROKEN_REFERENCES, _REFERENCE_PROBLEMS):
+        place = f"record {row['seq']}" if row["seq"] is not None else f"the unchained record {row['id']}"
+        if row["named"] is None:
+            result.problems.append(f"{place} repeats the items of a record that is missing")
+        else:
+            result.problems.append(f"{place} repeats items that are not those of the record it names")
     unchained = await conn.fetchval(_PASSED_OVER, head["chained_txid"], head["chained_id"])
     if unchained == 1:
         result.problems.append("1 record the sequencer has passed is not in the chain")
@@ -387,6 +425,26 @@ async def verify(
         result.problems.append(f"{unchained} records the sequencer has passed are not in the chain")
     return result
 
+
+# Reference records (migration 0021) whose record named is missing, another partner's, a reference itself,
+# or holds other items than those digested when the reference was written. Each named record is digested once.
+_BROKEN_REFERENCES = """
+WITH named AS (
+    SELECT o.id, o.partner_id, o.items_of IS NULL AS original, disclosure_items_digest(o) AS items_digest
+    FROM disclosures o
+    WHERE o.id IN (SELECT r.items_of FROM disclosures r WHERE r.items_of IS NOT NULL)
+)
+SELECT c.seq, r.id, n.id AS named
+FROM disclosures r
+LEFT JOIN named n ON n.id = r.items_of
+LEFT JOIN disclosure_chain c ON c.id = r.id
+WHERE r.items_of IS NOT NULL
+  AND (n.id IS NULL OR n.partner_id <> r.partner_id OR NOT n.original OR n.items_digest IS DISTINCT FROM r.items_digest)
+ORDER BY r.id
+LIMIT $1
+"""
+#: Broken references listed by name at most; verification of a ledger that has more is failed all the same.
+_REFERENCE_PROBLEMS = 100
 
 # Records at or before the sequencer's cursor that have no place in the chain (migration 0018).
 _PASSED_OVER = (

@@ -7,6 +7,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from appointments.internal.v1 import audit_pb2
 from appointments.type.v1.contact_pb2 import CONTACT_FIELD_EMAIL, CONTACT_FIELD_PHONE
 from harness import World
 
-from service.store import ledger
+from service.store import ledger, repeats
 
 LIST_RPC = "/appointments.partner.v1.PartnerAppointmentService/ListAppointments"
 CONTACT_RPC = "/appointments.partner.v1.PartnerAppointmentService/GetAppointmentContact"
@@ -327,6 +328,60 @@ async def test_audit_verify_catches_a_deleted_record_and_a_rewritten_chain(
     err = await _verify_refuses(database_dsn, tmp_path)
     assert "sealed record 3 is missing" in err
     assert "record 2 was altered" not in err  # the rewrite itself is consistent
+
+
+async def test_a_page_listed_again_is_recorded_by_reference_and_reads_as_the_same_items_everywhere(
+    world: World, admin: asyncpg.Connection, database_dsn: str, tmp_path: Path
+) -> None:
+    practitioner = await world.practitioner()
+    patients = [await world.patient() for _ in range(repeats.MIN_ITEMS + 1)]
+    for patient in patients:
+        await world.appointment(practitioner, patient.patient_id)
+    partner = await world.partner("Agenda", practitioner)
+    second_key = await world.registry.IssuePartnerKey(
+        harness.registry_pb.IssuePartnerKeyRequest(partner_id=partner.partner_id), metadata=world.internal_metadata
+    )
+    other_key = harness.PartnerHandle(partner.partner_id, second_key.key_id, second_key.secret, partner.stub)
+
+    first = await partner.list_all()
+    again = await other_key.list_all()  # the same page through the partner's other key (a stolen one, say)
+    rows = await admin.fetch("SELECT id, key_id, items_of, patient_ids, items_digest FROM disclosures ORDER BY id")
+    items = await world.disclosures(partner_id=partner.partner_id)
+    one_patient = await world.disclosures(patient_id=patients[0].patient_id)
+    report = await world.audit.BreachReport(
+        harness.audit_pb.BreachReportRequest(
+            partner_id=partner.partner_id,
+            start_time=harness.ts(datetime(2000, 1, 1, tzinfo=UTC)),
+            end_time=harness.ts(datetime(2100, 1, 1, tzinfo=UTC)),
+            key_id=other_key.key_id,
+        ),
+        metadata=world.internal_metadata,
+    )
+    code, out, err = await _audit_cli(database_dsn, tmp_path, "verify")
+
+    assert [a.appointment_id for a in again] == [a.appointment_id for a in first]
+    [original, reference] = rows
+    assert len(original["patient_ids"]) == len(patients) and original["items_of"] is None
+    assert reference["items_of"] == original["id"] and reference["patient_ids"] is None
+    assert reference["key_id"] == other_key.key_id and reference["items_digest"] is not None
+    by_record = {}
+    for r in items:
+        by_record.setdefault(r.disclosure_id, []).append((r.item, r.appointment_id, r.patient_id))
+    assert by_record[reference["id"]] == by_record[original["id"]]
+    assert [r.disclosure_id for r in one_patient] == [original["id"], reference["id"]]
+    assert {p.patient_id for p in report.patients} == {p.patient_id for p in patients}  # the other key's alone
+    assert code == 0, err
+    assert "intact: 2 records" in out
+
+    async with _tampering(admin) as conn:  # the page's first patient hidden in the record both name
+        await conn.execute("UPDATE disclosures SET patient_ids[1] = patient_ids[2] WHERE id = $1", original["id"])
+    err = await _verify_refuses(database_dsn, tmp_path)
+    assert "record 1 was altered" in err
+    assert "record 2 repeats items that are not those of the record it names" in err
+
+    async with _tampering(admin) as conn:
+        await conn.execute("DELETE FROM disclosures WHERE id = $1", original["id"])
+    assert "record 2 repeats the items of a record that is missing" in await _verify_refuses(database_dsn, tmp_path)
 
 
 async def test_audit_verify_catches_a_record_dropped_from_the_chain(

@@ -15,7 +15,7 @@ import pytest
 
 from service import recorder as recorder_module
 from service.recorder import LINGER, DisclosureRecorder
-from service.store import ledger
+from service.store import ledger, repeats
 from service.store.database import Database
 from service.store.usage import ChargeTerms, CountedPatients
 
@@ -179,3 +179,73 @@ async def test_patients_counted_today_are_not_charged_again_until_the_counters_s
     async with db.connection() as conn:  # every record holds its whole page all the same
         pages = await conn.fetch("SELECT patient_ids FROM disclosures WHERE partner_id = $1 ORDER BY id", partner)
     assert [len(row["patient_ids"]) for row in pages] == [3, 4, 3, 3]
+
+
+async def _records(db: Database, partner: UUID) -> list[tuple[int, int | None, int]]:
+    """The partner's records, in order: id, the record it repeats, and how many items it reads as."""
+    async with db.connection() as conn:
+        rows = await conn.fetch(
+            "SELECT d.id, d.items_of, (SELECT count(*) FROM disclosure_items i WHERE i.id = d.id) AS items "
+            "FROM disclosures d WHERE d.partner_id = $1 ORDER BY d.id",
+            partner,
+        )
+    return [(row["id"], row["items_of"], row["items"]) for row in rows]
+
+
+async def test_a_repeated_page_is_a_reference_that_still_counts_its_patients_once_the_counters_start_over(
+    db: Database,
+) -> None:
+    partner, _ = await _partner(db, "Repeating")
+    entry = ledger.Entry(partner, "pk_repeating", "ListAppointments", "", ledger.VIEW_BASIC)
+    patients = [uuid4() for _ in range(repeats.MIN_ITEMS)]
+    page = [(f"shown-{n}", uuid4(), patient) for n, patient in enumerate(patients)]
+    other_page = [*page[1:], ("shown-other", uuid4(), uuid4())]
+    memo, recorded, terms = CountedPatients(), repeats.RecordedResponses(), {partner: TERMS}
+    async with db.statements(5.0) as conn:
+        for listed in (page, page, other_page, page):
+            await ledger.record_many(conn, [(entry, listed)], terms, memo, recorded)
+        before_restart = await _counted(db, partner)
+        # The day's counters started over: the page repeated is charged again, from the record it names.
+        for table in ("partner_daily_patients", "partner_daily_usage"):
+            await conn.execute(f"DELETE FROM {table} WHERE partner_id = $1", partner)
+        await ledger.record_many(conn, [(entry, page)], terms, memo, recorded)
+        after_restart = await _counted(db, partner)
+        await ledger.record_many(conn, [(entry, page)], terms, memo, recorded)  # a new day's record in full
+
+    [(first, *_), *_] = records = await _records(db, partner)
+    assert records[1:] == [
+        (first + 1, first, len(page)),
+        (first + 2, None, len(other_page)),
+        (first + 3, first, len(page)),
+        (first + 4, first, len(page)),
+        (first + 5, None, len(page)),
+    ]
+    assert before_restart == ({*patients, other_page[-1][2]}, len(patients) + 1)
+    assert after_restart == (set(patients), len(patients))
+
+
+async def test_a_reference_the_database_refuses_is_written_in_full_and_the_memo_forgotten(db: Database) -> None:
+    partner, _ = await _partner(db, "Refused")
+    stranger, stranger_entry = await _partner(db, "Stranger")
+    entry = ledger.Entry(partner, "pk_refused", "ListAppointments", "", ledger.VIEW_BASIC)
+    page = [(f"shown-{n}", uuid4(), uuid4()) for n in range(repeats.MIN_ITEMS)]
+    memo, recorded = CountedPatients(), repeats.RecordedResponses()
+    async with db.statements(5.0) as conn:
+        await ledger.record_many(conn, [(stranger_entry, page)], {stranger: TERMS})
+        await ledger.record_many(conn, [(entry, page)], {partner: TERMS}, memo, recorded)
+        [(mine, _, _)] = await _records(db, partner)
+        [(theirs, _, _)] = await _records(db, stranger)
+        fingerprint = repeats.fingerprint(
+            [ledger.array_literal(column) for column in zip(*page, strict=True)]  # what record_many keys it by
+        )
+        since = memo.since(partner)
+        assert since is not None and recorded.find(partner, since, fingerprint) == mine
+        # The memo now names the other partner's record (as a bug would), then a record that is not there
+        # (as after a failover that lost it): each time the page is written in full.
+        for wrong in (theirs, mine + 10**6):
+            recorded.add(partner, since, fingerprint, wrong)
+            assert await ledger.record_many(conn, [(entry, page)], {partner: TERMS}, memo, recorded) == {partner: "ok"}
+            assert len(recorded) == 0
+
+    records = await _records(db, partner)
+    assert [(items_of, items) for _, items_of, items in records] == [(None, len(page))] * 3
