@@ -22,13 +22,16 @@
 -- the records it wrote (service/store/repeats.py), keyed by the exact items;
 -- it writes the items themselves in the first place, so the ledger takes its
 -- word for which items were shown, as it always has. The database checks
--- what it can: the record named exists, is the same partner's, holds items
--- of its own (a reference never names a reference) and is a disclosed basic
--- view; otherwise the statement fails with SQLSTATE AG409 and the gateway
--- writes the response in full. The items digest binds a reference to the
--- content of the record it names, not only to its id, which is not part of
--- any digest: ids swapped between records would show in audit verify.
---
+-- what it can cheaply on the request path: the record named exists, is the
+-- same partner's, holds items of its own (a reference never names a
+-- reference) and is a disclosed basic view; otherwise the statement fails
+-- with SQLSTATE AG409 and the gateway writes the response in full. The
+-- gateway also gives the SHA-256 of the items it claims repeated
+-- (disclosure_items_digest below, computed on its side from the same text),
+-- which the reference's own digest covers. audit verify recomputes it from
+-- the record named: a memo that named the wrong record, or ids swapped
+-- between records (ids are not part of any digest), would show there.
+
 -- Chains written before this migration verify as they did: disclosure_digest
 -- appends the two new columns only when they are set (concat_ws skips NULL).
 
@@ -46,14 +49,18 @@ ALTER TABLE disclosures ADD CONSTRAINT disclosures_items_of_check CHECK (
 -- "Which records repeat this one": the patient lookups go from a record to its references.
 CREATE INDEX disclosures_items_of_idx ON disclosures (items_of) WHERE items_of IS NOT NULL;
 
--- The SHA-256 of a record's own items: its three arrays in PostgreSQL's binary
--- form, which holds each array's element type, length and every element.
--- NULL for a record without arrays.
+-- The SHA-256 of a record's own items: the text of its requested ids, then of
+-- its appointment ids, then of its patient ids, elements joined by 0x1e and
+-- arrays by 0x1f, as disclosure_digest renders them (service/store/repeats.py
+-- computes the same from a response). NULL for a record without arrays. Only
+-- audit verify calls it.
 CREATE FUNCTION disclosure_items_digest(d disclosures) RETURNS bytea
 LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, public
 AS $$
-    SELECT sha256(array_send(d.requested_ids) || array_send(d.appointment_ids) || array_send(d.patient_ids))
+    SELECT sha256(convert_to(array_to_string(d.requested_ids, E'\x1e', '') || E'\x1f'
+                             || array_to_string(d.appointment_ids, E'\x1e', '') || E'\x1f'
+                             || array_to_string(d.patient_ids, E'\x1e', ''), 'UTF8'))
 $$;
 REVOKE ALL ON FUNCTION disclosure_items_digest(disclosures) FROM PUBLIC;
 
@@ -74,21 +81,26 @@ AS $$
 $$;
 
 -- A reference record reads as the items of the record it names, with its own id, time and trace.
+-- The record named is looked up record by record (OFFSET 0 keeps the lookup from being planned as a
+-- join, which could hash the whole ledger); a record with no reference costs one probe that finds nothing.
 CREATE OR REPLACE VIEW disclosure_items AS
 SELECT d.id, (u.item - 1)::integer AS item, c.seq, d.partner_id, d.key_id, u.requested_id, u.appointment_id,
        u.patient_id, d.view, d.contact_fields, d.consent_id, d.rpc, d.trace_id, d.disclose_time, d.outcome,
        d.denial_reason
 FROM disclosures d
 LEFT JOIN disclosure_chain c ON c.id = d.id
-LEFT JOIN disclosures o ON o.id = d.items_of
+LEFT JOIN LATERAL (
+    SELECT o.requested_ids, o.appointment_ids, o.patient_ids FROM disclosures o WHERE o.id = d.items_of OFFSET 0
+) o ON true
 CROSS JOIN LATERAL unnest(coalesce(d.requested_ids, o.requested_ids, ARRAY[d.requested_id]),
                           coalesce(d.appointment_ids, o.appointment_ids, ARRAY[d.appointment_id]),
                           coalesce(d.patient_ids, o.patient_ids, ARRAY[d.patient_id]))
     WITH ORDINALITY AS u(requested_id, appointment_id, patient_id, item);
 
--- record_basic_disclosures (0020) with one more argument per response: the
+-- record_basic_disclosures (0020) with two more arguments per response: the
 -- record it repeats (p_items_of[n], NULL for a response written in full, whose
--- slice of the item arrays is then its items; a reference has an empty slice).
+-- slice of the item arrays is then its items; a reference has an empty slice)
+-- and the hex SHA-256 of the items repeated (p_items_digests[n]).
 -- Patients of a reference are those of the record it names: counted already
 -- when the caller's counter row stands (the gateway only refers to records
 -- written under the row it sends), charged with the others when it does not.
@@ -97,7 +109,7 @@ CROSS JOIN LATERAL unnest(coalesce(d.requested_ids, o.requested_ids, ARRAY[d.req
 -- no items, or its partner suspended), the same array in every row.
 CREATE FUNCTION record_basic_disclosures(
     p_response_partners uuid[], p_key_ids text[], p_rpcs text[], p_trace_ids text[], p_response_ends integer[],
-    p_items_of bigint[],
+    p_items_of bigint[], p_items_digests text[],
     p_requested_ids text[], p_appointment_ids uuid[], p_patient_ids uuid[],
     p_partners uuid[], p_contact_caps integer[], p_patient_caps integer[], p_anomaly_factors double precision[],
     p_anomaly_mins bigint[], p_suspends boolean[],
@@ -116,6 +128,7 @@ DECLARE
     outcomes  text[] := '{}';
     sinces    bigint[] := '{}';
     ids       bigint[] := '{}';
+    refs      bigint[] := '{}';
     patients  uuid[];
     charged   text;
     since     bigint;
@@ -124,6 +137,7 @@ BEGIN
        OR cardinality(p_trace_ids) IS DISTINCT FROM responses
        OR cardinality(p_response_ends) IS DISTINCT FROM responses
        OR cardinality(p_items_of) IS DISTINCT FROM responses
+       OR cardinality(p_items_digests) IS DISTINCT FROM responses
        OR coalesce(p_response_ends[responses], 0) IS DISTINCT FROM items
        OR cardinality(p_appointment_ids) IS DISTINCT FROM items
        OR cardinality(p_requested_ids) IS DISTINCT FROM items
@@ -132,17 +146,22 @@ BEGIN
        OR coalesce(p_new_patient_ends[partners], 0) IS DISTINCT FROM coalesce(cardinality(p_new_patients), 0) THEN
         RAISE EXCEPTION 'record_basic_disclosures: arrays of different lengths';
     END IF;
-    IF EXISTS (
-        SELECT 1
-        FROM unnest(p_response_partners, p_items_of, p_response_ends) WITH ORDINALITY AS r(partner_id, ref, last, n)
-        WHERE r.ref IS NOT NULL AND (
-            r.last > coalesce(p_response_ends[r.n - 1], 0)  -- a reference with items of its own
-            OR NOT EXISTS (
-                SELECT 1 FROM disclosures o
-                WHERE o.id = r.ref AND o.partner_id = r.partner_id AND o.items_of IS NULL
-                  AND o.appointment_ids IS NOT NULL AND o.view = 1 AND o.outcome = 1))
-    ) THEN
-        RAISE EXCEPTION 'a response refers to a record it cannot repeat' USING ERRCODE = 'AG409';
+    -- Each reference's record, looked up by its id alone (never its arrays): the same partner's, with
+    -- items of its own, a disclosed basic view. A reference has its items digest and no items of its own.
+    IF cardinality(array_remove(p_items_of, NULL)) > 0 THEN
+        IF EXISTS (
+            SELECT 1
+            FROM unnest(p_items_of, p_items_digests, p_response_partners, p_response_ends) WITH ORDINALITY
+                 AS r(ref, digest, partner_id, last, n)
+            WHERE r.ref IS NOT NULL
+              AND (r.digest IS NULL OR r.last > coalesce(p_response_ends[r.n - 1], 0)
+                   OR (SELECT o.partner_id = r.partner_id AND o.items_of IS NULL AND o.appointment_ids IS NOT NULL
+                              AND o.view = 1 AND o.outcome = 1
+                       FROM disclosures o WHERE o.id = r.ref) IS NOT TRUE)
+        ) THEN
+            RAISE EXCEPTION 'a response refers to a record it cannot repeat' USING ERRCODE = 'AG409';
+        END IF;
+        refs := array_remove(p_items_of, NULL);
     END IF;
     FOR i IN 1 .. partners LOOP
         SELECT u.counted_since::text::bigint INTO since
@@ -150,8 +169,7 @@ BEGIN
         IF since = p_counted_since[i] THEN
             patients := p_new_patients[coalesce(p_new_patient_ends[i - 1], 0) + 1 : p_new_patient_ends[i]];
         ELSIF partners = 1 AND p_response_partners <@ p_partners THEN  -- every response is this partner's
-            patients := p_patient_ids || ARRAY(
-                SELECT unnest(o.patient_ids) FROM disclosures o WHERE o.id = ANY (p_items_of));
+            patients := p_patient_ids || ARRAY(SELECT unnest(o.patient_ids) FROM disclosures o WHERE o.id = ANY (refs));
         ELSE
             patients := ARRAY(
                 SELECT p_patient_ids[k]
@@ -159,10 +177,8 @@ BEGIN
                      generate_series(coalesce(p_response_ends[r.n - 1], 0) + 1, p_response_ends[r.n]) AS k
                 WHERE p_response_partners[r.n] = p_partners[i]
             ) || ARRAY(
-                SELECT unnest(o.patient_ids)
-                FROM unnest(p_response_partners, p_items_of) AS r(partner_id, ref)
-                JOIN disclosures o ON o.id = r.ref
-                WHERE r.partner_id = p_partners[i]);
+                SELECT unnest(o.patient_ids) FROM disclosures o
+                WHERE o.id = ANY (refs) AND o.partner_id = p_partners[i]);  -- a reference's record is its partner's
         END IF;
         charged := charge_partner_usage(p_partners[i], patients, cardinality(patients), 0, p_contact_caps[i],
                                         p_patient_caps[i], p_anomaly_factors[i], p_anomaly_mins[i], p_suspends[i]);
@@ -193,14 +209,13 @@ BEGIN
            CASE WHEN r.ref IS NULL THEN p_requested_ids[r.first : r.last] END,
            CASE WHEN r.ref IS NULL THEN p_appointment_ids[r.first : r.last] END,
            CASE WHEN r.ref IS NULL THEN p_patient_ids[r.first : r.last] END,
-           r.ref, disclosure_items_digest(o)
+           r.ref, decode(r.digest, 'hex')
     FROM (
-        SELECT r.partner_id, r.key_id, r.rpc, r.trace_id, r.ref, r.n,
+        SELECT r.partner_id, r.key_id, r.rpc, r.trace_id, r.ref, r.digest, r.n,
                coalesce(p_response_ends[r.n - 1], 0) + 1 AS first, p_response_ends[r.n] AS last
-        FROM unnest(p_response_partners, p_key_ids, p_rpcs, p_trace_ids, p_items_of) WITH ORDINALITY
-             AS r(partner_id, key_id, rpc, trace_id, ref, n)
+        FROM unnest(p_response_partners, p_key_ids, p_rpcs, p_trace_ids, p_items_of, p_items_digests)
+             WITH ORDINALITY AS r(partner_id, key_id, rpc, trace_id, ref, digest, n)
     ) r
-    LEFT JOIN disclosures o ON o.id = r.ref
     WHERE ids[r.n] IS NOT NULL
     ORDER BY r.n;
     RETURN QUERY SELECT p.partner_id, p.outcome, p.counted_since, ids
@@ -208,6 +223,6 @@ BEGIN
 END
 $$;
 -- The gateway calls it on its own (owner) path; the partner role cannot.
-REVOKE ALL ON FUNCTION record_basic_disclosures(uuid[], text[], text[], text[], integer[], bigint[], text[], uuid[],
-    uuid[], uuid[], integer[], integer[], double precision[], bigint[], boolean[], bigint[], integer[], uuid[])
+REVOKE ALL ON FUNCTION record_basic_disclosures(uuid[], text[], text[], text[], integer[], bigint[], text[], text[],
+    uuid[], uuid[], uuid[], integer[], integer[], double precision[], bigint[], boolean[], bigint[], integer[], uuid[])
     FROM PUBLIC;

@@ -89,9 +89,9 @@ async def append(
 _RECORD_MANY = (
     "SELECT partner_id, outcome, counted_since, record_ids FROM record_basic_disclosures($1::text::uuid[], "
     "$2::text::text[], $3::text::text[], $4::text::text[], $5::text::int[], $6::text::bigint[], $7::text::text[], "
-    "$8::text::uuid[], $9::text::uuid[], $10::text::uuid[], $11::text::int[], $12::text::int[], "
-    "$13::text::float8[], $14::text::bigint[], $15::text::bool[], $16::text::bigint[], $17::text::int[], "
-    "$18::text::uuid[])"
+    "$8::text::text[], $9::text::uuid[], $10::text::uuid[], $11::text::uuid[], $12::text::int[], $13::text::int[], "
+    "$14::text::float8[], $15::text::bigint[], $16::text::bool[], $17::text::bigint[], $18::text::int[], "
+    "$19::text::uuid[])"
 )
 #: The record statement refused a reference (migration 0021): the response must be written in full.
 REFERENCE_REFUSED = "AG409"
@@ -108,7 +108,11 @@ def array_literal(values: Sequence[object]) -> str:
     PostgreSQL's ``array_in`` parses them instead. Numbers and booleans are
     written as Python prints them, which PostgreSQL reads back exactly.
     """
-    strings = list(map(str, values))
+    return _literal(values, list(map(str, values)))
+
+
+def _literal(values: Sequence[object], strings: list[str]) -> str:
+    """:func:`array_literal` of ``values``, given their ``str`` already."""
     if not strings:
         return "{}"
     if "None" in strings and any(v is None for v in values):  # comparing strings is cheaper than ids to None
@@ -161,6 +165,7 @@ async def record_many(
     columns: tuple[list[str], list[str], list[str]] = ([], [], [])  # per response, its items' literals (inner)
     ends: list[int] = []  # per response, the position of its last item
     items_of: list[int | None] = []  # per response, the record it repeats
+    digests: list[str | None] = []  # per reference, the SHA-256 of the items it repeats (hex)
     fingerprints: list[bytes | None] = []  # per response written in full, what `recorded` learns it by
     reached: dict[UUID, list[UUID]] = {partner: [] for partner in terms}
     total = 0
@@ -168,12 +173,14 @@ async def record_many(
         ref = fingerprint = None
         if items:
             ids, internal_ids, patient_ids = zip(*items, strict=True)
-            literals = (array_literal(ids), array_literal(internal_ids), array_literal(patient_ids))
-            if recorded is not None and counted is not None and len(items) >= repeats.MIN_ITEMS:
-                fingerprint = repeats.fingerprint(literals)
+            strings = (list(ids), list(map(str, internal_ids)), list(map(str, patient_ids)))
+            if recorded is not None and counted is not None:
+                fingerprint = repeats.fingerprint(*strings)
                 since = counted.since(entry.partner_id)
-                ref = None if since is None else recorded.find(entry.partner_id, since, fingerprint)
+                if fingerprint is not None and since is not None:
+                    ref = recorded.find(entry.partner_id, since, fingerprint)
             if ref is None:
+                literals = map(_literal, (ids, internal_ids, patient_ids), strings)
                 for column, literal in zip(columns, literals, strict=True):
                     column.append(literal[1:-1])
                 total += len(items)
@@ -181,6 +188,7 @@ async def record_many(
                     reached[entry.partner_id] += patient_ids
         ends.append(total)
         items_of.append(ref)
+        digests.append(None if ref is None or fingerprint is None else fingerprint.hex())
         fingerprints.append(fingerprint if ref is None else None)
     charged = usage.charge_columns(terms)
     since_column: list[int | None] = []
@@ -199,6 +207,7 @@ async def record_many(
         [e.trace_id for e, _ in responses],
         ends,
         items_of,
+        digests,
         *("{" + ",".join(filter(None, column)) + "}" for column in columns),
         *charged,
         since_column,

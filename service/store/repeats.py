@@ -19,15 +19,23 @@ from uuid import UUID
 MIN_ITEMS = 8
 
 
-def fingerprint(literals: Sequence[str]) -> bytes:
-    """The SHA-256 of a response's items, given as the array literals of its three columns (requested ids,
-    appointment ids, patient ids: ``ledger.array_literal``, which the record statement is sent anyway).
+def fingerprint(requested: Sequence[str], appointments: Sequence[str], patients: Sequence[str]) -> bytes | None:
+    """The SHA-256 of a response's items, from the text of its ids, as ``disclosure_items_digest`` (migration 0021)
+    computes it from a record: each column's elements joined by 0x1e, the columns by 0x1f.
 
-    An array literal is an exact encoding: every element quoted and escaped,
-    each array closed by its own brace. So two responses have the same
-    fingerprint only when their items are the same, in the same order.
+    ``None`` when the response is too small to be worth a reference, or when
+    the text would be ambiguous: a requested id holding a separator, or an
+    item lacking an appointment or a patient (its text is ``"None"``, which no
+    UUID reads as). Otherwise two responses have the same fingerprint only
+    when their items are the same, in the same order.
     """
-    return hashlib.sha256("".join(literals).encode()).digest()
+    if len(requested) < MIN_ITEMS or "None" in appointments or "None" in patients:
+        return None
+    names = "\x1e".join(requested)
+    if "\x1f" in names or names.count("\x1e") != len(requested) - 1:
+        return None
+    text = "\x1f".join((names, "\x1e".join(appointments), "\x1e".join(patients)))
+    return hashlib.sha256(text.encode()).digest()
 
 
 class RecordedResponses:

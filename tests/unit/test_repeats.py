@@ -4,24 +4,37 @@ from __future__ import annotations
 
 import uuid
 
-from service.store.ledger import array_literal
-from service.store.repeats import RecordedResponses, fingerprint
+from service.store.repeats import MIN_ITEMS, RecordedResponses, fingerprint
 
 
-def _fingerprint(items: list[tuple[str, uuid.UUID, uuid.UUID]]) -> bytes:
-    return fingerprint([array_literal(column) for column in zip(*items, strict=True)])
+def _fingerprint(items: list[tuple[str, uuid.UUID | None, uuid.UUID | None]]) -> bytes | None:
+    return fingerprint(*([str(value) for value in column] for column in zip(*items, strict=True)))
+
+
+def _page(size: int = MIN_ITEMS) -> list[tuple[str, uuid.UUID | None, uuid.UUID | None]]:
+    return [(f"apt_{n}", uuid.uuid4(), uuid.uuid4()) for n in range(size)]
 
 
 def test_only_the_same_items_in_the_same_order_have_the_same_fingerprint() -> None:
-    a, b = (uuid.uuid4() for _ in range(2))
-    items = [("apt_1", a, b), ("apt_2", b, a)]
+    page = _page()
+    other_patient = [*page[:-1], (page[-1][0], page[-1][1], uuid.uuid4())]
 
-    assert _fingerprint(items) == _fingerprint(list(items))
-    assert _fingerprint(items) != _fingerprint(items[::-1])
-    assert _fingerprint(items) != _fingerprint([("apt_1", a, b), ("apt_2", b, b)])
-    # Ids that would run together when concatenated stay apart: every element is quoted in its literal.
-    assert _fingerprint([("ab", a, a), ("c", a, a)]) != _fingerprint([("a", a, a), ("bc", a, a)])
-    assert _fingerprint([('a","b', a, a)]) != _fingerprint([("a", a, a), ("b", a, a)])
+    assert _fingerprint(page) == _fingerprint(list(page))
+    assert _fingerprint(page) != _fingerprint(page[::-1])
+    assert _fingerprint(page) != _fingerprint(other_patient)
+    # Requested ids that would run together stay apart: elements are joined by a separator.
+    assert _fingerprint([("ab", *page[0][1:]), ("c", *page[1][1:]), *page[2:]]) != _fingerprint(
+        [("a", *page[0][1:]), ("bc", *page[1][1:]), *page[2:]]
+    )
+
+
+def test_a_response_too_small_or_ambiguous_gets_no_fingerprint() -> None:
+    page = _page()
+
+    assert _fingerprint(page[:-1]) is None  # fewer than MIN_ITEMS
+    assert _fingerprint([("apt_\x1e", *page[0][1:]), *page[1:]]) is None  # a separator in a requested id
+    assert _fingerprint([("apt_\x1f", *page[0][1:]), *page[1:]]) is None
+    assert _fingerprint([(page[0][0], None, page[0][2]), *page[1:]]) is None  # an item without an appointment
 
 
 def test_a_record_is_found_only_for_its_partner_and_the_counter_row_it_was_written_under() -> None:
