@@ -25,9 +25,11 @@ into dedicated databases that this module creates and drops:
   valid hash chain of records, one per call as the service writes them
   (migration 0016), disclosing N appointments in all (default 10M, ~282k
   records) over 30 days and 1,000 partners (Zipf-weighted, so the busiest
-  partner has ~13% of the calls): ListAppointments pages of 50 basic items,
-  single GetAppointment items, contact disclosures with consent ids, and
-  refused attempts. Digests are computed in Python exactly as
+  partner has ~13% of the calls): ListAppointments pages of 50 basic items
+  (half of them, by default, a page the partner listed earlier the same day,
+  recorded by reference as the gateway does from migration 0021), single
+  GetAppointment items, contact disclosures with consent ids, and refused
+  attempts. Digests are computed in Python exactly as
   ``disclosure_digest`` (migration 0016) does, checked against the SQL
   function on a sample, and ``python -m service audit verify``
   passes on the result (``--verify`` runs it).
@@ -56,7 +58,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -65,7 +67,7 @@ import asyncpg
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import Progress, admin_dsn, parse_size, service_env, size_label, source, source_migrations, with_database
 
-GENERATOR_VERSION = 5  # 4: sealed contact details and reasons; nodefense worlds; 5: one ledger record per call
+GENERATOR_VERSION = 6  # 4: sealed contact details and reasons; 5: one ledger record per call; 6: references
 ANCHOR = datetime(2030, 1, 7, tzinfo=UTC)  # a Monday; the benchmark queries this day
 LEDGER_START = datetime(2030, 2, 1, tzinfo=UTC)
 CHUNK = 50_000
@@ -504,6 +506,11 @@ _RPC = "/appointments.partner.v1.PartnerAppointmentService/"
 _FMT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
+def items_digest(requested: list[str], appointments: list[str], patients: list[str]) -> bytes:
+    """``disclosure_items_digest`` (migration 0021) in Python: sha256 of the three columns' text, 0x1e and 0x1f."""
+    return hashlib.sha256("\x1f".join(map("\x1e".join, (requested, appointments, patients))).encode()).digest()
+
+
 def digest(prev: bytes, fields: list[str]) -> bytes:
     """``disclosure_digest`` (migration 0016) in Python: sha256(prev_hash || concat_ws(0x1f, …) as UTF-8)."""
     return hashlib.sha256(prev + "\x1f".join(fields).encode("utf-8")).digest()
@@ -518,6 +525,7 @@ class LedgerSpec:
     patient_pool: int = 300_000
     partner_range: int = 50_000  # appointments a partner's grants cover
     zipf: float = 1.0
+    repeats: float = 0.5  # share of listings that repeat the partner's last page of the day (by reference)
     seed: int = 42
     version: int = GENERATOR_VERSION
 
@@ -535,6 +543,16 @@ async def generate_ledger(spec: LedgerSpec, *, regen: bool = False) -> dict[str,
     started = time.monotonic()
     await create_database(LEDGER_DB)
     migrate(dsn)
+    conn = await asyncpg.connect(dsn)
+    try:
+        references = await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_attribute "
+            "WHERE attrelid = 'disclosures'::regclass AND attname = 'items_of')"
+        )
+    finally:
+        await conn.close()
+    if not references:  # a commit before migration 0021: every record holds its items
+        spec = replace(spec, repeats=0.0)
     rng = random.Random(spec.seed)
     partners = _uuids(rng, spec.partners)
     key_ids = ["pk_" + base64.b32encode(rng.randbytes(10)).decode("ascii").lower() for _ in partners]
@@ -575,7 +593,7 @@ async def generate_ledger(spec: LedgerSpec, *, regen: bool = False) -> dict[str,
         columns = [
             "id", "partner_id", "key_id", "view", "contact_fields", "consent_id", "rpc", "trace_id", "disclose_time",
             "outcome", "denial_reason", "requested_ids", "appointment_ids", "patient_ids",
-        ]  # fmt: skip
+        ] + (["items_of", "items_digest"] if references else [])  # fmt: skip
         state = {"seq": 0, "items": 0, "prev": bytes(32), "t": LEDGER_START.timestamp()}
         chain: list[tuple[int, int, bytes, bytes]] = []  # disclosure_chain (migration 0018): id = seq here
 
@@ -584,6 +602,7 @@ async def generate_ledger(spec: LedgerSpec, *, regen: bool = False) -> dict[str,
             bisect = __import__("bisect").bisect_left
             total_w = cumulative[-1]
             seq, done, prev, t = 0, 0, bytes(32), LEDGER_START.timestamp()
+            last_page: dict[int, tuple[int, int, list[int], bytes]] = {}  # partner → (day, seq, indexes, digest)
             while done < spec.items:
                 t += rng.expovariate(1 / mean_gap)
                 when = datetime.fromtimestamp(round(t, 6), UTC)
@@ -594,10 +613,17 @@ async def generate_ledger(spec: LedgerSpec, *, regen: bool = False) -> dict[str,
                 roll = rng.random()
                 base = offsets[k]
                 outcome, reason = 1, ""
+                repeated = None  # (record id, items digest) of the page this listing repeats
                 if roll < 0.70:
                     rpc, view = "ListAppointments", 1
-                    start = base + rng.randrange(spec.partner_range)
-                    indexes = [(start + j) % spec.appointment_pool for j in range(min(50, spec.items - done))]
+                    earlier = last_page.get(k)
+                    if earlier is not None and earlier[0] == int(t // 86_400) and rng.random() < spec.repeats:
+                        _, repeated_seq, indexes, repeated_digest = earlier
+                        indexes = indexes[: spec.items - done]
+                        repeated = (repeated_seq, repeated_digest) if len(indexes) == len(earlier[2]) else None
+                    else:
+                        start = base + rng.randrange(spec.partner_range)
+                        indexes = [(start + j) % spec.appointment_pool for j in range(min(50, spec.items - done))]
                 elif roll < 0.99:
                     rpc, view = ("GetAppointment", 1) if roll < 0.90 else ("GetAppointmentContact", 2)
                     indexes = [(base + rng.randrange(spec.partner_range)) % spec.appointment_pool]
@@ -621,18 +647,27 @@ async def generate_ledger(spec: LedgerSpec, *, regen: bool = False) -> dict[str,
                     appointment_ids, patient_ids = [None], [None]
                 seq += 1
                 done += len(requested_ids)
-                data = "\x1f".join(
-                    (
-                        str(seq), partner, key_id, "", "", "", str(view), ",".join(map(str, fields)), consent or "",
-                        rpc, trace_id, when_text, str(outcome), reason, "\x1e".join(requested_ids),
-                        "\x1e".join(a or "" for a in appointment_ids), "\x1e".join(p or "" for p in patient_ids),
-                    )
+                fixed = (
+                    str(seq), partner, key_id, "", "", "", str(view), ",".join(map(str, fields)), consent or "",
+                    rpc, trace_id, when_text, str(outcome), reason,
                 )  # fmt: skip
+                prefix = (seq, partner, key_id, view, fields, consent, rpc, trace_id, when, outcome, reason)
+                row: tuple[Any, ...]
+                if repeated is not None:  # concat_ws skips the NULL arrays; the reference's two fields follow
+                    data = "\x1f".join((*fixed, f"items_of={repeated[0]}", f"items_digest={repeated[1].hex()}"))
+                    row = (*prefix, None, None, None, repeated[0], repeated[1])
+                else:
+                    columns_text = (
+                        requested_ids, [a or "" for a in appointment_ids], [p or "" for p in patient_ids]
+                    )  # fmt: skip
+                    data = "\x1f".join((*fixed, *map("\x1e".join, columns_text)))
+                    row = (*prefix, requested_ids, appointment_ids, patient_ids)
+                    if references:
+                        row = (*row, None, None)
+                    if rpc.endswith("/ListAppointments") and references:
+                        last_page[k] = (int(t // 86_400), seq, indexes, items_digest(*columns_text))
                 h = sha(prev + data.encode()).digest()
-                yield (
-                    seq, partner, key_id, view, fields, consent, rpc, trace_id, when, outcome, reason,
-                    requested_ids, appointment_ids, patient_ids,
-                )  # fmt: skip
+                yield row
                 chain.append((seq, seq, prev, h))
                 prev = h
                 state.update(seq=seq, items=done, prev=prev, t=t)
@@ -660,6 +695,14 @@ async def generate_ledger(spec: LedgerSpec, *, regen: bool = False) -> dict[str,
         )
         if bad:
             raise SystemExit(f"ledger generator: {bad} digests differ from disclosure_digest()")
+        if references:  # and a reference's items digest must be disclosure_items_digest() of the record it names
+            bad = await conn.fetchval(
+                "SELECT count(*) FROM (SELECT * FROM disclosures WHERE items_of IS NOT NULL LIMIT 2000) r "
+                "JOIN disclosures o ON o.id = r.items_of "
+                "WHERE disclosure_items_digest(o) IS DISTINCT FROM r.items_digest"
+            )
+            if bad:
+                raise SystemExit(f"ledger generator: {bad} items digests differ from disclosure_items_digest()")
         busiest = await conn.fetchrow(
             "SELECT partner_id, count(*) AS n FROM disclosures WHERE id <= 500000 GROUP BY 1 ORDER BY 2 DESC LIMIT 1"
         )
