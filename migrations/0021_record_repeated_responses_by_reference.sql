@@ -129,6 +129,7 @@ DECLARE
     sinces    bigint[] := '{}';
     ids       bigint[] := '{}';
     refs      bigint[] := '{}';
+    named     bigint[];
     patients  uuid[];
     charged   text;
     since     bigint;
@@ -168,17 +169,25 @@ BEGIN
         FROM partner_daily_usage u WHERE u.partner_id = p_partners[i] AND u.day = today;
         IF since = p_counted_since[i] THEN
             patients := p_new_patients[coalesce(p_new_patient_ends[i - 1], 0) + 1 : p_new_patient_ends[i]];
-        ELSIF partners = 1 AND p_response_partners <@ p_partners THEN  -- every response is this partner's
-            patients := p_patient_ids || ARRAY(SELECT unnest(o.patient_ids) FROM disclosures o WHERE o.id = ANY (refs));
-        ELSE
-            patients := ARRAY(
-                SELECT p_patient_ids[k]
-                FROM generate_series(1, responses) AS r(n),
-                     generate_series(coalesce(p_response_ends[r.n - 1], 0) + 1, p_response_ends[r.n]) AS k
-                WHERE p_response_partners[r.n] = p_partners[i]
-            ) || ARRAY(
-                SELECT unnest(o.patient_ids) FROM disclosures o
-                WHERE o.id = ANY (refs) AND o.partner_id = p_partners[i]);  -- a reference's record is its partner's
+        ELSE  -- every patient of the partner's responses, and of the records its references name
+            IF partners = 1 AND p_response_partners <@ p_partners THEN  -- every response is this partner's
+                patients := p_patient_ids;
+                named := refs;
+            ELSE
+                patients := ARRAY(
+                    SELECT p_patient_ids[k]
+                    FROM generate_series(1, responses) AS r(n),
+                         generate_series(coalesce(p_response_ends[r.n - 1], 0) + 1, p_response_ends[r.n]) AS k
+                    WHERE p_response_partners[r.n] = p_partners[i]);
+                named := ARRAY(SELECT r.ref FROM unnest(p_items_of, p_response_partners) AS r(ref, partner_id)
+                               WHERE r.ref IS NOT NULL AND r.partner_id = p_partners[i]);
+            END IF;
+            -- By id alone (each was checked above to be the partner's): a condition on partner_id could be
+            -- planned as a scan of the partner's whole ledger.
+            IF cardinality(named) > 0 THEN
+                patients := patients || ARRAY(
+                    SELECT unnest(o.patient_ids) FROM disclosures o WHERE o.id = ANY (named));
+            END IF;
         END IF;
         charged := charge_partner_usage(p_partners[i], patients, cardinality(patients), 0, p_contact_caps[i],
                                         p_patient_caps[i], p_anomaly_factors[i], p_anomaly_mins[i], p_suspends[i]);

@@ -196,6 +196,7 @@ async def test_a_repeated_page_is_a_reference_that_still_counts_its_patients_onc
     db: Database,
 ) -> None:
     partner, _ = await _partner(db, "Repeating")
+    bystander, bystander_entry = await _partner(db, "Bystander")
     entry = ledger.Entry(partner, "pk_repeating", "ListAppointments", "", ledger.VIEW_BASIC)
     patients = [uuid4() for _ in range(repeats.MIN_ITEMS)]
     page = [(f"shown-{n}", uuid4(), patient) for n, patient in enumerate(patients)]
@@ -205,20 +206,23 @@ async def test_a_repeated_page_is_a_reference_that_still_counts_its_patients_onc
         for listed in (page, page, other_page, page):
             await ledger.record_many(conn, [(entry, listed)], terms, memo, recorded)
         before_restart = await _counted(db, partner)
-        # The day's counters started over: the page repeated is charged again, from the record it names.
+        # The day's counters started over: the page repeated is charged again, from the record it names
+        # (in a group with another partner's call, so the patients are sorted out by partner).
         for table in ("partner_daily_patients", "partner_daily_usage"):
             await conn.execute(f"DELETE FROM {table} WHERE partner_id = $1", partner)
-        await ledger.record_many(conn, [(entry, page)], terms, memo, recorded)
+        group = [(bystander_entry, [("shown-bystander", uuid4(), uuid4())]), (entry, page)]
+        await ledger.record_many(conn, group, {**terms, bystander: TERMS}, memo, recorded)
         after_restart = await _counted(db, partner)
         await ledger.record_many(conn, [(entry, page)], terms, memo, recorded)  # a new day's record in full
 
     [(first, *_), *_] = records = await _records(db, partner)
-    assert records[1:] == [
-        (first + 1, first, len(page)),
-        (first + 2, None, len(other_page)),
-        (first + 3, first, len(page)),
-        (first + 4, first, len(page)),
-        (first + 5, None, len(page)),
+    assert [(items_of, items) for _, items_of, items in records] == [
+        (None, len(page)),
+        (first, len(page)),
+        (None, len(other_page)),
+        (first, len(page)),
+        (first, len(page)),  # after the restart: a reference still, its patients charged from the record named
+        (None, len(page)),  # the new counter row's first record of the page
     ]
     assert before_restart == ({*patients, other_page[-1][2]}, len(patients) + 1)
     assert after_restart == (set(patients), len(patients))
