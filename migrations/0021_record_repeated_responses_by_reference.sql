@@ -107,6 +107,12 @@ CROSS JOIN LATERAL unnest(coalesce(d.requested_ids, o.requested_ids, ARRAY[d.req
 -- Returns, besides each charged partner's outcome and counted_since, the id of
 -- each response's record in the order given (NULL for a response without one:
 -- no items, or its partner suspended), the same array in every row.
+--
+-- enable_seqscan is off inside it: the function's statements are planned once
+-- per connection and the plans kept, and a ledger that starts empty (a new
+-- database, a new partition) got its lookups of records by id planned as
+-- sequential scans, which then grew with the ledger (the soak's PostgreSQL CPU
+-- per call doubled in four minutes). Every lookup here has its index.
 CREATE FUNCTION record_basic_disclosures(
     p_response_partners uuid[], p_key_ids text[], p_rpcs text[], p_trace_ids text[], p_response_ends integer[],
     p_items_of bigint[], p_items_digests text[],
@@ -117,6 +123,7 @@ CREATE FUNCTION record_basic_disclosures(
 ) RETURNS TABLE (partner_id uuid, outcome text, counted_since bigint, record_ids bigint[])
 LANGUAGE plpgsql
 SET search_path = pg_catalog, public
+SET enable_seqscan = off
 AS $$
 #variable_conflict use_column
 DECLARE
