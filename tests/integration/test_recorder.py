@@ -16,7 +16,7 @@ import pytest
 from service import recorder as recorder_module
 from service.recorder import LINGER, DisclosureRecorder
 from service.store import ledger, repeats
-from service.store.database import Database
+from service.store.database import Connection, Database
 from service.store.usage import ChargeTerms, CountedPatients
 
 TERMS = ChargeTerms(1000, 1000, anomaly_factor=1000.0, anomaly_min=10**6, suspend_on_anomaly=False)
@@ -252,3 +252,38 @@ async def test_a_reference_the_database_refuses_is_written_in_full_and_the_memo_
 
     records = await _records(db, partner)
     assert [(items_of, items) for _, items_of, items in records] == [(None, len(page))] * 3
+
+
+async def _ledger_scans(conn: Connection) -> int:
+    """Sequential scans of ``disclosures`` so far, this connection's included (PostgreSQL 15 statistics)."""
+    await conn.execute("SELECT pg_stat_force_next_flush()")
+    await conn.execute("SELECT pg_stat_clear_snapshot()")  # the flush happens as this statement's transaction ends
+    return int(await conn.fetchval("SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'disclosures'"))
+
+
+async def test_recording_never_scans_the_ledger_even_with_statements_planned_while_it_was_empty(db: Database) -> None:
+    partner, _ = await _partner(db, "Planned")
+    bystander, _ = await _partner(db, "Bulk")
+    entry = ledger.Entry(partner, "pk_planned", "ListAppointments", "", ledger.VIEW_BASIC)
+    page = [(f"shown-{n}", uuid4(), uuid4()) for n in range(repeats.MIN_ITEMS)]
+    memo, recorded, terms = CountedPatients(), repeats.RecordedResponses(), {partner: TERMS}
+    async with db.statements(5.0) as conn:
+        await ledger.record_many(conn, [(entry, page)], terms, memo, recorded)
+        await conn.execute("ANALYZE disclosures")  # as autovacuum does while the ledger is new and small
+        for _ in range(8):  # the function's statements are planned, and their plans kept, on that small ledger
+            await ledger.record_many(conn, [(entry, page)], terms, memo, recorded)
+        await conn.execute(
+            "INSERT INTO disclosures (partner_id, key_id, view, rpc, disclose_time, outcome, requested_ids, "
+            "appointment_ids, patient_ids) SELECT $1, 'pk_bulk', 1, 'ListAppointments', now(), 1, ARRAY['shown'], "
+            "ARRAY[gen_random_uuid()], ARRAY[gen_random_uuid()] FROM generate_series(1, 5000)",
+            bystander,
+        )
+        before = await _ledger_scans(conn)
+        for _ in range(10):  # references checked, and patients charged from the record they name
+            await ledger.record_many(conn, [(entry, page)], terms, memo, recorded)
+        await conn.execute("DELETE FROM partner_daily_usage WHERE partner_id = $1", partner)
+        await ledger.record_many(conn, [(entry, page)], terms, memo, recorded)
+        after = await _ledger_scans(conn)
+
+    assert [items_of for _, items_of, _ in await _records(db, partner)].count(None) == 1  # the rest are references
+    assert after == before
