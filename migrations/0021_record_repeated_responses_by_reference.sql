@@ -23,14 +23,17 @@
 -- it writes the items themselves in the first place, so the ledger takes its
 -- word for which items were shown, as it always has. The database checks
 -- what it can cheaply on the request path: the record named exists, is the
--- same partner's, holds items of its own (a reference never names a
--- reference) and is a disclosed basic view; otherwise the statement fails
--- with SQLSTATE AG409 and the gateway writes the response in full. The
--- gateway also gives the SHA-256 of the items it claims repeated
--- (disclosure_items_digest below, computed on its side from the same text),
--- which the reference's own digest covers. audit verify recomputes it from
--- the record named: a memo that named the wrong record, or ids swapped
--- between records (ids are not part of any digest), would show there.
+-- same partner's, is of the same UTC day (so of the same monthly partition,
+-- and a day's breach report needs no other day's records), holds items of its
+-- own (a reference never names a reference) and is a disclosed basic view.
+-- Otherwise the statement fails with SQLSTATE AG409, and the gateway forgets
+-- its memo and writes the responses in full: so does the first group after
+-- midnight that names a record of the day before. The gateway also gives the
+-- SHA-256 of the items it claims repeated (disclosure_items_digest below,
+-- computed on its side from the same text), which the reference's own digest
+-- covers. audit verify recomputes it from the record named: a memo that named
+-- the wrong record, or ids swapped between records (ids are not part of any
+-- digest), would show there.
 
 -- Chains written before this migration verify as they did: disclosure_digest
 -- appends the two new columns only when they are set (concat_ws skips NULL).
@@ -154,8 +157,9 @@ BEGIN
        OR coalesce(p_new_patient_ends[partners], 0) IS DISTINCT FROM coalesce(cardinality(p_new_patients), 0) THEN
         RAISE EXCEPTION 'record_basic_disclosures: arrays of different lengths';
     END IF;
-    -- Each reference's record, looked up by its id alone (never its arrays): the same partner's, with
-    -- items of its own, a disclosed basic view. A reference has its items digest and no items of its own.
+    -- Each reference's record, looked up by its id alone (never its arrays): the same partner's, of the
+    -- same UTC day, with items of its own, a disclosed basic view. A reference has its items digest and
+    -- no items of its own.
     IF cardinality(array_remove(p_items_of, NULL)) > 0 THEN
         IF EXISTS (
             SELECT 1
@@ -164,7 +168,7 @@ BEGIN
             WHERE r.ref IS NOT NULL
               AND (r.digest IS NULL OR r.last > coalesce(p_response_ends[r.n - 1], 0)
                    OR (SELECT o.partner_id = r.partner_id AND o.items_of IS NULL AND o.appointment_ids IS NOT NULL
-                              AND o.view = 1 AND o.outcome = 1
+                              AND o.view = 1 AND o.outcome = 1 AND (o.disclose_time AT TIME ZONE 'UTC')::date = today
                        FROM disclosures o WHERE o.id = r.ref) IS NOT TRUE)
         ) THEN
             RAISE EXCEPTION 'a response refers to a record it cannot repeat' USING ERRCODE = 'AG409';
