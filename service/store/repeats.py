@@ -45,7 +45,7 @@ class RecordedResponses:
     (``counted_since``) their patients were counted under; a lookup under
     another row finds nothing, so a reference never spans a new day or
     counters started over. The least recently used entry goes first once the
-    memo holds ``size`` (each entry is ~150 bytes). :meth:`clear` forgets
+    memo holds ``size`` (an entry takes ~240 bytes: ~5 MB when full). :meth:`clear` forgets
     everything, for when the database refused a reference (a record lost in a
     failover, say).
     """
