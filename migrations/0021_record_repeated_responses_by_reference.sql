@@ -41,12 +41,13 @@
 ALTER TABLE disclosures
     ADD COLUMN items_of     bigint,
     ADD COLUMN items_digest bytea;
--- A reference record holds no items of its own, and always its digest. NOT
+-- A reference record holds no items of its own, and always both columns. NOT
 -- VALID: every existing row has both columns NULL and passes; validating would
 -- only read the whole ledger to find that out.
 ALTER TABLE disclosures ADD CONSTRAINT disclosures_items_of_check CHECK (
     (items_of IS NULL AND items_digest IS NULL)
-    OR (items_digest IS NOT NULL AND requested_ids IS NULL AND appointment_ids IS NULL AND patient_ids IS NULL
+    OR (items_of IS NOT NULL AND items_digest IS NOT NULL
+        AND requested_ids IS NULL AND appointment_ids IS NULL AND patient_ids IS NULL
         AND requested_id = '' AND appointment_id IS NULL AND patient_id IS NULL)
 ) NOT VALID;
 -- "Which records repeat this one": the patient lookups go from a record to its references.

@@ -384,6 +384,28 @@ async def test_a_page_listed_again_is_recorded_by_reference_and_reads_as_the_sam
     assert "record 2 repeats the items of a record that is missing" in await _verify_refuses(database_dsn, tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("shape", "columns"),
+    [
+        ("a reference with items of its own", "items_of, items_digest, requested_ids, appointment_ids, patient_ids"),
+        ("a reference without its items digest", "items_of"),
+        ("an items digest without a reference", "items_digest"),
+    ],
+)
+async def test_the_ledger_refuses_a_record_half_a_reference(
+    admin: asyncpg.Connection, shape: str, columns: str
+) -> None:
+    values = {"items_of": "1", "items_digest": "'\\x00'", "requested_ids": "ARRAY['shown']",
+              "appointment_ids": "ARRAY[gen_random_uuid()]", "patient_ids": "ARRAY[gen_random_uuid()]"}  # fmt: skip
+    chosen = columns.split(", ")
+    with pytest.raises(asyncpg.CheckViolationError):
+        await admin.execute(
+            "INSERT INTO disclosures (partner_id, key_id, view, rpc, disclose_time, outcome, "
+            f"{columns}) VALUES (gen_random_uuid(), 'pk_half', 1, 'ListAppointments', now(), 1, "
+            f"{', '.join(values[c] for c in chosen)})"
+        )
+
+
 async def test_audit_verify_catches_a_record_dropped_from_the_chain(
     world: World, admin: asyncpg.Connection, database_dsn: str, tmp_path: Path
 ) -> None:
