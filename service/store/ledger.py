@@ -425,10 +425,7 @@ async def verify(
         result.problems.append(f"the ledger head ({head['seq']}) does not match the last record ({last_seq})")
     for row in await conn.fetch(_BROKEN_REFERENCES, _REFERENCE_PROBLEMS):
         place = f"record {row['seq']}" if row["seq"] is not None else f"the unchained record {row['id']}"
-        if row["named"] is None:
-            result.problems.append(f"{place} repeats the items of a record that is missing")
-        else:
-            result.problems.append(f"{place} repeats items that are not those of the record it names")
+        result.problems.append(f"{place} {_REFERENCE_MESSAGES[row['problem']]}")
     unchained = await conn.fetchval(_PASSED_OVER, head["chained_txid"], head["chained_id"])
     if unchained == 1:
         result.problems.append("1 record the sequencer has passed is not in the chain")
@@ -438,22 +435,34 @@ async def verify(
 
 
 # Reference records (migration 0021) whose record named is missing, another partner's, a reference itself,
-# or holds other items than those digested when the reference was written. Each named record is digested once.
+# holds other items than those digested when the reference was written, or is of another UTC day (which the
+# record statement refuses). Each named record is digested once.
 _BROKEN_REFERENCES = """
 WITH named AS (
-    SELECT o.id, o.partner_id, o.items_of IS NULL AS original, disclosure_items_digest(o) AS items_digest
+    SELECT o.id, o.partner_id, o.items_of IS NULL AS original, disclosure_items_digest(o) AS items_digest,
+           (o.disclose_time AT TIME ZONE 'UTC')::date AS day
     FROM disclosures o
     WHERE o.id IN (SELECT r.items_of FROM disclosures r WHERE r.items_of IS NOT NULL)
 )
-SELECT c.seq, r.id, n.id AS named
+SELECT c.seq, r.id,
+       CASE WHEN n.id IS NULL THEN 'missing'
+            WHEN n.partner_id <> r.partner_id OR NOT n.original OR n.items_digest IS DISTINCT FROM r.items_digest
+            THEN 'items'
+            ELSE 'day' END AS problem
 FROM disclosures r
 LEFT JOIN named n ON n.id = r.items_of
 LEFT JOIN disclosure_chain c ON c.id = r.id
 WHERE r.items_of IS NOT NULL
-  AND (n.id IS NULL OR n.partner_id <> r.partner_id OR NOT n.original OR n.items_digest IS DISTINCT FROM r.items_digest)
+  AND (n.id IS NULL OR n.partner_id <> r.partner_id OR NOT n.original OR n.items_digest IS DISTINCT FROM r.items_digest
+       OR n.day <> (r.disclose_time AT TIME ZONE 'UTC')::date)
 ORDER BY r.id
 LIMIT $1
 """
+_REFERENCE_MESSAGES = {
+    "missing": "repeats the items of a record that is missing",
+    "items": "repeats items that are not those of the record it names",
+    "day": "repeats the items of a record of another day",
+}
 #: Broken references listed by name at most; verification of a ledger that has more is failed all the same.
 _REFERENCE_PROBLEMS = 100
 

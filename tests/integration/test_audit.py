@@ -384,6 +384,25 @@ async def test_a_page_listed_again_is_recorded_by_reference_and_reads_as_the_sam
     assert "record 2 repeats the items of a record that is missing" in await _verify_refuses(database_dsn, tmp_path)
 
 
+async def test_audit_verify_catches_a_reference_written_past_the_statement_to_a_record_of_another_day(
+    world: World, admin: asyncpg.Connection, database_dsn: str, tmp_path: Path
+) -> None:
+    practitioner = await world.practitioner()
+    for _ in range(repeats.MIN_ITEMS):
+        await world.appointment(practitioner, (await world.patient()).patient_id)
+    partner = await world.partner("Agenda", practitioner)
+    await partner.list_all()
+    # A reference the record statement would refuse (it names a record of the day before), written
+    # directly as someone with rights on the table could; its digest and the chain are consistent.
+    await admin.execute(
+        "INSERT INTO disclosures (partner_id, key_id, view, rpc, disclose_time, outcome, items_of, items_digest) "
+        "SELECT partner_id, key_id, view, rpc, disclose_time + interval '1 day', outcome, id, "
+        "disclosure_items_digest(d) FROM disclosures d"
+    )
+
+    assert "record 2 repeats the items of a record of another day" in await _verify_refuses(database_dsn, tmp_path)
+
+
 @pytest.mark.parametrize(
     ("shape", "columns"),
     [
