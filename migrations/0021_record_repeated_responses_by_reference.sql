@@ -113,10 +113,11 @@ CROSS JOIN LATERAL unnest(coalesce(d.requested_ids, o.requested_ids, ARRAY[d.req
 -- no items, or its partner suspended), the same array in every row.
 --
 -- enable_seqscan is off inside it: the function's statements are planned once
--- per connection and the plans kept, and a ledger that starts empty (a new
--- database, a new partition) got its lookups of records by id planned as
--- sequential scans, which then grew with the ledger (the soak's PostgreSQL CPU
--- per call doubled in four minutes). Every lookup here has its index.
+-- per connection and the plans kept, and on a ledger that starts empty (a new
+-- database, a new partition) and is analysed while it holds a few rows, its
+-- lookups of records by id were planned as sequential scans, which then grew
+-- with the ledger (the soak's PostgreSQL CPU per call doubled in four minutes;
+-- docs/robustness.md). Every lookup here has its index.
 CREATE FUNCTION record_basic_disclosures(
     p_response_partners uuid[], p_key_ids text[], p_rpcs text[], p_trace_ids text[], p_response_ends integer[],
     p_items_of bigint[], p_items_digests text[],
