@@ -444,18 +444,21 @@ WITH named AS (
     FROM disclosures o
     WHERE o.id IN (SELECT r.items_of FROM disclosures r WHERE r.items_of IS NOT NULL)
 )
-SELECT c.seq, r.id,
-       CASE WHEN n.id IS NULL THEN 'missing'
-            WHEN n.partner_id <> r.partner_id OR NOT n.original OR n.items_digest IS DISTINCT FROM r.items_digest
-            THEN 'items'
-            ELSE 'day' END AS problem
-FROM disclosures r
-LEFT JOIN named n ON n.id = r.items_of
-LEFT JOIN disclosure_chain c ON c.id = r.id
-WHERE r.items_of IS NOT NULL
-  AND (n.id IS NULL OR n.partner_id <> r.partner_id OR NOT n.original OR n.items_digest IS DISTINCT FROM r.items_digest
-       OR n.day <> (r.disclose_time AT TIME ZONE 'UTC')::date)
-ORDER BY r.id
+SELECT seq, id, problem
+FROM (
+    SELECT c.seq, r.id,
+           CASE WHEN n.id IS NULL THEN 'missing'
+                WHEN n.partner_id <> r.partner_id OR NOT n.original
+                     OR n.items_digest IS DISTINCT FROM r.items_digest THEN 'items'
+                WHEN n.day <> (r.disclose_time AT TIME ZONE 'UTC')::date THEN 'day'
+           END AS problem
+    FROM disclosures r
+    LEFT JOIN named n ON n.id = r.items_of
+    LEFT JOIN disclosure_chain c ON c.id = r.id
+    WHERE r.items_of IS NOT NULL
+) checked
+WHERE problem IS NOT NULL
+ORDER BY id
 LIMIT $1
 """
 _REFERENCE_MESSAGES = {
