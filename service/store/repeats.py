@@ -69,8 +69,9 @@ class RecordedResponses:
 
     def add(self, partner_id: UUID, since: int, items: bytes, record_id: int) -> None:
         """Remember the committed record ``record_id`` of ``partner_id``, counted under row ``since``."""
-        self._records[(partner_id, since, items)] = record_id
-        self._records.move_to_end((partner_id, since, items))
+        key = (partner_id, since, items)
+        self._records[key] = record_id
+        self._records.move_to_end(key)
         if len(self._records) > self._size:
             self._records.popitem(last=False)
 
