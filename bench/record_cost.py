@@ -10,7 +10,15 @@ own and as little of this shared machine's noise as a loop can leave:
   page recorded by reference; minimum and median of ``--rounds`` loops;
 * per record, the heap row's size, the WAL written (1,000 statements, one
   commit each, ``synchronous_commit`` off) and the sequencer's chaining of
-  those 1,000 records.
+  those 1,000 records;
+* the whole statement as the gateway sends it (one client, autocommit,
+  ``synchronous_commit`` off): the CPU its backend process spends per
+  statement (``/proc``, so PostgreSQL must run on this machine), for the
+  function of the latest migration against migration 0021's, alternated in
+  one run, so that a change to the function is measured side by side with
+  what it replaced.
+
+The timed function is the latest migration's ``record_basic_disclosures``.
 
     .venv/bin/python bench/record_cost.py [--rounds 10] [--calls 150]
 """
@@ -35,11 +43,12 @@ sys.path.insert(0, str(BENCH_DIR.parent))
 from service.store import ledger, repeats  # noqa: E402
 
 import datagen  # noqa: E402
-from common import admin_dsn, source, with_database  # noqa: E402
+from common import CLK_TCK, admin_dsn, source, with_database  # noqa: E402
 
 DATABASE = "apptgate_bench_record_cost"
 PAGE = 50
-_MIGRATION = "0021_record_repeated_responses_by_reference.sql"
+#: The migration whose function the latest one is compared against.
+_BASELINE = "0021_record_repeated_responses_by_reference.sql"
 
 
 def _literal(values: list[Any]) -> str:
@@ -79,13 +88,26 @@ async def _page(conn: asyncpg.Connection) -> Page:
     return Page(partner, row["counted_since"], row["record_ids"][0], items)
 
 
-def _function(without_insert: bool) -> str:
-    """migration 0021's record_basic_disclosures as ``record_cost_probe``, its INSERT removed if asked."""
-    text = (source() / "migrations" / _MIGRATION).read_text()
-    body = text[text.index("CREATE FUNCTION record_basic_disclosures(") : text.index("-- The gateway calls it")]
+def _definition(migration: str | None = None) -> str:
+    """The ``CREATE`` of record_basic_disclosures in ``migration``, by default the latest migration holding one."""
+    if migration is None:
+        migration = max(p.name for p in (source() / "migrations").glob("*.sql") if _DEFINES in p.read_text())
+    text = (source() / "migrations" / migration).read_text()
+    start = text.index(_DEFINES) - len("CREATE ")
+    if text[start - len("OR REPLACE ") : start] == "OR REPLACE ":
+        start -= len("OR REPLACE ")
+    return text[start : text.index("\n$$;", start) + len("\n$$;")]
+
+
+_DEFINES = "FUNCTION record_basic_disclosures("
+
+
+def _function(without_insert: bool, name: str = "record_cost_probe", migration: str | None = None) -> str:
+    """record_basic_disclosures of ``migration`` created as ``name``, its INSERT removed if asked."""
+    body = _definition(migration)
     if without_insert:
         body = body[: body.index("    INSERT INTO disclosures")] + body[body.index("    RETURN QUERY") :]
-    return body.replace("CREATE FUNCTION record_basic_disclosures(", "CREATE OR REPLACE FUNCTION record_cost_probe(")
+    return "CREATE OR REPLACE FUNCTION " + name + "(" + body[body.index(_DEFINES) + len(_DEFINES) :]
 
 
 async def _statement_loop(conn: asyncpg.Connection, page: Page, reference: bool, calls: int) -> float:
@@ -110,6 +132,30 @@ async def _statement_loop(conn: asyncpg.Connection, page: Page, reference: bool,
     finally:
         conn.remove_log_listener(listen)
     return float(notices[-1])
+
+
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) the process ``pid`` has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+async def _backend_cpu(conn: asyncpg.Connection, page: Page, rounds: int, calls: int) -> dict[str, list[float]]:
+    """Backend CPU µs per statement, the latest function against 0021's, full page and reference, alternated."""
+    pid = await conn.fetchval("SELECT pg_backend_pid()")
+    baseline = ledger._RECORD_MANY.replace("record_basic_disclosures(", "record_cost_baseline(")
+    statements = {"0021's, {}": baseline, "latest, {}": ledger._RECORD_MANY}
+    figures: dict[str, list[float]] = {}
+    for n in range(rounds):
+        for label, statement in statements.items() if n % 2 == 0 else reversed(statements.items()):
+            for reference in (False, True):
+                arguments = page.arguments(reference)
+                used = _process_cpu(pid)
+                for _ in range(calls):
+                    await ledger.run_group_statement(conn, statement, arguments)
+                kind = label.format("reference" if reference else "full page")
+                figures.setdefault(kind, []).append((_process_cpu(pid) - used) / calls * 1e6)
+    return figures
 
 
 async def _per_record(conn: asyncpg.Connection, page: Page, reference: bool, records: int) -> dict[str, float]:
@@ -149,6 +195,11 @@ async def main(argv: list[str] | None = None) -> int:
         print(f"record statement inside PostgreSQL, µs per call (min / median of {args.rounds} loops of {args.calls}):")
         for (kind, part), values in timings.items():
             print(f"  {kind:10} {part:15} {min(values):7.1f} / {statistics.median(values):7.1f}")
+        print(f"backend CPU per statement sent by the client, µs (min / median of {args.rounds} runs of "
+              f"{args.records}):")  # fmt: skip
+        await conn.execute(_function(False, "record_cost_baseline", _BASELINE))
+        for kind, figures in (await _backend_cpu(conn, page, args.rounds, args.records)).items():
+            print(f"  {kind:30} {min(figures):7.1f} / {statistics.median(figures):7.1f}")
         print(f"per record ({args.records} statements each, three rounds):")
         for _ in range(3):
             for reference in (False, True):

@@ -8,6 +8,7 @@ tells them apart.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator
 from uuid import UUID, uuid4
 
@@ -294,3 +295,39 @@ async def test_recording_never_scans_the_ledger_even_with_statements_planned_whi
 
     assert [items_of for _, items_of, _ in await _records(db, partner)].count(None) == 1  # the rest are references
     assert after == before
+
+
+async def _charge_calls(conn: Connection) -> int:
+    """Calls of ``charge_partner_usage`` so far, counted while ``track_functions`` is on (PostgreSQL 15 statistics)."""
+    await conn.execute("SELECT pg_stat_force_next_flush()")
+    await conn.execute("SELECT pg_stat_clear_snapshot()")
+    calls = await conn.fetchval(
+        "SELECT calls FROM pg_stat_user_functions WHERE funcname = 'charge_partner_usage' AND schemaname = 'public'"
+    )
+    return int(calls or 0)
+
+
+async def test_a_group_with_no_patient_left_to_charge_does_not_call_the_charge(db: Database) -> None:
+    partner, _ = await _partner(db, "Uncharged")
+    entry = ledger.Entry(partner, "pk_uncharged", "ListAppointments", "", ledger.VIEW_BASIC)
+    page = [(f"shown-{n}", uuid4(), uuid4()) for n in range(repeats.MIN_ITEMS)]
+    newcomer = ("shown-new", uuid4(), uuid4())
+    memo, recorded, terms = CountedPatients(), repeats.RecordedResponses(), {partner: TERMS}
+    async with db.statements(5.0) as conn:
+        await conn.execute("SET track_functions = 'pl'")
+        calls = [await _charge_calls(conn)]
+        # The page's first record charges its patients; the page again (a reference) and its first item
+        # alone (written in full, a patient counted already) have none left; a new patient has.
+        for listed in (page, page, page[:1], [newcomer]):
+            outcome = await ledger.record_many(conn, [(entry, listed)], terms, memo, recorded)
+            assert outcome == {partner: "ok"}
+            calls.append(await _charge_calls(conn))
+
+    assert [after - before for before, after in itertools.pairwise(calls)] == [1, 0, 0, 1]
+    assert await _counted(db, partner) == ({p for _, _, p in [*page, newcomer]}, len(page) + 1)
+    assert [(items_of is None, items) for _, items_of, items in await _records(db, partner)] == [
+        (True, len(page)),
+        (False, len(page)),
+        (True, 1),
+        (True, 1),
+    ]
