@@ -24,7 +24,9 @@ Variants: ``plain`` (tracing off, as ``gateway`` in run.py), ``tracing``
 provider whose sampler drops every span: what tracing costs before any span
 is recorded), ``naive`` (the naive handler of ``bench/baselines.py``: the
 gateway's server-side cost against it, noise-free; PostgreSQL's share is not
-counted for either). Each counts the whole process (the event loop, grpc's threads,
+counted for either), ``norecord`` and ``nostatement`` (the plain gateway
+with that patch of ``bench/whatif.py``: what the ledger record costs the
+gateway's process, all of it or its statement only). Each counts the whole process (the event loop, grpc's threads,
 the export thread, the sequencer's passes during the calls). ~1 min per
 variant. Needs valgrind (Debian's ``valgrind``).
 """
@@ -52,15 +54,17 @@ import datagen  # noqa: E402
 import run  # noqa: E402
 from common import tree_cpu_seconds  # noqa: E402
 
-VARIANTS = ("plain", "tracing", "sampled-out", "naive")
+VARIANTS = ("plain", "tracing", "sampled-out", "naive", "norecord", "nostatement")
+#: Variants that are the plain gateway with one of bench/whatif.py's patches.
+WHATIF = ("norecord", "nostatement")
 PORT, SINK_PORT = 57400, 57490
 
 
 @contextlib.contextmanager
 def serving(variant: str, fx: run.Fixture, workdir: Path, prefix: list[str]) -> Iterator[subprocess.Popen[bytes]]:
     """One server of ``variant`` on :data:`PORT`, started under ``prefix`` (valgrind, or nothing)."""
-    env = run.gateway_env(fx, PORT, workdir, tracing=variant not in ("plain", "naive"), sink_port=SINK_PORT,
-                          workers=1)  # fmt: skip
+    traced = variant not in ("plain", "naive", *WHATIF)
+    env = run.gateway_env(fx, PORT, workdir, tracing=traced, sink_port=SINK_PORT, workers=1)
     if variant == "sampled-out":
         env["OTEL_TRACES_SAMPLER"] = "always_off"
     command = [*prefix, run.PY]
@@ -68,11 +72,14 @@ def serving(variant: str, fx: run.Fixture, workdir: Path, prefix: list[str]) -> 
         loop = run.gateway_loop()
         command += [str(BENCH_DIR / "baselines.py"), "naive", "--port", str(PORT), "--dsn", fx.dsn,
                     "--partner-id", fx.meta["bench_partner_id"], "--loop", loop]  # fmt: skip
+    elif variant in WHATIF:
+        env["APPTGATE_WHATIF"] = variant
+        command += [str(BENCH_DIR / "whatif.py"), "serve"]
     else:
         command += ["-m", "service", "serve"]
     run.ensure_port_free(PORT)
     sink = None
-    if variant not in ("plain", "naive"):
+    if traced:
         sink = subprocess.Popen([run.PY, str(BENCH_DIR / "otlp_sink.py"), "--port", str(SINK_PORT)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     with (workdir / f"{variant}.log").open("wb") as log:

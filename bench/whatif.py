@@ -14,6 +14,12 @@ Choose patches with ``APPTGATE_WHATIF`` (comma-separated; default
 * ``nostatement``: the recorder keeps all its machinery (announcing calls,
   gathering, groups, the writer task, futures) but its group statement is
   replaced by a 0.3 ms sleep: what the grouping costs without its statement.
+* ``gather``: groups of basic records wait up to ``WHATIF_GATHER`` seconds
+  (default 0.02) for the calls underway when they form, instead of
+  ``service.recorder.GATHER``: whether longer (or no) gathering pays.
+* ``groupstats``: nothing changed; at exit, the server logs how many calls
+  each group of basic records held and how many calls were underway (announced,
+  not yet submitted) when it formed.
 * ``nodefense`` (the ``gateway-nodefense`` variant of ``bench/run.py``; not
   part of the default set): encryption at rest off on the contact path.
   ``service.sealing.open_consented_contact`` — the one decryption on the
@@ -68,6 +74,40 @@ def patch_nostatement() -> None:
     recorder.DisclosureRecorder._record_basic = record_basic  # type: ignore[method-assign]
 
 
+def patch_gather() -> None:
+    """Groups of basic records wait longer for the calls underway (``WHATIF_GATHER`` seconds)."""
+    from service import recorder
+
+    recorder.GATHER = float(os.environ.get("WHATIF_GATHER", "0.02"))
+
+
+def patch_groupstats() -> None:
+    """Log, at exit, how many calls each basic group held and how many were underway when it formed."""
+    import atexit
+    import collections
+
+    from service import recorder
+
+    sizes: collections.Counter[int] = collections.Counter()
+    underway: collections.Counter[int] = collections.Counter()
+    original = recorder._Groups._next_group
+
+    async def next_group(self: Any) -> Any:
+        before = self.underway
+        group = await original(self)
+        if self._write_group.__name__ == "_record_basic":
+            sizes[len(group)] += 1
+            underway[before] += 1
+        return group
+
+    def report() -> None:
+        print(f"whatif groupstats: sizes {sorted(sizes.items())}", file=sys.stderr, flush=True)
+        print(f"whatif groupstats: underway {sorted(underway.items())}", file=sys.stderr, flush=True)
+
+    recorder._Groups._next_group = next_group  # type: ignore[method-assign]
+    atexit.register(report)
+
+
 def patch_nodefense() -> None:
     """Replace the contact path's decryption by a pass-through of clear values (patched before the service loads)."""
     import dataclasses
@@ -95,7 +135,8 @@ def patch_nodefense() -> None:
 
 def main() -> int:
     chosen = [p for p in os.environ.get("APPTGATE_WHATIF", "norecord").split(",") if p]
-    patches = {"norecord": patch_norecord, "nostatement": patch_nostatement, "nodefense": patch_nodefense}
+    patches = {"norecord": patch_norecord, "nostatement": patch_nostatement, "nodefense": patch_nodefense,
+               "gather": patch_gather, "groupstats": patch_groupstats}
     unknown = set(chosen) - set(patches)
     if unknown:
         raise SystemExit(f"whatif: unknown patches {sorted(unknown)}")
