@@ -135,8 +135,13 @@ def patch_nodefense() -> None:
 
 def main() -> int:
     chosen = [p for p in os.environ.get("APPTGATE_WHATIF", "norecord").split(",") if p]
-    patches = {"norecord": patch_norecord, "nostatement": patch_nostatement, "nodefense": patch_nodefense,
-               "gather": patch_gather, "groupstats": patch_groupstats}
+    patches = {
+        "norecord": patch_norecord,
+        "nostatement": patch_nostatement,
+        "nodefense": patch_nodefense,
+        "gather": patch_gather,
+        "groupstats": patch_groupstats,
+    }
     unknown = set(chosen) - set(patches)
     if unknown:
         raise SystemExit(f"whatif: unknown patches {sorted(unknown)}")
