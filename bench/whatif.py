@@ -20,6 +20,9 @@ Choose patches with ``APPTGATE_WHATIF`` (comma-separated; default
 * ``groupstats``: nothing changed; at exit, the server logs how many calls
   each group of basic records held and how many calls were underway (announced,
   not yet submitted) when it formed.
+* ``recordinread``: a listing's record and charge written by its read
+  statement (``whatif_list_and_record``), no group statement for listings:
+  the bound of doing both in one statement (docs/performance.md).
 * ``nodefense`` (the ``gateway-nodefense`` variant of ``bench/run.py``; not
   part of the default set): encryption at rest off on the contact path.
   ``service.sealing.open_consented_contact`` — the one decryption on the
@@ -108,6 +111,115 @@ def patch_groupstats() -> None:
     atexit.register(report)
 
 
+#: The read statement that also records (``recordinread``): created in the world on first use.
+_RECORD_IN_READ = """
+CREATE OR REPLACE FUNCTION whatif_record_page(
+    p_partner_id uuid, p_key_id text, p_rpc text, p_requested_ids text[], p_appointment_ids uuid[],
+    p_patient_ids uuid[]
+) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public AS $$
+BEGIN
+    IF p_appointment_ids IS NULL THEN
+        RETURN 'ok';
+    END IF;
+    INSERT INTO disclosures (partner_id, key_id, view, rpc, disclose_time, outcome, requested_ids,
+                             appointment_ids, patient_ids)
+    VALUES (p_partner_id, p_key_id, 1, p_rpc, statement_timestamp(), 1, p_requested_ids, p_appointment_ids,
+            p_patient_ids);
+    RETURN charge_partner_usage(p_partner_id, p_patient_ids, cardinality(p_patient_ids), 0, 1000000000,
+                                1000000000, 1000.0, 1000000000000, false);
+END
+$$;
+GRANT EXECUTE ON FUNCTION whatif_record_page(uuid, text, text, text[], uuid[], uuid[]) TO apptgate_partner;
+CREATE OR REPLACE FUNCTION whatif_list_and_record(
+    p_key_id text, p_partner_id uuid, p_practitioner_id uuid, p_start timestamptz, p_end timestamptz,
+    p_after_time timestamptz, p_after_id uuid, p_limit integer
+) RETURNS TABLE (
+    id uuid, patient_id uuid, start_time timestamptz, end_time timestamptz, status text,
+    update_time timestamptz, practitioner_id uuid, display_name text, specialty text
+)
+LANGUAGE plpgsql SET search_path = pg_catalog, public AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    WITH page AS MATERIALIZED (
+        SELECT * FROM partner_list_appointments(p_key_id, p_partner_id, p_practitioner_id, p_start, p_end,
+                                                p_after_time, p_after_id, p_limit)
+    ), shown AS (
+        SELECT * FROM page p ORDER BY p.start_time, p.id LIMIT p_limit - 1
+    ), recorded AS (
+        SELECT whatif_record_page(p_partner_id, p_key_id,
+                                  '/appointments.partner.v1.PartnerAppointmentService/ListAppointments',
+                                  array_agg('apt_' || replace(s.id::text, '-', '') ORDER BY s.start_time, s.id),
+                                  array_agg(s.id ORDER BY s.start_time, s.id),
+                                  array_agg(s.patient_id ORDER BY s.start_time, s.id)) AS outcome
+        FROM shown s
+    )
+    SELECT p.* FROM page p CROSS JOIN recorded r ORDER BY p.start_time, p.id;
+END
+$$;
+GRANT EXECUTE ON FUNCTION whatif_list_and_record(text, uuid, uuid, timestamptz, timestamptz, timestamptz, uuid,
+    integer) TO apptgate_partner;
+"""
+
+
+def patch_recordinread() -> None:
+    """A listing's record written by its read statement; the recorder is skipped for listings only.
+
+    The bound of recommendation 2's "listing and ledger insert in one
+    statement" (docs/performance.md): the read, run as the partner role as
+    always, also inserts the page's record in full (the pseudonyms stood in
+    for by ids of the same length, so the record weighs the same; no
+    reference) and charges all its patients, in the statement's own
+    transaction, which autocommit makes durable before it returns
+    (``WHATIF_READ_CHARGE=0``: without the charge, to split the two). Not a
+    design: no refusal over a cap, no memo. The two functions are created in
+    the world on the first listing (``whatif_*``, executable by the partner
+    role).
+    """
+    import asyncio
+
+    import asyncpg
+    from service import recorder
+    from service.store import partner_reads
+
+    created: list[asyncio.Lock] = []
+    original_record = recorder.DisclosureRecorder.record
+    listing = partner_reads._LIST
+
+    async def create() -> None:
+        if not created:
+            created.append(asyncio.Lock())
+        async with created[0]:
+            if len(created) == 1:
+                conn = await asyncpg.connect(os.environ["DATABASE_URL"])
+                try:
+                    sql = _RECORD_IN_READ
+                    if os.environ.get("WHATIF_READ_CHARGE", "1") == "0":  # the record alone, no charge
+                        sql = sql.replace("RETURN charge_partner_usage(", "RETURN 'ok'; PERFORM charge_partner_usage(")
+                    await conn.execute(sql)
+                finally:
+                    await conn.close()
+                partner_reads._LIST = listing.replace("partner_list_appointments(", "whatif_list_and_record(")
+                created.append(asyncio.Lock())
+
+    async def list_appointments(conn: Any, **kwargs: Any) -> Any:
+        if len(created) < 2:
+            await create()
+        return await original_list(conn, **kwargs)
+
+    async def record(self: Any, entry: Any, items: Any, terms: Any, expected: Any = None) -> str:
+        if entry.rpc.endswith("/ListAppointments"):
+            if expected is not None:
+                expected.arrived()
+            return "ok"
+        return str(await original_record(self, entry, items, terms, expected))
+
+    original_list = partner_reads.list_appointments
+    partner_reads.list_appointments = list_appointments  # type: ignore[assignment]
+    recorder.DisclosureRecorder.record = record  # type: ignore[method-assign]
+
+
 def patch_nodefense() -> None:
     """Replace the contact path's decryption by a pass-through of clear values (patched before the service loads)."""
     import dataclasses
@@ -141,6 +253,7 @@ def main() -> int:
         "nodefense": patch_nodefense,
         "gather": patch_gather,
         "groupstats": patch_groupstats,
+        "recordinread": patch_recordinread,
     }
     unknown = set(chosen) - set(patches)
     if unknown:
