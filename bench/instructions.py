@@ -26,9 +26,10 @@ is recorded), ``naive`` (the naive handler of ``bench/baselines.py``: the
 gateway's server-side cost against it, noise-free; PostgreSQL's share is not
 counted for either), ``norecord`` and ``nostatement`` (the plain gateway
 with that patch of ``bench/whatif.py``: what the ledger record costs the
-gateway's process, all of it or its statement only). Each counts the whole process (the event loop, grpc's threads,
-the export thread, the sequencer's passes during the calls). ~1 min per
-variant. Needs valgrind (Debian's ``valgrind``).
+gateway's process, all of it or its statement only). Each counts the whole
+process (the event loop, grpc's threads, the export thread, the sequencer's
+passes during the calls). ~1 min per variant. Needs valgrind (Debian's
+``valgrind``).
 """
 
 from __future__ import annotations

@@ -88,26 +88,20 @@ async def _page(conn: asyncpg.Connection) -> Page:
     return Page(partner, row["counted_since"], row["record_ids"][0], items)
 
 
-def _definition(migration: str | None = None) -> str:
-    """The ``CREATE`` of record_basic_disclosures in ``migration``, by default the latest migration holding one."""
-    if migration is None:
-        migration = max(p.name for p in (source() / "migrations").glob("*.sql") if _DEFINES in p.read_text())
-    text = (source() / "migrations" / migration).read_text()
-    start = text.index(_DEFINES) - len("CREATE ")
-    if text[start - len("OR REPLACE ") : start] == "OR REPLACE ":
-        start -= len("OR REPLACE ")
-    return text[start : text.index("\n$$;", start) + len("\n$$;")]
-
-
 _DEFINES = "FUNCTION record_basic_disclosures("
 
 
 def _function(without_insert: bool, name: str = "record_cost_probe", migration: str | None = None) -> str:
-    """record_basic_disclosures of ``migration`` created as ``name``, its INSERT removed if asked."""
-    body = _definition(migration)
+    """record_basic_disclosures as ``migration`` defines it (by default the latest migration that does),
+    created as ``name``, its INSERT removed if asked."""
+    if migration is None:
+        migration = max(p.name for p in (source() / "migrations").glob("*.sql") if _DEFINES in p.read_text())
+    text = (source() / "migrations" / migration).read_text()
+    start = text.index(_DEFINES) + len(_DEFINES)
+    body = text[start : text.index("\n$$;", start) + len("\n$$;")]
     if without_insert:
         body = body[: body.index("    INSERT INTO disclosures")] + body[body.index("    RETURN QUERY") :]
-    return "CREATE OR REPLACE FUNCTION " + name + "(" + body[body.index(_DEFINES) + len(_DEFINES) :]
+    return f"CREATE OR REPLACE FUNCTION {name}(" + body
 
 
 async def _statement_loop(conn: asyncpg.Connection, page: Page, reference: bool, calls: int) -> float:
