@@ -22,7 +22,8 @@ Choose patches with ``APPTGATE_WHATIF`` (comma-separated; default
   not yet submitted) when it formed.
 * ``recordinread``: a listing's record and charge written by its read
   statement (``whatif_list_and_record``), no group statement for listings:
-  the bound of doing both in one statement (docs/performance.md).
+  what doing both in one statement costs in its simplest form
+  (docs/performance.md).
 * ``nodefense`` (the ``gateway-nodefense`` variant of ``bench/run.py``; not
   part of the default set): encryption at rest off on the contact path.
   ``service.sealing.open_consented_contact`` — the one decryption on the
@@ -166,8 +167,8 @@ GRANT EXECUTE ON FUNCTION whatif_list_and_record(text, uuid, uuid, timestamptz, 
 def patch_recordinread() -> None:
     """A listing's record written by its read statement; the recorder is skipped for listings only.
 
-    The bound of recommendation 2's "listing and ledger insert in one
-    statement" (docs/performance.md): the read, run as the partner role as
+    Recommendation 2's "listing and ledger insert in one statement" in its
+    simplest form (docs/performance.md): the read, run as the partner role as
     always, also inserts the page's record in full (the pseudonyms stood in
     for by ids of the same length, so the record weighs the same; no
     reference) and charges all its patients, in the statement's own
@@ -183,28 +184,27 @@ def patch_recordinread() -> None:
     from service import recorder
     from service.store import partner_reads
 
-    created: list[asyncio.Lock] = []
+    original_list = partner_reads.list_appointments
     original_record = recorder.DisclosureRecorder.record
-    listing = partner_reads._LIST
+    creating = asyncio.Lock()  # bound to the server's loop on first use (Python 3.10+)
 
     async def create() -> None:
-        if not created:
-            created.append(asyncio.Lock())
-        async with created[0]:
-            if len(created) == 1:
-                conn = await asyncpg.connect(os.environ["DATABASE_URL"])
-                try:
-                    sql = _RECORD_IN_READ
-                    if os.environ.get("WHATIF_READ_CHARGE", "1") == "0":  # the record alone, no charge
-                        sql = sql.replace("RETURN charge_partner_usage(", "RETURN 'ok'; PERFORM charge_partner_usage(")
-                    await conn.execute(sql)
-                finally:
-                    await conn.close()
-                partner_reads._LIST = listing.replace("partner_list_appointments(", "whatif_list_and_record(")
-                created.append(asyncio.Lock())
+        """The two functions, in the world (once), and the read statement switched to them."""
+        async with creating:
+            if "whatif_list_and_record(" in partner_reads._LIST:
+                return
+            sql = _RECORD_IN_READ
+            if os.environ.get("WHATIF_READ_CHARGE", "1") == "0":  # the record alone, no charge
+                sql = sql.replace("RETURN charge_partner_usage(", "RETURN 'ok'; PERFORM charge_partner_usage(")
+            conn = await asyncpg.connect(os.environ["DATABASE_URL"])
+            try:
+                await conn.execute(sql)
+            finally:
+                await conn.close()
+            partner_reads._LIST = partner_reads._LIST.replace("partner_list_appointments(", "whatif_list_and_record(")
 
     async def list_appointments(conn: Any, **kwargs: Any) -> Any:
-        if len(created) < 2:
+        if "whatif_list_and_record(" not in partner_reads._LIST:
             await create()
         return await original_list(conn, **kwargs)
 
@@ -215,7 +215,6 @@ def patch_recordinread() -> None:
             return "ok"
         return str(await original_record(self, entry, items, terms, expected))
 
-    original_list = partner_reads.list_appointments
     partner_reads.list_appointments = list_appointments  # type: ignore[assignment]
     recorder.DisclosureRecorder.record = record  # type: ignore[method-assign]
 
