@@ -262,11 +262,16 @@ async def test_a_reference_the_database_refuses_is_written_in_full_and_the_memo_
     assert [(items_of, items) for _, items_of, items in records] == [(None, len(page))] * 4
 
 
-async def _ledger_scans(conn: Connection) -> int:
-    """Sequential scans of ``disclosures`` so far, this connection's included (PostgreSQL 15 statistics)."""
+async def _statistic(conn: Connection, query: str) -> int:
+    """A cumulative statistic read by ``query``, this connection's activity included (PostgreSQL 15 statistics)."""
     await conn.execute("SELECT pg_stat_force_next_flush()")
     await conn.execute("SELECT pg_stat_clear_snapshot()")  # the flush happens as this statement's transaction ends
-    return int(await conn.fetchval("SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'disclosures'"))
+    return int(await conn.fetchval(query) or 0)
+
+
+async def _ledger_scans(conn: Connection) -> int:
+    """Sequential scans of ``disclosures`` so far."""
+    return await _statistic(conn, "SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'disclosures'")
 
 
 async def test_recording_never_scans_the_ledger_even_with_statements_planned_while_it_was_empty(db: Database) -> None:
@@ -298,13 +303,11 @@ async def test_recording_never_scans_the_ledger_even_with_statements_planned_whi
 
 
 async def _charge_calls(conn: Connection) -> int:
-    """Calls of ``charge_partner_usage`` so far, counted while ``track_functions`` is on (PostgreSQL 15 statistics)."""
-    await conn.execute("SELECT pg_stat_force_next_flush()")
-    await conn.execute("SELECT pg_stat_clear_snapshot()")
-    calls = await conn.fetchval(
-        "SELECT calls FROM pg_stat_user_functions WHERE funcname = 'charge_partner_usage' AND schemaname = 'public'"
+    """Calls of ``charge_partner_usage`` so far, counted while ``track_functions`` is on."""
+    return await _statistic(
+        conn,
+        "SELECT calls FROM pg_stat_user_functions WHERE funcname = 'charge_partner_usage' AND schemaname = 'public'",
     )
-    return int(calls or 0)
 
 
 async def test_a_group_with_no_patient_left_to_charge_does_not_call_the_charge(db: Database) -> None:
