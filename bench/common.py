@@ -133,6 +133,15 @@ def _stat_fields(pid: int) -> list[str] | None:
     return raw[raw.rindex(")") + 2 :].split()
 
 
+def process_cpu_seconds(pid: int) -> float | None:
+    """CPU seconds (user + system) used so far by the process ``pid`` alone; ``None`` once it is gone."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return None
+    # After the ')' split: state=0, ppid=1, …, utime=11, stime=12.
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def children_map() -> dict[int, list[int]]:
     """ppid → [pid] over every process."""
     result: dict[int, list[int]] = {}

@@ -43,7 +43,7 @@ sys.path.insert(0, str(BENCH_DIR.parent))
 from service.store import ledger, repeats  # noqa: E402
 
 import datagen  # noqa: E402
-from common import CLK_TCK, admin_dsn, source, with_database  # noqa: E402
+from common import admin_dsn, process_cpu_seconds, source, with_database  # noqa: E402
 
 DATABASE = "apptgate_bench_record_cost"
 PAGE = 50
@@ -128,10 +128,11 @@ async def _statement_loop(conn: asyncpg.Connection, page: Page, reference: bool,
     return float(notices[-1])
 
 
-def _process_cpu(pid: int) -> float:
-    """CPU seconds (user + system) the process ``pid`` has used."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+def _backend_seconds(pid: int) -> float:
+    """CPU seconds the backend ``pid`` has used (it serves this script's connection, so it is alive)."""
+    used = process_cpu_seconds(pid)
+    assert used is not None, f"backend {pid} is gone"
+    return used
 
 
 async def _backend_cpu(conn: asyncpg.Connection, page: Page, rounds: int, calls: int) -> dict[str, list[float]]:
@@ -144,11 +145,11 @@ async def _backend_cpu(conn: asyncpg.Connection, page: Page, rounds: int, calls:
         for label, statement in statements.items() if n % 2 == 0 else reversed(statements.items()):
             for reference in (False, True):
                 arguments = page.arguments(reference)
-                used = _process_cpu(pid)
+                used = _backend_seconds(pid)
                 for _ in range(calls):
                     await ledger.run_group_statement(conn, statement, arguments)
                 kind = label.format("reference" if reference else "full page")
-                figures.setdefault(kind, []).append((_process_cpu(pid) - used) / calls * 1e6)
+                figures.setdefault(kind, []).append((_backend_seconds(pid) - used) / calls * 1e6)
     return figures
 
 

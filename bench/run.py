@@ -75,6 +75,7 @@ from common import (
     parse_size,
     port_is_free,
     postmaster_pid,
+    process_cpu_seconds,
     process_tree,
     rss_mib,
     service_env,
@@ -528,17 +529,10 @@ class Run:
     ledger_commits: int = 0
 
 
-def process_cpu_seconds(pids: set[int]) -> dict[int, float]:
+def processes_cpu_seconds(pids: set[int]) -> dict[int, float]:
     """CPU seconds (user + system) of each live process of ``pids``."""
-    out: dict[int, float] = {}
-    for pid in pids:
-        try:
-            raw = Path(f"/proc/{pid}/stat").read_text()
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-        fields = raw[raw.rindex(")") + 2 :].split()
-        out[pid] = (int(fields[11]) + int(fields[12])) / CLK_TCK
-    return out
+    seconds = {pid: process_cpu_seconds(pid) for pid in pids}
+    return {pid: used for pid, used in seconds.items() if used is not None}
 
 
 async def database_backends(dsn: str, database: str) -> set[int]:
@@ -670,7 +664,7 @@ def measure(server: Server, scenario: str, concurrency: int, fx: Fixture, workdi
     sys0, switches0 = server.system_seconds_and_switches()
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy0 = machine_busy_seconds()
-    backends0 = process_cpu_seconds(asyncio.run(database_backends(fx.dsn, fx.meta["database"])))
+    backends0 = processes_cpu_seconds(asyncio.run(database_backends(fx.dsn, fx.meta["database"])))
     mark = asyncio.run(ledger_mark(fx.dsn))
     started = time.monotonic()
     with WaitSampler(fx.dsn, fx.meta["database"]) as waits:
@@ -680,7 +674,7 @@ def measure(server: Server, scenario: str, concurrency: int, fx: Fixture, workdi
     records, commits = asyncio.run(ledger_written(fx.dsn, mark))
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy1 = machine_busy_seconds()
-    backends1 = process_cpu_seconds(waits.pids | set(backends0))
+    backends1 = processes_cpu_seconds(waits.pids | set(backends0))
     db_cpu = sum(cpu - backends0.get(pid, 0.0) for pid, cpu in backends1.items())
     cpu1, pg1 = server.cpu_seconds(), tree_cpu_seconds(pg_pid) if pg_pid else 0.0
     sys1, switches1 = server.system_seconds_and_switches()
