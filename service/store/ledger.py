@@ -3,14 +3,15 @@
 A record holds every appointment of the response it describes (migration
 0016), or names the record of the same partner and day whose items the
 response repeated (migration 0021, :mod:`service.store.repeats`), appended
-without a lock, in the transaction of that response (migration 0011). The sequencer (:func:`chain`, run every
-~100 ms) then numbers and hash-chains the committed records under the
-``ledger_head`` lock, off the request path, into ``disclosure_chain``
-(migration 0018; the record itself is never written again). Queries read the
-``disclosure_items`` view: one row per appointment, whichever shape its record
-has. Verification recomputes every chained record's digest in the database
-(``disclosure_digest``, the one definition), walks the chain here, and checks
-that every reference still names the items it was written for.
+without a lock, in the transaction of that response (migration 0011). The
+sequencer (:func:`chain`, run every ~100 ms) then numbers and hash-chains the
+committed records under the ``ledger_head`` lock, off the request path, into
+``disclosure_chain`` (migration 0018; the record itself is never written
+again). Queries read the ``disclosure_items`` view: one row per appointment,
+whichever shape its record has. Verification recomputes every chained
+record's digest in the database (``disclosure_digest``, the one definition),
+walks the chain here, and checks that every reference still names the items
+it was written for.
 """
 
 from __future__ import annotations
