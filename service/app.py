@@ -43,6 +43,7 @@ from service.store import ledger, sealed_columns
 from service.store.database import Database, partner_login_dsn
 from service.store.embedded import EmbeddedPostgres
 from service.telemetry import Telemetry
+from service.views import BasicPages
 from service.watch_api import AppointmentFeed
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ class Gateway:
             self._data_keys,
             feed,
             DisclosureRecorder(self.database, budget=self._limits.default_deadline),
+            BasicPages(),
         )
         partner_appointment_service_pb2_grpc.add_PartnerAppointmentServiceServicer_to_server(api, server)
         return [SERVICE_NAME]

@@ -119,8 +119,10 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
         data_keys: sealing.DataKeyring,
         feed: AppointmentFeed,
         recorder: DisclosureRecorder,
+        pages: views.BasicPages,
     ) -> None:
         self._db = database
+        self._pages = pages
         self._recorder = recorder
         self._gate = gate
         self._guard = gate.guard
@@ -150,12 +152,10 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
             rows = await self._listed_rows(principal, query, after, request.practitioner_id)
             page = rows[: query.page_size]
             if page:
-                ids = self._pseudonyms.for_partner(principal.partner_id)
-                for row in page:
-                    views.fill_basic_appointment(response.appointments.add(), row, ids)
+                shown = self._pages.fill(response, page, self._pseudonyms.for_partner(principal.partner_id))
                 outcome = await self._recorder.record(
                     self._gate.entry(principal, "ListAppointments", ledger.VIEW_BASIC),
-                    [(m.appointment_id, r.id, r.patient_id) for m, r in zip(response.appointments, page, strict=True)],
+                    [(public_id, r.id, r.patient_id) for public_id, r in zip(shown, page, strict=True)],
                     self._guard.terms(policy),
                     expected,
                 )

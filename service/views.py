@@ -6,6 +6,10 @@ the partner's pseudonyms. The contact view is the only message that carries
 contact details, and it sets exactly the fields a live consent covers. Views
 are allowlists: a new column or field is invisible to partners until a
 function here names it.
+
+:class:`BasicPages` remembers the encoded basic view of the appointments it
+has shown: agenda tools list the same pages all day, and a view is a pure
+function of the partner and the row it shows.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from appointments.partner.v1 import appointment_pb2, contact_pb2
+from appointments.partner.v1.partner_appointment_service_pb2 import ListAppointmentsResponse
 from appointments.type.v1.contact_pb2 import (
     CONTACT_FIELD_EMAIL,
     CONTACT_FIELD_NAME,
@@ -22,6 +27,7 @@ from appointments.type.v1.contact_pb2 import (
 
 from service import models
 from service.consent import SigningKey
+from service.memo import remember
 from service.pseudonyms import PartnerPseudonyms
 from service.timestamps import set_timestamp_micros
 
@@ -53,6 +59,61 @@ def fill_basic_appointment(
     set_timestamp_micros(message.start_time, row.start_time)
     set_timestamp_micros(message.end_time, row.end_time)
     set_timestamp_micros(message.update_time, row.update_time)
+
+
+#: Basic views :class:`BasicPages` keeps by default, across all partners: ~1.2 KiB each (the row it
+#: shows, as the key, and its encoding), so ~20 MiB when full (tracemalloc, rows of the bench world).
+BASIC_MEMO_SIZE = 16_384
+
+_Shown = tuple[PartnerPseudonyms, models.BasicAppointment]
+
+
+class BasicPages:
+    """Builds the basic view of pages of appointments, remembering each appointment's encoded view.
+
+    Setting a page's fifty messages field by field is most of the Python a
+    listing costs (~140 µs a page here); merging fifty remembered encodings
+    into the response costs ~20. A view is remembered under the partner's codec
+    and the whole row it shows, so a row changed in any field (a time, the
+    status, the practitioner's name) is built anew: the memo can be cold, never
+    stale. It holds what the partner was shown, which the process can derive
+    again from the database at any time. At most ``size`` views are kept,
+    across all partners, then all forgotten at once; 0 keeps none.
+    """
+
+    __slots__ = ("_encoded", "_size")
+
+    def __init__(self, size: int = BASIC_MEMO_SIZE) -> None:
+        self._size = size
+        # (partner codec, row) -> (the partner's appointment id, a one-item ListAppointmentsResponse encoded).
+        self._encoded: dict[_Shown, tuple[str, bytes]] = {}
+
+    def fill(
+        self, response: ListAppointmentsResponse, rows: Sequence[models.BasicAppointment], ids: PartnerPseudonyms
+    ) -> list[str]:
+        """Append the basic view of each row to ``response.appointments``; return their appointment ids in order."""
+        encoded = self._encoded
+        shown: list[str] = []
+        parts: list[bytes] = []
+        for row in rows:
+            key = (ids, row)
+            view = encoded.get(key)
+            if view is None:
+                view = self._encode(row, ids)
+                if self._size:
+                    remember(encoded, key, view, self._size)
+            shown.append(view[0])
+            parts.append(view[1])
+        # Encoded messages concatenated parse as their merge: each part appends one appointment.
+        response.MergeFromString(b"".join(parts))
+        return shown
+
+    @staticmethod
+    def _encode(row: models.BasicAppointment, ids: PartnerPseudonyms) -> tuple[str, bytes]:
+        one = ListAppointmentsResponse()
+        message = one.appointments.add()
+        fill_basic_appointment(message, row, ids)
+        return message.appointment_id, one.SerializeToString()
 
 
 def appointment_contact(
