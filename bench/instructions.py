@@ -24,9 +24,10 @@ Variants: ``plain`` (tracing off, as ``gateway`` in run.py), ``tracing``
 provider whose sampler drops every span: what tracing costs before any span
 is recorded), ``naive`` (the naive handler of ``bench/baselines.py``: the
 gateway's server-side cost against it, noise-free; PostgreSQL's share is not
-counted for either), ``norecord`` and ``nostatement`` (the plain gateway
-with that patch of ``bench/whatif.py``: what the ledger record costs the
-gateway's process, all of it or its statement only). Each counts the whole
+counted for either), ``norecord``, ``nostatement`` and ``cold`` (the plain
+gateway with that patch of ``bench/whatif.py``: what the ledger record costs
+the gateway's process, all of it or its statement only; a page built with
+its views and pseudonyms remembered nowhere). Each counts the whole
 process (the event loop, grpc's threads, the export thread, the sequencer's
 passes during the calls). ~1 min per variant. Needs valgrind (Debian's
 ``valgrind``).
@@ -55,9 +56,9 @@ import datagen  # noqa: E402
 import run  # noqa: E402
 from common import tree_cpu_seconds  # noqa: E402
 
-VARIANTS = ("plain", "tracing", "sampled-out", "naive", "norecord", "nostatement")
+VARIANTS = ("plain", "tracing", "sampled-out", "naive", "norecord", "nostatement", "cold")
 #: Variants that are the plain gateway with one of bench/whatif.py's patches.
-WHATIF = ("norecord", "nostatement")
+WHATIF = ("norecord", "nostatement", "cold")
 PORT, SINK_PORT = 57400, 57490
 
 

@@ -24,6 +24,10 @@ Choose patches with ``APPTGATE_WHATIF`` (comma-separated; default
   statement (``whatif_list_and_record``), no group statement for listings:
   what doing both in one statement costs in its simplest form
   (docs/performance.md).
+* ``cold``: the listing's memos of built views (``service.views.BasicPages``)
+  and of derived pseudonyms kept nothing: what building a page never listed
+  before costs (the bench lists one page again and again, so every view is
+  remembered; its ledger record is still a reference to the first).
 * ``nodefense`` (the ``gateway-nodefense`` variant of ``bench/run.py``; not
   part of the default set): encryption at rest off on the contact path.
   ``service.sealing.open_consented_contact`` — the one decryption on the
@@ -219,6 +223,15 @@ def patch_recordinread() -> None:
     recorder.DisclosureRecorder.record = record  # type: ignore[method-assign]
 
 
+def patch_cold() -> None:
+    """The view memo and the pseudonym memo created empty and kept so (size 0: nothing remembered)."""
+    from service import pseudonyms, views
+
+    views.BasicPages.__init__.__defaults__ = (0,)
+    assert pseudonyms.Pseudonyms.__init__.__kwdefaults__ is not None
+    pseudonyms.Pseudonyms.__init__.__kwdefaults__["memo_size"] = 0
+
+
 def patch_nodefense() -> None:
     """Replace the contact path's decryption by a pass-through of clear values (patched before the service loads)."""
     import dataclasses
@@ -253,6 +266,7 @@ def main() -> int:
         "gather": patch_gather,
         "groupstats": patch_groupstats,
         "recordinread": patch_recordinread,
+        "cold": patch_cold,
     }
     unknown = set(chosen) - set(patches)
     if unknown:
