@@ -17,6 +17,10 @@ Choose patches with ``APPTGATE_WHATIF`` (comma-separated; default
 * ``gather``: groups of basic records wait up to ``WHATIF_GATHER`` seconds
   (default 0.02) for the calls underway when they form, instead of
   ``service.recorder.GATHER``: whether longer (or no) gathering pays.
+* ``hold``: a group of basic records (and of contact views) holding fewer than
+  ``WHATIF_HOLD_CALLS`` calls (default 8) waits ``WHATIF_HOLD`` seconds
+  (default 0.002) more before it is written, whoever is underway: whether
+  larger groups, bought with latency, pay at a given concurrency.
 * ``groupstats``: nothing changed; at exit, the server logs how many calls
   each group of basic records held and how many calls were underway (announced,
   not yet submitted) when it formed.
@@ -89,6 +93,24 @@ def patch_gather() -> None:
     from service import recorder
 
     recorder.GATHER = float(os.environ.get("WHATIF_GATHER", "0.02"))
+
+
+def patch_hold() -> None:
+    """Groups of basic records smaller than ``WHATIF_HOLD_CALLS`` wait ``WHATIF_HOLD`` seconds for more calls."""
+    import asyncio
+
+    from service import recorder
+
+    seconds = float(os.environ.get("WHATIF_HOLD", "0.002"))
+    calls = int(os.environ.get("WHATIF_HOLD_CALLS", "8"))
+    gather = recorder._Groups._gather
+
+    async def held(self: Any) -> None:
+        await gather(self)
+        if len(self._queue) < calls:
+            await asyncio.sleep(seconds)
+
+    recorder._Groups._gather = held  # type: ignore[method-assign]
 
 
 def patch_groupstats() -> None:
@@ -267,6 +289,7 @@ def main() -> int:
         "groupstats": patch_groupstats,
         "recordinread": patch_recordinread,
         "cold": patch_cold,
+        "hold": patch_hold,
     }
     unknown = set(chosen) - set(patches)
     if unknown:
