@@ -90,6 +90,14 @@ bench: install
 	$(PY) -m pip install --quiet -r bench/requirements.txt
 	$(PY) bench/run.py $(BENCH_ARGS)
 
+## Change-feed fan-out (bench/feed_fanout.py): 1,000 WatchAppointments streams on one
+## gateway process; commit-to-delivery latency, memory and idle queries per second, in
+## bench/results/<date>-feed.* (docs/change-feed.md). FEED_ARGS="--scenarios spread" for one.
+.PHONY: bench-feed
+bench-feed: install
+	$(PY) -m pip install --quiet -r bench/requirements.txt
+	$(PY) bench/feed_fanout.py $(FEED_ARGS)
+
 ## Soak (bench/soak.py): ten minutes of fixed-rate mixed traffic against one gateway
 ## process; RSS growth and p99 drift are the verdicts. Results in bench/results/<date>-soak.*.
 ## SOAK_ARGS="--duration 120" for a short run, "--at-commit HEAD" to measure a commit.
