@@ -82,13 +82,17 @@ lint-protos: node-modules
 
 ## Benchmarks (bench/README.md): the gateway against a naive handler and the bare
 ## transport, side by side, with h2load; results in bench/results/. The default
-## suite takes ~10 minutes; BENCH_ARGS adds more, for example
-## BENCH_ARGS="--with-10m --ledger --profile".
+## suite runs one server process per variant (~10 minutes), then ListAppointments and
+## GetAppointment with the default number of processes, one per CPU (~2 minutes, a
+## report of its own). BENCH_ARGS adds to the first, for example
+## BENCH_ARGS="--with-10m --ledger --profile"; BENCH_WORKERS_ARGS replaces the second's.
+BENCH_WORKERS_ARGS ?= --sizes 100k --scenarios list,get --variants gateway,naive,bare --concurrency 16,64
 .PHONY: bench
 bench: install
 	command -v h2load >/dev/null || (apt-get update && apt-get install -y nghttp2-client)
 	$(PY) -m pip install --quiet -r bench/requirements.txt
 	$(PY) bench/run.py $(BENCH_ARGS)
+	$(PY) bench/run.py --workers $$(nproc) $(BENCH_WORKERS_ARGS)
 
 ## Change-feed fan-out (bench/feed_fanout.py): 1,000 WatchAppointments streams on one
 ## gateway process; commit-to-delivery latency, memory and idle queries per second, in
