@@ -65,7 +65,7 @@ def fill_basic_appointment(
 #: shows, as the key, and its encoding), so ~20 MiB when full (tracemalloc, rows of the bench world).
 BASIC_MEMO_SIZE = 16_384
 
-_Shown = tuple[PartnerPseudonyms, models.BasicAppointment]
+_ViewKey = tuple[PartnerPseudonyms, models.BasicAppointment]
 
 
 class BasicPages:
@@ -86,7 +86,7 @@ class BasicPages:
     def __init__(self, size: int = BASIC_MEMO_SIZE) -> None:
         self._size = size
         # (partner codec, row) -> (the partner's appointment id, a one-item ListAppointmentsResponse encoded).
-        self._encoded: dict[_Shown, tuple[str, bytes]] = {}
+        self._encoded: dict[_ViewKey, tuple[str, bytes]] = {}
 
     def fill(
         self, response: ListAppointmentsResponse, rows: Sequence[models.BasicAppointment], ids: PartnerPseudonyms

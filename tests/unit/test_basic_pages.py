@@ -49,7 +49,9 @@ def built_field_by_field(rows: list[models.BasicAppointment], ids: PartnerPseudo
     return response
 
 
-def listed(pages: views.BasicPages, rows: list[models.BasicAppointment], ids: PartnerPseudonyms) -> tuple:
+def listed(
+    pages: views.BasicPages, rows: list[models.BasicAppointment], ids: PartnerPseudonyms
+) -> tuple[ListAppointmentsResponse, list[str]]:
     response = ListAppointmentsResponse()
     shown = pages.fill(response, rows, ids)
     return response, shown
