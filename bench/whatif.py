@@ -247,9 +247,9 @@ def patch_recordinread() -> None:
 
 def patch_cold() -> None:
     """The view memo and the pseudonym memo created empty and kept so (size 0: nothing remembered)."""
-    from service import pseudonyms, views
+    from service import pseudonyms
 
-    views.BasicPages.__init__.__defaults__ = (0,)
+    os.environ["APPTGATE_VIEW_MEMO"] = "0"
     assert pseudonyms.Pseudonyms.__init__.__kwdefaults__ is not None
     pseudonyms.Pseudonyms.__init__.__kwdefaults__["memo_size"] = 0
 

@@ -140,7 +140,7 @@ class Gateway:
             self._data_keys,
             feed,
             DisclosureRecorder(self.database, budget=self._limits.default_deadline),
-            BasicPages(),
+            BasicPages(self.settings.view_memo),
         )
         partner_appointment_service_pb2_grpc.add_PartnerAppointmentServiceServicer_to_server(api, server)
         return [SERVICE_NAME]

@@ -112,6 +112,8 @@ class Settings:
     feed_buffer: int = 1000
     feed_max_streams: int = 20
     feed_retention: timedelta = timedelta(days=7)
+    #: Basic views each process remembers (``service.views.BasicPages``): ~20 MiB when full; 0 for none.
+    view_memo: int = 16_384
     otel_traces_exporter: str = "none"
     otel_metrics_exporter: str = "none"
     otel_traces_protocol: str = "http/protobuf"
@@ -172,6 +174,7 @@ _ENVIRONMENT: dict[str, str] = {
     "APPTGATE_FEED_BUFFER": "feed_buffer",
     "APPTGATE_FEED_MAX_STREAMS": "feed_max_streams",
     "APPTGATE_FEED_RETENTION": "feed_retention",
+    "APPTGATE_VIEW_MEMO": "view_memo",
     # OpenTelemetry's standard variables that decide which exporters exist; the
     # SDK reads the others (endpoint, headers, sampler, resource) itself.
     "OTEL_TRACES_EXPORTER": "otel_traces_exporter",
@@ -270,6 +273,8 @@ def _check(s: Settings) -> list[str]:
         problems.append("APPTGATE_WORKERS: from 1 to 256")
     if s.feed_buffer < 1 or s.feed_max_streams < 1 or s.feed_retention < timedelta(minutes=1):
         problems.append("APPTGATE_FEED_BUFFER/_MAX_STREAMS must be positive, APPTGATE_FEED_RETENTION at least 60")
+    if s.view_memo < 0:
+        problems.append("APPTGATE_VIEW_MEMO: 0 or more")
     if s.partner_rps <= 0 or s.partner_burst < 1 or s.contact_daily_cap < 0 or s.patient_daily_cap < 0:
         problems.append("APPTGATE_PARTNER_RPS/_BURST and the daily caps must be positive")
     if s.anomaly_factor <= 1 or s.anomaly_min_volume < 1:
@@ -386,6 +391,7 @@ _CONVERTERS: dict[str, Any] = {
     "reuse_port": _boolean,
     "feed_max_streams": int,
     "feed_retention": _seconds,
+    "view_memo": int,
     "limits.default_deadline": float,
     **{f"limits.{name}": int for name in _LIMIT_COUNTS},
 }

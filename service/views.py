@@ -61,10 +61,6 @@ def fill_basic_appointment(
     set_timestamp_micros(message.update_time, row.update_time)
 
 
-#: Basic views :class:`BasicPages` keeps by default, across all partners: ~1.2 KiB each (the row it
-#: shows, as the key, and its encoding), so ~20 MiB when full (tracemalloc, rows of the bench world).
-BASIC_MEMO_SIZE = 16_384
-
 _ViewKey = tuple[PartnerPseudonyms, models.BasicAppointment]
 
 
@@ -78,12 +74,14 @@ class BasicPages:
     status, the practitioner's name) is built anew: the memo can be cold, never
     stale. It holds what the partner was shown, which the process can derive
     again from the database at any time. At most ``size`` views are kept,
-    across all partners, then all forgotten at once; 0 keeps none.
+    across all partners, then all forgotten at once; 0 keeps none. A view
+    weighs ~1.2 KiB with the row that keys it (tracemalloc, rows of the bench
+    world): the default ``APPTGATE_VIEW_MEMO`` of 16,384 is ~20 MiB when full.
     """
 
     __slots__ = ("_encoded", "_size")
 
-    def __init__(self, size: int = BASIC_MEMO_SIZE) -> None:
+    def __init__(self, size: int) -> None:
         self._size = size
         # (partner codec, row) -> (the partner's appointment id, a one-item ListAppointmentsResponse encoded).
         self._encoded: dict[_ViewKey, tuple[str, bytes]] = {}

@@ -57,7 +57,7 @@ def listed(
     return response, shown
 
 
-@pytest.mark.parametrize("size", [0, 2, views.BASIC_MEMO_SIZE])
+@pytest.mark.parametrize("size", [0, 2, 16_384])
 def test_a_page_is_the_page_built_field_by_field_cold_and_warm(size: int) -> None:
     rows = [row(n) for n in range(5)]
     pages = views.BasicPages(size)
@@ -72,7 +72,7 @@ def test_a_page_is_the_page_built_field_by_field_cold_and_warm(size: int) -> Non
 
 def test_a_page_listed_again_builds_no_view() -> None:
     rows = [row(n) for n in range(5)]
-    pages = views.BasicPages()
+    pages = views.BasicPages(16_384)
     ids = CountingPseudonyms(b"\x02")
     listed(pages, rows, ids)
     assert ids.derived == 5
@@ -100,7 +100,7 @@ def test_a_page_listed_again_builds_no_view() -> None:
 def test_a_row_changed_in_any_field_is_shown_as_it_is_now(change: dict) -> None:
     before = row(1)
     after = before._replace(**change)
-    pages = views.BasicPages()
+    pages = views.BasicPages(16_384)
     ids = CountingPseudonyms(b"\x03")
     listed(pages, [before], ids)
     response, shown = listed(pages, [after], ids)
@@ -111,7 +111,7 @@ def test_a_row_changed_in_any_field_is_shown_as_it_is_now(change: dict) -> None:
 
 def test_each_partner_is_shown_its_own_identifiers() -> None:
     rows = [row(n) for n in range(3)]
-    pages = views.BasicPages()
+    pages = views.BasicPages(16_384)
     first, second = CountingPseudonyms(b"\x04"), CountingPseudonyms(b"\x05")
     response_first, shown_first = listed(pages, rows, first)
     response_second, shown_second = listed(pages, rows, second)

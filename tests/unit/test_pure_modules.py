@@ -186,6 +186,13 @@ class TestSettings:
             settings.load({"APPTGATE_EVENT_LOOP": "trio"})
         assert caught.value.problems == ["APPTGATE_EVENT_LOOP must be one of uvloop, asyncio, not 'trio'"]
 
+    def test_the_view_memo_is_sized_by_the_environment(self) -> None:
+        assert settings.load({}).view_memo == 16_384
+        assert settings.load({"APPTGATE_VIEW_MEMO": "0"}).view_memo == 0
+        with pytest.raises(errors.ConfigError) as caught:
+            settings.load({"APPTGATE_VIEW_MEMO": "-1"})
+        assert caught.value.problems == ["APPTGATE_VIEW_MEMO: 0 or more"]
+
     def test_flags_override_the_environment(self) -> None:
         loaded = settings.load({"APPTGATE_PARTNER_ADDR": "127.0.0.1:1"}, {"partner_addr": "127.0.0.1:2"})
         assert loaded.partner_addr == "127.0.0.1:2"
