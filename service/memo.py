@@ -16,8 +16,9 @@ V = TypeVar("V")
 
 
 def remember(table: dict[K, V], key: K, value: V, size: int) -> V:
-    """Store ``value`` under ``key`` in ``table``, a memo of at most ``size`` entries; return ``value``."""
-    if len(table) >= size:
-        table.clear()
-    table[key] = value
+    """Store ``value`` under ``key`` in ``table``, a memo of ``size`` entries at most (0: none); return ``value``."""
+    if size:
+        if len(table) >= size:
+            table.clear()
+        table[key] = value
     return value

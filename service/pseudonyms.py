@@ -79,7 +79,7 @@ class Derived:
 
     def keep(self, table: dict[_Key, str], key: _Key, value: str) -> str:
         """Remember ``value`` under ``key`` in ``table`` (forgetting the whole table when full); return it."""
-        return remember(table, key, value, self.size) if self.size else value
+        return remember(table, key, value, self.size)
 
 
 class PartnerPseudonyms:

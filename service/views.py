@@ -97,9 +97,7 @@ class BasicPages:
             key = (ids, row)
             view = encoded.get(key)
             if view is None:
-                view = self._encode(row, ids)
-                if self._size:
-                    remember(encoded, key, view, self._size)
+                view = remember(encoded, key, self._encode(row, ids), self._size)
             shown.append(view[0])
             parts.append(view[1])
         # Encoded messages concatenated parse as their merge: each part appends one appointment.

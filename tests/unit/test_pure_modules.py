@@ -264,3 +264,7 @@ def test_a_memo_holds_at_most_its_size_and_is_emptied_at_once_when_full() -> Non
     assert memo.remember(table, "k3", 3, 3) == 3
 
     assert table == {"k3": 3}
+
+    nothing: dict[str, int] = {}
+    assert memo.remember(nothing, "k", 1, 0) == 1
+    assert nothing == {}
