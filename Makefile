@@ -32,8 +32,8 @@ pytest: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install check-generated
-	$(VENV)/bin/ruff check service tests tools
-	$(VENV)/bin/ruff format --check service tests tools
+	$(VENV)/bin/ruff check service demo tests tools
+	$(VENV)/bin/ruff format --check service demo tests tools
 	$(VENV)/bin/mypy
 
 protos: install

@@ -1,8 +1,10 @@
-"""The composition root: builds the database, keys and servicers, and runs the listeners.
+"""The composition root: builds the database, keys and components, wires them, and runs the listeners.
 
-Nothing imports this module but the command line. Start order: database (and
-its migration check) → keys → listeners; stop order: listeners drain → pool
-closes → embedded database stops.
+Nothing in ``service/`` imports this module but the command line; it is the
+one place that knows every component. Start order: database (and its
+migration check) → keys → components → change-feed listener → listeners;
+stop order: streams end → listeners drain → pool closes → embedded database
+stops.
 """
 
 from __future__ import annotations
@@ -26,32 +28,38 @@ from appointments.internal.v1 import (
 )
 from appointments.partner.v1 import partner_appointment_service_pb2_grpc
 
-from service import audit_api, auth, consent_api, internal_api, partner_api, sealing
-from service.consent import ConsentKeyring
+from service.access import credentials
+from service.access.consent_tokens import ConsentKeyring
+from service.access.gate import PartnerGate
+from service.access.limits import ExtractionGuard
+from service.api import audit, consents, partner, registry, scheduling
+from service.api.reflection import DocumentedPool, documented_files
+from service.api.server import ErrorBoundary, Listener, start_listener
+from service.crypto import sealing
+from service.crypto.keyfiles import load_data_keys, load_server_secret, load_signing_keys
+from service.disclosure.pagination import PageTokens
+from service.disclosure.pseudonyms import Pseudonyms, derive_key
+from service.disclosure.reads import PartnerReads
+from service.disclosure.record import DisclosureRecorder
+from service.disclosure.views import BasicPages
 from service.errors import ApptgateError, ConfigError
-from service.extraction import ExtractionGuard
-from service.feed import FeedHub
-from service.keyfiles import load_data_keys, load_server_secret, load_signing_keys
-from service.pagination import PageTokens
-from service.partner_gate import SERVICE_NAME, PartnerGate
-from service.pseudonyms import Pseudonyms, derive_key
-from service.recorder import DisclosureRecorder
-from service.reflection import DocumentedPool, documented_files
-from service.server import ErrorBoundary, Listener, start_listener
+from service.feed.delivery import Deliveries
+from service.feed.hub import FeedHub
+from service.feed.watch import Watches
 from service.settings import Settings, is_loopback
-from service.store import ledger, sealed_columns
+from service.store import chain, sealed_columns
 from service.store.database import Database, partner_login_dsn
 from service.store.embedded import EmbeddedPostgres
-from service.telemetry import Telemetry
-from service.views import BasicPages
-from service.watch_api import AppointmentFeed
+from service.telemetry.tracing import Telemetry
 
 log = logging.getLogger(__name__)
 
 PARTNER_PREFIX = "/appointments.partner."
-HEALTH_INTERVAL = 1.0  # seconds between database checks behind grpc.health.v1
-LEDGER_CHAIN_INTERVAL = 0.1  # seconds between sequencer passes when it has caught up
 INTERNAL_PREFIX = "/appointments.internal."
+#: Seconds between database checks behind grpc.health.v1.
+HEALTH_INTERVAL = 1.0
+#: Seconds between sequencer passes once it has caught up (a record waits about that long to be chained).
+LEDGER_CHAIN_INTERVAL = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +75,34 @@ class Secrets:
 def load_secrets(settings: Settings) -> Secrets:
     """Load (or, in development, create) the secrets. Raises ``ConfigError``."""
     return Secrets(load_server_secret(settings), load_signing_keys(settings), load_data_keys(settings))
+
+
+@dataclass(frozen=True, slots=True)
+class Parts:
+    """The components of the partner path that hold state or keys, built by :meth:`build`.
+
+    The seam for measuring a variant of the gateway: ``serve(customize=…)``
+    gets them built and returns them with one replaced
+    (:func:`dataclasses.replace`), for example a recorder or memos of size 0
+    (``bench/whatif.py``).
+    """
+
+    pseudonyms: Pseudonyms
+    page_tokens: PageTokens
+    pages: BasicPages
+    recorder: DisclosureRecorder
+    data_keys: sealing.DataKeyring
+
+    @classmethod
+    def build(cls, settings: Settings, database: Database, secrets: Secrets) -> Parts:
+        """The parts as ``settings`` configure them."""
+        return cls(
+            Pseudonyms(secrets.server_secret),
+            PageTokens(derive_key(secrets.server_secret, b"page-token")),
+            BasicPages(settings.view_memo),
+            DisclosureRecorder(database, budget=settings.limits.default_deadline),
+            secrets.data_keys,
+        )
 
 
 def check_transport_security(settings: Settings) -> None:
@@ -98,17 +134,15 @@ class Gateway:
         secrets: Secrets,
         *,
         telemetry: Telemetry | None = None,
+        parts: Parts | None = None,
     ):
         if not settings.internal_token:
             raise ConfigError(["APPTGATE_INTERNAL_TOKEN is required"])
         self.settings = settings
         self.database = database
-        self._limits = settings.limits
-        self._pseudonyms = Pseudonyms(secrets.server_secret)
-        self._page_tokens = PageTokens(derive_key(secrets.server_secret, b"page-token"))
-        self._keyring = secrets.keyring
-        self._data_keys = secrets.data_keys
         self.telemetry = telemetry or Telemetry()
+        self._parts = parts or Parts.build(settings, database, secrets)
+        self._keyring = secrets.keyring
         self._guard = ExtractionGuard(settings, self.telemetry)
         self.feed = FeedHub(
             database,
@@ -116,7 +150,7 @@ class Gateway:
             max_streams_per_partner=settings.feed_max_streams,
             retention=settings.feed_retention,
         )
-        self._internal_token = auth.InternalToken(settings.internal_token)
+        self._internal_token = credentials.InternalToken(settings.internal_token)
         self._reflection = DocumentedPool(documented_files())
         self._health_task: asyncio.Task[None] | None = None
         self._sequencer_task: asyncio.Task[None] | None = None
@@ -125,57 +159,57 @@ class Gateway:
 
     def partner_appointment_id(self, partner_id: UUID, appointment_id: UUID) -> str:
         """The id a partner knows an appointment by (for the demo's walk-through)."""
-        return self._pseudonyms.for_partner(partner_id).appointment_id(appointment_id)
+        return self._parts.pseudonyms.for_partner(partner_id).appointment_id(appointment_id)
 
     def _register_partner(self, server: grpc.aio.Server) -> list[str]:
-        gate = PartnerGate(self.database, self._guard, self.telemetry)
-        feed = AppointmentFeed(self.database, gate, self._pseudonyms, self._page_tokens, self.feed, self.telemetry)
-        api = partner_api.PartnerAppointmentApi(
-            self.database,
+        parts, database = self._parts, self.database
+        gate = PartnerGate(database, self._guard)
+        reads = PartnerReads(
+            database,
             gate,
-            self._pseudonyms,
-            self._page_tokens,
+            parts.recorder,
+            parts.pseudonyms,
+            parts.page_tokens,
+            parts.pages,
             self._keyring,
+            parts.data_keys,
             self.telemetry,
-            self._data_keys,
-            feed,
-            DisclosureRecorder(self.database, budget=self._limits.default_deadline),
-            BasicPages(self.settings.view_memo),
         )
-        partner_appointment_service_pb2_grpc.add_PartnerAppointmentServiceServicer_to_server(api, server)
-        return [SERVICE_NAME]
+        deliveries = Deliveries(database, gate, parts.pseudonyms, parts.page_tokens)
+        watches = Watches(database, gate, self.feed, deliveries, parts.page_tokens, self.telemetry)
+        partner_appointment_service_pb2_grpc.add_PartnerAppointmentServiceServicer_to_server(
+            partner.PartnerAppointmentApi(gate, reads, watches, self._keyring), server
+        )
+        return [partner.SERVICE_NAME]
 
     def _register_internal(self, server: grpc.aio.Server) -> list[str]:
+        data_keys = self._parts.data_keys
         scheduling_service_pb2_grpc.add_SchedulingServiceServicer_to_server(
-            internal_api.SchedulingApi(self.database, self._data_keys), server
+            scheduling.SchedulingApi(self.database, data_keys), server
         )
         partner_registry_service_pb2_grpc.add_PartnerRegistryServiceServicer_to_server(
-            internal_api.PartnerRegistryApi(self.database, self._guard), server
+            registry.PartnerRegistryApi(self.database, self._guard), server
         )
         consent_service_pb2_grpc.add_ConsentServiceServicer_to_server(
-            consent_api.ConsentApi(self.database, self._keyring, self.settings.consent_max_ttl), server
+            consents.ConsentApi(self.database, self._keyring, self.settings.consent_max_ttl), server
         )
         audit_service_pb2_grpc.add_AuditServiceServicer_to_server(
-            audit_api.AuditApi(self.database, self._page_tokens), server
+            audit.AuditApi(self.database, self._parts.page_tokens), server
         )
-        return [
-            internal_api.SCHEDULING_SERVICE,
-            internal_api.REGISTRY_SERVICE,
-            consent_api.SERVICE_NAME,
-            audit_api.SERVICE_NAME,
-        ]
+        return [scheduling.SERVICE_NAME, registry.SERVICE_NAME, consents.SERVICE_NAME, audit.SERVICE_NAME]
 
     async def start(self) -> None:
         """Start the change-feed listener, then bind and start both listeners."""
+        limits = self.settings.limits
         await self.feed.start()
         self.partner = await start_listener(
             "partner",
             self.settings.partner_addr,
             register=self._register_partner,
             boundary=ErrorBoundary(
-                PARTNER_PREFIX, self.telemetry, listener="partner", default_deadline=self._limits.default_deadline
+                PARTNER_PREFIX, self.telemetry, listener="partner", default_deadline=limits.default_deadline
             ),
-            limits=self._limits,
+            limits=limits,
             tls=self.settings.tls,
             reuse_port=self.settings.reuse_port,
             reflection_pool=self._reflection,
@@ -189,10 +223,10 @@ class Gateway:
                     INTERNAL_PREFIX,
                     self.telemetry,
                     listener="internal",
-                    default_deadline=self._limits.default_deadline,
+                    default_deadline=limits.default_deadline,
                     guard=self._internal_token.verify,
                 ),
-                limits=self._limits,
+                limits=limits,
                 reuse_port=self.settings.reuse_port,
                 reflection_pool=self._reflection,
             )
@@ -206,16 +240,16 @@ class Gateway:
     async def _chain_ledger(self) -> None:
         """Hash-chain committed disclosure records, off the request path (one process at a time does it).
 
-        A pass is one statement in a transaction of its own: one round trip, where a
-        transaction block took five (BEGIN, its timeout, the pass, COMMIT, the pool's reset).
+        A pass is one statement in a transaction of its own: one round trip,
+        where a transaction block would take several.
         """
         while True:
             try:
-                async with self.database.statements(self._limits.default_deadline) as conn:
-                    chained = await ledger.chain(conn)
+                async with self.database.statements(self.settings.limits.default_deadline) as conn:
+                    chained = await chain.chain(conn)
             except ApptgateError:
                 chained = 0  # the database is away: the health task reports it; records wait, durable
-            await asyncio.sleep(0 if chained >= ledger.CHAIN_BATCH else LEDGER_CHAIN_INTERVAL)
+            await asyncio.sleep(0 if chained >= chain.CHAIN_BATCH else LEDGER_CHAIN_INTERVAL)
 
     async def _watch_database(self) -> None:
         """Turn health NOT_SERVING while the database does not answer, and SERVING again when it does."""
@@ -271,8 +305,8 @@ async def open_database(settings: Settings, stack: AsyncExitStack, telemetry: Te
 async def warn_about_unsealed_values(database: Database, data_keys: sealing.DataKeyring) -> None:
     """Log a warning when values are left in clear or sealed under a key other than the active one.
 
-    A few index probes (migration 0009), cheap enough for every start;
-    ``python -m service data-key status`` counts every value.
+    A few index probes, cheap enough for every start; ``python -m service
+    data-key status`` counts every value.
     """
     async with database.transaction(readonly=True) as conn:
         headers, clear = await sealed_columns.headers_in_use(conn)
@@ -285,11 +319,13 @@ async def serve(
     *,
     prepare: Callable[[Database, Secrets], Awaitable[None]] | None = None,
     on_ready: Callable[[Gateway], Awaitable[None]] | None = None,
+    customize: Callable[[Parts], Parts] | None = None,
 ) -> None:
     """Run the gateway until SIGTERM or SIGINT, then drain and return.
 
     ``prepare`` runs on the open database before the migration check (the demo
-    migrates and seeds there); ``on_ready`` runs once both listeners serve.
+    migrates and seeds there); ``on_ready`` runs once both listeners serve;
+    ``customize`` replaces built :class:`Parts` (for measuring a variant).
     """
     check_transport_security(settings)
     # Handle a stop request from the first moment: one that arrives while
@@ -307,12 +343,14 @@ async def serve(
             await prepare(database, secrets)
         await database.ensure_migrated()
         await warn_about_unsealed_values(database, secrets.data_keys)
-        gateway = Gateway(settings, database, secrets, telemetry=telemetry)
+        parts = Parts.build(settings, database, secrets)
+        if customize is not None:
+            parts = customize(parts)
+        gateway = Gateway(settings, database, secrets, telemetry=telemetry, parts=parts)
         await gateway.start()
         assert gateway.partner and gateway.internal
         # What starting allocated (modules, descriptors, pools) lives as long as the process: out of
-        # the collector's sight, a full collection walks only what calls allocate. Measured under
-        # ListAppointments load: full collections 0.39 s → 0.01 s per ~20k calls (docs/performance.md).
+        # the collector's sight, a full collection walks only what calls allocate.
         gc.freeze()
         log.info(
             "serving: partner on %s (port %d), internal on %s (port %d)",

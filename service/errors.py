@@ -1,6 +1,6 @@
 """The service's errors, and the one mapping from them to a ``google.rpc.Status``.
 
-Handlers and the store raise these; the API edge (``service.server``) turns
+Handlers and the store raise these; the API edge (:mod:`service.api.server`) turns
 them into a gRPC status with details, and anything else into a fixed INTERNAL.
 The tree::
 
@@ -8,6 +8,7 @@ The tree::
     ├── InvalidArgument            INVALID_ARGUMENT + BadRequest (the fields at fault)
     ├── Unauthenticated            UNAUTHENTICATED
     ├── PermissionDenied           PERMISSION_DENIED (reason names the denial)
+    │   └── PartnerSuspended       the partner is suspended until an operator lifts it
     ├── NotFound                   NOT_FOUND (also "exists but not yours")
     ├── AlreadyExists              ALREADY_EXISTS
     ├── FailedPrecondition         FAILED_PRECONDITION
@@ -119,6 +120,13 @@ class PermissionDenied(ApptgateError):
 
     code = code_pb2.PERMISSION_DENIED
     default_reason = "PERMISSION_DENIED"
+
+
+class PartnerSuspended(PermissionDenied):
+    """The partner is suspended (after a volume anomaly) until an operator lifts the suspension."""
+
+    def __init__(self) -> None:
+        super().__init__("the partner is suspended; an operator must lift the suspension", reason="PARTNER_SUSPENDED")
 
 
 class NotFound(ApptgateError):

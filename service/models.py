@@ -1,19 +1,127 @@
-"""Plain records passed between the store and the API layers. Pure: no I/O.
+"""Plain records and enums passed between the store, the policies and the API. Pure: no I/O.
 
 The store builds these from rows; the views turn them into protobuf messages.
 The partner path only ever gets :class:`BasicAppointment`, a projection with
 no contact column and no visit reason, so those values are not even in memory
 when a partner's answer is built.
+
+The enums are the values the schema stores or returns, under the same names:
+integer ones carry the numbers of the proto enums of the same meaning, text ones
+the labels of the PostgreSQL enum types of the same name.
 """
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import NamedTuple
 from uuid import UUID
 
 from service.timestamps import Micros
+
+
+class View(enum.IntEnum):
+    """What a response showed: ``appointments.internal.v1.DisclosureView`` (``disclosures.view``)."""
+
+    BASIC = 1
+    CONTACT = 2
+
+    @property
+    def label(self) -> str:
+        """The view's name in telemetry (``basic``, ``contact``)."""
+        return self.name.lower()
+
+
+class ContactField(enum.IntEnum):
+    """A contact detail a consent can release: ``appointments.type.v1.ContactField``."""
+
+    NAME = 1
+    SEX = 2
+    PHONE = 3
+    EMAIL = 4
+
+    @property
+    def label(self) -> str:
+        """The field's name in consent tokens, reports and telemetry (``name``, ``sex``, ``phone``, ``email``)."""
+        return self.name.lower()
+
+
+class Outcome(enum.IntEnum):
+    """Whether a ledger record is a disclosure or a refusal: ``DisclosureOutcome`` (``disclosures.outcome``)."""
+
+    DISCLOSED = 1
+    DENIED = 2
+
+
+class ChargeOutcome(enum.StrEnum):
+    """What counting a response against its partner's limits answered (SQL type ``charge_outcome``)."""
+
+    OK = "ok"
+    #: Counted; the response crossed the anomaly threshold (reported once per group).
+    FLAGGED = "flagged"
+    #: Crossed it, and the partner is now suspended: nothing was recorded, nothing may be sent.
+    SUSPENDED = "suspended"
+    #: Over the daily cap on contact disclosures: nothing was counted or recorded.
+    CONTACT_CAP = "contact_cap"
+    #: Over the daily cap on distinct patients: nothing was counted or recorded.
+    PATIENT_CAP = "patient_cap"
+
+
+class ConsentState(enum.StrEnum):
+    """What a consent is worth when it is presented (SQL type ``consent_state``)."""
+
+    LIVE = "live"
+    REVOKED = "revoked"
+    EXPIRED = "expired"
+    #: No consent of that id for this partner and patient.
+    UNKNOWN = "unknown"
+
+
+class AppointmentStatus(enum.StrEnum):
+    """An appointment's status (SQL type ``appointment_status``)."""
+
+    BOOKED = "booked"
+    CANCELLED = "cancelled"
+
+
+class PartnerEventKind(enum.StrEnum):
+    """What happened to a partner's standing (SQL type ``partner_event_kind``)."""
+
+    ANOMALY = "anomaly"
+    SUSPENDED = "suspended"
+    LIFTED = "lifted"
+    LIMITS = "limits"
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeTerms:
+    """What a partner's responses are counted against: its daily caps and the anomaly rule."""
+
+    contact_cap: int
+    patient_cap: int
+    anomaly_factor: float
+    anomaly_min: int
+    suspend_on_anomaly: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """What one response disclosed, or was refused: the parts of its ledger record common to its items."""
+
+    partner_id: UUID
+    key_id: str
+    #: The full gRPC method name (``/appointments.partner.v1.PartnerAppointmentService/ListAppointments``).
+    rpc: str
+    #: The W3C trace id of the call, ``""`` when it was not traced.
+    trace_id: str
+    view: View
+    outcome: Outcome = Outcome.DISCLOSED
+    #: The ErrorInfo reason of a refusal (``NOT_FOUND``, ``CONSENT_REVOKED``…), ``""`` for a disclosure.
+    denial_reason: str = ""
+    contact_fields: Sequence[int] = ()
+    consent_id: UUID | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +149,7 @@ class Patient:
 
 @dataclass(frozen=True, slots=True)
 class SealedPatientContact:
-    """A patient's contact details as stored: each value sealed for its row and column (:mod:`service.sealing`)."""
+    """A patient's contact details as stored: each value sealed for its row and column (service.crypto.sealing)."""
 
     given_name: bytes
     family_name: bytes
@@ -58,7 +166,7 @@ class Appointment:
     patient_id: UUID
     start_time: datetime
     end_time: datetime
-    status: str
+    status: AppointmentStatus
     create_time: datetime
     update_time: datetime
 
@@ -66,11 +174,11 @@ class Appointment:
 class BasicAppointment(NamedTuple):
     """The partner-path projection of an appointment: what the basic view may show, nothing more.
 
-    A named tuple rather than a frozen dataclass like the others: a page builds
-    fifty from database rows, and a frozen dataclass sets each field through
-    ``object.__setattr__`` (69 µs a page, against 18 µs for this). Its times
-    are microseconds since the epoch, as the partner reads select them
-    (:mod:`service.timestamps`).
+    A named tuple rather than a frozen dataclass like the others, because a
+    page builds fifty of them from rows and a frozen dataclass sets each field
+    through ``object.__setattr__``. Its times are microseconds since the epoch,
+    as the partner reads select them (:mod:`service.timestamps`), and its
+    status the ``appointment_status`` label as the row holds it.
     """
 
     id: UUID
@@ -105,6 +213,16 @@ class PartnerKey:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyAccess:
+    """What a key is worth now: its partner, whether it is revoked, its partner's limits and granted practitioners."""
+
+    partner_id: UUID
+    revoked: bool
+    overrides: PartnerOverrides
+    granted: frozenset[UUID]
+
+
+@dataclass(frozen=True, slots=True)
 class PractitionerGrant:
     """A practitioner's grant of access to a partner."""
 
@@ -131,26 +249,29 @@ class Consent:
 
 @dataclass(frozen=True, slots=True)
 class StoredConsentedContact:
-    """What ``read_consented_contact`` returns: the consent's state and only the covered fields, as stored.
+    """The answer to one contact call's record statement: the consent's state, the charge, the fields as stored.
 
-    Each contact value is sealed (``bytes``), or, in a database whose rows
-    ``data-key reencrypt`` has not sealed yet, the leftover clear text (``str``).
+    ``charge`` is ``None`` when the consent is not live (nothing was counted
+    or recorded). The values are those of the fields both the consent and the
+    token name (``fields``), only once the charge let them go: each sealed
+    (``bytes``), or the clear text an import left that ``data-key reencrypt``
+    has not sealed yet (``str``).
     """
 
-    state: str  # "live", "revoked", "expired" or "unknown"
+    consent: ConsentState
+    charge: ChargeOutcome | None
     fields: tuple[int, ...]
-    given_name: bytes | str | None
-    family_name: bytes | str | None
-    sex: int | None
-    phone: bytes | str | None
-    email: bytes | str | None
+    given_name: bytes | str | None = None
+    family_name: bytes | str | None = None
+    sex: int | None = None
+    phone: bytes | str | None = None
+    email: bytes | str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ConsentedContact:
-    """The consent's state and only the covered fields, opened: what the contact view is built from."""
+    """The released fields, opened: what the contact view is built from."""
 
-    state: str  # "live", "revoked", "expired" or "unknown"
     fields: tuple[int, ...]
     given_name: str | None
     family_name: str | None
@@ -170,13 +291,13 @@ class Disclosure:
     requested_id: str
     appointment_id: UUID | None
     patient_id: UUID | None
-    view: int
+    view: View
     contact_fields: tuple[int, ...]
     consent_id: UUID | None
     rpc: str
     trace_id: str
     disclose_time: datetime
-    outcome: int
+    outcome: Outcome
     denial_reason: str
 
 
@@ -202,7 +323,7 @@ class FeedChange:
 
 @dataclass(frozen=True, slots=True)
 class SealableRow:
-    """One row's sealable values as stored, by column: the sealed value, and any clear text left by older versions."""
+    """One row's sealable values as stored, by column: the sealed value, and any clear text an import left."""
 
     id: UUID
     sealed: dict[str, bytes | None]
@@ -215,7 +336,7 @@ class SealedValueCount:
 
     table: str
     column: str
-    header: bytes | None  # version and key id of the seal (service.sealing.header); None: not sealed
+    header: bytes | None  # version and key id of the seal (service.crypto.sealing.header); None: not sealed
     sealed: int
     clear: int
 
@@ -237,6 +358,7 @@ class PartnerUsage:
     """A partner's counters for one UTC day."""
 
     day: str
+    #: Appointments disclosed today, from the ledger.
     disclosures: int
     contact_disclosures: int
     patients_reached: int

@@ -1,16 +1,21 @@
 """Configuration: one frozen object, read from the environment (and command-line flags) in one place.
 
-Nothing else in the service reads ``os.environ``. :func:`load` validates every
-value at start and raises :class:`~service.errors.ConfigError` listing all
-problems at once, so an operator fixes them in one go.
+Nothing else in the service reads ``os.environ``. Each operator-facing
+variable is declared once, on the field it sets (:func:`variable`): its name,
+parser, default, check and one line of documentation. :func:`load` reads them
+all and raises :class:`~service.errors.ConfigError` listing every problem at
+once; ``docs/configuration.md`` is rendered from the same declarations
+(:func:`reference`, ``python tools/configdoc.py``), and a test keeps it current.
 """
 
 from __future__ import annotations
 
+import enum
 import ipaddress
+import math
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -20,6 +25,165 @@ from service.errors import ConfigError
 DEFAULT_PARTNER_ADDR = "[::]:50051"
 DEFAULT_INTERNAL_ADDR = "127.0.0.1:50052"
 MIN_INTERNAL_TOKEN_LENGTH = 32
+
+
+class Environment(enum.StrEnum):
+    """What the service refuses: ``production`` refuses development keys and the embedded database."""
+
+    DEVELOPMENT = "development"
+    PRODUCTION = "production"
+
+
+class EventLoop(enum.StrEnum):
+    """The event loop of ``serve`` and ``demo``."""
+
+    #: libuv's sockets, for both gRPC's and asyncpg's I/O.
+    UVLOOP = "uvloop"
+    #: The standard library's.
+    ASYNCIO = "asyncio"
+
+
+class Exporter(enum.StrEnum):
+    """Where an OpenTelemetry signal goes (``OTEL_TRACES_EXPORTER``, ``OTEL_METRICS_EXPORTER``)."""
+
+    NONE = "none"
+    CONSOLE = "console"
+    OTLP = "otlp"
+
+
+class OtlpProtocol(enum.StrEnum):
+    """The OTLP transport (``OTEL_EXPORTER_OTLP_PROTOCOL``)."""
+
+    HTTP = "http/protobuf"
+    GRPC = "grpc"
+
+
+class LogLevel(enum.StrEnum):
+    """The least severe log lines written."""
+
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+
+
+Check = Callable[[Any], str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Variable:
+    """How one field is configured: its variable (the first of ``names`` set wins), parser, check and doc line."""
+
+    names: tuple[str, ...]
+    parse: Callable[[str], Any]
+    check: Check | None
+    doc: str
+    #: The default as the reference shows it, when the field's own would mislead (a computed one).
+    shown: str | None
+
+    @property
+    def name(self) -> str:
+        """The variable's own name."""
+        return self.names[0]
+
+
+def variable(
+    name: str | tuple[str, ...],
+    default: Any,
+    doc: str,
+    *,
+    parse: Callable[[str], Any] = str,
+    check: Check | None = None,
+    shown: str | None = None,
+    secret: bool = False,
+    factory: Callable[[], Any] | None = None,
+) -> Any:
+    """Declare a settings field configured by the environment variable ``name`` (see :class:`Variable`).
+
+    A ``secret`` value is left out of the settings' ``repr``.
+    """
+    names = (name,) if isinstance(name, str) else name
+    metadata = {"variable": Variable(names, parse, check, doc, shown)}
+    if factory is not None:
+        return field(default_factory=factory, repr=not secret, metadata=metadata)
+    return field(default=default, repr=not secret, metadata=metadata)
+
+
+# Parsers: text → value, raising ValueError with a message fit for an operator.
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {text!r}") from None
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> timedelta:
+    return timedelta(seconds=_number(text))
+
+
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _one_of(kind: type[enum.StrEnum], *, upper: bool = False) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = text.strip().upper() if upper else text.strip().lower()
+        try:
+            return kind(value)
+        except ValueError:
+            raise ValueError(f"one of {', '.join(kind)}, not {text.strip()!r}") from None
+
+    return parse
+
+
+def _at_least(minimum: float, what: str = "") -> Check:
+    def check(value: Any) -> str | None:
+        amount = value.total_seconds() if isinstance(value, timedelta) else value
+        return None if amount >= minimum else f"must be at least {minimum:g}{what}"
+
+    return check
+
+
+def _above(minimum: float) -> Check:
+    return lambda value: None if value > minimum else f"must be above {minimum:g}"
+
+
+def _address(value: str) -> str | None:
+    try:
+        split_address(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _token(value: str) -> str | None:
+    if len(value) < MIN_INTERNAL_TOKEN_LENGTH:
+        return f"must be at least {MIN_INTERNAL_TOKEN_LENGTH} characters"
+    return None
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,20 +196,77 @@ class TlsFiles:
 
 
 @dataclass(frozen=True, slots=True)
-class Limits:
-    """Transport and request limits applied to every listener (see the README for each default)."""
+class TransportLimits:
+    """Transport and request limits applied to every listener."""
 
-    max_receive_message_bytes: int = 64 * 1024
-    max_metadata_bytes: int = 16 * 1024
-    max_concurrent_rpcs: int = 1000
-    max_concurrent_streams: int = 100
-    keepalive_time_ms: int = 60_000
-    keepalive_timeout_ms: int = 20_000
-    min_ping_interval_ms: int = 10_000
-    max_connection_idle_ms: int = 15 * 60_000
-    max_connection_age_ms: int = 60 * 60_000
+    max_receive_message_bytes: int = variable(
+        "APPTGATE_MAX_MESSAGE_BYTES",
+        64 * 1024,
+        "largest request message accepted (`RESOURCE_EXHAUSTED` above)",
+        parse=_integer,
+        check=_at_least(1),
+    )
+    max_metadata_bytes: int = variable(
+        "APPTGATE_MAX_METADATA_BYTES",
+        16 * 1024,
+        "largest request metadata accepted",
+        parse=_integer,
+        check=_at_least(1),
+    )
+    max_concurrent_rpcs: int = variable(
+        "APPTGATE_MAX_CONCURRENT_RPCS", 1000, "calls in flight per process", parse=_integer, check=_at_least(1)
+    )
+    max_concurrent_streams: int = variable(
+        "APPTGATE_MAX_STREAMS_PER_CONNECTION",
+        100,
+        "calls in flight per HTTP/2 connection",
+        parse=_integer,
+        check=_at_least(1),
+    )
+    keepalive_time_ms: int = variable(
+        "APPTGATE_KEEPALIVE_TIME_MS",
+        60_000,
+        "milliseconds between pings of an idle peer (dead-peer detection)",
+        parse=_integer,
+        check=_at_least(1),
+    )
+    keepalive_timeout_ms: int = variable(
+        "APPTGATE_KEEPALIVE_TIMEOUT_MS",
+        20_000,
+        "milliseconds a ping may go unanswered before the connection closes",
+        parse=_integer,
+        check=_at_least(1),
+    )
+    min_ping_interval_ms: int = variable(
+        "APPTGATE_MIN_PING_INTERVAL_MS",
+        10_000,
+        "milliseconds a client must leave between pings; more often, or without calls, closes the connection",
+        parse=_integer,
+        check=_at_least(1),
+    )
+    max_connection_idle_ms: int = variable(
+        "APPTGATE_MAX_CONNECTION_IDLE_MS",
+        15 * 60_000,
+        "milliseconds after which an idle connection is closed",
+        parse=_integer,
+        check=_at_least(1),
+    )
+    max_connection_age_ms: int = variable(
+        "APPTGATE_MAX_CONNECTION_AGE_MS",
+        60 * 60_000,
+        "milliseconds after which a connection is closed (its streams resume elsewhere)",
+        parse=_integer,
+        check=_at_least(1),
+    )
+    #: Milliseconds an old connection's calls get to finish once it is told to go.
     max_connection_age_grace_ms: int = 30_000
-    default_deadline: float = 10.0
+    default_deadline: float = variable(
+        "APPTGATE_DEFAULT_DEADLINE",
+        10.0,
+        "seconds a unary call may take when the caller sets no deadline; bounds its database work",
+        parse=_number,
+        check=_above(0),
+    )
 
     def options(self, *, reuse_port: bool) -> list[tuple[str, int]]:
         """Return the grpc channel arguments for a server."""
@@ -75,226 +296,354 @@ class Limits:
 class Settings:
     """Everything the service is configured with. Build it with :func:`load`."""
 
-    env: str = "development"
-    database_url: str | None = None
-    partner_database_url: str | None = field(default=None, repr=False)
-    data_dir: Path = Path(".apptgate")
-    partner_addr: str = DEFAULT_PARTNER_ADDR
-    internal_addr: str = DEFAULT_INTERNAL_ADDR
-    internal_token: str | None = field(default=None, repr=False)
-    tls: TlsFiles | None = None
-    allow_insecure: bool = False
-    server_secret: str | None = field(default=None, repr=False)
-    server_secret_file: Path | None = None
-    signing_key: str | None = field(default=None, repr=False)
-    signing_key_file: Path | None = None
-    data_key: str | None = field(default=None, repr=False)
-    data_key_file: Path | None = None
-    consent_max_ttl: timedelta = timedelta(days=365)
-    partner_rps: float = 50.0
-    partner_burst: int = 100
-    contact_daily_cap: int = 1000
-    patient_daily_cap: int = 5000
-    anomaly_factor: float = 10.0
-    anomaly_min_volume: int = 5000
-    anomaly_suspend: bool = False
-    db_pool_min: int = 2
-    db_pool_max: int = 10
-    db_connect_timeout: float = 5.0
-    shutdown_grace: float = 10.0
-    log_level: str = "INFO"
-    limits: Limits = field(default_factory=Limits)
-    workers: int = field(default_factory=lambda: _cpus())
-    #: The event loop of ``serve`` and ``demo``: "uvloop" (libuv; faster sockets for
-    #: both gRPC's and asyncpg's I/O) or "asyncio" (the standard library's).
-    event_loop: str = "uvloop"
-    reuse_port: bool = False
-    feed_buffer: int = 1000
-    feed_max_streams: int = 20
-    feed_retention: timedelta = timedelta(days=7)
-    #: Basic views each process remembers (``service.views.BasicPages``): ~20 MiB when full; 0 for none.
-    view_memo: int = 16_384
-    otel_traces_exporter: str = "none"
-    otel_metrics_exporter: str = "none"
-    otel_traces_protocol: str = "http/protobuf"
-    otel_metrics_protocol: str = "http/protobuf"
-    otel_sdk_disabled: bool = False
+    env: Environment = variable(
+        "APPTGATE_ENV",
+        Environment.DEVELOPMENT,
+        "`production` refuses development keys and the embedded database",
+        parse=_one_of(Environment),
+    )
+    database_url: str | None = variable(
+        "DATABASE_URL", None, "`postgresql://user@host:port/db`", shown="embedded PostgreSQL", secret=True
+    )
+    partner_database_url: str | None = variable(
+        "APPTGATE_PARTNER_DATABASE_URL",
+        None,
+        "the partner path's own login (a session that cannot switch back to the owner); without one that logs in, "
+        "partner transactions `SET LOCAL ROLE` on the main pool (refused in production)",
+        shown="`DATABASE_URL` as user `apptgate_partner`",
+        secret=True,
+    )
+    data_dir: Path = variable(
+        "APPTGATE_DATA_DIR", Path(".apptgate"), "embedded database and development keys", parse=Path
+    )
+    partner_addr: str = variable(
+        "APPTGATE_PARTNER_ADDR",
+        DEFAULT_PARTNER_ADDR,
+        "partner listener (`make run`: `localhost:50051`); flag `--partner-addr`",
+        check=_address,
+    )
+    internal_addr: str = variable(
+        "APPTGATE_INTERNAL_ADDR", DEFAULT_INTERNAL_ADDR, "internal listener; flag `--internal-addr`", check=_address
+    )
+    internal_token: str | None = variable(
+        "APPTGATE_INTERNAL_TOKEN",
+        None,
+        f"bearer token of the internal listener, at least {MIN_INTERNAL_TOKEN_LENGTH} characters",
+        check=_token,
+        shown="required (`make run` generates one)",
+        secret=True,
+    )
+    tls_cert: Path | None = variable(
+        "APPTGATE_TLS_CERT", None, "PEM certificate: TLS on the partner listener; flag `--tls-cert`", parse=Path
+    )
+    tls_key: Path | None = variable("APPTGATE_TLS_KEY", None, "its PEM private key; flag `--tls-key`", parse=Path)
+    tls_client_ca: Path | None = variable(
+        "APPTGATE_TLS_CLIENT_CA",
+        None,
+        "PEM CA: partners must present a client certificate (mutual TLS); flag `--tls-client-ca`",
+        parse=Path,
+    )
+    allow_insecure: bool = variable(
+        "APPTGATE_ALLOW_INSECURE",
+        False,
+        "allow plaintext on a non-loopback address; flag `--allow-insecure`",
+        parse=_boolean,
+    )
+    server_secret: str | None = variable(
+        "APPTGATE_SERVER_SECRET",
+        None,
+        "base64, at least 32 bytes: derives pseudonyms, page tokens, ledger seals. **Never change it**: partners' "
+        "ids depend on it",
+        shown="dev file in the data dir",
+        secret=True,
+    )
+    server_secret_file: Path | None = variable(
+        "APPTGATE_SERVER_SECRET_FILE", None, "a file holding `APPTGATE_SERVER_SECRET`", parse=Path
+    )
+    signing_key: str | None = variable(
+        "APPTGATE_SIGNING_KEY",
+        None,
+        "consent-signing keys, PASERK `k4.secret.…` (the first signs, all verify; `k4.public.…` verifies only)",
+        shown="dev file in the data dir",
+        secret=True,
+    )
+    signing_key_file: Path | None = variable(
+        "APPTGATE_SIGNING_KEY_FILE", None, "a file holding `APPTGATE_SIGNING_KEY`", parse=Path
+    )
+    data_key: str | None = variable(
+        "APPTGATE_DATA_KEY",
+        None,
+        "data keys sealing contact details and visit reasons at rest: `<id>:<base64 32 bytes>` entries, comma- or "
+        "line-separated, ids 1–65535 (the first seals, all open). **Losing a key loses what it sealed**",
+        shown="dev file in the data dir",
+        secret=True,
+    )
+    data_key_file: Path | None = variable(
+        "APPTGATE_DATA_KEY_FILE", None, "a file holding `APPTGATE_DATA_KEY`", parse=Path
+    )
+    consent_max_ttl: timedelta = variable(
+        "APPTGATE_CONSENT_MAX_TTL",
+        timedelta(days=365),
+        "longest consent, in seconds",
+        parse=_seconds,
+        check=_at_least(1, " second"),
+    )
+    partner_rps: float = variable(
+        "APPTGATE_PARTNER_RPS",
+        50.0,
+        "request rate per partner and process (token bucket)",
+        parse=_number,
+        check=_above(0),
+    )
+    partner_burst: int = variable(
+        "APPTGATE_PARTNER_BURST", 100, "burst of the rate limit", parse=_integer, check=_at_least(1)
+    )
+    contact_daily_cap: int = variable(
+        "APPTGATE_CONTACT_DAILY_CAP",
+        1000,
+        "contact disclosures per partner and UTC day, across all processes",
+        parse=_integer,
+        check=_at_least(0),
+    )
+    patient_daily_cap: int = variable(
+        "APPTGATE_PATIENT_DAILY_CAP",
+        5000,
+        "distinct patients per partner and UTC day, across all processes",
+        parse=_integer,
+        check=_at_least(0),
+    )
+    anomaly_factor: float = variable(
+        "APPTGATE_ANOMALY_FACTOR",
+        10.0,
+        "flag a day reaching at least max(min volume, factor × the 7-day norm) distinct patients",
+        parse=_number,
+        check=_above(1),
+    )
+    anomaly_min_volume: int = variable(
+        "APPTGATE_ANOMALY_MIN_VOLUME", 5000, "the anomaly rule's min volume", parse=_integer, check=_at_least(1)
+    )
+    anomaly_suspend: bool = variable(
+        "APPTGATE_ANOMALY_SUSPEND", False, "suspend a flagged partner until an operator lifts it", parse=_boolean
+    )
+    db_pool_min: int = variable(
+        "APPTGATE_DB_POOL_MIN", 2, "database connections kept open per process", parse=_integer, check=_at_least(1)
+    )
+    db_pool_max: int = variable(
+        "APPTGATE_DB_POOL_MAX", 10, "database connections per process at most", parse=_integer, check=_at_least(1)
+    )
+    db_connect_timeout: float = variable(
+        "APPTGATE_DB_CONNECT_TIMEOUT", 5.0, "seconds to open a database connection", parse=_number, check=_above(0)
+    )
+    shutdown_grace: float = variable(
+        "APPTGATE_SHUTDOWN_GRACE",
+        10.0,
+        "seconds in-flight calls get to finish on SIGTERM or SIGINT",
+        parse=_number,
+        check=_at_least(0),
+    )
+    log_level: LogLevel = variable(
+        "APPTGATE_LOG_LEVEL",
+        LogLevel.INFO,
+        "JSON logs on stderr from this level up",
+        parse=_one_of(LogLevel, upper=True),
+    )
+    limits: TransportLimits = field(default_factory=TransportLimits)
+    workers: int = variable(
+        "APPTGATE_WORKERS",
+        None,
+        "`serve` runs this many worker processes sharing the ports (`SO_REUSEPORT`), each with its own pools; "
+        "1 = serve in this process",
+        parse=_integer,
+        check=lambda n: None if 1 <= n <= 256 else "from 1 to 256",
+        shown="number of CPUs",
+        factory=_cpus,
+    )
+    event_loop: EventLoop = variable(
+        "APPTGATE_EVENT_LOOP",
+        EventLoop.UVLOOP,
+        "the event loop of `serve` and `demo`: `uvloop` (libuv sockets for gRPC and asyncpg) or `asyncio`",
+        parse=_one_of(EventLoop),
+    )
+    reuse_port: bool = variable(
+        "APPTGATE_REUSE_PORT",
+        False,
+        "bind the listeners with `SO_REUSEPORT` (set by `serve` for its workers)",
+        parse=_boolean,
+    )
+    feed_buffer: int = variable(
+        "APPTGATE_FEED_BUFFER",
+        1000,
+        "change-feed ring: changes each process keeps in memory for its streams",
+        parse=_integer,
+        check=_at_least(1),
+    )
+    feed_max_streams: int = variable(
+        "APPTGATE_FEED_MAX_STREAMS",
+        20,
+        "change-feed streams per partner and process",
+        parse=_integer,
+        check=_at_least(1),
+    )
+    feed_retention: timedelta = variable(
+        "APPTGATE_FEED_RETENTION",
+        timedelta(days=7),
+        "seconds a change (and a resume token) stays valid",
+        parse=_seconds,
+        check=_at_least(60, " seconds"),
+    )
+    view_memo: int = variable(
+        "APPTGATE_VIEW_MEMO",
+        16_384,
+        "basic views each process remembers, so a page listed again is not built again (docs/performance.md "
+        "gives their weight); 0 turns it off",
+        parse=_integer,
+        check=_at_least(0),
+    )
+    otel_traces_exporter: Exporter = variable(
+        "OTEL_TRACES_EXPORTER", Exporter.NONE, "`otlp`, `console` or `none`", parse=_one_of(Exporter)
+    )
+    otel_metrics_exporter: Exporter = variable(
+        "OTEL_METRICS_EXPORTER", Exporter.NONE, "`otlp`, `console` or `none`", parse=_one_of(Exporter)
+    )
+    otel_traces_protocol: OtlpProtocol = variable(
+        ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"),
+        OtlpProtocol.HTTP,
+        "`http/protobuf` or `grpc` (else `OTEL_EXPORTER_OTLP_PROTOCOL`)",
+        parse=_one_of(OtlpProtocol),
+    )
+    otel_metrics_protocol: OtlpProtocol = variable(
+        ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"),
+        OtlpProtocol.HTTP,
+        "`http/protobuf` or `grpc` (else `OTEL_EXPORTER_OTLP_PROTOCOL`)",
+        parse=_one_of(OtlpProtocol),
+    )
+    otel_sdk_disabled: bool = variable("OTEL_SDK_DISABLED", False, "turn every exporter off", parse=_boolean)
 
     @property
     def production(self) -> bool:
         """True when ``APPTGATE_ENV=production``: no development keys, no embedded database."""
-        return self.env == "production"
+        return self.env == Environment.PRODUCTION
+
+    @property
+    def tls(self) -> TlsFiles | None:
+        """The partner listener's certificate files, when TLS is configured."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        return TlsFiles(self.tls_cert, self.tls_key, self.tls_client_ca)
 
 
-#: Environment variable → (settings field, parser). Flags use the same field names.
-_ENVIRONMENT: dict[str, str] = {
-    "APPTGATE_ENV": "env",
-    "DATABASE_URL": "database_url",
-    "APPTGATE_PARTNER_DATABASE_URL": "partner_database_url",
-    "APPTGATE_DATA_DIR": "data_dir",
-    "APPTGATE_PARTNER_ADDR": "partner_addr",
-    "APPTGATE_INTERNAL_ADDR": "internal_addr",
-    "APPTGATE_INTERNAL_TOKEN": "internal_token",
-    "APPTGATE_TLS_CERT": "tls_cert",
-    "APPTGATE_TLS_KEY": "tls_key",
-    "APPTGATE_TLS_CLIENT_CA": "tls_client_ca",
-    "APPTGATE_ALLOW_INSECURE": "allow_insecure",
-    "APPTGATE_SERVER_SECRET": "server_secret",
-    "APPTGATE_SERVER_SECRET_FILE": "server_secret_file",
-    "APPTGATE_SIGNING_KEY": "signing_key",
-    "APPTGATE_SIGNING_KEY_FILE": "signing_key_file",
-    "APPTGATE_DATA_KEY": "data_key",
-    "APPTGATE_DATA_KEY_FILE": "data_key_file",
-    "APPTGATE_CONSENT_MAX_TTL": "consent_max_ttl",
-    "APPTGATE_PARTNER_RPS": "partner_rps",
-    "APPTGATE_PARTNER_BURST": "partner_burst",
-    "APPTGATE_CONTACT_DAILY_CAP": "contact_daily_cap",
-    "APPTGATE_PATIENT_DAILY_CAP": "patient_daily_cap",
-    "APPTGATE_ANOMALY_FACTOR": "anomaly_factor",
-    "APPTGATE_ANOMALY_MIN_VOLUME": "anomaly_min_volume",
-    "APPTGATE_ANOMALY_SUSPEND": "anomaly_suspend",
-    "APPTGATE_DB_POOL_MIN": "db_pool_min",
-    "APPTGATE_DB_POOL_MAX": "db_pool_max",
-    "APPTGATE_DB_CONNECT_TIMEOUT": "db_connect_timeout",
-    "APPTGATE_SHUTDOWN_GRACE": "shutdown_grace",
-    "APPTGATE_LOG_LEVEL": "log_level",
-    "APPTGATE_WORKERS": "workers",
-    "APPTGATE_EVENT_LOOP": "event_loop",
-    "APPTGATE_REUSE_PORT": "reuse_port",
-    "APPTGATE_MAX_MESSAGE_BYTES": "limits.max_receive_message_bytes",
-    "APPTGATE_MAX_METADATA_BYTES": "limits.max_metadata_bytes",
-    "APPTGATE_MAX_CONCURRENT_RPCS": "limits.max_concurrent_rpcs",
-    "APPTGATE_MAX_STREAMS_PER_CONNECTION": "limits.max_concurrent_streams",
-    "APPTGATE_KEEPALIVE_TIME_MS": "limits.keepalive_time_ms",
-    "APPTGATE_KEEPALIVE_TIMEOUT_MS": "limits.keepalive_timeout_ms",
-    "APPTGATE_MIN_PING_INTERVAL_MS": "limits.min_ping_interval_ms",
-    "APPTGATE_MAX_CONNECTION_IDLE_MS": "limits.max_connection_idle_ms",
-    "APPTGATE_MAX_CONNECTION_AGE_MS": "limits.max_connection_age_ms",
-    "APPTGATE_DEFAULT_DEADLINE": "limits.default_deadline",
-    "APPTGATE_FEED_BUFFER": "feed_buffer",
-    "APPTGATE_FEED_MAX_STREAMS": "feed_max_streams",
-    "APPTGATE_FEED_RETENTION": "feed_retention",
-    "APPTGATE_VIEW_MEMO": "view_memo",
-    # OpenTelemetry's standard variables that decide which exporters exist; the
-    # SDK reads the others (endpoint, headers, sampler, resource) itself.
-    "OTEL_TRACES_EXPORTER": "otel_traces_exporter",
-    "OTEL_METRICS_EXPORTER": "otel_metrics_exporter",
-    "OTEL_SDK_DISABLED": "otel_sdk_disabled",
-}
-_OTLP_PROTOCOL = {
-    "otel_traces_protocol": ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"),
-    "otel_metrics_protocol": ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"),
-}
-
-EVENT_LOOPS = ("uvloop", "asyncio")
-
-#: The variables the service understands, for documentation and ``--help``.
-ENVIRONMENT_VARIABLES = tuple(_ENVIRONMENT)
+def _declared(kind: type[Any]) -> Iterator[tuple[str, Variable]]:
+    """The fields of ``kind`` configured by a variable, with their declarations."""
+    for declared in fields(kind):
+        spec = declared.metadata.get("variable")
+        if spec is not None:
+            yield declared.name, spec
 
 
-def load(environ: Mapping[str, str], overrides: Mapping[str, Any] | None = None) -> Settings:
-    """Build validated settings from an environment mapping and flag overrides.
+def variables() -> list[Variable]:
+    """Every variable the service reads, in the order they are declared."""
+    return [spec for _, spec in _declared(Settings)] + [spec for _, spec in _declared(TransportLimits)]
 
-    ``overrides`` maps the names in ``_ENVIRONMENT``'s values to values given
-    on the command line; ``None`` values are ignored. Raises ``ConfigError``.
+
+def load(
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    defaults: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build validated settings from the environment (``os.environ`` unless given) and flags.
+
+    ``overrides`` maps field names to values given on the command line
+    (``None`` values are ignored); ``defaults`` maps field names to values
+    used where neither a variable nor a flag gives one. Raises
+    :class:`ConfigError` listing every problem found.
     """
-    raw: dict[str, Any] = {name: environ[var] for var, name in _ENVIRONMENT.items() if environ.get(var)}
-    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    environ = os.environ if environ is None else environ
+    given = {name: value for name, value in (overrides or {}).items() if value is not None}
     problems: list[str] = []
-    parsed: dict[str, Any] = {}
 
-    def take(name: str, convert: Any, var: str) -> None:
-        if name not in raw:
-            return
-        try:
-            parsed[name] = convert(raw[name])
-        except (TypeError, ValueError) as exc:
-            problems.append(f"{var}: {exc}")
+    def read(kind: type[Any]) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name, spec in _declared(kind):
+            if name in given:
+                value = given[name]
+                if isinstance(value, str):  # a flag's text, parsed as the variable's would be
+                    try:
+                        value = spec.parse(value)
+                    except ValueError as exc:
+                        problems.append(f"{spec.name}: {exc}")
+                        continue
+            else:
+                text = next((environ[n] for n in spec.names if environ.get(n)), None)
+                if text is None:
+                    if defaults and name in defaults:
+                        values[name] = defaults[name]
+                    continue
+                try:
+                    value = spec.parse(text)
+                except ValueError as exc:
+                    problems.append(f"{spec.name}: {exc}")
+                    continue
+            complaint = spec.check(value) if spec.check is not None else None
+            if complaint is not None:
+                problems.append(f"{spec.name}: {complaint}")
+                continue
+            values[name] = value
+        return values
 
-    for var, name in _ENVIRONMENT.items():
-        if name in {"tls_cert", "tls_key", "tls_client_ca"}:
-            continue
-        converter = _CONVERTERS.get(name, str)
-        take(name, converter, var)
-
-    for name, variables in _OTLP_PROTOCOL.items():
-        chosen = next((environ[v] for v in variables if environ.get(v)), None)
-        if chosen is not None:
-            parsed[name] = chosen.strip().lower()
-
-    tls_values = {k: raw.get(k) for k in ("tls_cert", "tls_key", "tls_client_ca")}
-    if tls_values["tls_cert"] or tls_values["tls_key"]:
-        if not (tls_values["tls_cert"] and tls_values["tls_key"]):
-            problems.append("APPTGATE_TLS_CERT and APPTGATE_TLS_KEY must be set together")
-        else:
-            tls = TlsFiles(
-                Path(tls_values["tls_cert"]),
-                Path(tls_values["tls_key"]),
-                Path(tls_values["tls_client_ca"]) if tls_values["tls_client_ca"] else None,
-            )
-            for label, path in (("APPTGATE_TLS_CERT", tls.cert_file), ("APPTGATE_TLS_KEY", tls.key_file)):
-                if not path.is_file():
-                    problems.append(f"{label}: no such file: {path}")
-            if tls.client_ca_file is not None and not tls.client_ca_file.is_file():
-                problems.append(f"APPTGATE_TLS_CLIENT_CA: no such file: {tls.client_ca_file}")
-            parsed["tls"] = tls
-    elif tls_values["tls_client_ca"]:
-        problems.append("APPTGATE_TLS_CLIENT_CA needs APPTGATE_TLS_CERT and APPTGATE_TLS_KEY")
-
-    limit_values = {k.split(".", 1)[1]: parsed.pop(k) for k in list(parsed) if k.startswith("limits.")}
-    if limit_values:
-        parsed["limits"] = Limits(**limit_values)
-    settings = Settings(**parsed) if not problems else Settings()
-    problems.extend(_check(settings) if not problems else [])
+    settings = Settings(**read(Settings), limits=TransportLimits(**read(TransportLimits)))
+    problems.extend(_together(settings))
     if problems:
         raise ConfigError(problems)
     return settings
 
 
-def _check(s: Settings) -> list[str]:
+def _together(s: Settings) -> list[str]:
+    """The problems of values that are only wrong together."""
     problems: list[str] = []
-    if s.env not in {"development", "production"}:
-        problems.append("APPTGATE_ENV: must be 'development' or 'production'")
-    for var, addr in (("APPTGATE_PARTNER_ADDR", s.partner_addr), ("APPTGATE_INTERNAL_ADDR", s.internal_addr)):
-        try:
-            split_address(addr)
-        except ValueError as exc:
-            problems.append(f"{var}: {exc}")
-    if s.internal_token is not None and len(s.internal_token) < MIN_INTERNAL_TOKEN_LENGTH:
-        problems.append(f"APPTGATE_INTERNAL_TOKEN: must be at least {MIN_INTERNAL_TOKEN_LENGTH} characters")
-    if not 1 <= s.db_pool_min <= s.db_pool_max:
-        problems.append("APPTGATE_DB_POOL_MIN/MAX: need 1 <= min <= max")
-    sizes = [getattr(s.limits, name) for name in _LIMIT_COUNTS]
-    if min(sizes) < 1 or s.limits.default_deadline <= 0:
-        problems.append("APPTGATE_MAX_*/KEEPALIVE_*/DEFAULT_DEADLINE: must be positive")
-    if s.event_loop not in EVENT_LOOPS:
-        problems.append(f"APPTGATE_EVENT_LOOP must be one of {', '.join(EVENT_LOOPS)}, not {s.event_loop!r}")
-    if not 1 <= s.workers <= 256:
-        problems.append("APPTGATE_WORKERS: from 1 to 256")
-    if s.feed_buffer < 1 or s.feed_max_streams < 1 or s.feed_retention < timedelta(minutes=1):
-        problems.append("APPTGATE_FEED_BUFFER/_MAX_STREAMS must be positive, APPTGATE_FEED_RETENTION at least 60")
-    if s.view_memo < 0:
-        problems.append("APPTGATE_VIEW_MEMO: 0 or more")
-    if s.partner_rps <= 0 or s.partner_burst < 1 or s.contact_daily_cap < 0 or s.patient_daily_cap < 0:
-        problems.append("APPTGATE_PARTNER_RPS/_BURST and the daily caps must be positive")
-    if s.anomaly_factor <= 1 or s.anomaly_min_volume < 1:
-        problems.append("APPTGATE_ANOMALY_FACTOR must be above 1 and APPTGATE_ANOMALY_MIN_VOLUME positive")
-    if s.consent_max_ttl < timedelta(seconds=1):
-        problems.append("APPTGATE_CONSENT_MAX_TTL: must be at least 1 second")
-    if s.shutdown_grace < 0 or s.db_connect_timeout <= 0:
-        problems.append("APPTGATE_SHUTDOWN_GRACE/APPTGATE_DB_CONNECT_TIMEOUT: must be positive")
-    for var, value in (
-        ("OTEL_TRACES_EXPORTER", s.otel_traces_exporter),
-        ("OTEL_METRICS_EXPORTER", s.otel_metrics_exporter),
+    if s.db_pool_min > s.db_pool_max:
+        problems.append("APPTGATE_DB_POOL_MIN: must not exceed APPTGATE_DB_POOL_MAX")
+    if (s.tls_cert is None) != (s.tls_key is None):
+        problems.append("APPTGATE_TLS_CERT and APPTGATE_TLS_KEY must be set together")
+    elif s.tls_client_ca is not None and s.tls_cert is None:
+        problems.append("APPTGATE_TLS_CLIENT_CA needs APPTGATE_TLS_CERT and APPTGATE_TLS_KEY")
+    for name, path in (
+        ("APPTGATE_TLS_CERT", s.tls_cert),
+        ("APPTGATE_TLS_KEY", s.tls_key),
+        ("APPTGATE_TLS_CLIENT_CA", s.tls_client_ca),
     ):
-        if value not in {"none", "console", "otlp"}:
-            problems.append(f"{var}: one of otlp, console, none (got {value!r})")
-    for protocol in (s.otel_traces_protocol, s.otel_metrics_protocol):
-        if protocol not in {"grpc", "http/protobuf"}:
-            problems.append(f"OTEL_EXPORTER_OTLP_PROTOCOL: grpc or http/protobuf (got {protocol!r})")
-    if s.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-        problems.append("APPTGATE_LOG_LEVEL: one of DEBUG, INFO, WARNING, ERROR")
+        if path is not None and not path.is_file():
+            problems.append(f"{name}: no such file: {path}")
     return problems
+
+
+def child_environment(changes: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment with ``changes``: what a worker process is started with."""
+    return {**os.environ, **changes}
+
+
+def reference() -> str:
+    """The Markdown table of every variable: name, default, meaning (``docs/configuration.md``)."""
+    lines = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for kind in (Settings, TransportLimits):
+        for declared in fields(kind):
+            spec = declared.metadata.get("variable")
+            if spec is None:
+                continue
+            names = " / ".join(f"`{n}`" for n in spec.names)
+            lines.append(f"| {names} | {spec.shown or _shown(declared.default)} | {spec.doc} |")
+    return "\n".join(lines) + "\n"
+
+
+def _shown(default: Any) -> str:
+    if default is None or default is MISSING:
+        return "–"
+    if isinstance(default, bool):
+        return f"`{str(default).lower()}`"
+    if isinstance(default, timedelta):
+        return f"`{int(default.total_seconds())}`"
+    if isinstance(default, float) and default.is_integer():
+        return f"`{int(default)}`"
+    return f"`{default}`"
 
 
 def split_address(addr: str) -> tuple[str, int]:
@@ -318,80 +667,3 @@ def is_loopback(addr: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-_LIMIT_COUNTS = (
-    "max_receive_message_bytes",
-    "max_metadata_bytes",
-    "max_concurrent_rpcs",
-    "max_concurrent_streams",
-    "keepalive_time_ms",
-    "keepalive_timeout_ms",
-    "min_ping_interval_ms",
-    "max_connection_idle_ms",
-    "max_connection_age_ms",
-)
-
-
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _boolean(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in {"1", "true", "yes", "on"}:
-        return True
-    if text in {"0", "false", "no", "off", ""}:
-        return False
-    raise ValueError(f"expected true or false, got {value!r}")
-
-
-def _seconds(value: Any) -> timedelta:
-    seconds = float(value)
-    if seconds != seconds or seconds in (float("inf"), float("-inf")):
-        raise ValueError("expected a number of seconds")
-    return timedelta(seconds=seconds)
-
-
-def _optional_path(value: Any) -> Path:
-    return Path(str(value))
-
-
-_CONVERTERS: dict[str, Any] = {
-    "env": lambda v: str(v).strip().lower(),
-    "data_dir": _optional_path,
-    "server_secret_file": _optional_path,
-    "signing_key_file": _optional_path,
-    "data_key_file": _optional_path,
-    "partner_rps": float,
-    "partner_burst": int,
-    "contact_daily_cap": int,
-    "patient_daily_cap": int,
-    "anomaly_factor": float,
-    "anomaly_min_volume": int,
-    "anomaly_suspend": _boolean,
-    "allow_insecure": _boolean,
-    "consent_max_ttl": _seconds,
-    "db_pool_min": int,
-    "db_pool_max": int,
-    "db_connect_timeout": float,
-    "shutdown_grace": float,
-    "log_level": lambda v: str(v).upper(),
-    "otel_traces_exporter": lambda v: str(v).strip().lower(),
-    "otel_metrics_exporter": lambda v: str(v).strip().lower(),
-    "otel_sdk_disabled": _boolean,
-    "feed_buffer": int,
-    "workers": int,
-    "event_loop": lambda v: str(v).strip().lower(),
-    "reuse_port": _boolean,
-    "feed_max_streams": int,
-    "feed_retention": _seconds,
-    "view_memo": int,
-    "limits.default_deadline": float,
-    **{f"limits.{name}": int for name in _LIMIT_COUNTS},
-}

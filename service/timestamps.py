@@ -4,8 +4,8 @@
 messages; these do the arithmetic directly. The partner path's rows carry
 their times as integer microseconds since the Unix epoch (:data:`Micros`):
 asyncpg builds a datetime through a timedelta for each timestamptz it
-decodes, 16% of a ListAppointments call's instructions for the 150 times of
-a page, where PostgreSQL hands over the integer for almost nothing.
+decodes, a large share of a listing's work for the 150 times of a page,
+where PostgreSQL hands over the integer for almost nothing.
 """
 
 from __future__ import annotations

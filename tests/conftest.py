@@ -14,9 +14,9 @@ import grpc.aio
 import harness
 import pytest
 
+from service.access.consent_tokens import ConsentKeyring, SigningKey
 from service.app import Gateway, Secrets
-from service.consent import ConsentKeyring, SigningKey
-from service.sealing import DataKeyring
+from service.crypto.sealing import DataKeyring
 from service.settings import Settings
 from service.store.database import Database, partner_login_dsn
 from service.store.embedded import EmbeddedPostgres

@@ -324,7 +324,7 @@ class Database:
         """Borrow a partner-path connection on which every statement is its own transaction.
 
         The partner path's reads and records are single statements (functions
-        of migration 0013 that bind the partner for row-level security
+        of migration 0007 that bind the partner for row-level security
         themselves), so they need no BEGIN, no prelude and no COMMIT: each is
         durable when it returns. The call's remaining deadline bounds the whole
         block; when it passes, the running statement is cancelled and
@@ -356,7 +356,7 @@ class Database:
         """Borrow an owner-path connection on which every statement is its own transaction.
 
         For work the gateway does on behalf of several calls at once (the
-        group records of :mod:`service.recorder`), so no one caller's deadline
+        group records of :mod:`service.disclosure.record`), so no one caller's deadline
         applies: ``budget`` seconds bound the wait for a connection and the
         statements, after which the running statement is cancelled and
         :class:`DeadlineExceeded` raised. The block must leave no session

@@ -1,15 +1,16 @@
 """The partner path's reads: only appointments of practitioners who granted the partner access.
 
-Each read is one statement, a function of migration 0013 run as the partner
+Each read is one statement, a function of migration 0007 run as the partner
 role: it refuses a revoked key or a suspended partner, binds the partner for
 row-level security, and reads only the basic-view columns of appointments
 whose practitioner granted the caller access. No contact column and no visit
 reason is ever read on this path. The function's refusals arrive as
-:class:`Refusal`.
+:class:`ReadRefused`.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import TypeVar
@@ -23,29 +24,37 @@ from service.timestamps import Micros, from_micros
 
 T = TypeVar("T")
 
-#: Refusal kinds, by the SQLSTATE the partner-path functions raise them with.
-KEY_INVALID = "key_invalid"
-SUSPENDED = "suspended"
-NOT_GRANTED = "not_granted"
-_REFUSALS = {"AG401": KEY_INVALID, "AG403": SUSPENDED, "AG404": NOT_GRANTED}
+
+class Refusal(enum.Enum):
+    """Why a partner-path function refused a read, by the SQLSTATE it raised."""
+
+    #: The key is unknown, revoked, or another partner's.
+    KEY_INVALID = "AG401"
+    PARTNER_SUSPENDED = "AG403"
+    #: The practitioner named is not granted to the partner.
+    NOT_GRANTED = "AG404"
+
+
+_REFUSALS = {refusal.value: refusal for refusal in Refusal}
 
 # Times as exact integer microseconds since the epoch (EXTRACT gives numeric; PostgreSQL 14 and
-# newer): ~15 µs of PostgreSQL per page, against ~150 µs for asyncpg to build 150 datetimes.
+# newer), which PostgreSQL hands over for almost nothing where asyncpg builds each datetime
+# through a timedelta; the status as its label.
 _MICROS = "(extract(epoch FROM {}) * 1000000)::int8".format
 _COLUMNS = (
-    f"id, patient_id, {_MICROS('start_time')}, {_MICROS('end_time')}, status, {_MICROS('update_time')}, "
+    f"id, patient_id, {_MICROS('start_time')}, {_MICROS('end_time')}, status::text, {_MICROS('update_time')}, "
     "practitioner_id, display_name, specialty"
 )
 _LIST = f"SELECT {_COLUMNS} FROM partner_list_appointments($1, $2, $3, $4, $5, $6, $7, $8)"
 _GET = f"SELECT {_COLUMNS} FROM partner_get_appointment($1, $2, $3)"
 
 
-class Refusal(Exception):
-    """The database refused a partner read: ``kind`` is one of the refusal kinds above."""
+class ReadRefused(Exception):
+    """The database refused a partner read, for ``refusal``."""
 
-    def __init__(self, kind: str) -> None:
-        super().__init__(kind)
-        self.kind = kind
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.name)
+        self.refusal = refusal
 
 
 async def _refusing(conn: Connection, statement: Callable[[], Awaitable[T]]) -> T:
@@ -57,10 +66,10 @@ async def _refusing(conn: Connection, statement: Callable[[], Awaitable[T]]) -> 
                 return await statement()
         return await statement()
     except asyncpg.PostgresError as exc:
-        kind = _REFUSALS.get(str(getattr(exc, "sqlstate", "")))
-        if kind is None:
+        refusal = _REFUSALS.get(str(getattr(exc, "sqlstate", "")))
+        if refusal is None:
             raise
-        raise Refusal(kind) from None
+        raise ReadRefused(refusal) from None
 
 
 async def list_appointments(
@@ -77,7 +86,7 @@ async def list_appointments(
     """Return up to ``limit`` visible appointments starting in ``[start_time, end_time)``.
 
     Ordered by ``(start_time, id)`` and strictly after the ``after`` cursor.
-    Raises :class:`Refusal` (``NOT_GRANTED`` when ``practitioner_id`` is not granted).
+    Raises :class:`ReadRefused` (``NOT_GRANTED`` when ``practitioner_id`` is not granted).
     """
     after_time, after_id = (from_micros(after[0]), after[1]) if after is not None else (None, None)
     values = (key_id, partner_id, practitioner_id, start_time, end_time, after_time, after_id, limit)
@@ -88,6 +97,6 @@ async def list_appointments(
 async def get_appointment(
     conn: Connection, *, key_id: str, partner_id: UUID, appointment_id: UUID
 ) -> models.BasicAppointment | None:
-    """Return the appointment if it exists and is visible to the partner, else ``None``. Raises :class:`Refusal`."""
+    """Return the appointment if it exists and is visible to the partner, else ``None``. Raises :class:`ReadRefused`."""
     row = await _refusing(conn, lambda: conn.fetchrow(_GET, key_id, partner_id, appointment_id))
     return models.BasicAppointment(*row) if row else None

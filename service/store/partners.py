@@ -1,7 +1,8 @@
-"""Partners, their keys and practitioners' grants."""
+"""Partners, their keys and practitioners' grants (migration 0002)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from uuid import UUID
 
 import asyncpg
@@ -58,7 +59,7 @@ async def authenticate_key(conn: Connection, key_id: str) -> tuple[models.Partne
     """The partner path's key lookup, in one statement: the key, its partner's limits and suspension.
 
     It also binds the key's partner to the transaction for row-level security
-    (migration 0008); the binding is transaction-local, and the caller aborts
+    (migration 0007); the binding is transaction-local, and the caller aborts
     the transaction when the key does not verify, so nothing is ever read
     under an unverified binding.
     """
@@ -130,11 +131,34 @@ async def revoke_access(conn: Connection, partner_id: UUID, practitioner_id: UUI
     return models.PractitionerGrant(*row)
 
 
-async def active_grants(conn: Connection, partner_id: UUID) -> list[models.PractitionerGrant]:
-    """Return a partner's active grants, oldest first."""
+# Who granted a partner access, the one query of it: every reader of grants in Python goes
+# through this text (the partner-path functions and the row-level security policies of
+# migration 0007 hold the same condition in SQL). {partner} is a column or a parameter.
+_GRANTED = (
+    "SELECT g.practitioner_id FROM practitioner_grants g WHERE g.partner_id = {partner} AND g.revoke_time IS NULL"
+)
+
+
+async def granted_practitioners(conn: Connection, partner_id: UUID) -> frozenset[UUID]:
+    """The practitioners with an active grant to the partner (the partner role may ask, for its own partner)."""
+    rows = await conn.fetch(_GRANTED.format(partner="$1"), partner_id)
+    return frozenset(row[0] for row in rows)
+
+
+async def key_access(conn: Connection, key_ids: Sequence[str]) -> dict[str, models.KeyAccess]:
+    """Each existing key of ``key_ids`` with its partner's limits and grants, in one statement (owner path).
+
+    What a change-feed delivery re-checks for many streams at once, without
+    binding a partner (a delivery's transaction spans partners).
+    """
     rows = await conn.fetch(
-        f"SELECT {_GRANT_COLUMNS} FROM practitioner_grants WHERE partner_id = $1 AND revoke_time IS NULL "
-        "ORDER BY grant_time, id",
-        partner_id,
+        "SELECT k.id, k.partner_id, k.revoke_time, "
+        "l.requests_per_second, l.burst, l.contact_daily_cap, l.patient_daily_cap, l.suspend_time, "
+        f"ARRAY({_GRANTED.format(partner='k.partner_id')}) "
+        "FROM partner_keys k LEFT JOIN partner_limits l ON l.partner_id = k.partner_id WHERE k.id = ANY($1::text[])",
+        list(key_ids),
     )
-    return [models.PractitionerGrant(*row) for row in rows]
+    return {
+        row[0]: models.KeyAccess(row[1], row[2] is not None, models.PartnerOverrides(*row[3:8]), frozenset(row[8]))
+        for row in rows
+    }

@@ -1,6 +1,6 @@
 """Writes and reads of practitioners, patients and appointments (the internal path).
 
-Contact details and the visit reason arrive already sealed (:mod:`service.sealing`,
+Contact details and the visit reason arrive already sealed (:mod:`service.crypto.sealing`,
 by the API layer): this module stores bytes and never reads them back.
 """
 
@@ -16,7 +16,11 @@ from service.errors import FailedPrecondition, NotFound
 from service.store.database import Connection
 
 _PRACTITIONER_COLUMNS = "id, display_name, specialty, create_time"
-_APPOINTMENT_COLUMNS = "id, practitioner_id, patient_id, start_time, end_time, status, create_time, update_time"
+_APPOINTMENT_COLUMNS = "id, practitioner_id, patient_id, start_time, end_time, status::text, create_time, update_time"
+
+
+def _appointment(row: asyncpg.Record) -> models.Appointment:
+    return models.Appointment(row[0], row[1], row[2], row[3], row[4], models.AppointmentStatus(row[5]), row[6], row[7])
 
 
 async def create_practitioner(conn: Connection, display_name: str, specialty: str) -> models.Practitioner:
@@ -34,7 +38,7 @@ async def create_patient(
 ) -> datetime:
     """Insert a patient whose contact details are already sealed for ``patient_id``; return its create time.
 
-    The plaintext contact columns stay NULL (migration 0009).
+    The clear-text contact columns, an import's, stay NULL.
     """
     create_time: datetime = await conn.fetchval(
         "INSERT INTO patients (id, sex, sealed_given_name, sealed_family_name, sealed_phone, sealed_email) "
@@ -78,7 +82,7 @@ async def create_appointment(
         if exc.constraint_name == "appointments_practitioner_id_fkey":
             raise NotFound("practitioner not found", metadata={"practitioner_id": str(practitioner_id)}) from exc
         raise NotFound("patient not found", metadata={"patient_id": str(patient_id)}) from exc
-    return models.Appointment(*row)
+    return _appointment(row)
 
 
 async def cancel_appointment(conn: Connection, appointment_id: UUID) -> models.Appointment:
@@ -92,18 +96,18 @@ async def cancel_appointment(conn: Connection, appointment_id: UUID) -> models.A
     )
     if row is None:
         raise NotFound("appointment not found", metadata={"appointment_id": str(appointment_id)})
-    if row["status"] == "cancelled":
+    if row["status"] == models.AppointmentStatus.CANCELLED:
         raise FailedPrecondition(
             "the appointment is already cancelled",
             reason="APPOINTMENT_ALREADY_CANCELLED",
             metadata={"appointment_id": str(appointment_id)},
         )
     row = await conn.fetchrow(
-        "UPDATE appointments SET status = 'cancelled', update_time = now() WHERE id = $1 "
-        f"RETURNING {_APPOINTMENT_COLUMNS}",
+        f"UPDATE appointments SET status = $2, update_time = now() WHERE id = $1 RETURNING {_APPOINTMENT_COLUMNS}",
         appointment_id,
+        models.AppointmentStatus.CANCELLED,
     )
-    return models.Appointment(*row)
+    return _appointment(row)
 
 
 async def first_appointment(conn: Connection, practitioner_id: UUID) -> models.Appointment | None:
@@ -112,4 +116,4 @@ async def first_appointment(conn: Connection, practitioner_id: UUID) -> models.A
         f"SELECT {_APPOINTMENT_COLUMNS} FROM appointments WHERE practitioner_id = $1 ORDER BY start_time, id LIMIT 1",
         practitioner_id,
     )
-    return models.Appointment(*row) if row else None
+    return _appointment(row) if row else None

@@ -3,8 +3,8 @@
 Only ``python -m service data-key …`` and the check at ``serve`` start use
 this module; the service's own writes go through :mod:`service.store.scheduling`.
 Values stay opaque bytes here: opening and sealing happen in
-:mod:`service.sealing`, never in SQL. Table and column names come from
-:data:`service.sealing.SEALED_COLUMNS`, never from input.
+:mod:`service.crypto.sealing`, never in SQL. Table and column names come from
+:data:`service.crypto.sealing.SEALED_COLUMNS`, never from input.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from __future__ import annotations
 from uuid import UUID
 
 from service import models
-from service.sealing import SEALED_COLUMNS
+from service.crypto.sealing import SEALED_COLUMNS
 from service.store.database import Connection
 
-#: The column whose seal header stands for its row in the index of migration 0009
+#: The column whose seal header stands for its row in the data-key index (migration 0001)
 #: (every writer seals a row's values together, under one key).
 _INDEXED_COLUMN = {"patients": "family_name", "appointments": "reason"}
 
@@ -93,7 +93,7 @@ async def count_values(conn: Connection) -> list[models.SealedValueCount]:
 
 
 async def headers_in_use(conn: Connection) -> tuple[set[bytes], bool]:
-    """The seal headers in use, and whether any value is left in clear: a few index probes (migration 0009).
+    """The seal headers in use, and whether any value is left in clear: a few index probes (migration 0001).
 
     Each row's headers stand for its row (see :data:`_INDEXED_COLUMN`); for an
     exact count of every value, use :func:`count_values`.

@@ -24,7 +24,7 @@ import harness
 import pytest
 from client_world import ROOT, WEEK_END, WEEK_START, Agenda
 
-from service import walkthrough
+from demo import walkthrough
 
 COOKBOOK = ROOT / "docs" / "grpcurl.md"
 _BLOCK = re.compile(r"^```sh\n(.*?)^```\n(?:<!--\s*expect:(.*?)-->)?", re.MULTILINE | re.DOTALL)

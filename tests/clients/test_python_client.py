@@ -41,9 +41,9 @@ from apptgate_client import (
 )
 from client_world import WEEK_END, WEEK_START, Agenda, DatabaseProxy
 
+from service.access.consent_tokens import ConsentKeyring
 from service.app import Gateway, Secrets
-from service.consent import ConsentKeyring
-from service.sealing import DataKeyring
+from service.crypto.sealing import DataKeyring
 from service.settings import Settings
 from service.store.database import Database
 

@@ -19,9 +19,9 @@ from appointments.partner.v1.partner_appointment_service_pb2 import (
 from apptgate_client import AsyncAppointmentWatch, AsyncPartnerClient, NotFound, PartnerClient, RetryPolicy
 from client_world import WEEK_START, Agenda
 
+from service.access.consent_tokens import ConsentKeyring
 from service.app import Gateway, Secrets
-from service.consent import ConsentKeyring
-from service.sealing import DataKeyring
+from service.crypto.sealing import DataKeyring
 from service.settings import Settings
 from service.store.database import Database
 

@@ -20,7 +20,8 @@ from appointments.internal.v1 import audit_pb2
 from appointments.type.v1.contact_pb2 import CONTACT_FIELD_EMAIL, CONTACT_FIELD_PHONE
 from harness import World
 
-from service.store import ledger, repeats
+from service.disclosure.record import MIN_ITEMS
+from service.store import ledger
 
 LIST_RPC = "/appointments.partner.v1.PartnerAppointmentService/ListAppointments"
 CONTACT_RPC = "/appointments.partner.v1.PartnerAppointmentService/GetAppointmentContact"
@@ -73,34 +74,6 @@ async def test_a_page_is_one_record_holding_its_appointments_in_order(world: Wor
     assert [str(p) for p in row["patient_ids"]] == [r.patient_id for r in items]
     assert list(row["requested_ids"]) == [a.appointment_id for a in listed]  # what the partner was shown
     assert [(r.disclosure_id, r.item) for r in items] == [(row["id"], 0), (row["id"], 1), (row["id"], 2)]
-
-
-async def test_records_written_before_0016_still_verify_and_list_beside_new_ones(
-    world: World, admin: asyncpg.Connection, database_dsn: str, tmp_path: Path
-) -> None:
-    _, patients, partner = await _three_appointments(world)
-    # A record of the old shape (one appointment in the scalar columns), as 0004-0015 wrote them.
-    legacy_appointment = await admin.fetchval("SELECT id FROM appointments LIMIT 1")
-    await admin.execute(
-        "INSERT INTO disclosures (partner_id, key_id, requested_id, appointment_id, patient_id, view, rpc, "
-        "disclose_time, outcome) VALUES ($1, $2, 'apt_legacy', $3, $4, 1, $5, now(), 1)",
-        harness.uuid_of(partner.partner_id),
-        partner.key_id,
-        legacy_appointment,
-        harness.uuid_of(patients[0].patient_id),
-        LIST_RPC,
-    )
-    await partner.list_all()
-
-    code, out, err = await _audit_cli(database_dsn, tmp_path, "verify")
-    items = await world.disclosures(partner_id=partner.partner_id)
-    one_patient = await world.disclosures(patient_id=patients[0].patient_id)
-
-    assert code == 0, err
-    assert "intact: 2 records" in out
-    assert [(r.disclosure_id, r.item) for r in items] == [(1, 0), (2, 0), (2, 1), (2, 2)]
-    assert items[0].appointment_id == str(legacy_appointment)
-    assert [r.disclosure_id for r in one_patient] == [1, 2]  # found through both indexes
 
 
 @pytest.mark.parametrize(
@@ -204,7 +177,7 @@ async def test_the_ledger_refuses_updates_and_deletes_even_from_its_owner(
 @pytest.mark.parametrize(
     "statement",
     [
-        "INSERT INTO disclosures (seq) VALUES (999)",
+        "INSERT INTO disclosures (partner_id) VALUES (gen_random_uuid())",
         "UPDATE disclosures SET denial_reason = 'x'",
         "DELETE FROM disclosures",
         "SELECT given_name FROM patients",
@@ -334,7 +307,7 @@ async def test_a_page_listed_again_is_recorded_by_reference_and_reads_as_the_sam
     world: World, admin: asyncpg.Connection, database_dsn: str, tmp_path: Path
 ) -> None:
     practitioner = await world.practitioner()
-    patients = [await world.patient() for _ in range(repeats.MIN_ITEMS + 1)]
+    patients = [await world.patient() for _ in range(MIN_ITEMS + 1)]
     for patient in patients:
         await world.appointment(practitioner, patient.patient_id)
     partner = await world.partner("Agenda", practitioner)
@@ -388,7 +361,7 @@ async def test_audit_verify_catches_a_reference_written_past_the_statement_to_a_
     world: World, admin: asyncpg.Connection, database_dsn: str, tmp_path: Path
 ) -> None:
     practitioner = await world.practitioner()
-    for _ in range(repeats.MIN_ITEMS):
+    for _ in range(MIN_ITEMS):
         await world.appointment(practitioner, (await world.patient()).patient_id)
     partner = await world.partner("Agenda", practitioner)
     await partner.list_all()

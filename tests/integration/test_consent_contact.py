@@ -23,13 +23,13 @@ from appointments.type.v1.contact_pb2 import (
 )
 from harness import PartnerHandle, World
 
+from service import models
+from service.access.consent_tokens import ConsentKeyring, SigningKey
 from service.app import Gateway, Secrets
-from service.consent import ConsentKeyring, SigningKey
-from service.sealing import DataKeyring
+from service.crypto.sealing import DataKeyring
 from service.settings import Settings
-from service.store import consents, ledger
+from service.store import ledger
 from service.store.database import Database
-from service.store.usage import ChargeTerms
 
 ALL = [CONTACT_FIELD_NAME, CONTACT_FIELD_SEX, CONTACT_FIELD_PHONE, CONTACT_FIELD_EMAIL]
 
@@ -271,16 +271,16 @@ async def test_one_statement_answers_each_contact_of_a_group_and_records_only_th
         harness.consent_pb.RevokeConsentRequest(consent_id=revoked.consent_id), metadata=world.internal_metadata
     )
 
-    def request(partner: PartnerHandle, consent: Any, n: int, token_fields: list[int]) -> consents.ContactRequest:
-        entry = ledger.Entry(
+    def request(partner: PartnerHandle, consent: Any, n: int, token_fields: list[int]) -> ledger.ContactRequest:
+        entry = models.LedgerEntry(
             harness.uuid_of(partner.partner_id),
             partner.key_id,
             "GetAppointmentContact",
             "",
-            ledger.VIEW_CONTACT,
+            models.View.CONTACT,
             consent_id=harness.uuid_of(consent.consent_id),
         )
-        return consents.ContactRequest(
+        return ledger.ContactRequest(
             entry,
             f"shown-{n}",
             harness.uuid_of(booked[n].appointment_id),
@@ -288,8 +288,8 @@ async def test_one_statement_answers_each_contact_of_a_group_and_records_only_th
             token_fields,
         )
 
-    def terms(contact_cap: int) -> ChargeTerms:
-        return ChargeTerms(contact_cap, 1000, anomaly_factor=1000.0, anomaly_min=10**6, suspend_on_anomaly=False)
+    def terms(contact_cap: int) -> models.ChargeTerms:
+        return models.ChargeTerms(contact_cap, 1000, anomaly_factor=1000.0, anomaly_min=10**6, suspend_on_anomaly=False)
 
     group = [
         request(first, email_only, 0, [CONTACT_FIELD_PHONE, CONTACT_FIELD_EMAIL]),  # the token names more
@@ -299,14 +299,14 @@ async def test_one_statement_answers_each_contact_of_a_group_and_records_only_th
     both = {harness.uuid_of(first.partner_id): terms(10), harness.uuid_of(second.partner_id): terms(10)}
     conn = await asyncpg.connect(database_dsn)
     try:
-        answers = await consents.disclose_many(conn, group, both)
+        answers = await ledger.disclose_contacts(conn, group, both)
         # Over the first partner's cap now (one contact used, cap 1): the whole group is refused.
         with pytest.raises(ledger.CapReached) as over:
-            await consents.disclose_many(conn, group, {**both, harness.uuid_of(first.partner_id): terms(1)})
+            await ledger.disclose_contacts(conn, group, {**both, harness.uuid_of(first.partner_id): terms(1)})
         # A new patient for the second partner, under terms that suspend at the first one: nothing is sent.
         again = await world.consent(patients[0].patient_id, second.partner_id, ALL)
         suspending = replace(terms(10), anomaly_factor=0.0, anomaly_min=1, suspend_on_anomaly=True)
-        withheld = await consents.disclose_many(
+        withheld = await ledger.disclose_contacts(
             conn,
             [request(second, again, 0, ALL), request(second, everything, 1, ALL)],
             {harness.uuid_of(second.partner_id): suspending},
@@ -315,23 +315,24 @@ async def test_one_statement_answers_each_contact_of_a_group_and_records_only_th
         await conn.close()
 
     email, name_and_email, refused = answers
-    assert (email.state, email.fields) == ("ok", (CONTACT_FIELD_EMAIL,))
+    assert (email.consent, email.charge, email.fields) == ("live", "ok", (CONTACT_FIELD_EMAIL,))
     assert isinstance(email.email, bytes) and email.phone is None and email.given_name is None
-    assert (name_and_email.state, name_and_email.fields) == ("ok", (CONTACT_FIELD_NAME, CONTACT_FIELD_EMAIL))
+    assert (name_and_email.consent, name_and_email.charge) == ("live", "ok")
+    assert name_and_email.fields == (CONTACT_FIELD_NAME, CONTACT_FIELD_EMAIL)
     assert isinstance(name_and_email.given_name, bytes) and isinstance(name_and_email.email, bytes)
     assert name_and_email.phone is None and name_and_email.sex is None
-    assert (refused.state, refused.fields) == ("revoked", tuple(ALL))
+    assert (refused.consent, refused.charge, refused.fields) == ("revoked", None, tuple(ALL))
     assert (refused.given_name, refused.sex, refused.phone, refused.email) == (None, None, None, None)
     assert (over.value.partner_id, over.value.cap) == (harness.uuid_of(first.partner_id), "contact_cap")
-    assert [(w.state, w.fields, w.given_name, w.sex, w.phone, w.email) for w in withheld] == [
-        ("suspended", (), None, None, None, None)
+    assert [(w.consent, w.charge, w.fields, w.given_name, w.sex, w.phone, w.email) for w in withheld] == [
+        ("live", "suspended", (), None, None, None, None)
     ] * 2
     released = [
         (first, email_only, [CONTACT_FIELD_EMAIL]),
         (second, everything, [CONTACT_FIELD_NAME, CONTACT_FIELD_EMAIL]),
     ]
     for partner, consent, fields in released:
-        recorded = [r for r in await world.disclosures(partner_id=partner.partner_id) if r.view == ledger.VIEW_CONTACT]
+        recorded = [r for r in await world.disclosures(partner_id=partner.partner_id) if r.view == models.View.CONTACT]
         assert [(r.consent_id, list(r.contact_fields)) for r in recorded] == [(consent.consent_id, fields)]
     usage = await world.registry.GetPartnerUsage(
         harness.registry_pb.GetPartnerUsageRequest(partner_id=first.partner_id), metadata=world.internal_metadata

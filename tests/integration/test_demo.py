@@ -13,8 +13,8 @@ from pathlib import Path
 import harness
 import pytest
 
-from service import demo as demo_data
-from service import walkthrough
+from demo import walkthrough
+from demo import world as demo_data
 
 
 @pytest.fixture

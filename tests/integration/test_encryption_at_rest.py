@@ -30,10 +30,10 @@ from appointments.type.v1.contact_pb2 import (
 )
 from harness import MONDAY, PartnerHandle, World
 
-from service import sealing
+from service.access.consent_tokens import ConsentKeyring
 from service.app import Gateway, Secrets, warn_about_unsealed_values
-from service.consent import ConsentKeyring
-from service.sealing import DataKeyring
+from service.crypto import sealing
+from service.crypto.sealing import DataKeyring
 from service.settings import Settings
 from service.store.database import Database
 

@@ -31,11 +31,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import MONDAY, World
 
 from service import deadlines
+from service.access.consent_tokens import ConsentKeyring
 from service.app import Gateway, Secrets
-from service.consent import ConsentKeyring
+from service.crypto.sealing import DataKeyring
 from service.errors import DeadlineExceeded
-from service.sealing import DataKeyring
-from service.settings import Limits, Settings
+from service.settings import Settings, TransportLimits
 from service.store.database import Database
 
 
@@ -97,7 +97,9 @@ async def proxied(
     await proxy.start()
     database = await Database.connect(proxy.dsn, min_size=2, max_size=4, connect_timeout=1.0)
     gateway = Gateway(
-        replace(settings, limits=Limits(default_deadline=2.0)), database, Secrets(os.urandom(32), keyring, data_keys)
+        replace(settings, limits=TransportLimits(default_deadline=2.0)),
+        database,
+        Secrets(os.urandom(32), keyring, data_keys),
     )
     try:
         async with harness.serving(gateway) as world:
@@ -289,7 +291,9 @@ async def test_a_call_without_a_deadline_gets_the_default_one(
 ) -> None:
     database = await Database.connect(database_dsn, min_size=1, max_size=2)
     gateway = Gateway(
-        replace(settings, limits=Limits(default_deadline=0.5)), database, Secrets(os.urandom(32), keyring, data_keys)
+        replace(settings, limits=TransportLimits(default_deadline=0.5)),
+        database,
+        Secrets(os.urandom(32), keyring, data_keys),
     )
     await gateway.start()
     assert gateway.partner and gateway.internal

@@ -21,9 +21,9 @@ from appointments.type.v1.contact_pb2 import CONTACT_FIELD_EMAIL
 from google.rpc import error_details_pb2
 from harness import MONDAY, World
 
+from service.access.consent_tokens import ConsentKeyring
 from service.app import Gateway, Secrets
-from service.consent import ConsentKeyring
-from service.sealing import DataKeyring
+from service.crypto.sealing import DataKeyring
 from service.settings import Settings
 from service.store.database import Database
 

@@ -11,7 +11,7 @@ import asyncpg
 import harness
 import pytest
 
-from service.store import ledger, migrations
+from service.store import chain, migrations
 from service.store.database import Database, NotMigratedError
 
 
@@ -115,45 +115,35 @@ async def test_a_failing_migration_leaves_nothing_half_applied(empty_dsn: str, t
     assert await _applied(empty_dsn) == [1]
 
 
-async def test_0018_keeps_the_chain_written_before_it_and_chains_what_was_pending(
-    empty_dsn: str, tmp_path: Path
-) -> None:
-    before = tmp_path / "before"
-    before.mkdir()
-    for path in migrations.MIGRATIONS_DIR.glob("*.sql"):
-        if int(path.name[:4]) < 18:
-            shutil.copy(path, before / path.name)
+async def test_the_sequencer_waits_for_an_older_transaction_and_chains_its_record_first(database_dsn: str) -> None:
     append = (
-        "SELECT append_disclosures(gen_random_uuid(), 'pk_migration', 'ListAppointments', '', 1::smallint, "
+        "SELECT append_disclosures(gen_random_uuid(), 'pk_sequencer', 'ListAppointments', '', 1::smallint, "
         "1::smallint, '', ARRAY['apt_a', 'apt_b'], ARRAY[gen_random_uuid(), gen_random_uuid()], "
         "ARRAY[gen_random_uuid(), gen_random_uuid()], '{}'::smallint[], NULL)"
     )
-    conn = await asyncpg.connect(empty_dsn)
-    other = await asyncpg.connect(empty_dsn)
+    conn = await asyncpg.connect(database_dsn)
+    older = await asyncpg.connect(database_dsn)
     try:
-        await migrations.migrate(conn, before)
-        # The old sequencer chained in id order: a record of an older transaction, written
-        # last, is left pending behind two chained ones. The new sequencer's cursor starts
-        # before it, so its first pass meets the two chained records again and skips them.
-        await other.execute("BEGIN; SELECT pg_current_xact_id()")
+        await older.execute("BEGIN; SELECT pg_current_xact_id()")
         for _ in range(2):
             await conn.execute(append)
-        await other.execute(append)
-        await other.execute("COMMIT")
-        assert await conn.fetchval("SELECT chain_disclosures(2)") == 2
-        chained_before = await conn.fetch("SELECT id, seq, hash FROM disclosures WHERE seq IS NOT NULL ORDER BY seq")
-
-        await migrations.migrate(conn)
-        await conn.execute(append)
-        assert await ledger.chain_all(conn) == 4  # two found chained already, the pending record, the new one
-        chain = await conn.fetch("SELECT id, seq, hash FROM disclosure_chain ORDER BY seq")
-        result = await ledger.verify(conn, b"k" * 32)
+        # Two records committed after the older transaction began: none may be chained while it runs,
+        # or its record, committed later, would have to go before them.
+        while_older_runs = await conn.fetchval("SELECT chain_disclosures(10)")
+        await older.execute(append)
+        await older.execute("COMMIT")
+        chained = await chain.chain_all(conn)
+        order = await conn.fetch(
+            "SELECT c.seq, d.txid::text::bigint AS txid FROM disclosure_chain c JOIN disclosures d ON d.id = c.id "
+            "ORDER BY c.seq"
+        )
+        result = await chain.verify(conn, b"k" * 32)
     finally:
-        await other.close()
+        await older.close()
         await conn.close()
 
-    assert [tuple(r) for r in chain[:2]] == [tuple(r) for r in chained_before]  # same places, same hashes
-    assert [r["seq"] for r in chain] == [1, 2, 3, 4]
-    assert len({r["id"] for r in chain}) == 4
+    assert while_older_runs == 0
+    assert chained == 3
+    assert [r["seq"] for r in order] == [1, 2, 3]
+    assert order[0]["txid"] < order[1]["txid"] < order[2]["txid"]  # the older transaction's record first
     assert result.intact, result.problems
-    assert result.records == 4

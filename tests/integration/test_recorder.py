@@ -1,4 +1,4 @@
-"""The ledger's group commit (service.recorder), driven directly on a real database.
+"""The ledger's group commit (service.disclosure.record and .groups), driven directly on a real database.
 
 What the API tests cannot pin down: which calls share a statement and when a
 writer waits. A group's calls share a transaction, so ``disclosures.txid``
@@ -14,13 +14,19 @@ from uuid import UUID, uuid4
 
 import pytest
 
-from service import recorder as recorder_module
-from service.recorder import LINGER, DisclosureRecorder
-from service.store import ledger, repeats
+from service import models
+from service.disclosure.groups import Grouping
+from service.disclosure.record import (
+    MIN_ITEMS,
+    CountedPatients,
+    DisclosureRecorder,
+    RecordedResponses,
+    fingerprint,
+    write_basic,
+)
 from service.store.database import Connection, Database
-from service.store.usage import ChargeTerms, CountedPatients
 
-TERMS = ChargeTerms(1000, 1000, anomaly_factor=1000.0, anomaly_min=10**6, suspend_on_anomaly=False)
+TERMS = models.ChargeTerms(1000, 1000, anomaly_factor=1000.0, anomaly_min=10**6, suspend_on_anomaly=False)
 
 
 @pytest.fixture
@@ -32,10 +38,10 @@ async def db(database_dsn: str) -> AsyncIterator[Database]:
         await database.close()
 
 
-async def _partner(db: Database, name: str) -> tuple[UUID, ledger.Entry]:
+async def _partner(db: Database, name: str) -> tuple[UUID, models.LedgerEntry]:
     async with db.connection() as conn:
         partner = await conn.fetchval("INSERT INTO partners (display_name) VALUES ($1) RETURNING id", name)
-    return partner, ledger.Entry(partner, f"pk_{name.lower()}", "GetAppointment", "", ledger.VIEW_BASIC)
+    return partner, models.LedgerEntry(partner, f"pk_{name.lower()}", "GetAppointment", "", models.View.BASIC)
 
 
 async def _transactions(db: Database, partner: UUID) -> dict[str, int]:
@@ -59,7 +65,7 @@ async def test_a_ledger_writer_keeps_its_connection_while_calls_come_and_returns
         assert await recorder.record(entry, [(f"shown-{n}", None, None)], TERMS) == "ok"
         in_use, _, _ = db.pool_usage()
         in_use_during.append(in_use)
-    await asyncio.sleep(LINGER * 4)
+    await asyncio.sleep(Grouping().linger * 4)
     in_use_after, _, _ = db.pool_usage()
 
     assert in_use_during == [1] * 5  # the writer held one connection from the first group to the fifth
@@ -81,12 +87,10 @@ async def test_a_group_waits_for_the_call_whose_read_is_underway(db: Database) -
     assert await _transactions(db, partner) == {"shown-first": 0, "shown-second": 0}
 
 
-async def test_a_quiet_call_and_a_call_that_gives_up_hold_no_group_back(
-    db: Database, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(recorder_module, "GATHER", 60.0)  # were the group to wait it out, the test would time out
+async def test_a_quiet_call_and_a_call_that_gives_up_hold_no_group_back(db: Database) -> None:
     partner, entry = await _partner(db, "Hurried")
-    recorder = DisclosureRecorder(db, budget=5.0)
+    # Were the group to wait its gathering out, the test would time out.
+    recorder = DisclosureRecorder(db, budget=5.0, grouping=Grouping(gather=60.0))
     async with asyncio.timeout(10):
         assert await recorder.record(entry, [("shown-alone", None, None)], TERMS) == "ok"  # nothing underway
 
@@ -105,18 +109,15 @@ async def test_a_group_waits_no_longer_than_gather_for_a_call_that_never_comes(d
     partner, entry = await _partner(db, "Stalled")
     recorder = DisclosureRecorder(db, budget=5.0)
     with recorder.expect_basic():  # underway for the whole test, never asking for a record
-        async with asyncio.timeout(recorder_module.GATHER + 5):
+        async with asyncio.timeout(Grouping().gather + 5):
             assert await recorder.record(entry, [("shown-anyway", None, None)], TERMS) == "ok"
 
     assert await _transactions(db, partner) == {"shown-anyway": 0}
 
 
-async def test_basic_and_contact_calls_underway_are_waited_for_apart(
-    db: Database, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(recorder_module, "GATHER", 60.0)
+async def test_basic_and_contact_calls_underway_are_waited_for_apart(db: Database) -> None:
     partner, entry = await _partner(db, "Apart")
-    recorder = DisclosureRecorder(db, budget=5.0)
+    recorder = DisclosureRecorder(db, budget=5.0, grouping=Grouping(gather=60.0))
     with recorder.expect_contact():  # a contact call underway does not hold basic groups back
         async with asyncio.timeout(10):
             assert await recorder.record(entry, [("shown-basic", None, None)], TERMS) == "ok"
@@ -155,23 +156,23 @@ _TODAY_REACHED = f"SELECT patients_reached FROM partner_daily_usage WHERE partne
 
 async def test_patients_counted_today_are_not_charged_again_until_the_counters_start_over(db: Database) -> None:
     partner, _ = await _partner(db, "Recounted")
-    entry = ledger.Entry(partner, "pk_recounted", "ListAppointments", "", ledger.VIEW_BASIC)
+    entry = models.LedgerEntry(partner, "pk_recounted", "ListAppointments", "", models.View.BASIC)
     first, second, third, later = (uuid4() for _ in range(4))
     page = [(f"shown-{n}", uuid4(), patient) for n, patient in enumerate((first, second, third))]
     memo, terms = CountedPatients(), {partner: TERMS}
     async with db.statements(5.0) as conn:
-        await ledger.record_many(conn, [(entry, page)], terms, memo)
+        await write_basic(conn, [(entry, page)], terms, memo)
         # Behind the memo's back, one counted patient is forgotten while the counter row stands:
         # only a patient the memo sent is counted again.
         await conn.execute("DELETE FROM partner_daily_patients WHERE patient_id = $1", first)
-        await ledger.record_many(conn, [(entry, [*page, ("shown-later", uuid4(), later)])], terms, memo)
+        await write_basic(conn, [(entry, [*page, ("shown-later", uuid4(), later)])], terms, memo)
         after_memo = await _counted(db, partner)
-        await ledger.record_many(conn, [(entry, page)], terms, CountedPatients())  # a memo that knows nothing
+        await write_basic(conn, [(entry, page)], terms, CountedPatients())  # a memo that knows nothing
         after_empty_memo = await _counted(db, partner)
         # The day's counters started over: the memo's knowledge is of the old row.
         for table in ("partner_daily_patients", "partner_daily_usage"):
             await conn.execute(f"DELETE FROM {table} WHERE partner_id = $1", partner)
-        await ledger.record_many(conn, [(entry, page)], terms, memo)
+        await write_basic(conn, [(entry, page)], terms, memo)
         after_restart = await _counted(db, partner)
 
     assert after_memo == ({second, third, later}, 4)
@@ -198,23 +199,23 @@ async def test_a_repeated_page_is_a_reference_that_still_counts_its_patients_onc
 ) -> None:
     partner, _ = await _partner(db, "Repeating")
     bystander, bystander_entry = await _partner(db, "Bystander")
-    entry = ledger.Entry(partner, "pk_repeating", "ListAppointments", "", ledger.VIEW_BASIC)
-    patients = [uuid4() for _ in range(repeats.MIN_ITEMS)]
+    entry = models.LedgerEntry(partner, "pk_repeating", "ListAppointments", "", models.View.BASIC)
+    patients = [uuid4() for _ in range(MIN_ITEMS)]
     page = [(f"shown-{n}", uuid4(), patient) for n, patient in enumerate(patients)]
     other_page = [*page[1:], ("shown-other", uuid4(), uuid4())]
-    memo, recorded, terms = CountedPatients(), repeats.RecordedResponses(), {partner: TERMS}
+    memo, recorded, terms = CountedPatients(), RecordedResponses(), {partner: TERMS}
     async with db.statements(5.0) as conn:
         for listed in (page, page, other_page, page):
-            await ledger.record_many(conn, [(entry, listed)], terms, memo, recorded)
+            await write_basic(conn, [(entry, listed)], terms, memo, recorded)
         before_restart = await _counted(db, partner)
         # The day's counters started over: the page repeated is charged again, from the record it names
         # (in a group with another partner's call, so the patients are sorted out by partner).
         for table in ("partner_daily_patients", "partner_daily_usage"):
             await conn.execute(f"DELETE FROM {table} WHERE partner_id = $1", partner)
         group = [(bystander_entry, [("shown-bystander", uuid4(), uuid4())]), (entry, page)]
-        await ledger.record_many(conn, group, {**terms, bystander: TERMS}, memo, recorded)
+        await write_basic(conn, group, {**terms, bystander: TERMS}, memo, recorded)
         after_restart = await _counted(db, partner)
-        await ledger.record_many(conn, [(entry, page)], terms, memo, recorded)  # a new day's record in full
+        await write_basic(conn, [(entry, page)], terms, memo, recorded)  # a new day's record in full
 
     [(first, *_), *_] = records = await _records(db, partner)
     assert [(items_of, items) for _, items_of, items in records] == [
@@ -232,18 +233,18 @@ async def test_a_repeated_page_is_a_reference_that_still_counts_its_patients_onc
 async def test_a_reference_the_database_refuses_is_written_in_full_and_the_memo_forgotten(db: Database) -> None:
     partner, _ = await _partner(db, "Refused")
     stranger, stranger_entry = await _partner(db, "Stranger")
-    entry = ledger.Entry(partner, "pk_refused", "ListAppointments", "", ledger.VIEW_BASIC)
-    page = [(f"shown-{n}", uuid4(), uuid4()) for n in range(repeats.MIN_ITEMS)]
-    memo, recorded = CountedPatients(), repeats.RecordedResponses()
+    entry = models.LedgerEntry(partner, "pk_refused", "ListAppointments", "", models.View.BASIC)
+    page = [(f"shown-{n}", uuid4(), uuid4()) for n in range(MIN_ITEMS)]
+    memo, recorded = CountedPatients(), RecordedResponses()
     async with db.statements(5.0) as conn:
-        await ledger.record_many(conn, [(stranger_entry, page)], {stranger: TERMS})
-        await ledger.record_many(conn, [(entry, page)], {partner: TERMS}, memo, recorded)
+        await write_basic(conn, [(stranger_entry, page)], {stranger: TERMS})
+        await write_basic(conn, [(entry, page)], {partner: TERMS}, memo, recorded)
         [(mine, _, _)] = await _records(db, partner)
         [(theirs, _, _)] = await _records(db, stranger)
-        fingerprint = repeats.fingerprint(*([str(v) for v in column] for column in zip(*page, strict=True)))
-        assert fingerprint is not None
+        printed = fingerprint(*([str(v) for v in column] for column in zip(*page, strict=True)))
+        assert printed is not None
         since = memo.since(partner)
-        assert since is not None and recorded.find(partner, since, fingerprint) == mine
+        assert since is not None and recorded.find(partner, since, printed) == mine
         # A record of the partner's from the day before (what the memo names right after midnight).
         yesterday = await conn.fetchval(
             "INSERT INTO disclosures (partner_id, key_id, view, rpc, disclose_time, outcome, requested_ids, "
@@ -254,8 +255,8 @@ async def test_a_reference_the_database_refuses_is_written_in_full_and_the_memo_
         # The memo now names the other partner's record (as a bug would), a record that is not there (as
         # after a failover that lost it), then yesterday's: each time the page is written in full.
         for wrong in (theirs, mine + 10**6, yesterday):
-            recorded.add(partner, since, fingerprint, wrong)
-            assert await ledger.record_many(conn, [(entry, page)], {partner: TERMS}, memo, recorded) == {partner: "ok"}
+            recorded.add(partner, since, printed, wrong)
+            assert await write_basic(conn, [(entry, page)], {partner: TERMS}, memo, recorded) == {partner: "ok"}
             assert len(recorded) == 0
 
     records = [r for r in await _records(db, partner) if r[0] != yesterday]
@@ -277,14 +278,14 @@ async def _ledger_scans(conn: Connection) -> int:
 async def test_recording_never_scans_the_ledger_even_with_statements_planned_while_it_was_empty(db: Database) -> None:
     partner, _ = await _partner(db, "Planned")
     bystander, _ = await _partner(db, "Bulk")
-    entry = ledger.Entry(partner, "pk_planned", "ListAppointments", "", ledger.VIEW_BASIC)
-    page = [(f"shown-{n}", uuid4(), uuid4()) for n in range(repeats.MIN_ITEMS)]
-    memo, recorded, terms = CountedPatients(), repeats.RecordedResponses(), {partner: TERMS}
+    entry = models.LedgerEntry(partner, "pk_planned", "ListAppointments", "", models.View.BASIC)
+    page = [(f"shown-{n}", uuid4(), uuid4()) for n in range(MIN_ITEMS)]
+    memo, recorded, terms = CountedPatients(), RecordedResponses(), {partner: TERMS}
     async with db.statements(5.0) as conn:
-        await ledger.record_many(conn, [(entry, page)], terms, memo, recorded)
+        await write_basic(conn, [(entry, page)], terms, memo, recorded)
         await conn.execute("ANALYZE disclosures")  # as autovacuum does while the ledger is new and small
         for _ in range(8):  # the function's statements are planned, and their plans kept, on that small ledger
-            await ledger.record_many(conn, [(entry, page)], terms, memo, recorded)
+            await write_basic(conn, [(entry, page)], terms, memo, recorded)
         await conn.execute(
             "INSERT INTO disclosures (partner_id, key_id, view, rpc, disclose_time, outcome, requested_ids, "
             "appointment_ids, patient_ids) SELECT $1, 'pk_bulk', 1, 'ListAppointments', now(), 1, ARRAY['shown'], "
@@ -293,9 +294,9 @@ async def test_recording_never_scans_the_ledger_even_with_statements_planned_whi
         )
         before = await _ledger_scans(conn)
         for _ in range(10):  # references checked, and patients charged from the record they name
-            await ledger.record_many(conn, [(entry, page)], terms, memo, recorded)
+            await write_basic(conn, [(entry, page)], terms, memo, recorded)
         await conn.execute("DELETE FROM partner_daily_usage WHERE partner_id = $1", partner)
-        await ledger.record_many(conn, [(entry, page)], terms, memo, recorded)
+        await write_basic(conn, [(entry, page)], terms, memo, recorded)
         after = await _ledger_scans(conn)
 
     assert [items_of for _, items_of, _ in await _records(db, partner)].count(None) == 1  # the rest are references
@@ -312,17 +313,17 @@ async def _charge_calls(conn: Connection) -> int:
 
 async def test_a_group_with_no_patient_left_to_charge_does_not_call_the_charge(db: Database) -> None:
     partner, _ = await _partner(db, "Uncharged")
-    entry = ledger.Entry(partner, "pk_uncharged", "ListAppointments", "", ledger.VIEW_BASIC)
-    page = [(f"shown-{n}", uuid4(), uuid4()) for n in range(repeats.MIN_ITEMS)]
+    entry = models.LedgerEntry(partner, "pk_uncharged", "ListAppointments", "", models.View.BASIC)
+    page = [(f"shown-{n}", uuid4(), uuid4()) for n in range(MIN_ITEMS)]
     newcomer = ("shown-new", uuid4(), uuid4())
-    memo, recorded, terms = CountedPatients(), repeats.RecordedResponses(), {partner: TERMS}
+    memo, recorded, terms = CountedPatients(), RecordedResponses(), {partner: TERMS}
     async with db.statements(5.0) as conn:
         await conn.execute("SET track_functions = 'pl'")
         calls = [await _charge_calls(conn)]
         # The page's first record charges its patients; the page again (a reference) and its first item
         # alone (written in full, a patient counted already) have none left; a new patient has.
         for listed in (page, page, page[:1], [newcomer]):
-            outcome = await ledger.record_many(conn, [(entry, listed)], terms, memo, recorded)
+            outcome = await write_basic(conn, [(entry, listed)], terms, memo, recorded)
             assert outcome == {partner: "ok"}
             calls.append(await _charge_calls(conn))
 

@@ -32,12 +32,14 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from service.access.consent_tokens import ConsentKeyring
 from service.app import Gateway, Secrets
-from service.consent import ConsentKeyring
-from service.sealing import DataKeyring
+from service.crypto.sealing import DataKeyring
 from service.settings import Settings
 from service.store.database import Database
-from service.telemetry import JsonFormatter, RedactingSpanExporter, Telemetry, metric_views
+from service.telemetry.logs import JsonFormatter
+from service.telemetry.spans import RedactingSpanExporter
+from service.telemetry.tracing import Telemetry, metric_views
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 

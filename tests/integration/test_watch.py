@@ -19,11 +19,11 @@ from appointments.internal.v1 import audit_pb2
 from appointments.partner.v1 import partner_appointment_service_pb2 as pb
 from harness import MONDAY, PartnerHandle, World
 
+from service.access.consent_tokens import ConsentKeyring
 from service.app import Gateway, Secrets
-from service.consent import ConsentKeyring
-from service.sealing import DataKeyring
+from service.crypto.sealing import DataKeyring
 from service.settings import Settings
-from service.store import feed as store_feed
+from service.store import changes
 from service.store.database import Database
 
 READ_TIMEOUT = 10
@@ -254,7 +254,7 @@ async def test_a_token_older_than_the_retention_window_is_out_of_range(world: Wo
     stream.cancel()
     await world.appointment(practitioner, patient.patient_id, MONDAY + timedelta(hours=1))
     async with database.transaction() as conn:
-        assert await store_feed.prune(conn, timedelta(0)) == 2
+        assert await changes.prune(conn, timedelta(0)) == 2
 
     resumed = watch(partner, resume_token=token)
     with pytest.raises(grpc.aio.AioRpcError) as caught:

@@ -7,8 +7,9 @@ import uuid
 import pytest
 from appointments.partner.v1.partner_appointment_service_pb2 import ListAppointmentsResponse
 
-from service import models, views
-from service.pseudonyms import PartnerPseudonyms
+from service import models
+from service.disclosure import views
+from service.disclosure.pseudonyms import PartnerPseudonyms
 
 HOUR = 3_600_000_000  # microseconds
 

@@ -20,21 +20,18 @@ from appointments.type.v1 import contact_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service import consent
-from service.consent import (
-    CONSENT_EXPIRED,
-    CONSENT_INVALID,
-    CONSENT_REQUIRED,
-    CONSENT_REVOKED,
+from service.access import consent_tokens
+from service.access.consent_tokens import (
     CONTACT_FIELDS,
     MAX_TOKEN_LENGTH,
     ConsentClaims,
+    ConsentDenial,
     ConsentDenied,
     ConsentKeyring,
     SigningKey,
 )
+from service.crypto.keyfiles import SIGNING_KEYS_FILE, load_signing_keys
 from service.errors import ConfigError
-from service.keyfiles import SIGNING_KEYS_FILE, load_signing_keys
 from service.settings import Settings
 
 PARTNER = UUID("0a11ce00-0000-4000-8000-00000000beef")
@@ -177,15 +174,15 @@ def test_claim_times_must_be_utc_and_plus_zero_offset_is_accepted(key: SigningKe
 
 
 def test_empty_token_is_required(keyring: ConsentKeyring) -> None:
-    assert denial(keyring, "") == CONSENT_REQUIRED
+    assert denial(keyring, "") == ConsentDenial.REQUIRED
 
 
 def test_expiry_is_exact(keyring: ConsentKeyring) -> None:
     exp = NOW + timedelta(minutes=5)
     token = keyring.sign(make_claims(expires_at=exp))
     assert keyring.verify(token, partner_id=PARTNER, now=exp - timedelta(microseconds=1)).expires_at == exp
-    assert denial(keyring, token, now=exp) == CONSENT_EXPIRED
-    assert denial(keyring, token, now=exp + timedelta(days=400)) == CONSENT_EXPIRED
+    assert denial(keyring, token, now=exp) == ConsentDenial.EXPIRED
+    assert denial(keyring, token, now=exp + timedelta(days=400)) == ConsentDenial.EXPIRED
 
 
 def test_now_in_another_zone_compares_by_instant(keyring: ConsentKeyring) -> None:
@@ -193,7 +190,7 @@ def test_now_in_another_zone_compares_by_instant(keyring: ConsentKeyring) -> Non
     token = keyring.sign(make_claims(expires_at=exp))
     plus_two = timezone(timedelta(hours=2))
     keyring.verify(token, partner_id=PARTNER, now=(exp - timedelta(microseconds=1)).astimezone(plus_two))
-    assert denial(keyring, token, now=exp.astimezone(plus_two)) == CONSENT_EXPIRED
+    assert denial(keyring, token, now=exp.astimezone(plus_two)) == ConsentDenial.EXPIRED
 
 
 def test_naive_now_is_a_programming_error(keyring: ConsentKeyring, token: str) -> None:
@@ -203,21 +200,21 @@ def test_naive_now_is_a_programming_error(keyring: ConsentKeyring, token: str) -
 
 def test_expired_token_with_a_bad_signature_is_invalid_not_expired(key: SigningKey, keyring: ConsentKeyring) -> None:
     payload = {**valid_payload(), "exp": "2001-01-01T00:00:00.000000Z", "iat": "2000-01-01T00:00:00.000000Z"}
-    assert denial(keyring, forge(key, payload)) == CONSENT_EXPIRED
+    assert denial(keyring, forge(key, payload)) == ConsentDenial.EXPIRED
     forged = forge(SigningKey.generate(), payload, footer={"kid": key.key_id})
-    assert denial(keyring, forged) == CONSENT_INVALID
+    assert denial(keyring, forged) == ConsentDenial.INVALID
 
 
 def test_another_partners_token_is_invalid(keyring: ConsentKeyring) -> None:
     token = keyring.sign(make_claims(partner_id=OTHER_PARTNER))
     assert keyring.verify(token, partner_id=OTHER_PARTNER, now=NOW).partner_id == OTHER_PARTNER
-    assert denial(keyring, token, partner=PARTNER) == CONSENT_INVALID
+    assert denial(keyring, token, partner=PARTNER) == ConsentDenial.INVALID
 
 
 def test_signature_by_the_right_partner_assertion_but_wrong_aud_is_invalid(key: SigningKey) -> None:
     keyring = ConsentKeyring([key])
     forged = forge(key, {**valid_payload(), "aud": str(OTHER_PARTNER)}, partner=PARTNER)
-    assert denial(keyring, forged) == CONSENT_INVALID
+    assert denial(keyring, forged) == ConsentDenial.INVALID
 
 
 def test_tampered_payload_byte_is_invalid(keyring: ConsentKeyring, token: str) -> None:
@@ -226,9 +223,9 @@ def test_tampered_payload_byte_is_invalid(keyring: ConsentKeyring, token: str) -
     index = raw.index(b"phone")
     raw[index : index + 5] = b"email"
     tampered = ".".join([header, purpose, b64(bytes(raw)), footer])
-    assert denial(keyring, tampered) == CONSENT_INVALID
+    assert denial(keyring, tampered) == ConsentDenial.INVALID
     raw[-1] ^= 1  # and a flipped signature bit
-    assert denial(keyring, ".".join([header, purpose, b64(bytes(raw)), footer])) == CONSENT_INVALID
+    assert denial(keyring, ".".join([header, purpose, b64(bytes(raw)), footer])) == ConsentDenial.INVALID
 
 
 def test_non_canonical_base64_is_invalid_although_pyseto_accepts_it(
@@ -238,9 +235,9 @@ def test_non_canonical_base64_is_invalid_although_pyseto_accepts_it(
     junk = ".".join([header, purpose, body[:20] + "!!!!" + body[20:], footer])
     public = pyseto.Key.from_paserk(key.public_paserk)
     assert pyseto.decode(public, junk, implicit_assertion=IMPLICIT + str(PARTNER).encode()).payload
-    assert denial(keyring, junk) == CONSENT_INVALID
+    assert denial(keyring, junk) == ConsentDenial.INVALID
     padded = ".".join([header, purpose, body + "=" * (-len(body) % 4 or 4), footer])
-    assert denial(keyring, padded) == CONSENT_INVALID
+    assert denial(keyring, padded) == ConsentDenial.INVALID
     # Unused trailing bits: another last character that decodes to the same bytes.
     variants = []
     for char in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_":
@@ -251,13 +248,13 @@ def test_non_canonical_base64_is_invalid_although_pyseto_accepts_it(
     assert variants
     for variant in variants:
         assert pyseto.decode(public, variant, implicit_assertion=IMPLICIT + str(PARTNER).encode()).payload
-        assert denial(keyring, variant) == CONSENT_INVALID
+        assert denial(keyring, variant) == ConsentDenial.INVALID
 
 
 def test_unknown_kid_is_invalid(key: SigningKey, keyring: ConsentKeyring) -> None:
     stranger = SigningKey.generate()
-    assert denial(keyring, forge(stranger, valid_payload())) == CONSENT_INVALID
-    assert denial(keyring, forge(key, valid_payload(), footer={"kid": stranger.key_id})) == CONSENT_INVALID
+    assert denial(keyring, forge(stranger, valid_payload())) == ConsentDenial.INVALID
+    assert denial(keyring, forge(key, valid_payload(), footer={"kid": stranger.key_id})) == ConsentDenial.INVALID
     # the same token is fine for a keyring that knows the key
     assert ConsentKeyring([stranger]).verify(forge(stranger, valid_payload()), partner_id=PARTNER, now=NOW)
 
@@ -272,7 +269,7 @@ def test_rotation_old_tokens_verify_until_the_old_key_is_dropped() -> None:
     assert json.loads(unb64(new_token.split(".")[3]))["kid"] == new.key_id
     assert rotated.verify(new_token, partner_id=PARTNER, now=NOW) == make_claims()
     retired = ConsentKeyring([new])
-    assert denial(retired, old_token) == CONSENT_INVALID
+    assert denial(retired, old_token) == ConsentDenial.INVALID
     assert retired.verify(new_token, partner_id=PARTNER, now=NOW) == make_claims()
 
 
@@ -283,7 +280,7 @@ def test_token_over_the_length_limit_is_invalid_without_parsing(
     token = forge(key, valid_payload(make_claims(purpose=long_purpose)))
     assert len(token) > MAX_TOKEN_LENGTH
     monkeypatch.setattr(pyseto, "decode", _explode)
-    assert denial(keyring, token) == CONSENT_INVALID
+    assert denial(keyring, token) == ConsentDenial.INVALID
     with pytest.raises(ValueError, match="too long"):
         keyring.sign(make_claims(purpose=long_purpose))
 
@@ -303,7 +300,7 @@ def test_a_token_verified_once_is_not_verified_again_but_its_expiry_is_checked_e
     monkeypatch.setattr(pyseto, "decode", _explode)  # from here on, no signature is verified
 
     assert keyring.verify(token, partner_id=PARTNER, now=NOW) == make_claims(expires_at=exp)
-    assert denial(keyring, token, now=exp) == CONSENT_EXPIRED  # expiry against this call's now
+    assert denial(keyring, token, now=exp) == ConsentDenial.EXPIRED  # expiry against this call's now
     with pytest.raises(AssertionError, match="must not be called"):  # another partner: verified afresh
         keyring.verify(token, partner_id=OTHER_PARTNER, now=NOW)
 
@@ -311,7 +308,7 @@ def test_a_token_verified_once_is_not_verified_again_but_its_expiry_is_checked_e
 def test_a_token_that_failed_is_not_remembered(key: SigningKey, monkeypatch: pytest.MonkeyPatch) -> None:
     keyring = ConsentKeyring([key])
     token = keyring.sign(make_claims())
-    assert denial(keyring, token, partner=OTHER_PARTNER) == CONSENT_INVALID
+    assert denial(keyring, token, partner=OTHER_PARTNER) == ConsentDenial.INVALID
 
     monkeypatch.setattr(pyseto, "decode", _explode)
 
@@ -324,7 +321,7 @@ def test_a_token_with_a_good_signature_but_a_bad_claim_is_not_remembered(
 ) -> None:
     keyring = ConsentKeyring([key])
     forged = forge(key, {**valid_payload(), "iss": "someone-else"})
-    assert denial(keyring, forged) == CONSENT_INVALID
+    assert denial(keyring, forged) == ConsentDenial.INVALID
 
     monkeypatch.setattr(pyseto, "decode", _explode)
 
@@ -333,7 +330,7 @@ def test_a_token_with_a_good_signature_but_a_bad_claim_is_not_remembered(
 
 
 def test_the_memo_of_verified_tokens_is_bounded(key: SigningKey, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(consent, "VERIFIED_MEMO_SIZE", 3)
+    monkeypatch.setattr(consent_tokens, "VERIFIED_MEMO_SIZE", 3)
     keyring = ConsentKeyring([key])
     tokens = [keyring.sign(make_claims(purpose=f"purpose {n}")) for n in range(4)]
     for token in tokens:
@@ -364,7 +361,7 @@ def test_the_memo_of_verified_tokens_is_bounded(key: SigningKey, monkeypatch: py
     ],
 )
 def test_malformed_tokens_are_invalid(keyring: ConsentKeyring, text: str) -> None:
-    assert denial(keyring, text) == CONSENT_INVALID
+    assert denial(keyring, text) == ConsentDenial.INVALID
 
 
 def test_wrong_version_with_a_real_signature_is_invalid(key: SigningKey, keyring: ConsentKeyring) -> None:
@@ -373,8 +370,8 @@ def test_wrong_version_with_a_real_signature_is_invalid(key: SigningKey, keyring
     foot = json.dumps({"kid": key.key_id})
     v2 = pyseto.encode(v2_key, json.dumps(valid_payload()).encode(), footer=foot).decode()
     assert v2.startswith("v2.public.")
-    assert denial(keyring, v2) == CONSENT_INVALID
-    assert denial(keyring, "v4" + v2[2:]) == CONSENT_INVALID
+    assert denial(keyring, v2) == ConsentDenial.INVALID
+    assert denial(keyring, "v4" + v2[2:]) == ConsentDenial.INVALID
 
 
 class Ed25519Seed:
@@ -392,7 +389,7 @@ def test_missing_claim_is_invalid_even_with_a_valid_signature(key: SigningKey, c
     payload = valid_payload()
     assert keyring.verify(forge(key, payload), partner_id=PARTNER, now=NOW) == make_claims()
     del payload[claim]
-    assert denial(keyring, forge(key, payload)) == CONSENT_INVALID
+    assert denial(keyring, forge(key, payload)) == ConsentDenial.INVALID
 
 
 def test_pyseto_alone_accepts_a_token_without_exp(key: SigningKey) -> None:
@@ -405,7 +402,7 @@ def test_pyseto_alone_accepts_a_token_without_exp(key: SigningKey) -> None:
         public, forged, implicit_assertion=IMPLICIT + str(PARTNER).encode(), deserializer=json, aud=str(PARTNER)
     )
     assert "exp" not in decoded.payload
-    assert denial(ConsentKeyring([key]), forged) == CONSENT_INVALID
+    assert denial(ConsentKeyring([key]), forged) == ConsentDenial.INVALID
 
 
 @pytest.mark.parametrize(
@@ -451,19 +448,19 @@ def test_pyseto_alone_accepts_a_token_without_exp(key: SigningKey) -> None:
 )
 def test_bad_claim_is_invalid(key: SigningKey, claim: str, value: object) -> None:
     payload = {**valid_payload(), claim: value}
-    assert denial(ConsentKeyring([key]), forge(key, payload)) == CONSENT_INVALID
+    assert denial(ConsentKeyring([key]), forge(key, payload)) == ConsentDenial.INVALID
 
 
 @pytest.mark.parametrize("extra", [{"nbf": "2099-01-01T00:00:00Z"}, {"fields_extra": ["email"]}, {"kid": "x"}])
 def test_unexpected_claim_is_invalid(key: SigningKey, extra: dict[str, Any]) -> None:
-    assert denial(ConsentKeyring([key]), forge(key, {**valid_payload(), **extra})) == CONSENT_INVALID
+    assert denial(ConsentKeyring([key]), forge(key, {**valid_payload(), **extra})) == ConsentDenial.INVALID
 
 
 def test_duplicate_json_keys_are_invalid(key: SigningKey) -> None:
     body = json.dumps(valid_payload())[:-1] + ', "aud": "' + str(OTHER_PARTNER) + '"}'
     assert json.loads(body)["aud"] == str(OTHER_PARTNER)
     assert denial(ConsentKeyring([key]), forge(key, body.encode(), partner=OTHER_PARTNER), partner=OTHER_PARTNER) == (
-        CONSENT_INVALID
+        ConsentDenial.INVALID
     )
 
 
@@ -474,7 +471,7 @@ def test_duplicate_json_keys_are_invalid(key: SigningKey) -> None:
 def test_payload_that_is_not_a_json_object_is_invalid(key: SigningKey, body: bytes) -> None:
     token = forge(key, body)
     assert len(token) <= MAX_TOKEN_LENGTH  # so the parser, not the length cap, refuses it
-    assert denial(ConsentKeyring([key]), token) == CONSENT_INVALID
+    assert denial(ConsentKeyring([key]), token) == ConsentDenial.INVALID
 
 
 @pytest.mark.parametrize(
@@ -484,24 +481,24 @@ def test_payload_that_is_not_a_json_object_is_invalid(key: SigningKey, body: byt
 def test_footer_without_a_string_kid_is_invalid(key: SigningKey, footer: bytes) -> None:
     token = forge(key, valid_payload(), footer=footer)
     assert len(token) <= MAX_TOKEN_LENGTH  # so the parser, not the length cap, refuses it
-    assert denial(ConsentKeyring([key]), token) == CONSENT_INVALID
+    assert denial(ConsentKeyring([key]), token) == ConsentDenial.INVALID
 
 
 def test_footer_with_extra_keys_is_invalid(key: SigningKey) -> None:
     footer = {"kid": key.key_id, "wpk": "fake"}
-    assert denial(ConsentKeyring([key]), forge(key, valid_payload(), footer=footer)) == CONSENT_INVALID
+    assert denial(ConsentKeyring([key]), forge(key, valid_payload(), footer=footer)) == ConsentDenial.INVALID
 
 
 def test_footer_with_duplicate_kid_is_invalid(key: SigningKey) -> None:
     footer = ('{"kid": "k4.pid.fake", "kid": "' + key.key_id + '"}').encode()
-    assert denial(ConsentKeyring([key]), forge(key, valid_payload(), footer=footer)) == CONSENT_INVALID
+    assert denial(ConsentKeyring([key]), forge(key, valid_payload(), footer=footer)) == ConsentDenial.INVALID
 
 
 # --- the denial itself ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("reason", [CONSENT_REQUIRED, CONSENT_INVALID, CONSENT_EXPIRED, CONSENT_REVOKED])
-def test_denials_carry_fixed_messages(reason: str) -> None:
+@pytest.mark.parametrize("reason", list(ConsentDenial))
+def test_denials_carry_fixed_messages(reason: ConsentDenial) -> None:
     denied = ConsentDenied(reason)
     assert denied.reason == reason
     assert str(denied) == denied.message
@@ -571,7 +568,7 @@ def _only_denied(keyring: ConsentKeyring, text: str, partner: UUID = PARTNER) ->
         return keyring.verify(text, partner_id=partner, now=NOW)
     except ConsentDenied as denied:
         reason = denied.reason
-    assert reason in {CONSENT_REQUIRED, CONSENT_INVALID, CONSENT_EXPIRED}
+    assert reason in {ConsentDenial.REQUIRED, ConsentDenial.INVALID, ConsentDenial.EXPIRED}
     return None
 
 
@@ -744,7 +741,7 @@ def test_keyring_keeps_parsed_keys(keyring: ConsentKeyring, monkeypatch: pytest.
 
 
 def test_module_has_no_mutable_globals() -> None:
-    for name, value in vars(consent).items():
+    for name, value in vars(consent_tokens).items():
         if not name.startswith("__"):
             assert not isinstance(value, dict | list | set | bytearray), name
 

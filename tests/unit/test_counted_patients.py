@@ -1,10 +1,10 @@
-"""The memo of patients counted today (service.store.usage.CountedPatients): what it leaves out, and when it forgets."""
+"""The memo of patients counted today (``record.CountedPatients``): what it leaves out, and when it forgets."""
 
 from __future__ import annotations
 
 import uuid
 
-from service.store.usage import CountedPatients
+from service.disclosure.record import CountedPatients
 
 
 def test_a_partner_unknown_to_the_memo_has_every_patient_charged() -> None:

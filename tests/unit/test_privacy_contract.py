@@ -109,8 +109,8 @@ def test_partner_path_sql_never_names_a_contact_or_reason_column() -> None:
 
 
 def test_the_partner_read_functions_never_name_a_contact_or_reason_column() -> None:
-    # The statements above call these functions (migration 0013); their bodies are the SQL that reads.
-    source = (Path(__file__).parents[2] / "migrations" / "0013_partner_calls_in_two_statements.sql").read_text()
+    # The statements above call these functions (the partner role's migration); their bodies are the SQL that reads.
+    source = (Path(__file__).parents[2] / "migrations" / "0007_create_partner_role.sql").read_text()
     bodies = {
         name: re.search(rf"CREATE FUNCTION {name}\(.*?\$\$(.*?)\$\$;", source, re.DOTALL) for name in _READ_FUNCTIONS
     }

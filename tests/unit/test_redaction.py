@@ -14,8 +14,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Status, StatusCode
 
-from service import redaction
-from service.telemetry import JsonFormatter, RedactingSpanExporter, metric_views
+from service.telemetry import redaction
+from service.telemetry.logs import JsonFormatter
+from service.telemetry.spans import RedactingSpanExporter
+from service.telemetry.tracing import metric_views
 
 DETAIL = (
     'duplicate key value violates unique constraint "patients_email_key"\n'

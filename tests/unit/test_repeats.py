@@ -1,10 +1,10 @@
-"""The memo of records written in full (service.store.repeats): what it finds, under which row, and what it forgets."""
+"""The memo of records written in full (``RecordedResponses``): what it finds, under which row, what it forgets."""
 
 from __future__ import annotations
 
 import uuid
 
-from service.store.repeats import MIN_ITEMS, RecordedResponses, fingerprint
+from service.disclosure.record import MIN_ITEMS, RecordedResponses, fingerprint
 
 
 def _fingerprint(items: list[tuple[str, uuid.UUID | None, uuid.UUID | None]]) -> bytes | None:

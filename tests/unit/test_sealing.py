@@ -12,10 +12,11 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from service import models, sealing
+from service import models
+from service.crypto import sealing
+from service.crypto.keyfiles import load_data_keys
+from service.crypto.sealing import DataKeyring, SealError
 from service.errors import ConfigError
-from service.keyfiles import load_data_keys
-from service.sealing import DataKeyring, SealError
 from service.settings import Settings
 
 K1, K2 = b"\x01" * 32, b"\x02" * 32
@@ -150,7 +151,14 @@ class TestRotation:
             ring, ROW, given_name="Leakcheckgiven", family_name="LEAKCHECK", phone=None, email="l@example.invalid"
         )
         stored = models.StoredConsentedContact(
-            "live", (1, 4), sealed.given_name, sealed.family_name, None, None, sealed.email
+            models.ConsentState.LIVE,
+            models.ChargeOutcome.OK,
+            (1, 4),
+            sealed.given_name,
+            sealed.family_name,
+            None,
+            None,
+            sealed.email,
         )
 
         opened = sealing.open_consented_contact(ring, ROW, stored)

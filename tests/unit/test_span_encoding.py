@@ -17,8 +17,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 
-from service.span_encoding import SpanEncoder
-from service.span_export import OtlpHttpSpanExporter
+from service.telemetry.otlp_encoding import SpanEncoder
+from service.telemetry.otlp_export import OtlpHttpSpanExporter
 
 REMOTE_PARENT = SpanContext(
     trace_id=0x0AF7651916CD43DD8448EB211C80319C,

@@ -10,7 +10,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind, StatusCode
 
-from service.telemetry import SCOPE, RedactingSpanExporter, Telemetry, current_trace_id
+from service.telemetry.spans import SCOPE, RedactingSpanExporter
+from service.telemetry.tracing import Telemetry, current_trace_id
 
 METHOD = "/appointments.partner.v1.PartnerAppointmentService/ListAppointments"
 PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from service.limits import TokenBuckets
+from service.access.limits import TokenBuckets
 
 
 class Clock:

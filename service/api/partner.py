@@ -1,0 +1,114 @@
+"""The partner servicer: ``appointments.partner.v1.PartnerAppointmentService``.
+
+Each method validates its request, has the call admitted
+(:class:`~service.access.gate.PartnerGate`: the key, the request rate), and
+hands it to the read it asks for (:class:`~service.disclosure.reads.PartnerReads`)
+or to the change feed (:class:`~service.feed.watch.Watches`). Requests are
+validated before credentials, so a malformed request answers
+INVALID_ARGUMENT whoever sends it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import grpc.aio
+from appointments.partner.v1 import appointment_pb2, contact_pb2
+from appointments.partner.v1 import partner_appointment_service_pb2 as pb
+from appointments.partner.v1 import partner_appointment_service_pb2_grpc as pb_grpc
+
+from service.access.consent_tokens import ConsentKeyring
+from service.access.gate import PartnerGate
+from service.api import validation
+from service.disclosure import pagination, views
+from service.disclosure.pseudonyms import looks_like_appointment_id
+from service.disclosure.reads import ListQuery, PartnerReads
+from service.errors import FieldViolation, InvalidArgument
+from service.feed.watch import Watches
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PartnerAppointmentService"].full_name
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+MAX_WINDOW = timedelta(days=366)
+
+
+def parse_list_request(request: pb.ListAppointmentsRequest) -> ListQuery:
+    """Validate a ListAppointments request. Raises :class:`InvalidArgument` naming every bad field."""
+    problems: list[FieldViolation] = []
+    practitioner = validation.parse_uuid(request.practitioner_id, "practitioner_id", problems, required=False)
+    start = validation.timestamp(request, "start_time", problems)
+    end = validation.timestamp(request, "end_time", problems)
+    validation.window(start, end, problems, max_length=MAX_WINDOW)
+    try:
+        size = pagination.page_size(request.page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
+    except InvalidArgument as exc:
+        problems.extend(exc.violations)
+        size = 0
+    validation.raise_if(problems)
+    assert start is not None and end is not None
+    return ListQuery(practitioner, start, end, size, request.page_token)
+
+
+def _check_appointment_id(value: str) -> None:
+    if not value:
+        raise InvalidArgument.field("appointment_id", "is required")
+    if not looks_like_appointment_id(value):
+        raise InvalidArgument.field("appointment_id", "not an appointment id")
+
+
+class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
+    """Serves ``appointments.partner.v1.PartnerAppointmentService``."""
+
+    def __init__(self, gate: PartnerGate, reads: PartnerReads, watches: Watches, keyring: ConsentKeyring) -> None:
+        self._gate = gate
+        self._reads = reads
+        self._watches = watches
+        self._keyring = keyring
+
+    async def ListAppointments(
+        self, request: pb.ListAppointmentsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListAppointmentsResponse:
+        query = parse_list_request(request)
+        principal, policy = await self._gate.admit(context.invocation_metadata())
+        return await self._reads.list_appointments(principal, policy, query, request.practitioner_id)
+
+    async def GetAppointment(
+        self, request: pb.GetAppointmentRequest, context: grpc.aio.ServicerContext
+    ) -> appointment_pb2.Appointment:
+        _check_appointment_id(request.appointment_id)
+        principal, policy = await self._gate.admit(context.invocation_metadata())
+        return await self._reads.get_appointment(principal, policy, request.appointment_id)
+
+    async def GetAppointmentContact(
+        self, request: pb.GetAppointmentContactRequest, context: grpc.aio.ServicerContext
+    ) -> contact_pb2.AppointmentContact:
+        _check_appointment_id(request.appointment_id)
+        principal, policy = await self._gate.admit(context.invocation_metadata())
+        return await self._reads.get_contact(principal, policy, request.appointment_id, request.consent_token)
+
+    async def WatchAppointments(
+        self, request: pb.WatchAppointmentsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.AppointmentChange]:
+        problems: list[FieldViolation] = []
+        practitioner = validation.parse_uuid(request.practitioner_id, "practitioner_id", problems, required=False)
+        validation.raise_if(problems)
+
+        async def live() -> None:
+            # Headers now tell the caller the stream is live: changes from here on reach it.
+            await context.send_initial_metadata(())
+
+        changes = self._watches.watch(
+            context.invocation_metadata(), practitioner, request.practitioner_id, request.resume_token, live
+        )
+        async for change in changes:
+            yield change
+
+    async def ListConsentKeys(
+        self, request: pb.ListConsentKeysRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListConsentKeysResponse:
+        await self._gate.admit_live(context.invocation_metadata())
+        active = self._keyring.active_key_id
+        return pb.ListConsentKeysResponse(
+            keys=[views.consent_key(key, active=key.key_id == active) for key in self._keyring.public_keys()]
+        )

@@ -1,0 +1,130 @@
+"""The command line: ``python -m service {serve,migrate,audit,data-key,partners,demo}``.
+
+Flags override the environment variables of the same meaning (see
+:mod:`service.settings`); every problem with the configuration is reported at
+start, before anything listens, with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from contextlib import AsyncExitStack
+from typing import Any
+
+from service import app
+from service import settings as settings_module
+from service.cli import audit, data_key, partners, workers
+from service.errors import ConfigError, Unavailable
+from service.store import migrations
+from service.store.database import NotMigratedError
+from service.telemetry.logs import configure_logging
+
+log = logging.getLogger("service")
+
+#: Where ``demo`` serves partners unless told otherwise: the address its printed commands use.
+DEMO_PARTNER_ADDR = "localhost:50051"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="apptgate: minimal-disclosure gRPC gateway for medical appointments.",
+        epilog="Environment (docs/configuration.md): " + ", ".join(v.name for v in settings_module.variables()),
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def server_flags(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--partner-addr", help="partner listener host:port (APPTGATE_PARTNER_ADDR)")
+        command.add_argument("--internal-addr", help="internal listener host:port (APPTGATE_INTERNAL_ADDR)")
+        command.add_argument("--tls-cert", help="PEM certificate for the partner listener (APPTGATE_TLS_CERT)")
+        command.add_argument("--tls-key", help="PEM private key for the partner listener (APPTGATE_TLS_KEY)")
+        command.add_argument(
+            "--tls-client-ca",
+            help="PEM CA of partner client certificates: turns on mutual TLS (APPTGATE_TLS_CLIENT_CA)",
+        )
+        command.add_argument(
+            "--allow-insecure",
+            action="store_const",
+            const=True,
+            help="allow plaintext on a non-loopback address (APPTGATE_ALLOW_INSECURE)",
+        )
+
+    server_flags(commands.add_parser("serve", help="serve both listeners until SIGTERM/SIGINT"))
+    commands.add_parser("migrate", help="apply pending database migrations")
+    audit.add_commands(commands)
+    data_key.add_commands(commands)
+    partners.add_commands(commands)
+    server_flags(
+        commands.add_parser(
+            "demo", help="migrate, load demo data, print grpcurl commands and serve (what `make run` does)"
+        )
+    )
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("partner_addr", "internal_addr", "tls_cert", "tls_key", "tls_client_ca", "allow_insecure")
+    return {name: getattr(args, name, None) for name in names}
+
+
+async def _migrate(settings: settings_module.Settings) -> None:
+    async with AsyncExitStack() as stack:
+        database = await app.open_database(settings, stack)
+        async with database.connection() as conn:
+            applied = await migrations.migrate(conn)
+    for migration in applied:
+        log.info("applied migration %04d_%s", migration.version, migration.name)
+    log.info("database is up to date (%d applied now)", len(applied))
+
+
+def run_loop(settings: settings_module.Settings, main: Coroutine[Any, Any, None]) -> None:
+    """Run a server's main coroutine on the configured event loop (``APPTGATE_EVENT_LOOP``)."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if settings.event_loop == settings_module.EventLoop.UVLOOP:
+        import uvloop  # only the server commands need it
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; return the process exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        defaults = {"partner_addr": DEMO_PARTNER_ADDR} if args.command == "demo" else None
+        settings = settings_module.load(overrides=_overrides(args), defaults=defaults)
+        configure_logging(settings.log_level, sys.stderr)
+        if args.command == "migrate":
+            asyncio.run(_migrate(settings))
+        elif args.command == "serve":
+            if settings.workers > 1:
+                return workers.supervise(settings, list(argv if argv is not None else sys.argv[2:]))
+            run_loop(settings, app.serve(settings))
+        elif args.command == "partners":
+            return asyncio.run(partners.run(settings, args))
+        elif args.command == "audit":
+            return asyncio.run(audit.run(settings, args))
+        elif args.command == "data-key":
+            return asyncio.run(data_key.run(settings, args))
+        elif args.command == "demo":
+            # The demo lives outside the service package (demo/): only this command imports it.
+            from demo import serve as demo
+
+            run_loop(settings, demo.serve(settings))
+    except ConfigError as exc:
+        print(f"apptgate: {exc}", file=sys.stderr)
+        return 2
+    except Unavailable:
+        print("apptgate: the database is unreachable (check DATABASE_URL)", file=sys.stderr)
+        return 1
+    except (NotMigratedError, migrations.MigrationError) as exc:
+        print(f"apptgate: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

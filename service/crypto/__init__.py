@@ -1,0 +1,1 @@
+"""Encryption at rest (sealing) and the key files of development."""

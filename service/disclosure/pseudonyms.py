@@ -1,0 +1,166 @@
+"""Partner-scoped opaque identifiers. Pure: no I/O.
+
+Partners never see internal identifiers. For each partner, keys derived from
+the server secret (HKDF-SHA256, one per partner and purpose) turn them into:
+
+* appointment ids, ``apt_`` + base32 of AES-256 applied to the 16 bytes of the
+  internal UUID. A single AES block is a keyed permutation: the id is stable
+  for one partner, unrelated across partners, reversible only with the key,
+  and a guessed or foreign id decrypts to a random UUID that matches nothing
+  (so it answers NOT_FOUND, like any id that does not exist);
+* patient references, ``pat_`` + base32 of HMAC-SHA256 truncated to 128 bits:
+  one-way, so a partner can tell that two appointments share a patient and
+  nothing more, and two partners' references cannot be joined.
+
+The server secret must never change once partners hold ids: it is not a key
+to rotate but part of the identifiers' definition.
+
+A page of 50 derives 100 ids, each an AES block or an HMAC; agenda tools list
+the same pages all day, so :class:`Pseudonyms` remembers the ids it derived
+(:class:`Derived`: at most ``memo_size`` per kind across all partners, then
+forgotten all at once). What it holds is what the process can recompute from
+its keys at any time; nothing else.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import re
+from collections import OrderedDict
+from uuid import UUID
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from service.memo import remember
+
+APPOINTMENT_PREFIX = "apt_"
+PATIENT_PREFIX = "pat_"
+_BODY = re.compile(r"^[a-z2-7]{26}$")
+
+
+_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
+#: Every 10-bit value as its two base32 characters: 16 bytes encode as 13 table lookups.
+_PAIRS = tuple(a + b for a in _ALPHABET for b in _ALPHABET)
+_SHIFTS = tuple(range(120, -1, -10))
+
+
+def _b32(raw: bytes) -> str:
+    """Unpadded lower-case base32 of 16 bytes (26 characters), as ``base64.b32encode`` spells it."""
+    bits = int.from_bytes(raw, "big") << 2  # 128 bits → 130, a multiple of 10
+    return "".join([_PAIRS[(bits >> shift) & 1023] for shift in _SHIFTS])
+
+
+def _unb32(text: str) -> bytes:
+    return base64.b32decode(text.upper() + "======")
+
+
+def looks_like_appointment_id(text: str) -> bool:
+    """True when ``text`` has the shape of a partner appointment id (it may still match nothing)."""
+    return text.startswith(APPOINTMENT_PREFIX) and _BODY.match(text[len(APPOINTMENT_PREFIX) :]) is not None
+
+
+# Keyed by the id's bytes: hashing a UUID builds its 128-bit int first, several times the
+# cost of hashing 16 bytes.
+_Key = tuple["PartnerPseudonyms", bytes]
+
+
+class Derived:
+    """Ids already derived, shared by the codecs of one :class:`Pseudonyms`: bounded, cleared when full."""
+
+    __slots__ = ("appointments", "patients", "size")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.appointments: dict[_Key, str] = {}
+        self.patients: dict[_Key, str] = {}
+
+    def keep(self, table: dict[_Key, str], key: _Key, value: str) -> str:
+        """Remember ``value`` under ``key`` in ``table`` (forgetting the whole table when full); return it."""
+        return remember(table, key, value, self.size)
+
+
+class PartnerPseudonyms:
+    """The identifier codec of one partner."""
+
+    __slots__ = ("_decryptor", "_derived", "_encryptor", "_patient_key")
+
+    def __init__(self, appointment_key: bytes, patient_key: bytes, derived: Derived | None = None) -> None:
+        # ECB on exactly one block is the raw block cipher: a keyed permutation
+        # of 128-bit values, which is what a reversible pseudonym needs. ECB keeps
+        # no state between blocks, so one encryptor and one decryptor serve every call.
+        cipher = Cipher(algorithms.AES(appointment_key), modes.ECB())  # noqa: S305
+        self._encryptor = cipher.encryptor()
+        self._decryptor = cipher.decryptor()
+        self._patient_key = patient_key
+        self._derived = derived if derived is not None else Derived(0)
+
+    def appointment_id(self, internal_id: UUID) -> str:
+        """Return the partner's opaque id for an appointment."""
+        raw = internal_id.bytes
+        key = (self, raw)
+        known = self._derived.appointments.get(key)
+        if known is not None:
+            return known
+        value = APPOINTMENT_PREFIX + _b32(self._encryptor.update(raw))
+        return self._derived.keep(self._derived.appointments, key, value)
+
+    def parse_appointment_id(self, public_id: str) -> UUID:
+        """Return the internal id behind a partner's appointment id.
+
+        Raises ``ValueError`` when the text is not shaped like an id. A well
+        shaped id that this partner was never given decodes to a UUID that
+        matches no appointment.
+        """
+        if not looks_like_appointment_id(public_id):
+            raise ValueError("not an appointment id")
+        block = _unb32(public_id[len(APPOINTMENT_PREFIX) :])
+        if len(block) != 16:  # never with the shape checked above; a partial block would stay in the decryptor
+            raise ValueError("not an appointment id")
+        return UUID(bytes=self._decryptor.update(block))
+
+    def patient_ref(self, patient_id: UUID) -> str:
+        """Return the partner's pseudonym for a patient (one-way)."""
+        raw = patient_id.bytes
+        key = (self, raw)
+        known = self._derived.patients.get(key)
+        if known is not None:
+            return known
+        value = PATIENT_PREFIX + _b32(hmac.digest(self._patient_key, raw, "sha256")[:16])
+        return self._derived.keep(self._derived.patients, key, value)
+
+
+class Pseudonyms:
+    """Derives and caches the codecs of each partner from the server secret."""
+
+    def __init__(self, secret: bytes, *, cache_size: int = 4096, memo_size: int = 65_536) -> None:
+        if len(secret) < 32:
+            raise ValueError("the server secret must be at least 32 bytes")
+        self._secret = secret
+        self._cache: OrderedDict[UUID, PartnerPseudonyms] = OrderedDict()
+        self._cache_size = cache_size
+        self._derived = Derived(memo_size)
+
+    def for_partner(self, partner_id: UUID) -> PartnerPseudonyms:
+        """Return the codec of one partner."""
+        codec = self._cache.get(partner_id)
+        if codec is not None:
+            self._cache.move_to_end(partner_id)
+            return codec
+        codec = PartnerPseudonyms(
+            derive_key(self._secret, b"appointment-id", partner_id.bytes),
+            derive_key(self._secret, b"patient-ref", partner_id.bytes),
+            self._derived,
+        )
+        self._cache[partner_id] = codec
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return codec
+
+
+def derive_key(secret: bytes, purpose: bytes, context: bytes = b"") -> bytes:
+    """Derive a 256-bit key for one purpose (and context) from the server secret."""
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"apptgate/v1/" + purpose + b"/" + context)
+    return hkdf.derive(secret)

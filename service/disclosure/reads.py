@@ -1,0 +1,253 @@
+"""The partner reads, from an admitted call to the response it may send: read → view → record.
+
+Each read is one statement as the partner role
+(:mod:`service.store.partner_reads`), which re-checks the key and the
+partner's suspension and joins the caller's active grants, so revoking a key
+or a grant takes effect on the next call. The rows become the partner's view
+(:mod:`service.disclosure.views`), then the response is recorded
+(:mod:`service.disclosure.record`): counted against the partner's limits and
+written to the ledger, committed before the response leaves. For a contact
+view the record statement also checks the consent and returns the released
+fields sealed; they are opened here, the only decryption on the partner path.
+Anything the caller may not see answers NOT_FOUND, whatever the reason, and
+every refused attempt is recorded too.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from uuid import UUID
+
+from appointments.partner.v1 import appointment_pb2, contact_pb2
+from appointments.partner.v1 import partner_appointment_service_pb2 as pb
+
+from service import models
+from service.access.consent_tokens import ConsentDenial, ConsentDenied, ConsentKeyring
+from service.access.credentials import Principal
+from service.access.gate import PartnerGate
+from service.access.limits import PartnerPolicy
+from service.crypto import sealing
+from service.disclosure import pagination, views
+from service.disclosure.pseudonyms import PartnerPseudonyms, Pseudonyms
+from service.disclosure.record import DisclosureRecorder, entry
+from service.errors import InvalidArgument, NotFound, PermissionDenied
+from service.store import ledger, partner_reads
+from service.store.database import Database
+from service.telemetry.tracing import Telemetry, annotate
+from service.timestamps import Micros
+
+_LIST = "ListAppointments"
+_GET = "GetAppointment"
+_CONTACT = "GetAppointmentContact"
+#: A consent the record statement found not live, as the partner is told.
+_DENIALS = {
+    models.ConsentState.REVOKED: ConsentDenial.REVOKED,
+    models.ConsentState.EXPIRED: ConsentDenial.EXPIRED,
+    models.ConsentState.UNKNOWN: ConsentDenial.INVALID,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ListQuery:
+    """A validated ListAppointments request."""
+
+    practitioner_id: UUID | None
+    start_time: datetime
+    end_time: datetime
+    page_size: int
+    page_token: str
+
+    def binding(self, partner_id: UUID) -> bytes:
+        """The bytes a page token of this query is bound to: the caller and every filter."""
+        practitioner = self.practitioner_id.bytes if self.practitioner_id else b""
+        window = struct.pack(">dd", self.start_time.timestamp(), self.end_time.timestamp())
+        return b"ListAppointments|" + partner_id.bytes + b"|" + practitioner + b"|" + window
+
+
+class PartnerReads:
+    """Serves the partner's reads of appointments, each with its record."""
+
+    def __init__(
+        self,
+        database: Database,
+        gate: PartnerGate,
+        recorder: DisclosureRecorder,
+        ids: Pseudonyms,
+        page_tokens: pagination.PageTokens,
+        pages: views.BasicPages,
+        keyring: ConsentKeyring,
+        data_keys: sealing.DataKeyring,
+        telemetry: Telemetry,
+    ) -> None:
+        self._db = database
+        self._gate = gate
+        self._guard = gate.guard
+        self._recorder = recorder
+        self._ids = ids
+        self._page_tokens = page_tokens
+        self._pages = pages
+        self._keyring = keyring
+        self._data_keys = data_keys
+        self._telemetry = telemetry
+
+    async def list_appointments(
+        self, principal: Principal, policy: PartnerPolicy, query: ListQuery, practitioner_id: str
+    ) -> pb.ListAppointmentsResponse:
+        """A page of the appointments the partner may see; ``practitioner_id`` as the request spelled it.
+
+        Raises NOT_FOUND for a practitioner the partner may not see (recorded),
+        INVALID_ARGUMENT for a page token of another query.
+        """
+        binding = query.binding(principal.partner_id)
+        after = None
+        if query.page_token:
+            cursor = self._page_tokens.open(query.page_token, binding)
+            try:
+                after = pagination.unpack_time_cursor(cursor)
+            except ValueError as exc:  # sealed by us, so only a format change gets here
+                raise InvalidArgument.field("page_token", "unsupported page token") from exc
+        response = pb.ListAppointmentsResponse()
+        with self._recorder.expect_basic() as expected:
+            rows = await self._listed_rows(principal, query, after, practitioner_id)
+            page = rows[: query.page_size]
+            if page:
+                shown = self._pages.fill(response, page, self._ids.for_partner(principal.partner_id))
+                outcome = await self._recorder.record(
+                    entry(principal, _LIST, models.View.BASIC),
+                    [(public_id, r.id, r.patient_id) for public_id, r in zip(shown, page, strict=True)],
+                    self._guard.terms(policy),
+                    expected,
+                )
+                self._guard.settle(principal.partner_id, outcome)
+        self._telemetry.disclosed(models.View.BASIC, len(page))
+        if len(rows) > query.page_size:
+            last = page[-1]
+            response.next_page_token = self._page_tokens.seal(
+                pagination.pack_time_cursor(last.start_time, last.id), binding
+            )
+        return response
+
+    async def get_appointment(
+        self, principal: Principal, policy: PartnerPolicy, appointment_id: str
+    ) -> appointment_pb2.Appointment:
+        """The basic view of one appointment; NOT_FOUND (recorded) when the partner may not see it."""
+        ids = self._ids.for_partner(principal.partner_id)
+        with self._recorder.expect_basic() as expected:
+            row = await self._named_appointment(principal, ids, appointment_id, _GET, models.View.BASIC)
+            message = views.basic_appointment(row, ids)
+            outcome = await self._recorder.record(
+                entry(principal, _GET, models.View.BASIC),
+                [(appointment_id, row.id, row.patient_id)],
+                self._guard.terms(policy),
+                expected,
+            )
+        self._guard.settle(principal.partner_id, outcome)
+        self._telemetry.disclosed(models.View.BASIC, 1)
+        return message
+
+    async def get_contact(
+        self, principal: Principal, policy: PartnerPolicy, appointment_id: str, consent_token: str
+    ) -> contact_pb2.AppointmentContact:
+        """The contact view of one appointment: exactly the fields a live consent releases.
+
+        Raises NOT_FOUND as :meth:`get_appointment` does, PERMISSION_DENIED (recorded) for
+        a consent that is missing, invalid, expired, revoked or another
+        patient's.
+        """
+        ids = self._ids.for_partner(principal.partner_id)
+        consent_id: UUID | None = None
+        try:
+            with self._recorder.expect_contact() as expected:
+                row = await self._named_appointment(principal, ids, appointment_id, _CONTACT, models.View.CONTACT)
+                claims = self._keyring.verify(consent_token, partner_id=principal.partner_id, now=datetime.now(UTC))
+                consent_id = claims.consent_id
+                if claims.patient_id != row.patient_id:
+                    raise ConsentDenied(ConsentDenial.INVALID, "issued for another patient")
+                # One statement, shared with concurrent calls, checks the consent, counts and
+                # records the disclosure, and returns the released fields sealed.
+                stored = await self._recorder.disclose_contact(
+                    ledger.ContactRequest(
+                        entry(principal, _CONTACT, models.View.CONTACT, consent_id=consent_id),
+                        appointment_id,
+                        row.id,
+                        row.patient_id,
+                        claims.fields,
+                    ),
+                    self._guard.terms(policy),
+                    expected,
+                )
+                if stored.consent is not models.ConsentState.LIVE:
+                    raise ConsentDenied(_DENIALS[stored.consent], stored.consent.value)
+        except ConsentDenied as denied:
+            annotate(view="contact", consent_presented=bool(consent_token), consent_outcome=denied.reason)
+            self._telemetry.consent_denials.add(1, {"reason": denied.reason})
+            refused = entry(
+                principal, _CONTACT, models.View.CONTACT, denial_reason=denied.reason, consent_id=consent_id
+            )
+            async with self._db.partner_statements() as conn:
+                await ledger.append(conn, refused, [(appointment_id, row.id, row.patient_id)])
+            raise PermissionDenied(denied.message, reason=denied.reason) from None
+        assert stored.charge is not None
+        self._guard.settle(principal.partner_id, stored.charge)
+        # Its record is already durable: should opening fail, the ledger holds a disclosure
+        # that was not sent (never the reverse).
+        contact = sealing.open_consented_contact(self._data_keys, row.patient_id, stored)
+        self._telemetry.disclosed(models.View.CONTACT, 1, stored.fields)
+        annotate(consent_presented=True, consent_outcome="GRANTED")
+        return views.appointment_contact(appointment_id, contact)
+
+    async def _listed_rows(
+        self, principal: Principal, query: ListQuery, after: tuple[Micros, UUID] | None, practitioner_id: str
+    ) -> list[models.BasicAppointment]:
+        """The page's rows (one more than the page, to tell whether another follows).
+
+        A practitioner the partner may not see is recorded and answered
+        NOT_FOUND; a key revoked or a partner suspended since they were cached
+        is refused.
+        """
+        async with self._db.partner_statements() as conn:
+            try:
+                return await partner_reads.list_appointments(
+                    conn,
+                    key_id=principal.key_id,
+                    partner_id=principal.partner_id,
+                    practitioner_id=query.practitioner_id,
+                    start_time=query.start_time,
+                    end_time=query.end_time,
+                    after=after,
+                    limit=query.page_size + 1,
+                )
+            except partner_reads.ReadRefused as refused:
+                if refused.refusal is not partner_reads.Refusal.NOT_GRANTED:
+                    raise self._gate.refused(refused, principal) from None
+                denial = entry(principal, _LIST, models.View.BASIC, denial_reason="NOT_FOUND")
+                await ledger.append(conn, denial, [(practitioner_id, None, None)])
+        raise NotFound("practitioner not found")
+
+    async def _named_appointment(
+        self, principal: Principal, ids: PartnerPseudonyms, appointment_id: str, method: str, view: models.View
+    ) -> models.BasicAppointment:
+        """The appointment the caller named, if it may see it; otherwise the attempt is recorded and NOT_FOUND raised.
+
+        Raises for a key revoked or a partner suspended since they were cached.
+        """
+        async with self._db.partner_statements() as conn:
+            try:
+                row = await partner_reads.get_appointment(
+                    conn,
+                    key_id=principal.key_id,
+                    partner_id=principal.partner_id,
+                    appointment_id=ids.parse_appointment_id(appointment_id),
+                )
+            except partner_reads.ReadRefused as refused:
+                raise self._gate.refused(refused, principal) from None
+            if row is None:
+                denial = entry(principal, method, view, denial_reason="NOT_FOUND")
+                await ledger.append(conn, denial, [(appointment_id, None, None)])
+        if row is None:
+            # No metadata: "does not exist", "not yours" and "no longer granted"
+            # must be byte-for-byte the same answer.
+            raise NotFound("appointment not found")
+        return row

@@ -1,0 +1,258 @@
+"""The change-feed hub: one listener per process fans committed changes out to the open streams.
+
+Idle streams cost nothing: each waits on an event. On each NOTIFY (carrying
+the position its transaction committed), the hub reads the new changes once —
+only up to that position, which, positions being gapless and in commit order,
+holds exactly what committed before it — into one ring of recent changes
+shared by every stream, and wakes the streams watching those practitioners.
+Each stream keeps only its cursor. Grant and key changes arrive on the same
+connection, in commit order with the changes, so a stream learns of a
+revocation before it is shown any change committed after it.
+
+Memory is bounded by the ring: a stream whose cursor falls behind the oldest
+change still in the ring (a consumer that reads too slowly, or a burst larger
+than the ring) is ended with RESOURCE_EXHAUSTED, and resumes from the database
+with its last token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict, deque
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from datetime import timedelta
+from uuid import UUID
+
+from service import models
+from service.access.gate import key_refusal, stream_refusal
+from service.errors import ApptgateError, ResourceExhausted, Unavailable
+from service.store import changes, partners
+from service.store.database import Database
+
+log = logging.getLogger(__name__)
+
+#: Changes read per statement when the hub catches up with a notification.
+FETCH_BATCH = 1000
+#: Seconds the hub waits for one catch-up read before giving up (the next notification retries).
+_READ_TIMEOUT = 10.0
+#: Seconds between two deletions of changes older than the retention.
+_PRUNE_EVERY = 600
+
+
+@dataclass(eq=False)
+class Subscription:
+    """One open stream: who watches what, and why it ended, if it did."""
+
+    partner_id: UUID
+    key_id: str
+    practitioner_id: UUID | None  # None: every granted practitioner
+    watched: set[UUID]
+    start_position: int
+    ended: ApptgateError | None = None
+    _wake: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    def end(self, error: ApptgateError) -> None:
+        """End the stream with ``error`` (the next :meth:`wait` raises it)."""
+        if self.ended is None:
+            self.ended = error
+            self._wake.set()
+
+    def wake(self) -> None:
+        """Tell the stream there may be something new."""
+        self._wake.set()
+
+    async def wait(self) -> None:
+        """Wait to be woken; raise the error the stream ended with."""
+        if self.ended is None:
+            await self._wake.wait()
+        self._wake.clear()
+        if self.ended is not None:
+            raise self.ended
+
+
+class FeedHub:
+    """Owns the process's feed listener and its subscriptions."""
+
+    def __init__(
+        self,
+        database: Database,
+        *,
+        buffer: int = 1000,
+        max_streams_per_partner: int = 20,
+        retention: timedelta = timedelta(days=7),
+    ) -> None:
+        self._db = database
+        self._max_streams = max_streams_per_partner
+        self._retention = retention
+        self._subscriptions: dict[UUID, set[Subscription]] = defaultdict(set)
+        self._ring: deque[models.FeedChange] = deque(maxlen=buffer)
+        self._events: deque[changes.Notification] = deque()
+        self._events_ready = asyncio.Event()
+        self._notifications = changes.ChangeNotifications(database.dsn, self._notified)
+        self._position = 0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def position(self) -> int:
+        """The last position handed to the subscriptions."""
+        return self._position
+
+    async def start(self) -> None:
+        """Listen, then start dispatching from the current head."""
+        await self._notifications.start()
+        async with self._db.transaction(readonly=True) as conn:
+            self._position, _ = await changes.head(conn)
+        self._tasks = [
+            asyncio.create_task(self._dispatch(), name="apptgate-feed-dispatch"),
+            asyncio.create_task(self._prune(), name="apptgate-feed-prune"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop listening and end every stream."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._notifications.stop()
+        for subs in self._subscriptions.values():
+            for sub in subs:
+                sub.end(Unavailable("the server is shutting down; resume with the last token", retry_delay=1))
+
+    def subscribe(
+        self, partner_id: UUID, key_id: str, practitioner_id: UUID | None, granted: Collection[UUID]
+    ) -> Subscription:
+        """Register a stream; changes after :attr:`position` queue up for it from now on."""
+        if len(self._subscriptions[partner_id]) >= self._max_streams:
+            raise ResourceExhausted(
+                f"at most {self._max_streams} streams per partner", reason="TOO_MANY_STREAMS", retry_delay=5
+            )
+        watched = {practitioner_id} if practitioner_id is not None else set(granted)
+        sub = Subscription(partner_id, key_id, practitioner_id, watched, self._position)
+        self._subscriptions[partner_id].add(sub)
+        return sub
+
+    def pending(self, sub: Subscription, cursor: int) -> tuple[list[models.FeedChange], int]:
+        """The changes after ``cursor`` that ``sub`` watches, and the position they were read up to.
+
+        Raises :class:`ResourceExhausted` when changes after the cursor have
+        already left the ring (the stream fell too far behind).
+        """
+        if sub.ended is not None:
+            raise sub.ended
+        if cursor >= self._position:
+            return [], cursor
+        if not self._ring or self._ring[0].position > cursor + 1:
+            raise ResourceExhausted(
+                "the stream fell too far behind; resume with the last token", reason="STREAM_TOO_SLOW", retry_delay=1
+            )
+        # Walk back from the newest change: a stream that keeps up looks at what is new to it,
+        # not at the whole ring (1,000 streams woken by one change would otherwise scan
+        # 1,000 ring entries each).
+        found: list[models.FeedChange] = []
+        for change in reversed(self._ring):
+            if change.position <= cursor:
+                break
+            if change.appointment.practitioner_id in sub.watched:
+                found.append(change)
+        found.reverse()
+        return found, self._position
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        """Forget a stream."""
+        subs = self._subscriptions.get(sub.partner_id)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._subscriptions[sub.partner_id]
+
+    def _notified(self, notification: changes.Notification) -> None:
+        self._events.append(notification)
+        self._events_ready.set()
+
+    async def _dispatch(self) -> None:
+        while True:
+            if not self._events:
+                self._events_ready.clear()
+                await self._events_ready.wait()
+                continue
+            channel, payload = self._events.popleft()
+            try:
+                if channel == changes.CHANGES_CHANNEL:
+                    upto = int(payload)
+                    # Coalesce the change notifications already queued (never across an
+                    # access notification, whose place in commit order matters).
+                    while self._events and self._events[0][0] == channel:
+                        upto = max(upto, int(self._events.popleft()[1]))
+                    await self._advance(upto)
+                elif channel == changes.ACCESS_CHANNEL:
+                    await self._access_changed(payload)
+                else:  # reconnected: notifications may have been lost
+                    await self._advance(None)
+                    for partner_id in list(self._subscriptions):
+                        await self._access_changed(f"partner:{partner_id}")
+                        for key_id in {s.key_id for s in self._subscriptions.get(partner_id, ())}:
+                            await self._access_changed(f"key:{key_id}")
+            except Exception:
+                # The listener reconnects and replays on its own; a lost wake-up
+                # is recovered at the next notification, which reads from the position.
+                log.exception("feed dispatch failed")
+
+    async def _advance(self, upto: int | None) -> None:
+        # Single statements, no transaction: positions up to ``upto`` are committed and never
+        # change, and BEGIN, SET and COMMIT would be three more round trips before any wake-up.
+        async with asyncio.timeout(_READ_TIMEOUT), self._db.connection() as conn:
+            if upto is None:
+                upto, _ = await changes.head(conn)
+            while self._position < upto:
+                batch = await changes.changes(conn, after=self._position, upto=upto, limit=FETCH_BATCH)
+                if not batch:
+                    break
+                self._ring.extend(batch)
+                self._position = batch[-1].position
+                touched = {change.appointment.practitioner_id for change in batch}
+                for subs in self._subscriptions.values():
+                    for sub in subs:
+                        if not sub.watched.isdisjoint(touched):
+                            sub.wake()
+
+    async def _access_changed(self, payload: str) -> None:
+        kind, _, ident = payload.partition(":")
+        if kind == "partner":
+            partner_id = UUID(ident)
+            subs = list(self._subscriptions.get(partner_id, ()))
+            if not subs:
+                return
+            async with self._db.transaction(readonly=True) as conn:
+                granted = await partners.granted_practitioners(conn, partner_id)
+            for sub in subs:
+                ended = stream_refusal(sub.practitioner_id, granted)
+                if ended is not None:
+                    sub.end(ended)
+                elif sub.practitioner_id is None:
+                    sub.watched = set(granted)
+                    sub.wake()
+        elif kind == "key":
+            subs = [s for group in self._subscriptions.values() for s in group if s.key_id == ident]
+            if not subs:
+                return
+            async with self._db.transaction(readonly=True) as conn:
+                access = (await partners.key_access(conn, [ident])).get(ident)
+            for sub in subs:
+                ended = key_refusal(access, sub.partner_id)
+                if ended is not None:
+                    sub.end(ended)
+
+    async def _prune(self) -> None:
+        while True:
+            try:
+                async with self._db.transaction() as conn:
+                    deleted = await changes.prune(conn, self._retention)
+                if deleted:
+                    log.info("pruned %d feed changes older than the retention window", deleted)
+            except ApptgateError:
+                log.warning("feed pruning skipped: the database is unavailable")
+            await asyncio.sleep(_PRUNE_EVERY)

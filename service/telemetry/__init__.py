@@ -1,0 +1,1 @@
+"""Traces, metrics and logs, each through the one redaction policy."""
