@@ -100,6 +100,12 @@ $$;
 REVOKE ALL ON FUNCTION partner_bind(text, uuid) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION partner_bind(text, uuid) TO apptgate_partner;
 
+-- What the partner path reads of an appointment: the basic view's columns, nothing more.
+CREATE TYPE partner_appointment AS (
+    id uuid, patient_id uuid, start_time timestamptz, end_time timestamptz, status appointment_status,
+    update_time timestamptz, practitioner_id uuid, display_name text, specialty text
+);
+
 -- ListAppointments in one statement: up to p_limit appointments of granted practitioners
 -- starting in [p_start, p_end), in (start_time, id) order, strictly after the cursor when
 -- one is given; AG404 when p_practitioner_id is named and not granted. The page is taken
@@ -107,14 +113,10 @@ GRANT EXECUTE ON FUNCTION partner_bind(text, uuid) TO apptgate_partner;
 CREATE FUNCTION partner_list_appointments(
     p_key_id text, p_partner_id uuid, p_practitioner_id uuid, p_start timestamptz, p_end timestamptz,
     p_after_time timestamptz, p_after_id uuid, p_limit integer
-) RETURNS TABLE (
-    id uuid, patient_id uuid, start_time timestamptz, end_time timestamptz, status appointment_status,
-    update_time timestamptz, practitioner_id uuid, display_name text, specialty text
-)
+) RETURNS SETOF partner_appointment
 LANGUAGE plpgsql
 SET search_path = pg_catalog, public
 AS $$
-#variable_conflict use_column
 BEGIN
     PERFORM partner_bind(p_key_id, p_partner_id);
     IF p_practitioner_id IS NOT NULL AND NOT EXISTS (
@@ -149,14 +151,10 @@ GRANT EXECUTE ON FUNCTION partner_list_appointments(text, uuid, uuid, timestampt
 -- GetAppointment and GetAppointmentContact's read: the appointment when it exists and its
 -- practitioner granted the partner access; no row otherwise, whichever it is.
 CREATE FUNCTION partner_get_appointment(p_key_id text, p_partner_id uuid, p_appointment_id uuid)
-RETURNS TABLE (
-    id uuid, patient_id uuid, start_time timestamptz, end_time timestamptz, status appointment_status,
-    update_time timestamptz, practitioner_id uuid, display_name text, specialty text
-)
+RETURNS SETOF partner_appointment
 LANGUAGE plpgsql
 SET search_path = pg_catalog, public
 AS $$
-#variable_conflict use_column
 BEGIN
     PERFORM partner_bind(p_key_id, p_partner_id);
     RETURN QUERY

@@ -82,9 +82,9 @@ class Parts:
     """The components of the partner path that hold state or keys, built by :meth:`build`.
 
     The seam for measuring a variant of the gateway: ``serve(customize=…)``
-    gets them built and returns them with one replaced
-    (:func:`dataclasses.replace`), for example a recorder or memos of size 0
-    (``bench/whatif.py``).
+    gets them built, with the database and secrets, and returns them with one replaced
+    (:func:`dataclasses.replace`): a recorder that answers at once, memos of
+    size 0, a data keyring that opens nothing (``bench/whatif.py``).
     """
 
     pseudonyms: Pseudonyms
@@ -319,7 +319,7 @@ async def serve(
     *,
     prepare: Callable[[Database, Secrets], Awaitable[None]] | None = None,
     on_ready: Callable[[Gateway], Awaitable[None]] | None = None,
-    customize: Callable[[Parts], Parts] | None = None,
+    customize: Callable[[Parts, Database, Secrets], Parts] | None = None,
 ) -> None:
     """Run the gateway until SIGTERM or SIGINT, then drain and return.
 
@@ -345,7 +345,7 @@ async def serve(
         await warn_about_unsealed_values(database, secrets.data_keys)
         parts = Parts.build(settings, database, secrets)
         if customize is not None:
-            parts = customize(parts)
+            parts = customize(parts, database, secrets)
         gateway = Gateway(settings, database, secrets, telemetry=telemetry, parts=parts)
         await gateway.start()
         assert gateway.partner and gateway.internal

@@ -180,6 +180,8 @@ class ExtractionGuard:
         Over a cap nothing was counted or recorded; a suspension was committed
         (it sticks) and nothing was recorded: either way nothing may be sent.
         """
+        if outcome is models.ChargeOutcome.OK:  # nearly every call
+            return
         if outcome is models.ChargeOutcome.FLAGGED or outcome is models.ChargeOutcome.SUSPENDED:
             self._anomalies.add(1, {"state": outcome.value})
             log.warning(

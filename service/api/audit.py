@@ -94,11 +94,7 @@ class AuditApi(pb_grpc.AuditServiceServicer):
         start = validation.timestamp(request, "start_time", problems, required=False)
         end = validation.timestamp(request, "end_time", problems, required=False)
         validation.window(start, end, problems)
-        try:
-            size = pagination.page_size(request.page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
-        except InvalidArgument as exc:
-            problems.extend(exc.violations)
-            size = 0
+        size = validation.page_size(request.page_size, problems, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
         validation.raise_if(problems)
         binding = b"|".join(
             [b"ListDisclosures", request.partner_id.encode(), request.patient_id.encode(),

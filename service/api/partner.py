@@ -21,7 +21,7 @@ from appointments.partner.v1 import partner_appointment_service_pb2_grpc as pb_g
 from service.access.consent_tokens import ConsentKeyring
 from service.access.gate import PartnerGate
 from service.api import validation
-from service.disclosure import pagination, views
+from service.disclosure import views
 from service.disclosure.pseudonyms import looks_like_appointment_id
 from service.disclosure.reads import ListQuery, PartnerReads
 from service.errors import FieldViolation, InvalidArgument
@@ -40,11 +40,7 @@ def parse_list_request(request: pb.ListAppointmentsRequest) -> ListQuery:
     start = validation.timestamp(request, "start_time", problems)
     end = validation.timestamp(request, "end_time", problems)
     validation.window(start, end, problems, max_length=MAX_WINDOW)
-    try:
-        size = pagination.page_size(request.page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
-    except InvalidArgument as exc:
-        problems.extend(exc.violations)
-        size = 0
+    size = validation.page_size(request.page_size, problems, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
     validation.raise_if(problems)
     assert start is not None and end is not None
     return ListQuery(practitioner, start, end, size, request.page_token)

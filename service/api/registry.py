@@ -25,7 +25,6 @@ from service.store.database import Database
 from service.timestamps import set_timestamp
 
 SERVICE_NAME = registry_pb.DESCRIPTOR.services_by_name["PartnerRegistryService"].full_name
-_NAME_LENGTH = 200
 
 
 def _key_message(row: models.PartnerKey, secret: str = "") -> partner_registry_pb2.PartnerKey:
@@ -133,7 +132,7 @@ class PartnerRegistryApi(registry_grpc.PartnerRegistryServiceServicer):
         self, request: registry_pb.CreatePartnerRequest, context: grpc.aio.ServicerContext
     ) -> partner_registry_pb2.Partner:
         problems: list[FieldViolation] = []
-        name = validation.text(request.display_name, "display_name", problems, max_length=_NAME_LENGTH)
+        name = validation.text(request.display_name, "display_name", problems, max_length=validation.NAME_LENGTH)
         validation.raise_if(problems)
         async with self._db.transaction() as conn:
             row = await partners.create_partner(conn, name)

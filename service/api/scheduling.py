@@ -31,7 +31,6 @@ from service.timestamps import set_timestamp
 
 SERVICE_NAME = scheduling_pb.DESCRIPTOR.services_by_name["SchedulingService"].full_name
 MAX_APPOINTMENT_LENGTH = timedelta(hours=24)
-_NAME_LENGTH = 200
 _STATUS = {
     models.AppointmentStatus.BOOKED: scheduling_pb2.APPOINTMENT_STATUS_BOOKED,
     models.AppointmentStatus.CANCELLED: scheduling_pb2.APPOINTMENT_STATUS_CANCELLED,
@@ -100,8 +99,8 @@ class SchedulingApi(scheduling_grpc.SchedulingServiceServicer):
         self, request: scheduling_pb.CreatePractitionerRequest, context: grpc.aio.ServicerContext
     ) -> scheduling_pb2.Practitioner:
         problems: list[FieldViolation] = []
-        name = validation.text(request.display_name, "display_name", problems, max_length=_NAME_LENGTH)
-        specialty = validation.text(request.specialty, "specialty", problems, max_length=_NAME_LENGTH)
+        name = validation.text(request.display_name, "display_name", problems, max_length=validation.NAME_LENGTH)
+        specialty = validation.text(request.specialty, "specialty", problems, max_length=validation.NAME_LENGTH)
         validation.raise_if(problems)
         async with self._db.transaction() as conn:
             return practitioner_message(await scheduling.create_practitioner(conn, name, specialty))
@@ -110,8 +109,8 @@ class SchedulingApi(scheduling_grpc.SchedulingServiceServicer):
         self, request: scheduling_pb.CreatePatientRequest, context: grpc.aio.ServicerContext
     ) -> scheduling_pb2.Patient:
         problems: list[FieldViolation] = []
-        given = validation.text(request.given_name, "given_name", problems, max_length=_NAME_LENGTH)
-        family = validation.text(request.family_name, "family_name", problems, max_length=_NAME_LENGTH)
+        given = validation.text(request.given_name, "given_name", problems, max_length=validation.NAME_LENGTH)
+        family = validation.text(request.family_name, "family_name", problems, max_length=validation.NAME_LENGTH)
         phone = validation.phone(request.phone, "phone", problems)
         email = validation.email(request.email, "email", problems)
         if request.sex not in contact_pb2.Sex.values():

@@ -20,6 +20,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from service.errors import FieldViolation, InvalidArgument
 from service.timestamps import from_timestamp
 
+#: The longest display name, specialty or patient name accepted (the schema's CHECK says the same).
+NAME_LENGTH = 200
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _PHONE = re.compile(r"^\+[1-9][0-9]{7,14}$")
 # Deliberately plain: one @, no spaces, a dot in the domain. Deliverability is not ours to check.
@@ -51,6 +53,15 @@ def uuid_field(value: str, field: str) -> UUID:
     raise_if(problems)
     assert parsed is not None
     return parsed
+
+
+def page_size(value: int, problems: list[FieldViolation], *, default: int, maximum: int) -> int:
+    """Resolve a requested ``page_size`` (AIP-158): 0 means ``default``; negative or above ``maximum`` is refused."""
+    if value < 0:
+        problems.append(FieldViolation("page_size", "must not be negative"))
+    elif value > maximum:
+        problems.append(FieldViolation("page_size", f"must be at most {maximum}"))
+    return value or default
 
 
 def text(value: str, field: str, problems: list[FieldViolation], *, max_length: int, required: bool = True) -> str:

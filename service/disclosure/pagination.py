@@ -1,4 +1,4 @@
-"""Page sizes and opaque page tokens (AIP-158). Pure: no I/O.
+"""Opaque page tokens (AIP-158). Pure: no I/O.
 
 A page token is the cursor of the last row returned, sealed with AES-256-GCM.
 The associated data binds it to the caller and the query, so a token that was
@@ -25,15 +25,6 @@ _VERSION = b"\x01"
 _NONCE_SIZE = 12
 _TIME_CURSOR = struct.Struct(">q16s")
 MAX_TOKEN_LENGTH = 512
-
-
-def page_size(value: int, *, default: int, maximum: int, field: str = "page_size") -> int:
-    """Resolve a requested page size: 0 means ``default``; negative or above ``maximum`` is refused."""
-    if value < 0:
-        raise InvalidArgument.field(field, "must not be negative")
-    if value > maximum:
-        raise InvalidArgument.field(field, f"must be at most {maximum}")
-    return value or default
 
 
 class PageTokens:

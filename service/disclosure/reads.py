@@ -181,14 +181,13 @@ class PartnerReads:
                 if stored.consent is not models.ConsentState.LIVE:
                     raise ConsentDenied(_DENIALS[stored.consent], stored.consent.value)
         except ConsentDenied as denied:
-            annotate(view="contact", consent_presented=bool(consent_token), consent_outcome=denied.reason)
-            self._telemetry.consent_denials.add(1, {"reason": denied.reason})
-            refused = entry(
-                principal, _CONTACT, models.View.CONTACT, denial_reason=denied.reason, consent_id=consent_id
-            )
+            reason = denied.reason.value
+            annotate(view="contact", consent_presented=bool(consent_token), consent_outcome=reason)
+            self._telemetry.consent_denials.add(1, {"reason": reason})
+            refused = entry(principal, _CONTACT, models.View.CONTACT, denial_reason=reason, consent_id=consent_id)
             async with self._db.partner_statements() as conn:
                 await ledger.append(conn, refused, [(appointment_id, row.id, row.patient_id)])
-            raise PermissionDenied(denied.message, reason=denied.reason) from None
+            raise PermissionDenied(denied.message, reason=reason) from None
         assert stored.charge is not None
         self._guard.settle(principal.partner_id, stored.charge)
         # Its record is already durable: should opening fail, the ledger holds a disclosure

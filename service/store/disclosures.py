@@ -87,7 +87,8 @@ async def list_disclosures(
     return [_disclosure(row) for row in rows]
 
 
-_BREACH = """
+#: The breach report's statement (public so that a benchmark can EXPLAIN it).
+BREACH_SQL = """
 SELECT d.patient_id,
        array_agg(DISTINCT d.appointment_id) FILTER (WHERE d.appointment_id IS NOT NULL) AS appointment_ids,
        array_agg(DISTINCT f.field) FILTER (WHERE f.field IS NOT NULL) AS contact_fields,
@@ -110,7 +111,7 @@ async def breach_report(
     Streams through a server-side cursor (the connection must be in a
     transaction), so a report over a large ledger does not sit in memory twice.
     """
-    async for row in conn.cursor(_BREACH, partner_id, start_time, end_time, key_id, prefetch=2000):
+    async for row in conn.cursor(BREACH_SQL, partner_id, start_time, end_time, key_id, prefetch=2000):
         yield models.AffectedPatient(
             row["patient_id"],
             tuple(row["appointment_ids"] or ()),

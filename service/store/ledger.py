@@ -52,6 +52,8 @@ _DISCLOSE_CONTACTS = (
 )
 
 Items = Sequence[tuple[str, UUID | None, UUID | None]]
+#: A charge outcome by its label: a dictionary lookup, where calling the enum searches its members.
+_CHARGE_OUTCOMES = {outcome.value: outcome for outcome in models.ChargeOutcome}
 
 
 class CapReached(Exception):
@@ -118,7 +120,7 @@ async def record_basic(conn: Connection, columns: Sequence[Sequence[object] | st
     nothing was counted or recorded.
     """
     rows = await _run_group(conn, _RECORD_BASIC, columns)
-    return [BasicRow(row[0], models.ChargeOutcome(row[1]), row[2], row[3]) for row in rows]
+    return [BasicRow(row[0], _CHARGE_OUTCOMES[row[1]], row[2], row[3]) for row in rows]
 
 
 async def disclose_contacts(

@@ -45,8 +45,10 @@ _COLUMNS = (
     f"id, patient_id, {_MICROS('start_time')}, {_MICROS('end_time')}, status::text, {_MICROS('update_time')}, "
     "practitioner_id, display_name, specialty"
 )
-_LIST = f"SELECT {_COLUMNS} FROM partner_list_appointments($1, $2, $3, $4, $5, $6, $7, $8)"
-_GET = f"SELECT {_COLUMNS} FROM partner_get_appointment($1, $2, $3)"
+#: The listing's statement (public so that a benchmark can EXPLAIN it as the partner role).
+LIST_SQL = f"SELECT {_COLUMNS} FROM partner_list_appointments($1, $2, $3, $4, $5, $6, $7, $8)"
+#: The appointment read's statement (public for the same reason).
+GET_SQL = f"SELECT {_COLUMNS} FROM partner_get_appointment($1, $2, $3)"
 
 
 class ReadRefused(Exception):
@@ -90,7 +92,7 @@ async def list_appointments(
     """
     after_time, after_id = (from_micros(after[0]), after[1]) if after is not None else (None, None)
     values = (key_id, partner_id, practitioner_id, start_time, end_time, after_time, after_id, limit)
-    rows = await _refusing(conn, lambda: conn.fetch(_LIST, *values))
+    rows = await _refusing(conn, lambda: conn.fetch(LIST_SQL, *values))
     return [models.BasicAppointment(*row) for row in rows]
 
 
@@ -98,5 +100,5 @@ async def get_appointment(
     conn: Connection, *, key_id: str, partner_id: UUID, appointment_id: UUID
 ) -> models.BasicAppointment | None:
     """Return the appointment if it exists and is visible to the partner, else ``None``. Raises :class:`ReadRefused`."""
-    row = await _refusing(conn, lambda: conn.fetchrow(_GET, key_id, partner_id, appointment_id))
+    row = await _refusing(conn, lambda: conn.fetchrow(GET_SQL, key_id, partner_id, appointment_id))
     return models.BasicAppointment(*row) if row else None

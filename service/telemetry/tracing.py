@@ -192,7 +192,7 @@ class Telemetry:
 
     def disclosed(self, view: models.View, count: int, fields: Sequence[int] = ()) -> None:
         """Annotate the call's span and count what it disclosed, by view and contact field."""
-        label = view.label
+        label = _VIEW_LABELS[view]
         annotate(view=label, appointments=count)
         if view is models.View.BASIC:
             self.disclosures.add(count, {"view": label, "contact_field": "none"})
@@ -310,6 +310,9 @@ class Telemetry:
             end,
             failed=exception is not None,
         )
+
+
+_VIEW_LABELS = {view: view.label for view in models.View}
 
 
 def _describe_statement(query: str) -> tuple[str, str, str] | None:

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from service import errors, memo, settings, timestamps
 from service.access import credentials
+from service.api import validation
 from service.disclosure import pagination
 from service.disclosure.pseudonyms import Pseudonyms, looks_like_appointment_id
 from service.models import PartnerKey
@@ -115,13 +116,15 @@ class TestPageTokens:
 
     @pytest.mark.parametrize(("value", "expected"), [(0, 50), (1, 1), (500, 500)])
     def test_page_sizes(self, value: int, expected: int) -> None:
-        assert pagination.page_size(value, default=50, maximum=500) == expected
+        problems: list[errors.FieldViolation] = []
+        assert validation.page_size(value, problems, default=50, maximum=500) == expected
+        assert problems == []
 
     @pytest.mark.parametrize("value", [-1, 501, 2**31 - 1])
     def test_bad_page_sizes(self, value: int) -> None:
-        with pytest.raises(errors.InvalidArgument) as caught:
-            pagination.page_size(value, default=50, maximum=500)
-        assert caught.value.violations[0].field == "page_size"
+        problems: list[errors.FieldViolation] = []
+        validation.page_size(value, problems, default=50, maximum=500)
+        assert [p.field for p in problems] == ["page_size"]
 
 
 class TestCredentials:
@@ -180,6 +183,14 @@ class TestSettings:
         with pytest.raises(errors.ConfigError) as caught:
             settings.load({"APPTGATE_DB_POOL_MIN": "x", "APPTGATE_ALLOW_INSECURE": "maybe"})
         assert len(caught.value.problems) == 2
+
+    def test_values_wrong_together_are_reported_with_those_wrong_alone(self) -> None:
+        with pytest.raises(errors.ConfigError) as caught:
+            settings.load({"APPTGATE_WORKERS": "abc", "APPTGATE_DB_POOL_MIN": "9", "APPTGATE_DB_POOL_MAX": "3"})
+        assert caught.value.problems == [
+            "APPTGATE_WORKERS: expected a whole number, got 'abc'",
+            "APPTGATE_DB_POOL_MIN: must not exceed APPTGATE_DB_POOL_MAX",
+        ]
 
     def test_the_event_loop_is_uvloop_unless_asked_otherwise(self) -> None:
         assert settings.load({}).event_loop == "uvloop"
@@ -270,3 +281,12 @@ def test_a_memo_holds_at_most_its_size_and_is_emptied_at_once_when_full() -> Non
     nothing: dict[str, int] = {}
     assert memo.remember(nothing, "k", 1, 0) == 1
     assert nothing == {}
+
+
+def test_the_configuration_reference_is_the_one_the_declarations_give() -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    _, _, generated = doc.partition("from service/settings.py: edit the declarations, not this table -->\n")
+    table, _, _ = generated.partition("<!-- END generated -->")
+
+    assert table == settings.reference(), "docs/configuration.md is out of date: run `python tools/configdoc.py`"
+    assert all(f"`{variable.name}`" in table for variable in settings.variables())
