@@ -32,15 +32,22 @@ pytest: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install check-generated
-	$(VENV)/bin/ruff check service demo tests tools
-	$(VENV)/bin/ruff format --check service demo tests tools
+	$(VENV)/bin/ruff check service demo tests tools bench
+	$(VENV)/bin/ruff format --check service demo tests tools bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy bench/*.py
 
 protos: install
 	$(PY) tools/protogen.py
 
+## Rewrite docs/configuration.md's table of variables from service/settings.py.
+.PHONY: docs
+docs: install
+	$(PY) tools/configdoc.py
+
 check-generated: install
 	$(PY) tools/protogen.py --check
+	$(PY) tools/configdoc.py --check
 
 ## Long fuzzing run: generated messages and raw frames against every RPC.
 fuzz: install

@@ -6,6 +6,7 @@ service changes under it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import subprocess
@@ -46,9 +47,12 @@ def service_env(env: dict[str, str]) -> dict[str, str]:
     return {**env, "PYTHONPATH": os.pathsep.join(paths)}
 
 
-def source_migrations() -> set[int]:
-    """The migration versions in the source tree."""
-    return {int(p.name[:4]) for p in (source() / "migrations").glob("[0-9][0-9][0-9][0-9]_*.sql")}
+def source_migrations() -> dict[int, str]:
+    """The migrations in the source tree: version → the SHA-256 of the file, as ``schema_migrations`` records it."""
+    return {
+        int(p.name[:4]): hashlib.sha256(p.read_text().encode()).hexdigest()
+        for p in (source() / "migrations").glob("[0-9][0-9][0-9][0-9]_*.sql")
+    }
 
 
 def admin_dsn() -> str:

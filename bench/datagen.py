@@ -58,7 +58,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -67,7 +67,7 @@ import asyncpg
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import Progress, admin_dsn, parse_size, service_env, size_label, source, source_migrations, with_database
 
-GENERATOR_VERSION = 6  # 4: sealed contact details and reasons; 5: one ledger record per call; 6: references
+GENERATOR_VERSION = 7  # bumped when what a world holds changes (7: the schema baseline's ledger digest)
 ANCHOR = datetime(2030, 1, 7, tzinfo=UTC)  # a Monday; the benchmark queries this day
 LEDGER_START = datetime(2030, 2, 1, tzinfo=UTC)
 CHUNK = 50_000
@@ -189,14 +189,15 @@ async def read_meta(dsn: str) -> dict[str, Any] | None:
         raw = await conn.fetchval("SELECT value FROM bench_meta WHERE key = 'meta'")
         if not raw:
             return None
-        meta = json.loads(raw)
-        applied = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-        # A database migrated by a newer tree than the one we run (an uncommitted migration, say)
-        # holds a schema this code does not expect: rebuild it rather than measure a mix.
-        extra = applied - source_migrations()
-        if extra:
-            print(f"{meta.get('database')}: has migrations {sorted(extra)} this source tree lacks: rebuilding",
-                  file=sys.stderr)  # fmt: skip
+        meta: dict[str, Any] = json.loads(raw)
+        applied = {r[0]: r[1] for r in await conn.fetch("SELECT version, checksum FROM schema_migrations")}
+        # A database migrated by another tree than the one we run (a newer migration, or one whose
+        # text differs) holds a schema this code does not expect: rebuild it rather than measure a mix.
+        ours = source_migrations()
+        foreign = sorted(v for v, checksum in applied.items() if ours.get(v) != checksum)
+        if foreign:
+            print(f"{meta.get('database')}: has migrations {foreign} this source tree lacks or differs on: "
+                  "rebuilding", file=sys.stderr)  # fmt: skip
             return None
         return meta
     finally:
@@ -272,7 +273,7 @@ async def generate_world(spec: WorldSpec, *, regen: bool = False) -> dict[str, A
     started = time.monotonic()
     await create_database(name)
     migrate(dsn)
-    from service import sealing  # the product's own sealing (pure; after migrate, as the service is on the path)
+    from service.crypto import sealing  # the product's own sealing (pure; after migrate, as the service is on the path)
 
     data_keys = sealing.DataKeyring.from_text(bench_data_key(spec.seed))
     rng = random.Random(spec.seed)
@@ -364,9 +365,9 @@ async def generate_world(spec: WorldSpec, *, regen: bool = False) -> dict[str, A
                             first_ids.update(appointment_id=aid, patient_id=patient, practitioner_id=practitioner)
                         status = "cancelled" if randrange(20) == 0 and not (d == 0 and p == 0) else "booked"
                         # The internal API seals every reason, the empty one too.
-                        reason = REASONS[count % 6]
+                        reason: str | bytes = REASONS[count % 6]
                         if defended:
-                            reason = seal_reason(data_keys, aid_uuid, reason)
+                            reason = seal_reason(data_keys, aid_uuid, REASONS[count % 6])
                         yield (aid, practitioner, patient, start, end, reason, status, created, created)
                         count += 1
 
@@ -543,16 +544,6 @@ async def generate_ledger(spec: LedgerSpec, *, regen: bool = False) -> dict[str,
     started = time.monotonic()
     await create_database(LEDGER_DB)
     migrate(dsn)
-    conn = await asyncpg.connect(dsn)
-    try:
-        references = await conn.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM pg_attribute "
-            "WHERE attrelid = 'disclosures'::regclass AND attname = 'items_of')"
-        )
-    finally:
-        await conn.close()
-    if not references:  # a commit before migration 0021: every record holds its items
-        spec = replace(spec, repeats=0.0)
     rng = random.Random(spec.seed)
     partners = _uuids(rng, spec.partners)
     key_ids = ["pk_" + base64.b32encode(rng.randbytes(10)).decode("ascii").lower() for _ in partners]
@@ -592,9 +583,9 @@ async def generate_ledger(spec: LedgerSpec, *, regen: bool = False) -> dict[str,
         deferred = await _drop_secondary_indexes(conn, "disclosures")
         columns = [
             "id", "partner_id", "key_id", "view", "contact_fields", "consent_id", "rpc", "trace_id", "disclose_time",
-            "outcome", "denial_reason", "requested_ids", "appointment_ids", "patient_ids",
-        ] + (["items_of", "items_digest"] if references else [])  # fmt: skip
-        state = {"seq": 0, "items": 0, "prev": bytes(32), "t": LEDGER_START.timestamp()}
+            "outcome", "denial_reason", "requested_ids", "appointment_ids", "patient_ids", "items_of", "items_digest",
+        ]  # fmt: skip
+        state: dict[str, Any] = {"seq": 0, "items": 0, "prev": bytes(32), "t": LEDGER_START.timestamp()}
         chain: list[tuple[int, int, bytes, bytes]] = []  # disclosure_chain (migration 0018): id = seq here
 
         def records() -> Any:
@@ -648,7 +639,7 @@ async def generate_ledger(spec: LedgerSpec, *, regen: bool = False) -> dict[str,
                 seq += 1
                 done += len(requested_ids)
                 fixed = (
-                    str(seq), partner, key_id, "", "", "", str(view), ",".join(map(str, fields)), consent or "",
+                    str(seq), partner, key_id, str(view), ",".join(map(str, fields)), consent or "",
                     rpc, trace_id, when_text, str(outcome), reason,
                 )  # fmt: skip
                 prefix = (seq, partner, key_id, view, fields, consent, rpc, trace_id, when, outcome, reason)
@@ -661,10 +652,8 @@ async def generate_ledger(spec: LedgerSpec, *, regen: bool = False) -> dict[str,
                         requested_ids, [a or "" for a in appointment_ids], [p or "" for p in patient_ids]
                     )  # fmt: skip
                     data = "\x1f".join((*fixed, *map("\x1e".join, columns_text)))
-                    row = (*prefix, requested_ids, appointment_ids, patient_ids)
-                    if references:
-                        row = (*row, None, None)
-                    if rpc.endswith("/ListAppointments") and references:
+                    row = (*prefix, requested_ids, appointment_ids, patient_ids, None, None)
+                    if rpc.endswith("/ListAppointments"):
                         last_page[k] = (int(t // 86_400), seq, indexes, items_digest(*columns_text))
                 h = sha(prev + data.encode()).digest()
                 yield row
@@ -674,7 +663,7 @@ async def generate_ledger(spec: LedgerSpec, *, regen: bool = False) -> dict[str,
 
         await _copy(conn, "disclosures", columns, records(), calls, "records")
         await conn.copy_records_to_table("disclosure_chain", records=chain, columns=["id", "seq", "prev_hash", "hash"])
-        head = (state["seq"], state["prev"])
+        head = (int(state["seq"]), bytes(state["prev"]))
         await conn.execute("SELECT setval('disclosures_id_seq', $1)", head[0])
         # Every record is chained: the sequencer's cursor goes after the last one.
         await conn.execute(
@@ -695,14 +684,14 @@ async def generate_ledger(spec: LedgerSpec, *, regen: bool = False) -> dict[str,
         )
         if bad:
             raise SystemExit(f"ledger generator: {bad} digests differ from disclosure_digest()")
-        if references:  # and a reference's items digest must be disclosure_items_digest() of the record it names
-            bad = await conn.fetchval(
-                "SELECT count(*) FROM (SELECT * FROM disclosures WHERE items_of IS NOT NULL LIMIT 2000) r "
-                "JOIN disclosures o ON o.id = r.items_of "
-                "WHERE disclosure_items_digest(o) IS DISTINCT FROM r.items_digest"
-            )
-            if bad:
-                raise SystemExit(f"ledger generator: {bad} items digests differ from disclosure_items_digest()")
+        # And a reference's items digest must be disclosure_items_digest() of the record it names.
+        bad = await conn.fetchval(
+            "SELECT count(*) FROM (SELECT * FROM disclosures WHERE items_of IS NOT NULL LIMIT 2000) r "
+            "JOIN disclosures o ON o.id = r.items_of "
+            "WHERE disclosure_items_digest(o) IS DISTINCT FROM r.items_digest"
+        )
+        if bad:
+            raise SystemExit(f"ledger generator: {bad} items digests differ from disclosure_items_digest()")
         busiest = await conn.fetchrow(
             "SELECT partner_id, count(*) AS n FROM disclosures WHERE id <= 500000 GROUP BY 1 ORDER BY 2 DESC LIMIT 1"
         )

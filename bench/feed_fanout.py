@@ -276,7 +276,12 @@ async def reader_main(plan: dict[str, Any], first: int, count: int, out: str) ->
 
     readers = [asyncio.create_task(read(n)) for n in range(len(mine))]
     stop = asyncio.get_running_loop().create_future()
-    asyncio.get_running_loop().add_reader(sys.stdin.fileno(), lambda: stop.done() or stop.set_result(None))
+
+    def stop_now() -> None:
+        if not stop.done():
+            stop.set_result(None)
+
+    asyncio.get_running_loop().add_reader(sys.stdin.fileno(), stop_now)
     cpu_at_ready = time.process_time()
     await asyncio.wait([asyncio.gather(*readers), stop], return_when=asyncio.FIRST_COMPLETED)
     cpu = time.process_time() - cpu_at_ready
@@ -663,6 +668,7 @@ async def measure(args: argparse.Namespace, started: datetime) -> str:
             await conn.close()
     report = render(args, runs, started)
     stem = common.BENCH_DIR / "results" / f"{started.strftime('%Y-%m-%d-%H%M')}-feed"
+    stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".md").write_text(report + "\n")
     stem.with_suffix(".json").write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1) + "\n")
     return report

@@ -24,10 +24,9 @@ Variants: ``plain`` (tracing off, as ``gateway`` in run.py), ``tracing``
 provider whose sampler drops every span: what tracing costs before any span
 is recorded), ``naive`` (the naive handler of ``bench/baselines.py``: the
 gateway's server-side cost against it, noise-free; PostgreSQL's share is not
-counted for either), ``norecord``, ``nostatement`` and ``cold`` (the plain
-gateway with that patch of ``bench/whatif.py``: what the ledger record costs
-the gateway's process, all of it or its statement only; a page built with
-its views and pseudonyms remembered nowhere). Each counts the whole
+counted for either), ``norecord`` and ``cold`` (the plain gateway with that
+variant of ``bench/whatif.py``: what the ledger record costs the gateway's
+process; a page built with its views and pseudonyms remembered nowhere). Each counts the whole
 process (the event loop, grpc's threads, the export thread, the sequencer's
 passes during the calls). ~1 min per variant. Needs valgrind (Debian's
 ``valgrind``).
@@ -54,11 +53,11 @@ sys.path.insert(0, str(BENCH_DIR))
 
 import datagen  # noqa: E402
 import run  # noqa: E402
-from common import tree_cpu_seconds  # noqa: E402
+from common import ROOT, service_env, set_source, source, tree_cpu_seconds  # noqa: E402
 
-VARIANTS = ("plain", "tracing", "sampled-out", "naive", "norecord", "nostatement", "cold")
-#: Variants that are the plain gateway with one of bench/whatif.py's patches.
-WHATIF = ("norecord", "nostatement", "cold")
+VARIANTS = ("plain", "tracing", "sampled-out", "naive", "norecord", "cold")
+#: Variants that are the plain gateway with one of bench/whatif.py's parts replaced.
+WHATIF = ("norecord", "cold")
 PORT, SINK_PORT = 57400, 57490
 
 
@@ -85,7 +84,7 @@ def serving(variant: str, fx: run.Fixture, workdir: Path, prefix: list[str]) -> 
         sink = subprocess.Popen([run.PY, str(BENCH_DIR / "otlp_sink.py"), "--port", str(SINK_PORT)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     with (workdir / f"{variant}.log").open("wb") as log:
-        server = subprocess.Popen(command, cwd=run.source(), env=run.service_env(env), stdout=log, stderr=log)
+        server = subprocess.Popen(command, cwd=source(), env=service_env(env), stdout=log, stderr=log)
     try:
         yield server
     finally:
@@ -158,12 +157,12 @@ def main() -> None:
     if not args.clock and shutil.which("valgrind") is None:
         raise SystemExit("valgrind is missing: apt-get install -y valgrind")
     if args.source:
-        run.set_source(args.source)
+        set_source(args.source)
     elif args.at_commit:
         exported = Path(tempfile.mkdtemp(prefix="apptgate-src-"))
-        archive = subprocess.run(["git", "archive", args.at_commit], cwd=run.ROOT, capture_output=True, check=True)
+        archive = subprocess.run(["git", "archive", args.at_commit], cwd=ROOT, capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", str(exported)], input=archive.stdout, check=True)
-        run.set_source(exported)
+        set_source(exported)
         print(f"counting {args.at_commit} (exported to {exported}), not the work tree", flush=True)
     meta = asyncio.run(datagen.generate_world(datagen.WorldSpec(100_000)))
     fx = asyncio.run(run.prepare_fixture(100_000, meta))

@@ -4,7 +4,7 @@ Runs on a scratch database migrated from the source tree (dropped at the
 end), with one client and nothing else, so that the figures are PostgreSQL's
 own and as little of this shared machine's noise as a loop can leave:
 
-* the record statement (``record_basic_disclosures``, migration 0021) timed
+* the record statement (``record_basic_disclosures``, migration 0005) timed
   inside the server by a ``DO`` loop (no round trip, no commit), with and
   without its ``INSERT``, for a page of 50 written in full and for the same
   page recorded by reference; minimum and median of ``--rounds`` loops;
@@ -13,9 +13,10 @@ own and as little of this shared machine's noise as a loop can leave:
   those 1,000 records;
 * the whole statement as the gateway sends it (one client, autocommit,
   ``synchronous_commit`` off): the CPU its backend process spends per
-  statement (``/proc``, so PostgreSQL must run on this machine), for the
-  function of the latest migration against migration 0021's, alternated in
-  one run, so that a change to the function is measured side by side with
+  statement (``/proc``, so PostgreSQL must run on this machine); when a later
+  migration redefines the function, the latest definition against the first,
+  alternated in one run (the first created in a schema of its own, found
+  first on the search path), so that a change is measured side by side with
   what it replaced.
 
 The timed function is the latest migration's ``record_basic_disclosures``.
@@ -40,15 +41,16 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(BENCH_DIR.parent))
 
-from service.store import ledger, repeats  # noqa: E402
+from service.disclosure.record import fingerprint  # noqa: E402
+from service.store import ledger  # noqa: E402
 
 import datagen  # noqa: E402
 from common import admin_dsn, process_cpu_seconds, source, with_database  # noqa: E402
 
 DATABASE = "apptgate_bench_record_cost"
 PAGE = 50
-#: The migration whose function the latest one is compared against.
-_BASELINE = "0021_record_repeated_responses_by_reference.sql"
+#: The schema the first definition of the function is created in, to compare it with the latest.
+_BASELINE_SCHEMA = "record_cost_baseline"
 
 
 def _literal(values: list[Any]) -> str:
@@ -62,12 +64,12 @@ class Page:
         self.partner, self.since, self.record_id = partner, since, record_id
         ids, appointments, patients = (list(column) for column in zip(*items, strict=True))
         self.columns = (ids, appointments, patients)
-        digest = repeats.fingerprint(ids, [str(a) for a in appointments], [str(p) for p in patients])
+        digest = fingerprint(ids, [str(a) for a in appointments], [str(p) for p in patients])
         assert digest is not None
         self.digest = digest.hex()
 
     def arguments(self, reference: bool) -> list[Any]:
-        """The statement's 19 arrays, as run_group_statement sends them."""
+        """The statement's 19 arrays, as ``ledger.record_basic`` takes them."""
         ids, appointments, patients = self.columns
         items: list[Any] = [[None], [None], ids, appointments, patients] if not reference else []
         if reference:
@@ -84,19 +86,23 @@ async def _page(conn: asyncpg.Connection) -> Page:
     first = Page(partner, 0, 0, items)
     first_args = first.arguments(False)
     first_args[-3] = [None]  # no counter row known yet: the first record charges every patient
-    [row] = await ledger.run_group_statement(conn, ledger._RECORD_MANY, first_args)
-    return Page(partner, row["counted_since"], row["record_ids"][0], items)
+    [row] = await ledger.record_basic(conn, first_args)
+    assert row.counted_since is not None and row.record_ids[0] is not None
+    return Page(partner, row.counted_since, row.record_ids[0], items)
 
 
 _DEFINES = "FUNCTION record_basic_disclosures("
 
 
+def _definitions() -> list[str]:
+    """The migrations that define record_basic_disclosures, in order."""
+    return sorted(p.name for p in (source() / "migrations").glob("*.sql") if _DEFINES in p.read_text())
+
+
 def _function(without_insert: bool, name: str = "record_cost_probe", migration: str | None = None) -> str:
     """record_basic_disclosures as ``migration`` defines it (by default the latest migration that does),
     created as ``name``, its INSERT removed if asked."""
-    if migration is None:
-        migration = max(p.name for p in (source() / "migrations").glob("*.sql") if _DEFINES in p.read_text())
-    text = (source() / "migrations" / migration).read_text()
+    text = (source() / "migrations" / (migration or _definitions()[-1])).read_text()
     start = text.index(_DEFINES) + len(_DEFINES)
     body = text[start : text.index("\n$$;", start) + len("\n$$;")]
     if without_insert:
@@ -135,21 +141,26 @@ def _backend_seconds(pid: int) -> float:
     return used
 
 
-async def _backend_cpu(conn: asyncpg.Connection, page: Page, rounds: int, calls: int) -> dict[str, list[float]]:
-    """Backend CPU µs per statement, the latest function against 0021's, full page and reference, alternated."""
+async def _backend_cpu(
+    conn: asyncpg.Connection, page: Page, rounds: int, calls: int, first: str | None
+) -> dict[str, list[float]]:
+    """Backend CPU µs per statement, full page and reference; the latest function against ``first``, alternated."""
     pid = await conn.fetchval("SELECT pg_backend_pid()")
-    baseline = ledger._RECORD_MANY.replace("record_basic_disclosures(", "record_cost_baseline(")
-    statements = {"0021's, {}": baseline, "latest, {}": ledger._RECORD_MANY}
+    paths = {"latest, {}": "public"}
+    if first is not None:
+        paths[first[:4] + "'s, {}"] = f"{_BASELINE_SCHEMA}, public"
     figures: dict[str, list[float]] = {}
     for n in range(rounds):
-        for label, statement in statements.items() if n % 2 == 0 else reversed(statements.items()):
+        for label, path in paths.items() if n % 2 == 0 else reversed(paths.items()):
+            await conn.execute(f"SET search_path = {path}")
             for reference in (False, True):
                 arguments = page.arguments(reference)
                 used = _backend_seconds(pid)
                 for _ in range(calls):
-                    await ledger.run_group_statement(conn, statement, arguments)
+                    await ledger.record_basic(conn, arguments)
                 kind = label.format("reference" if reference else "full page")
                 figures.setdefault(kind, []).append((_backend_seconds(pid) - used) / calls * 1e6)
+    await conn.execute("SET search_path = public")
     return figures
 
 
@@ -158,7 +169,7 @@ async def _per_record(conn: asyncpg.Connection, page: Page, reference: bool, rec
     await conn.execute("SELECT chain_disclosures(100000)")
     start = await conn.fetchval("SELECT pg_current_wal_insert_lsn()")
     for _ in range(records):
-        await ledger.run_group_statement(conn, ledger._RECORD_MANY, page.arguments(reference))
+        await ledger.record_basic(conn, page.arguments(reference))
     wal = await conn.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), $1)", start)
     began = time.perf_counter()
     await conn.execute(f"SELECT chain_disclosures({records})")
@@ -192,9 +203,13 @@ async def main(argv: list[str] | None = None) -> int:
             print(f"  {kind:10} {part:15} {min(values):7.1f} / {statistics.median(values):7.1f}")
         print(f"backend CPU per statement sent by the client, µs (min / median of {args.rounds} runs of "
               f"{args.records}):")  # fmt: skip
-        await conn.execute(_function(False, "record_cost_baseline", _BASELINE))
-        for kind, figures in (await _backend_cpu(conn, page, args.rounds, args.records)).items():
-            print(f"  {kind:30} {min(figures):7.1f} / {statistics.median(figures):7.1f}")
+        definitions = _definitions()
+        first = definitions[0] if len(definitions) > 1 else None
+        if first is not None:
+            await conn.execute(f"CREATE SCHEMA {_BASELINE_SCHEMA}")
+            await conn.execute(_function(False, f"{_BASELINE_SCHEMA}.record_basic_disclosures", first))
+        for kind, cpu in (await _backend_cpu(conn, page, args.rounds, args.records, first)).items():
+            print(f"  {kind:30} {min(cpu):7.1f} / {statistics.median(cpu):7.1f}")
         print(f"per record ({args.records} statements each, three rounds):")
         for _ in range(3):
             for reference in (False, True):

@@ -35,8 +35,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(BENCH_DIR.parent))
 
-from service.recorder import DisclosureRecorder  # noqa: E402
-from service.store import ledger, usage  # noqa: E402
+from service import models  # noqa: E402
+from service.disclosure.record import DisclosureRecorder  # noqa: E402
 from service.store.database import Database  # noqa: E402
 
 import datagen  # noqa: E402
@@ -44,10 +44,10 @@ from common import admin_dsn, with_database  # noqa: E402
 
 DATABASE = "apptgate_bench_recorder_cost"
 PAGE = 50
-TERMS = usage.ChargeTerms(10**9, 10**9, anomaly_factor=1000.0, anomaly_min=10**12, suspend_on_anomaly=False)
+TERMS = models.ChargeTerms(10**9, 10**9, anomaly_factor=1000.0, anomaly_min=10**12, suspend_on_anomaly=False)
 
 
-async def _run(recorder: DisclosureRecorder, entry: ledger.Entry, page: list[tuple[str, UUID, UUID]],
+async def _run(recorder: DisclosureRecorder, entry: models.LedgerEntry, page: list[tuple[str, UUID, UUID]],
                callers: int, records: int) -> tuple[float, float]:  # fmt: skip
     """Records per second and CPU µs per record, ``callers`` at a time, ``records`` in all."""
 
@@ -82,7 +82,7 @@ async def main(argv: list[str] | None = None) -> int:
             # library's uuid.UUID is several times slower, and the record converts 100 of them).
             rows = await conn.fetch("SELECT gen_random_uuid() AS a, gen_random_uuid() AS p FROM generate_series(1, $1)",
                                     PAGE)  # fmt: skip
-        entry = ledger.Entry(partner, "pk_recorder_cost", "ListAppointments", "", ledger.VIEW_BASIC)
+        entry = models.LedgerEntry(partner, "pk_recorder_cost", "ListAppointments", "", models.View.BASIC)
         page = [(f"apt_{n:022d}", row["a"], row["p"]) for n, row in enumerate(rows)]
         recorder = DisclosureRecorder(database, budget=10.0)
         await _run(recorder, entry, page, max(counts), 20 * max(counts))  # the first record, plans, connections

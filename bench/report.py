@@ -42,6 +42,12 @@ def _find(runs: list[dict[str, Any]], **where: Any) -> dict[str, Any] | None:
     return found[(len(found) - 1) // 2] if found else None
 
 
+def _of(run: dict[str, Any] | None, key: str) -> float | None:
+    """A run's figure ``key``, or None when there is no run or no such figure."""
+    value = None if run is None else run.get(key)
+    return None if value is None else float(value)
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     if not a or not b:
         return None
@@ -184,16 +190,16 @@ def defense(runs: list[dict[str, Any]]) -> list[str]:
         g = _find(runs, size=size, scenario=scenario, concurrency=c, variant="gateway")
         d = _find(runs, size=size, scenario=scenario, concurrency=c, variant="gateway-nodefense")
         assert d is not None
-        r = _ratio(g and g["rps"], d["rps"])
+        r = _ratio(_of(g, "rps"), d["rps"])
         if r is not None:
             worst[scenario] = min(worst.get(scenario, r), r)
         lines.append(
-            f"| {size} | {scenario} | {c} | {_fmt(g and g['rps'], 0)} | {d['rps']:,.0f} | {_fmt(r)} | "
-            f"{_mark(None if r is None else r >= DEFENSE_RATIO)} | {_fmt(g and g['p99_ms'], 1)} / {d['p99_ms']:.1f} | "
-            f"{_fmt(g and g['server_cpu_ms_per_req'], 3)} / {d['server_cpu_ms_per_req']:.3f} | "
-            f"{_fmt(g and g.get('db_cpu_ms_per_req'), 3)} / {_fmt(d.get('db_cpu_ms_per_req'), 3)} | "
-            f"{_fmt(_ratio(_cpu_per_call(d), g and _cpu_per_call(g)))} | "
-            f"{_fmt(g and g.get('load_1m'), 1)} / {_fmt(d.get('load_1m'), 1)} |"
+            f"| {size} | {scenario} | {c} | {_fmt(_of(g, 'rps'), 0)} | {d['rps']:,.0f} | {_fmt(r)} | "
+            f"{_mark(None if r is None else r >= DEFENSE_RATIO)} | {_fmt(_of(g, 'p99_ms'), 1)} / {d['p99_ms']:.1f} | "
+            f"{_fmt(_of(g, 'server_cpu_ms_per_req'), 3)} / {d['server_cpu_ms_per_req']:.3f} | "
+            f"{_fmt(_of(g, 'db_cpu_ms_per_req'), 3)} / {_fmt(_of(d, 'db_cpu_ms_per_req'), 3)} | "
+            f"{_fmt(_ratio(_cpu_per_call(d), _cpu_per_call(g) if g else None))} | "
+            f"{_fmt(_of(g, 'load_1m'), 1)} / {_fmt(_of(d, 'load_1m'), 1)} |"
         )
     verdict = ", ".join(
         f"{scenario}: worst {value:.2f} ({_mark(value >= DEFENSE_RATIO)})" for scenario, value in worst.items()
@@ -207,7 +213,7 @@ def targets(report: dict[str, Any]) -> list[str]:
     sizes = sorted({r["size"] for r in runs}, key=_size_key)
     base = sizes[0] if sizes else "100k"
     g = _find(runs, size=base, scenario="list", concurrency=16, variant="gateway")
-    list16 = {"size": base, "scenario": "list", "concurrency": 16}
+    list16: dict[str, Any] = {"size": base, "scenario": "list", "concurrency": 16}
     rows = ["| target (issue 8) | measured | verdict |", "| --- | ---: | --- |"]
     r = _median_ratio(runs, "gateway", "naive", **list16)
     rows.append(f"| ListAppointments c=16, {base}: ≥ {TARGETS['list_vs_naive']}× naive | {_fmt(r)}× | "
@@ -225,14 +231,14 @@ def targets(report: dict[str, Any]) -> list[str]:
         first = _find(runs, size=base, scenario="list", concurrency=c, variant="gateway")
         for size in sizes[1:]:
             other = _find(runs, size=size, scenario="list", concurrency=c, variant="gateway")
-            r = _ratio(other and other["p50_ms"], first and first["p50_ms"])
+            r = _ratio(_of(other, "p50_ms"), _of(first, "p50_ms"))
             verdict = (
                 _mark(None if r is None else r <= TARGETS["growth_p50"])
                 if size == "10m"
                 else ("(10M is the target)" if r is None or r <= TARGETS["growth_p50"] else "**over 1.3× already**")
             )
             rows.append(f"| ListAppointments p50 growth {base}→{size}, c={c}: ≤ {TARGETS['growth_p50']}× (at 10M) | "
-                        f"{_fmt(r)}× ({_fmt(first and first['p50_ms'])} → {_fmt(other and other['p50_ms'])} ms) | "
+                        f"{_fmt(r)}× ({_fmt(_of(first, 'p50_ms'))} → {_fmt(_of(other, 'p50_ms'))} ms) | "
                         f"{verdict} |")  # fmt: skip
     breach = report.get("breach")
     if breach:

@@ -11,7 +11,7 @@ One run, in order:
    (``bench/baselines.py``), one process each (``--workers`` to change), and
    on request ``gateway-nodefense``: the same gateway code on the world's
    ``_nodefense`` copy (contact values in clear, row-level security disabled)
-   with the contact path's decryption patched out (``bench/whatif.py``
+   with the contact path's decryption replaced (``bench/whatif.py``
    ``nodefense``), sharing the gateway's key, consent and secrets so that its
    answers must equal the gateway's (checked at start). The naive baseline
    reads that clear copy too where one is built (it reads contact columns in
@@ -135,9 +135,9 @@ async def prepare_fixture(size: int, meta: dict[str, Any], like: Fixture | None 
     With ``like`` (the world's defended fixture), install the same key, consent
     and secrets instead, so that the same requests get the same answers.
     """
-    from service import auth
-    from service.consent import ConsentClaims, ConsentKeyring, SigningKey
-    from service.pseudonyms import Pseudonyms
+    from service.access import credentials
+    from service.access.consent_tokens import ConsentClaims, ConsentKeyring, SigningKey
+    from service.disclosure.pseudonyms import Pseudonyms
 
     fx = Fixture(size, with_database(admin_dsn(), meta["database"]), meta)
     datagen.migrate(fx.dsn)  # right before serving: a migration may have landed since the data was checked
@@ -156,7 +156,7 @@ async def prepare_fixture(size: int, meta: dict[str, Any], like: Fixture | None 
         now = datetime.now(UTC)
         claims = ConsentClaims(uuid.uuid4(), patient, partner, (1, 2, 3, 4), "benchmark", now, now + timedelta(days=2))
         fx.consent_token = keyring.sign(claims)
-        fx.issued = (auth.new_partner_key(), claims, keyring.active_key_id)
+        fx.issued = (credentials.new_partner_key(), claims, keyring.active_key_id)
     else:
         if (like.meta["bench_partner_id"], like.meta["target"]) != (meta["bench_partner_id"], meta["target"]):
             raise SystemExit(f"{meta['database']} is not a copy of {like.meta['database']} (other ids)")
@@ -257,7 +257,8 @@ def grpc_call(port: int, scenario: str, body: bytes, metadata: list[tuple[str, s
     """One call with a real gRPC client; returns the raw response bytes. Raises grpc.RpcError on a non-OK status."""
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         method = channel.unary_unary(SERVICE + SCENARIOS[scenario])  # no (de)serializers: bytes in, bytes out
-        return method(body, metadata=metadata, timeout=timeout)
+        response: bytes = method(body, metadata=metadata, timeout=timeout)
+        return response
 
 
 # --------------------------------------------------------------------------- servers
@@ -375,10 +376,10 @@ def start_gateway(fx: Fixture, variant: str, port: int, workdir: Path, args: arg
     env = gateway_env(fx, port, workdir, tracing=variant.endswith("tracing"), sink_port=args.port_base + 90,
                       workers=args.workers)  # fmt: skip
     command = [PY, "-m", "service", "serve"]
-    if variant.endswith("whatif"):  # the profile's recommendations as in-process patches (bench/whatif.py)
+    if variant.endswith("whatif"):  # a change measured before it is made (bench/whatif.py)
         command = [PY, str(BENCH_DIR / "whatif.py"), "serve"]
         env["APPTGATE_WHATIF"] = args.whatif
-    elif variant == "gateway-nodefense":  # decryption patched out, on the world's clear, RLS-free copy
+    elif variant == "gateway-nodefense":  # no decryption, on the world's clear, RLS-free copy
         if fx.defended:
             raise SystemExit("gateway-nodefense must run on a _nodefense world")
         command = [PY, str(BENCH_DIR / "whatif.py"), "serve"]
@@ -791,14 +792,16 @@ def breach_report(args: argparse.Namespace, ledger_meta: dict[str, Any]) -> dict
 
 
 async def _explain_breach(partner: str, day: datetime) -> str:
-    try:
-        from service.store import ledger
-    except ImportError:
-        return ""
+    from service.store import disclosures
+
     conn = await asyncpg.connect(with_database(admin_dsn(), datagen.LEDGER_DB))
     try:
         rows = await conn.fetch(
-            "EXPLAIN (ANALYZE, BUFFERS) " + ledger._BREACH, uuid.UUID(partner), day, day + timedelta(days=1), None
+            "EXPLAIN (ANALYZE, BUFFERS) " + disclosures.BREACH_SQL,
+            uuid.UUID(partner),
+            day,
+            day + timedelta(days=1),
+            None,
         )
     finally:
         await conn.close()
@@ -812,8 +815,7 @@ async def statement_cost(fx: Fixture, repeats: int = 300) -> dict[str, Any]:
     """The partner path's listing and appointment read as the partner role, alone: what row-level security costs.
 
     For each statement of the measured source (``service.store.partner_reads``:
-    ``_LIST`` and ``_GET``, the functions of migration 0013, or before it
-    ``_LIST_ALL`` and ``_GET``; skipped when a refactoring removed them), bound as
+    ``LIST_SQL`` and ``GET_SQL``, which call the partner-path functions), bound as
     the gateway binds a call (``SET LOCAL ROLE``, ``set_config``): the median
     round trip of ``repeats`` executions of the prepared statement, one at a
     time, the median server-side execution time (``EXPLAIN (ANALYZE, TIMING
@@ -826,18 +828,12 @@ async def statement_cost(fx: Fixture, repeats: int = 300) -> dict[str, Any]:
     partner = uuid.UUID(fx.meta["bench_partner_id"])
     anchor = datetime.fromisoformat(fx.meta["anchor"])
     target = uuid.UUID(fx.meta["target"]["appointment_id"])
-    if hasattr(partner_reads, "_LIST"):  # migration 0013: the statements call the partner-path functions
-        key_id = fx.issued[0].key_id
-        statements = {"list": partner_reads._LIST, "get": partner_reads._GET}
-        params: dict[str, tuple[Any, ...]] = {
-            "list": (key_id, partner, None, anchor, anchor + timedelta(days=1), None, None, 51),
-            "get": (key_id, partner, target),
-        }
-    elif hasattr(partner_reads, "_LIST_ALL"):
-        statements = {"list": partner_reads._LIST_ALL, "get": partner_reads._GET}
-        params = {"list": (partner, anchor, anchor + timedelta(days=1), 51), "get": (partner, target)}
-    else:
-        return {}
+    key_id = fx.issued[0].key_id
+    statements = {"list": partner_reads.LIST_SQL, "get": partner_reads.GET_SQL}
+    params: dict[str, tuple[Any, ...]] = {
+        "list": (key_id, partner, None, anchor, anchor + timedelta(days=1), None, None, 51),
+        "get": (key_id, partner, target),
+    }
     out: dict[str, Any] = {}
     conn = await asyncpg.connect(fx.dsn)
     try:
@@ -974,8 +970,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "in reverse order every other round; ratios: the median of the rounds'")  # fmt: skip
     parser.add_argument("--breach-month", action="store_true", help="also report the busiest partner over 30 days")
     parser.add_argument("--whatif", metavar="PATCHES", default="",
-                        help="add the variant gateway+whatif: the gateway with bench/whatif.py's patches "
-                             "(norecord, nostatement) to measure a change before it is made")  # fmt: skip
+                        help="add the variant gateway+whatif: the gateway with bench/whatif.py's variants "
+                             "(norecord, gather, cold) to measure a change before it is made")  # fmt: skip
     parser.add_argument("--profile", action="store_true", help="py-spy the gateway under ListAppointments c=16")
     parser.add_argument("--profile-seconds", type=int, default=20)
     parser.add_argument("--profile-variants", default="gateway,gateway+whatif",

@@ -136,8 +136,8 @@ class Extras:
 
 async def prepare_extras(fx: bench.Fixture) -> Extras:
     """A revoked consent of the target patient (its token answers CONSENT_REVOKED) and the ids of failing calls."""
-    from service.consent import ConsentClaims, ConsentKeyring, SigningKey
-    from service.pseudonyms import Pseudonyms
+    from service.access.consent_tokens import ConsentClaims, ConsentKeyring, SigningKey
+    from service.disclosure.pseudonyms import Pseudonyms
 
     partner = uuid.UUID(fx.meta["bench_partner_id"])
     patient = uuid.UUID(fx.meta["target"]["patient_id"])
@@ -263,9 +263,9 @@ class Traffic:
 
 
 def _unknown_key() -> str:
-    from service import auth
+    from service.access import credentials
 
-    return auth.new_partner_key().secret  # well shaped, never issued: looked up, then refused
+    return credentials.new_partner_key().secret  # well shaped, never issued: looked up, then refused
 
 
 async def open_loop(
@@ -491,7 +491,7 @@ async def health(port: int) -> str:
         try:
             reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         except grpc.aio.AioRpcError as error:
-            return error.code().name
+            return str(error.code().name)
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
