@@ -49,6 +49,7 @@ from common import admin_dsn, process_cpu_seconds, source, with_database  # noqa
 
 DATABASE = "apptgate_bench_record_cost"
 PAGE = 50
+_RPC = "/appointments.partner.v1.PartnerAppointmentService/ListAppointments"
 #: The schema the first definition of the function is created in, to compare it with the latest.
 _BASELINE_SCHEMA = "record_cost_baseline"
 
@@ -75,7 +76,7 @@ class Page:
         if reference:
             items = [[self.record_id], [self.digest], [], [], []]
         return [
-            [self.partner], ["pk_cost"], ["ListAppointments"], [""], [0 if reference else PAGE], *items,
+            [self.partner], ["pk_recordcostaaaaaa"], [_RPC], [""], [0 if reference else PAGE], *items,
             [self.partner], [10**9], [10**9], [1000.0], [10**9], [False], [self.since], [0], [],
         ]  # fmt: skip
 

@@ -82,7 +82,13 @@ async def main(argv: list[str] | None = None) -> int:
             # library's uuid.UUID is several times slower, and the record converts 100 of them).
             rows = await conn.fetch("SELECT gen_random_uuid() AS a, gen_random_uuid() AS p FROM generate_series(1, $1)",
                                     PAGE)  # fmt: skip
-        entry = models.LedgerEntry(partner, "pk_recorder_cost", "ListAppointments", "", models.View.BASIC)
+        entry = models.LedgerEntry(
+            partner,
+            "pk_recordercostaaaa",
+            "/appointments.partner.v1.PartnerAppointmentService/ListAppointments",
+            "",
+            models.View.BASIC,
+        )
         page = [(f"apt_{n:022d}", row["a"], row["p"]) for n, row in enumerate(rows)]
         recorder = DisclosureRecorder(database, budget=10.0)
         await _run(recorder, entry, page, max(counts), 20 * max(counts))  # the first record, plans, connections

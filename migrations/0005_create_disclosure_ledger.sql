@@ -46,7 +46,18 @@ CREATE TABLE disclosures (
     -- The inserting transaction: the sequencer chains a record once every transaction that
     -- started before it has ended, so it never skips one still running.
     txid            xid8 NOT NULL DEFAULT pg_current_xact_id(),
-    -- Items of its own, or a reference: never both, never neither.
+    -- The shapes a record has, and no other: a key id and a method name as the gateway writes
+    -- them; a refusal, and only a refusal, with its reason; contact fields and a consent only in
+    -- a contact view, whose disclosure always names its consent; items of its own, or a
+    -- reference, never both, never neither.
+    CONSTRAINT disclosures_key_check CHECK (key_id ~ '^pk_[a-z2-7]{16}$'),
+    CONSTRAINT disclosures_rpc_check CHECK (rpc ~ '^/[A-Za-z0-9_.]+/[A-Za-z0-9_]+$'),
+    CONSTRAINT disclosures_trace_check CHECK (trace_id ~ '^([0-9a-f]{32})?$'),
+    CONSTRAINT disclosures_refusal_check CHECK ((outcome = 1) = (denial_reason = '')),
+    CONSTRAINT disclosures_contact_check CHECK (
+        (view = 1 AND contact_fields = '{}' AND consent_id IS NULL)
+        OR (view = 2 AND (outcome = 2 OR consent_id IS NOT NULL))
+    ),
     CONSTRAINT disclosures_items_check CHECK (
         (items_of IS NULL AND items_digest IS NULL
          AND cardinality(appointment_ids) > 0
@@ -170,35 +181,6 @@ CROSS JOIN LATERAL unnest(coalesce(d.requested_ids, o.requested_ids),
                           coalesce(d.appointment_ids, o.appointment_ids),
                           coalesce(d.patient_ids, o.patient_ids))
     WITH ORDINALITY AS u(requested_id, appointment_id, patient_id, item);
-
--- One record holding every item of one response, unchanged by any limit: what the partner
--- path writes for a refused attempt. Returns the number of items (0, and no record, for none).
-CREATE FUNCTION append_disclosures(
-    p_partner_id uuid, p_key_id text, p_rpc text, p_trace_id text, p_view smallint, p_outcome smallint,
-    p_denial_reason text, p_requested_ids text[], p_appointment_ids uuid[], p_patient_ids uuid[],
-    p_contact_fields smallint[], p_consent_id uuid
-) RETURNS bigint
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, public
-AS $$
-BEGIN
-    IF cardinality(p_appointment_ids) IS DISTINCT FROM cardinality(p_patient_ids)
-       OR cardinality(p_appointment_ids) IS DISTINCT FROM cardinality(p_requested_ids) THEN
-        RAISE EXCEPTION 'append_disclosures: arrays of different lengths';
-    END IF;
-    IF coalesce(cardinality(p_appointment_ids), 0) = 0 THEN
-        RETURN 0;
-    END IF;
-    INSERT INTO disclosures (partner_id, key_id, view, contact_fields, consent_id, rpc, trace_id, disclose_time,
-                             outcome, denial_reason, requested_ids, appointment_ids, patient_ids)
-    VALUES (p_partner_id, p_key_id, p_view, coalesce(p_contact_fields, '{}'), p_consent_id, p_rpc,
-            coalesce(p_trace_id, ''), statement_timestamp(), p_outcome, coalesce(p_denial_reason, ''),
-            p_requested_ids, p_appointment_ids, p_patient_ids);
-    RETURN cardinality(p_appointment_ids);
-END
-$$;
-REVOKE ALL ON FUNCTION append_disclosures(uuid, text, text, text, smallint, smallint, text, text[], uuid[], uuid[],
-    smallint[], uuid) FROM PUBLIC;
 
 -- The basic-view responses (ListAppointments, GetAppointment, the change feed) of concurrent
 -- calls, charged and recorded in one statement.

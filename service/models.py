@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple
 from uuid import UUID
@@ -104,6 +104,19 @@ class ChargeTerms:
     anomaly_factor: float
     anomaly_min: int
     suspend_on_anomaly: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated partner: who calls, with which key, and the SHA-256 of the secret it presented.
+
+    The partner path's statements are called with the key id and that hash,
+    and verify both themselves (migration 0007).
+    """
+
+    partner_id: UUID
+    key_id: str
+    secret_hash: bytes = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -324,6 +324,12 @@ class World:
             if not token:
                 return found
 
+    async def issue_key(self, partner_id: str) -> Any:
+        """Issue another key to a partner (its ``PartnerKey`` message, secret included)."""
+        return await self.registry.IssuePartnerKey(
+            registry_pb.IssuePartnerKeyRequest(partner_id=partner_id), metadata=self.internal_metadata
+        )
+
     async def revoke_key(self, key_id: str) -> None:
         """Revoke a partner key."""
         await self.registry.RevokePartnerKey(

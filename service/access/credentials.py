@@ -2,9 +2,9 @@
 
 A partner key is ``pk_<16 base32>.<43 base64url>``: the public key id, a dot,
 and 256 random bits. Only the SHA-256 of the whole key is stored (the secret
-has full entropy, so a slow hash would add nothing). Comparisons run in
-constant time, and an unknown key id costs the same comparison as a wrong
-secret, so timing does not tell which key ids exist.
+has full entropy, so a slow hash would add nothing), and only the database
+compares it with what a caller presents (migration 0007); the gateway
+compares a presented key with one it saw verify, in constant time.
 """
 
 from __future__ import annotations
@@ -16,23 +16,12 @@ import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
-from uuid import UUID
 
-from service import models
 from service.errors import Unauthenticated
 
-_KEY = re.compile(r"^(pk_[a-z2-7]{16})\.[A-Za-z0-9_-]{43}$")
-_KEY_ID = re.compile(r"^pk_[a-z2-7]{16}$")
-_DUMMY_HASH = hashlib.sha256(b"apptgate: no such key").digest()
+_KEY = re.compile(r"(pk_[a-z2-7]{16})\.[A-Za-z0-9_-]{43}")
+_KEY_ID = re.compile(r"pk_[a-z2-7]{16}")
 _BEARER = "bearer "
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """An authenticated partner: who calls, with which key."""
-
-    partner_id: UUID
-    key_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,29 +59,15 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
 
 def is_key_id(text: str) -> bool:
     """True when ``text`` has the shape of a public key id (``pk_`` and 16 base32 letters)."""
-    return _KEY_ID.match(text) is not None
+    return _KEY_ID.fullmatch(text) is not None
 
 
 def partner_key_id(token: str) -> str:
     """Return the key id of a partner key. Raises :class:`Unauthenticated` when it is not shaped like one."""
-    match = _KEY.match(token)
+    match = _KEY.fullmatch(token)
     if match is None:
         raise Unauthenticated("invalid credentials")
     return match[1]
-
-
-def verify_partner_key(token: str, record: models.PartnerKey | None) -> Principal:
-    """Check a presented key against its stored record (``None`` when the id is unknown).
-
-    Raises :class:`Unauthenticated`, with the same message whether the key is
-    unknown, wrong or revoked.
-    """
-    presented = hash_secret(token)
-    expected = record.secret_hash if record is not None else _DUMMY_HASH
-    matches = hmac.compare_digest(presented, expected)
-    if record is None or not matches or record.revoke_time is not None:
-        raise Unauthenticated("invalid credentials")
-    return Principal(record.partner_id, record.id)
 
 
 class InternalToken:

@@ -1,17 +1,22 @@
 """Who may call the partner service, and whether a call or a stream may go on: the one place access is decided.
 
-A partner call is admitted in two steps. :meth:`PartnerGate.admit` verifies
-the bearer key in constant time against its cached hash and applies the
-request rate; then the call's read statement (:mod:`service.store.partner_reads`,
-as the partner role) re-checks the facts that change — the key revoked, the
-partner suspended — and joins the caller's active grants, so a revocation
-bites on the next call. A refusal of that statement comes back through
-:meth:`PartnerGate.refused`, which forgets what was cached. What a partner may
-*see* of an appointment is decided by :mod:`service.disclosure.views`; whether
-a contact field may be seen, by a consent (:mod:`service.access.consent_tokens`
-and the record statement that checks it).
+A partner call presents its key. The database alone verifies a key's secret
+(migration 0007: every partner statement takes the key id and the SHA-256 of
+the secret presented, verifies both and derives the partner from the key).
+:meth:`PartnerGate.admit` admits a call before its statement: it compares the
+presented key with one it saw verify, in constant time, and applies the
+partner's request rate; anything else — an unknown key, a wrong secret, a
+key not seen yet — goes to the database, so the two kinds of failure take the
+same path. A key that failed is answered from memory for a while, and a peer
+that fails too often is refused before any query. The call's statement then
+verifies the key again and re-checks the partner's suspension and grants, so
+a revocation bites on the next call; its refusal comes back through
+:meth:`PartnerGate.refused`, which forgets what was remembered.
 
-A change-feed stream is judged again whenever access changes
+What a partner may *see* of an appointment is decided by
+:mod:`service.disclosure.views`; whether a contact field may be seen, by a
+consent (:mod:`service.access.consent_tokens` and the record statement that
+checks it). A change-feed stream is judged again whenever access changes
 (:func:`stream_refusal`, :func:`key_refusal`), by the hub when it is told of a
 change and by every delivery, which re-reads the key and the grants in the
 transaction that records it.
@@ -19,94 +24,140 @@ transaction that records it.
 
 from __future__ import annotations
 
+import hmac
+import time
 from collections import OrderedDict
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from uuid import UUID
 
 from service import models
 from service.access import credentials
-from service.access.limits import ExtractionGuard, PartnerPolicy
-from service.errors import ApptgateError, PartnerSuspended, PermissionDenied, Unauthenticated
-from service.store import partners
-from service.store.database import PARTNER_ROLE, Connection, Database
-from service.store.partner_reads import ReadRefused, Refusal
+from service.access.limits import ExtractionGuard, PartnerPolicy, TokenBuckets
+from service.errors import ApptgateError, PartnerSuspended, PermissionDenied, ResourceExhausted, Unauthenticated
+from service.store import partner_path
+from service.store.database import Database
+from service.store.partner_path import ReadRefused, Refusal
 from service.telemetry.tracing import annotate
 
 Metadata = Iterable[tuple[str, str | bytes]] | None
 
-#: Keys a process keeps verified, least recently used out first.
+#: Keys a process remembers having seen verify, least recently used out first.
 _MAX_KEYS = 10_000
+#: Seconds a key that failed to verify is answered from memory, without a query.
+_FAILED_FOR = 60.0
+#: Failed keys remembered at most, least recent out first.
+_MAX_FAILED = 10_000
+#: Failed authentications a peer may make per second, and in a burst, before it is refused unheard.
+_FAILURES_PER_SECOND = 5.0
+_FAILURE_BURST = 20
 
 
 class PartnerGate:
     """Admits partner calls: the key, the partner's limits, and what the database refuses later."""
 
-    def __init__(self, database: Database, guard: ExtractionGuard) -> None:
+    def __init__(self, database: Database, guard: ExtractionGuard, *, clock: Callable[[], float] = time.monotonic):
         self.guard = guard
         self._db = database
-        # Key id → the key as stored. What is cached never changes for a key (its partner and
-        # secret hash); what does (revocation, the partner's suspension) is checked by every
-        # read statement, whose refusal drops the entry (refused).
-        self._keys: OrderedDict[str, models.PartnerKey] = OrderedDict()
+        self._clock = clock
+        # Key id → a principal whose key the database verified. What is kept never changes for a
+        # key (its partner, its secret's hash); what does (revocation, the partner's suspension)
+        # is checked by every statement, whose refusal drops the entry (refused).
+        self._keys: OrderedDict[str, models.Principal] = OrderedDict()
+        # (key id, secret hash) → when a failed verification stops being answered from memory.
+        self._failed: OrderedDict[tuple[str, bytes], float] = OrderedDict()
+        self._failures = TokenBuckets(clock=clock)
 
-    async def admit(self, metadata: Metadata) -> tuple[credentials.Principal, PartnerPolicy]:
+    async def admit(self, metadata: Metadata, peer: str) -> tuple[models.Principal, PartnerPolicy]:
         """Verify the call's key and apply its partner's request rate; return who calls and its limits.
 
-        The partner-path statement that follows must re-check that the key is
-        live (the functions of migration 0007 do). Reads the key and the
-        partner's limits only when they are not cached, or the limits are older
-        than :data:`~service.access.limits.POLICY_TTL`. Raises
-        :class:`~service.errors.Unauthenticated`, :class:`PartnerSuspended` or
-        RESOURCE_EXHAUSTED.
+        ``peer`` is the caller's network address, which failed authentications
+        are limited by. The partner-path statement that follows verifies the key
+        again. Raises :class:`~service.errors.Unauthenticated`,
+        :class:`PartnerSuspended` or RESOURCE_EXHAUSTED.
         """
-        token = credentials.bearer_token(metadata)
-        key_id = credentials.partner_key_id(token)
-        key = self._keys.get(key_id)
-        policy = self.guard.known_policy(key.partner_id) if key is not None else None
-        if key is None or policy is None:
-            async with self._db.partner_statements() as conn:
-                stored, overrides = await partners.authenticate_key(conn, key_id)
-            principal = credentials.verify_partner_key(token, stored)
-            assert stored is not None
-            policy = self.guard.learn(principal.partner_id, overrides)
+        key_id, presented = self._presented(metadata)
+        known = self._keys.get(key_id)
+        policy = self.guard.known_policy(known.partner_id) if known is not None else None
+        if known is not None and policy is not None and hmac.compare_digest(presented, known.secret_hash):
+            principal = known
+            self._keys.move_to_end(key_id)
+        else:
+            principal, policy = await self._authenticate(key_id, presented, peer)
             if policy.suspended:
                 raise PartnerSuspended()
-            self._keys[key_id] = stored
-            if len(self._keys) > _MAX_KEYS:
-                self._keys.popitem(last=False)
-        else:
-            principal = credentials.verify_partner_key(token, key)
-            self._keys.move_to_end(key_id)
         annotate(partner_id=str(principal.partner_id), key_id=principal.key_id)
         self.guard.throttle(principal.partner_id, policy)
         return principal, policy
 
-    async def admit_in(self, conn: Connection, metadata: Metadata) -> tuple[credentials.Principal, PartnerPolicy]:
-        """:meth:`admit` inside ``conn``'s transaction, reading the key and limits afresh.
-
-        Binds the partner for row-level security for the rest of the
-        transaction; for paths that run several statements in one transaction
-        (opening a stream).
-        """
-        token = credentials.bearer_token(metadata)
-        key, overrides = await partners.authenticate_key(conn, credentials.partner_key_id(token))
-        principal = credentials.verify_partner_key(token, key)
+    async def admit_live(self, metadata: Metadata, peer: str) -> tuple[models.Principal, PartnerPolicy]:
+        """:meth:`admit` with the key verified by the database now: for a call with no statement of its own."""
+        key_id, presented = self._presented(metadata)
+        principal, policy = await self._authenticate(key_id, presented, peer)
         annotate(partner_id=str(principal.partner_id), key_id=principal.key_id)
-        policy = self.guard.policy(overrides)
         self.guard.admit(principal.partner_id, policy)
         return principal, policy
 
-    async def admit_live(self, metadata: Metadata) -> tuple[credentials.Principal, PartnerPolicy]:
-        """:meth:`admit_in` a transaction of its own: for a call with no read statement to re-check the key."""
-        async with self._db.transaction(role=PARTNER_ROLE, readonly=True) as conn:
-            return await self.admit_in(conn, metadata)
+    async def open_stream(self, metadata: Metadata, peer: str) -> tuple[models.Principal, partner_path.Opening]:
+        """Admit a stream: its key verified, its partner's limits applied, its grants and the feed's head read."""
+        key_id, presented = self._presented(metadata)
+        self._refuse_known_failure(key_id, presented, peer)
+        async with self._db.partner_statements() as conn:
+            opening = await partner_path.open_stream(conn, key_id, presented)
+        if opening is None:
+            raise self._failure(key_id, presented, peer)
+        principal = models.Principal(opening.partner_id, key_id, presented)
+        annotate(partner_id=str(principal.partner_id), key_id=key_id)
+        self.guard.admit(principal.partner_id, self.guard.learn(principal.partner_id, opening.overrides))
+        return principal, opening
 
-    def refused(self, refused: ReadRefused, principal: credentials.Principal) -> ApptgateError:
-        """The answer to a read statement's refusal of a key that looked live (revoked or suspended since cached)."""
+    def refused(self, refused: ReadRefused, principal: models.Principal) -> ApptgateError:
+        """The answer to a statement's refusal of a key that looked live (revoked or suspended since it was seen)."""
         self._keys.pop(principal.key_id, None)
         self.guard.forget(principal.partner_id)
         if refused.refusal is Refusal.PARTNER_SUSPENDED:
             return PartnerSuspended()
+        return Unauthenticated("invalid credentials")
+
+    @staticmethod
+    def _presented(metadata: Metadata) -> tuple[str, bytes]:
+        """The key id and secret hash of the call's bearer key. Raises :class:`Unauthenticated`."""
+        token = credentials.bearer_token(metadata)
+        return credentials.partner_key_id(token), credentials.hash_secret(token)
+
+    async def _authenticate(self, key_id: str, presented: bytes, peer: str) -> tuple[models.Principal, PartnerPolicy]:
+        """Have the database verify the key; remember it when it does, and the failure when it does not."""
+        self._refuse_known_failure(key_id, presented, peer)
+        async with self._db.partner_statements() as conn:
+            found = await partner_path.authenticate(conn, key_id, presented)
+        if found is None:
+            raise self._failure(key_id, presented, peer)
+        partner_id, overrides = found
+        principal = models.Principal(partner_id, key_id, presented)
+        self._keys[key_id] = principal
+        self._keys.move_to_end(key_id)
+        if len(self._keys) > _MAX_KEYS:
+            self._keys.popitem(last=False)
+        return principal, self.guard.learn(partner_id, overrides)
+
+    def _refuse_known_failure(self, key_id: str, presented: bytes, peer: str) -> None:
+        """Refuse, without a query, a key that failed lately, or a peer that fails too often."""
+        until = self._failed.get((key_id, presented))
+        if until is not None and self._clock() < until:
+            raise self._failure(key_id, presented, peer, known=True)
+        wait = self._failures.peek(peer, _FAILURES_PER_SECOND, _FAILURE_BURST)
+        if wait > 0:
+            raise ResourceExhausted(
+                "too many failed authentications from this address", reason="AUTHENTICATION_RATE_LIMITED",
+                retry_delay=wait,
+            )  # fmt: skip
+
+    def _failure(self, key_id: str, presented: bytes, peer: str, *, known: bool = False) -> Unauthenticated:
+        """Count a failed authentication against ``peer``, remember the key as failed; the error to answer."""
+        self._failures.take(peer, _FAILURES_PER_SECOND, _FAILURE_BURST)
+        if not known:
+            self._failed[(key_id, presented)] = self._clock() + _FAILED_FOR
+            if len(self._failed) > _MAX_FAILED:
+                self._failed.popitem(last=False)
         return Unauthenticated("invalid credentials")
 
 

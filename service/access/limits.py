@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
@@ -59,24 +59,32 @@ class _Bucket:
 
 
 class TokenBuckets:
-    """Token buckets by partner, bounded in number (least recently used evicted)."""
+    """Token buckets by key (a partner, a peer), bounded in number (least recently used evicted)."""
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic, max_partners: int = _MAX_PARTNERS) -> None:
         self._clock = clock
-        self._buckets: OrderedDict[UUID, _Bucket] = OrderedDict()
+        self._buckets: OrderedDict[Hashable, _Bucket] = OrderedDict()
         self._max = max_partners
 
-    def take(self, partner_id: UUID, rate: float, burst: int) -> float:
+    def peek(self, key: Hashable, rate: float, burst: int) -> float:
+        """The seconds until ``key``'s bucket holds a token (0: it holds one now), taking nothing."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            return 0.0
+        tokens = min(float(burst), bucket.tokens + (self._clock() - bucket.stamp) * rate)
+        return 0.0 if tokens >= 1 else (1 - tokens) / rate
+
+    def take(self, key: Hashable, rate: float, burst: int) -> float:
         """Take one token; return 0 when allowed, else the seconds until a token is available."""
         now = self._clock()
-        bucket = self._buckets.get(partner_id)
+        bucket = self._buckets.get(key)
         if bucket is None:
             bucket = _Bucket(float(burst), now)
-            self._buckets[partner_id] = bucket
+            self._buckets[key] = bucket
             if len(self._buckets) > self._max:
                 self._buckets.popitem(last=False)
         else:
-            self._buckets.move_to_end(partner_id)
+            self._buckets.move_to_end(key)
             bucket.tokens = min(float(burst), bucket.tokens + (now - bucket.stamp) * rate)
             bucket.stamp = now
         if bucket.tokens >= 1:

@@ -132,10 +132,16 @@ class PartnerPseudonyms:
         return self._derived.keep(self._derived.patients, key, value)
 
 
+#: Partners whose codecs a process keeps: each holds two derived keys, small; more partners than this rarely call.
+CODECS = 4096
+#: Ids remembered per kind, across partners: the pages polled in a day, a few megabytes.
+DERIVED_IDS = 65_536
+
+
 class Pseudonyms:
     """Derives and caches the codecs of each partner from the server secret."""
 
-    def __init__(self, secret: bytes, *, cache_size: int = 4096, memo_size: int = 65_536) -> None:
+    def __init__(self, secret: bytes, *, cache_size: int = CODECS, memo_size: int = DERIVED_IDS) -> None:
         if len(secret) < 32:
             raise ValueError("the server secret must be at least 32 bytes")
         self._secret = secret

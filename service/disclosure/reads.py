@@ -1,9 +1,9 @@
 """The partner reads, from an admitted call to the response it may send: read → view → record.
 
 Each read is one statement as the partner role
-(:mod:`service.store.partner_reads`), which re-checks the key and the
-partner's suspension and joins the caller's active grants, so revoking a key
-or a grant takes effect on the next call. The rows become the partner's view
+(:mod:`service.store.partner_path`), which verifies the key again, re-checks
+the partner's suspension and joins the partner's active grants, so revoking a
+key or a grant takes effect on the next call. The rows become the partner's view
 (:mod:`service.disclosure.views`), then the response is recorded
 (:mod:`service.disclosure.record`): counted against the partner's limits and
 written to the ledger, committed before the response leaves. For a contact
@@ -25,7 +25,6 @@ from appointments.partner.v1 import partner_appointment_service_pb2 as pb
 
 from service import models
 from service.access.consent_tokens import ConsentDenial, ConsentDenied, ConsentKeyring
-from service.access.credentials import Principal
 from service.access.gate import PartnerGate
 from service.access.limits import PartnerPolicy
 from service.crypto import sealing
@@ -33,7 +32,7 @@ from service.disclosure import pagination, views
 from service.disclosure.pseudonyms import PartnerPseudonyms, Pseudonyms
 from service.disclosure.record import DisclosureRecorder, entry
 from service.errors import InvalidArgument, NotFound, PermissionDenied
-from service.store import ledger, partner_reads
+from service.store import ledger, partner_path
 from service.store.database import Database
 from service.telemetry.tracing import Telemetry, annotate
 from service.timestamps import Micros
@@ -93,7 +92,7 @@ class PartnerReads:
         self._telemetry = telemetry
 
     async def list_appointments(
-        self, principal: Principal, policy: PartnerPolicy, query: ListQuery, practitioner_id: str
+        self, principal: models.Principal, policy: PartnerPolicy, query: ListQuery, practitioner_id: str
     ) -> pb.ListAppointmentsResponse:
         """A page of the appointments the partner may see; ``practitioner_id`` as the request spelled it.
 
@@ -130,7 +129,7 @@ class PartnerReads:
         return response
 
     async def get_appointment(
-        self, principal: Principal, policy: PartnerPolicy, appointment_id: str
+        self, principal: models.Principal, policy: PartnerPolicy, appointment_id: str
     ) -> appointment_pb2.Appointment:
         """The basic view of one appointment; NOT_FOUND (recorded) when the partner may not see it."""
         ids = self._ids.for_partner(principal.partner_id)
@@ -148,7 +147,7 @@ class PartnerReads:
         return message
 
     async def get_contact(
-        self, principal: Principal, policy: PartnerPolicy, appointment_id: str, consent_token: str
+        self, principal: models.Principal, policy: PartnerPolicy, appointment_id: str, consent_token: str
     ) -> contact_pb2.AppointmentContact:
         """The contact view of one appointment: exactly the fields a live consent releases.
 
@@ -186,7 +185,7 @@ class PartnerReads:
             self._telemetry.consent_denials.add(1, {"reason": reason})
             refused = entry(principal, _CONTACT, models.View.CONTACT, denial_reason=reason, consent_id=consent_id)
             async with self._db.partner_statements() as conn:
-                await ledger.append(conn, refused, [(appointment_id, row.id, row.patient_id)])
+                await partner_path.record_refusal(conn, principal, refused, [(appointment_id, row.id, row.patient_id)])
             raise PermissionDenied(denied.message, reason=reason) from None
         assert stored.charge is not None
         self._guard.settle(principal.partner_id, stored.charge)
@@ -198,7 +197,7 @@ class PartnerReads:
         return views.appointment_contact(appointment_id, contact)
 
     async def _listed_rows(
-        self, principal: Principal, query: ListQuery, after: tuple[Micros, UUID] | None, practitioner_id: str
+        self, principal: models.Principal, query: ListQuery, after: tuple[Micros, UUID] | None, practitioner_id: str
     ) -> list[models.BasicAppointment]:
         """The page's rows (one more than the page, to tell whether another follows).
 
@@ -208,25 +207,24 @@ class PartnerReads:
         """
         async with self._db.partner_statements() as conn:
             try:
-                return await partner_reads.list_appointments(
+                return await partner_path.list_appointments(
                     conn,
-                    key_id=principal.key_id,
-                    partner_id=principal.partner_id,
+                    principal,
                     practitioner_id=query.practitioner_id,
                     start_time=query.start_time,
                     end_time=query.end_time,
                     after=after,
                     limit=query.page_size + 1,
                 )
-            except partner_reads.ReadRefused as refused:
-                if refused.refusal is not partner_reads.Refusal.NOT_GRANTED:
+            except partner_path.ReadRefused as refused:
+                if refused.refusal is not partner_path.Refusal.NOT_GRANTED:
                     raise self._gate.refused(refused, principal) from None
                 denial = entry(principal, _LIST, models.View.BASIC, denial_reason="NOT_FOUND")
-                await ledger.append(conn, denial, [(practitioner_id, None, None)])
+                await partner_path.record_refusal(conn, principal, denial, [(practitioner_id, None, None)])
         raise NotFound("practitioner not found")
 
     async def _named_appointment(
-        self, principal: Principal, ids: PartnerPseudonyms, appointment_id: str, method: str, view: models.View
+        self, principal: models.Principal, ids: PartnerPseudonyms, appointment_id: str, method: str, view: models.View
     ) -> models.BasicAppointment:
         """The appointment the caller named, if it may see it; otherwise the attempt is recorded and NOT_FOUND raised.
 
@@ -234,17 +232,12 @@ class PartnerReads:
         """
         async with self._db.partner_statements() as conn:
             try:
-                row = await partner_reads.get_appointment(
-                    conn,
-                    key_id=principal.key_id,
-                    partner_id=principal.partner_id,
-                    appointment_id=ids.parse_appointment_id(appointment_id),
-                )
-            except partner_reads.ReadRefused as refused:
+                row = await partner_path.get_appointment(conn, principal, ids.parse_appointment_id(appointment_id))
+            except partner_path.ReadRefused as refused:
                 raise self._gate.refused(refused, principal) from None
             if row is None:
                 denial = entry(principal, method, view, denial_reason="NOT_FOUND")
-                await ledger.append(conn, denial, [(appointment_id, None, None)])
+                await partner_path.record_refusal(conn, principal, denial, [(appointment_id, None, None)])
         if row is None:
             # No metadata: "does not exist", "not yours" and "no longer granted"
             # must be byte-for-byte the same answer.

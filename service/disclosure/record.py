@@ -22,7 +22,7 @@ returns the released fields sealed. :class:`DisclosureRecorder` forms the
 groups (:mod:`service.disclosure.groups`); the change feed's deliveries are
 recorded by :func:`write_basic` inside their own transaction
 (:mod:`service.feed.delivery`). Refusals go one by one through
-:func:`service.store.ledger.append`, on the partner path.
+:func:`service.store.partner_path.record_refusal`, on the partner path.
 
 **What the memos skip.** Agenda tools list the same pages all day, so two
 memos of this process make a repeated page cheap to record, and the database
@@ -52,7 +52,6 @@ from uuid import UUID
 from appointments.partner.v1 import partner_appointment_service_pb2
 
 from service import models
-from service.access.credentials import Principal
 from service.disclosure.groups import Expected, Grouping, GroupWriter, RecordKind
 from service.store import ledger
 from service.store.database import Connection, Database
@@ -60,6 +59,10 @@ from service.telemetry.tracing import current_trace_id
 
 #: Fewer items than this and a response is recorded in full: its record is hardly larger than a reference.
 MIN_ITEMS = 8
+#: Records remembered for references: a day's distinct pages of many partners, a few megabytes at most.
+RECORDED_RESPONSES = 20_000
+#: Patients remembered as counted: a day's patients of many partners, a few megabytes at most.
+COUNTED_PATIENTS = 100_000
 _PARTNER_METHODS = (
     "/" + partner_appointment_service_pb2.DESCRIPTOR.services_by_name["PartnerAppointmentService"].full_name + "/"
 )
@@ -68,7 +71,7 @@ Response = tuple[models.LedgerEntry, ledger.Items]
 
 
 def entry(
-    principal: Principal,
+    principal: models.Principal,
     method: str,
     view: models.View,
     *,
@@ -120,7 +123,7 @@ class RecordedResponses:
 
     __slots__ = ("_records", "_size")
 
-    def __init__(self, size: int = 20_000) -> None:
+    def __init__(self, size: int = RECORDED_RESPONSES) -> None:
         self._size = size
         self._records: OrderedDict[tuple[UUID, int, bytes], int] = OrderedDict()
 
@@ -160,7 +163,7 @@ class CountedPatients:
 
     __slots__ = ("_held", "_known", "_size")
 
-    def __init__(self, size: int = 100_000) -> None:
+    def __init__(self, size: int = COUNTED_PATIENTS) -> None:
         self._size = size
         self._known: dict[UUID, tuple[int, set[UUID]]] = {}  # partner → (counted_since, patients)
         self._held = 0

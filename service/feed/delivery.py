@@ -30,7 +30,6 @@ from uuid import UUID
 from appointments.partner.v1 import partner_appointment_service_pb2 as pb
 
 from service import models
-from service.access.credentials import Principal
 from service.access.gate import PartnerGate, key_refusal, stream_refusal
 from service.access.limits import PartnerPolicy, refusal
 from service.disclosure import views
@@ -53,7 +52,7 @@ _GROUP_CHANGES = 20_000
 class Delivery:
     """One stream's batch of changes waiting for its record."""
 
-    principal: Principal
+    principal: models.Principal
     sub: Subscription
     batch: list[models.FeedChange]
     #: What the stream's resume tokens are bound to.

@@ -1,7 +1,7 @@
 """WatchAppointments: a stream opened, replayed from its resume token, then followed live from the hub.
 
-Opening a stream is one transaction as the partner role: the key, the
-partner's grants and the feed's head read together. A stream then replays
+Opening a stream is one statement as the partner role: the key verified, the
+partner's limits and grants and the feed's head read together. A stream then replays
 from the database what committed between its resume token and the moment it
 subscribed, and follows the hub's shared ring after that; each batch goes
 through :class:`~service.feed.delivery.Deliveries`, which records it before it
@@ -17,15 +17,14 @@ from uuid import UUID
 from appointments.partner.v1 import partner_appointment_service_pb2 as pb
 
 from service import models
-from service.access.credentials import Principal
 from service.access.gate import Metadata, PartnerGate
 from service.disclosure.pagination import PageTokens
 from service.disclosure.record import entry
 from service.errors import NotFound, OutOfRange, PermissionDenied
 from service.feed.delivery import POSITION, Deliveries, Delivery
 from service.feed.hub import FeedHub, Subscription
-from service.store import changes, ledger, partners
-from service.store.database import PARTNER_ROLE, Database
+from service.store import partner_path
+from service.store.database import Database
 from service.telemetry.tracing import Telemetry, annotate
 
 #: Changes read from the database per statement while a stream replays.
@@ -54,6 +53,7 @@ class Watches:
     async def watch(
         self,
         metadata: Metadata,
+        peer: str,
         practitioner: UUID | None,
         practitioner_text: str,
         resume_token: str,
@@ -66,13 +66,12 @@ class Watches:
         token older than the retention; the stream ends with the error of a
         revocation, a cap, a stream that fell behind, or a shutdown.
         """
-        async with self._db.transaction(role=PARTNER_ROLE) as conn:
-            principal, _ = await self._gate.admit_in(conn, metadata)
-            granted = await partners.granted_practitioners(conn, principal.partner_id)
-            head, pruned = await changes.head(conn)
-            if practitioner is not None and practitioner not in granted:
-                denial = entry(principal, "WatchAppointments", models.View.BASIC, denial_reason="NOT_FOUND")
-                await ledger.append(conn, denial, [(practitioner_text, None, None)])
+        principal, opening = await self._gate.open_stream(metadata, peer)
+        granted, head, pruned = opening.granted, opening.head, opening.pruned_through
+        if practitioner is not None and practitioner not in granted:
+            denial = entry(principal, "WatchAppointments", models.View.BASIC, denial_reason="NOT_FOUND")
+            async with self._db.partner_statements() as conn:
+                await partner_path.record_refusal(conn, principal, denial, [(practitioner_text, None, None)])
         binding = b"WatchAppointments|" + principal.partner_id.bytes
         resume = None
         if resume_token:
@@ -95,15 +94,18 @@ class Watches:
             # "From now" is the database's head, which the hub may not have read yet.
             cursor = max(head, sub.start_position) if resume is None else min(resume, sub.start_position)
             while cursor < sub.start_position:  # replay what committed before the subscription
-                async with self._db.transaction(role=PARTNER_ROLE, readonly=True) as conn:
-                    await partners.bind_partner(conn, principal.partner_id)
-                    batch = await changes.changes(
-                        conn,
-                        after=cursor,
-                        upto=sub.start_position,
-                        limit=_REPLAY_BATCH,
-                        practitioners=list(sub.watched),
-                    )
+                async with self._db.partner_statements() as conn:
+                    try:
+                        batch = await partner_path.changes(
+                            conn,
+                            principal,
+                            after=cursor,
+                            upto=sub.start_position,
+                            limit=_REPLAY_BATCH,
+                            practitioners=list(sub.watched),
+                        )
+                    except partner_path.ReadRefused as refused:
+                        raise self._gate.refused(refused, principal) from None
                 for message in await self._deliver(principal, sub, batch, binding):
                     yield message
                 cursor = batch[-1].position if len(batch) == _REPLAY_BATCH else sub.start_position
@@ -120,7 +122,7 @@ class Watches:
             self._telemetry.active_streams.add(-1)
 
     async def _deliver(
-        self, principal: Principal, sub: Subscription, batch: list[models.FeedChange], binding: bytes
+        self, principal: models.Principal, sub: Subscription, batch: list[models.FeedChange], binding: bytes
     ) -> list[pb.AppointmentChange]:
         """The batch's events, once the key and grants are checked again and the batch recorded."""
         if not batch:

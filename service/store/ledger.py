@@ -1,7 +1,5 @@
 """Writes to the disclosure ledger: the record statements of migration 0005.
 
-* :func:`append` writes one record as it is: a refused attempt, on the partner
-  path (``append_disclosures``, the only ledger function its role may call);
 * :func:`record_basic` runs ``record_basic_disclosures``: the basic-view
   responses of many calls charged and recorded in one statement;
 * :func:`disclose_contacts` runs ``disclose_consented_contacts``: the contact
@@ -32,10 +30,6 @@ _CAP_REACHED = "AG429"
 #: The record statement refused a reference to a record it cannot repeat.
 _REFERENCE_REFUSED = "AG409"
 
-_APPEND = (
-    "SELECT append_disclosures($1, $2, $3, $4, $5::smallint, $6::smallint, $7, $8::text[], $9::uuid[], $10::uuid[], "
-    "$11::smallint[], $12)"
-)
 _RECORD_BASIC = (
     "SELECT partner_id, outcome::text, counted_since, record_ids FROM record_basic_disclosures($1::text::uuid[], "
     "$2::text::text[], $3::text::text[], $4::text::text[], $5::text::int[], $6::text::bigint[], $7::text::text[], "
@@ -90,27 +84,6 @@ class ContactRequest:
     appointment_id: UUID
     patient_id: UUID
     token_fields: Sequence[int]
-
-
-async def append(conn: Connection, entry: models.LedgerEntry, items: Items) -> None:
-    """Append one record holding every ``(requested_id, appointment_id, patient_id)`` of a response."""
-    if not items:
-        return
-    await conn.execute(
-        _APPEND,
-        entry.partner_id,
-        entry.key_id,
-        entry.rpc,
-        entry.trace_id,
-        entry.view,
-        entry.outcome,
-        entry.denial_reason,
-        [i[0] for i in items],
-        [i[1] for i in items],
-        [i[2] for i in items],
-        list(entry.contact_fields),
-        entry.consent_id,
-    )
 
 
 async def record_basic(conn: Connection, columns: Sequence[Sequence[object] | str]) -> list[BasicRow]:

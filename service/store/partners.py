@@ -55,31 +55,6 @@ async def find_key(conn: Connection, key_id: str) -> models.PartnerKey | None:
     return models.PartnerKey(*row) if row else None
 
 
-async def authenticate_key(conn: Connection, key_id: str) -> tuple[models.PartnerKey | None, models.PartnerOverrides]:
-    """The partner path's key lookup, in one statement: the key, its partner's limits and suspension.
-
-    It also binds the key's partner to the transaction for row-level security
-    (migration 0007); the binding is transaction-local, and the caller aborts
-    the transaction when the key does not verify, so nothing is ever read
-    under an unverified binding.
-    """
-    row = await conn.fetchrow(
-        "SELECT k.id, k.partner_id, k.secret_hash, k.create_time, k.revoke_time, "
-        "l.requests_per_second, l.burst, l.contact_daily_cap, l.patient_daily_cap, l.suspend_time, "
-        "set_config('apptgate.partner_id', k.partner_id::text, true) "
-        "FROM partner_keys k LEFT JOIN partner_limits l ON l.partner_id = k.partner_id WHERE k.id = $1",
-        key_id,
-    )
-    if row is None:
-        return None, models.PartnerOverrides()
-    return models.PartnerKey(*row[:5]), models.PartnerOverrides(*row[5:10])
-
-
-async def bind_partner(conn: Connection, partner_id: UUID) -> None:
-    """Bind the partner row-level security sees for the rest of the transaction."""
-    await conn.execute("SELECT set_config('apptgate.partner_id', $1::text, true)", str(partner_id))
-
-
 async def revoke_key(conn: Connection, key_id: str) -> models.PartnerKey:
     """Revoke a key. Raises :class:`NotFound` or, when already revoked, :class:`FailedPrecondition`."""
     row = await conn.fetchrow(

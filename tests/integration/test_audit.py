@@ -393,8 +393,9 @@ async def test_the_ledger_refuses_a_record_half_a_reference(
     with pytest.raises(asyncpg.CheckViolationError):
         await admin.execute(
             "INSERT INTO disclosures (partner_id, key_id, view, rpc, disclose_time, outcome, "
-            f"{columns}) VALUES (gen_random_uuid(), 'pk_half', 1, 'ListAppointments', now(), 1, "
-            f"{', '.join(values[c] for c in chosen)})"
+            f"{columns}) VALUES (gen_random_uuid(), 'pk_halfaaaaaaaaaaaa', 1, $1, now(), 1, "
+            f"{', '.join(values[c] for c in chosen)})",
+            LIST_RPC,
         )
 
 

@@ -275,7 +275,7 @@ async def test_one_statement_answers_each_contact_of_a_group_and_records_only_th
         entry = models.LedgerEntry(
             harness.uuid_of(partner.partner_id),
             partner.key_id,
-            "GetAppointmentContact",
+            "/appointments.partner.v1.PartnerAppointmentService/GetAppointmentContact",
             "",
             models.View.CONTACT,
             consent_id=harness.uuid_of(consent.consent_id),

@@ -26,6 +26,17 @@ from service.disclosure.record import (
 )
 from service.store.database import Connection, Database
 
+
+def _key(name: str) -> str:
+    """A key id of the shape the ledger takes, from a name."""
+    return "pk_" + (name.lower() + "a" * 16)[:16]
+
+
+def _rpc(method: str) -> str:
+    """A partner method's full name, as the ledger records it."""
+    return f"/appointments.partner.v1.PartnerAppointmentService/{method}"
+
+
 TERMS = models.ChargeTerms(1000, 1000, anomaly_factor=1000.0, anomaly_min=10**6, suspend_on_anomaly=False)
 
 
@@ -41,7 +52,7 @@ async def db(database_dsn: str) -> AsyncIterator[Database]:
 async def _partner(db: Database, name: str) -> tuple[UUID, models.LedgerEntry]:
     async with db.connection() as conn:
         partner = await conn.fetchval("INSERT INTO partners (display_name) VALUES ($1) RETURNING id", name)
-    return partner, models.LedgerEntry(partner, f"pk_{name.lower()}", "GetAppointment", "", models.View.BASIC)
+    return partner, models.LedgerEntry(partner, _key(name), _rpc("GetAppointment"), "", models.View.BASIC)
 
 
 async def _transactions(db: Database, partner: UUID) -> dict[str, int]:
@@ -156,7 +167,7 @@ _TODAY_REACHED = f"SELECT patients_reached FROM partner_daily_usage WHERE partne
 
 async def test_patients_counted_today_are_not_charged_again_until_the_counters_start_over(db: Database) -> None:
     partner, _ = await _partner(db, "Recounted")
-    entry = models.LedgerEntry(partner, "pk_recounted", "ListAppointments", "", models.View.BASIC)
+    entry = models.LedgerEntry(partner, _key("recounted"), _rpc("ListAppointments"), "", models.View.BASIC)
     first, second, third, later = (uuid4() for _ in range(4))
     page = [(f"shown-{n}", uuid4(), patient) for n, patient in enumerate((first, second, third))]
     memo, terms = CountedPatients(), {partner: TERMS}
@@ -199,7 +210,7 @@ async def test_a_repeated_page_is_a_reference_that_still_counts_its_patients_onc
 ) -> None:
     partner, _ = await _partner(db, "Repeating")
     bystander, bystander_entry = await _partner(db, "Bystander")
-    entry = models.LedgerEntry(partner, "pk_repeating", "ListAppointments", "", models.View.BASIC)
+    entry = models.LedgerEntry(partner, _key("repeating"), _rpc("ListAppointments"), "", models.View.BASIC)
     patients = [uuid4() for _ in range(MIN_ITEMS)]
     page = [(f"shown-{n}", uuid4(), patient) for n, patient in enumerate(patients)]
     other_page = [*page[1:], ("shown-other", uuid4(), uuid4())]
@@ -233,7 +244,7 @@ async def test_a_repeated_page_is_a_reference_that_still_counts_its_patients_onc
 async def test_a_reference_the_database_refuses_is_written_in_full_and_the_memo_forgotten(db: Database) -> None:
     partner, _ = await _partner(db, "Refused")
     stranger, stranger_entry = await _partner(db, "Stranger")
-    entry = models.LedgerEntry(partner, "pk_refused", "ListAppointments", "", models.View.BASIC)
+    entry = models.LedgerEntry(partner, _key("refused"), _rpc("ListAppointments"), "", models.View.BASIC)
     page = [(f"shown-{n}", uuid4(), uuid4()) for n in range(MIN_ITEMS)]
     memo, recorded = CountedPatients(), RecordedResponses()
     async with db.statements(5.0) as conn:
@@ -278,7 +289,7 @@ async def _ledger_scans(conn: Connection) -> int:
 async def test_recording_never_scans_the_ledger_even_with_statements_planned_while_it_was_empty(db: Database) -> None:
     partner, _ = await _partner(db, "Planned")
     bystander, _ = await _partner(db, "Bulk")
-    entry = models.LedgerEntry(partner, "pk_planned", "ListAppointments", "", models.View.BASIC)
+    entry = models.LedgerEntry(partner, _key("planned"), _rpc("ListAppointments"), "", models.View.BASIC)
     page = [(f"shown-{n}", uuid4(), uuid4()) for n in range(MIN_ITEMS)]
     memo, recorded, terms = CountedPatients(), RecordedResponses(), {partner: TERMS}
     async with db.statements(5.0) as conn:
@@ -288,9 +299,10 @@ async def test_recording_never_scans_the_ledger_even_with_statements_planned_whi
             await write_basic(conn, [(entry, page)], terms, memo, recorded)
         await conn.execute(
             "INSERT INTO disclosures (partner_id, key_id, view, rpc, disclose_time, outcome, requested_ids, "
-            "appointment_ids, patient_ids) SELECT $1, 'pk_bulk', 1, 'ListAppointments', now(), 1, ARRAY['shown'], "
+            "appointment_ids, patient_ids) SELECT $1, 'pk_bulkaaaaaaaaaaaa', 1, $2, now(), 1, ARRAY['shown'], "
             "ARRAY[gen_random_uuid()], ARRAY[gen_random_uuid()] FROM generate_series(1, 5000)",
             bystander,
+            _rpc("ListAppointments"),
         )
         before = await _ledger_scans(conn)
         for _ in range(10):  # references checked, and patients charged from the record they name
@@ -313,7 +325,7 @@ async def _charge_calls(conn: Connection) -> int:
 
 async def test_a_group_with_no_patient_left_to_charge_does_not_call_the_charge(db: Database) -> None:
     partner, _ = await _partner(db, "Uncharged")
-    entry = models.LedgerEntry(partner, "pk_uncharged", "ListAppointments", "", models.View.BASIC)
+    entry = models.LedgerEntry(partner, _key("uncharged"), _rpc("ListAppointments"), "", models.View.BASIC)
     page = [(f"shown-{n}", uuid4(), uuid4()) for n in range(MIN_ITEMS)]
     newcomer = ("shown-new", uuid4(), uuid4())
     memo, recorded, terms = CountedPatients(), RecordedResponses(), {partner: TERMS}

@@ -227,7 +227,7 @@ async def test_no_personal_value_token_or_secret_reaches_spans_metrics_or_logs(
     assert db_spans, "no database spans"
     assert all(s.parent is not None for s in db_spans)
     assert any(s.parent.span_id == listing.context.span_id for s in db_spans if s.parent), "no read under its call"
-    assert any("append_disclosures" in str(s.attributes.get("db.statement")) for s in db_spans)
+    assert any("partner_record_refusal" in str(s.attributes.get("db.statement")) for s in db_spans)
 
     points = capture.metric_points()
     assert {
