@@ -812,27 +812,26 @@ async def _explain_breach(partner: str, day: datetime) -> str:
 
 
 async def statement_cost(fx: Fixture, repeats: int = 300) -> dict[str, Any]:
-    """The partner path's listing and appointment read as the partner role, alone: what row-level security costs.
+    """The partner path's listing and appointment read as the partner role, alone: what the partner role's checks cost.
 
-    For each statement of the measured source (``service.store.partner_reads``:
-    ``LIST_SQL`` and ``GET_SQL``, which call the partner-path functions), bound as
-    the gateway binds a call (``SET LOCAL ROLE``, ``set_config``): the median
+    For each statement of the measured source (``service.store.partner_path``:
+    ``LIST_SQL`` and ``GET_SQL``, which call the partner-path functions with the
+    key id and secret hash), run as the gateway runs a call (``SET LOCAL ROLE``): the median
     round trip of ``repeats`` executions of the prepared statement, one at a
     time, the median server-side execution time (``EXPLAIN (ANALYZE, TIMING
     OFF)``), and one ``EXPLAIN (ANALYZE, BUFFERS)`` of the plan it runs.
     """
     import statistics
 
-    from service.store import partner_reads
+    from service.store import partner_path
 
-    partner = uuid.UUID(fx.meta["bench_partner_id"])
     anchor = datetime.fromisoformat(fx.meta["anchor"])
     target = uuid.UUID(fx.meta["target"]["appointment_id"])
-    key_id = fx.issued[0].key_id
-    statements = {"list": partner_reads.LIST_SQL, "get": partner_reads.GET_SQL}
+    key_id, secret_hash = fx.issued[0].key_id, fx.issued[0].secret_hash
+    statements = {"list": partner_path.LIST_SQL, "get": partner_path.GET_SQL}
     params: dict[str, tuple[Any, ...]] = {
-        "list": (key_id, partner, None, anchor, anchor + timedelta(days=1), None, None, 51),
-        "get": (key_id, partner, target),
+        "list": (key_id, secret_hash, None, anchor, anchor + timedelta(days=1), None, None, 51),
+        "get": (key_id, secret_hash, target),
     }
     out: dict[str, Any] = {}
     conn = await asyncpg.connect(fx.dsn)
@@ -842,7 +841,6 @@ async def statement_cost(fx: Fixture, repeats: int = 300) -> dict[str, Any]:
                 return {}
             async with conn.transaction():
                 await conn.execute("SET LOCAL ROLE apptgate_partner")
-                await conn.execute("SELECT set_config('apptgate.partner_id', $1, true)", str(partner))
                 statement = await conn.prepare(sql)
                 rows = 0
                 for _ in range(20):  # past the plan cache's first custom plans
