@@ -23,14 +23,14 @@ into dedicated databases that this module creates and drops:
   "p50 at 10M vs 100k" measures.
 * ``apptgate_bench_ledger``: a migrated schema whose ``disclosures`` hold a
   valid hash chain of records, one per call as the service writes them
-  (migration 0016), disclosing N appointments in all (default 10M, ~282k
+  (migration 0005), disclosing N appointments in all (default 10M, ~282k
   records) over 30 days and 1,000 partners (Zipf-weighted, so the busiest
   partner has ~13% of the calls): ListAppointments pages of 50 basic items
   (half of them, by default, a page the partner listed earlier the same day,
-  recorded by reference as the gateway does from migration 0021), single
+  recorded by reference as the gateway does), single
   GetAppointment items, contact disclosures with consent ids, and refused
   attempts. Digests are computed in Python exactly as
-  ``disclosure_digest`` (migration 0016) does, checked against the SQL
+  ``disclosure_digest`` (migration 0005) does, checked against the SQL
   function on a sample, and ``python -m service audit verify``
   passes on the result (``--verify`` runs it).
 
@@ -67,7 +67,7 @@ import asyncpg
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import Progress, admin_dsn, parse_size, service_env, size_label, source, source_migrations, with_database
 
-GENERATOR_VERSION = 7  # bumped when what a world holds changes (7: the schema baseline's ledger digest)
+GENERATOR_VERSION = 8  # bumped when what a world holds changes (8: the ledger digest's canonical encoding)
 ANCHOR = datetime(2030, 1, 7, tzinfo=UTC)  # a Monday; the benchmark queries this day
 LEDGER_START = datetime(2030, 2, 1, tzinfo=UTC)
 CHUNK = 50_000
@@ -505,16 +505,37 @@ async def disable_row_level_security(dsn: str) -> list[str]:
 
 _RPC = "/appointments.partner.v1.PartnerAppointmentService/"
 _FMT = "%Y-%m-%dT%H:%M:%S.%fZ"
+#: How long after its time the generator chains a record (the sequencer's pace).
+CHAIN_LAG = timedelta(milliseconds=200)
 
 
 def items_digest(requested: list[str], appointments: list[str], patients: list[str]) -> bytes:
-    """``disclosure_items_digest`` (migration 0021) in Python: sha256 of the three columns' text, 0x1e and 0x1f."""
+    """``disclosure_items_digest`` (migration 0005) in Python: sha256 of the three columns' text, 0x1e and 0x1f."""
     return hashlib.sha256("\x1f".join(map("\x1e".join, (requested, appointments, patients))).encode()).digest()
 
 
-def digest(prev: bytes, fields: list[str]) -> bytes:
-    """``disclosure_digest`` (migration 0016) in Python: sha256(prev_hash || concat_ws(0x1f, …) as UTF-8)."""
-    return hashlib.sha256(prev + "\x1f".join(fields).encode("utf-8")).digest()
+def ledger_field(text: str | None) -> str:
+    """``ledger_field`` (migration 0005) in Python: '-' for NULL, else the length in characters, ':' and the text."""
+    return "-" if text is None else f"{len(text)}:{text}"
+
+
+def array_text(values: list[Any]) -> str:
+    """A one-dimensional array's PostgreSQL text form: NULL elements unquoted, quoted where needed."""
+
+    def element(value: Any) -> str:
+        if value is None:
+            return "NULL"
+        text = str(value)
+        if text == "" or text.upper() == "NULL" or any(c in text for c in '{},"\\ \t\n\r\v\f'):
+            return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return text
+
+    return "{" + ",".join(map(element, values)) + "}"
+
+
+def digest(prev: bytes, fields: list[str | None]) -> bytes:
+    """``disclosure_digest`` (migration 0005) in Python: sha256 of the hash before, then the domain and each field."""
+    return hashlib.sha256(prev + ("apptgate-ledger-v1" + "".join(map(ledger_field, fields))).encode()).digest()
 
 
 @dataclass(frozen=True)
@@ -585,11 +606,16 @@ async def generate_ledger(spec: LedgerSpec, *, regen: bool = False) -> dict[str,
             "id", "partner_id", "key_id", "view", "contact_fields", "consent_id", "rpc", "trace_id", "disclose_time",
             "outcome", "denial_reason", "requested_ids", "appointment_ids", "patient_ids", "items_of", "items_digest",
         ]  # fmt: skip
+        # Written past the trigger that stamps each record's time, in one transaction whose id every record
+        # takes (the column's default), so that the digests can cover it.
+        await conn.execute("SET session_replication_role = replica")
+        writing = conn.transaction()
+        await writing.start()
+        txid = str(await conn.fetchval("SELECT pg_current_xact_id()"))
         state: dict[str, Any] = {"seq": 0, "items": 0, "prev": bytes(32), "t": LEDGER_START.timestamp()}
-        chain: list[tuple[int, int, bytes, bytes]] = []  # disclosure_chain (migration 0018): id = seq here
+        chain: list[tuple[int, int, bytes, datetime, bytes]] = []  # disclosure_chain: id = seq here
 
         def records() -> Any:
-            sha = hashlib.sha256
             bisect = __import__("bisect").bisect_left
             total_w = cumulative[-1]
             seq, done, prev, t = 0, 0, bytes(32), LEDGER_START.timestamp()
@@ -638,40 +664,48 @@ async def generate_ledger(spec: LedgerSpec, *, regen: bool = False) -> dict[str,
                     appointment_ids, patient_ids = [None], [None]
                 seq += 1
                 done += len(requested_ids)
-                fixed = (
-                    str(seq), partner, key_id, str(view), ",".join(map(str, fields)), consent or "",
-                    rpc, trace_id, when_text, str(outcome), reason,
-                )  # fmt: skip
                 prefix = (seq, partner, key_id, view, fields, consent, rpc, trace_id, when, outcome, reason)
                 row: tuple[Any, ...]
-                if repeated is not None:  # concat_ws skips the NULL arrays; the reference's two fields follow
-                    data = "\x1f".join((*fixed, f"items_of={repeated[0]}", f"items_digest={repeated[1].hex()}"))
+                if repeated is not None:
+                    items: tuple[str | None, ...] = (None, None, None, str(repeated[0]), repeated[1].hex())
                     row = (*prefix, None, None, None, repeated[0], repeated[1])
                 else:
-                    columns_text = (
-                        requested_ids, [a or "" for a in appointment_ids], [p or "" for p in patient_ids]
-                    )  # fmt: skip
-                    data = "\x1f".join((*fixed, *map("\x1e".join, columns_text)))
+                    arrays = (array_text(requested_ids), array_text(appointment_ids), array_text(patient_ids))
+                    items = (*arrays, None, None)
                     row = (*prefix, requested_ids, appointment_ids, patient_ids, None, None)
                     if rpc.endswith("/ListAppointments"):
+                        columns_text = (
+                            requested_ids, [a or "" for a in appointment_ids], [p or "" for p in patient_ids]
+                        )  # fmt: skip
                         last_page[k] = (int(t // 86_400), seq, indexes, items_digest(*columns_text))
-                h = sha(prev + data.encode()).digest()
+                chained = when + CHAIN_LAG
+                h = digest(
+                    prev,
+                    [
+                        str(seq), str(seq), txid, partner, key_id, str(view), array_text(fields), consent, rpc,
+                        trace_id, when_text, str(outcome), reason, *items, chained.strftime(_FMT),
+                    ],
+                )  # fmt: skip
                 yield row
-                chain.append((seq, seq, prev, h))
+                chain.append((seq, seq, prev, chained, h))
                 prev = h
                 state.update(seq=seq, items=done, prev=prev, t=t)
 
         await _copy(conn, "disclosures", columns, records(), calls, "records")
-        await conn.copy_records_to_table("disclosure_chain", records=chain, columns=["id", "seq", "prev_hash", "hash"])
+        await conn.copy_records_to_table(
+            "disclosure_chain", records=chain, columns=["id", "seq", "prev_hash", "chain_time", "hash"]
+        )
         head = (int(state["seq"]), bytes(state["prev"]))
         await conn.execute("SELECT setval('disclosures_id_seq', $1)", head[0])
-        # Every record is chained: the sequencer's cursor goes after the last one.
+        # Every record is chained: the sequencer's cursor goes after the last one (the head's guard is off).
         await conn.execute(
             "UPDATE ledger_head SET seq = $1, hash = $2, (chained_txid, chained_id) = "
             "(SELECT txid, id FROM disclosures ORDER BY txid DESC, id DESC LIMIT 1)",
             head[0],
             head[1],
         )
+        await writing.commit()
+        await conn.execute("SET session_replication_role = DEFAULT")
         print("recreating ledger indexes", file=sys.stderr, flush=True)
         await _create_indexes(conn, deferred)
         await conn.execute("VACUUM (ANALYZE) disclosures")
@@ -679,7 +713,7 @@ async def generate_ledger(spec: LedgerSpec, *, regen: bool = False) -> dict[str,
         bad = await conn.fetchval(
             "SELECT count(*) FROM disclosure_chain c JOIN disclosures d ON d.id = c.id "
             "WHERE (c.seq <= 2000 OR c.seq > $1 - 2000) "
-            "AND disclosure_digest(d, c.seq, c.prev_hash) IS DISTINCT FROM c.hash",
+            "AND disclosure_digest(d, c.seq, c.prev_hash, c.chain_time) IS DISTINCT FROM c.hash",
             head[0],
         )
         if bad:

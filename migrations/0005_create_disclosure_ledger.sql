@@ -29,6 +29,8 @@ CREATE TABLE disclosures (
     rpc             text NOT NULL,
     -- The W3C trace id of the call ('' when it was not traced).
     trace_id        text NOT NULL DEFAULT '',
+    -- When it was written: the statement's start by the database's clock, stamped by a
+    -- trigger (stamp_disclosure) whatever the insert says.
     disclose_time   timestamptz NOT NULL,
     -- appointments.internal.v1.DisclosureOutcome: 1 disclosed, 2 denied.
     outcome         smallint NOT NULL CHECK (outcome IN (1, 2)),
@@ -43,8 +45,8 @@ CREATE TABLE disclosures (
     -- (disclosure_items_digest), which this record's own digest covers.
     items_of        bigint,
     items_digest    bytea,
-    -- The inserting transaction: the sequencer chains a record once every transaction that
-    -- started before it has ended, so it never skips one still running.
+    -- The inserting transaction, stamped like the time: the sequencer chains a record once
+    -- every transaction that started before it has ended, so it never skips one still running.
     txid            xid8 NOT NULL DEFAULT pg_current_xact_id(),
     -- The shapes a record has, and no other: a key id and a method name as the gateway writes
     -- them; a refusal, and only a refusal, with its reason; contact fields and a consent only in
@@ -84,13 +86,16 @@ CREATE INDEX disclosures_txid_idx ON disclosures (txid, id);
 -- Each record's place in the chain. The record itself is never written again.
 CREATE TABLE disclosure_chain (
     -- The record chained (disclosures.id).
-    id        bigint PRIMARY KEY,
+    id         bigint PRIMARY KEY,
     -- Gapless position in the chain, from 1.
-    seq       bigint NOT NULL UNIQUE,
+    seq        bigint NOT NULL UNIQUE,
     -- The hash of the record before (32 zero bytes for the first).
-    prev_hash bytea NOT NULL,
-    -- disclosure_digest of the record at this seq after prev_hash.
-    hash      bytea NOT NULL
+    prev_hash  bytea NOT NULL,
+    -- When the sequencer chained it (the database's clock), which the hash covers: a record
+    -- dated long before it was chained was written back-dated.
+    chain_time timestamptz NOT NULL,
+    -- disclosure_digest of the record at this place.
+    hash       bytea NOT NULL
 );
 
 -- The end of the chain, and the sequencer's cursor: every record at or before
@@ -131,25 +136,78 @@ CREATE TRIGGER disclosure_chain_no_truncate BEFORE TRUNCATE ON disclosure_chain
     FOR EACH STATEMENT EXECUTE FUNCTION refuse_ledger_change();
 CREATE TRIGGER ledger_seals_append_only BEFORE UPDATE OR DELETE ON ledger_seals
     FOR EACH ROW EXECUTE FUNCTION refuse_ledger_change();
+CREATE TRIGGER ledger_seals_no_truncate BEFORE TRUNCATE ON ledger_seals
+    FOR EACH STATEMENT EXECUTE FUNCTION refuse_ledger_change();
+
+-- The head only moves forward: its position and the sequencer's cursor never go back, and it
+-- is never deleted.
+CREATE FUNCTION guard_ledger_head() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' AND NEW.singleton AND NEW.seq >= OLD.seq
+       AND (NEW.chained_txid, NEW.chained_id) >= (OLD.chained_txid, OLD.chained_id)
+       AND (NEW.seq > OLD.seq OR NEW.hash = OLD.hash) THEN
+        RETURN NEW;
+    END IF;
+    RAISE EXCEPTION 'the ledger head only moves forward' USING ERRCODE = 'insufficient_privilege';
+END
+$$;
+CREATE TRIGGER ledger_head_forward_only BEFORE UPDATE OR DELETE ON ledger_head
+    FOR EACH ROW EXECUTE FUNCTION guard_ledger_head();
+CREATE TRIGGER ledger_head_no_truncate BEFORE TRUNCATE ON ledger_head
+    FOR EACH STATEMENT EXECUTE FUNCTION refuse_ledger_change();
+
+-- A record's time and transaction are the database's, whoever inserts it.
+CREATE FUNCTION stamp_disclosure() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.disclose_time := statement_timestamp();
+    NEW.txid := pg_current_xact_id();
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER disclosures_stamped BEFORE INSERT ON disclosures
+    FOR EACH ROW EXECUTE FUNCTION stamp_disclosure();
+
+-- One field of the digest's canonical encoding: NULL as '-'; a value as its length in
+-- characters, ':' and the value. Every field is prefixed by its length, so no field's text can
+-- pass for another's, and NULL is not the empty text. Arrays are their PostgreSQL text form,
+-- which tells a NULL element from the text 'NULL' and quotes what needs quoting.
+CREATE FUNCTION ledger_field(p_text text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT COALESCE(
+        pg_catalog.length(p_text)::pg_catalog.text OPERATOR(pg_catalog.||) ':' OPERATOR(pg_catalog.||) p_text, '-')
+$$;
+REVOKE ALL ON FUNCTION ledger_field(text) FROM PUBLIC;
 
 -- The digest of a record at a place in the chain: the one definition, used by the sequencer
--- and by verification (bench/datagen.py computes the same in Python). Fields are joined by
--- 0x1f, array elements by 0x1e ('' for a NULL element); the reference's two fields are
--- present only in a reference (concat_ws skips NULL).
-CREATE FUNCTION disclosure_digest(d disclosures, p_seq bigint, p_prev_hash bytea) RETURNS bytea
-LANGUAGE sql IMMUTABLE STRICT
+-- and by verification (bench/datagen.py computes the same in Python). The SHA-256 of the hash
+-- before it, then, as UTF-8, a domain tag and every field of the record, its position and when
+-- it was chained, each encoded by ledger_field, in a fixed order. PL/pgSQL so that each field's
+-- text is computed once.
+CREATE FUNCTION disclosure_digest(d disclosures, p_seq bigint, p_prev_hash bytea, p_chain_time timestamptz)
+RETURNS bytea
+LANGUAGE plpgsql STABLE STRICT
 SET search_path = pg_catalog, public
 AS $$
-    SELECT sha256(p_prev_hash || convert_to(concat_ws(E'\x1f',
-        p_seq::text, d.partner_id::text, d.key_id,
-        d.view::text, array_to_string(d.contact_fields, ','), coalesce(d.consent_id::text, ''),
-        d.rpc, d.trace_id, to_char(d.disclose_time AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
-        d.outcome::text, d.denial_reason,
-        array_to_string(d.requested_ids, E'\x1e', ''), array_to_string(d.appointment_ids, E'\x1e', ''),
-        array_to_string(d.patient_ids, E'\x1e', ''),
-        'items_of=' || d.items_of::text, 'items_digest=' || encode(d.items_digest, 'hex')), 'UTF8'))
+DECLARE
+    fields  text[] := ARRAY[
+        p_seq::text, d.id::text, d.txid::text, d.partner_id::text, d.key_id, d.view::text, d.contact_fields::text,
+        d.consent_id::text, d.rpc, d.trace_id,
+        to_char(d.disclose_time AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), d.outcome::text,
+        d.denial_reason, d.requested_ids::text, d.appointment_ids::text, d.patient_ids::text, d.items_of::text,
+        encode(d.items_digest, 'hex'), to_char(p_chain_time AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')];
+    encoded text := 'apptgate-ledger-v1';
+    field   text;
+BEGIN
+    FOREACH field IN ARRAY fields LOOP
+        encoded := encoded || ledger_field(field);
+    END LOOP;
+    RETURN sha256(p_prev_hash || convert_to(encoded, 'UTF8'));
+END
 $$;
-REVOKE ALL ON FUNCTION disclosure_digest(disclosures, bigint, bytea) FROM PUBLIC;
+REVOKE ALL ON FUNCTION disclosure_digest(disclosures, bigint, bytea, timestamptz) FROM PUBLIC;
 
 -- The SHA-256 of a record's own items: its requested ids, appointment ids and patient ids,
 -- elements joined by 0x1e and arrays by 0x1f (service/disclosure/record.py computes the same
@@ -319,10 +377,9 @@ BEGIN
                  AND p_response_partners[n] <> ALL (suspended)
             THEN nextval('disclosures_id_seq') END;
     END LOOP;
-    INSERT INTO disclosures (id, partner_id, key_id, view, contact_fields, consent_id, rpc, trace_id, disclose_time,
-                             outcome, denial_reason, requested_ids, appointment_ids, patient_ids, items_of,
-                             items_digest)
-    SELECT ids[r.n], r.partner_id, r.key_id, 1, '{}', NULL, r.rpc, r.trace_id, statement_timestamp(), 1, '',
+    INSERT INTO disclosures (id, partner_id, key_id, view, contact_fields, consent_id, rpc, trace_id, outcome,
+                             denial_reason, requested_ids, appointment_ids, patient_ids, items_of, items_digest)
+    SELECT ids[r.n], r.partner_id, r.key_id, 1, '{}', NULL, r.rpc, r.trace_id, 1, '',
            CASE WHEN r.ref IS NULL THEN p_requested_ids[r.first : r.last] END,
            CASE WHEN r.ref IS NULL THEN p_appointment_ids[r.first : r.last] END,
            CASE WHEN r.ref IS NULL THEN p_patient_ids[r.first : r.last] END,
@@ -433,10 +490,9 @@ BEGIN
                 r := ROW('live', 'suspended', '{}', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)::contact_disclosure;
             ELSE
                 INSERT INTO disclosures (partner_id, key_id, view, contact_fields, consent_id, rpc, trace_id,
-                                         disclose_time, outcome, denial_reason, requested_ids, appointment_ids,
-                                         patient_ids)
+                                         outcome, denial_reason, requested_ids, appointment_ids, patient_ids)
                 VALUES (p_call_partners[k], p_key_ids[k], 2, r.fields, p_consent_ids[k], p_rpcs[k],
-                        coalesce(p_trace_ids[k], ''), statement_timestamp(), 1, '', ARRAY[p_requested_ids[k]],
+                        coalesce(p_trace_ids[k], ''), 1, '', ARRAY[p_requested_ids[k]],
                         ARRAY[p_appointment_ids[k]], ARRAY[p_patient_ids[k]]);
                 r.outcome := outcomes[array_position(p_partners, p_call_partners[k])];
             END IF;
@@ -464,6 +520,7 @@ DECLARE
     head     ledger_head;
     rec      disclosures;
     horizon  xid8 := pg_snapshot_xmin(pg_current_snapshot());
+    now      timestamptz := clock_timestamp();
     chained  integer := 0;
     ids      bigint[] := '{}';
     seqs     bigint[] := '{}';
@@ -486,12 +543,13 @@ BEGIN
         ids[chained] := rec.id;
         seqs[chained] := head.seq + 1;
         prevs[chained] := head.hash;
-        hashes[chained] := disclosure_digest(rec, head.seq + 1, head.hash);
+        hashes[chained] := disclosure_digest(rec, head.seq + 1, head.hash, now);
         head.seq := head.seq + 1;
         head.hash := hashes[chained];
     END LOOP;
     IF chained > 0 THEN
-        INSERT INTO disclosure_chain (id, seq, prev_hash, hash) SELECT * FROM unnest(ids, seqs, prevs, hashes);
+        INSERT INTO disclosure_chain (id, seq, prev_hash, chain_time, hash)
+        SELECT c.id, c.seq, c.prev, now, c.hash FROM unnest(ids, seqs, prevs, hashes) AS c(id, seq, prev, hash);
         UPDATE ledger_head SET seq = head.seq, hash = head.hash, chained_txid = head.chained_txid,
             chained_id = head.chained_id;
     END IF;

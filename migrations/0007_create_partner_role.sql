@@ -167,10 +167,10 @@ BEGIN
     IF partner IS NULL THEN
         RAISE EXCEPTION 'invalid credentials' USING ERRCODE = 'AG401';
     END IF;
-    INSERT INTO disclosures (partner_id, key_id, view, consent_id, rpc, trace_id, disclose_time, outcome, denial_reason,
+    INSERT INTO disclosures (partner_id, key_id, view, consent_id, rpc, trace_id, outcome, denial_reason,
                              requested_ids, appointment_ids, patient_ids)
-    VALUES (partner, p_key_id, p_view, p_consent_id, p_rpc, coalesce(p_trace_id, ''), statement_timestamp(), 2,
-            p_denial_reason, p_requested_ids, p_appointment_ids, p_patient_ids);
+    VALUES (partner, p_key_id, p_view, p_consent_id, p_rpc, coalesce(p_trace_id, ''), 2, p_denial_reason,
+            p_requested_ids, p_appointment_ids, p_patient_ids);
 END
 $$;
 REVOKE ALL ON FUNCTION partner_record_refusal(text, bytea, text, text, smallint, text, text[], uuid[], uuid[], uuid)

@@ -316,6 +316,14 @@ class Settings:
     data_dir: Path = variable(
         "APPTGATE_DATA_DIR", Path(".apptgate"), "embedded database and development keys", parse=Path
     )
+    ledger_witness: Path | None = variable(
+        "APPTGATE_LEDGER_WITNESS",
+        None,
+        "append-only file where `audit verify` copies every ledger seal, one signed checkpoint per line; point it "
+        "at storage the database owner cannot rewrite",
+        shown="`<data dir>/ledger-witness.jsonl`",
+        parse=Path,
+    )
     partner_addr: str = variable(
         "APPTGATE_PARTNER_ADDR",
         DEFAULT_PARTNER_ADDR,
@@ -523,6 +531,11 @@ class Settings:
     def production(self) -> bool:
         """True when ``APPTGATE_ENV=production``: no development keys, no embedded database."""
         return self.env == Environment.PRODUCTION
+
+    @property
+    def witness_path(self) -> Path:
+        """Where the ledger's witness is: ``APPTGATE_LEDGER_WITNESS``, else in the data directory."""
+        return self.ledger_witness or self.data_dir / "ledger-witness.jsonl"
 
     @property
     def tls(self) -> TlsFiles | None:

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import os
+import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -379,6 +382,67 @@ async def wait_for_port(port: int, within: float = 20.0) -> None:
             if asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(0.05)
+
+
+async def eventually(
+    condition: Callable[[], bool | Awaitable[bool]], within: float = 30.0, interval: float = 0.02
+) -> bool:
+    """Poll ``condition`` (a function, or a coroutine function) until it holds or ``within`` seconds have passed.
+
+    Returns its last value. For a test that must see something happen (a
+    connection returned, a record written by a background task) without
+    guessing how long a busy machine takes: the deadline is generous, and the
+    caller still asserts on what it waited for.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        outcome = condition()
+        held = bool(await outcome) if inspect.isawaitable(outcome) else bool(outcome)
+        if held or loop.time() > deadline:
+            return held
+        await asyncio.sleep(interval)
+
+
+async def all_chained(conn: asyncpg.Connection) -> bool:
+    """Whether every record written so far has its place in the ledger's chain.
+
+    The gateway's sequencer chains committed records every 100 ms, once their
+    transaction is older than every one still running in the whole cluster (another
+    test run on a shared server can hold that back); ``audit verify`` chains what is
+    left, but not while the sequencer is at it: it then counts only what is chained.
+    """
+    return bool(
+        await conn.fetchval(
+            "SELECT NOT EXISTS (SELECT 1 FROM disclosures d "
+            "WHERE NOT EXISTS (SELECT 1 FROM disclosure_chain c WHERE c.id = d.id))"
+        )
+    )
+
+
+@asynccontextmanager
+async def owner_tampering(conn: asyncpg.Connection) -> AsyncIterator[asyncpg.Connection]:
+    """A transaction that writes past the ledger's triggers, as its owner (or a superuser) can."""
+    async with conn.transaction():
+        await conn.execute("SET LOCAL session_replication_role = replica")
+        yield conn
+
+
+async def audit_cli(database_dsn: str, data_dir: Path, *args: str, **env: str) -> tuple[int, str, str]:
+    """Run ``python -m service audit ARGS`` against ``database_dsn``; return its exit code, stdout and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        "audit",
+        *args,
+        env=environment(DATABASE_URL=database_dsn, APPTGATE_DATA_DIR=str(data_dir), **env),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
 
 
 def data_key_text(*keys: tuple[int, bytes]) -> str:

@@ -1,7 +1,9 @@
 """``python -m service audit …``: the incident team's commands.
 
-* ``audit verify`` walks the ledger's hash chain and its signed seals, prints
-  every problem, exits 1 when any is found, and seals the intact chain.
+* ``audit verify`` walks the ledger's hash chain and its signed seals, checks
+  the database against the witness (``APPTGATE_LEDGER_WITNESS``), prints every
+  problem, exits 1 when any is found, and seals the intact chain: in the
+  witness first, then in the database.
 * ``audit breach-report --partner ID --since T --until T [--key KEY_ID] --format json|csv``
   writes the list of patients a partner reached, and what of theirs was disclosed.
 
@@ -18,12 +20,12 @@ import sys
 import time
 import uuid
 from contextlib import AsyncExitStack
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TextIO
 
 from service import app
 from service.crypto.keyfiles import load_server_secret
-from service.disclosure import breach
+from service.disclosure import breach, witness
 from service.disclosure.pseudonyms import derive_key
 from service.settings import Settings
 from service.store import chain, disclosures
@@ -38,6 +40,14 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     sub = audit.add_subparsers(dest="audit_command", required=True)
     verify = sub.add_parser("verify", help="check the hash chain and seals; seal it when intact")
     verify.add_argument("--no-seal", action="store_true", help="only check; do not add a seal")
+    verify.add_argument(
+        "--max-lag",
+        type=_seconds,
+        default=chain.MAX_CHAIN_LAG,
+        metavar="SECONDS",
+        help=f"a record chained longer than this after it was written is reported as back-dated "
+        f"(default {int(chain.MAX_CHAIN_LAG.total_seconds())})",
+    )
     report = sub.add_parser("breach-report", help="the patients a partner reached in a window, and what was seen")
     report.add_argument("--partner", required=True, type=uuid.UUID, help="the partner id")
     report.add_argument("--since", required=True, type=_time, help="window start, RFC 3339 (inclusive)")
@@ -45,6 +55,16 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     report.add_argument("--key", help="only disclosures made with this key id (for example the stolen one)")
     report.add_argument("--format", choices=("json", "csv"), default="json")
     report.add_argument("--output", type=argparse.FileType("w"), default=sys.stdout, help="default: stdout")
+
+
+def _seconds(text: str) -> timedelta:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError("a number of seconds above 0")
+    return timedelta(seconds=value)
 
 
 def _time(text: str) -> datetime:
@@ -74,27 +94,38 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
         database = await app.open_database(settings, stack)
         await database.ensure_migrated()
         if args.audit_command == "verify":
-            seal_key = derive_key(load_server_secret(settings), b"ledger-seal")
-            async with database.transaction() as conn:  # chain what committed but is not chained yet
-                await chain.chain_all(conn)
-            async with database.transaction(readonly=True) as conn:
-                result = await chain.verify(conn, seal_key, progress=_Progress("records checked"))
-            for problem in result.problems:
-                print(f"TAMPERED: {problem}", file=sys.stderr)
-            if not result.intact:
-                print(f"the ledger is NOT intact: {len(result.problems)} problem(s) in {result.records} records")
-                return 1
-            sealed = 0
-            if not args.no_seal:
-                async with database.transaction() as conn:
-                    sealed = await chain.seal(conn, seal_key)
-            print(
-                f"the ledger is intact: {result.records} records, {result.seals_checked} seals checked"
-                + (f", sealed at record {sealed}" if sealed else "")
-            )
-            return 0
+            return await _verify(settings, database, args)
         return await _breach_report(database, args)
     raise AssertionError("unreachable")
+
+
+async def _verify(settings: Settings, database: Database, args: argparse.Namespace) -> int:
+    seal_key = derive_key(load_server_secret(settings), b"ledger-seal")
+    witnessed = witness.read(settings.witness_path, seal_key)
+    async with database.transaction() as conn:  # chain what committed but is not chained yet
+        await chain.chain_all(conn)
+    async with database.transaction(readonly=True, snapshot=True) as conn:  # the chain and head as of one instant
+        result = await chain.verify(conn, seal_key, max_lag=args.max_lag, progress=_Progress("records checked"))
+        result.problems += witnessed.problems
+        result.problems += await witness.check(conn, witnessed.checkpoints, result.head_seq)
+    for problem in result.problems:
+        print(f"TAMPERED: {problem}", file=sys.stderr)
+    if not result.intact:
+        print(f"the ledger is NOT intact: {len(result.problems)} problem(s) in {result.records} records")
+        return 1
+    vouched = f", {len(witnessed.checkpoints)} witnessed checkpoints matched" if witnessed.checkpoints else ""
+    sealed = ""
+    if not args.no_seal and result.head_seq > 0:
+        async with database.transaction() as conn:
+            checkpoint = witness.Checkpoint(
+                result.head_seq, result.head_hash, await chain.clock(conn), witness.key_id(seal_key)
+            )
+            if not witnessed.checkpoints or witnessed.checkpoints[-1].seq < checkpoint.seq:
+                witness.append(settings.witness_path, checkpoint, seal_key)
+            await chain.seal(conn, seal_key, checkpoint.seq, checkpoint.hash)
+        sealed = f", sealed at record {checkpoint.seq}"
+    print(f"the ledger is intact: {result.records} records, {result.seals_checked} seals checked{vouched}{sealed}")
+    return 0
 
 
 async def _breach_report(database: Database, args: argparse.Namespace) -> int:

@@ -8,21 +8,33 @@ hash-chains committed records into ``disclosure_chain`` under the
 (``disclosure_digest``, the one definition), walks the chain here, checks the
 seals and that every reference still names the items it was written for. A
 seal is an HMAC of the head under a key derived from the server secret, which
-the database never sees.
+the database never sees; ``service.disclosure.witness`` keeps a copy of every
+seal outside the database.
+
+Times are the database's: a record's ``disclose_time`` is stamped by a trigger
+as it is inserted, its ``chain_time`` by the sequencer, and the digest covers
+both. A record is never chained before it was written, the sequencer's times
+never go back, and a record chained more than ``max_lag`` after it was written
+was back-dated (or held back that long by a transaction left open in the
+cluster, which is worth knowing too).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 from service.store.database import Connection
 
 GENESIS_HASH = bytes(32)
 #: Records chained per sequencer pass: a pass is one statement, and a bounded one keeps its lock short.
 CHAIN_BATCH = 1000
+#: How long after it was written a record may be chained before verification calls it back-dated: the
+#: sequencer chains within a second, unless a transaction stays open in the cluster (it waits for those).
+MAX_CHAIN_LAG = timedelta(hours=1)
 
 
 @dataclass
@@ -63,32 +75,55 @@ async def chain_all(conn: Connection) -> int:
 
 
 async def verify(
-    conn: Connection, seal_key: bytes, *, batch: int = 5000, progress: Callable[[int], None] | None = None
+    conn: Connection,
+    seal_key: bytes,
+    *,
+    batch: int = 5000,
+    max_lag: timedelta = MAX_CHAIN_LAG,
+    progress: Callable[[int], None] | None = None,
 ) -> Verification:
-    """Recompute every digest, check the links, the head and the seals; report every problem found."""
+    """Recompute every digest, check the links, the times, the head and the seals; report every problem found."""
     result = Verification()
     seals = {row["seq"]: (row["hash"], row["signature"]) for row in await conn.fetch("SELECT * FROM ledger_seals")}
     expected_seq, previous = 1, GENESIS_HASH
     last_seq = 0
+    last_chained: datetime | None = None
+    last_order: tuple[int, int] = (0, 0)
     while True:
         rows = await conn.fetch(
-            "SELECT c.seq, c.prev_hash, c.hash, d.id IS NOT NULL AS present, "
-            "disclosure_digest(d, c.seq, c.prev_hash) = c.hash AS intact "
+            "SELECT c.seq, c.prev_hash, c.hash, c.chain_time, d.id, d.txid::text AS txid, d.disclose_time, "
+            "disclosure_digest(d, c.seq, c.prev_hash, c.chain_time) = c.hash AS intact "
             "FROM disclosure_chain c LEFT JOIN disclosures d ON d.id = c.id "
             "WHERE c.seq > $1 ORDER BY c.seq LIMIT $2",
             last_seq,
             batch,
         )
         for row in rows:
-            seq = row["seq"]
+            seq, chained = row["seq"], row["chain_time"]
             if seq != expected_seq:
                 result.problems.append(f"records {expected_seq}..{seq - 1} are missing")
             if row["prev_hash"] != previous:
                 result.problems.append(f"record {seq} does not link to the record before it")
-            if not row["present"]:
+            if row["id"] is None:
                 result.problems.append(f"record {seq} is missing (its place in the chain is left)")
             elif not row["intact"]:
                 result.problems.append(f"record {seq} was altered (its digest does not match)")
+            else:
+                order = (int(row["txid"]), row["id"])
+                written = row["disclose_time"]
+                if order <= last_order:
+                    result.problems.append(f"record {seq} is out of the order the sequencer chains in")
+                if written > chained:
+                    result.problems.append(f"record {seq} is dated after it was chained")
+                elif chained - written > max_lag:
+                    result.problems.append(
+                        f"record {seq} is dated {chained - written} before it was chained: back-dated, "
+                        "or held back by a transaction open that long"
+                    )
+                last_order = order
+            if last_chained is not None and chained < last_chained:
+                result.problems.append(f"record {seq} was chained before the record ahead of it")
+            last_chained = max(chained, last_chained or chained)
             if seq in seals:
                 sealed_hash, signature = seals.pop(seq)
                 result.seals_checked += 1
@@ -161,15 +196,22 @@ _PASSED_OVER = (
 )
 
 
-async def seal(conn: Connection, seal_key: bytes) -> int:
-    """Seal the chain at its current head; return the sealed position (0 when the ledger is empty)."""
-    head = await conn.fetchrow("SELECT seq, hash FROM ledger_head")
-    if head["seq"] == 0:
-        return 0
+async def seal(conn: Connection, seal_key: bytes, seq: int, chain_hash: bytes) -> None:
+    """Seal the chain at ``seq``, whose hash verification found to be ``chain_hash``."""
     await conn.execute(
         "INSERT INTO ledger_seals (seq, hash, signature) VALUES ($1, $2, $3) ON CONFLICT (seq) DO NOTHING",
-        head["seq"],
-        head["hash"],
-        seal_signature(seal_key, head["seq"], head["hash"]),
+        seq,
+        chain_hash,
+        seal_signature(seal_key, seq, chain_hash),
     )
-    return int(head["seq"])
+
+
+async def clock(conn: Connection) -> datetime:
+    """The database's clock, which stamps records and chains them."""
+    return await conn.fetchval("SELECT clock_timestamp()")  # type: ignore[no-any-return]
+
+
+async def hashes_at(conn: Connection, seqs: Sequence[int]) -> dict[int, bytes]:
+    """The chain's hash at each of ``seqs`` it holds."""
+    rows = await conn.fetch("SELECT seq, hash FROM disclosure_chain WHERE seq = ANY($1::bigint[])", list(seqs))
+    return {row["seq"]: row["hash"] for row in rows}

@@ -389,8 +389,13 @@ class Database:
                 self._session_reset.forget(mark)
 
     @asynccontextmanager
-    async def transaction(self, *, readonly: bool = False, role: str | None = None) -> AsyncIterator[Connection]:
+    async def transaction(
+        self, *, readonly: bool = False, snapshot: bool = False, role: str | None = None
+    ) -> AsyncIterator[Connection]:
         """Run a unit of work in one transaction: committed on success, rolled back on any error.
+
+        With ``snapshot``, every statement sees the database as the first one did (REPEATABLE READ),
+        for work that reads in several statements what others keep writing.
 
         With ``role`` (only :data:`PARTNER_ROLE`), the transaction runs as that
         role; the switch is transaction-local, so it cannot outlive the unit of
@@ -407,7 +412,7 @@ class Database:
         async with (
             _translated_failures(),
             self._acquire(budget, partner=role is not None) as conn,
-            conn.transaction(readonly=readonly),
+            conn.transaction(readonly=readonly, isolation="repeatable_read" if snapshot else "read_committed"),
         ):
             await conn.execute(prelude)
             yield conn

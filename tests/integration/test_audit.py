@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import sys
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -216,27 +213,10 @@ async def test_a_response_is_not_sent_when_its_audit_record_cannot_be_written(
 
 
 async def _audit_cli(database_dsn: str, tmp_path: Path, *args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "service",
-        "audit",
-        *args,
-        env=harness.environment(DATABASE_URL=database_dsn, APPTGATE_DATA_DIR=str(tmp_path / "data")),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    return await harness.audit_cli(database_dsn, tmp_path / "data", *args)
 
 
-@asynccontextmanager
-async def _tampering(admin: asyncpg.Connection) -> AsyncIterator[asyncpg.Connection]:
-    """A transaction that writes past the ledger's triggers, as someone with superuser rights can."""
-    async with admin.transaction():
-        await admin.execute("SET LOCAL session_replication_role = replica")
-        yield admin
+_tampering = harness.owner_tampering
 
 
 async def _verify_refuses(database_dsn: str, tmp_path: Path, *args: str) -> str:
@@ -292,7 +272,7 @@ async def test_audit_verify_catches_a_deleted_record_and_a_rewritten_chain(
         previous = bytes(32)
         for row in rows:
             previous = await conn.fetchval(
-                "UPDATE disclosure_chain c SET prev_hash = $1, hash = disclosure_digest(d, c.seq, $1) "
+                "UPDATE disclosure_chain c SET prev_hash = $1, hash = disclosure_digest(d, c.seq, $1, c.chain_time) "
                 "FROM disclosures d WHERE d.id = c.id AND c.id = $2 RETURNING c.hash",
                 previous,
                 row["id"],
@@ -367,11 +347,12 @@ async def test_audit_verify_catches_a_reference_written_past_the_statement_to_a_
     await partner.list_all()
     # A reference the record statement would refuse (it names a record of the day before), written
     # directly as someone with rights on the table could; its digest and the chain are consistent.
-    await admin.execute(
-        "INSERT INTO disclosures (partner_id, key_id, view, rpc, disclose_time, outcome, items_of, items_digest) "
-        "SELECT partner_id, key_id, view, rpc, disclose_time + interval '1 day', outcome, id, "
-        "disclosure_items_digest(d) FROM disclosures d"
-    )
+    async with _tampering(admin) as conn:
+        await conn.execute(
+            "INSERT INTO disclosures (partner_id, key_id, view, rpc, disclose_time, outcome, items_of, items_digest) "
+            "SELECT partner_id, key_id, view, rpc, disclose_time + interval '1 day', outcome, id, "
+            "disclosure_items_digest(d) FROM disclosures d"
+        )
 
     assert "record 2 repeats the items of a record of another day" in await _verify_refuses(database_dsn, tmp_path)
 
@@ -392,8 +373,8 @@ async def test_the_ledger_refuses_a_record_half_a_reference(
     chosen = columns.split(", ")
     with pytest.raises(asyncpg.CheckViolationError):
         await admin.execute(
-            "INSERT INTO disclosures (partner_id, key_id, view, rpc, disclose_time, outcome, "
-            f"{columns}) VALUES (gen_random_uuid(), 'pk_halfaaaaaaaaaaaa', 1, $1, now(), 1, "
+            "INSERT INTO disclosures (partner_id, key_id, view, rpc, outcome, "
+            f"{columns}) VALUES (gen_random_uuid(), 'pk_halfaaaaaaaaaaaa', 1, $1, 1, "
             f"{', '.join(values[c] for c in chosen)})",
             LIST_RPC,
         )

@@ -117,9 +117,9 @@ async def test_a_failing_migration_leaves_nothing_half_applied(empty_dsn: str, t
 
 async def test_the_sequencer_waits_for_an_older_transaction_and_chains_its_record_first(database_dsn: str) -> None:
     append = (
-        "INSERT INTO disclosures (partner_id, key_id, view, rpc, disclose_time, outcome, requested_ids, "
+        "INSERT INTO disclosures (partner_id, key_id, view, rpc, outcome, requested_ids, "
         "appointment_ids, patient_ids) VALUES (gen_random_uuid(), 'pk_sequenceraaaaaaa', 1, "
-        "'/appointments.partner.v1.PartnerAppointmentService/ListAppointments', statement_timestamp(), 1, "
+        "'/appointments.partner.v1.PartnerAppointmentService/ListAppointments', 1, "
         "ARRAY['apt_a', 'apt_b'], ARRAY[gen_random_uuid(), gen_random_uuid()], ARRAY[gen_random_uuid(), "
         "gen_random_uuid()])"
     )

@@ -256,13 +256,17 @@ async def test_a_reference_the_database_refuses_is_written_in_full_and_the_memo_
         assert printed is not None
         since = memo.since(partner)
         assert since is not None and recorded.find(partner, since, printed) == mine
-        # A record of the partner's from the day before (what the memo names right after midnight).
-        yesterday = await conn.fetchval(
-            "INSERT INTO disclosures (partner_id, key_id, view, rpc, disclose_time, outcome, requested_ids, "
-            "appointment_ids, patient_ids) SELECT partner_id, key_id, view, rpc, disclose_time - interval '1 day', "
-            "outcome, requested_ids, appointment_ids, patient_ids FROM disclosures WHERE id = $1 RETURNING id",
-            mine,
-        )
+        # A record of the partner's from the day before (what the memo names right after midnight), written
+        # past the trigger that stamps the time of the insert.
+        async with conn.transaction():
+            await conn.execute("SET LOCAL session_replication_role = replica")
+            yesterday = await conn.fetchval(
+                "INSERT INTO disclosures (partner_id, key_id, view, rpc, disclose_time, outcome, requested_ids, "
+                "appointment_ids, patient_ids) SELECT partner_id, key_id, view, rpc, "
+                "disclose_time - interval '1 day', outcome, requested_ids, appointment_ids, patient_ids "
+                "FROM disclosures WHERE id = $1 RETURNING id",
+                mine,
+            )
         # The memo now names the other partner's record (as a bug would), a record that is not there (as
         # after a failover that lost it), then yesterday's: each time the page is written in full.
         for wrong in (theirs, mine + 10**6, yesterday):
@@ -298,8 +302,8 @@ async def test_recording_never_scans_the_ledger_even_with_statements_planned_whi
         for _ in range(8):  # the function's statements are planned, and their plans kept, on that small ledger
             await write_basic(conn, [(entry, page)], terms, memo, recorded)
         await conn.execute(
-            "INSERT INTO disclosures (partner_id, key_id, view, rpc, disclose_time, outcome, requested_ids, "
-            "appointment_ids, patient_ids) SELECT $1, 'pk_bulkaaaaaaaaaaaa', 1, $2, now(), 1, ARRAY['shown'], "
+            "INSERT INTO disclosures (partner_id, key_id, view, rpc, outcome, requested_ids, "
+            "appointment_ids, patient_ids) SELECT $1, 'pk_bulkaaaaaaaaaaaa', 1, $2, 1, ARRAY['shown'], "
             "ARRAY[gen_random_uuid()], ARRAY[gen_random_uuid()] FROM generate_series(1, 5000)",
             bystander,
             _rpc("ListAppointments"),
