@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import logging
 import os
 import shutil
 import socket
@@ -69,9 +70,16 @@ async def aclient(partner_target: str, agenda: Agenda) -> AsyncIterator[AsyncPar
         yield c
 
 
+#: Channel arguments for a client of the silent port: a subchannel of its own. gRPC otherwise shares
+#: subchannels between channels of the same target and arguments, and the port (an ephemeral one)
+#: can be one an earlier test's client connected to: its stale subchannel, reset when that test's
+#: socket closed, then fails the call at once with UNAVAILABLE (seen under load, and reproduced).
+OWN_SUBCHANNEL = (("grpc.use_local_subchannel_pool", 1),)
+
+
 @pytest.fixture
 def silent_port() -> Iterator[int]:
-    """A port that accepts TCP connections and never says a word (a hung server)."""
+    """A port that accepts TCP connections and never says a word (a hung server); see OWN_SUBCHANNEL."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(16)
@@ -230,7 +238,7 @@ def test_client_side_mistakes_fail_before_any_call(partner_target: str) -> None:
 def test_every_call_has_the_default_deadline(silent_port: int, call: Callable[[PartnerClient], Any]) -> None:
     # Without a deadline, a call to a server that never answers would wait for the
     # channel's 20 s connect timeout and then be retried.
-    with PartnerClient(f"127.0.0.1:{silent_port}", "pk_x.y", timeout=0.3) as client:
+    with PartnerClient(f"127.0.0.1:{silent_port}", "pk_x.y", timeout=0.3, options=OWN_SUBCHANNEL) as client:
         started = time.monotonic()
         with pytest.raises(DeadlineExceeded) as caught:
             call(client)
@@ -240,7 +248,7 @@ def test_every_call_has_the_default_deadline(silent_port: int, call: Callable[[P
 
 def test_a_per_call_timeout_overrides_the_default(silent_port: int) -> None:
     assert apptgate_client.DEFAULT_TIMEOUT == 10
-    with PartnerClient(f"127.0.0.1:{silent_port}", "pk_x.y") as client:
+    with PartnerClient(f"127.0.0.1:{silent_port}", "pk_x.y", options=OWN_SUBCHANNEL) as client:
         started = time.monotonic()
         with pytest.raises(DeadlineExceeded):
             client.list_consent_keys(timeout=0.2)
@@ -248,7 +256,7 @@ def test_a_per_call_timeout_overrides_the_default(silent_port: int) -> None:
 
 
 async def test_async_calls_have_the_default_deadline(silent_port: int) -> None:
-    async with AsyncPartnerClient(f"127.0.0.1:{silent_port}", "pk_x.y", timeout=0.3) as client:
+    async with AsyncPartnerClient(f"127.0.0.1:{silent_port}", "pk_x.y", timeout=0.3, options=OWN_SUBCHANNEL) as client:
         started = time.monotonic()
         with pytest.raises(DeadlineExceeded):
             await client.get_appointment("apt_" + "a" * 26)
@@ -288,9 +296,20 @@ async def test_internal_writes_are_not_retried_but_reads_are() -> None:
     assert read.value.attempts == FAST_RETRY.max_attempts
 
 
+def retried(caplog: pytest.LogCaptureFixture) -> bool:
+    """Whether the client logged a retry of a failed attempt."""
+    return any(r.name == "apptgate_client" and "retrying in" in r.getMessage() for r in caplog.records)
+
+
 async def test_retries_reach_a_server_that_comes_up_late(
-    settings: Settings, database: Database, keyring: ConsentKeyring, data_keys: DataKeyring, agenda: Agenda
+    settings: Settings,
+    database: Database,
+    keyring: ConsentKeyring,
+    data_keys: DataKeyring,
+    agenda: Agenda,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="apptgate_client")
     port = harness.free_port()
     patient = RetryPolicy(max_attempts=30, initial_backoff=0.05, max_backoff=0.2)
     client = PartnerClient(f"127.0.0.1:{port}", agenda.partner.secret, retry=patient, timeout=8)
@@ -301,7 +320,8 @@ async def test_retries_reach_a_server_that_comes_up_late(
     )
     try:
         call = asyncio.create_task(in_thread(client.list_consent_keys))
-        await asyncio.sleep(0.5)
+        # An attempt failed while nothing listens, and the client retries (it logs each retry).
+        assert await harness.eventually(lambda: retried(caplog) or call.done())
         assert not call.done()  # still retrying: nothing listens yet
         await late.start()
         keys = await asyncio.wait_for(call, timeout=8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 from dataclasses import replace
@@ -124,6 +125,11 @@ async def test_watching_a_practitioner_not_granted_raises_not_found(partner_targ
             await client.watch_appointments(practitioner_id=agenda.hidden_practitioner_id).open()
 
 
+def reopening(caplog: pytest.LogCaptureFixture) -> bool:
+    """Whether the client logged a failed attempt to reopen a watch (it retries after each)."""
+    return any(r.name == "apptgate_client" and "reopening in" in r.getMessage() for r in caplog.records)
+
+
 async def test_watch_resumes_across_a_server_restart_without_gap_or_repeat(
     settings: Settings,
     database: Database,
@@ -131,7 +137,9 @@ async def test_watch_resumes_across_a_server_restart_without_gap_or_repeat(
     data_keys: DataKeyring,
     agenda: Agenda,
     world: harness.World,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="apptgate_client")
     port = harness.free_port()
     secrets = Secrets(os.urandom(32), keyring, data_keys)  # the same secret on both: resume tokens survive the restart
     partner_settings = replace(settings, partner_addr=f"127.0.0.1:{port}", internal_addr="127.0.0.1:0")
@@ -149,7 +157,8 @@ async def test_watch_resumes_across_a_server_restart_without_gap_or_repeat(
             await first.stop(1)  # the stream ends with UNAVAILABLE: "resume with the last token"
             during = await book(world, agenda, 12)  # committed while no server listens
             resumed = asyncio.create_task(anext(changes))
-            await asyncio.sleep(0.3)
+            # The client tried to reopen while nothing listens, and keeps trying (it logs each retry).
+            assert await harness.eventually(lambda: reopening(caplog) or resumed.done())
             assert not resumed.done()
             second = Gateway(partner_settings, database, secrets)
             await second.start()

@@ -157,6 +157,7 @@ async def test_the_ledger_refuses_updates_and_deletes_even_from_its_owner(
     await partner.list_all()
 
     await admin.execute("SELECT chain_disclosures(1000)")
+    assert await harness.eventually(lambda: harness.all_chained(admin))
     assert await admin.fetchval("SELECT count(*) FROM disclosure_chain") == 1
 
     for statement in (
@@ -232,6 +233,7 @@ async def test_audit_verify_passes_then_catches_a_record_altered_in_the_database
     _, _, partner = await _three_appointments(world)
     for _ in range(3):
         await partner.list_all()
+    assert await harness.eventually(lambda: harness.all_chained(admin))
     code, out, err = await _audit_cli(database_dsn, tmp_path, "verify")
     assert code == 0, err
     assert "intact: 3 records" in out
@@ -252,6 +254,7 @@ async def test_audit_verify_catches_a_deleted_record_and_a_rewritten_chain(
     _, _, partner = await _three_appointments(world)
     for _ in range(3):
         await partner.list_all()
+    assert await harness.eventually(lambda: harness.all_chained(admin))
     assert (await _audit_cli(database_dsn, tmp_path, "verify"))[0] == 0  # seals record 3
     second = await admin.fetchval("SELECT id FROM disclosure_chain WHERE seq = 2")
 
@@ -310,6 +313,7 @@ async def test_a_page_listed_again_is_recorded_by_reference_and_reads_as_the_sam
         ),
         metadata=world.internal_metadata,
     )
+    assert await harness.eventually(lambda: harness.all_chained(admin))
     code, out, err = await _audit_cli(database_dsn, tmp_path, "verify")
 
     assert [a.appointment_id for a in again] == [a.appointment_id for a in first]
@@ -353,6 +357,7 @@ async def test_audit_verify_catches_a_reference_written_past_the_statement_to_a_
             "SELECT partner_id, key_id, view, rpc, disclose_time + interval '1 day', outcome, id, "
             "disclosure_items_digest(d) FROM disclosures d"
         )
+    assert await harness.eventually(lambda: harness.all_chained(admin))
 
     assert "record 2 repeats the items of a record of another day" in await _verify_refuses(database_dsn, tmp_path)
 
@@ -386,6 +391,7 @@ async def test_audit_verify_catches_a_record_dropped_from_the_chain(
     _, _, partner = await _three_appointments(world)
     for _ in range(2):
         await partner.list_all()
+    assert await harness.eventually(lambda: harness.all_chained(admin))
     assert (await _audit_cli(database_dsn, tmp_path, "verify", "--no-seal"))[0] == 0
 
     # The last record's place in the chain removed and the head moved back: the chain

@@ -7,6 +7,7 @@ import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -112,12 +113,16 @@ async def test_malformed_or_tampered_tokens_are_consent_invalid(scene: Scene, ma
 
 
 async def test_an_expired_token_is_consent_expired(scene: Scene) -> None:
-    token = await scene.token(ttl=1)
-    await scene.partner.contact(scene.appointment_id, token)
+    # Long enough for the first use to come before the expiry even on a busy machine.
+    consent = await scene.world.consent(scene.patient.patient_id, scene.partner.partner_id, ALL, ttl=3)
+    await scene.partner.contact(scene.appointment_id, consent.token)
 
-    await asyncio.sleep(1.1)
+    # Then wait until the expiry has passed, by the clock the server compares it with.
+    expires = consent.expire_time.ToDatetime(tzinfo=UTC)
+    await asyncio.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()) + 0.05)
+    assert datetime.now(UTC) > expires
 
-    await _denied(scene.partner.contact(scene.appointment_id, token), "CONSENT_EXPIRED")
+    await _denied(scene.partner.contact(scene.appointment_id, consent.token), "CONSENT_EXPIRED")
 
 
 async def test_a_revoked_consent_is_refused_on_the_next_use(scene: Scene) -> None:

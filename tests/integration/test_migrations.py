@@ -115,6 +115,15 @@ async def test_a_failing_migration_leaves_nothing_half_applied(empty_dsn: str, t
     assert await _applied(empty_dsn) == [1]
 
 
+async def _past_the_horizon(conn: asyncpg.Connection) -> bool:
+    """Whether every record's transaction is older than all still running: what the sequencer chains.
+
+    Its horizon is the cluster's oldest running transaction, in any database: another test
+    run on a shared server can hold it back, for as long as one of its transactions lasts.
+    """
+    return bool(await conn.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot()) > max(txid) FROM disclosures"))
+
+
 async def test_the_sequencer_waits_for_an_older_transaction_and_chains_its_record_first(database_dsn: str) -> None:
     append = (
         "INSERT INTO disclosures (partner_id, key_id, view, rpc, outcome, requested_ids, "
@@ -134,6 +143,7 @@ async def test_the_sequencer_waits_for_an_older_transaction_and_chains_its_recor
         while_older_runs = await conn.fetchval("SELECT chain_disclosures(10)")
         await older.execute(append)
         await older.execute("COMMIT")
+        assert await harness.eventually(lambda: _past_the_horizon(conn))
         chained = await chain.chain_all(conn)
         order = await conn.fetch(
             "SELECT c.seq, d.txid::text::bigint AS txid FROM disclosure_chain c JOIN disclosures d ON d.id = c.id "

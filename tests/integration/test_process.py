@@ -7,6 +7,7 @@ import datetime as dt
 import ipaddress
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,8 +111,29 @@ async def _serve(env: dict[str, str], *flags: str) -> Served:
     return Served(process, partner, internal)
 
 
+async def _waiting_on_a_lock(conn: asyncpg.Connection) -> int:
+    """Backends of this database waiting on a lock now (a fresh look, even inside a transaction)."""
+    await conn.execute("SELECT pg_stat_clear_snapshot()")
+    return int(
+        await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        )
+    )
+
+
+async def _draining(port: int) -> bool:
+    """Whether the listener on ``port`` has begun to stop: a new connection is told NOT_SERVING, or refused."""
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    except grpc.aio.AioRpcError as error:
+        return error.code() == grpc.StatusCode.UNAVAILABLE
+    return reply.status != health_pb2.HealthCheckResponse.SERVING
+
+
 async def test_sigterm_lets_an_in_flight_call_finish_then_exits_zero(database_dsn: str, tmp_path: Path) -> None:
-    served = await _serve(_env(database_dsn, tmp_path))
+    # A grace far longer than this test holds the call, however slow the machine.
+    served = await _serve(_env(database_dsn, tmp_path, APPTGATE_SHUTDOWN_GRACE="60"))
     try:
         async with (
             grpc.aio.insecure_channel(f"127.0.0.1:{served.partner_port}") as partner_channel,
@@ -127,10 +149,21 @@ async def test_sigterm_lets_an_in_flight_call_finish_then_exits_zero(database_ds
                 await transaction.start()
                 await blocker.execute("LOCK TABLE practitioner_grants IN ACCESS EXCLUSIVE MODE")
                 in_flight = asyncio.ensure_future(partner.list())
-                await asyncio.sleep(0.5)
+                # The call is in flight once the server's statement waits on the lock.
+                in_flight_by = time.monotonic() + 30
+                while not await _waiting_on_a_lock(blocker):
+                    assert time.monotonic() < in_flight_by, "the call never reached the database"
+                    assert not in_flight.done(), in_flight
+                    await asyncio.sleep(0.02)
                 served.process.send_signal(signal.SIGTERM)
-                await asyncio.sleep(0.5)
+                # The server has acted on the signal once its listener stops serving new calls;
+                # the call in flight must outlive that.
+                draining_by = time.monotonic() + 30
+                while not await _draining(served.partner_port):
+                    assert time.monotonic() < draining_by, "the server never began to drain"
+                    await asyncio.sleep(0.05)
                 assert served.process.returncode is None, "exited before the in-flight call finished"
+                assert not in_flight.done(), in_flight
                 await transaction.rollback()
             finally:
                 await blocker.close()

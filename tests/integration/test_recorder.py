@@ -12,6 +12,7 @@ import itertools
 from collections.abc import AsyncIterator
 from uuid import UUID, uuid4
 
+import harness
 import pytest
 
 from service import models
@@ -76,7 +77,9 @@ async def test_a_ledger_writer_keeps_its_connection_while_calls_come_and_returns
         assert await recorder.record(entry, [(f"shown-{n}", None, None)], TERMS) == "ok"
         in_use, _, _ = db.pool_usage()
         in_use_during.append(in_use)
-    await asyncio.sleep(Grouping().linger * 4)
+    # The writer gives the connection back LINGER after the last group; giving it back takes a
+    # round trip of its own, so wait for the pool to show it rather than for a fixed time.
+    await harness.eventually(lambda: db.pool_usage()[0] == 0, within=10)
     in_use_after, _, _ = db.pool_usage()
 
     assert in_use_during == [1] * 5  # the writer held one connection from the first group to the fifth
@@ -85,14 +88,17 @@ async def test_a_ledger_writer_keeps_its_connection_while_calls_come_and_returns
 
 
 async def test_a_group_waits_for_the_call_whose_read_is_underway(db: Database) -> None:
+    # The group waits for the call underway, not for the 5 ms of gathering to run out first
+    # (a busy machine can pause this process longer than that between two steps of the loop).
     partner, entry = await _partner(db, "Gathering")
-    recorder = DisclosureRecorder(db, budget=5.0)
-    with recorder.expect_basic() as underway:
-        first = asyncio.create_task(recorder.record(entry, [("shown-first", None, None)], TERMS))
-        for _ in range(3):  # the writer starts and, with a call underway, gathers
-            await asyncio.sleep(0)
-        second = await recorder.record(entry, [("shown-second", None, None)], TERMS, underway)
-    assert (await first, second) == ("ok", "ok")
+    recorder = DisclosureRecorder(db, budget=5.0, grouping=Grouping(gather=60.0))
+    async with asyncio.timeout(10):
+        with recorder.expect_basic() as underway:
+            first = asyncio.create_task(recorder.record(entry, [("shown-first", None, None)], TERMS))
+            for _ in range(3):  # the writer starts and, with a call underway, gathers
+                await asyncio.sleep(0)
+            second = await recorder.record(entry, [("shown-second", None, None)], TERMS, underway)
+        assert (await first, second) == ("ok", "ok")
 
     # Written alone, the first would have had its own transaction.
     assert await _transactions(db, partner) == {"shown-first": 0, "shown-second": 0}
@@ -138,14 +144,16 @@ async def test_basic_and_contact_calls_underway_are_waited_for_apart(db: Databas
 
 async def test_a_caller_that_goes_away_leaves_its_record_to_be_written(db: Database) -> None:
     partner, entry = await _partner(db, "Gone")
-    recorder = DisclosureRecorder(db, budget=5.0)
-    with recorder.expect_basic() as underway:  # the group gathers, so the caller is cancelled before it is written
-        gone = asyncio.create_task(recorder.record(entry, [("shown-gone", None, None)], TERMS))
-        await asyncio.sleep(0)
-        gone.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await gone
-        stayed = await recorder.record(entry, [("shown-stayed", None, None)], TERMS, underway)
+    # The group gathers until the call underway comes.
+    recorder = DisclosureRecorder(db, budget=5.0, grouping=Grouping(gather=60.0))
+    async with asyncio.timeout(10):
+        with recorder.expect_basic() as underway:  # the group gathers, so the caller is cancelled before it is written
+            gone = asyncio.create_task(recorder.record(entry, [("shown-gone", None, None)], TERMS))
+            await asyncio.sleep(0)
+            gone.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await gone
+            stayed = await recorder.record(entry, [("shown-stayed", None, None)], TERMS, underway)
 
     assert stayed == "ok"
     # The ledger may hold a disclosure that was not sent, never the reverse.

@@ -54,7 +54,12 @@ async def ended_with(stream: Any, within: float = READ_TIMEOUT) -> grpc.StatusCo
 
 
 async def started(stream: Any) -> None:
-    """Wait until the server has registered the stream (its initial metadata arrives then)."""
+    """Wait until the server has registered the stream (its initial metadata arrives then).
+
+    From then on the stream is live: every change that commits afterwards reaches it
+    (the server subscribes it to the feed hub before it sends the headers), so a test
+    needs no pause before it makes changes.
+    """
     await asyncio.wait_for(stream.initial_metadata(), timeout=READ_TIMEOUT)
 
 
@@ -66,7 +71,6 @@ async def test_creation_update_and_cancellation_arrive_with_their_audit_records(
     partner = await world.partner("Sync", practitioner)
     stream = watch(partner)
     await started(stream)
-    await asyncio.sleep(0.2)
 
     booked = await world.appointment(practitioner, patient.patient_id, MONDAY)
     conn = await asyncpg.connect(database_dsn)
@@ -114,7 +118,6 @@ async def test_changes_of_practitioners_not_granted_never_arrive(world: World) -
     partner = await world.partner("Sync", granted)
     stream = watch(partner)
     await started(stream)
-    await asyncio.sleep(0.2)
 
     await world.appointment(other, patient.patient_id, MONDAY)
     await world.appointment(other, patient.patient_id, MONDAY + timedelta(hours=1))
@@ -132,16 +135,22 @@ async def test_resuming_after_a_cut_loses_and_repeats_nothing_under_concurrent_w
     partner = await world.partner("Sync", *practitioners)
     stream = watch(partner)
     await started(stream)
-    await asyncio.sleep(0.2)
+
+    booked = 0
 
     async def writer(index: int) -> None:
+        nonlocal booked
         for n in range(100):
             await world.appointment(practitioners[index], patient.patient_id, MONDAY + timedelta(minutes=n, days=index))
+            booked += 1
 
     writers = asyncio.gather(*(writer(i) for i in range(3)))
     received: list[pb.AppointmentChange] = [await read(stream) for _ in range(40)]
     stream.cancel()  # forced disconnect while the writers go on
-    await asyncio.sleep(0.3)
+    # Changes commit while no stream is open (unless the writers are done already): the resumed
+    # stream must replay them, then go on live.
+    away_from = booked
+    assert await harness.eventually(lambda: booked >= min(300, away_from + 30))
     resumed = watch(partner, resume_token=received[-1].resume_token)
     await writers
     while len(received) < 300:
@@ -166,7 +175,6 @@ async def test_a_resume_token_replays_what_happened_while_away(world: World) -> 
     partner = await world.partner("Sync", practitioner)
     stream = watch(partner)
     await started(stream)
-    await asyncio.sleep(0.2)
     await world.appointment(practitioner, patient.patient_id, MONDAY)
     first = await read(stream)
     stream.cancel()
@@ -185,7 +193,6 @@ async def test_revoking_the_watched_grant_ends_the_stream_within_a_second(world:
     partner = await world.partner("Sync", practitioner)
     stream = watch(partner, practitioner_id=practitioner)
     await started(stream)
-    await asyncio.sleep(0.2)
 
     began = time.monotonic()
     await world.revoke_grant(partner.partner_id, practitioner)
@@ -201,7 +208,6 @@ async def test_a_stream_over_all_grants_drops_a_revoked_practitioner_then_ends_w
     partner = await world.partner("Sync", kept, dropped)
     stream = watch(partner)
     await started(stream)
-    await asyncio.sleep(0.2)
 
     await world.revoke_grant(partner.partner_id, dropped)
     await world.appointment(dropped, patient.patient_id, MONDAY)  # committed after the revocation
@@ -218,7 +224,6 @@ async def test_revoking_the_key_ends_its_streams_unauthenticated(world: World) -
     partner = await world.partner("Sync", practitioner)
     stream = watch(partner)
     await started(stream)
-    await asyncio.sleep(0.2)
 
     await world.revoke_key(partner.key_id)
 
@@ -232,7 +237,6 @@ async def test_watching_a_practitioner_not_granted_is_not_found_and_a_foreign_to
     partner_b = await world.partner("B", granted)
     stream = watch(partner_a)
     await started(stream)
-    await asyncio.sleep(0.2)
     await world.appointment(granted, patient.patient_id, MONDAY)
     token = (await read(stream)).resume_token
     stream.cancel()
@@ -248,7 +252,6 @@ async def test_a_token_older_than_the_retention_window_is_out_of_range(world: Wo
     partner = await world.partner("Sync", practitioner)
     stream = watch(partner)
     await started(stream)
-    await asyncio.sleep(0.2)
     await world.appointment(practitioner, patient.patient_id, MONDAY)
     token = (await read(stream)).resume_token
     stream.cancel()
@@ -285,17 +288,24 @@ async def small_gateway(
 async def test_idle_streams_cost_no_database_queries(small_gateway: tuple[World, list[str]]) -> None:
     world, statements = small_gateway
     practitioner = await world.practitioner()
+    patient = await world.patient()
     partner = await world.partner("Sync", practitioner)
     streams = [watch(partner) for _ in range(25)]
     for stream in streams:
         await started(stream)
-    await asyncio.sleep(0.3)
+    # One change, received by every stream: the hub has handled every notification committed
+    # before it (the grant's among them: notifications are handled in commit order), and the
+    # delivery's own transaction is over. What the streams do from here on is idling.
+    await world.appointment(practitioner, patient.patient_id, MONDAY)
+    for stream in streams:
+        await read(stream)
 
     before = len(statements)
-    await asyncio.sleep(2.0)
-    # The health probe (SELECT 1 once a second) and the ledger sequencer (every
-    # 100 ms), with their transactions and the pool's reset of their connections,
-    # run whatever the number of streams.
+    # Idle for two periods of the health probe (SELECT 1 once a second), as the gateway itself
+    # counts time: three probes after ``before`` span at least two seconds of its running.
+    assert await harness.eventually(lambda: statements[before:].count("SELECT 1") >= 3)
+    # The health probe and the ledger sequencer (every 100 ms), with their transactions
+    # and the pool's reset of their connections, run whatever the number of streams.
     housekeeping = (
         "SELECT 1",
         "SELECT pg_advisory_unlock_all()",
@@ -320,7 +330,6 @@ async def test_a_stream_that_falls_behind_the_buffer_is_ended_and_resumes_from_i
     partner = await world.partner("Sync", practitioner)
     stream = watch(partner)
     await started(stream)
-    await asyncio.sleep(0.2)
     await world.appointment(practitioner, patient.patient_id, MONDAY)
     first = await read(stream)
 
@@ -355,7 +364,6 @@ async def test_each_partner_has_a_limit_on_open_streams(small_gateway: tuple[Wor
     streams = [watch(partner) for _ in range(30)]
     for stream in streams:
         await started(stream)
-    await asyncio.sleep(0.3)
 
     extra = watch(partner)
     code = await ended_with(extra)
@@ -373,7 +381,6 @@ async def test_streams_woken_by_one_change_each_receive_it_with_their_own_audit_
     streams = [watch(p, practitioner_id=shared if n % 2 else "") for p in partners for n in range(4)]
     for stream in streams:
         await started(stream)
-    await asyncio.sleep(0.2)
 
     booked = await world.appointment(shared, patient.patient_id, MONDAY)
     changes = [await read(stream) for stream in streams]
@@ -417,7 +424,6 @@ async def test_a_partner_over_its_daily_cap_ends_its_streams_without_holding_bac
     capped_stream, other_stream = watch(capped), watch(other)
     await started(capped_stream)
     await started(other_stream)
-    await asyncio.sleep(0.2)
 
     await world.appointment(shared, first.patient_id, MONDAY)
     assert (await read(capped_stream)).appointment.start_time.ToDatetime() == MONDAY.replace(tzinfo=None)
