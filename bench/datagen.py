@@ -11,10 +11,11 @@ into dedicated databases that this module creates and drops:
   :func:`bench_data_key`; the plaintext columns stay NULL), so the gateway
   under test, started with that key, pays for decryption as in production.
 * ``apptgate_bench_<size>_nodefense``: the same world (same seed, so the same
-  ids, rows and order) with both defenses of issue 6 off: contact values and
-  reasons in the plaintext columns (nothing sealed) and row-level security
-  disabled on every table (``NO FORCE``, ``DISABLE``), re-applied after each
-  migration. Served by the ``gateway-nodefense`` variant and by the naive
+  ids, rows and order) with encryption at rest off: contact values and reasons
+  in the plaintext columns (nothing sealed). That is its only difference: the
+  schema, the partner role and its functions are as migrated in both (there is
+  no row-level security to turn off since migration 0007 gave the role no table
+  privilege). Served by the ``gateway-nodefense`` variant and by the naive
   baseline (which reads contact columns in clear). The shape does not change with the size, only the
   history does: 2,000 practitioners with 20 appointments a day each
   (40,000 a day), from the anchor day onwards, so 100k appointments cover 2.5
@@ -93,7 +94,7 @@ class WorldSpec:
     consents: int = 0  # 0: patients / 10
     seed: int = 8
     version: int = GENERATOR_VERSION
-    # True: values sealed, row-level security as migrated. False: values in clear, RLS disabled.
+    # True: values sealed, as the internal API stores them. False: values in clear (the schema is the same).
     defended: bool = True
 
     def resolved(self) -> WorldSpec:
@@ -265,10 +266,8 @@ async def generate_world(spec: WorldSpec, *, regen: bool = False) -> dict[str, A
         if meta is not None and meta.get("spec") == asdict(spec):
             print(f"{name}: reusing ({spec.appointments:,} appointments)", file=sys.stderr)
             migrate(dsn)  # new migrations since generation
-            if not spec.defended:
-                await disable_row_level_security(dsn)  # a new migration may have enabled it somewhere
             return meta
-    what = "sealed" if spec.defended else "in clear, no row-level security"
+    what = "sealed" if spec.defended else "in clear"
     print(f"{name}: generating {spec.appointments:,} appointments ({what})", file=sys.stderr, flush=True)
     started = time.monotonic()
     await create_database(name)
@@ -445,8 +444,6 @@ async def generate_world(spec: WorldSpec, *, regen: bool = False) -> dict[str, A
             "consents",
         )
         await conn.execute("SET session_replication_role = DEFAULT")
-        if not spec.defended:
-            await _disable_rls(conn)
         print("analyzing", file=sys.stderr, flush=True)
         await conn.execute("VACUUM (ANALYZE)")
         meta = {
@@ -468,37 +465,6 @@ async def generate_world(spec: WorldSpec, *, regen: bool = False) -> dict[str, A
         await conn.close()
     print(f"{name}: done in {time.monotonic() - started:.0f}s ({size})", file=sys.stderr, flush=True)
     return meta
-
-
-async def _disable_rls(conn: asyncpg.Connection) -> list[str]:
-    """Turn row-level security off on every table of the schema that has it; return their names."""
-    tables = [
-        row["relname"]
-        for row in await conn.fetch(
-            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND (c.relrowsecurity OR c.relforcerowsecurity) "
-            "ORDER BY 1"
-        )
-    ]
-    for table in tables:
-        await conn.execute(f'ALTER TABLE "{table}" NO FORCE ROW LEVEL SECURITY, DISABLE ROW LEVEL SECURITY')
-    return tables
-
-
-async def disable_row_level_security(dsn: str) -> list[str]:
-    """For a nodefense world: row-level security off everywhere (again after each migration); check it stays off."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        tables = await _disable_rls(conn)
-        left = await conn.fetchval(
-            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE n.nspname = 'public' AND (c.relrowsecurity OR c.relforcerowsecurity)"
-        )
-        if left:
-            raise SystemExit(f"{dsn}: row-level security still on for {left} table(s)")
-    finally:
-        await conn.close()
-    return tables
 
 
 # --------------------------------------------------------------------------- the disclosure ledger
@@ -775,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
     world.add_argument("--grants-per-partner", type=int, default=20)
     world.add_argument("--regen", action="store_true", help="drop and rebuild even when it exists")
     world.add_argument("--nodefense", action="store_true",
-                       help="the world with contact values in clear and row-level security off (apptgate_bench_<size>"
+                       help="the world with contact values and reasons in clear, nothing sealed (apptgate_bench_<size>"
                             "_nodefense, for the gateway-nodefense variant)")  # fmt: skip
     ledger = sub.add_parser("ledger", help="the disclosure ledger")
     ledger.add_argument("--items", default="10m", help="appointments disclosed or refused in all (default 10m)")

@@ -19,8 +19,8 @@ variants with ``APPTGATE_WHATIF`` (comma-separated; default ``norecord``):
   again and again, so otherwise every view is remembered).
 * ``nodefense`` (the ``gateway-nodefense`` variant of ``bench/run.py``):
   encryption at rest off on the contact path, for a ``_nodefense`` world
-  (``bench/datagen.py``) whose contact values are in clear and whose tables
-  have row-level security disabled. The product already passes clear values
+  (``bench/datagen.py``) whose contact values and reasons are in clear (its
+  schema and partner role are as migrated). The product already passes clear values
   through (an import's); this data keyring makes sure no sealed value is
   opened instead, failing the call if one reaches it.
 
