@@ -10,7 +10,7 @@ One run, in order:
    100% sampling to a local sink), the naive baseline and the bare baseline
    (``bench/baselines.py``), one process each (``--workers`` to change), and
    on request ``gateway-nodefense``: the same gateway code on the world's
-   ``_nodefense`` copy (contact values in clear, row-level security disabled)
+   ``_nodefense`` copy (contact values and reasons in clear, nothing sealed)
    with the contact path's decryption replaced (``bench/whatif.py``
    ``nodefense``), sharing the gateway's key, consent and secrets so that its
    answers must equal the gateway's (checked at start). The naive baseline
@@ -122,7 +122,7 @@ class Fixture:
     gateway_ids: dict[str, str] = field(default_factory=dict)
     bodies: dict[tuple[str, str], bytes] = field(default_factory=dict)  # (variant kind, scenario) → request bytes
     data_key: str = ""  # APPTGATE_DATA_KEY of the world (bench/datagen.py derives it from the seed)
-    issued: Any = None  # (partner key, consent claims, signing key id): shared with the nodefense copy
+    issued: Any = None  # (partner key, consent id, its claims, signing key id): shared with the nodefense copy
 
     @property
     def defended(self) -> bool:
@@ -141,8 +141,6 @@ async def prepare_fixture(size: int, meta: dict[str, Any], like: Fixture | None 
 
     fx = Fixture(size, with_database(admin_dsn(), meta["database"]), meta)
     datagen.migrate(fx.dsn)  # right before serving: a migration may have landed since the data was checked
-    if not fx.defended:
-        await datagen.disable_row_level_security(fx.dsn)  # and again after it: row-level security stays off
     fx.data_key = datagen.bench_data_key(meta["spec"]["seed"])
     partner = uuid.UUID(meta["bench_partner_id"])
     target = uuid.UUID(meta["target"]["appointment_id"])
@@ -153,17 +151,20 @@ async def prepare_fixture(size: int, meta: dict[str, Any], like: Fixture | None 
         signing = SigningKey.generate()
         fx.signing_key = signing.secret_paserk()
         keyring = ConsentKeyring([signing])
-        now = datetime.now(UTC)
-        claims = ConsentClaims(uuid.uuid4(), patient, partner, (1, 2, 3, 4), "benchmark", now, now + timedelta(days=2))
+        now, consent_id, refs = datetime.now(UTC), uuid.uuid4(), Pseudonyms(secret).for_partner(partner)
+        claims = ConsentClaims(
+            refs.consent_ref(consent_id), refs.patient_ref(patient), partner, (1, 2, 3, 4), "benchmark", now,
+            now + timedelta(days=2),
+        )  # fmt: skip
         fx.consent_token = keyring.sign(claims)
-        fx.issued = (credentials.new_partner_key(), claims, keyring.active_key_id)
+        fx.issued = (credentials.new_partner_key(), consent_id, claims, keyring.active_key_id)
     else:
         if (like.meta["bench_partner_id"], like.meta["target"]) != (meta["bench_partner_id"], meta["target"]):
             raise SystemExit(f"{meta['database']} is not a copy of {like.meta['database']} (other ids)")
         secret = base64.urlsafe_b64decode(like.server_secret)
         fx.server_secret, fx.signing_key, fx.consent_token = like.server_secret, like.signing_key, like.consent_token
         fx.issued = like.issued
-    key, claims, signing_key_id = fx.issued
+    key, consent_id, claims, signing_key_id = fx.issued
     fx.partner_key = key.secret
     now = claims.issued_at
     conn = await asyncpg.connect(fx.dsn)
@@ -175,7 +176,7 @@ async def prepare_fixture(size: int, meta: dict[str, Any], like: Fixture | None 
         await conn.execute(
             "INSERT INTO consents (id, patient_id, partner_id, fields, purpose, signing_key_id, create_time, "
             "expire_time) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            claims.consent_id, patient, partner, [1, 2, 3, 4], "benchmark", signing_key_id, now,
+            consent_id, patient, partner, [1, 2, 3, 4], "benchmark", signing_key_id, now,
             claims.expires_at,
         )  # fmt: skip
         # The bench database's ledger is ours: start each run from an empty chain (the
@@ -379,7 +380,7 @@ def start_gateway(fx: Fixture, variant: str, port: int, workdir: Path, args: arg
     if variant.endswith("whatif"):  # a change measured before it is made (bench/whatif.py)
         command = [PY, str(BENCH_DIR / "whatif.py"), "serve"]
         env["APPTGATE_WHATIF"] = args.whatif
-    elif variant == "gateway-nodefense":  # no decryption, on the world's clear, RLS-free copy
+    elif variant == "gateway-nodefense":  # no decryption, on the world's copy in clear (nothing sealed)
         if fx.defended:
             raise SystemExit("gateway-nodefense must run on a _nodefense world")
         command = [PY, str(BENCH_DIR / "whatif.py"), "serve"]
@@ -820,6 +821,11 @@ async def statement_cost(fx: Fixture, repeats: int = 300) -> dict[str, Any]:
     round trip of ``repeats`` executions of the prepared statement, one at a
     time, the median server-side execution time (``EXPLAIN (ANALYZE, TIMING
     OFF)``), and one ``EXPLAIN (ANALYZE, BUFFERS)`` of the plan it runs.
+
+    ``run`` times it in the sealed world and in its clear copy. The statements,
+    the functions they call and the key check inside them are the same in both,
+    and neither reads a sealed column: the two differ only by the tables they
+    read (sealed rows are wider, so a listing may read a few more buffers).
     """
     import statistics
 
@@ -949,7 +955,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scenarios", default="list,get,contact")
     parser.add_argument("--variants", default="gateway,gateway+tracing,naive,bare",
                         help="any of gateway, gateway+tracing, naive, bare, gateway-nodefense (issue 6: the gateway "
-                             "with row-level security and encryption off, on the world's _nodefense copy) "
+                             "with encryption at rest off, on the world's _nodefense copy, values in clear) "
                              "(gateway+whatif: see --whatif)")  # fmt: skip
     parser.add_argument("--other-sizes-variants", default="gateway,naive",
                         help="variants run (ListAppointments only) at the other sizes")  # fmt: skip
@@ -1057,7 +1063,7 @@ def main(argv: list[str] | None = None) -> int:
             return variants, scenarios
         return [v for v in other_variants if v in VARIANTS], ["list"]
 
-    # The world's _nodefense copy (values in clear, no row-level security): for gateway-nodefense, and for the
+    # The world's _nodefense copy (values in clear, nothing sealed): for gateway-nodefense, and for the
     # naive baseline's contact reads (it reads the contact columns in clear, as a team without this project would).
     clear_metas = {
         size: asyncio.run(datagen.generate_world(datagen.WorldSpec(size, defended=False), regen=args.regen))
@@ -1110,7 +1116,8 @@ def main(argv: list[str] | None = None) -> int:
                 assert fx_clear is not None
                 by_variant["gateway-nodefense"] = start_gateway(fx_clear, "gateway-nodefense", port + 50, workdir, args)
                 check_same_answers(by_variant["gateway"], fx, by_variant["gateway-nodefense"], fx_clear)
-                # Row-level security on the statements alone, before the load (and its noise) starts.
+                # The partner statements alone in the sealed world and in its clear copy, before the load
+                # (and its noise) starts.
                 report.setdefault("statements", {})[size_label(size)] = {
                     "gateway": asyncio.run(statement_cost(fx)),
                     "gateway-nodefense": asyncio.run(statement_cost(fx_clear)),

@@ -142,19 +142,22 @@ async def prepare_extras(fx: bench.Fixture) -> Extras:
     partner = uuid.UUID(fx.meta["bench_partner_id"])
     patient = uuid.UUID(fx.meta["target"]["patient_id"])
     keyring = ConsentKeyring([SigningKey.from_paserk(fx.signing_key)])
-    now = datetime.now(UTC)
-    claims = ConsentClaims(uuid.uuid4(), patient, partner, (1, 2, 3, 4), "soak", now, now + timedelta(days=2))
+    ids = Pseudonyms(base64.urlsafe_b64decode(fx.server_secret)).for_partner(partner)
+    now, consent_id = datetime.now(UTC), uuid.uuid4()
+    claims = ConsentClaims(
+        ids.consent_ref(consent_id), ids.patient_ref(patient), partner, (1, 2, 3, 4), "soak", now,
+        now + timedelta(days=2),
+    )  # fmt: skip
     conn = await asyncpg.connect(fx.dsn)
     try:
         await conn.execute(
             "INSERT INTO consents (id, patient_id, partner_id, fields, purpose, signing_key_id, create_time, "
             "expire_time, revoke_time) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            claims.consent_id, patient, partner, [1, 2, 3, 4], "soak", keyring.active_key_id, now,
+            consent_id, patient, partner, [1, 2, 3, 4], "soak", keyring.active_key_id, now,
             claims.expires_at, now,
         )  # fmt: skip
     finally:
         await conn.close()
-    ids = Pseudonyms(base64.urlsafe_b64decode(fx.server_secret)).for_partner(partner)
     return Extras(
         revoked_token=keyring.sign(claims),
         partner_meta=[("authorization", f"Bearer {fx.partner_key}")],

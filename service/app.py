@@ -191,7 +191,8 @@ class Gateway:
             registry.PartnerRegistryApi(self.database, self._guard), server
         )
         consent_service_pb2_grpc.add_ConsentServiceServicer_to_server(
-            consents.ConsentApi(self.database, self._keyring, self.settings.consent_max_ttl), server
+            consents.ConsentApi(self.database, self._keyring, self._parts.pseudonyms, self.settings.consent_max_ttl),
+            server,
         )
         audit_service_pb2_grpc.add_AuditServiceServicer_to_server(
             audit.AuditApi(self.database, self._parts.page_tokens), server

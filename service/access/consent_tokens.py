@@ -4,15 +4,19 @@ A consent token is a PASETO ``v4.public`` token (Ed25519) that releases some of
 a patient's contact fields (:data:`CONTACT_FIELDS`) to ONE partner, for one
 purpose, until it expires. Its parts::
 
-    payload   {"iss": "apptgate", "sub": <patient id>, "aud": <partner id>, "jti": <consent id>,
+    payload   {"iss": "apptgate", "sub": <patient ref>, "aud": <partner id>, "jti": <consent ref>,
                "iat": <RFC 3339>, "exp": <RFC 3339>, "fields": ["name", "phone", …], "purpose": <text>}
     footer    {"kid": "k4.pid.…"}            the PASERK id of the signing key's public half
     implicit  b"apptgate-consent-v1:" + <partner id>   signed, never sent
 
-Ids are canonical lower-case UUID strings, times are UTC with microseconds
-(``2030-01-31T12:00:00.000001Z``) and ``fields`` lists claim names in the
-order of their numbers. The implicit assertion binds the token to its
-partner: presented by another partner, it fails signature verification.
+A v4.public payload is signed, not encrypted: whoever holds the token reads
+it. So ``sub`` and ``jti`` are the partner's own references to the patient and
+the consent (``pat_…``, ``cns_…``, from :mod:`service.disclosure.pseudonyms`),
+never internal ids: two partners' tokens for one patient share no value but
+the issuer. ``aud`` is the partner's id, which it knows. Times are UTC with
+microseconds (``2030-01-31T12:00:00.000001Z``) and ``fields`` lists claim
+names in the order of their numbers. The implicit assertion binds the token
+to its partner: presented by another partner, it fails signature verification.
 
 :meth:`ConsentKeyring.verify` fails closed. It parses the token itself
 (strict base64url, exact claim set, exact types, duplicate JSON keys refused)
@@ -21,9 +25,9 @@ token up to a second after its ``exp`` and check ``aud`` only when asked.
 Every failure is a :class:`ConsentDenied` whose message is a fixed text:
 neither token text nor claim values ever reach a message or a log line.
 
-Revocation is not decided here: the caller looks ``jti`` up in the database
-after a successful :meth:`ConsentKeyring.verify`, and denies with
-:attr:`ConsentDenial.REVOKED`.
+Revocation is not decided here: the caller turns ``jti`` back into the
+consent's id, looks it up in the database after a successful
+:meth:`ConsentKeyring.verify`, and denies with :attr:`ConsentDenial.REVOKED`.
 """
 
 from __future__ import annotations
@@ -84,19 +88,23 @@ _B64URL = re.compile(r"[A-Za-z0-9_-]+")
 _PASERK = re.compile(r"k4\.(secret|public)\.([A-Za-z0-9_-]+)")
 _TIME = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,6}))?(?:Z|\+00:00)")
 _ED25519_KEY_SIZE = 32
+#: The shape of a partner-scoped reference (``pat_…``, ``cns_…``): a prefix and 26 characters of base32.
+_REFERENCE = re.compile(r"[a-z]{3}_[a-z2-7]{26}")
 
 
 @dataclass(frozen=True, slots=True)
 class ConsentClaims:
-    """What a consent token grants: ``partner_id`` may see ``fields`` of ``patient_id`` until ``expires_at``.
+    """What a consent token grants: ``partner_id`` may see ``fields`` of the patient it knows as
+    ``patient_ref`` until ``expires_at``, under the consent it knows as ``consent_ref``.
 
+    The references are the partner's (:mod:`service.disclosure.pseudonyms`);
     ``fields`` are :data:`CONTACT_FIELDS` numbers, sorted and unique; both
     times are timezone-aware UTC and ``expires_at`` is after ``issued_at``.
     Construction raises ``ValueError`` otherwise.
     """
 
-    consent_id: UUID
-    patient_id: UUID
+    consent_ref: str
+    patient_ref: str
     partner_id: UUID
     fields: tuple[int, ...]
     purpose: str
@@ -104,9 +112,12 @@ class ConsentClaims:
     expires_at: datetime
 
     def __post_init__(self) -> None:
-        for name in ("consent_id", "patient_id", "partner_id"):
-            if not isinstance(getattr(self, name), UUID):
-                raise ValueError(f"{name} must be a UUID")
+        for name in ("consent_ref", "patient_ref"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or _REFERENCE.fullmatch(value) is None:
+                raise ValueError(f"{name} must be a partner-scoped reference")
+        if not isinstance(self.partner_id, UUID):
+            raise ValueError("partner_id must be a UUID")
         if not isinstance(self.fields, tuple) or not self.fields:
             raise ValueError("fields must be a non-empty tuple")
         if any(isinstance(f, bool) or not isinstance(f, int) or f not in CONTACT_FIELDS for f in self.fields):
@@ -284,16 +295,6 @@ def _parse_time(value: object) -> datetime:
     return datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micro, tzinfo=UTC)
 
 
-def _parse_uuid(value: object) -> UUID:
-    """Parse a canonical (lower-case, hyphenated) UUID string. Raises ``ValueError``."""
-    if not isinstance(value, str):
-        raise ValueError("not a UUID string")
-    parsed = UUID(value)
-    if str(parsed) != value:
-        raise ValueError("not a canonical UUID")
-    return parsed
-
-
 def _parse_fields(value: object) -> tuple[int, ...]:
     """Parse the ``fields`` claim: a non-empty list of known names, unique, in field order. Raises ``ValueError``."""
     if not isinstance(value, list) or not value:
@@ -389,9 +390,9 @@ class ConsentKeyring:
         """
         payload = {
             "iss": ISSUER,
-            "sub": str(claims.patient_id),
+            "sub": claims.patient_ref,
             "aud": str(claims.partner_id),
-            "jti": str(claims.consent_id),
+            "jti": claims.consent_ref,
             "iat": _format_time(claims.issued_at),
             "exp": _format_time(claims.expires_at),
             "fields": list(claims.field_names),
@@ -473,11 +474,6 @@ class ConsentKeyring:
         if not isinstance(payload["aud"], str) or payload["aud"] != str(partner_id):
             _deny(ConsentDenial.INVALID, "wrong audience")
         try:
-            patient_id = _parse_uuid(payload["sub"])
-            consent_id = _parse_uuid(payload["jti"])
-        except ValueError:
-            _deny(ConsentDenial.INVALID, "bad sub or jti")
-        try:
             fields = _parse_fields(payload["fields"])
         except ValueError:
             _deny(ConsentDenial.INVALID, "bad fields")
@@ -492,6 +488,6 @@ class ConsentKeyring:
         if expires_at <= issued_at:
             _deny(ConsentDenial.INVALID, "exp not after iat")
         try:
-            return ConsentClaims(consent_id, patient_id, partner_id, fields, purpose, issued_at, expires_at)
+            return ConsentClaims(payload["jti"], payload["sub"], partner_id, fields, purpose, issued_at, expires_at)
         except ValueError:
             _deny(ConsentDenial.INVALID, "bad claims")

@@ -20,6 +20,7 @@ from google.protobuf.duration_pb2 import Duration
 from service import models
 from service.access.consent_tokens import CONTACT_FIELDS, ConsentClaims, ConsentKeyring
 from service.api import validation
+from service.disclosure.pseudonyms import Pseudonyms
 from service.errors import FieldViolation
 from service.store import consents
 from service.store.database import Database
@@ -76,9 +77,10 @@ def _fields(values: list[int], problems: list[FieldViolation]) -> tuple[int, ...
 class ConsentApi(pb_grpc.ConsentServiceServicer):
     """Serves ``appointments.internal.v1.ConsentService``."""
 
-    def __init__(self, database: Database, keyring: ConsentKeyring, max_ttl: timedelta) -> None:
+    def __init__(self, database: Database, keyring: ConsentKeyring, pseudonyms: Pseudonyms, max_ttl: timedelta) -> None:
         self._db = database
         self._keyring = keyring
+        self._pseudonyms = pseudonyms
         self._max_ttl = max_ttl
 
     async def GrantConsent(
@@ -96,10 +98,14 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
         validation.raise_if(problems)
         assert patient is not None and partner is not None
         now = datetime.now(UTC)
-        claims = ConsentClaims(uuid.uuid4(), patient, partner, fields, purpose, now, now + ttl)
+        consent_id, ids = uuid.uuid4(), self._pseudonyms.for_partner(partner)
+        # The token names the patient and the consent as this partner knows them, never by internal id.
+        claims = ConsentClaims(
+            ids.consent_ref(consent_id), ids.patient_ref(patient), partner, fields, purpose, now, now + ttl
+        )
         token = self._keyring.sign(claims)
         row = models.Consent(
-            claims.consent_id, patient, partner, fields, purpose, self._keyring.active_key_id, now, now + ttl, None
+            consent_id, patient, partner, fields, purpose, self._keyring.active_key_id, now, now + ttl, None
         )
         async with self._db.transaction() as conn:
             await consents.insert(conn, row)

@@ -10,7 +10,14 @@ the server secret (HKDF-SHA256, one per partner and purpose) turn them into:
   (so it answers NOT_FOUND, like any id that does not exist);
 * patient references, ``pat_`` + base32 of HMAC-SHA256 truncated to 128 bits:
   one-way, so a partner can tell that two appointments share a patient and
-  nothing more, and two partners' references cannot be joined.
+  nothing more, and two partners' references cannot be joined;
+* consent references, ``cns_`` + base32 of AES-256 of the consent's UUID, as
+  appointment ids are made, under a key of their own: what a consent token
+  names its consent by (``jti``), beside the patient reference (``sub``), so
+  that a token, readable by whoever holds it, links nothing across partners.
+
+Base32 of 16 bytes leaves 2 spare bits in the last character; an id is
+accepted only in its one canonical spelling, with those bits zero.
 
 The server secret must never change once partners hold ids: it is not a key
 to rotate but part of the identifiers' definition.
@@ -38,7 +45,9 @@ from service.memo import remember
 
 APPOINTMENT_PREFIX = "apt_"
 PATIENT_PREFIX = "pat_"
-_BODY = re.compile(r"^[a-z2-7]{26}$")
+CONSENT_PREFIX = "cns_"
+# 26 characters of base32, the last one's 2 spare bits zero (a, e, i, …: the values divisible by 4).
+_BODY = re.compile(r"[a-z2-7]{25}[aeimquy4]")
 
 
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
@@ -59,7 +68,11 @@ def _unb32(text: str) -> bytes:
 
 def looks_like_appointment_id(text: str) -> bool:
     """True when ``text`` has the shape of a partner appointment id (it may still match nothing)."""
-    return text.startswith(APPOINTMENT_PREFIX) and _BODY.match(text[len(APPOINTMENT_PREFIX) :]) is not None
+    return _canonical(text, APPOINTMENT_PREFIX)
+
+
+def _canonical(text: str, prefix: str) -> bool:
+    return text.startswith(prefix) and _BODY.fullmatch(text, len(prefix)) is not None
 
 
 # Keyed by the id's bytes: hashing a UUID builds its 128-bit int first, several times the
@@ -85,9 +98,11 @@ class Derived:
 class PartnerPseudonyms:
     """The identifier codec of one partner."""
 
-    __slots__ = ("_decryptor", "_derived", "_encryptor", "_patient_key")
+    __slots__ = ("_consents", "_decryptor", "_derived", "_encryptor", "_patient_key")
 
-    def __init__(self, appointment_key: bytes, patient_key: bytes, derived: Derived | None = None) -> None:
+    def __init__(
+        self, appointment_key: bytes, patient_key: bytes, consent_key: bytes, derived: Derived | None = None
+    ) -> None:
         # ECB on exactly one block is the raw block cipher: a keyed permutation
         # of 128-bit values, which is what a reversible pseudonym needs. ECB keeps
         # no state between blocks, so one encryptor and one decryptor serve every call.
@@ -95,6 +110,7 @@ class PartnerPseudonyms:
         self._encryptor = cipher.encryptor()
         self._decryptor = cipher.decryptor()
         self._patient_key = patient_key
+        self._consents = Cipher(algorithms.AES(consent_key), modes.ECB())  # noqa: S305
         self._derived = derived if derived is not None else Derived(0)
 
     def appointment_id(self, internal_id: UUID) -> str:
@@ -120,6 +136,18 @@ class PartnerPseudonyms:
         if len(block) != 16:  # never with the shape checked above; a partial block would stay in the decryptor
             raise ValueError("not an appointment id")
         return UUID(bytes=self._decryptor.update(block))
+
+    def consent_ref(self, consent_id: UUID) -> str:
+        """Return the partner's reference to a consent (what its tokens carry as ``jti``)."""
+        encryptor = self._consents.encryptor()  # consents are rare: no cipher state kept between them
+        return CONSENT_PREFIX + _b32(encryptor.update(consent_id.bytes) + encryptor.finalize())
+
+    def parse_consent_ref(self, reference: str) -> UUID:
+        """Return the consent behind a partner's consent reference; ``ValueError`` when it is not shaped like one."""
+        if not _canonical(reference, CONSENT_PREFIX):
+            raise ValueError("not a consent reference")
+        decryptor = self._consents.decryptor()
+        return UUID(bytes=decryptor.update(_unb32(reference[len(CONSENT_PREFIX) :])) + decryptor.finalize())
 
     def patient_ref(self, patient_id: UUID) -> str:
         """Return the partner's pseudonym for a patient (one-way)."""
@@ -158,6 +186,7 @@ class Pseudonyms:
         codec = PartnerPseudonyms(
             derive_key(self._secret, b"appointment-id", partner_id.bytes),
             derive_key(self._secret, b"patient-ref", partner_id.bytes),
+            derive_key(self._secret, b"consent-ref", partner_id.bytes),
             self._derived,
         )
         self._cache[partner_id] = codec

@@ -161,8 +161,11 @@ class PartnerReads:
             with self._recorder.expect_contact() as expected:
                 row = await self._named_appointment(principal, ids, appointment_id, _CONTACT, models.View.CONTACT)
                 claims = self._keyring.verify(consent_token, partner_id=principal.partner_id, now=datetime.now(UTC))
-                consent_id = claims.consent_id
-                if claims.patient_id != row.patient_id:
+                try:
+                    consent_id = ids.parse_consent_ref(claims.consent_ref)
+                except ValueError:
+                    raise ConsentDenied(ConsentDenial.INVALID, "bad consent reference") from None
+                if claims.patient_ref != ids.patient_ref(row.patient_id):
                     raise ConsentDenied(ConsentDenial.INVALID, "issued for another patient")
                 # One statement, shared with concurrent calls, checks the consent, counts and
                 # records the disclosure, and returns the released fields sealed.

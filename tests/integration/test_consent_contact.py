@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -343,3 +345,32 @@ async def test_one_statement_answers_each_contact_of_a_group_and_records_only_th
         harness.registry_pb.GetPartnerUsageRequest(partner_id=first.partner_id), metadata=world.internal_metadata
     )
     assert usage.contact_disclosures == 1  # the refused group counted nothing
+
+
+def _claims(token: str) -> dict[str, Any]:
+    """The payload of a v4.public token, as anyone holding it can read it (it is signed, not encrypted)."""
+    body = token.split(".")[2]
+    return dict(json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))[:-64]))
+
+
+async def test_a_token_names_the_patient_and_consent_as_its_partner_knows_them_and_links_nothing(
+    scene: Scene,
+) -> None:
+    other = await scene.world.partner("Agenda B", scene.practitioner)
+    [listed_by_other] = await other.list_all()
+    [listed] = await scene.partner.list_all()
+    mine = await scene.world.consent(scene.patient.patient_id, scene.partner.partner_id, ALL, 3600)
+    theirs = await scene.world.consent(scene.patient.patient_id, other.partner_id, ALL, 3600)
+    claims, other_claims = _claims(mine.token), _claims(theirs.token)
+
+    # The partner can match the token to the appointments it lists, and to nothing else.
+    assert claims["sub"] == listed.patient_ref and other_claims["sub"] == listed_by_other.patient_ref
+    assert claims["jti"].startswith("cns_")
+    internal = {scene.patient.patient_id, mine.consent_id, theirs.consent_id, other.partner_id}
+    assert not internal & {str(value) for value in claims.values()}
+    shared = {k for k in claims if k != "iss" and claims[k] == other_claims[k]}
+    assert shared <= {"fields", "purpose"}  # what both were granted, never an identifier
+    assert claims["sub"] != other_claims["sub"] and claims["jti"] != other_claims["jti"]
+    # And it still releases the contact details, to its partner only.
+    assert (await scene.partner.contact(scene.appointment_id, mine.token)).patient.email == scene.patient.email
+    await _denied(other.contact(listed_by_other.appointment_id, mine.token), "CONSENT_INVALID")

@@ -131,7 +131,7 @@ async def test_no_personal_value_token_or_secret_reaches_spans_metrics_or_logs(
         await _swallow(partner.contact(listed.appointment_id, consent.token)),
         await _swallow(partner.contact(listed.appointment_id, "")),  # CONSENT_REQUIRED
         await _swallow(partner.contact(listed.appointment_id, consent.token[:-4] + "AAAA")),  # CONSENT_INVALID
-        await _swallow(partner.get("apt_" + "b" * 26)),  # NOT_FOUND
+        await _swallow(partner.get("apt_" + "b" * 25 + "a")),  # NOT_FOUND
         await _swallow(partner.list(page_size=-1)),  # INVALID_ARGUMENT
         await _swallow(
             partner.stub.ListConsentKeys(harness.partner_pb.ListConsentKeysRequest(), metadata=partner.metadata)

@@ -38,6 +38,9 @@ PARTNER = UUID("0a11ce00-0000-4000-8000-00000000beef")
 OTHER_PARTNER = UUID("0b0b0000-0000-4000-8000-00000000cafe")
 PATIENT = UUID("9a7e0000-0000-4000-8000-0000000f00d5")
 CONSENT = UUID("c0115e47-0000-4000-8000-000000000001")
+# The partner's references to them, as service.disclosure.pseudonyms spells references.
+PATIENT_REF = "pat_leakcheckpatientrefaaaaaaa"
+CONSENT_REF = "cns_leakcheckconsentrefaaaaaaa"
 NOW = datetime(2031, 3, 4, 5, 6, 7, 890123, tzinfo=UTC)
 PURPOSE = "fake-purpose: follow-up call for test"
 IMPLICIT = b"apptgate-consent-v1:"
@@ -45,8 +48,8 @@ IMPLICIT = b"apptgate-consent-v1:"
 
 def make_claims(**changes: Any) -> ConsentClaims:
     base = ConsentClaims(
-        consent_id=CONSENT,
-        patient_id=PATIENT,
+        consent_ref=CONSENT_REF,
+        patient_ref=PATIENT_REF,
         partner_id=PARTNER,
         fields=(1, 3),
         purpose=PURPOSE,
@@ -69,9 +72,9 @@ def valid_payload(claims: ConsentClaims | None = None) -> dict[str, Any]:
     c = claims or make_claims()
     return {
         "iss": "apptgate",
-        "sub": str(c.patient_id),
+        "sub": c.patient_ref,
         "aud": str(c.partner_id),
-        "jti": str(c.consent_id),
+        "jti": c.consent_ref,
         "iat": c.issued_at.isoformat(timespec="microseconds"),
         "exp": c.expires_at.isoformat(timespec="microseconds"),
         "fields": [CONTACT_FIELDS[f] for f in c.fields],
@@ -135,9 +138,9 @@ def test_token_format(keyring: ConsentKeyring, token: str) -> None:
     payload = json.loads(unb64(body)[:-64])
     assert payload == {
         "iss": "apptgate",
-        "sub": str(PATIENT),
+        "sub": PATIENT_REF,
         "aud": str(PARTNER),
-        "jti": str(CONSENT),
+        "jti": CONSENT_REF,
         "iat": "2031-03-04T04:06:07.890123Z",
         "exp": "2031-04-03T05:06:07.890130Z",
         "fields": ["name", "phone"],
@@ -416,11 +419,14 @@ def test_pyseto_alone_accepts_a_token_without_exp(key: SigningKey) -> None:
         ("aud", str(PARTNER).upper()),
         ("aud", [str(PARTNER)]),
         ("aud", PARTNER.int),
-        ("sub", str(PATIENT).upper()),
-        ("sub", "{" + str(PATIENT) + "}"),
+        ("sub", PATIENT_REF.upper()),
+        ("sub", PATIENT_REF + "\n"),
+        ("sub", str(PATIENT)),  # an internal id is never a reference
         ("sub", PATIENT.hex),
         ("sub", 12),
-        ("jti", "not-a-uuid"),
+        ("jti", "not-a-reference"),
+        ("jti", str(CONSENT)),
+        ("jti", CONSENT_REF[:-1]),
         ("jti", None),
         ("fields", []),
         ("fields", ["name", "name"]),
@@ -524,7 +530,7 @@ def test_denial_text_never_holds_token_or_claim_values(key: SigningKey) -> None:
         with pytest.raises(ConsentDenied) as info:
             keyring.verify(token, partner_id=PARTNER, now=NOW)
         text = f"{info.value} {info.value.message} {info.value.detail} {info.value.args}"
-        for secret in (token, token.split(".")[2][:12], str(PATIENT), str(CONSENT), str(OTHER_PARTNER), PURPOSE):
+        for secret in (token, token.split(".")[2][:12], PATIENT_REF, CONSENT_REF, str(OTHER_PARTNER), PURPOSE):
             assert secret not in text
 
 
@@ -602,7 +608,7 @@ def test_fuzz_signed_garbage_claims_are_denied(
     if result is not None:  # only an all-valid token passes; then it says exactly what was signed
         assert not dropped and footer is None
         assert payload["aud"] == str(PARTNER) and result.partner_id == PARTNER
-        assert result.patient_id == UUID(payload["sub"]) and result.purpose == payload["purpose"]
+        assert result.patient_ref == payload["sub"] and result.purpose == payload["purpose"]
 
 
 # --- claims, keys and keyrings ---------------------------------------------------------------------------------------
@@ -621,7 +627,8 @@ def test_fuzz_signed_garbage_claims_are_denied(
         {"purpose": ""},
         {"issued_at": NOW.replace(tzinfo=None)},
         {"expires_at": NOW - timedelta(hours=1)},
-        {"patient_id": str(PATIENT)},
+        {"patient_ref": str(PATIENT)},
+        {"consent_ref": "cns_" + "A" * 26},
     ],
 )
 def test_claims_refuse_bad_values(changes: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -52,11 +53,39 @@ class TestPseudonyms:
         assert internal.hex not in public and str(internal) not in public
 
     @pytest.mark.parametrize(
-        "text", ["", "apt_", "apt_" + "a" * 25, "apt_" + "A" * 26, "pat_" + "a" * 26, "apt_" + "1" * 26]
-    )
+        "text",
+        [
+            "", "apt_", "apt_" + "a" * 25, "apt_" + "A" * 26, "pat_" + "a" * 26, "apt_" + "1" * 26,
+            "apt_" + "a" * 26 + "\n", "apt_" + "a" * 26 + " ", "\napt_" + "a" * 26, "apt_" + "a" * 25 + "\x00",
+        ],
+    )  # fmt: skip
     def test_malformed_ids_are_refused(self, text: str) -> None:
         with pytest.raises(ValueError, match="not an appointment id"):
             Pseudonyms(SECRET).for_partner(uuid.uuid4()).parse_appointment_id(text)
+
+    @given(st.uuids(), st.integers(1, 3))
+    @hypothesis_settings(max_examples=100)
+    def test_an_id_has_one_spelling(self, internal: uuid.UUID, spare: int) -> None:
+        # The last base32 character carries 2 bits past the 128: only the spelling with them zero is an id.
+        codec = Pseudonyms(SECRET).for_partner(uuid.UUID(int=1))
+        public = codec.appointment_id(internal)
+        alphabet = "abcdefghijklmnopqrstuvwxyz234567"
+        other = public[:-1] + alphabet[alphabet.index(public[-1]) | spare]
+        assert base64.b32decode(other[4:].upper() + "======") == base64.b32decode(public[4:].upper() + "======")
+        assert not looks_like_appointment_id(other)
+        with pytest.raises(ValueError, match="not an appointment id"):
+            codec.parse_appointment_id(other)
+
+    @given(st.uuids())
+    @hypothesis_settings(max_examples=100)
+    def test_consent_refs_round_trip_for_their_partner_only(self, consent: uuid.UUID) -> None:
+        pseudonyms = Pseudonyms(SECRET)
+        mine, theirs = pseudonyms.for_partner(uuid.UUID(int=1)), pseudonyms.for_partner(uuid.UUID(int=2))
+        reference = mine.consent_ref(consent)
+        assert reference.startswith("cns_") and consent.hex not in reference and str(consent) not in reference
+        assert mine.parse_consent_ref(reference) == consent
+        assert theirs.consent_ref(consent) != reference and theirs.parse_consent_ref(reference) != consent
+        assert mine.consent_ref(consent) != mine.appointment_id(consent)  # a key of its own
 
     def test_remembered_ids_are_the_ids_derived_anew_and_the_memory_stays_bounded(self) -> None:
         partners = [uuid.uuid4() for _ in range(3)]
