@@ -38,6 +38,9 @@ _STATUS: dict[str, appointment_pb2.AppointmentStatus.ValueType] = {
 }
 
 
+_SECOND = 1_000_000  # microseconds
+
+
 def basic_appointment(row: models.BasicAppointment, ids: PartnerPseudonyms) -> appointment_pb2.Appointment:
     """Return the basic view of an appointment for the partner owning ``ids``."""
     message = appointment_pb2.Appointment()
@@ -56,9 +59,11 @@ def fill_basic_appointment(
     practitioner.practitioner_id = str(row.practitioner_id)
     practitioner.display_name = row.practitioner_display_name
     practitioner.specialty = row.practitioner_specialty
-    set_timestamp_micros(message.start_time, row.start_time)
-    set_timestamp_micros(message.end_time, row.end_time)
-    set_timestamp_micros(message.update_time, row.update_time)
+    # Whole seconds, all an agenda needs: a microsecond update time, beside the practitioner and the
+    # slot, would let two partners granted the same practitioner match their rows.
+    set_timestamp_micros(message.start_time, row.start_time - row.start_time % _SECOND)
+    set_timestamp_micros(message.end_time, row.end_time - row.end_time % _SECOND)
+    set_timestamp_micros(message.update_time, row.update_time - row.update_time % _SECOND)
 
 
 _ViewKey = tuple[PartnerPseudonyms, models.BasicAppointment]

@@ -6,6 +6,7 @@ import base64
 import os
 from datetime import timedelta
 
+import asyncpg
 import grpc
 import grpc.aio
 import harness
@@ -59,6 +60,30 @@ async def test_the_same_appointment_has_unrelated_ids_for_two_partners_and_stabl
     assert all(a.appointment_id.startswith("apt_") and a.patient_ref.startswith("pat_") for a in first_a)
     # Internal identifiers never appear.
     assert patient.patient_id not in str(first_a)
+
+
+async def test_times_are_whole_seconds_so_two_partners_cannot_match_rows_by_them(
+    world: World, database_dsn: str
+) -> None:
+    practitioner = await world.practitioner()
+    patient = await world.patient()
+    await world.appointment(practitioner, patient.patient_id, MONDAY + timedelta(microseconds=123_456))
+    partner = await world.partner("A", practitioner)
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        await conn.execute("UPDATE appointments SET update_time = '2030-03-01T10:00:00.654321Z'")
+        stored = await conn.fetchval("SELECT update_time FROM appointments")
+    finally:
+        await conn.close()
+
+    [listed] = await partner.list_all()
+    got = await partner.get(listed.appointment_id)
+
+    assert stored.microsecond == 654_321  # the database keeps microseconds
+    for message in (listed, got):
+        assert (message.start_time.nanos, message.end_time.nanos, message.update_time.nanos) == (0, 0, 0)
+        assert message.start_time.seconds == int(MONDAY.timestamp())
+        assert message.update_time.seconds == int(stored.timestamp())  # truncated, never rounded up
 
 
 async def test_not_yours_answers_exactly_like_nonexistent(world: World) -> None:
@@ -190,4 +215,5 @@ async def test_cancelled_appointments_stay_visible_with_their_status(world: Worl
     [seen] = await partner.list_all()
 
     assert seen.status == appointment_pb2.APPOINTMENT_STATUS_CANCELLED
-    assert seen.update_time.ToDatetime() > appointment.update_time.ToDatetime()
+    # Partners see whole seconds: the cancellation's time, never before the booking's second.
+    assert seen.update_time.ToDatetime() >= appointment.update_time.ToDatetime().replace(microsecond=0)

@@ -82,15 +82,20 @@ class Appointment(_message.Message):
 
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """The start of the appointment (inclusive)."""
+        """The start of the appointment (inclusive), in whole seconds."""
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """The end of the appointment (exclusive). Always after `start_time`."""
+        """The end of the appointment (exclusive), in whole seconds. Always after
+        `start_time`.
+        """
 
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
-        """When the appointment was last changed (booked, moved or cancelled)."""
+        """When the appointment was last changed (booked, moved or cancelled), in
+        whole seconds: finer times would let partners granted the same
+        practitioner match their rows.
+        """
 
     def __init__(
         self,

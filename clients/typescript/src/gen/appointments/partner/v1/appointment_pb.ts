@@ -40,14 +40,15 @@ export type Appointment = Message<"appointments.partner.v1.Appointment"> & {
   practitioner?: Practitioner | undefined;
 
   /**
-   * The start of the appointment (inclusive).
+   * The start of the appointment (inclusive), in whole seconds.
    *
    * @generated from field: google.protobuf.Timestamp start_time = 3;
    */
   startTime?: Timestamp | undefined;
 
   /**
-   * The end of the appointment (exclusive). Always after `start_time`.
+   * The end of the appointment (exclusive), in whole seconds. Always after
+   * `start_time`.
    *
    * @generated from field: google.protobuf.Timestamp end_time = 4;
    */
@@ -71,7 +72,9 @@ export type Appointment = Message<"appointments.partner.v1.Appointment"> & {
   patientRef: string;
 
   /**
-   * When the appointment was last changed (booked, moved or cancelled).
+   * When the appointment was last changed (booked, moved or cancelled), in
+   * whole seconds: finer times would let partners granted the same
+   * practitioner match their rows.
    *
    * @generated from field: google.protobuf.Timestamp update_time = 7;
    */
