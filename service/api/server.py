@@ -13,7 +13,6 @@ import asyncio
 import inspect
 import logging
 import time
-import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +28,8 @@ from service import deadlines
 from service.api.reflection import DocumentedPool
 from service.errors import ApptgateError, DeadlineExceeded, InvalidArgument, internal_status
 from service.settings import TlsFiles, TransportLimits
-from service.telemetry.tracing import Telemetry
+from service.telemetry.logs import exception_fields
+from service.telemetry.tracing import Telemetry, current_trace_id
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,15 @@ async def _abort(context: grpc.aio.ServicerContext, status: status_pb2.Status) -
 
 
 def _log_unexpected(method: str, exc: BaseException) -> None:
-    # The exception's text can quote stored values (PostgreSQL's DETAIL lines
-    # do), so the log gets its class and where it was raised, not its message.
-    frames = "".join(traceback.format_tb(exc.__traceback__))
-    log.error("unexpected %s in %s\n%s", type(exc).__name__, method, frames)
+    # One line an INTERNAL can be diagnosed from: the method, the call's trace, the exception's
+    # class and frames along its causes; never its text, which can quote stored values.
+    fields: dict[str, str | None] = {
+        "event": "unexpected_error",
+        "method": method,
+        "trace_id": current_trace_id() or None,
+    }
+    fields.update(exception_fields(exc))
+    log.error("unexpected error", extra=fields)
 
 
 def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:

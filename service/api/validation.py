@@ -22,10 +22,11 @@ from service.timestamps import from_timestamp
 
 #: The longest display name, specialty or patient name accepted (the schema's CHECK says the same).
 NAME_LENGTH = 200
-_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
-_PHONE = re.compile(r"^\+[1-9][0-9]{7,14}$")
+# Every pattern is matched against the whole value (fullmatch): `$` would also accept a final newline.
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_PHONE = re.compile(r"\+[1-9][0-9]{7,14}")
 # Deliberately plain: one @, no spaces, a dot in the domain. Deliverability is not ours to check.
-_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
+_EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]+\.[^@\s]+")
 
 
 def raise_if(problems: list[FieldViolation]) -> None:
@@ -40,7 +41,7 @@ def parse_uuid(value: str, field: str, problems: list[FieldViolation], *, requir
         if required:
             problems.append(FieldViolation(field, "is required"))
         return None
-    if not _UUID.match(value):
+    if not _UUID.fullmatch(value):
         problems.append(FieldViolation(field, "must be a UUID"))
         return None
     return UUID(value)
@@ -82,7 +83,7 @@ def phone(value: str, field: str, problems: list[FieldViolation]) -> str | None:
     """Return an E.164 phone number, ``None`` when empty."""
     if not value:
         return None
-    if not _PHONE.match(value):
+    if not _PHONE.fullmatch(value):
         problems.append(FieldViolation(field, "must be in E.164 form, for example +33612345678"))
     return value
 
@@ -91,7 +92,7 @@ def email(value: str, field: str, problems: list[FieldViolation]) -> str | None:
     """Return an email address, ``None`` when empty."""
     if not value:
         return None
-    if len(value) > 254 or not _EMAIL.match(value):
+    if len(value) > 254 or not _EMAIL.fullmatch(value):
         problems.append(FieldViolation(field, "must be an email address"))
     return value
 

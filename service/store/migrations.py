@@ -17,7 +17,7 @@ from pathlib import Path
 import asyncpg
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
-_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+_NAME = re.compile(r"([0-9]{4})_([a-z0-9_]+)\.sql")
 # Any fixed 64-bit number; it names the lock that serialises migrators.
 _LOCK_ID = 0x61707467617465  # "aptgate"
 
@@ -53,7 +53,7 @@ def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     """Read the migration files, checking names and numbering (1, 2, 3, … with no gap)."""
     found: list[Migration] = []
     for path in sorted(directory.glob("*.sql")):
-        match = _NAME.match(path.name)
+        match = _NAME.fullmatch(path.name)
         if not match:
             raise MigrationError(f"migration file name must be NNNN_verb_object.sql: {path.name}")
         found.append(Migration(int(match[1]), match[2], path.read_text()))

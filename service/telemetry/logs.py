@@ -11,6 +11,25 @@ from typing import Any
 from service.telemetry import redaction
 
 
+def exception_fields(exc: BaseException) -> dict[str, str]:
+    """What a log line may say of an exception: its class and its frames, each cause's after it.
+
+    Never a message: an exception's text can quote stored values (PostgreSQL's
+    ``DETAIL: Key (email)=(…)``). Frames name files, lines, functions and the
+    source line, which is code, not data. ``exception_type`` reads
+    ``Outer <- Cause`` along the chain of causes.
+    """
+    types, stacks = [], []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        types.append(type(current).__name__)
+        stacks.append(f"{type(current).__name__}:\n" + "".join(traceback.format_tb(current.__traceback__)))
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return {"exception_type": " <- ".join(types)[:256], "stack": "caused by ".join(stacks)}
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line, with only the fields :mod:`service.telemetry.redaction` allows.
 
@@ -37,9 +56,8 @@ class JsonFormatter(logging.Formatter):
         for key in self._EXTRA:
             if key in given:
                 fields[key] = given[key]
-        if record.exc_info and record.exc_info[0] is not None:
-            fields["exception_type"] = record.exc_info[0].__name__
-            fields["stack"] = "".join(traceback.format_tb(record.exc_info[2]))
+        if record.exc_info and record.exc_info[1] is not None:
+            fields.update(exception_fields(record.exc_info[1]))
         return self._encode(redaction.log_fields(fields))
 
     def _time(self, created: float) -> str:

@@ -70,7 +70,7 @@ LOG_FIELD_ORDER = (
 )
 LOG_FIELDS = frozenset(LOG_FIELD_ORDER)
 #: Span names follow these shapes; anything else is renamed.
-_SPAN_NAME = re.compile(r"^(/[A-Za-z0-9_.]+/[A-Za-z0-9_]+|db [A-Z]+|db)$")
+_SPAN_NAME = re.compile(r"/[A-Za-z0-9_.]+/[A-Za-z0-9_]+|db [A-Z]+|db")
 _MAX_VALUE = 256
 _STRING_LITERAL = re.compile(r"'(?:[^']|'')*'|\$([A-Za-z_]*)\$.*?\$\1\$", re.DOTALL)
 _NUMBER_LITERAL = re.compile(r"(?<![\w$])\d+(?:\.\d+)?\b")
@@ -108,7 +108,7 @@ def within_policy(name: str, attributes: Mapping[str, Any] | None, clean_stateme
     ``clean_statement(text)`` must answer ``scrub_sql(text) == text`` (callers
     memoize it: a service runs a fixed set of statements).
     """
-    if not _SPAN_NAME.match(name):
+    if not _SPAN_NAME.fullmatch(name):
         return False
     for key, value in (attributes or {}).items():
         if key not in SPAN_ATTRIBUTES or not _scalar(value):
@@ -125,7 +125,7 @@ def event_attributes(attributes: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def span_name(name: str) -> str:
     """Return the name if it has a known shape, else a placeholder."""
-    return name if _SPAN_NAME.match(name) else "redacted"
+    return name if _SPAN_NAME.fullmatch(name) else "redacted"
 
 
 def log_fields(fields: Mapping[str, Any]) -> dict[str, Any]:

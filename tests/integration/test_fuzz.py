@@ -37,13 +37,22 @@ SERVICES = [
 METHODS = [method for service in SERVICES for method in service.methods]
 _INT32 = st.one_of(st.sampled_from([0, 1, -1, 50, 500, 501, 2**31 - 1, -(2**31)]), st.integers(-(2**31), 2**31 - 1))
 _INT64 = st.one_of(st.sampled_from([0, -1, 2**63 - 1, -(2**63), 253402300800]), st.integers(-(2**63), 2**63 - 1))
+_WELL_FORMED = st.one_of(
+    st.uuids().map(str),
+    st.sampled_from(["apt_" + "a" * 26, "pk_" + "a" * 16 + "." + "A" * 43, "+33612345678", "a@b.example"]),
+)
+# A well-formed value with whitespace or a control character before or after it: a pattern anchored
+# with `$` accepts a final newline, and what follows the check may not.
+_EDGE = st.sampled_from(["\n", "\r\n", " ", "\t", "\x00", "\x0b", "\x85", "\u2028", "\ufeff"])
+_DECORATED = st.tuples(_WELL_FORMED, _EDGE, st.booleans()).map(
+    lambda parts: parts[0] + parts[1] if parts[2] else parts[1] + parts[0]
+)
 _TEXT = st.one_of(
     st.text(max_size=40),
     st.text(min_size=1000, max_size=3000),
-    st.uuids().map(str),
-    st.sampled_from(
-        ["", " ", "apt_" + "a" * 26, "pk_" + "a" * 16 + "." + "A" * 43, "v4.public.xxxx", "\x00", "\ud7ff"]
-    ),
+    _WELL_FORMED,
+    _DECORATED,
+    st.sampled_from(["", " ", "v4.public.xxxx", "\x00", "\ud7ff"]),
 )
 
 

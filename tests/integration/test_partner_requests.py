@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import random
 from datetime import timedelta
 from typing import Any
@@ -15,6 +18,7 @@ from google.rpc import code_pb2
 from harness import MONDAY, PartnerHandle, World, ts
 
 from service.errors import INTERNAL_MESSAGE
+from service.telemetry.logs import JsonFormatter
 
 LIST = "/appointments.partner.v1.PartnerAppointmentService/ListAppointments"
 
@@ -170,17 +174,52 @@ async def test_an_unexpected_failure_is_a_fixed_internal_error(partner: PartnerH
     finally:
         await conn.close()
 
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await partner.list()
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logging.getLogger("service.api.server").addHandler(handler)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await partner.list()
+    finally:
+        logging.getLogger("service.api.server").removeHandler(handler)
 
     assert caught.value.code() == grpc.StatusCode.INTERNAL
     assert caught.value.details() == INTERNAL_MESSAGE
     status = harness.status_of(caught.value)
     assert status.code == code_pb2.INTERNAL
     assert "specialty" not in str(status) and "SELECT" not in str(status)
+    # The log line says what failed and where, without the error's text (which names the column).
+    [line] = [json.loads(text) for text in stream.getvalue().splitlines()]
+    assert line["event"] == "unexpected_error" and line["method"] == LIST
+    assert line["exception_type"].startswith("UndefinedColumnError")
+    assert "service/store/partner_path.py" in line["stack"] and "line " in line["stack"]
+    assert "specialty" not in stream.getvalue() and "does not exist" not in stream.getvalue()
 
 
 async def test_a_malformed_appointment_id_is_invalid_and_a_missing_one_too(partner: PartnerHandle) -> None:
     for value in ("", "apt_short", "apt_" + "0" * 26, "x" * 10_000):
         error = await _invalid(partner.get(value))
         assert harness.bad_fields(error) == {"appointment_id"}
+
+
+@pytest.mark.parametrize("edge", ["\n", "\r\n", " ", "\t", "\x00", "\u2028"])
+async def test_a_well_formed_id_with_whitespace_or_a_control_character_is_invalid_never_internal(
+    world: World, partner: PartnerHandle, edge: str
+) -> None:
+    [listed, *_] = await partner.list_all()
+    practitioner = listed.practitioner.practitioner_id
+    patient = await world.patient()
+    meta = world.internal_metadata
+
+    for value in (listed.appointment_id + edge, edge + listed.appointment_id):
+        assert harness.bad_fields(await _invalid(partner.get(value))) == {"appointment_id"}
+    for value in (practitioner + edge, edge + practitioner):
+        assert harness.bad_fields(await _invalid(partner.list(practitioner_id=value))) == {"practitioner_id"}
+    for value in (patient.patient_id + edge, edge + patient.patient_id):  # the internal listener, too
+        request = harness.consent_pb.ListConsentsRequest(patient_id=value)
+        assert harness.bad_fields(await _invalid(world.consents.ListConsents(request, metadata=meta))) == {"patient_id"}
+    phone = harness.scheduling_pb.CreatePatientRequest(
+        given_name="Edge", family_name="Case", phone="+33612345678" + edge
+    )
+    assert harness.bad_fields(await _invalid(world.scheduling.CreatePatient(phone, metadata=meta))) == {"phone"}

@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import Status, StatusCode
 
 from service.telemetry import redaction
-from service.telemetry.logs import JsonFormatter
+from service.telemetry.logs import JsonFormatter, exception_fields
 from service.telemetry.spans import RedactingSpanExporter
 from service.telemetry.tracing import metric_views
 
@@ -162,3 +162,20 @@ def test_json_log_time_is_the_records_utc_time_to_the_millisecond() -> None:
         record.created = created
         expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
         assert json.loads(formatter.format(record))["time"] == expected
+
+
+def test_an_exception_is_described_by_its_classes_and_frames_along_its_causes_never_its_text() -> None:
+    def lookup() -> None:
+        raise KeyError(DETAIL)
+
+    try:
+        try:
+            lookup()
+        except KeyError as exc:
+            raise RuntimeError(DETAIL) from exc
+    except RuntimeError as exc:
+        fields = exception_fields(exc)
+
+    assert fields["exception_type"] == "RuntimeError <- KeyError"
+    assert "in lookup" in fields["stack"] and "caused by KeyError:" in fields["stack"]
+    assert DETAIL not in str(fields) and "leak" not in str(fields)
