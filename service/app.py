@@ -33,7 +33,7 @@ from service.access.consent_tokens import ConsentKeyring
 from service.access.gate import PartnerGate
 from service.access.limits import ExtractionGuard
 from service.api import audit, consents, partner, registry, scheduling
-from service.api.reflection import DocumentedPool, documented_files
+from service.api.reflection import documented_files
 from service.api.server import ErrorBoundary, Listener, start_listener
 from service.crypto import sealing
 from service.crypto.keyfiles import load_data_keys, load_server_secret, load_signing_keys
@@ -151,7 +151,7 @@ class Gateway:
             retention=settings.feed_retention,
         )
         self._internal_token = credentials.InternalToken(settings.internal_token)
-        self._reflection = DocumentedPool(documented_files())
+        self._documented = documented_files()
         self._health_task: asyncio.Task[None] | None = None
         self._sequencer_task: asyncio.Task[None] | None = None
         self.partner: Listener | None = None
@@ -213,7 +213,7 @@ class Gateway:
             limits=limits,
             tls=self.settings.tls,
             reuse_port=self.settings.reuse_port,
-            reflection_pool=self._reflection,
+            documented=self._documented,
         )
         try:
             self.internal = await start_listener(
@@ -229,7 +229,7 @@ class Gateway:
                 ),
                 limits=limits,
                 reuse_port=self.settings.reuse_port,
-                reflection_pool=self._reflection,
+                documented=self._documented,
             )
         except BaseException:
             await self.partner.stop(0)

@@ -13,13 +13,14 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import grpc.aio
-from google.rpc import code_pb2, status_pb2
+from google.protobuf import descriptor_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
@@ -257,7 +258,7 @@ async def start_listener(
     limits: TransportLimits,
     tls: TlsFiles | None = None,
     reuse_port: bool = False,
-    reflection_pool: DocumentedPool | None = None,
+    documented: Mapping[str, descriptor_pb2.FileDescriptorProto] | None = None,
 ) -> Listener:
     """Start a server on ``address`` with the services ``register`` adds (it returns their full names).
 
@@ -272,11 +273,10 @@ async def start_listener(
     names = tuple(register(server))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-        pool=reflection_pool,
-    )
+    served = (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+    # Scoped to this listener's services: reflection answers without credentials.
+    pool = DocumentedPool(documented or {}, served, files=[error_details_pb2.DESCRIPTOR.name])
+    reflection.enable_server_reflection(served, server, pool=pool)
     try:
         port = server.add_secure_port(address, _credentials(tls)) if tls else server.add_insecure_port(address)
     except RuntimeError as exc:

@@ -52,9 +52,32 @@ async def test_grpcurl_lists_the_partner_service_reflection_and_health(gateway: 
 
 async def test_the_partner_listener_does_not_expose_internal_services(gateway: Gateway) -> None:
     assert gateway.partner
-    _, out, _ = await grpcurl("-plaintext", f"127.0.0.1:{gateway.partner.port}", "list")
+    address = f"127.0.0.1:{gateway.partner.port}"
+    _, out, _ = await grpcurl("-plaintext", address, "list")
+    described = {
+        symbol: await grpcurl("-plaintext", address, "describe", symbol)
+        for symbol in (
+            "appointments.internal.v1.ConsentService",
+            "appointments.internal.v1.GrantConsentRequest",
+            "appointments.internal.v1.SchedulingService.CreatePatient",
+        )
+    }
+    _, nonexistent_out, nonexistent_err = await grpcurl("-plaintext", address, "describe", "appointments.nope.v1.X")
 
     assert "internal" not in out
+    for symbol, (code, out, err) in described.items():
+        assert code != 0 and "internal" not in out, symbol  # answered as for a name that does not exist
+        assert err.replace(symbol, "appointments.nope.v1.X") == nonexistent_err
+
+
+async def test_the_internal_listener_describes_its_own_services(gateway: Gateway) -> None:
+    assert gateway.internal
+    code, out, err = await grpcurl(
+        "-plaintext", f"127.0.0.1:{gateway.internal.port}", "describe", "appointments.internal.v1.ConsentService"
+    )
+
+    assert code == 0, err
+    assert "rpc GrantConsent" in out
 
 
 async def test_grpcurl_describe_shows_the_commented_types(gateway: Gateway) -> None:
