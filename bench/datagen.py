@@ -68,7 +68,9 @@ import asyncpg
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import Progress, admin_dsn, parse_size, service_env, size_label, source, source_migrations, with_database
 
-GENERATOR_VERSION = 8  # bumped when what a world holds changes (8: the ledger digest's canonical encoding)
+# Bumped when what a world holds changes (8: the ledger digest's canonical encoding; 9: patients' sex sealed in
+# sealed_sex, its clear column NULL, as the service now stores it).
+GENERATOR_VERSION = 9
 ANCHOR = datetime(2030, 1, 7, tzinfo=UTC)  # a Monday; the benchmark queries this day
 LEDGER_START = datetime(2030, 2, 1, tzinfo=UTC)
 CHUNK = 50_000
@@ -303,21 +305,25 @@ async def generate_world(spec: WorldSpec, *, regen: bool = False) -> dict[str, A
             for i, pid in enumerate(patients):
                 given, family = GIVEN[i % len(GIVEN)], f"{FAMILY[i % len(FAMILY)]}-{i:07d}"
                 phone = f"+33 6 {i % 100:02d} {i // 100 % 100:02d} {i // 10_000 % 100:02d} {i // 1_000_000 % 100:02d}"
-                email = f"patient{i:07d}@example.test"
+                email, sex = f"patient{i:07d}@example.test", 1 + i % 3
                 if not spec.defended:
-                    yield (pid, given, family, 1 + i % 3, phone, email, now)
+                    yield (pid, given, family, sex, phone, email, now)
                     continue
                 # As the internal API stores a new patient: every value sealed for its row, plaintext NULL.
                 sealed = sealing.seal_patient_contact(
-                    data_keys, uuid.UUID(pid), given_name=given, family_name=family, phone=phone, email=email
+                    data_keys,
+                    uuid.UUID(pid),
+                    given_name=given,
+                    family_name=family,
+                    sex=sex,
+                    phone=phone,
+                    email=email,
                 )
-                yield (pid, 1 + i % 3, sealed.given_name, sealed.family_name, sealed.phone, sealed.email, now)
+                yield (pid, sealed.given_name, sealed.family_name, sealed.sex, sealed.phone, sealed.email, now)
 
-        patient_columns = (
-            ["id", "sex", "sealed_given_name", "sealed_family_name", "sealed_phone", "sealed_email", "create_time"]
-            if spec.defended
-            else ["id", "given_name", "family_name", "sex", "phone", "email", "create_time"]
-        )
+        # The same contact columns in both worlds, in the same order: sealed, or in clear.
+        contact_columns = ("given_name", "family_name", "sex", "phone", "email")
+        patient_columns = ["id", *(f"sealed_{c}" if spec.defended else c for c in contact_columns), "create_time"]
         await _copy(
             conn,
             "patients",

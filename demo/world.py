@@ -55,9 +55,9 @@ async def seed(database: Database, data_keys: sealing.DataKeyring) -> DemoWorld:
             patients = [uuid4() for _ in _PATIENTS]
             for patient_id, (given, family, sex, phone, email) in zip(patients, _PATIENTS, strict=True):
                 contact = sealing.seal_patient_contact(
-                    data_keys, patient_id, given_name=given, family_name=family, phone=phone, email=email
+                    data_keys, patient_id, given_name=given, family_name=family, sex=sex, phone=phone, email=email
                 )
-                await scheduling.create_patient(conn, patient_id=patient_id, sex=sex, contact=contact)
+                await scheduling.create_patient(conn, patient_id=patient_id, contact=contact)
             for day in range(7):
                 for slot, practitioner in enumerate(practitioners):
                     start = today + timedelta(days=day, hours=9 + 2 * slot)

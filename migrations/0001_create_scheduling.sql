@@ -1,6 +1,6 @@
 -- Scheduling: practitioners, patients and their appointments, the platform's own data.
 --
--- Patients' names, phones and emails and appointments' visit reasons are sealed by the
+-- Patients' names, sexes, phones and emails and appointments' visit reasons are sealed by the
 -- gateway before they reach these tables (service/crypto/sealing.py): AES-256-GCM under a
 -- data key the database never sees, each value bound to its table, column and row. A
 -- sealed value is version (1 byte) | data key id (2 bytes) | nonce (12) | ciphertext and tag.
@@ -17,11 +17,12 @@ CREATE TABLE practitioners (
 
 CREATE TABLE patients (
     id                 uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-    -- The appointments.type.v1.Sex enum number (0 = not recorded).
-    sex                smallint NOT NULL DEFAULT 0 CHECK (sex BETWEEN 0 AND 3),
-    -- Contact details, sealed; released to a partner only under the patient's consent.
+    -- Contact details, sealed; released to a partner only under the patient's consent. The
+    -- sex is sealed as the decimal text of its enum number, one digit, so that every sealed
+    -- sex has the same length and the length tells nothing.
     sealed_given_name  bytea,
     sealed_family_name bytea,
+    sealed_sex         bytea,
     sealed_phone       bytea,
     sealed_email       bytea,
     -- Contact details in clear, as an import of an existing platform's data loads them;
@@ -29,6 +30,8 @@ CREATE TABLE patients (
     -- never writes them.
     given_name         text,
     family_name        text,
+    -- The appointments.type.v1.Sex enum number (0 = not recorded).
+    sex                smallint CHECK (sex BETWEEN 0 AND 3),
     phone              text,
     email              text,
     create_time        timestamptz NOT NULL DEFAULT now()
@@ -57,7 +60,8 @@ CREATE INDEX appointments_patient_idx ON appointments (patient_id);
 -- The rows `data-key reencrypt` still has to seal: empty once it ran, so the check at every
 -- `serve` start that nothing is left in clear is one index probe.
 CREATE INDEX patients_unsealed_idx ON patients (id)
-    WHERE given_name IS NOT NULL OR family_name IS NOT NULL OR phone IS NOT NULL OR email IS NOT NULL;
+    WHERE given_name IS NOT NULL OR family_name IS NOT NULL OR sex IS NOT NULL OR phone IS NOT NULL
+       OR email IS NOT NULL;
 CREATE INDEX appointments_unsealed_idx ON appointments (id) WHERE reason IS NOT NULL;
 
 -- The seal header (version and data key id) of each row, so the key ids in use are found by

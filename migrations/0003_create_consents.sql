@@ -28,8 +28,8 @@ CREATE INDEX consents_patient_idx ON consents (patient_id, create_time DESC);
 CREATE FUNCTION read_consented_contact(p_consent_id uuid, p_partner_id uuid, p_patient_id uuid)
 RETURNS TABLE (
     state consent_state, fields smallint[],
-    sealed_given_name bytea, sealed_family_name bytea, sex smallint, sealed_phone bytea, sealed_email bytea,
-    given_name text, family_name text, phone text, email text
+    sealed_given_name bytea, sealed_family_name bytea, sealed_sex bytea, sealed_phone bytea, sealed_email bytea,
+    given_name text, family_name text, sex smallint, phone text, email text
 )
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, public
@@ -39,24 +39,25 @@ DECLARE
 BEGIN
     SELECT * INTO c FROM consents WHERE id = p_consent_id;
     IF NOT FOUND OR c.partner_id <> p_partner_id OR c.patient_id <> p_patient_id THEN
-        RETURN QUERY SELECT 'unknown'::consent_state, '{}'::smallint[], NULL::bytea, NULL::bytea, NULL::smallint,
-            NULL::bytea, NULL::bytea, NULL::text, NULL::text, NULL::text, NULL::text;
+        RETURN QUERY SELECT 'unknown'::consent_state, '{}'::smallint[], NULL::bytea, NULL::bytea, NULL::bytea,
+            NULL::bytea, NULL::bytea, NULL::text, NULL::text, NULL::smallint, NULL::text, NULL::text;
     ELSIF c.revoke_time IS NOT NULL THEN
-        RETURN QUERY SELECT 'revoked'::consent_state, c.fields, NULL::bytea, NULL::bytea, NULL::smallint,
-            NULL::bytea, NULL::bytea, NULL::text, NULL::text, NULL::text, NULL::text;
+        RETURN QUERY SELECT 'revoked'::consent_state, c.fields, NULL::bytea, NULL::bytea, NULL::bytea,
+            NULL::bytea, NULL::bytea, NULL::text, NULL::text, NULL::smallint, NULL::text, NULL::text;
     ELSIF c.expire_time <= statement_timestamp() THEN
-        RETURN QUERY SELECT 'expired'::consent_state, c.fields, NULL::bytea, NULL::bytea, NULL::smallint,
-            NULL::bytea, NULL::bytea, NULL::text, NULL::text, NULL::text, NULL::text;
+        RETURN QUERY SELECT 'expired'::consent_state, c.fields, NULL::bytea, NULL::bytea, NULL::bytea,
+            NULL::bytea, NULL::bytea, NULL::text, NULL::text, NULL::smallint, NULL::text, NULL::text;
     ELSE
         RETURN QUERY
         SELECT 'live'::consent_state, c.fields,
                CASE WHEN 1 = ANY (c.fields) THEN p.sealed_given_name END,
                CASE WHEN 1 = ANY (c.fields) THEN p.sealed_family_name END,
-               CASE WHEN 2 = ANY (c.fields) THEN p.sex END,
+               CASE WHEN 2 = ANY (c.fields) THEN p.sealed_sex END,
                CASE WHEN 3 = ANY (c.fields) THEN p.sealed_phone END,
                CASE WHEN 4 = ANY (c.fields) THEN p.sealed_email END,
                CASE WHEN 1 = ANY (c.fields) THEN p.given_name END,
                CASE WHEN 1 = ANY (c.fields) THEN p.family_name END,
+               CASE WHEN 2 = ANY (c.fields) THEN p.sex END,
                CASE WHEN 3 = ANY (c.fields) THEN p.phone END,
                CASE WHEN 4 = ANY (c.fields) THEN p.email END
         FROM patients p WHERE p.id = p_patient_id;

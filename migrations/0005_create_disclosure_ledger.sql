@@ -404,8 +404,8 @@ REVOKE ALL ON FUNCTION record_basic_disclosures(uuid[], text[], text[], text[], 
 -- and the values of the fields both the consent and the token name, as stored.
 CREATE TYPE contact_disclosure AS (
     consent consent_state, outcome charge_outcome, fields smallint[],
-    sealed_given_name bytea, sealed_family_name bytea, sex smallint, sealed_phone bytea, sealed_email bytea,
-    given_name text, family_name text, phone text, email text
+    sealed_given_name bytea, sealed_family_name bytea, sealed_sex bytea, sealed_phone bytea, sealed_email bytea,
+    given_name text, family_name text, sex smallint, phone text, email text
 );
 
 -- The contact views (GetAppointmentContact) of concurrent calls: each consent checked, each
@@ -444,20 +444,23 @@ BEGIN
     FOR k IN 1 .. calls LOOP
         SELECT * INTO c FROM read_consented_contact(p_consent_ids[k], p_call_partners[k], p_patient_ids[k]);
         IF NOT FOUND THEN  -- the patient row vanished: as an unknown consent
-            seen[k] := ROW('unknown', NULL, '{}', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)::contact_disclosure;
+            seen[k] := ROW('unknown', NULL, '{}',
+                           NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)::contact_disclosure;
         ELSIF c.state <> 'live' THEN
-            seen[k] := ROW(c.state, NULL, c.fields, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)::contact_disclosure;
+            seen[k] := ROW(c.state, NULL, c.fields,
+                           NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)::contact_disclosure;
         ELSE
             granted := ARRAY(SELECT DISTINCT f FROM unnest(c.fields) AS f
                              WHERE f = ANY (p_token_fields[k]::smallint[]) ORDER BY f);
             seen[k] := ROW('live', NULL, granted,
                            CASE WHEN 1 = ANY (granted) THEN c.sealed_given_name END,
                            CASE WHEN 1 = ANY (granted) THEN c.sealed_family_name END,
-                           CASE WHEN 2 = ANY (granted) THEN c.sex END,
+                           CASE WHEN 2 = ANY (granted) THEN c.sealed_sex END,
                            CASE WHEN 3 = ANY (granted) THEN c.sealed_phone END,
                            CASE WHEN 4 = ANY (granted) THEN c.sealed_email END,
                            CASE WHEN 1 = ANY (granted) THEN c.given_name END,
                            CASE WHEN 1 = ANY (granted) THEN c.family_name END,
+                           CASE WHEN 2 = ANY (granted) THEN c.sex END,
                            CASE WHEN 3 = ANY (granted) THEN c.phone END,
                            CASE WHEN 4 = ANY (granted) THEN c.email END)::contact_disclosure;
         END IF;
@@ -487,7 +490,8 @@ BEGIN
         r := seen[k];
         IF r.consent = 'live' THEN
             IF p_call_partners[k] = ANY (suspended) THEN
-                r := ROW('live', 'suspended', '{}', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)::contact_disclosure;
+                r := ROW('live', 'suspended', '{}',
+                         NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)::contact_disclosure;
             ELSE
                 INSERT INTO disclosures (partner_id, key_id, view, contact_fields, consent_id, rpc, trace_id,
                                          outcome, denial_reason, requested_ids, appointment_ids, patient_ids)

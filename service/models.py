@@ -166,6 +166,7 @@ class SealedPatientContact:
 
     given_name: bytes
     family_name: bytes
+    sex: bytes
     phone: bytes | None
     email: bytes | None
 
@@ -267,8 +268,8 @@ class StoredConsentedContact:
     ``charge`` is ``None`` when the consent is not live (nothing was counted
     or recorded). The values are those of the fields both the consent and the
     token name (``fields``), only once the charge let them go: each sealed
-    (``bytes``), or the clear text an import left that ``data-key reencrypt``
-    has not sealed yet (``str``).
+    (``bytes``), or the clear value an import left that ``data-key reencrypt``
+    has not sealed yet (``str``, or ``int`` for the sex).
     """
 
     consent: ConsentState
@@ -276,7 +277,7 @@ class StoredConsentedContact:
     fields: tuple[int, ...]
     given_name: bytes | str | None = None
     family_name: bytes | str | None = None
-    sex: int | None = None
+    sex: bytes | int | None = None
     phone: bytes | str | None = None
     email: bytes | str | None = None
 

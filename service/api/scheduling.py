@@ -118,12 +118,16 @@ class SchedulingApi(scheduling_grpc.SchedulingServiceServicer):
         validation.raise_if(problems)
         patient_id = uuid4()
         contact = sealing.seal_patient_contact(
-            self._data_keys, patient_id, given_name=given, family_name=family, phone=phone, email=email
+            self._data_keys,
+            patient_id,
+            given_name=given,
+            family_name=family,
+            sex=request.sex,
+            phone=phone,
+            email=email,
         )
         async with self._db.transaction() as conn:
-            create_time: datetime = await scheduling.create_patient(
-                conn, patient_id=patient_id, sex=request.sex, contact=contact
-            )
+            create_time: datetime = await scheduling.create_patient(conn, patient_id=patient_id, contact=contact)
         return patient_message(models.Patient(patient_id, given, family, request.sex, phone, email, create_time))
 
     async def CreateAppointment(

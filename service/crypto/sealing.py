@@ -46,9 +46,10 @@ _AAD_PREFIX = b"apptgate-sealed|"
 PATIENTS = "patients"
 APPOINTMENTS = "appointments"
 #: Table → the columns whose values are stored sealed, in ``sealed_<column>``.
-#: The names are bound into every sealed value: they never change.
+#: The names are bound into every sealed value: they never change. ``sex`` is
+#: sealed as the decimal text of its enum number (:func:`sex_text`).
 SEALED_COLUMNS: Mapping[str, tuple[str, ...]] = MappingProxyType(
-    {PATIENTS: ("given_name", "family_name", "phone", "email"), APPOINTMENTS: ("reason",)}
+    {PATIENTS: ("given_name", "family_name", "sex", "phone", "email"), APPOINTMENTS: ("reason",)}
 )
 
 
@@ -175,16 +176,28 @@ def new_key_text(key_id: int = 1) -> str:
     return f"{key_id}:{base64.b64encode(os.urandom(KEY_SIZE)).decode()}"
 
 
+def sex_text(sex: int) -> str:
+    """The text a sex is sealed as: its enum number in decimal, one digit, so every sealed sex has the same length."""
+    if not 0 <= sex <= 9:
+        raise ValueError("a sex is an enum number of one digit")
+    return str(sex)
+
+
 def seal_patient_contact(
     keys: DataKeyring,
     patient_id: UUID,
     *,
     given_name: str,
     family_name: str,
+    sex: int,
     phone: str | None,
     email: str | None,
 ) -> models.SealedPatientContact:
-    """Seal a new patient's contact details for its row."""
+    """Seal a new patient's contact details for its row.
+
+    The sex is sealed even when it is 0 (not recorded), so that a dump cannot
+    tell which patients have one.
+    """
 
     def seal(column: str, value: str) -> bytes:
         return keys.seal(value, table=PATIENTS, column=column, row_id=patient_id)
@@ -192,6 +205,7 @@ def seal_patient_contact(
     return models.SealedPatientContact(
         seal("given_name", given_name),
         seal("family_name", family_name),
+        seal("sex", sex_text(sex)),
         seal("phone", phone) if phone is not None else None,
         seal("email", email) if email is not None else None,
     )
@@ -207,8 +221,8 @@ def open_consented_contact(
 ) -> models.ConsentedContact:
     """Open the fields a consent released (the only decryption on the partner path). Raises :class:`SealError`.
 
-    A ``str`` is a value an import left in clear; it passes as it is until
-    ``data-key reencrypt`` has sealed it.
+    A ``str`` (an ``int`` for the sex) is a value an import left in clear; it
+    passes as it is until ``data-key reencrypt`` has sealed it.
     """
 
     def opened(column: str, value: bytes | str | None) -> str | None:
@@ -216,11 +230,19 @@ def open_consented_contact(
             return value
         return keys.open(value, table=PATIENTS, column=column, row_id=patient_id)
 
+    def opened_sex(value: bytes | int | None) -> int | None:
+        if value is None or isinstance(value, int):
+            return value
+        text = keys.open(value, table=PATIENTS, column="sex", row_id=patient_id)
+        if not (text.isascii() and text.isdigit()):
+            raise SealError("the sealed sex is not an enum number")
+        return int(text)
+
     return models.ConsentedContact(
         stored.fields,
         opened("given_name", stored.given_name),
         opened("family_name", stored.family_name),
-        stored.sex,
+        opened_sex(stored.sex),
         opened("phone", stored.phone),
         opened("email", stored.email),
     )

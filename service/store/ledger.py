@@ -38,8 +38,8 @@ _RECORD_BASIC = (
     "$19::text::uuid[])"
 )
 _DISCLOSE_CONTACTS = (
-    "SELECT consent::text, outcome::text, fields, sealed_given_name, sealed_family_name, sex, sealed_phone, "
-    "sealed_email, given_name, family_name, phone, email FROM disclose_consented_contacts($1::text::uuid[], "
+    "SELECT consent::text, outcome::text, fields, sealed_given_name, sealed_family_name, sealed_sex, sealed_phone, "
+    "sealed_email, given_name, family_name, sex, phone, email FROM disclose_consented_contacts($1::text::uuid[], "
     "$2::text::text[], $3::text::text[], $4::text::text[], $5::text::text[], $6::text::uuid[], $7::text::uuid[], "
     "$8::text::uuid[], $9::text::text[], $10::text::uuid[], $11::text::int[], $12::text::int[], "
     "$13::text::float8[], $14::text::bigint[], $15::text::bool[])"
@@ -131,6 +131,7 @@ def _stored_contact(row: asyncpg.Record) -> models.StoredConsentedContact:
         clear: str | None = row[column]
         return clear if clear is not None else row[f"sealed_{column}"]  # clear text an import left wins
 
+    sex: int | None = row["sex"]
     outcome = row["outcome"]
     return models.StoredConsentedContact(
         models.ConsentState(row["consent"]),
@@ -138,7 +139,7 @@ def _stored_contact(row: asyncpg.Record) -> models.StoredConsentedContact:
         tuple(row["fields"]),
         stored("given_name"),
         stored("family_name"),
-        row["sex"],
+        sex if sex is not None else row["sealed_sex"],  # as for the others, a clear sex an import left wins
         stored("phone"),
         stored("email"),
     )

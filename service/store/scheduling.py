@@ -33,20 +33,18 @@ async def create_practitioner(conn: Connection, display_name: str, specialty: st
     return models.Practitioner(*row)
 
 
-async def create_patient(
-    conn: Connection, *, patient_id: UUID, sex: int, contact: models.SealedPatientContact
-) -> datetime:
+async def create_patient(conn: Connection, *, patient_id: UUID, contact: models.SealedPatientContact) -> datetime:
     """Insert a patient whose contact details are already sealed for ``patient_id``; return its create time.
 
-    The clear-text contact columns, an import's, stay NULL.
+    The clear-text contact columns, an import's, stay NULL: the sex too is stored sealed only.
     """
     create_time: datetime = await conn.fetchval(
-        "INSERT INTO patients (id, sex, sealed_given_name, sealed_family_name, sealed_phone, sealed_email) "
+        "INSERT INTO patients (id, sealed_given_name, sealed_family_name, sealed_sex, sealed_phone, sealed_email) "
         "VALUES ($1, $2, $3, $4, $5, $6) RETURNING create_time",
         patient_id,
-        sex,
         contact.given_name,
         contact.family_name,
+        contact.sex,
         contact.phone,
         contact.email,
     )

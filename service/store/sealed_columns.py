@@ -28,9 +28,15 @@ def _any_clear(table: str) -> str:
     return " OR ".join(f"{column} IS NOT NULL" for column in SEALED_COLUMNS[table])
 
 
+def _clear(column: str) -> str:
+    # Clear values are read as text, the text that is sealed: the sex column is a smallint,
+    # whose text is the one digit service.crypto.sealing.sex_text seals.
+    return f"{column}::text"
+
+
 def _batch_statements(table: str) -> tuple[str, str]:
     columns = SEALED_COLUMNS[table]
-    select = ", ".join(["id", *(f"sealed_{c}" for c in columns), *columns])
+    select = ", ".join(["id", *(f"sealed_{c}" for c in columns), *(f"{_clear(c)} AS {c}" for c in columns)])
     # Work left: a value in clear, or a seal whose header is not the active key's ($1).
     work = " OR ".join([_any_clear(table), *(f"{_header(c)} <> $1" for c in columns)])
     tail = "ORDER BY id LIMIT $2 FOR NO KEY UPDATE"
@@ -79,7 +85,7 @@ async def count_values(conn: Connection) -> list[models.SealedValueCount]:
     """Count every sealed value by table, column and seal header, and the values left in clear (a full scan)."""
     counts: list[models.SealedValueCount] = []
     for table, columns in SEALED_COLUMNS.items():
-        values = ", ".join(f"('{c}', sealed_{c}, {c})" for c in columns)
+        values = ", ".join(f"('{c}', sealed_{c}, {_clear(c)})" for c in columns)
         rows = await conn.fetch(
             "SELECT v.name, CASE WHEN length(v.sealed) >= 3 THEN substring(v.sealed FROM 1 FOR 3) END AS header, "
             "count(v.sealed) AS sealed, count(v.clear) AS clear "

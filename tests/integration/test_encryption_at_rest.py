@@ -39,7 +39,7 @@ from service.store.database import Database
 
 ALL = [CONTACT_FIELD_NAME, CONTACT_FIELD_SEX, CONTACT_FIELD_PHONE, CONTACT_FIELD_EMAIL]
 SEALED = {
-    "patients": ("sealed_given_name", "sealed_family_name", "sealed_phone", "sealed_email"),
+    "patients": ("sealed_given_name", "sealed_family_name", "sealed_sex", "sealed_phone", "sealed_email"),
     "appointments": ("sealed_reason",),
 }
 
@@ -118,7 +118,7 @@ async def test_a_dump_of_the_database_shows_no_name_phone_email_or_reason(world:
 
     assert len(seeded.secrets) == 15
     assert _leaks(dump, seeded.secrets) == []
-    # The check can fail: the same dump shows what is stored in clear (the sex, the practitioner).
+    # The check can fail: the same dump shows what is stored in clear (the ids, the practitioner).
     assert seeded.patients[0].patient_id in dump
 
 
@@ -140,9 +140,8 @@ def _pg_dump_binary(server_major: int) -> str | None:
     return None
 
 
-async def test_pg_dump_itself_finds_no_contact_value_or_reason(world: World, database_dsn: str) -> None:
-    seeded = await _seed(world, count=2)
-    await _disclose_everything(world, seeded)
+async def _pg_dump(database_dsn: str, *args: str) -> str:
+    """The output of ``pg_dump --data-only`` with ``args``; skips the test where no pg_dump can read the server."""
     conn = await asyncpg.connect(database_dsn)
     try:
         server_major = int(await conn.fetchval("SHOW server_version_num")) // 10000
@@ -151,22 +150,78 @@ async def test_pg_dump_itself_finds_no_contact_value_or_reason(world: World, dat
     binary = _pg_dump_binary(server_major)
     if binary is None:
         pytest.skip(f"no pg_dump for PostgreSQL {server_major} here (the COPY dump test still runs)")
-
     process = await asyncio.create_subprocess_exec(
         binary,
         "--data-only",
         "--enable-row-security",
+        *args,
         "--dbname",
         database_dsn,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(process.communicate(), timeout=60)
-
     assert process.returncode == 0, err.decode()
-    dump = out.decode()
+    return out.decode()
+
+
+async def test_pg_dump_itself_finds_no_contact_value_or_reason(world: World, database_dsn: str) -> None:
+    seeded = await _seed(world, count=2)
+    await _disclose_everything(world, seeded)
+
+    dump = await _pg_dump(database_dsn)
+
     assert "COPY public.patients" in dump and "COPY public.appointments" in dump
     assert _leaks(dump, seeded.secrets) == []
+
+
+def _copied_rows(dump: str, table: str) -> list[dict[str, str]]:
+    """The rows of ``table`` in a pg_dump, each column's text by name (``\\N`` for NULL)."""
+    header = re.search(rf"^COPY public\.{table} \((.*)\) FROM stdin;$", dump, re.MULTILINE)
+    assert header is not None, f"no COPY of {table} in the dump"
+    columns = header[1].split(", ")
+    lines = dump[header.end() + 1 :].split("\n\\.\n", 1)[0].splitlines()
+    return [dict(zip(columns, line.split("\t"), strict=True)) for line in lines]
+
+
+async def test_a_patients_sex_is_stored_sealed_and_released_only_under_a_consent_for_it(
+    world: World, database_dsn: str, data_keys: DataKeyring
+) -> None:
+    seeded = await _seed(world, count=3)
+    first, second, third = seeded.patients
+    assert sorted(p.sex for p in seeded.patients) == [1, 2, 3]
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        stored = {str(r["id"]): r for r in await conn.fetch("SELECT id, sex, sealed_sex FROM patients")}
+    finally:
+        await conn.close()
+    dump = await _pg_dump(database_dsn, "--table", "public.patients")
+    with_sex = (await world.consent(first.patient_id, seeded.partner.partner_id, ALL)).token
+    without = [CONTACT_FIELD_NAME, CONTACT_FIELD_PHONE, CONTACT_FIELD_EMAIL]
+    without_sex = (await world.consent(second.patient_id, seeded.partner.partner_id, without)).token
+
+    released = await seeded.partner.contact(seeded.appointment_ids[first.patient_id], with_sex)
+    withheld = await seeded.partner.contact(seeded.appointment_ids[second.patient_id], without_sex)
+
+    # No sex in clear: the column is NULL, the sealed value opens to the enum number for its own row and column only.
+    assert [stored[p.patient_id]["sex"] for p in seeded.patients] == [None] * 3
+    for patient, other in ((first, second), (second, third), (third, first)):
+        sealed, row_id = stored[patient.patient_id]["sealed_sex"], harness.uuid_of(patient.patient_id)
+        assert data_keys.open(sealed, table="patients", column="sex", row_id=row_id) == str(patient.sex)
+        with pytest.raises(sealing.SealError):  # under another row
+            data_keys.open(sealed, table="patients", column="sex", row_id=harness.uuid_of(other.patient_id))
+        with pytest.raises(sealing.SealError):  # under another column
+            data_keys.open(sealed, table="patients", column="given_name", row_id=row_id)
+    assert len({len(stored[p.patient_id]["sealed_sex"]) for p in seeded.patients}) == 1  # the length tells nothing
+    # pg_dump shows no sex value: the clear column is NULL in every row it copies.
+    rows = _copied_rows(dump, "patients")
+    assert sorted(r["id"] for r in rows) == sorted(p.patient_id for p in seeded.patients)
+    assert {r["sex"] for r in rows} == {"\\N"}
+    assert all(r["sealed_sex"] != "\\N" for r in rows)
+    # The contact view still shows the sex under a consent that covers it, and withholds it otherwise.
+    assert released.patient.HasField("sex") and released.patient.sex == first.sex
+    assert not withheld.patient.HasField("sex") and list(withheld.withheld_fields) == [CONTACT_FIELD_SEX]
+    assert withheld.patient.email == second.email
 
 
 async def test_the_contact_view_still_shows_exactly_the_consented_values(world: World) -> None:
@@ -260,21 +315,21 @@ async def test_reencrypt_moves_every_value_to_the_new_key_so_the_old_one_can_be_
         seeded = await _seed(world, count=3)
         first = seeded.patients[0]
         token = (await world.consent(first.patient_id, seeded.partner.partner_id, ALL)).token
-    assert await _key_ids_stored(database_dsn) == {1: 15}
+    assert await _key_ids_stored(database_dsn) == {1: 18}
 
     code, out, err = await _data_key(
         database_dsn, tmp_path, harness.data_key_text((2, k2), (1, k1)), "reencrypt", "--batch-size", "2"
     )
 
     assert code == 0, err
-    assert "patients: 12 values re-sealed under data key 2, 0 sealed from clear (3 rows)" in out
+    assert "patients: 15 values re-sealed under data key 2, 0 sealed from clear (3 rows)" in out
     assert "appointments: 3 values re-sealed under data key 2, 0 sealed from clear (3 rows)" in out
     assert "patients: done" in err
-    assert await _key_ids_stored(database_dsn) == {2: 15}
+    assert await _key_ids_stored(database_dsn) == {2: 18}
 
     code, out, _ = await _data_key(database_dsn, tmp_path, harness.data_key_text((2, k2), (1, k1)), "status")
     assert code == 0
-    assert "data key 2: 15 values  (active)" in out and "data key 1: 0 values" in out
+    assert "data key 2: 18 values  (active)" in out and "data key 1: 0 values" in out
     assert "in clear: 0 values" in out and "nothing to re-encrypt" in out
 
     code, out, _ = await _data_key(database_dsn, tmp_path, harness.data_key_text((2, k2), (1, k1)), "reencrypt")
@@ -283,8 +338,9 @@ async def test_reencrypt_moves_every_value_to_the_new_key_so_the_old_one_can_be_
 
     async with _running(settings, database, Secrets(secret, keyring, DataKeyring([(2, k2)]))) as world:
         contact = await _on(world, seeded.partner).contact(seeded.appointment_ids[first.patient_id], token)
-    assert (contact.patient.given_name, contact.patient.phone, contact.patient.email) == (
+    assert (contact.patient.given_name, contact.patient.sex, contact.patient.phone, contact.patient.email) == (
         first.given_name,
+        first.sex,
         first.phone,
         first.email,
     )
@@ -301,9 +357,9 @@ async def test_reencrypt_refuses_to_start_without_a_key_still_in_use(
 
     assert code == 1
     assert "data key(s) 1, which the configuration lacks" in err
-    assert await _key_ids_stored(database_dsn) == {1: 5}
+    assert await _key_ids_stored(database_dsn) == {1: 6}
     code, out, _ = await _data_key(database_dsn, tmp_path, harness.data_key_text((2, k2)), "status")
-    assert "data key 1: 5 values  (NOT CONFIGURED: these values cannot be opened)" in out
+    assert "data key 1: 6 values  (NOT CONFIGURED: these values cannot be opened)" in out
 
 
 async def test_reencrypt_seals_what_a_database_from_before_the_upgrade_holds_in_clear(
@@ -356,19 +412,21 @@ async def test_reencrypt_seals_what_a_database_from_before_the_upgrade_holds_in_
         assert "still stored in clear: run `python -m service data-key reencrypt`" in caplog.text
         code, out, _ = await _data_key(database_dsn, tmp_path, harness.data_key_text((1, k1)), "status")
         assert (
-            "in clear: 7 values" in out and "patients.phone: 0 under the active key, 0 under others, 1 in clear" in out
+            "in clear: 8 values" in out and "patients.phone: 0 under the active key, 0 under others, 1 in clear" in out
         )
+        assert "patients.sex: 0 under the active key, 0 under others, 1 in clear" in out
 
         code, out, err = await _data_key(database_dsn, tmp_path, harness.data_key_text((1, k1)), "reencrypt")
 
         assert code == 0, err
-        assert "patients: 0 values re-sealed under data key 1, 6 sealed from clear (2 rows)" in out
+        assert "patients: 0 values re-sealed under data key 1, 7 sealed from clear (2 rows)" in out
         assert "appointments: 0 values re-sealed under data key 1, 1 sealed from clear (1 rows)" in out
         after = await partner.contact(listed.appointment_id, token)
 
     assert before == after
-    assert (after.patient.given_name, after.patient.phone, after.patient.email) == (
+    assert (after.patient.given_name, after.patient.sex, after.patient.phone, after.patient.email) == (
         clear["given_name"],
+        2,
         clear["phone"],
         clear["email"],
     )
@@ -377,8 +435,14 @@ async def test_reencrypt_seals_what_a_database_from_before_the_upgrade_holds_in_
         row = await conn.fetchrow("SELECT * FROM patients WHERE id = $1", patient_id)
         assert [row[c] for c in clear] == [None] * 4
         assert all(row[f"sealed_{c}"] is not None for c in clear)
-        row = await conn.fetchrow("SELECT phone, sealed_phone, sealed_given_name FROM patients WHERE id = $1", no_phone)
+        # The imported sex too: sealed as its enum number's text, its clear column cleared.
+        assert row["sex"] is None
+        assert keys.open(row["sealed_sex"], table="patients", column="sex", row_id=patient_id) == "2"
+        row = await conn.fetchrow(
+            "SELECT phone, sealed_phone, sex, sealed_sex, sealed_given_name FROM patients WHERE id = $1", no_phone
+        )
         assert row["phone"] is None and row["sealed_phone"] is None and row["sealed_given_name"] is not None
+        assert row["sex"] is None and row["sealed_sex"] is None  # no sex imported, none sealed
         assert await conn.fetchval("SELECT count(*) FROM appointments WHERE reason IS NOT NULL") == 0
     finally:
         await conn.close()

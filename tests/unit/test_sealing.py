@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -148,29 +149,51 @@ class TestRotation:
     def test_a_patients_contact_opens_only_for_its_own_row(self) -> None:
         ring = DataKeyring([(1, K1)])
         sealed = sealing.seal_patient_contact(
-            ring, ROW, given_name="Leakcheckgiven", family_name="LEAKCHECK", phone=None, email="l@example.invalid"
+            ring,
+            ROW,
+            given_name="Leakcheckgiven",
+            family_name="LEAKCHECK",
+            sex=2,
+            phone=None,
+            email="l@example.invalid",
         )
         stored = models.StoredConsentedContact(
             models.ConsentState.LIVE,
             models.ChargeOutcome.OK,
-            (1, 4),
+            (1, 2, 4),
             sealed.given_name,
             sealed.family_name,
-            None,
+            sealed.sex,
             None,
             sealed.email,
         )
 
         opened = sealing.open_consented_contact(ring, ROW, stored)
 
-        assert (opened.given_name, opened.family_name, opened.phone, opened.email) == (
+        assert (opened.given_name, opened.family_name, opened.sex, opened.phone, opened.email) == (
             "Leakcheckgiven",
             "LEAKCHECK",
+            2,
             None,
             "l@example.invalid",
         )
         with pytest.raises(SealError):
             sealing.open_consented_contact(ring, uuid.uuid4(), stored)
+        with pytest.raises(SealError):  # a sealed sex moved to another column
+            sealing.open_consented_contact(ring, ROW, replace(stored, email=sealed.sex))
+
+    def test_every_sealed_sex_has_the_same_length_and_a_clear_one_passes_as_it_is(self) -> None:
+        ring = DataKeyring([(1, K1)])
+        contacts = [
+            sealing.seal_patient_contact(ring, ROW, given_name="G", family_name="F", sex=sex, phone=None, email=None)
+            for sex in range(4)
+        ]
+        stored = models.StoredConsentedContact(models.ConsentState.LIVE, models.ChargeOutcome.OK, (2,), sex=3)
+
+        assert {len(c.sex) for c in contacts} == {len(contacts[0].sex)}
+        assert sealing.open_consented_contact(ring, ROW, stored).sex == 3
+        with pytest.raises(ValueError, match="one digit"):
+            sealing.seal_patient_contact(ring, ROW, given_name="G", family_name="F", sex=10, phone=None, email=None)
 
 
 class TestConfiguration:
