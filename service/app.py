@@ -106,17 +106,23 @@ class Parts:
 
 
 def check_transport_security(settings: Settings) -> None:
-    """Refuse plaintext on a non-loopback address unless ``--allow-insecure`` was given."""
+    """Refuse plaintext off loopback unless allowed, for each listener apart; never for partners in production."""
     problems = []
-    if settings.tls is None and not settings.allow_insecure and not is_loopback(settings.partner_addr):
-        problems.append(
-            f"the partner listener {settings.partner_addr} is not on loopback and has no TLS: set "
-            "APPTGATE_TLS_CERT/APPTGATE_TLS_KEY, bind a loopback address, or pass --allow-insecure"
-        )
-    if not settings.allow_insecure and not is_loopback(settings.internal_addr):
+    if settings.tls is None and not is_loopback(settings.partner_addr):
+        if settings.production:
+            problems.append(
+                f"the partner listener {settings.partner_addr} is not on loopback and has no TLS, which production "
+                "refuses: set APPTGATE_TLS_CERT/APPTGATE_TLS_KEY or bind a loopback address"
+            )
+        elif not settings.allow_insecure:
+            problems.append(
+                f"the partner listener {settings.partner_addr} is not on loopback and has no TLS: set "
+                "APPTGATE_TLS_CERT/APPTGATE_TLS_KEY, bind a loopback address, or pass --allow-insecure"
+            )
+    if not settings.allow_insecure_internal and not is_loopback(settings.internal_addr):
         problems.append(
             f"the internal listener {settings.internal_addr} is not on loopback; it has no TLS of its own, "
-            "so put it behind a TLS proxy and pass --allow-insecure"
+            "so put it behind a TLS proxy and pass --allow-insecure-internal"
         )
     if not settings.internal_token:
         problems.append("APPTGATE_INTERNAL_TOKEN is required (at least 32 characters)")

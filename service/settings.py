@@ -354,7 +354,15 @@ class Settings:
     allow_insecure: bool = variable(
         "APPTGATE_ALLOW_INSECURE",
         False,
-        "allow plaintext on a non-loopback address; flag `--allow-insecure`",
+        "allow a plaintext partner listener on a non-loopback address, outside production only; flag "
+        "`--allow-insecure`",
+        parse=_boolean,
+    )
+    allow_insecure_internal: bool = variable(
+        "APPTGATE_ALLOW_INSECURE_INTERNAL",
+        False,
+        "allow the internal listener (which has no TLS of its own) on a non-loopback address, behind a TLS "
+        "proxy or mesh; flag `--allow-insecure-internal`",
         parse=_boolean,
     )
     server_secret: str | None = variable(

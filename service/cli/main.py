@@ -50,7 +50,13 @@ def _parser() -> argparse.ArgumentParser:
             "--allow-insecure",
             action="store_const",
             const=True,
-            help="allow plaintext on a non-loopback address (APPTGATE_ALLOW_INSECURE)",
+            help="allow a plaintext partner listener off loopback, outside production (APPTGATE_ALLOW_INSECURE)",
+        )
+        command.add_argument(
+            "--allow-insecure-internal",
+            action="store_const",
+            const=True,
+            help="allow the internal listener off loopback, behind a TLS proxy (APPTGATE_ALLOW_INSECURE_INTERNAL)",
         )
 
     server_flags(commands.add_parser("serve", help="serve both listeners until SIGTERM/SIGINT"))
@@ -67,7 +73,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("partner_addr", "internal_addr", "tls_cert", "tls_key", "tls_client_ca", "allow_insecure")
+    names = (
+        "partner_addr", "internal_addr", "tls_cert", "tls_key", "tls_client_ca", "allow_insecure",
+        "allow_insecure_internal",
+    )  # fmt: skip
     return {name: getattr(args, name, None) for name in names}
 
 

@@ -82,6 +82,8 @@ async def test_migrate_then_serve_starts(empty_dsn: str, tmp_path: Path) -> None
     [
         ({"APPTGATE_PARTNER_ADDR": "0.0.0.0:0"}, (), "--allow-insecure"),
         ({"APPTGATE_PARTNER_ADDR": "[::]:0"}, (), "--allow-insecure"),
+        ({"APPTGATE_INTERNAL_ADDR": "0.0.0.0:0"}, ("--allow-insecure",), "--allow-insecure-internal"),
+        ({"APPTGATE_PARTNER_ADDR": "0.0.0.0:0"}, ("--allow-insecure-internal",), "--allow-insecure"),
         ({"APPTGATE_INTERNAL_TOKEN": ""}, (), "APPTGATE_INTERNAL_TOKEN"),
         ({"APPTGATE_INTERNAL_TOKEN": "short"}, (), "at least 32"),
         ({"APPTGATE_PARTNER_ADDR": "localhost"}, (), "APPTGATE_PARTNER_ADDR"),

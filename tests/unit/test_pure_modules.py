@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from service import errors, memo, settings, timestamps
 from service.access import credentials
 from service.api import validation
+from service.app import check_transport_security
 from service.disclosure import pagination
 from service.disclosure.pseudonyms import Pseudonyms, looks_like_appointment_id
 
@@ -245,6 +246,37 @@ class TestSettings:
     )
     def test_loopback_detection(self, addr: str, loopback: bool) -> None:
         assert settings.is_loopback(addr) is loopback
+
+    @pytest.mark.parametrize(
+        ("environ", "refused"),
+        [
+            ({"APPTGATE_PARTNER_ADDR": "0.0.0.0:1"}, ["partner"]),
+            ({"APPTGATE_PARTNER_ADDR": "0.0.0.0:1", "APPTGATE_ALLOW_INSECURE": "true"}, []),
+            ({"APPTGATE_INTERNAL_ADDR": "0.0.0.0:1", "APPTGATE_ALLOW_INSECURE": "true"}, ["internal"]),
+            ({"APPTGATE_INTERNAL_ADDR": "0.0.0.0:1", "APPTGATE_ALLOW_INSECURE_INTERNAL": "true"}, []),
+            (  # production never serves partners in plaintext off loopback, whatever the flags
+                {"APPTGATE_ENV": "production", "APPTGATE_PARTNER_ADDR": "0.0.0.0:1", "APPTGATE_ALLOW_INSECURE": "true"},
+                ["partner"],
+            ),
+            (
+                {"APPTGATE_ENV": "production", "APPTGATE_INTERNAL_ADDR": "0.0.0.0:1",
+                 "APPTGATE_ALLOW_INSECURE_INTERNAL": "true"},
+                [],
+            ),
+        ],
+    )  # fmt: skip
+    def test_each_listener_is_allowed_plaintext_off_loopback_by_its_own_flag(
+        self, environ: dict[str, str], refused: list[str]
+    ) -> None:
+        loaded = settings.load(
+            {"APPTGATE_PARTNER_ADDR": "127.0.0.1:1", "APPTGATE_INTERNAL_TOKEN": "t" * 16 + "u" * 16, **environ}
+        )
+        try:
+            check_transport_security(loaded)
+            problems: list[str] = []
+        except errors.ConfigError as caught:
+            problems = caught.problems
+        assert [problem.split(" listener ")[0].removeprefix("the ") for problem in problems] == refused
 
 
 class TestErrors:
