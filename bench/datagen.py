@@ -69,8 +69,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import Progress, admin_dsn, parse_size, service_env, size_label, source, source_migrations, with_database
 
 # Bumped when what a world holds changes (8: the ledger digest's canonical encoding; 9: patients' sex sealed in
-# sealed_sex, its clear column NULL, as the service now stores it).
-GENERATOR_VERSION = 9
+# sealed_sex, its clear column NULL, as the service now stores it; 10: the digest covers the client certificate).
+GENERATOR_VERSION = 10
 ANCHOR = datetime(2030, 1, 7, tzinfo=UTC)  # a Monday; the benchmark queries this day
 LEDGER_START = datetime(2030, 2, 1, tzinfo=UTC)
 CHUNK = 50_000
@@ -655,7 +655,7 @@ async def generate_ledger(spec: LedgerSpec, *, regen: bool = False) -> dict[str,
                     prev,
                     [
                         str(seq), str(seq), txid, partner, key_id, str(view), array_text(fields), consent, rpc,
-                        trace_id, when_text, str(outcome), reason, *items, chained.strftime(_FMT),
+                        trace_id, "", when_text, str(outcome), reason, *items, chained.strftime(_FMT),
                     ],
                 )  # fmt: skip
                 yield row

@@ -70,14 +70,14 @@ class Page:
         self.digest = digest.hex()
 
     def arguments(self, reference: bool) -> list[Any]:
-        """The statement's 19 arrays, as ``ledger.record_basic`` takes them."""
+        """The statement's 20 arrays, as ``ledger.record_basic`` takes them."""
         ids, appointments, patients = self.columns
         items: list[Any] = [[None], [None], ids, appointments, patients] if not reference else []
         if reference:
             items = [[self.record_id], [self.digest], [], [], []]
         return [
             [self.partner], ["pk_recordcostaaaaaa"], [_RPC], [""], [0 if reference else PAGE], *items,
-            [self.partner], [10**9], [10**9], [1000.0], [10**9], [False], [self.since], [0], [],
+            [self.partner], [10**9], [10**9], [1000.0], [10**9], [False], [self.since], [0], [], [""],
         ]  # fmt: skip
 
 
@@ -86,7 +86,7 @@ async def _page(conn: asyncpg.Connection) -> Page:
     items = [(f"apt_{n:022d}", uuid.uuid4(), uuid.uuid4()) for n in range(PAGE)]
     first = Page(partner, 0, 0, items)
     first_args = first.arguments(False)
-    first_args[-3] = [None]  # no counter row known yet: the first record charges every patient
+    first_args[-4] = [None]  # no counter row known yet: the first record charges every patient
     [row] = await ledger.record_basic(conn, first_args)
     assert row.counted_since is not None and row.record_ids[0] is not None
     return Page(partner, row.counted_since, row.record_ids[0], items)
@@ -114,7 +114,7 @@ def _function(without_insert: bool, name: str = "record_cost_probe", migration: 
 async def _statement_loop(conn: asyncpg.Connection, page: Page, reference: bool, calls: int) -> float:
     """Microseconds per call of record_cost_probe over ``calls`` calls, timed inside the server."""
     casts = ["uuid", "text", "text", "text", "int", "bigint", "text", "text", "uuid", "uuid",
-             "uuid", "int", "int", "float8", "bigint", "bool", "bigint", "int", "uuid"]  # fmt: skip
+             "uuid", "int", "int", "float8", "bigint", "bool", "bigint", "int", "uuid", "text"]  # fmt: skip
     arguments = ", ".join(f"'{_literal(a)}'::{c}[]" for a, c in zip(page.arguments(reference), casts, strict=True))
     notices: list[str] = []
 

@@ -13,6 +13,10 @@ CREATE TABLE partner_keys (
     -- SHA-256 of the whole bearer secret, never the secret: it is 256 random bits, so a
     -- fast hash is as strong as a slow one.
     secret_hash bytea NOT NULL CHECK (length(secret_hash) = 32),
+    -- The SHA-256 of the DER client certificate the key is bound to (mutual TLS), or NULL:
+    -- a bound key presented over a connection with another certificate, or none, does not
+    -- verify, so a stolen key is of no use without the partner's private key.
+    client_cert_sha256 bytea CHECK (length(client_cert_sha256) = 32),
     create_time timestamptz NOT NULL DEFAULT now(),
     revoke_time timestamptz
 );

@@ -29,6 +29,8 @@ CREATE TABLE disclosures (
     rpc             text NOT NULL,
     -- The W3C trace id of the call ('' when it was not traced).
     trace_id        text NOT NULL DEFAULT '',
+    -- The hex SHA-256 of the client certificate the call came with (mutual TLS; '' without).
+    client_cert     text NOT NULL DEFAULT '',
     -- When it was written: the statement's start by the database's clock, stamped by a
     -- trigger (stamp_disclosure) whatever the insert says.
     disclose_time   timestamptz NOT NULL,
@@ -55,6 +57,7 @@ CREATE TABLE disclosures (
     CONSTRAINT disclosures_key_check CHECK (key_id ~ '^pk_[a-z2-7]{16}$'),
     CONSTRAINT disclosures_rpc_check CHECK (rpc ~ '^/[A-Za-z0-9_.]+/[A-Za-z0-9_]+$'),
     CONSTRAINT disclosures_trace_check CHECK (trace_id ~ '^([0-9a-f]{32})?$'),
+    CONSTRAINT disclosures_client_cert_check CHECK (client_cert ~ '^([0-9a-f]{64})?$'),
     CONSTRAINT disclosures_refusal_check CHECK ((outcome = 1) = (denial_reason = '')),
     CONSTRAINT disclosures_contact_check CHECK (
         (view = 1 AND contact_fields = '{}' AND consent_id IS NULL)
@@ -194,7 +197,7 @@ AS $$
 DECLARE
     fields  text[] := ARRAY[
         p_seq::text, d.id::text, d.txid::text, d.partner_id::text, d.key_id, d.view::text, d.contact_fields::text,
-        d.consent_id::text, d.rpc, d.trace_id,
+        d.consent_id::text, d.rpc, d.trace_id, d.client_cert,
         to_char(d.disclose_time AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), d.outcome::text,
         d.denial_reason, d.requested_ids::text, d.appointment_ids::text, d.patient_ids::text, d.items_of::text,
         encode(d.items_digest, 'hex'), to_char(p_chain_time AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')];
@@ -229,7 +232,7 @@ REVOKE ALL ON FUNCTION disclosure_items_digest(disclosures) FROM PUBLIC;
 CREATE VIEW disclosure_items AS
 SELECT d.id, (u.item - 1)::integer AS item, c.seq, d.partner_id, d.key_id, u.requested_id, u.appointment_id,
        u.patient_id, d.view, d.contact_fields, d.consent_id, d.rpc, d.trace_id, d.disclose_time, d.outcome,
-       d.denial_reason
+       d.denial_reason, d.client_cert
 FROM disclosures d
 LEFT JOIN disclosure_chain c ON c.id = d.id
 LEFT JOIN LATERAL (
@@ -274,7 +277,9 @@ CREATE FUNCTION record_basic_disclosures(
     p_anomaly_mins bigint[], p_suspends boolean[],
     -- Per partner: the counter row the caller knows some patients counted under (or NULL), and
     -- the patients to charge anyway, slices of p_new_patients ending at p_new_patient_ends[i].
-    p_counted_since bigint[], p_new_patient_ends integer[], p_new_patients uuid[]
+    p_counted_since bigint[], p_new_patient_ends integer[], p_new_patients uuid[],
+    -- Per response: the hex SHA-256 of the client certificate its call came with ('' without).
+    p_client_certs text[]
 ) RETURNS TABLE (partner_id uuid, outcome charge_outcome, counted_since bigint, record_ids bigint[])
 LANGUAGE plpgsql
 SET search_path = pg_catalog, public
@@ -298,6 +303,7 @@ DECLARE
 BEGIN
     IF cardinality(p_key_ids) IS DISTINCT FROM responses OR cardinality(p_rpcs) IS DISTINCT FROM responses
        OR cardinality(p_trace_ids) IS DISTINCT FROM responses
+       OR cardinality(p_client_certs) IS DISTINCT FROM responses
        OR cardinality(p_response_ends) IS DISTINCT FROM responses
        OR cardinality(p_items_of) IS DISTINCT FROM responses
        OR cardinality(p_items_digests) IS DISTINCT FROM responses
@@ -377,18 +383,20 @@ BEGIN
                  AND p_response_partners[n] <> ALL (suspended)
             THEN nextval('disclosures_id_seq') END;
     END LOOP;
-    INSERT INTO disclosures (id, partner_id, key_id, view, contact_fields, consent_id, rpc, trace_id, outcome,
-                             denial_reason, requested_ids, appointment_ids, patient_ids, items_of, items_digest)
-    SELECT ids[r.n], r.partner_id, r.key_id, 1, '{}', NULL, r.rpc, r.trace_id, 1, '',
+    INSERT INTO disclosures (id, partner_id, key_id, view, contact_fields, consent_id, rpc, trace_id, client_cert,
+                             outcome, denial_reason, requested_ids, appointment_ids, patient_ids, items_of,
+                             items_digest)
+    SELECT ids[r.n], r.partner_id, r.key_id, 1, '{}', NULL, r.rpc, r.trace_id, r.client_cert, 1, '',
            CASE WHEN r.ref IS NULL THEN p_requested_ids[r.first : r.last] END,
            CASE WHEN r.ref IS NULL THEN p_appointment_ids[r.first : r.last] END,
            CASE WHEN r.ref IS NULL THEN p_patient_ids[r.first : r.last] END,
            r.ref, decode(r.digest, 'hex')
     FROM (
-        SELECT r.partner_id, r.key_id, r.rpc, r.trace_id, r.ref, r.digest, r.n,
+        SELECT r.partner_id, r.key_id, r.rpc, r.trace_id, r.client_cert, r.ref, r.digest, r.n,
                coalesce(p_response_ends[r.n - 1], 0) + 1 AS first, p_response_ends[r.n] AS last
-        FROM unnest(p_response_partners, p_key_ids, p_rpcs, p_trace_ids, p_items_of, p_items_digests)
-             WITH ORDINALITY AS r(partner_id, key_id, rpc, trace_id, ref, digest, n)
+        FROM unnest(p_response_partners, p_key_ids, p_rpcs, p_trace_ids, p_client_certs, p_items_of,
+                    p_items_digests)
+             WITH ORDINALITY AS r(partner_id, key_id, rpc, trace_id, client_cert, ref, digest, n)
     ) r
     WHERE ids[r.n] IS NOT NULL
     ORDER BY r.n;
@@ -397,7 +405,8 @@ BEGIN
 END
 $$;
 REVOKE ALL ON FUNCTION record_basic_disclosures(uuid[], text[], text[], text[], integer[], bigint[], text[], text[],
-    uuid[], uuid[], uuid[], integer[], integer[], double precision[], bigint[], boolean[], bigint[], integer[], uuid[])
+    uuid[], uuid[], uuid[], integer[], integer[], double precision[], bigint[], boolean[], bigint[], integer[], uuid[],
+    text[])
     FROM PUBLIC;
 
 -- What one contact call is answered: its consent's state; when live, its charge's outcome
@@ -418,7 +427,9 @@ CREATE FUNCTION disclose_consented_contacts(
     p_appointment_ids uuid[], p_patient_ids uuid[], p_consent_ids uuid[], p_token_fields text[],
     -- One element per partner to charge, and its terms.
     p_partners uuid[], p_contact_caps integer[], p_patient_caps integer[], p_anomaly_factors double precision[],
-    p_anomaly_mins bigint[], p_suspends boolean[]
+    p_anomaly_mins bigint[], p_suspends boolean[],
+    -- Per call: the hex SHA-256 of the client certificate it came with ('' without).
+    p_client_certs text[]
 ) RETURNS SETOF contact_disclosure
 LANGUAGE plpgsql
 SET search_path = pg_catalog, public
@@ -437,7 +448,8 @@ BEGIN
     IF cardinality(p_key_ids) IS DISTINCT FROM calls OR cardinality(p_rpcs) IS DISTINCT FROM calls
        OR cardinality(p_trace_ids) IS DISTINCT FROM calls OR cardinality(p_requested_ids) IS DISTINCT FROM calls
        OR cardinality(p_appointment_ids) IS DISTINCT FROM calls OR cardinality(p_patient_ids) IS DISTINCT FROM calls
-       OR cardinality(p_consent_ids) IS DISTINCT FROM calls OR cardinality(p_token_fields) IS DISTINCT FROM calls THEN
+       OR cardinality(p_consent_ids) IS DISTINCT FROM calls OR cardinality(p_token_fields) IS DISTINCT FROM calls
+       OR cardinality(p_client_certs) IS DISTINCT FROM calls THEN
         RAISE EXCEPTION 'disclose_consented_contacts: call arrays of different lengths';
     END IF;
     -- Each call's consent, read once: its state and the values of the fields both it and the token name.
@@ -494,9 +506,10 @@ BEGIN
                          NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)::contact_disclosure;
             ELSE
                 INSERT INTO disclosures (partner_id, key_id, view, contact_fields, consent_id, rpc, trace_id,
-                                         outcome, denial_reason, requested_ids, appointment_ids, patient_ids)
+                                         client_cert, outcome, denial_reason, requested_ids, appointment_ids,
+                                         patient_ids)
                 VALUES (p_call_partners[k], p_key_ids[k], 2, r.fields, p_consent_ids[k], p_rpcs[k],
-                        coalesce(p_trace_ids[k], ''), 1, '', ARRAY[p_requested_ids[k]],
+                        coalesce(p_trace_ids[k], ''), p_client_certs[k], 1, '', ARRAY[p_requested_ids[k]],
                         ARRAY[p_appointment_ids[k]], ARRAY[p_patient_ids[k]]);
                 r.outcome := outcomes[array_position(p_partners, p_call_partners[k])];
             END IF;
@@ -506,7 +519,7 @@ BEGIN
 END
 $$;
 REVOKE ALL ON FUNCTION disclose_consented_contacts(uuid[], text[], text[], text[], text[], uuid[], uuid[], uuid[],
-    text[], uuid[], integer[], integer[], double precision[], bigint[], boolean[]) FROM PUBLIC;
+    text[], uuid[], integer[], integer[], double precision[], bigint[], boolean[], text[]) FROM PUBLIC;
 
 -- The sequencer: chains up to p_limit committed records in (txid, id) order; returns how
 -- many it chained (0 when none waits, or while another process holds the lock). Every

@@ -1,7 +1,11 @@
 -- The partner path's own role, apptgate_partner, and the only things it may do: call the
--- functions below, each of which takes the caller's key with the SHA-256 of its secret,
--- verifies both on every call, derives the partner from the key, and reads or writes for that
--- partner only.
+-- functions below, each of which takes the caller's key id and credential, verifies both on
+-- every call, derives the partner from the key, and reads or writes for that partner only.
+--
+-- A credential is the SHA-256 of the secret presented (32 bytes), followed, when the call came
+-- over a connection with a client certificate (mutual TLS), by the SHA-256 of that
+-- certificate (32 more): a key bound to a certificate verifies only over a connection that
+-- presented it.
 --
 -- The role holds no privilege on any table, so nothing it can set (a setting, a parameter, a
 -- statement of its own) makes it see another partner's rows, a key's hash, a contact value
@@ -41,23 +45,26 @@ CREATE TYPE partner_change AS (
     display_name text, specialty text
 );
 
--- The partner of a live key presented with its secret's hash; NULL for anything else.
-CREATE FUNCTION partner_of_key(p_key_id text, p_secret_hash bytea) RETURNS uuid
+-- The partner of a live key presented with its secret's hash, over its bound certificate if it
+-- has one; NULL for anything else, a key over the wrong certificate as a wrong secret.
+CREATE FUNCTION partner_of_key(p_key_id text, p_credential bytea) RETURNS uuid
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, public
 AS $$
     SELECT k.partner_id FROM partner_keys k
-    WHERE k.id = p_key_id AND k.secret_hash = p_secret_hash AND k.revoke_time IS NULL
+    WHERE k.id = p_key_id AND k.secret_hash = substring(p_credential FROM 1 FOR 32) AND k.revoke_time IS NULL
+      AND length(p_credential) IN (32, 64)
+      AND (k.client_cert_sha256 IS NULL OR k.client_cert_sha256 = substring(p_credential FROM 33))
 $$;
 REVOKE ALL ON FUNCTION partner_of_key(text, bytea) FROM PUBLIC;
 
 -- The partner of a live key whose partner is not suspended; AG401 or AG403 otherwise.
-CREATE FUNCTION partner_admit(p_key_id text, p_secret_hash bytea) RETURNS uuid
+CREATE FUNCTION partner_admit(p_key_id text, p_credential bytea) RETURNS uuid
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, public
 AS $$
 DECLARE
-    partner uuid := partner_of_key(p_key_id, p_secret_hash);
+    partner uuid := partner_of_key(p_key_id, p_credential);
 BEGIN
     IF partner IS NULL THEN
         RAISE EXCEPTION 'invalid credentials' USING ERRCODE = 'AG401';
@@ -72,7 +79,7 @@ REVOKE ALL ON FUNCTION partner_admit(text, bytea) FROM PUBLIC;
 
 -- A key's partner and the limits the database holds for it (suspension included): no row for
 -- a key that is unknown, revoked or presented with the wrong secret. Never a key's hash.
-CREATE FUNCTION partner_authenticate(p_key_id text, p_secret_hash bytea)
+CREATE FUNCTION partner_authenticate(p_key_id text, p_credential bytea)
 RETURNS TABLE (
     partner_id uuid, requests_per_second double precision, burst integer, contact_daily_cap integer,
     patient_daily_cap integer, suspend_time timestamptz
@@ -82,7 +89,7 @@ SET search_path = pg_catalog, public
 AS $$
     SELECT p.id, l.requests_per_second, l.burst, l.contact_daily_cap, l.patient_daily_cap, l.suspend_time
     FROM partners p LEFT JOIN partner_limits l ON l.partner_id = p.id
-    WHERE p.id = partner_of_key(p_key_id, p_secret_hash)
+    WHERE p.id = partner_of_key(p_key_id, p_credential)
 $$;
 REVOKE ALL ON FUNCTION partner_authenticate(text, bytea) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION partner_authenticate(text, bytea) TO apptgate_partner;
@@ -92,14 +99,14 @@ GRANT EXECUTE ON FUNCTION partner_authenticate(text, bytea) TO apptgate_partner;
 -- after the cursor when one is given; AG404 when p_practitioner_id is named and not granted.
 -- The page is taken first and only its rows are joined to practitioners.
 CREATE FUNCTION partner_list_appointments(
-    p_key_id text, p_secret_hash bytea, p_practitioner_id uuid, p_start timestamptz, p_end timestamptz,
+    p_key_id text, p_credential bytea, p_practitioner_id uuid, p_start timestamptz, p_end timestamptz,
     p_after_time timestamptz, p_after_id uuid, p_limit integer
 ) RETURNS SETOF partner_appointment
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, public
 AS $$
 DECLARE
-    partner uuid := partner_admit(p_key_id, p_secret_hash);
+    partner uuid := partner_admit(p_key_id, p_credential);
 BEGIN
     IF p_practitioner_id IS NOT NULL AND NOT EXISTS (
         SELECT 1 FROM practitioner_grants g
@@ -132,13 +139,13 @@ GRANT EXECUTE ON FUNCTION partner_list_appointments(text, bytea, uuid, timestamp
 
 -- GetAppointment and GetAppointmentContact's read: the appointment when it exists and its
 -- practitioner granted the key's partner access; no row otherwise, whichever it is.
-CREATE FUNCTION partner_get_appointment(p_key_id text, p_secret_hash bytea, p_appointment_id uuid)
+CREATE FUNCTION partner_get_appointment(p_key_id text, p_credential bytea, p_appointment_id uuid)
 RETURNS SETOF partner_appointment
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, public
 AS $$
 DECLARE
-    partner uuid := partner_admit(p_key_id, p_secret_hash);
+    partner uuid := partner_admit(p_key_id, p_credential);
 BEGIN
     RETURN QUERY
     SELECT a.id, a.patient_id, a.start_time, a.end_time, a.status, a.update_time, p.id, p.display_name, p.specialty
@@ -155,22 +162,23 @@ GRANT EXECUTE ON FUNCTION partner_get_appointment(text, bytea, uuid) TO apptgate
 -- for something not visible, a consent refused): the partner comes from the key, the time and
 -- id from the database, the reason must be given. A suspended partner's refusals are recorded.
 CREATE FUNCTION partner_record_refusal(
-    p_key_id text, p_secret_hash bytea, p_rpc text, p_trace_id text, p_view smallint, p_denial_reason text,
+    p_key_id text, p_credential bytea, p_rpc text, p_trace_id text, p_view smallint, p_denial_reason text,
     p_requested_ids text[], p_appointment_ids uuid[], p_patient_ids uuid[], p_consent_id uuid
 ) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, public
 AS $$
 DECLARE
-    partner uuid := partner_of_key(p_key_id, p_secret_hash);
+    partner uuid := partner_of_key(p_key_id, p_credential);
 BEGIN
     IF partner IS NULL THEN
         RAISE EXCEPTION 'invalid credentials' USING ERRCODE = 'AG401';
     END IF;
-    INSERT INTO disclosures (partner_id, key_id, view, consent_id, rpc, trace_id, outcome, denial_reason,
-                             requested_ids, appointment_ids, patient_ids)
-    VALUES (partner, p_key_id, p_view, p_consent_id, p_rpc, coalesce(p_trace_id, ''), 2, p_denial_reason,
-            p_requested_ids, p_appointment_ids, p_patient_ids);
+    INSERT INTO disclosures (partner_id, key_id, view, consent_id, rpc, trace_id, client_cert, outcome,
+                             denial_reason, requested_ids, appointment_ids, patient_ids)
+    VALUES (partner, p_key_id, p_view, p_consent_id, p_rpc, coalesce(p_trace_id, ''),
+            encode(substring(p_credential FROM 33), 'hex'), 2, p_denial_reason, p_requested_ids,
+            p_appointment_ids, p_patient_ids);
 END
 $$;
 REVOKE ALL ON FUNCTION partner_record_refusal(text, bytea, text, text, smallint, text, text[], uuid[], uuid[], uuid)
@@ -180,7 +188,7 @@ GRANT EXECUTE ON FUNCTION partner_record_refusal(text, bytea, text, text, smalli
 
 -- WatchAppointments' opening: the key's partner and its limits, the practitioners granted to
 -- it, and the change feed's head and retention mark, read together; no row for a bad key.
-CREATE FUNCTION partner_watch(p_key_id text, p_secret_hash bytea)
+CREATE FUNCTION partner_watch(p_key_id text, p_credential bytea)
 RETURNS TABLE (
     partner_id uuid, requests_per_second double precision, burst integer, contact_daily_cap integer,
     patient_daily_cap integer, suspend_time timestamptz, granted uuid[], head bigint, pruned_through bigint
@@ -192,7 +200,7 @@ AS $$
            ARRAY(SELECT g.practitioner_id FROM practitioner_grants g
                  WHERE g.partner_id = a.partner_id AND g.revoke_time IS NULL),
            h.position, h.pruned_through
-    FROM partner_authenticate(p_key_id, p_secret_hash) a CROSS JOIN change_feed_head h
+    FROM partner_authenticate(p_key_id, p_credential) a CROSS JOIN change_feed_head h
 $$;
 REVOKE ALL ON FUNCTION partner_watch(text, bytea) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION partner_watch(text, bytea) TO apptgate_partner;
@@ -201,13 +209,13 @@ GRANT EXECUTE ON FUNCTION partner_watch(text, bytea) TO apptgate_partner;
 -- only if the key's partner held a grant of its practitioner when it was made, so a stream
 -- resumed after a grant was revoked and given again does not see what happened in between.
 CREATE FUNCTION partner_changes(
-    p_key_id text, p_secret_hash bytea, p_after bigint, p_upto bigint, p_limit integer, p_practitioners uuid[]
+    p_key_id text, p_credential bytea, p_after bigint, p_upto bigint, p_limit integer, p_practitioners uuid[]
 ) RETURNS SETOF partner_change
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, public
 AS $$
 DECLARE
-    partner uuid := partner_admit(p_key_id, p_secret_hash);
+    partner uuid := partner_admit(p_key_id, p_credential);
 BEGIN
     RETURN QUERY
     SELECT c.position, c.change_type, c.appointment_id, c.patient_id, c.start_time, c.end_time, c.status,

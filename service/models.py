@@ -108,15 +108,23 @@ class ChargeTerms:
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """An authenticated partner: who calls, with which key, and the SHA-256 of the secret it presented.
+    """An authenticated partner: who calls, with which key, and the credential it presented.
 
-    The partner path's statements are called with the key id and that hash,
-    and verify both themselves (migration 0007).
+    The credential is the SHA-256 of the secret presented, followed by the
+    SHA-256 of the client certificate when the connection presented one
+    (:func:`service.access.credentials.credential`). The partner path's
+    statements are called with the key id and the credential, and verify both
+    themselves (migration 0007).
     """
 
     partner_id: UUID
     key_id: str
-    secret_hash: bytes = field(repr=False)
+    credential: bytes = field(repr=False)
+
+    @property
+    def client_cert(self) -> str:
+        """The hex SHA-256 of the client certificate the call came with, ``""`` without one."""
+        return self.credential[32:].hex()
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +143,8 @@ class LedgerEntry:
     denial_reason: str = ""
     contact_fields: Sequence[int] = ()
     consent_id: UUID | None = None
+    #: The hex SHA-256 of the client certificate the call came with (mutual TLS), ``""`` without.
+    client_cert: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +232,8 @@ class PartnerKey:
     id: str
     partner_id: UUID
     secret_hash: bytes
+    #: The SHA-256 of the client certificate the key is bound to, if it is bound to one.
+    client_cert_sha256: bytes | None
     create_time: datetime
     revoke_time: datetime | None
 
@@ -313,6 +325,8 @@ class Disclosure:
     disclose_time: datetime
     outcome: Outcome
     denial_reason: str
+    #: The hex SHA-256 of the client certificate the call came with, ``""`` without one.
+    client_cert: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,12 @@ and 256 random bits. Only the SHA-256 of the whole key is stored (the secret
 has full entropy, so a slow hash would add nothing), and only the database
 compares it with what a caller presents (migration 0007); the gateway
 compares a presented key with one it saw verify, in constant time.
+
+A key may be bound to a client certificate (mutual TLS): the database then
+verifies it only over a connection that presented that certificate. What a
+call presents is therefore its *credential*: the SHA-256 of its secret,
+followed by the SHA-256 of its connection's client certificate when there is
+one (:func:`credential`).
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ import hashlib
 import hmac
 import re
 import secrets
-from collections.abc import Iterable
+import ssl
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from service.errors import Unauthenticated
@@ -36,6 +43,27 @@ class IssuedKey:
 def hash_secret(secret: str) -> bytes:
     """Return the stored form of a bearer secret."""
     return hashlib.sha256(secret.encode("utf-8")).digest()
+
+
+def certificate_sha256(pem: bytes | str) -> bytes:
+    """The SHA-256 of a PEM certificate's DER encoding: what a key is bound to. Raises ``ValueError``."""
+    text = pem.decode("ascii", "replace") if isinstance(pem, bytes) else pem
+    try:
+        der = ssl.PEM_cert_to_DER_cert(text.strip() + "\n")
+    except (ValueError, IndexError) as exc:
+        raise ValueError("not a PEM certificate") from exc
+    return hashlib.sha256(der).digest()
+
+
+def client_certificate(auth_context: Mapping[str, Sequence[bytes]]) -> bytes | None:
+    """The SHA-256 of the client certificate a connection presented (gRPC's auth context), ``None`` without one."""
+    presented = auth_context.get("x509_pem_cert")
+    return certificate_sha256(presented[0]) if presented else None
+
+
+def credential(secret_hash: bytes, client_cert: bytes | None) -> bytes:
+    """What the partner functions verify: the secret's hash, then the client certificate's when there is one."""
+    return secret_hash + (client_cert or b"")
 
 
 def new_partner_key() -> IssuedKey:

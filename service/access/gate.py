@@ -1,8 +1,11 @@
 """Who may call the partner service, and whether a call or a stream may go on: the one place access is decided.
 
-A partner call presents its key. The database alone verifies a key's secret
-(migration 0007: every partner statement takes the key id and the SHA-256 of
-the secret presented, verifies both and derives the partner from the key).
+A partner call presents its key, and its connection perhaps a client
+certificate (:class:`Caller`). The database alone verifies a key's
+credential (migration 0007: every partner statement takes the key id, the
+SHA-256 of the secret presented and that of the certificate, verifies them
+— a key bound to a certificate verifies only over it — and derives the
+partner from the key).
 :meth:`PartnerGate.admit` admits a call before its statement: it compares the
 presented key with one it saw verify, in constant time, and applies the
 partner's request rate; anything else — an unknown key, a wrong secret, a
@@ -28,6 +31,7 @@ import hmac
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
 from uuid import UUID
 
 from service import models
@@ -52,6 +56,20 @@ _FAILURES_PER_SECOND = 5.0
 _FAILURE_BURST = 20
 
 
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """What a call presents to be admitted.
+
+    ``peer`` is its network address, which failed authentications are limited
+    by; ``client_cert`` the SHA-256 of its connection's client certificate
+    (mutual TLS), ``None`` without one.
+    """
+
+    metadata: Metadata
+    peer: str
+    client_cert: bytes | None = None
+
+
 class PartnerGate:
     """Admits partner calls: the key, the partner's limits, and what the database refuses later."""
 
@@ -67,46 +85,47 @@ class PartnerGate:
         self._failed: OrderedDict[tuple[str, bytes], float] = OrderedDict()
         self._failures = TokenBuckets(clock=clock)
 
-    async def admit(self, metadata: Metadata, peer: str) -> tuple[models.Principal, PartnerPolicy]:
+    async def admit(self, caller: Caller) -> tuple[models.Principal, PartnerPolicy]:
         """Verify the call's key and apply its partner's request rate; return who calls and its limits.
 
-        ``peer`` is the caller's network address, which failed authentications
-        are limited by. The partner-path statement that follows verifies the key
-        again. Raises :class:`~service.errors.Unauthenticated`,
-        :class:`PartnerSuspended` or RESOURCE_EXHAUSTED.
+        The partner-path statement that follows verifies the key again. Raises
+        :class:`~service.errors.Unauthenticated`, :class:`PartnerSuspended` or
+        RESOURCE_EXHAUSTED.
         """
-        key_id, presented = self._presented(metadata)
+        key_id, presented = self._presented(caller)
+        peer = caller.peer
         known = self._keys.get(key_id)
         policy = self.guard.known_policy(known.partner_id) if known is not None else None
-        if known is not None and policy is not None and hmac.compare_digest(presented, known.secret_hash):
+        if known is not None and policy is not None and hmac.compare_digest(presented, known.credential):
             principal = known
             self._keys.move_to_end(key_id)
         else:
             principal, policy = await self._authenticate(key_id, presented, peer)
             if policy.suspended:
                 raise PartnerSuspended()
-        annotate(partner_id=str(principal.partner_id), key_id=principal.key_id)
+        _annotate(principal)
         self.guard.throttle(principal.partner_id, policy)
         return principal, policy
 
-    async def admit_live(self, metadata: Metadata, peer: str) -> tuple[models.Principal, PartnerPolicy]:
+    async def admit_live(self, caller: Caller) -> tuple[models.Principal, PartnerPolicy]:
         """:meth:`admit` with the key verified by the database now: for a call with no statement of its own."""
-        key_id, presented = self._presented(metadata)
-        principal, policy = await self._authenticate(key_id, presented, peer)
-        annotate(partner_id=str(principal.partner_id), key_id=principal.key_id)
+        key_id, presented = self._presented(caller)
+        principal, policy = await self._authenticate(key_id, presented, caller.peer)
+        _annotate(principal)
         self.guard.admit(principal.partner_id, policy)
         return principal, policy
 
-    async def open_stream(self, metadata: Metadata, peer: str) -> tuple[models.Principal, partner_path.Opening]:
+    async def open_stream(self, caller: Caller) -> tuple[models.Principal, partner_path.Opening]:
         """Admit a stream: its key verified, its partner's limits applied, its grants and the feed's head read."""
-        key_id, presented = self._presented(metadata)
+        key_id, presented = self._presented(caller)
+        peer = caller.peer
         self._refuse_known_failure(key_id, presented, peer)
         async with self._db.partner_statements() as conn:
             opening = await partner_path.open_stream(conn, key_id, presented)
         if opening is None:
             raise self._failure(key_id, presented, peer)
         principal = models.Principal(opening.partner_id, key_id, presented)
-        annotate(partner_id=str(principal.partner_id), key_id=key_id)
+        _annotate(principal)
         self.guard.admit(principal.partner_id, self.guard.learn(principal.partner_id, opening.overrides))
         return principal, opening
 
@@ -119,10 +138,12 @@ class PartnerGate:
         return Unauthenticated("invalid credentials")
 
     @staticmethod
-    def _presented(metadata: Metadata) -> tuple[str, bytes]:
-        """The key id and secret hash of the call's bearer key. Raises :class:`Unauthenticated`."""
-        token = credentials.bearer_token(metadata)
-        return credentials.partner_key_id(token), credentials.hash_secret(token)
+    def _presented(caller: Caller) -> tuple[str, bytes]:
+        """The key id and credential of the call's bearer key. Raises :class:`Unauthenticated`."""
+        token = credentials.bearer_token(caller.metadata)
+        return credentials.partner_key_id(token), credentials.credential(
+            credentials.hash_secret(token), caller.client_cert
+        )
 
     async def _authenticate(self, key_id: str, presented: bytes, peer: str) -> tuple[models.Principal, PartnerPolicy]:
         """Have the database verify the key; remember it when it does, and the failure when it does not."""
@@ -159,6 +180,10 @@ class PartnerGate:
             if len(self._failed) > _MAX_FAILED:
                 self._failed.popitem(last=False)
         return Unauthenticated("invalid credentials")
+
+
+def _annotate(principal: models.Principal) -> None:
+    annotate(partner_id=str(principal.partner_id), key_id=principal.key_id, client_cert=principal.client_cert or None)
 
 
 def key_refusal(access: models.KeyAccess | None, partner_id: UUID) -> ApptgateError | None:

@@ -51,6 +51,7 @@ def disclosure_message(row: models.Disclosure) -> audit_pb2.Disclosure:
         trace_id=row.trace_id,
         outcome=row.outcome,  # type: ignore[arg-type]
         denial_reason=row.denial_reason,
+        client_cert_sha256=row.client_cert,
     )
     set_timestamp(message.disclose_time, row.disclose_time)
     return message

@@ -18,8 +18,9 @@ from appointments.partner.v1 import appointment_pb2, contact_pb2
 from appointments.partner.v1 import partner_appointment_service_pb2 as pb
 from appointments.partner.v1 import partner_appointment_service_pb2_grpc as pb_grpc
 
+from service.access import credentials
 from service.access.consent_tokens import ConsentKeyring
-from service.access.gate import PartnerGate
+from service.access.gate import Caller, PartnerGate
 from service.api import validation
 from service.disclosure import views
 from service.disclosure.pseudonyms import looks_like_appointment_id
@@ -46,10 +47,15 @@ def parse_list_request(request: pb.ListAppointmentsRequest) -> ListQuery:
     return ListQuery(practitioner, start, end, size, request.page_token)
 
 
-def _peer(context: grpc.aio.ServicerContext) -> str:
-    """The caller's address without its port (``ipv4:10.0.0.7``): what failed authentications are counted by."""
+def _caller(context: grpc.aio.ServicerContext) -> Caller:
+    """What the call presents: its metadata, its address without the port (``ipv4:10.0.0.7``, what failed
+    authentications are counted by) and its connection's client certificate."""
     peer = str(context.peer() or "")
-    return peer.rpartition(":")[0] if peer.count(":") > 1 else peer
+    return Caller(
+        context.invocation_metadata(),
+        peer.rpartition(":")[0] if peer.count(":") > 1 else peer,
+        credentials.client_certificate(context.auth_context()),
+    )
 
 
 def _check_appointment_id(value: str) -> None:
@@ -72,21 +78,21 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
         self, request: pb.ListAppointmentsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAppointmentsResponse:
         query = parse_list_request(request)
-        principal, policy = await self._gate.admit(context.invocation_metadata(), _peer(context))
+        principal, policy = await self._gate.admit(_caller(context))
         return await self._reads.list_appointments(principal, policy, query, request.practitioner_id)
 
     async def GetAppointment(
         self, request: pb.GetAppointmentRequest, context: grpc.aio.ServicerContext
     ) -> appointment_pb2.Appointment:
         _check_appointment_id(request.appointment_id)
-        principal, policy = await self._gate.admit(context.invocation_metadata(), _peer(context))
+        principal, policy = await self._gate.admit(_caller(context))
         return await self._reads.get_appointment(principal, policy, request.appointment_id)
 
     async def GetAppointmentContact(
         self, request: pb.GetAppointmentContactRequest, context: grpc.aio.ServicerContext
     ) -> contact_pb2.AppointmentContact:
         _check_appointment_id(request.appointment_id)
-        principal, policy = await self._gate.admit(context.invocation_metadata(), _peer(context))
+        principal, policy = await self._gate.admit(_caller(context))
         return await self._reads.get_contact(principal, policy, request.appointment_id, request.consent_token)
 
     async def WatchAppointments(
@@ -101,8 +107,7 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
             await context.send_initial_metadata(())
 
         changes = self._watches.watch(
-            context.invocation_metadata(),
-            _peer(context),
+            _caller(context),
             practitioner,
             request.practitioner_id,
             request.resume_token,
@@ -114,7 +119,7 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
     async def ListConsentKeys(
         self, request: pb.ListConsentKeysRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListConsentKeysResponse:
-        await self._gate.admit_live(context.invocation_metadata(), _peer(context))
+        await self._gate.admit_live(_caller(context))
         active = self._keyring.active_key_id
         return pb.ListConsentKeysResponse(
             keys=[views.consent_key(key, active=key.key_id == active) for key in self._keyring.public_keys()]

@@ -28,7 +28,12 @@ SERVICE_NAME = registry_pb.DESCRIPTOR.services_by_name["PartnerRegistryService"]
 
 
 def _key_message(row: models.PartnerKey, secret: str = "") -> partner_registry_pb2.PartnerKey:
-    message = partner_registry_pb2.PartnerKey(key_id=row.id, partner_id=str(row.partner_id), secret=secret)
+    message = partner_registry_pb2.PartnerKey(
+        key_id=row.id,
+        partner_id=str(row.partner_id),
+        secret=secret,
+        client_cert_sha256=row.client_cert_sha256.hex() if row.client_cert_sha256 is not None else "",
+    )
     set_timestamp(message.create_time, row.create_time)
     if row.revoke_time is not None:
         set_timestamp(message.revoke_time, row.revoke_time)
@@ -143,10 +148,14 @@ class PartnerRegistryApi(registry_grpc.PartnerRegistryServiceServicer):
     async def IssuePartnerKey(
         self, request: registry_pb.IssuePartnerKeyRequest, context: grpc.aio.ServicerContext
     ) -> partner_registry_pb2.PartnerKey:
-        partner = validation.uuid_field(request.partner_id, "partner_id")
+        problems: list[FieldViolation] = []
+        partner = validation.parse_uuid(request.partner_id, "partner_id", problems)
+        bound = validation.sha256_hex(request.client_cert_sha256, "client_cert_sha256", problems)
+        validation.raise_if(problems)
+        assert partner is not None
         issued = credentials.new_partner_key()
         async with self._db.transaction() as conn:
-            row = await partners.insert_key(conn, issued.key_id, partner, issued.secret_hash)
+            row = await partners.insert_key(conn, issued.key_id, partner, issued.secret_hash, bound)
         return _key_message(row, issued.secret)
 
     async def RevokePartnerKey(

@@ -27,6 +27,8 @@ _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}
 _PHONE = re.compile(r"\+[1-9][0-9]{7,14}")
 # Deliberately plain: one @, no spaces, a dot in the domain. Deliverability is not ours to check.
 _EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]+\.[^@\s]+")
+# A SHA-256 fingerprint as OpenSSL prints it (colon-separated pairs) or as plain hex.
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}|[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){31}")
 
 
 def raise_if(problems: list[FieldViolation]) -> None:
@@ -95,6 +97,16 @@ def email(value: str, field: str, problems: list[FieldViolation]) -> str | None:
     if len(value) > 254 or not _EMAIL.fullmatch(value):
         problems.append(FieldViolation(field, "must be an email address"))
     return value
+
+
+def sha256_hex(value: str, field: str, problems: list[FieldViolation]) -> bytes | None:
+    """The 32 bytes of a SHA-256 fingerprint (hex, colons allowed); ``None`` when empty."""
+    if not value:
+        return None
+    if not _SHA256.fullmatch(value):
+        problems.append(FieldViolation(field, "must be a SHA-256 fingerprint: 64 hexadecimal digits"))
+        return None
+    return bytes.fromhex(value.replace(":", ""))
 
 
 def timestamp(message: Message, name: str, problems: list[FieldViolation], *, required: bool = True) -> datetime | None:

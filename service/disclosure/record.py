@@ -88,6 +88,7 @@ def entry(
         outcome=models.Outcome.DENIED if denial_reason else models.Outcome.DISCLOSED,
         denial_reason=denial_reason,
         consent_id=consent_id,
+        client_cert=principal.client_cert,
     )
 
 
@@ -276,6 +277,7 @@ async def write_basic(
         since_column,
         new_ends,
         new_patients,
+        [e.client_cert for e, _ in responses],
     ]
     try:
         rows = await ledger.record_basic(conn, group)

@@ -17,7 +17,7 @@ from uuid import UUID
 from appointments.partner.v1 import partner_appointment_service_pb2 as pb
 
 from service import models
-from service.access.gate import Metadata, PartnerGate
+from service.access.gate import Caller, PartnerGate
 from service.disclosure.pagination import PageTokens
 from service.disclosure.record import entry
 from service.errors import NotFound, OutOfRange, PermissionDenied
@@ -52,8 +52,7 @@ class Watches:
 
     async def watch(
         self,
-        metadata: Metadata,
-        peer: str,
+        caller: Caller,
         practitioner: UUID | None,
         practitioner_text: str,
         resume_token: str,
@@ -66,7 +65,7 @@ class Watches:
         token older than the retention; the stream ends with the error of a
         revocation, a cap, a stream that fell behind, or a shutdown.
         """
-        principal, opening = await self._gate.open_stream(metadata, peer)
+        principal, opening = await self._gate.open_stream(caller)
         granted, head, pruned = opening.granted, opening.head, opening.pruned_through
         if practitioner is not None and practitioner not in granted:
             denial = entry(principal, "WatchAppointments", models.View.BASIC, denial_reason="NOT_FOUND")

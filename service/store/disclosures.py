@@ -19,7 +19,7 @@ from service.store.database import Connection
 
 _COLUMNS = (
     "id, item, partner_id, key_id, requested_id, appointment_id, patient_id, view, contact_fields, consent_id, rpc, "
-    "trace_id, disclose_time, outcome, denial_reason"
+    "trace_id, disclose_time, outcome, denial_reason, client_cert"
 )
 
 
@@ -40,6 +40,7 @@ def _disclosure(row: asyncpg.Record) -> models.Disclosure:
         row[12],
         models.Outcome(row[13]),
         row[14],
+        row[15],
     )
 
 

@@ -35,14 +35,14 @@ _RECORD_BASIC = (
     "$2::text::text[], $3::text::text[], $4::text::text[], $5::text::int[], $6::text::bigint[], $7::text::text[], "
     "$8::text::text[], $9::text::uuid[], $10::text::uuid[], $11::text::uuid[], $12::text::int[], $13::text::int[], "
     "$14::text::float8[], $15::text::bigint[], $16::text::bool[], $17::text::bigint[], $18::text::int[], "
-    "$19::text::uuid[])"
+    "$19::text::uuid[], $20::text::text[])"
 )
 _DISCLOSE_CONTACTS = (
     "SELECT consent::text, outcome::text, fields, sealed_given_name, sealed_family_name, sealed_sex, sealed_phone, "
     "sealed_email, given_name, family_name, sex, phone, email FROM disclose_consented_contacts($1::text::uuid[], "
     "$2::text::text[], $3::text::text[], $4::text::text[], $5::text::text[], $6::text::uuid[], $7::text::uuid[], "
     "$8::text::uuid[], $9::text::text[], $10::text::uuid[], $11::text::int[], $12::text::int[], "
-    "$13::text::float8[], $14::text::bigint[], $15::text::bool[])"
+    "$13::text::float8[], $14::text::bigint[], $15::text::bool[], $16::text::text[])"
 )
 
 Items = Sequence[tuple[str, UUID | None, UUID | None]]
@@ -87,7 +87,7 @@ class ContactRequest:
 
 
 async def record_basic(conn: Connection, columns: Sequence[Sequence[object] | str]) -> list[BasicRow]:
-    """Run ``record_basic_disclosures`` with its 19 columns (a string is the column's array literal already).
+    """Run ``record_basic_disclosures`` with its 20 columns (a string is the column's array literal already).
 
     Raises :class:`CapReached` or :class:`ReferenceRefused`; either way
     nothing was counted or recorded.
@@ -122,6 +122,7 @@ async def disclose_contacts(
         [r.entry.consent_id for r in requests],
         [array_literal(r.token_fields) for r in requests],
         *charge_columns(terms),
+        [r.entry.client_cert for r in requests],
     )
     return [_stored_contact(row) for row in await _run_group(conn, _DISCLOSE_CONTACTS, columns)]
 

@@ -1,8 +1,8 @@
 """Everything the partner path runs: the functions of migration 0007, as the ``apptgate_partner`` role.
 
-Each statement calls one function that takes the caller's key id and the
-SHA-256 of the secret it presented, verifies both, and derives the partner
-from the key: nothing the caller states about itself is trusted, and the role
+Each statement calls one function that takes the caller's key id and
+credential (:attr:`service.models.Principal.credential`), verifies both, and
+derives the partner from the key: nothing the caller states about itself is trusted, and the role
 holds no privilege on any table. The reads return only the basic-view columns
 of appointments whose practitioner granted the partner access, never a
 contact column or the visit reason. The functions' refusals arrive as
@@ -104,11 +104,9 @@ def _overrides(row: asyncpg.Record) -> models.PartnerOverrides:
     return models.PartnerOverrides(row[1], row[2], row[3], row[4], row[5])
 
 
-async def authenticate(
-    conn: Connection, key_id: str, secret_hash: bytes
-) -> tuple[UUID, models.PartnerOverrides] | None:
+async def authenticate(conn: Connection, key_id: str, credential: bytes) -> tuple[UUID, models.PartnerOverrides] | None:
     """The key's partner and the limits the database holds for it; ``None`` when the key does not verify."""
-    row = await conn.fetchrow(_AUTHENTICATE, key_id, secret_hash)
+    row = await conn.fetchrow(_AUTHENTICATE, key_id, credential)
     return (row[0], _overrides(row)) if row is not None else None
 
 
@@ -130,7 +128,7 @@ async def list_appointments(
     after_time, after_id = (from_micros(after[0]), after[1]) if after is not None else (None, None)
     values = (
         caller.key_id,
-        caller.secret_hash,
+        caller.credential,
         practitioner_id,
         start_time,
         end_time,
@@ -146,7 +144,7 @@ async def get_appointment(
     conn: Connection, caller: models.Principal, appointment_id: UUID
 ) -> models.BasicAppointment | None:
     """Return the appointment if it exists and is visible to the partner, else ``None``. Raises :class:`ReadRefused`."""
-    row = await _refusing(conn, lambda: conn.fetchrow(GET_SQL, caller.key_id, caller.secret_hash, appointment_id))
+    row = await _refusing(conn, lambda: conn.fetchrow(GET_SQL, caller.key_id, caller.credential, appointment_id))
     return models.BasicAppointment(*row) if row else None
 
 
@@ -164,7 +162,7 @@ async def record_refusal(
         lambda: conn.execute(
             _REFUSE,
             caller.key_id,
-            caller.secret_hash,
+            caller.credential,
             entry.rpc,
             entry.trace_id,
             entry.view,
@@ -177,9 +175,9 @@ async def record_refusal(
     )
 
 
-async def open_stream(conn: Connection, key_id: str, secret_hash: bytes) -> Opening | None:
+async def open_stream(conn: Connection, key_id: str, credential: bytes) -> Opening | None:
     """What a stream opens with, read in one statement; ``None`` when the key does not verify."""
-    row = await conn.fetchrow(_WATCH, key_id, secret_hash)
+    row = await conn.fetchrow(_WATCH, key_id, credential)
     if row is None:
         return None
     return Opening(row[0], _overrides(row), frozenset(row[6]), int(row[7]), int(row[8]))
@@ -201,6 +199,6 @@ async def changes(
     """
     rows = await _refusing(
         conn,
-        lambda: conn.fetch(_CHANGES, caller.key_id, caller.secret_hash, after, upto, limit, list(practitioners)),
+        lambda: conn.fetch(_CHANGES, caller.key_id, caller.credential, after, upto, limit, list(practitioners)),
     )
     return [_change(row) for row in rows]

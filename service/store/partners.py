@@ -11,7 +11,7 @@ from service import models
 from service.errors import AlreadyExists, FailedPrecondition, NotFound
 from service.store.database import Connection
 
-_KEY_COLUMNS = "id, partner_id, secret_hash, create_time, revoke_time"
+_KEY_COLUMNS = "id, partner_id, secret_hash, client_cert_sha256, create_time, revoke_time"
 _GRANT_COLUMNS = "partner_id, practitioner_id, grant_time, revoke_time"
 
 
@@ -35,14 +35,18 @@ async def find_partner_by_name(conn: Connection, display_name: str) -> models.Pa
     return models.Partner(*row) if row else None
 
 
-async def insert_key(conn: Connection, key_id: str, partner_id: UUID, secret_hash: bytes) -> models.PartnerKey:
-    """Store a new key's hash. Raises :class:`NotFound` for an unknown partner."""
+async def insert_key(
+    conn: Connection, key_id: str, partner_id: UUID, secret_hash: bytes, client_cert_sha256: bytes | None = None
+) -> models.PartnerKey:
+    """Store a new key's hash, and the certificate it is bound to. Raises :class:`NotFound` for an unknown partner."""
     try:
         row = await conn.fetchrow(
-            f"INSERT INTO partner_keys (id, partner_id, secret_hash) VALUES ($1, $2, $3) RETURNING {_KEY_COLUMNS}",
+            "INSERT INTO partner_keys (id, partner_id, secret_hash, client_cert_sha256) VALUES ($1, $2, $3, $4) "
+            f"RETURNING {_KEY_COLUMNS}",
             key_id,
             partner_id,
             secret_hash,
+            client_cert_sha256,
         )
     except asyncpg.ForeignKeyViolationError as exc:
         raise NotFound("partner not found", metadata={"partner_id": str(partner_id)}) from exc

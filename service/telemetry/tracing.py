@@ -69,6 +69,8 @@ class CallInfo:
     method: str
     partner_id: str = ""
     key_id: str = ""
+    #: The hex SHA-256 of the client certificate the call came with (mutual TLS), ``""`` without.
+    client_cert: str = ""
     #: Attributes for the call's span, set on it once when the call ends.
     attributes: dict[str, Any] = field(default_factory=dict)
     #: The call's span is sampled: it is built and exported when the call ends.
@@ -84,6 +86,7 @@ def annotate(
     *,
     partner_id: str | None = None,
     key_id: str | None = None,
+    client_cert: str | None = None,
     view: str | None = None,
     appointments: int | None = None,
     consent_presented: bool | None = None,
@@ -98,6 +101,7 @@ def annotate(
     attributes: dict[str, Any] = {
         "apptgate.partner_id": partner_id,
         "apptgate.key_id": key_id,
+        "apptgate.client_cert": client_cert,
         "apptgate.view": view,
         "apptgate.appointments": appointments,
         "apptgate.consent.presented": consent_presented,
@@ -113,6 +117,8 @@ def annotate(
             call.partner_id = partner_id
         if key_id is not None:
             call.key_id = key_id
+        if client_cert is not None:
+            call.client_cert = client_cert
 
 
 def metric_views() -> list[View]:
@@ -280,6 +286,7 @@ class Telemetry:
                 "duration_ms": round(duration_ms, 3),
                 "partner_id": call.partner_id or None,
                 "key_id": call.key_id or None,
+                "client_cert": call.client_cert or None,
                 "trace_id": current_trace_id() or None,
             }
             access.handle(access.makeRecord(access.name, logging.INFO, __file__, 0, "rpc", (), None, extra=extra))

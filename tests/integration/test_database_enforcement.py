@@ -172,9 +172,9 @@ async def test_the_role_records_refusals_for_its_own_partner_only_and_writes_not
         await as_partner.execute(refuse, mine.key_id, _hash(mine.secret), "")
     record_functions = (
         "SELECT record_basic_disclosures(NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
-        "NULL, NULL, NULL, NULL, NULL, NULL, NULL)",
+        "NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)",
         "SELECT * FROM disclose_consented_contacts(NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
-        "NULL, NULL, NULL, NULL)",
+        "NULL, NULL, NULL, NULL, NULL)",
         "SELECT chain_disclosures(10)",
     )
     for statement in record_functions:

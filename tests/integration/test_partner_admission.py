@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 from harness import World
 
-from service.access.gate import PartnerGate
+from service.access.gate import Caller, PartnerGate
 from service.access.limits import ExtractionGuard
 from service.errors import ResourceExhausted, Unauthenticated
 from service.settings import Settings
@@ -76,7 +76,7 @@ def _bearer(secret: str) -> list[tuple[str, str]]:
 
 async def _refusal(gate: PartnerGate, secret: str, peer: str = PEER) -> tuple[str, str]:
     with pytest.raises((Unauthenticated, ResourceExhausted)) as caught:
-        await gate.admit(_bearer(secret), peer)
+        await gate.admit(Caller(_bearer(secret), peer))
     return type(caught.value).__name__, caught.value.reason
 
 
@@ -86,8 +86,8 @@ async def test_a_key_seen_verify_is_admitted_from_memory(
     partner = await world.partner("Remembered")
     _, statements = observed
 
-    first, _ = await gate.admit(_bearer(partner.secret), PEER)
-    second, _ = await gate.admit(_bearer(partner.secret), PEER)
+    first, _ = await gate.admit(Caller(_bearer(partner.secret), PEER))
+    second, _ = await gate.admit(Caller(_bearer(partner.secret), PEER))
 
     assert str(first.partner_id) == partner.partner_id and second == first
     assert statements.authentications() == 1
@@ -98,7 +98,7 @@ async def test_a_wrong_secret_on_a_key_seen_verify_takes_the_path_of_an_unknown_
 ) -> None:
     partner = await world.partner("Guessed")
     _, statements = observed
-    await gate.admit(_bearer(partner.secret), PEER)
+    await gate.admit(Caller(_bearer(partner.secret), PEER))
     wrong = partner.secret[:-1] + ("A" if partner.secret[-1] != "A" else "B")
 
     before = statements.authentications()
@@ -134,7 +134,7 @@ async def test_an_address_that_fails_too_often_is_refused_unheard_and_others_are
 
     answers = [await _refusal(gate, guess) for guess in guesses]
     asked = statements.authentications()
-    from_elsewhere, _ = await gate.admit(_bearer(partner.secret), "ipv4:198.51.100.9")
+    from_elsewhere, _ = await gate.admit(Caller(_bearer(partner.secret), "ipv4:198.51.100.9"))
     clock.now += 10  # the address's allowance refills
     later = await _refusal(gate, UNKNOWN)
 

@@ -93,6 +93,7 @@ class Disclosure(_message.Message):
     OUTCOME_FIELD_NUMBER: _builtins.int
     DENIAL_REASON_FIELD_NUMBER: _builtins.int
     ITEM_FIELD_NUMBER: _builtins.int
+    CLIENT_CERT_SHA256_FIELD_NUMBER: _builtins.int
     disclosure_id: _builtins.int
     """The position of the record in the ledger; increases with each record.
     The appointments of one response share it.
@@ -127,6 +128,10 @@ class Disclosure(_message.Message):
     """The position of this appointment in its record, from 0, in the order
     the response carried them. (disclosure_id, item) identifies a message.
     """
+    client_cert_sha256: _builtins.str
+    """The SHA-256 fingerprint (64 lower-case hexadecimal digits) of the client
+    certificate the call came with over mutual TLS, or empty without one.
+    """
     @_builtins.property
     def contact_fields(self) -> _containers.RepeatedScalarFieldContainer[_contact_pb2.ContactField.ValueType]:
         """The contact fields disclosed, in enum order. Empty in the basic view."""
@@ -152,10 +157,11 @@ class Disclosure(_message.Message):
         outcome: Global___DisclosureOutcome.ValueType = ...,
         denial_reason: _builtins.str = ...,
         item: _builtins.int = ...,
+        client_cert_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["disclose_time", b"disclose_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointment_id", b"appointment_id", "consent_id", b"consent_id", "contact_fields", b"contact_fields", "denial_reason", b"denial_reason", "disclose_time", b"disclose_time", "disclosure_id", b"disclosure_id", "item", b"item", "key_id", b"key_id", "outcome", b"outcome", "partner_id", b"partner_id", "patient_id", b"patient_id", "rpc", b"rpc", "trace_id", b"trace_id", "view", b"view"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointment_id", b"appointment_id", "client_cert_sha256", b"client_cert_sha256", "consent_id", b"consent_id", "contact_fields", b"contact_fields", "denial_reason", b"denial_reason", "disclose_time", b"disclose_time", "disclosure_id", b"disclosure_id", "item", b"item", "key_id", b"key_id", "outcome", b"outcome", "partner_id", b"partner_id", "patient_id", b"patient_id", "rpc", b"rpc", "trace_id", b"trace_id", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

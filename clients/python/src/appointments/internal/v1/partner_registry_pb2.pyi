@@ -62,6 +62,7 @@ class PartnerKey(_message.Message):
     SECRET_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     REVOKE_TIME_FIELD_NUMBER: _builtins.int
+    CLIENT_CERT_SHA256_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     """The public identifier of the key, for example "pk_2m6t…". It is part of
     the secret and appears in the audit trail.
@@ -71,6 +72,10 @@ class PartnerKey(_message.Message):
     secret: _builtins.str
     """The bearer secret to send as `authorization: Bearer <secret>`. Set only
     in the response of IssuePartnerKey; it cannot be retrieved again.
+    """
+    client_cert_sha256: _builtins.str
+    """The SHA-256 fingerprint (64 lower-case hexadecimal digits) of the client
+    certificate the key is bound to; empty when it is not bound.
     """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
@@ -88,10 +93,11 @@ class PartnerKey(_message.Message):
         secret: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         revoke_time: _timestamp_pb2.Timestamp | None = ...,
+        client_cert_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "revoke_time", b"revoke_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "key_id", b"key_id", "partner_id", b"partner_id", "revoke_time", b"revoke_time", "secret", b"secret"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_cert_sha256", b"client_cert_sha256", "create_time", b"create_time", "key_id", b"key_id", "partner_id", b"partner_id", "revoke_time", b"revoke_time", "secret", b"secret"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

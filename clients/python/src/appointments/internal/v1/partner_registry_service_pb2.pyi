@@ -45,16 +45,25 @@ class IssuePartnerKeyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PARTNER_ID_FIELD_NUMBER: _builtins.int
+    CLIENT_CERT_SHA256_FIELD_NUMBER: _builtins.int
     partner_id: _builtins.str
     """The partner to issue a key for. Required."""
+    client_cert_sha256: _builtins.str
+    """The SHA-256 fingerprint of the partner's client certificate (its DER
+    encoding), 64 hexadecimal digits, colons allowed: the key then verifies
+    only over a mutual-TLS connection that presented that certificate, so a
+    stolen key is of no use without the certificate's private key. Optional;
+    empty issues a key that is not bound.
+    """
     def __init__(
         self,
         *,
         partner_id: _builtins.str = ...,
+        client_cert_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["partner_id", b"partner_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_cert_sha256", b"client_cert_sha256", "partner_id", b"partner_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
