@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from demo import walkthrough, world
 from service import app
+from service.errors import ConfigError
 from service.settings import Settings
 from service.store import migrations
 from service.store.database import Database
@@ -32,7 +33,13 @@ async def serve(settings: Settings) -> None:
     """Serve the demo until SIGTERM or SIGINT: the database migrated and seeded, the walk-through printed.
 
     Without ``APPTGATE_INTERNAL_TOKEN``, a fresh one is made up and printed with the commands.
+    Raises :class:`ConfigError` with ``APPTGATE_ENV=production``, before anything is
+    opened: the demo issues a live partner key and prints the internal token.
     """
+    if settings.production:
+        raise ConfigError(
+            ["the demo refuses APPTGATE_ENV=production: it issues a partner key and prints the internal token"]
+        )
     if not settings.internal_token:
         settings = replace(settings, internal_token=secrets.token_urlsafe(32))
     internal_token = settings.internal_token

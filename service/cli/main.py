@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
@@ -59,7 +60,10 @@ def _parser() -> argparse.ArgumentParser:
             help="allow the internal listener off loopback, behind a TLS proxy (APPTGATE_ALLOW_INSECURE_INTERNAL)",
         )
 
-    server_flags(commands.add_parser("serve", help="serve both listeners until SIGTERM/SIGINT"))
+    serve = commands.add_parser("serve", help="serve both listeners until SIGTERM, SIGINT or SIGHUP")
+    server_flags(serve)
+    # Given by a supervisor to its workers only (service/cli/workers.py), hence not in --help.
+    serve.add_argument(workers.SUPERVISOR_PIPE_FLAG, type=int, help=argparse.SUPPRESS)
     commands.add_parser("migrate", help="apply pending database migrations")
     audit.add_commands(commands)
     data_key.add_commands(commands)
@@ -101,9 +105,31 @@ def run_loop(settings: settings_module.Settings, main: Coroutine[Any, Any, None]
         runner.run(main)
 
 
+def _stop_on_hang_up() -> None:
+    """Make SIGHUP stop a server as SIGTERM does (drain, exit 0), at every stage of its life.
+
+    The configuration is read once, at start: there is nothing to reload, and a
+    hang-up (a closed terminal, an operator expecting a reload) must not kill the
+    process without draining. Whatever handles SIGTERM at that moment handles it:
+    before the event loop runs, that is still the default (the process had no calls).
+    """
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: signal.raise_signal(signal.SIGTERM))
+
+
+def _one_line(exc: ConfigError) -> str:
+    """What the command line prints for a configuration error: one line when there is one problem."""
+    if len(exc.problems) == 1:
+        return f"apptgate: {exc.problems[0]}"
+    return f"apptgate: {exc}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; return the process exit code."""
     args = _parser().parse_args(argv)
+    if args.command in ("serve", "demo"):
+        _stop_on_hang_up()
+    if getattr(args, "supervisor_pipe", None) is not None:
+        workers.follow_supervisor(args.supervisor_pipe)
     try:
         defaults = {"partner_addr": DEMO_PARTNER_ADDR} if args.command == "demo" else None
         settings = settings_module.load(overrides=_overrides(args), defaults=defaults)
@@ -112,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_migrate(settings))
         elif args.command == "serve":
             if settings.workers > 1:
-                return workers.supervise(settings, list(argv if argv is not None else sys.argv[2:]))
+                return workers.supervise(settings, list(argv[1:] if argv is not None else sys.argv[2:]))
             run_loop(settings, app.serve(settings))
         elif args.command == "partners":
             return asyncio.run(partners.run(settings, args))
@@ -126,10 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             run_loop(settings, demo.serve(settings))
     except ConfigError as exc:
-        print(f"apptgate: {exc}", file=sys.stderr)
+        print(_one_line(exc), file=sys.stderr)
         return 2
-    except Unavailable:
-        print("apptgate: the database is unreachable (check DATABASE_URL)", file=sys.stderr)
+    except Unavailable as exc:
+        print(f"apptgate: {exc.message}; check DATABASE_URL", file=sys.stderr)
         return 1
     except (NotMigratedError, migrations.MigrationError) as exc:
         print(f"apptgate: {exc}", file=sys.stderr)

@@ -3,24 +3,29 @@
 Every unit of work runs in ``async with database.transaction() as conn``.
 Connection-level failures (the server unreachable, restarting or refusing
 connections) become :class:`~service.errors.Unavailable`, so the caller gets
-UNAVAILABLE with a retry delay instead of INTERNAL.
+UNAVAILABLE with a retry delay instead of INTERNAL. At start,
+:meth:`Database.connect` also turns a connection URL that cannot work (not a
+URL, a bad port or ``sslmode``, a login or database the server refuses) into
+a :class:`~service.errors.ConfigError` of one line that never quotes the URL
+or its password.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import asyncpg
 
 from service import deadlines
-from service.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from service.errors import ConfigError, DeadlineExceeded, InvalidArgument, Unavailable
 from service.store import migrations
 
 log = logging.getLogger(__name__)
@@ -45,6 +50,83 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
     asyncpg.CrashShutdownError,
     asyncpg.InterfaceError,
 )
+
+
+#: The ``sslmode`` values asyncpg accepts (libpq's).
+_SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+#: How the settings name the two connection URLs in the errors of :meth:`Database.connect`.
+_MAIN_LOGIN = "DATABASE_URL"
+_PARTNER_LOGIN = "the partner login (APPTGATE_PARTNER_DATABASE_URL, else DATABASE_URL as apptgate_partner)"
+
+
+def _url_problem(dsn: str) -> str | None:
+    """What makes ``dsn`` unusable as a connection URL, in words that never quote it; None when nothing shows.
+
+    Checked before asyncpg sees it: asyncpg reports these cases as an error
+    that looks like an unreachable server, or as a bare ``ValueError``, and
+    some of its messages quote parts of the URL.
+    """
+    scheme, separator, _ = dsn.partition("://")
+    if not separator or scheme.lower() not in ("postgresql", "postgres"):
+        return "is not a postgresql://user:password@host:port/database URL"
+    parts = urlsplit(dsn)
+    for host in parts.netloc.rpartition("@")[2].split(","):
+        after_address = host.rpartition("]")[2] if host.startswith("[") else host
+        _, colon, port = after_address.rpartition(":")
+        if colon and port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            return "has a port that is not a number from 1 to 65535"
+    try:
+        query = parse_qs(parts.query, strict_parsing=True) if parts.query else {}
+    except ValueError:
+        return "has a malformed query string (after ?)"
+    sslmode = query.get("sslmode")
+    if sslmode and sslmode[-1] not in _SSL_MODES:
+        return "has an sslmode that is not one of " + ", ".join(_SSL_MODES)
+    return None
+
+
+def _has_password(dsn: str) -> bool:
+    """True when ``dsn`` carries a password, in its user part or its query string."""
+    parts = urlsplit(dsn)
+    return parts.password is not None or "password" in parse_qs(parts.query)
+
+
+def _unreachable(exc: BaseException) -> Unavailable:
+    """The error of a first connection that found no server to talk to, with the reason in words."""
+    if isinstance(exc, asyncio.TimeoutError):
+        reason = "no answer in time"
+    elif isinstance(exc, socket.gaierror):
+        reason = "the host name does not resolve"
+    elif isinstance(exc, ConnectionRefusedError):
+        reason = "connection refused"
+    elif isinstance(exc, asyncpg.PostgresError):  # starting, shutting down, or out of connections
+        reason = str(exc)
+    elif isinstance(exc, OSError):
+        reason = exc.strerror or str(exc)
+    else:
+        reason = type(exc).__name__
+    return Unavailable(f"the database is unreachable ({reason})")
+
+
+def _start_failure(exc: Exception, login: str, dsn: str) -> Unavailable | ConfigError | None:
+    """What a failed first connection to ``dsn`` becomes: :class:`Unavailable`, or a :class:`ConfigError` of ``login``.
+
+    None for a failure of another kind (a defect, left as it is). The server's
+    own messages (a refused password, a database that does not exist) name
+    roles and databases, never a password; asyncpg's client-side ones may quote
+    the URL, so they are shown only for a URL without one.
+    """
+    if isinstance(exc, asyncpg.ClientConfigurationError):
+        detail = str(exc) if not _has_password(dsn) else "check its query parameters (sslrootcert, sslcert, …)"
+        return ConfigError([f"{login}: asyncpg cannot use it: {detail}"])
+    if isinstance(exc, UNREACHABLE):
+        return _unreachable(exc)
+    if isinstance(exc, asyncpg.PostgresError):
+        return ConfigError([f"{login}: the server refused the connection: {exc}"])
+    if isinstance(exc, ValueError | OverflowError):
+        return ConfigError([f"{login}: asyncpg cannot use it ({type(exc).__name__})"])
+    return None
 
 
 def partner_login_dsn(dsn: str) -> str:
@@ -219,6 +301,10 @@ class Database:
     ) -> Database:
         """Open a pool to ``dsn``. Raises :class:`Unavailable` when the server cannot be reached.
 
+        Raises :class:`ConfigError` (one problem, which never quotes the URL or a
+        password) when ``dsn`` or ``partner_dsn`` cannot work: not a URL, a bad
+        port or ``sslmode``, a login or a database the server refuses.
+
         With ``partner_dsn`` (a login as the ``apptgate_partner`` role), the
         partner path gets a pool of its own whose session cannot switch to a
         more privileged role; without it, partner transactions switch role on
@@ -253,25 +339,37 @@ class Database:
                 server_settings={"statement_timeout": str(int(statement_timeout * 1000))} if partner else None,
             )
 
+        for login, target in ((_MAIN_LOGIN, dsn), (_PARTNER_LOGIN, partner_dsn)):
+            problem = _url_problem(target) if target else None
+            if problem is not None:
+                raise ConfigError([f"{login} {problem}"])
         try:
             pool = await open_pool(dsn)
-            partner_pool = None
-            try:
-                if partner_dsn:
-                    partner_pool = await open_pool(partner_dsn, partner=True)
-            except (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidPasswordError):
-                if require_partner_login:
-                    await pool.close()
-                    raise
+        except Exception as exc:
+            failure = _start_failure(exc, _MAIN_LOGIN, dsn)
+            if failure is None:
+                raise
+            raise failure from exc
+        partner_pool = None
+        try:
+            if partner_dsn:
+                partner_pool = await open_pool(partner_dsn, partner=True)
+        except Exception as exc:
+            refused = isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError | asyncpg.InvalidPasswordError)
+            if refused and not require_partner_login:
                 log.warning(
                     "the partner path cannot log in as %s; it switches role on the main pool instead",
                     PARTNER_ROLE,
                 )
-            except BaseException:
+            else:
                 await pool.close()
-                raise
-        except UNREACHABLE as exc:
-            raise Unavailable("the database is unreachable") from exc
+                failure = _start_failure(exc, _PARTNER_LOGIN, partner_dsn or "")
+                if failure is None:
+                    raise
+                raise failure from exc
+        except BaseException:
+            await pool.close()
+            raise
         return cls(pool, dsn, statement_timeout, partner_pool, session_reset)
 
     async def close(self) -> None:

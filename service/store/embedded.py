@@ -2,16 +2,149 @@
 
 Used by ``make run`` and ``make test`` when ``DATABASE_URL`` is unset. The
 server listens on a Unix socket inside its data directory only, and stops when
-the process that started it exits.
+the last process using it exits cleanly. A process killed (SIGKILL) leaves it
+running, and pgserver counts that process as a user still, so no later exit
+stops it: ``pg_ctl -D <data dir>/pgdata stop`` does.
+
+What the server sees of this process. PostgreSQL runs programs for its
+superuser (``COPY … FROM PROGRAM``) with its own environment, which pgserver
+takes from the calling process: the service's secrets and database URLs would
+be there. The server is therefore started (``initdb``, ``pg_ctl``) with only
+the variables of :data:`KEPT_VARIABLES` and the locale's ``LC_*``: this
+process's environment is replaced for the time pgserver runs, under a lock,
+and restored. A server already running (started by an earlier process) is
+joined as it is.
+
+Directories it opens. Run as root, pgserver runs PostgreSQL as its own
+unprivileged user (``pgserver``, created when missing), and would make every
+directory above the data directory and above its programs readable and
+searchable by everyone (``g+rx,o+rx``), a home directory included, and run
+the server in root's groups. Instead: the server runs in its user's own
+group; the directory that holds the database (``APPTGATE_DATA_DIR``) gets the
+one bit that user needs to cross it (``o+x``, or ``g+x``/``u+x`` when the
+directory is its group's or its own); any other directory on the way that
+user cannot cross is refused with a :class:`~service.errors.ConfigError`
+naming it, and nothing is changed; and so is a data directory whose path is
+too long for a socket inside it (pgserver would move the socket to a
+directory it makes writable by everyone). Without root, pgserver changes no
+mode.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pwd
+import stat
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+from service.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+#: The variables of this process the embedded PostgreSQL is started with (with every ``LC_*``):
+#: where programs are, the locale and time zone it takes its defaults from, where temporary
+#: files go, and the runtime directory pgserver keeps its lock in. Nothing secret.
+KEPT_VARIABLES = frozenset({"PATH", "LANG", "LANGUAGE", "TZ", "TMPDIR", "XDG_RUNTIME_DIR"})
+
+#: Held while this process's environment is replaced (two servers starting at once would restore each other's).
+_ENVIRONMENT_LOCK = threading.Lock()
+
+
+def server_environment(environment: Mapping[str, str]) -> dict[str, str]:
+    """The part of ``environment`` the embedded PostgreSQL is started with."""
+    return {name: value for name, value in environment.items() if name in KEPT_VARIABLES or name.startswith("LC_")}
+
+
+@contextmanager
+def _environment_for_the_server() -> Iterator[None]:
+    """This process's environment reduced to :func:`server_environment` for the block, then restored.
+
+    pgserver starts ``initdb`` and ``pg_ctl`` with the calling process's
+    environment and takes no other. Other threads reading the environment
+    meanwhile see the reduced one; the service starts the database before
+    it starts anything that reads it.
+    """
+    with _ENVIRONMENT_LOCK:
+        saved = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(server_environment(saved))
+        try:
+            yield
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+
+#: The user pgserver runs PostgreSQL as when started by root (PostgreSQL refuses to run as root).
+SERVER_USER = "pgserver"
+
+
+def _search_bit(info: os.stat_result, account: pwd.struct_passwd) -> int:
+    """The mode bit that lets ``account`` (in its own group only) search a directory with ``info``."""
+    if info.st_uid == account.pw_uid:
+        return stat.S_IXUSR
+    if info.st_gid == account.pw_gid:
+        return stat.S_IXGRP
+    return stat.S_IXOTH
+
+
+def _refuse_closed_ancestors(path: Path, account: pwd.struct_passwd) -> None:
+    """Raise :class:`ConfigError` naming the first directory above ``path`` that ``account`` cannot search."""
+    for directory in path.parents:
+        info = os.stat(directory)
+        if not info.st_mode & _search_bit(info, account):
+            raise ConfigError(
+                [
+                    f"the embedded PostgreSQL runs as the user {account.pw_name} (the service runs as root), and "
+                    f"{directory} keeps it from {path}: set DATABASE_URL, run the service as another user, or open "
+                    f"that directory yourself (chmod o+x {directory}) if it holds nothing private"
+                ]
+            )
+
+
+def _in_its_own_group(command: Callable[..., str], account: pwd.struct_passwd) -> Callable[..., str]:
+    """pgserver's ``initdb`` or ``pg_ctl``, run in ``account``'s group alone (pgserver keeps root's groups)."""
+
+    def run(args: list[str], pgdata: Path | None = None, **kwargs: Any) -> str:
+        if kwargs.get("user") is not None:
+            kwargs = {**kwargs, "group": account.pw_gid, "extra_groups": []}
+        return command(args, pgdata=pgdata, **kwargs)
+
+    return run
+
+
+def _prepare_as_root(data: Path, programs: Path) -> None:
+    """Let PostgreSQL's own user reach its data and programs, opening nothing else (see the module docstring).
+
+    Raises :class:`ConfigError` when that would take opening a directory the
+    service does not own for this purpose.
+    """
+    import pgserver.postgres_server
+    import pgserver.utils
+
+    pgserver.utils.ensure_user_exists(SERVER_USER)  # as pgserver would: created when missing
+    account = pwd.getpwnam(SERVER_USER)
+    _refuse_closed_ancestors(programs, account)
+    _refuse_closed_ancestors(data.parent, account)
+    if not pgserver.utils.socket_name_length_ok(data / ".s.PGSQL.5432"):
+        # pgserver would put the socket in a directory it makes writable by everyone.
+        raise ConfigError([f"APPTGATE_DATA_DIR: {data} is too long a path for the embedded PostgreSQL's socket"])
+    holder = data.parent
+    info = holder.stat()
+    holder.chmod(stat.S_IMODE(info.st_mode) | _search_bit(info, account))
+    module: Any = pgserver.postgres_server
+    if not getattr(module, "_apptgate_prepared", False):
+        # Where pgserver would widen directories, it now finds them open enough or refuses;
+        # the database runs in its own user's group instead of root's.
+        module.ensure_prefix_permissions = lambda path: _refuse_closed_ancestors(path, account)
+        module.initdb = _in_its_own_group(module.initdb, account)
+        module.pg_ctl = _in_its_own_group(module.pg_ctl, account)
+        module._apptgate_prepared = True
 
 
 class EmbeddedPostgres:
@@ -22,13 +155,26 @@ class EmbeddedPostgres:
         self._server: object | None = None
 
     def start(self) -> str:
-        """Start (or attach to) the server and return an asyncpg-compatible DSN for ``postgres``."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        # platformdirs (imported by pgserver) warns without a runtime directory.
-        os.environ.setdefault("XDG_RUNTIME_DIR", str(self.data_dir.parent))
-        import pgserver  # imported lazily: only needed without DATABASE_URL
+        """Start (or attach to) the server and return an asyncpg-compatible DSN for ``postgres``.
 
-        server = pgserver.get_server(self.data_dir, cleanup_mode="stop")  # type: ignore[attr-defined]
+        Raises :class:`ConfigError` when, run as root, PostgreSQL's own user
+        could not reach its files without opening a directory to everyone.
+        """
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if "XDG_RUNTIME_DIR" not in os.environ:
+            # platformdirs (imported by pgserver, which keeps its lock there) warns without a runtime
+            # directory, and with one whose mode is not exactly 0700: this one is the service's own.
+            runtime = self.data_dir.parent / "pgserver-run"
+            runtime.mkdir(mode=0o700, exist_ok=True)
+            runtime.chmod(0o700)
+            os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+        import pgserver  # imported lazily: only needed without DATABASE_URL
+        from pgserver._commands import POSTGRES_BIN_PATH
+
+        if os.name == "posix" and os.geteuid() == 0:
+            _prepare_as_root(self.data_dir.resolve(), POSTGRES_BIN_PATH)
+        with _environment_for_the_server():
+            server = pgserver.get_server(self.data_dir, cleanup_mode="stop")  # type: ignore[attr-defined]
         self._server = server
         uri: str = server.get_uri()
         log.info("embedded PostgreSQL running", extra={"data_dir": str(self.data_dir)})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -10,11 +11,14 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import harness
 import pytest
 
 from demo import walkthrough
 from demo import world as demo_data
+from service.access.consent_tokens import SigningKey
+from service.crypto.sealing import new_key_text
 
 
 @pytest.fixture
@@ -90,3 +94,45 @@ async def test_the_demo_serves_and_its_printed_commands_work(empty_dsn: str, tmp
     report = json.loads(sections["8"])
     assert report["totals"]["contactPatients"] == "1"
     assert "SERVING" in sections["9"]
+
+
+async def test_the_demo_refuses_production_and_issues_nothing(database_dsn: str, tmp_path: Path) -> None:
+    token = "production-internal-token-" + "p" * 32
+    # A production configuration the service itself would serve with: only the demo is refused.
+    env = harness.environment(
+        APPTGATE_ENV="production",
+        DATABASE_URL=database_dsn,
+        APPTGATE_DATA_DIR=str(tmp_path / "data"),
+        APPTGATE_INTERNAL_TOKEN=token,
+        APPTGATE_SERVER_SECRET=base64.b64encode(os.urandom(32)).decode(),
+        APPTGATE_SIGNING_KEY=SigningKey.generate().secret_paserk(),
+        APPTGATE_DATA_KEY=new_key_text(),
+        APPTGATE_PARTNER_ADDR=f"127.0.0.1:{harness.free_port()}",
+        APPTGATE_INTERNAL_ADDR=f"127.0.0.1:{harness.free_port()}",
+    )
+    demo = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        "demo",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(demo.communicate(), timeout=60)
+    finally:
+        if demo.returncode is None:
+            demo.kill()
+            await demo.wait()
+
+    assert demo.returncode == 2
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1 and "production" in lines[0], lines
+    assert token not in out.decode() + err.decode()
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM partners") == 0
+        assert await conn.fetchval("SELECT count(*) FROM partner_keys") == 0
+    finally:
+        await conn.close()

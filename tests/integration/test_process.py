@@ -1,16 +1,24 @@
-"""``python -m service``: configuration errors, the migration check, draining on SIGTERM, TLS and mutual TLS."""
+"""``python -m service``: configuration and database errors, the migration check, draining on SIGTERM or SIGHUP,
+TLS and mutual TLS."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import ipaddress
+import os
+import pwd
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import grpc
@@ -22,6 +30,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.access.consent_tokens import SigningKey
+from service.crypto.sealing import new_key_text
+from service.store.embedded import SERVER_USER
 
 
 @dataclass
@@ -102,6 +114,254 @@ async def test_bad_configuration_is_refused_before_listening(
     assert "Traceback" not in err
 
 
+#: The password put in every bad DATABASE_URL below: it must never be printed.
+SECRET = "s3cret-Pa55word-never-printed"
+
+
+def _with_login(dsn: str, user: str | None = None, password: str = SECRET) -> str:
+    """``dsn`` logging in as ``user`` (default: its own) with ``password``."""
+    parts = urlsplit(dsn)
+    userinfo, _, host = parts.netloc.rpartition("@")
+    name = user or userinfo.partition(":")[0] or "postgres"
+    return urlunsplit((parts.scheme, f"{name}:{password}@{host}", parts.path, parts.query, parts.fragment))
+
+
+def _with_query(dsn: str, parameter: str) -> str:
+    parts = urlsplit(dsn)
+    query = f"{parts.query}&{parameter}" if parts.query else parameter
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
+
+
+def _quiet_env(dsn: str, tmp_path: Path) -> dict[str, str]:
+    """An environment whose only possible complaint is ``dsn``: keys given, so none is created (and logged)."""
+    return _env(
+        dsn,
+        tmp_path,
+        APPTGATE_WORKERS="2",
+        APPTGATE_SERVER_SECRET=base64.b64encode(os.urandom(32)).decode(),
+        APPTGATE_SIGNING_KEY=SigningKey.generate().secret_paserk(),
+        APPTGATE_DATA_KEY=new_key_text(),
+    )
+
+
+async def _refused(command: str, dsn: str, tmp_path: Path, code: int) -> str:
+    """Run ``command`` with ``dsn``; check it fails with ``code`` in one line, no traceback, no password; return it."""
+    returned, err = await _run(command, env=_quiet_env(dsn, tmp_path))
+    lines = err.strip().splitlines()
+    assert (returned, len(lines)) == (code, 1), err
+    assert "Traceback" not in err
+    assert SECRET not in err
+    return lines[0]
+
+
+BAD_DATABASE_URLS: dict[str, tuple[Callable[[str], str], int, str]] = {
+    "missing database": (
+        lambda dsn: _with_login(harness.with_database(dsn, "apptgate_no_such_database")),
+        2,
+        'DATABASE_URL: the server refused the connection: database "apptgate_no_such_database" does not exist',
+    ),
+    "unknown role": (
+        lambda dsn: _with_login(dsn, user="apptgate_no_such_role"),
+        2,
+        'DATABASE_URL: the server refused the connection: role "apptgate_no_such_role" does not exist',
+    ),
+    "closed port": (
+        lambda _: f"postgresql://postgres:{SECRET}@127.0.0.1:{harness.free_port()}/test",
+        1,
+        "the database is unreachable (connection refused); check DATABASE_URL",
+    ),
+    "bad sslmode": (lambda dsn: _with_query(_with_login(dsn), "sslmode=bogus"), 2, "DATABASE_URL has an sslmode"),
+    "not a URL": (
+        lambda _: f"host=127.0.0.1 user=postgres password={SECRET}",
+        2,
+        "DATABASE_URL is not a postgresql://",
+    ),
+    "port out of range": (
+        lambda _: f"postgresql://postgres:{SECRET}@127.0.0.1:99999/test",
+        2,
+        "DATABASE_URL has a port that is not a number from 1 to 65535",
+    ),
+}
+
+
+@pytest.mark.parametrize("command", ["migrate", "serve"])
+@pytest.mark.parametrize("case", list(BAD_DATABASE_URLS))
+async def test_a_database_url_that_cannot_work_is_one_line_without_its_password(
+    database_dsn: str, tmp_path: Path, command: str, case: str
+) -> None:
+    build, code, expected = BAD_DATABASE_URLS[case]
+
+    line = await _refused(command, build(database_dsn), tmp_path, code)
+
+    assert expected in line
+
+
+@pytest.fixture(scope="module")
+def password_server() -> Iterator[str]:
+    """A PostgreSQL of this module's own, on a free port, that asks for a password (scram-sha-256).
+
+    The shared test server trusts every local login, so it cannot refuse a
+    wrong password. Returns the URL of its ``postgres`` role, password included.
+    """
+    from pgserver._commands import POSTGRES_BIN_PATH
+
+    base = Path(tempfile.mkdtemp(prefix="apg-pw-"))
+    run_as = None
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root: run it as the user pgserver made for itself
+        import pgserver.utils
+
+        pgserver.utils.ensure_user_exists(SERVER_USER)  # as the embedded database does: the order of tests is moot
+        account = pwd.getpwnam(SERVER_USER)
+        os.chown(base, account.pw_uid, account.pw_gid)
+        run_as = account.pw_uid
+    password = "right-" + SECRET
+    (base / "password").write_text(password)
+    if run_as is not None:
+        os.chown(base / "password", run_as, -1)
+    env = {"PATH": os.environ.get("PATH", ""), "LC_ALL": "C"}
+    data, port = base / "data", harness.free_port()
+
+    def pg(*args: str) -> None:
+        # No pipes: the server pg_ctl starts would inherit them and hold them open.
+        subprocess.run(args, env=env, user=run_as, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    initdb, pg_ctl = str(POSTGRES_BIN_PATH / "initdb"), str(POSTGRES_BIN_PATH / "pg_ctl")
+    pg(initdb, "-D", str(data), "-U", "postgres", "--auth=scram-sha-256", f"--pwfile={base / 'password'}", "--no-sync")
+    pg(pg_ctl, "-D", str(data), "-l", str(base / "log"), "-w", "-o", f"-h 127.0.0.1 -p {port} -k {base}", "start")
+    try:
+        yield f"postgresql://postgres:{password}@127.0.0.1:{port}/postgres"
+    finally:
+        pg(pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.parametrize("command", ["migrate", "serve"])
+async def test_a_wrong_password_is_one_line_without_the_password(
+    password_server: str, tmp_path: Path, command: str
+) -> None:
+    right = await asyncpg.connect(password_server)  # the server takes its right password
+    await right.close()
+
+    line = await _refused(command, _with_login(password_server), tmp_path, 2)
+
+    assert 'DATABASE_URL: the server refused the connection: password authentication failed for user "postgres"' in line
+    assert urlsplit(password_server).password not in line
+
+
+@pytest.fixture
+def open_tmp() -> Iterator[Path]:
+    """A fresh directory under the system's temporary directory, which every user can search.
+
+    pytest's own ``tmp_path`` lies under a directory closed to other users, which
+    the embedded PostgreSQL's user could not cross when the tests run as root.
+    """
+    path = Path(tempfile.mkdtemp(prefix="apg-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+async def _embedded_environment(pgdata: Path) -> dict[str, str]:
+    """The environment the embedded server in ``pgdata`` runs programs with, as its superuser sees it."""
+    conn = await asyncpg.connect(f"postgresql://postgres:@/postgres?host={pgdata}")
+    try:
+        await conn.execute("CREATE TEMP TABLE environment (line text)")
+        # CSV with separators no line holds: each line of `env` is one value, backslashes and all.
+        await conn.execute("COPY environment FROM PROGRAM 'env' WITH (FORMAT csv, DELIMITER E'\\x1f', QUOTE E'\\x1e')")
+        lines = [row["line"] for row in await conn.fetch("SELECT line FROM environment")]
+    finally:
+        await conn.close()
+    return dict(line.partition("=")[::2] for line in lines if "=" in line)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_the_embedded_database_sees_none_of_the_services_secrets(open_tmp: Path, workers: str) -> None:
+    secrets = {
+        "APPTGATE_SERVER_SECRET": base64.b64encode(os.urandom(32)).decode(),
+        "APPTGATE_SIGNING_KEY": SigningKey.generate().secret_paserk(),
+        "APPTGATE_DATA_KEY": new_key_text(),
+        "APPTGATE_INTERNAL_TOKEN": "embedded-internal-token-" + "e" * 32,
+        "PGPASSWORD": SECRET,
+    }
+    env = harness.environment(
+        **secrets,
+        APPTGATE_DATA_DIR=str(open_tmp),
+        APPTGATE_WORKERS=workers,
+        APPTGATE_PARTNER_ADDR=f"127.0.0.1:{harness.free_port()}",
+        APPTGATE_INTERNAL_ADDR=f"127.0.0.1:{harness.free_port()}",
+    )
+    env.pop("DATABASE_URL", None)
+    code, err = await _run("migrate", env=env)
+    assert code == 0, err
+    served = await _serve(env)
+    try:
+        seen = await _embedded_environment(open_tmp / "pgdata")
+    finally:
+        served.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(served.process.wait(), timeout=30) == 0
+
+    assert "PATH" in seen  # the program ran, and its environment was read
+    assert sorted(name for name in seen if name.startswith("APPTGATE_") or name in secrets) == [], sorted(seen)
+    assert not [value for value in secrets.values() if any(value in line for line in seen.values())]
+
+
+as_root = pytest.mark.skipif(os.name != "posix" or os.geteuid() != 0, reason="what pgserver does as root only")
+
+
+def _server_status(pgdata: Path) -> dict[str, str]:
+    """``/proc/<pid>/status`` of the PostgreSQL server running in ``pgdata``, by field."""
+    postmaster = int((pgdata / "postmaster.pid").read_text().split()[0])
+    return dict(line.split(":", 1) for line in Path(f"/proc/{postmaster}/status").read_text().splitlines())
+
+
+@as_root
+async def test_run_as_root_the_embedded_database_opens_only_its_data_directory_to_its_own_user(open_tmp: Path) -> None:
+    env = harness.environment(
+        APPTGATE_DATA_DIR=str(open_tmp),
+        APPTGATE_INTERNAL_TOKEN=harness.INTERNAL_TOKEN,
+        APPTGATE_WORKERS="1",
+        APPTGATE_PARTNER_ADDR=f"127.0.0.1:{harness.free_port()}",
+        APPTGATE_INTERNAL_ADDR=f"127.0.0.1:{harness.free_port()}",
+    )
+    env.pop("DATABASE_URL", None)
+    above = {directory: _mode(directory) for directory in open_tmp.parents}
+    code, err = await _run("migrate", env=env)
+    assert code == 0, err
+    served = await _serve(env)
+    try:
+        status = _server_status(open_tmp / "pgdata")
+    finally:
+        served.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(served.process.wait(), timeout=30) == 0
+
+    account = pwd.getpwnam(SERVER_USER)
+    assert status["Uid"].split() == [str(account.pw_uid)] * 4
+    assert (status["Gid"].split(), status["Groups"].split()) == ([str(account.pw_gid)] * 4, [])  # none of root's
+    # Of the directories on its way, only the data directory was opened, and only to be crossed.
+    assert {directory: _mode(directory) for directory in open_tmp.parents} == above
+    assert _mode(open_tmp) == 0o701
+
+
+@as_root
+async def test_the_embedded_database_opens_no_directory_above_the_data_directory(open_tmp: Path) -> None:
+    closed = open_tmp / "closed"
+    closed.mkdir(mode=0o700)
+    env = harness.environment(APPTGATE_DATA_DIR=str(closed / "data"), APPTGATE_WORKERS="1")
+    env.pop("DATABASE_URL", None)
+
+    code, err = await _run("migrate", env=env)
+
+    lines = err.strip().splitlines()
+    assert (code, len(lines)) == (2, 1), err
+    assert f"{closed} keeps it from" in lines[0]
+    assert _mode(closed) == 0o700
+
+
 async def _serve(env: dict[str, str], *flags: str) -> Served:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "service", "serve", *flags, env=env, stderr=asyncio.subprocess.DEVNULL
@@ -171,6 +431,20 @@ async def test_sigterm_lets_an_in_flight_call_finish_then_exits_zero(database_ds
                 await blocker.close()
             reply = await asyncio.wait_for(in_flight, timeout=10)
         assert list(reply.appointments) == []
+        assert await asyncio.wait_for(served.process.wait(), timeout=30) == 0
+    finally:
+        if served.process.returncode is None:
+            served.process.kill()
+            await served.process.wait()
+
+
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+async def test_sighup_stops_a_single_process_server_cleanly(database_dsn: str, tmp_path: Path, event_loop: str) -> None:
+    served = await _serve(_env(database_dsn, tmp_path, APPTGATE_WORKERS="1", APPTGATE_EVENT_LOOP=event_loop))
+    try:
+        served.process.send_signal(signal.SIGHUP)
+
+        # Exit code 0, not death by the signal: the server drained and stopped as on SIGTERM.
         assert await asyncio.wait_for(served.process.wait(), timeout=30) == 0
     finally:
         if served.process.returncode is None:
