@@ -5,6 +5,7 @@
 -- data key the database never sees, each value bound to its table, column and row. A
 -- sealed value is version (1 byte) | data key id (2 bytes) | nonce (12) | ciphertext and tag.
 -- The partner path never selects a contact column or the reason (0007 grants it none).
+-- data_key_checks holds a fingerprint of each data key, so a wrong key is refused at start.
 
 CREATE TYPE appointment_status AS ENUM ('booked', 'cancelled');
 
@@ -69,3 +70,15 @@ CREATE INDEX appointments_unsealed_idx ON appointments (id) WHERE reason IS NOT 
 -- key, so the column every row has stands for its row; `data-key status` counts every column.
 CREATE INDEX patients_data_key_idx ON patients ((substring(sealed_family_name FROM 1 FOR 3)));
 CREATE INDEX appointments_data_key_idx ON appointments ((substring(sealed_reason FROM 1 FOR 3)));
+
+-- The check value of each data key id: HMAC-SHA256(key, 'apptgate-data-key-check'), its first 16
+-- bytes, a fingerprint that tells nothing of the key (service/crypto/sealing.py key_check). The
+-- first `serve` or `data-key reencrypt` that uses an id records it (service/store/data_keys.py);
+-- every start, `data-key status` and `data-key reencrypt` refuse a key whose check value differs,
+-- so a wrong key under a known id is stopped before it seals anything. A retired key's row stays:
+-- its id is never reused for another key.
+CREATE TABLE data_key_checks (
+    key_id      integer PRIMARY KEY CHECK (key_id BETWEEN 1 AND 65535),
+    check_value bytea NOT NULL CHECK (length(check_value) = 16),
+    record_time timestamptz NOT NULL DEFAULT now()
+);

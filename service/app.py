@@ -36,7 +36,7 @@ from service.api import audit, consents, partner, registry, scheduling
 from service.api.reflection import documented_files
 from service.api.server import ErrorBoundary, Listener, start_listener
 from service.crypto import sealing
-from service.crypto.keyfiles import load_data_keys, load_server_secret, load_signing_keys
+from service.crypto.keyfiles import load_data_keys, load_server_secret, load_signing_keys, private_data_dir
 from service.disclosure.pagination import PageTokens
 from service.disclosure.pseudonyms import Pseudonyms, derive_key
 from service.disclosure.reads import PartnerReads
@@ -48,6 +48,7 @@ from service.feed.hub import FeedHub
 from service.feed.watch import Watches
 from service.settings import Settings, is_loopback
 from service.store import chain, sealed_columns
+from service.store import data_keys as key_checks
 from service.store.database import Database, partner_login_dsn
 from service.store.embedded import EmbeddedPostgres
 from service.telemetry.tracing import Telemetry
@@ -73,7 +74,15 @@ class Secrets:
 
 
 def load_secrets(settings: Settings) -> Secrets:
-    """Load (or, in development, create) the secrets. Raises ``ConfigError``."""
+    """Load (or, in development, create) the secrets. Raises ``ConfigError``.
+
+    Each key file passes the checks of :func:`service.settings.read_private_file`
+    (no symbolic link, owned by this user or root, written by no one else); the
+    internal token and the database passwords are read with the settings
+    (:func:`service.settings.load`). Whether the data keys are the ones the
+    database's values were sealed with is checked once the database is open
+    (:func:`verify_data_keys`).
+    """
     return Secrets(load_server_secret(settings), load_signing_keys(settings), load_data_keys(settings))
 
 
@@ -125,7 +134,7 @@ def check_transport_security(settings: Settings) -> None:
             "so put it behind a TLS proxy and pass --allow-insecure-internal"
         )
     if not settings.internal_token:
-        problems.append("APPTGATE_INTERNAL_TOKEN is required (at least 32 characters)")
+        problems.append("APPTGATE_INTERNAL_TOKEN or APPTGATE_INTERNAL_TOKEN_FILE is required (at least 32 characters)")
     if problems:
         raise ConfigError(problems)
 
@@ -286,11 +295,11 @@ class Gateway:
 
 async def open_database(settings: Settings, stack: AsyncExitStack, telemetry: Telemetry | None = None) -> Database:
     """Connect to ``DATABASE_URL``, or start the embedded PostgreSQL when it is unset."""
-    dsn = settings.database_url
+    dsn = settings.database_url  # with the password of APPTGATE_DATABASE_PASSWORD_FILE, when set
     if dsn is None:
         if settings.production:
             raise ConfigError(["DATABASE_URL is required in production"])
-        embedded = EmbeddedPostgres(settings.data_dir / "pgdata")
+        embedded = EmbeddedPostgres(private_data_dir(settings) / "pgdata")
         dsn = await asyncio.to_thread(embedded.start)
         stack.callback(embedded.stop)
     database = await Database.connect(
@@ -307,6 +316,49 @@ async def open_database(settings: Settings, stack: AsyncExitStack, telemetry: Te
     if telemetry is not None:
         telemetry.observe_pool(database.pool_usage)
     return database
+
+
+async def verify_data_keys(database: Database, keys: sealing.DataKeyring, *, record: bool = True) -> None:
+    """Refuse a data key that is not the key its id sealed with; with ``record``, record the new ids' check values.
+
+    Each id of the ring with a recorded check value must match it: one query,
+    whatever the data. An id with none yet is first tried on one stored row
+    sealed under it per table (an index probe each), so that even a key never
+    recorded is refused when it opens none of that row's values; then its
+    check value is recorded (first use). Raises :class:`ConfigError`, one line
+    per key, naming the id and what to do; never key text.
+    """
+    async with database.transaction(readonly=not record) as conn:
+        known = await key_checks.recorded(conn, keys.key_ids)
+        problems = [_wrong_key(k) for k, check in known.items() if check != keys.check_value(k)]
+        new = [key_id for key_id in keys.key_ids if key_id not in known]
+        for key_id in new:
+            for table in sealing.SEALED_COLUMNS:
+                row = await sealed_columns.row_sealed_under(conn, table, sealing.header(key_id))
+                if row is None:
+                    continue
+                failed = sealing.columns_not_opening(keys, table, row.id, row.sealed, key_id)
+                tried = [c for c, v in row.sealed.items() if v is not None and v.startswith(sealing.header(key_id))]
+                # A wrong key opens none of them; a key that opens some is the right one, and the values it
+                # does not open were altered (`data-key status` reports them).
+                if failed and len(failed) == len(tried):
+                    problems.append(
+                        f"data key {key_id} opens none of the values sealed under id {key_id} that it was tried on "
+                        f"({table} {row.id}: {', '.join(failed)}): configure the key that sealed them under id {key_id}"
+                    )
+                    break
+        if not problems and record and new:
+            now = await key_checks.record(conn, {key_id: keys.check_value(key_id) for key_id in new})
+            problems = [_wrong_key(k) for k in new if now[k] != keys.check_value(k)]
+        if problems:
+            raise ConfigError(problems)
+
+
+def _wrong_key(key_id: int) -> str:
+    return (
+        f"data key {key_id} is not the key this database recorded under id {key_id} (their check values differ): "
+        f"configure the original key {key_id}; a new key takes a new id"
+    )
 
 
 async def warn_about_unsealed_values(database: Database, data_keys: sealing.DataKeyring) -> None:
@@ -349,6 +401,8 @@ async def serve(
         if prepare is not None:
             await prepare(database, secrets)
         await database.ensure_migrated()
+        # Before anything is sealed: a wrong data key stops the start here, not call by call.
+        await verify_data_keys(database, secrets.data_keys)
         await warn_about_unsealed_values(database, secrets.data_keys)
         parts = Parts.build(settings, database, secrets)
         if customize is not None:

@@ -11,20 +11,27 @@ once; ``docs/configuration.md`` is rendered from the same declarations
 from __future__ import annotations
 
 import enum
+import errno
 import ipaddress
 import math
 import os
+import pwd
+import stat
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
 
 from service.errors import ConfigError
+from service.store.database import partner_login_dsn
 
 DEFAULT_PARTNER_ADDR = "[::]:50051"
 DEFAULT_INTERNAL_ADDR = "127.0.0.1:50052"
 MIN_INTERNAL_TOKEN_LENGTH = 32
+#: A token of fewer distinct characters is refused as trivially weak ("aaaa…", "abab…").
+MIN_INTERNAL_TOKEN_DISTINCT = 8
 
 
 class Environment(enum.StrEnum):
@@ -174,8 +181,19 @@ def _address(value: str) -> str | None:
 
 
 def _token(value: str) -> str | None:
+    # The token travels in a header (`authorization: Bearer …`): printable ASCII only. Length
+    # alone lets "a" * 32 through, so a token must also mix several characters.
     if len(value) < MIN_INTERNAL_TOKEN_LENGTH:
         return f"must be at least {MIN_INTERNAL_TOKEN_LENGTH} characters"
+    if any(character.isspace() for character in value):
+        return "must not contain white space"
+    if not (value.isascii() and value.isprintable()):
+        return "must be printable ASCII (it is sent in a header)"
+    if len(set(value)) < MIN_INTERNAL_TOKEN_DISTINCT:
+        return (
+            f"is too weak: it must mix at least {MIN_INTERNAL_TOKEN_DISTINCT} different characters "
+            "(generate one with `openssl rand -base64 32`)"
+        )
     return None
 
 
@@ -305,6 +323,13 @@ class Settings:
     database_url: str | None = variable(
         "DATABASE_URL", None, "`postgresql://user@host:port/db`", shown="embedded PostgreSQL", secret=True
     )
+    database_password_file: Path | None = variable(
+        "APPTGATE_DATABASE_PASSWORD_FILE",
+        None,
+        "a file holding the password of `DATABASE_URL`'s user (it replaces one in the URL; a final line break "
+        "is ignored)",
+        parse=Path,
+    )
     partner_database_url: str | None = variable(
         "APPTGATE_PARTNER_DATABASE_URL",
         None,
@@ -312,6 +337,13 @@ class Settings:
         "partner transactions `SET LOCAL ROLE` on the main pool (refused in production)",
         shown="`DATABASE_URL` as user `apptgate_partner`",
         secret=True,
+    )
+    partner_database_password_file: Path | None = variable(
+        "APPTGATE_PARTNER_DATABASE_PASSWORD_FILE",
+        None,
+        "a file holding the password of the partner path's login (`APPTGATE_PARTNER_DATABASE_URL`, else "
+        "`apptgate_partner` at `DATABASE_URL`'s server)",
+        parse=Path,
     )
     data_dir: Path = variable(
         "APPTGATE_DATA_DIR", Path(".apptgate"), "embedded database and development keys", parse=Path
@@ -336,10 +368,17 @@ class Settings:
     internal_token: str | None = variable(
         "APPTGATE_INTERNAL_TOKEN",
         None,
-        f"bearer token of the internal listener, at least {MIN_INTERNAL_TOKEN_LENGTH} characters",
+        f"bearer token of the internal listener: at least {MIN_INTERNAL_TOKEN_LENGTH} printable ASCII characters, "
+        f"no white space, at least {MIN_INTERNAL_TOKEN_DISTINCT} different ones",
         check=_token,
         shown="required (`make run` generates one)",
         secret=True,
+    )
+    internal_token_file: Path | None = variable(
+        "APPTGATE_INTERNAL_TOKEN_FILE",
+        None,
+        "a file holding `APPTGATE_INTERNAL_TOKEN` (white space around it is ignored)",
+        parse=Path,
     )
     tls_cert: Path | None = variable(
         "APPTGATE_TLS_CERT", None, "PEM certificate: TLS on the partner listener; flag `--tls-cert`", parse=Path
@@ -615,7 +654,7 @@ def load(
     problems.extend(_together(settings))
     if problems:
         raise ConfigError(problems)
-    return settings
+    return _with_secret_files(settings)
 
 
 def _together(s: Settings) -> list[str]:
@@ -635,6 +674,144 @@ def _together(s: Settings) -> list[str]:
         if path is not None and not path.is_file():
             problems.append(f"{name}: no such file: {path}")
     return problems
+
+
+def _with_secret_files(s: Settings) -> Settings:
+    """``s`` with the secrets its ``*_FILE`` variables name read in: the internal token and the database passwords.
+
+    A secret set directly wins over its file, as for the keys. The passwords
+    go into the URLs, which never appear in the settings' ``repr``. Raises
+    :class:`ConfigError` listing every problem.
+    """
+    problems: list[str] = []
+    changes: dict[str, Any] = {}
+
+    def read(path: Path, name: str) -> str | None:
+        try:
+            return read_private_file(path, name)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            return None
+
+    if s.internal_token_file is not None and not s.internal_token:
+        token = read(s.internal_token_file, "APPTGATE_INTERNAL_TOKEN_FILE")
+        if token is not None:
+            # A file usually ends with a line break; the token itself holds no white space.
+            complaint = _token(token.strip())
+            if complaint is None:
+                changes["internal_token"] = token.strip()
+            else:
+                problems.append(f"APPTGATE_INTERNAL_TOKEN_FILE: the token in {s.internal_token_file} {complaint}")
+    if s.database_password_file is not None:
+        if s.database_url is None:
+            problems.append("APPTGATE_DATABASE_PASSWORD_FILE: needs DATABASE_URL (the embedded database takes none)")
+        elif (password := read(s.database_password_file, "APPTGATE_DATABASE_PASSWORD_FILE")) is not None:
+            _set_password(changes, problems, "database_url", "DATABASE_URL", s.database_url, password)
+    if s.partner_database_password_file is not None:
+        name = "APPTGATE_PARTNER_DATABASE_PASSWORD_FILE"
+        url = s.partner_database_url
+        if url is None and s.database_url is not None:
+            # The partner login derived from DATABASE_URL (service.app.open_database does the same).
+            url = partner_login_dsn(s.database_url)
+        if url is None:
+            problems.append(f"{name}: needs APPTGATE_PARTNER_DATABASE_URL or DATABASE_URL")
+        elif (password := read(s.partner_database_password_file, name)) is not None:
+            _set_password(changes, problems, "partner_database_url", "APPTGATE_PARTNER_DATABASE_URL", url, password)
+    if problems:
+        raise ConfigError(problems)
+    return replace(s, **changes) if changes else s
+
+
+def _set_password(
+    changes: dict[str, Any], problems: list[str], field_name: str, variable_name: str, url: str, text: str
+) -> None:
+    """Put the password of a password file (its text without the final line break) into ``url``."""
+    password = text.removesuffix("\n").removesuffix("\r")
+    if not password:
+        problems.append(f"{variable_name}: its password file is empty")
+        return
+    try:
+        changes[field_name] = with_password(url, password)
+    except ValueError as exc:
+        problems.append(f"{variable_name}: {exc}")
+
+
+def with_password(url: str, password: str) -> str:
+    """``url`` (``postgresql://user@host/db``) with ``password`` as its user's password. Raises ``ValueError``.
+
+    The message never holds the URL, which may hold another password.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError("a password file needs a postgresql:// URL")
+    if "password" in parse_qs(parts.query):
+        # Two passwords, one in the URL's query and one in a file, and the driver would pick the URL's.
+        raise ValueError("the URL holds a password parameter; with a password file, remove it")
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0] if at else ""
+    netloc = f"{user}:{quote(password, safe='')}@{hosts}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+# Secret files: the checks a file must pass before its content is trusted.
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def file_problem(info: os.stat_result, path: Path, *, directory: bool = False) -> str | None:
+    """Why a file (or directory) another local user could have written is not to be trusted, or None.
+
+    Refused: not a regular file (or directory), owned by someone other than
+    this process's user or root (root can change any file anyway), or
+    writable by the group or others. The message ends with the command that
+    fixes it.
+    """
+    kind_ok = stat.S_ISDIR(info.st_mode) if directory else stat.S_ISREG(info.st_mode)
+    if not kind_ok:
+        return f"{path} is not a {'directory' if directory else 'regular file'}"
+    me = os.geteuid()
+    if info.st_uid not in (me, 0):
+        return (
+            f"{path} is owned by {_user_name(info.st_uid)}, not by {_user_name(me)} (the user this service runs as) "
+            f"or root: chown {_user_name(me)} {path}"
+        )
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        mode = stat.S_IMODE(info.st_mode)
+        return f"{path} can be written by other users (mode {mode:04o}): chmod {700 if directory else 600} {path}"
+    return None
+
+
+def read_private_file(path: Path, label: str) -> str:
+    """The text of a file holding a secret, once it has passed :func:`file_problem`. Raises :class:`ConfigError`.
+
+    The file is opened without following a symbolic link (``O_NOFOLLOW``) and
+    checked on the open descriptor (``fstat``), so the file checked is the file
+    read: nothing can swap it in between. A symbolic link is refused, since
+    whoever can change it chooses the key. ``label`` (the variable) starts
+    each message; no message holds the file's content.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        # O_NOFOLLOW fails with ELOOP (EMLINK on some BSDs) when the last component is a link.
+        if exc.errno in (errno.ELOOP, errno.EMLINK) and path.is_symlink():
+            raise ConfigError([f"{label}: {path} is a symbolic link: name the file itself"]) from None
+        raise ConfigError([f"{label}: cannot read {path} ({exc.strerror})"]) from None
+    with os.fdopen(fd, "rb") as handle:
+        # Opened without blocking, so that a FIFO planted in its place cannot hang the start.
+        problem = file_problem(os.fstat(handle.fileno()), path)
+        if problem is not None:
+            raise ConfigError([f"{label}: {problem}"])
+        data = handle.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError([f"{label}: {path} is not UTF-8 text"]) from None
 
 
 def child_environment(changes: Mapping[str, str]) -> dict[str, str]:

@@ -8,7 +8,10 @@
   writes the list of patients a partner reached, and what of theirs was disclosed.
 
 Both print their progress on stderr when they run long; their results go to
-stdout (or ``--output``), so they can be piped.
+stdout (or ``--output``), so they can be piped. A report names patients:
+``--output FILE`` creates it with mode 0600 whatever the umask, and refuses a
+symbolic link, or a file that is not a regular file of this user, at that
+path (:func:`service.crypto.keyfiles.open_private_output`).
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ import time
 import uuid
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TextIO
 
 from service import app
-from service.crypto.keyfiles import load_server_secret
+from service.crypto.keyfiles import load_server_secret, open_private_output
 from service.disclosure import breach, witness
 from service.disclosure.pseudonyms import derive_key
 from service.settings import Settings
@@ -54,7 +58,12 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     report.add_argument("--until", required=True, type=_time, help="window end, RFC 3339 (exclusive)")
     report.add_argument("--key", help="only disclosures made with this key id (for example the stolen one)")
     report.add_argument("--format", choices=("json", "csv"), default="json")
-    report.add_argument("--output", type=argparse.FileType("w"), default=sys.stdout, help="default: stdout")
+    report.add_argument(
+        "--output",
+        type=Path,
+        metavar="FILE",
+        help="write the report to FILE, created with mode 0600 (default, or -: stdout)",
+    )
 
 
 def _seconds(text: str) -> timedelta:
@@ -91,11 +100,15 @@ class _Progress:
 async def run(settings: Settings, args: argparse.Namespace) -> int:
     """Run one audit command; return the exit code."""
     async with AsyncExitStack() as stack:
+        out = sys.stdout
+        if args.audit_command == "breach-report" and args.output is not None and str(args.output) != "-":
+            # Opened first: a path refused costs no database work, and exits 2 like any bad option.
+            out = stack.enter_context(open_private_output(args.output, "--output"))
         database = await app.open_database(settings, stack)
         await database.ensure_migrated()
         if args.audit_command == "verify":
             return await _verify(settings, database, args)
-        return await _breach_report(database, args)
+        return await _breach_report(database, args, out)
     raise AssertionError("unreachable")
 
 
@@ -128,8 +141,7 @@ async def _verify(settings: Settings, database: Database, args: argparse.Namespa
     return 0
 
 
-async def _breach_report(database: Database, args: argparse.Namespace) -> int:
-    out: TextIO = args.output
+async def _breach_report(database: Database, args: argparse.Namespace, out: TextIO) -> int:
     progress = _Progress("patients reported")
     totals = breach.Totals()
     writer = csv.writer(out) if args.format == "csv" else None

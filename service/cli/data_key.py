@@ -1,7 +1,11 @@
 """``python -m service data-key …``: the operator's commands for the data keys (encryption at rest).
 
-* ``data-key status`` counts, per data key id, the values sealed under it, and
-  the values still stored in clear (as an import of existing data loads them).
+* ``data-key status [--open-all]`` counts, per data key id, the values sealed
+  under it, and the values still stored in clear (as an import of existing
+  data loads them); then tries each configured key on one row sealed under it
+  per table (a few index probes), or with ``--open-all`` opens every sealed
+  value (a full scan). It exits 1 when a value does not open, or is sealed
+  under a key that is not configured.
 * ``data-key reencrypt [--batch-size N]`` re-seals every value that is not
   under the active key and seals every value left in clear (clearing its
   clear-text column): the second step of a key rotation, and the end of an
@@ -11,7 +15,11 @@
 
 Rotating the data key: put a new key in front of ``APPTGATE_DATA_KEY``
 (``"2:…,1:…"``) on every server, run ``data-key reencrypt``, check
-``data-key status`` shows nothing under key 1, then remove key 1.
+``data-key status`` shows nothing under key 1, then remove key 1. A new key
+takes a new id: the database records each id's check value on first use
+(:func:`service.app.verify_data_keys`), and both commands exit 2, before
+reading or writing a value, when a configured key is not the one recorded
+under its id.
 
 Progress goes to stderr, results to stdout. Neither ever holds a value or a key.
 """
@@ -41,7 +49,14 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     """Register ``data-key status`` and ``data-key reencrypt``."""
     data_key = commands.add_parser("data-key", help="encryption at rest: key usage, re-encryption under the active key")
     sub = data_key.add_subparsers(dest="data_key_command", required=True)
-    sub.add_parser("status", help="count the values per data key id, and the values still in clear")
+    status = sub.add_parser(
+        "status", help="count the values per data key id and the values still in clear; check the keys open them"
+    )
+    status.add_argument(
+        "--open-all",
+        action="store_true",
+        help="open every sealed value (a full scan) instead of one row per data key id and table",
+    )
     reencrypt = sub.add_parser(
         "reencrypt", help="re-seal every value under the active key and seal what is left in clear (resumable)"
     )
@@ -74,12 +89,16 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
         database = await app.open_database(settings, stack)
         await database.ensure_migrated()
         if args.data_key_command == "status":
-            return await _status(database, keys)
+            # A report changes nothing: it checks the recorded check values without recording new ones.
+            await app.verify_data_keys(database, keys, record=False)
+            return await _status(database, keys, open_all=args.open_all)
+        # Re-sealing uses the active key: it is checked, and recorded on first use, before any value is written.
+        await app.verify_data_keys(database, keys)
         return await _reencrypt(database, keys, args.batch_size)
     raise AssertionError("unreachable")
 
 
-async def _status(database: Database, keys: sealing.DataKeyring) -> int:
+async def _status(database: Database, keys: sealing.DataKeyring, *, open_all: bool) -> int:
     async with database.transaction(readonly=True) as conn:
         counts = await sealed_columns.count_values(conn)
     per_key: dict[int, int] = {}
@@ -116,7 +135,64 @@ async def _status(database: Database, keys: sealing.DataKeyring) -> int:
             )
     left = clear + unknown_format + sum(n for key_id, n in per_key.items() if key_id != keys.active_key_id)
     print("nothing to re-encrypt" if not left else f"{left:,} values to re-encrypt: run `data-key reencrypt`")
-    return 0
+    in_use = sorted(per_key)
+    problems = [
+        f"{per_key[key_id]:,} values are sealed under data key {key_id}, which is not configured: they cannot be "
+        "opened; add the key after the active one"
+        for key_id in in_use
+        if key_id not in keys.key_ids
+    ]
+    if unknown_format:
+        problems.append(f"{unknown_format:,} values have an unknown format: they cannot be opened")
+    configured = [key_id for key_id in in_use if key_id in keys.key_ids]
+    if open_all:
+        unreadable = await _open_every_value(database, keys)
+        print(f"opened every sealed value: {len(unreadable):,} do not open")
+    else:
+        unreadable = await _open_one_row_per_key(database, keys, configured)
+        tried = ", ".join(map(str, configured)) or "none in use"
+        print(f"opened one row per data key and table (keys {tried}): {len(unreadable):,} values do not open")
+    problems += [f"{table} {row_id} {column}: the sealed value does not open" for table, row_id, column in unreadable]
+    for problem in problems:
+        print(f"apptgate: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+async def _open_one_row_per_key(
+    database: Database, keys: sealing.DataKeyring, key_ids: list[int]
+) -> list[tuple[str, UUID, str]]:
+    """(table, row id, column) of the values that do not open, in one row per key id and table (index probes).
+
+    A wrong key fails on any of its values; a value altered on its own is
+    found by ``--open-all`` or by ``reencrypt``, which opens what it re-seals.
+    """
+    unreadable: list[tuple[str, UUID, str]] = []
+    async with database.transaction(readonly=True) as conn:
+        for key_id in key_ids:
+            for table in sealing.SEALED_COLUMNS:
+                row = await sealed_columns.row_sealed_under(conn, table, sealing.header(key_id))
+                if row is not None:
+                    failed = sealing.columns_not_opening(keys, table, row.id, row.sealed, key_id)
+                    unreadable += [(table, row.id, column) for column in failed]
+    return unreadable
+
+
+async def _open_every_value(database: Database, keys: sealing.DataKeyring) -> list[tuple[str, UUID, str]]:
+    """(table, row id, column) of every sealed value under a configured key that does not open (a full scan)."""
+    unreadable: list[tuple[str, UUID, str]] = []
+    for table in sealing.SEALED_COLUMNS:
+        after: UUID | None = None
+        while True:
+            async with database.transaction(readonly=True) as conn:
+                rows = await sealed_columns.sealed_rows(conn, table, after=after, limit=DEFAULT_BATCH_SIZE)
+            for row in rows:
+                for key_id in keys.key_ids:  # values under keys not configured are counted by the report
+                    failed = sealing.columns_not_opening(keys, table, row.id, row.sealed, key_id)
+                    unreadable += [(table, row.id, column) for column in failed]
+            if len(rows) < DEFAULT_BATCH_SIZE:
+                break
+            after = rows[-1].id
+    return unreadable
 
 
 class _Progress:

@@ -12,6 +12,13 @@ new key in front of the ring, re-sealing every value under it
 (``python -m service data-key reencrypt``), then retiring the old key.
 AES-GCM hides the content, not the length.
 
+A wrong key configured under an id that sealed values would seal new values
+no real key opens and fail every read of the old ones. Each key therefore has
+a check value (:func:`key_check`), a one-way fingerprint that tells nothing of
+the key, which the database records for its id on first use
+(``service/store/data_keys.py``); a key whose check value differs from the
+recorded one is refused at start.
+
 Which columns are sealed is decided here too (:data:`SEALED_COLUMNS`), so the
 API layer that seals, the partner path that opens and the operator command
 that re-seals agree on the names bound into the associated data.
@@ -24,6 +31,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import os
 import struct
 from collections.abc import Iterable, Mapping, Sequence
@@ -42,6 +51,9 @@ _HEADER = struct.Struct(">BH")
 _NONCE_SIZE = 12
 _TAG_SIZE = 16
 _AAD_PREFIX = b"apptgate-sealed|"
+#: The message a key's check value authenticates, and the bytes of the check value kept.
+_CHECK_MESSAGE = b"apptgate-data-key-check"
+CHECK_SIZE = 16
 
 PATIENTS = "patients"
 APPOINTMENTS = "appointments"
@@ -69,6 +81,16 @@ def key_id_of(blob: bytes) -> int:
     return int(_HEADER.unpack_from(blob)[1])
 
 
+def key_check(key: bytes) -> bytes:
+    """The check value of a data key: HMAC-SHA256(key, "apptgate-data-key-check"), its first 16 bytes.
+
+    A keyed hash of a fixed message: it tells whether two keys are the same
+    without revealing either (finding the key from it is as hard as breaking
+    HMAC-SHA256 under a random 256-bit key). It is never used to seal.
+    """
+    return hmac.new(key, _CHECK_MESSAGE, hashlib.sha256).digest()[:CHECK_SIZE]
+
+
 def _associated_data(head: bytes, table: str, column: str, row_id: UUID) -> bytes:
     return _AAD_PREFIX + head + table.encode() + b"|" + column.encode() + b"|" + row_id.bytes
 
@@ -81,6 +103,7 @@ class DataKeyring:
         if not keys:
             raise ValueError("at least one data key is required")
         ciphers: dict[int, AESGCM] = {}
+        checks: dict[int, bytes] = {}
         for position, (key_id, key) in enumerate(keys, start=1):
             if not isinstance(key_id, int) or not 1 <= key_id <= MAX_KEY_ID:
                 raise ValueError(f"data key {position}: the key id must be an integer from 1 to {MAX_KEY_ID}")
@@ -89,7 +112,9 @@ class DataKeyring:
             if key_id in ciphers:
                 raise ValueError(f"data key {key_id}: the key id appears twice")
             ciphers[key_id] = AESGCM(key)
+            checks[key_id] = key_check(key)
         self._ciphers = ciphers
+        self._checks = checks
         self._active = keys[0][0]
 
     @classmethod
@@ -125,6 +150,10 @@ class DataKeyring:
     def key_ids(self) -> tuple[int, ...]:
         """Every key id of the ring, the active one first."""
         return tuple(self._ciphers)
+
+    def check_value(self, key_id: int) -> bytes:
+        """The check value (:func:`key_check`) of the key ``key_id``. Raises ``KeyError`` for an id not in the ring."""
+        return self._checks[key_id]
 
     def __repr__(self) -> str:
         return f"DataKeyring(key_ids={self.key_ids!r})"
@@ -265,6 +294,24 @@ def reseal(
     return keys.seal(
         keys.open(sealed, table=table, column=column, row_id=row_id), table=table, column=column, row_id=row_id
     )
+
+
+def columns_not_opening(
+    keys: DataKeyring, table: str, row_id: UUID, sealed: Mapping[str, bytes | None], key_id: int
+) -> list[str]:
+    """The columns of one stored row whose value sealed under ``key_id`` does not open (how a key is tried on data).
+
+    Values sealed under other keys, and absent ones, are left out.
+    """
+    failed = []
+    for column, value in sealed.items():
+        if value is None or value[: _HEADER.size] != header(key_id):
+            continue
+        try:
+            keys.open(value, table=table, column=column, row_id=row_id)
+        except SealError:
+            failed.append(column)
+    return failed
 
 
 def parse_header(head: bytes) -> tuple[int, int]:

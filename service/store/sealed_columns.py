@@ -1,6 +1,6 @@
 """The sealed columns as a whole: what re-sealing and the key-usage reports read and write.
 
-Only ``python -m service data-key …`` and the check at ``serve`` start use
+Only ``python -m service data-key …`` and the checks at ``serve`` start use
 this module; the service's own writes go through :mod:`service.store.scheduling`.
 Values stay opaque bytes here: opening and sealing happen in
 :mod:`service.crypto.sealing`, never in SQL. Table and column names come from
@@ -10,6 +10,8 @@ Values stay opaque bytes here: opening and sealing happen in
 from __future__ import annotations
 
 from uuid import UUID
+
+import asyncpg
 
 from service import models
 from service.crypto.sealing import SEALED_COLUMNS
@@ -34,9 +36,14 @@ def _clear(column: str) -> str:
     return f"{column}::text"
 
 
+def _select(table: str) -> str:
+    columns = SEALED_COLUMNS[table]
+    return ", ".join(["id", *(f"sealed_{c}" for c in columns), *(f"{_clear(c)} AS {c}" for c in columns)])
+
+
 def _batch_statements(table: str) -> tuple[str, str]:
     columns = SEALED_COLUMNS[table]
-    select = ", ".join(["id", *(f"sealed_{c}" for c in columns), *(f"{_clear(c)} AS {c}" for c in columns)])
+    select = _select(table)
     # Work left: a value in clear, or a seal whose header is not the active key's ($1).
     work = " OR ".join([_any_clear(table), *(f"{_header(c)} <> $1" for c in columns)])
     tail = "ORDER BY id LIMIT $2 FOR NO KEY UPDATE"
@@ -47,6 +54,23 @@ def _batch_statements(table: str) -> tuple[str, str]:
 
 
 _BATCH = {table: _batch_statements(table) for table in SEALED_COLUMNS}
+#: One row whose indexed column carries a given seal header: a probe of the data-key index (migration 0001).
+_SAMPLE = {
+    table: f"SELECT {_select(table)} FROM {table} WHERE {_header(column)} = $1 LIMIT 1"
+    for table, column in _INDEXED_COLUMN.items()
+}
+
+
+def _sealed_statements(table: str) -> tuple[str, str]:
+    any_sealed = " OR ".join(f"sealed_{c} IS NOT NULL" for c in SEALED_COLUMNS[table])
+    select = _select(table)
+    return (
+        f"SELECT {select} FROM {table} WHERE ({any_sealed}) ORDER BY id LIMIT $1",
+        f"SELECT {select} FROM {table} WHERE id > $2 AND ({any_sealed}) ORDER BY id LIMIT $1",
+    )
+
+
+_SEALED = {table: _sealed_statements(table) for table in SEALED_COLUMNS}
 _WRITE = {
     table: f"UPDATE {table} SET "
     + ", ".join([*(f"sealed_{c} = ${i}" for i, c in enumerate(columns, start=2)), *(f"{c} = NULL" for c in columns)])
@@ -68,11 +92,29 @@ async def rows_to_reseal(
         rows = await conn.fetch(first, active_header, limit)
     else:
         rows = await conn.fetch(following, active_header, limit, after)
+    return [_sealable(table, row) for row in rows]
+
+
+def _sealable(table: str, row: asyncpg.Record) -> models.SealableRow:
     columns = SEALED_COLUMNS[table]
-    return [
-        models.SealableRow(row["id"], {c: row[f"sealed_{c}"] for c in columns}, {c: row[c] for c in columns})
-        for row in rows
-    ]
+    return models.SealableRow(row["id"], {c: row[f"sealed_{c}"] for c in columns}, {c: row[c] for c in columns})
+
+
+async def row_sealed_under(conn: Connection, table: str, header: bytes) -> models.SealableRow | None:
+    """One row of ``table`` sealed under the seal header ``header`` (one index probe), or None when there is none.
+
+    The row stands for every value sealed under that header (the gateway seals
+    a row's values together): opening it tests the key without opening them all.
+    """
+    row = await conn.fetchrow(_SAMPLE[table], header)
+    return None if row is None else _sealable(table, row)
+
+
+async def sealed_rows(conn: Connection, table: str, *, after: UUID | None, limit: int) -> list[models.SealableRow]:
+    """The next ``limit`` rows of ``table`` (in id order, after ``after``) holding any sealed value."""
+    first, following = _SEALED[table]
+    rows = await conn.fetch(first, limit) if after is None else await conn.fetch(following, limit, after)
+    return [_sealable(table, row) for row in rows]
 
 
 async def write_sealed(conn: Connection, table: str, rows: list[tuple[UUID, dict[str, bytes | None]]]) -> None:

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -474,3 +475,168 @@ async def test_a_value_copied_to_another_row_does_not_open_and_answers_internal(
 
     assert caught.value.code() == grpc.StatusCode.INTERNAL
     assert first.email not in str(caught.value.details())
+
+
+# --- a wrong data key under a known id: refused at start, by `data-key status` and before `data-key reencrypt` -------
+
+
+def _serve_env(database_dsn: str, tmp_path: Path, data_key: str, **extra: str) -> dict[str, str]:
+    return harness.environment(
+        **{
+            "DATABASE_URL": database_dsn,
+            "APPTGATE_DATA_DIR": str(tmp_path / "serve-data"),
+            "APPTGATE_DATA_KEY": data_key,
+            "APPTGATE_INTERNAL_TOKEN": harness.INTERNAL_TOKEN,
+            "APPTGATE_PARTNER_ADDR": f"127.0.0.1:{harness.free_port()}",
+            "APPTGATE_INTERNAL_ADDR": f"127.0.0.1:{harness.free_port()}",
+            "APPTGATE_WORKERS": "1",
+            **extra,
+        }
+    )
+
+
+async def _serve_until_refused(env: dict[str, str]) -> tuple[int, str]:
+    """Run ``serve``, which is expected to exit on its own (refusing to start); return its exit code and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service", "serve", env=env, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        _, err = await asyncio.wait_for(process.communicate(), timeout=90)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode, err.decode()
+
+
+async def _serve_then_stop(env: dict[str, str]) -> None:
+    """Run ``serve`` until both listeners accept connections, then stop it with SIGTERM; it must exit 0."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service", "serve", env=env, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for variable in ("APPTGATE_PARTNER_ADDR", "APPTGATE_INTERNAL_ADDR"):
+            await harness.wait_for_port(int(env[variable].rsplit(":", 1)[1]), within=60)
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), timeout=30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def _recorded_checks(database_dsn: str) -> dict[int, bytes]:
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        return {r["key_id"]: r["check_value"] for r in await conn.fetch("SELECT * FROM data_key_checks")}
+    finally:
+        await conn.close()
+
+
+def _wrong_key_line(key_id: int) -> str:
+    return (
+        f"apptgate: data key {key_id} is not the key this database recorded under id {key_id} (their check values "
+        f"differ): configure the original key {key_id}; a new key takes a new id"
+    )
+
+
+async def test_the_first_start_records_a_check_value_and_then_a_wrong_key_under_that_id_is_refused_everywhere(
+    settings: Settings, database: Database, database_dsn: str, keyring: ConsentKeyring, tmp_path: Path
+) -> None:
+    k1, wrong, k2 = os.urandom(32), os.urandom(32), os.urandom(32)
+    async with _running(settings, database, Secrets(os.urandom(32), keyring, DataKeyring([(1, k1)]))) as world:
+        await _seed(world, count=1)
+    assert await _recorded_checks(database_dsn) == {}  # sealing alone records nothing; a start does
+
+    await _serve_then_stop(_serve_env(database_dsn, tmp_path, harness.data_key_text((1, k1))))
+
+    assert await _recorded_checks(database_dsn) == {1: sealing.key_check(k1)}
+    assert k1[:8] not in sealing.key_check(k1)
+    wrong_text = harness.data_key_text((1, wrong))
+    code, err = await _serve_until_refused(_serve_env(database_dsn, tmp_path, wrong_text))
+    assert (code, err.strip()) == (2, _wrong_key_line(1))  # the one line; the development keys were made already
+    code, out, err = await _data_key(database_dsn, tmp_path, wrong_text, "status")
+    assert (code, out, err.strip()) == (2, "", _wrong_key_line(1))
+    code, out, err = await _data_key(database_dsn, tmp_path, harness.data_key_text((2, k2), (1, wrong)), "reencrypt")
+    assert (code, out, err.strip()) == (2, "", _wrong_key_line(1))
+    # Nothing was re-sealed, and key 2 was not recorded by the refused run: it may still come with the right key 1.
+    assert await _key_ids_stored(database_dsn) == {1: 6}
+    assert await _recorded_checks(database_dsn) == {1: sealing.key_check(k1)}
+    # Several workers: each refuses, and the supervisor does not serve either.
+    supervised = _serve_env(database_dsn, tmp_path, wrong_text, APPTGATE_WORKERS="2")
+    code, err = await _serve_until_refused(supervised)
+    assert code != 0 and _wrong_key_line(1) in err and "Traceback" not in err
+
+    code, _, err = await _data_key(database_dsn, tmp_path, harness.data_key_text((2, k2), (1, k1)), "reencrypt")
+    assert code == 0, err
+    assert await _recorded_checks(database_dsn) == {1: sealing.key_check(k1), 2: sealing.key_check(k2)}
+
+
+async def test_a_wrong_key_is_refused_before_its_id_has_a_check_value_by_the_values_it_does_not_open(
+    settings: Settings, database: Database, database_dsn: str, keyring: ConsentKeyring, tmp_path: Path
+) -> None:
+    k1, wrong = os.urandom(32), os.urandom(32)
+    async with _running(settings, database, Secrets(os.urandom(32), keyring, DataKeyring([(1, k1)]))) as world:
+        seeded = await _seed(world, count=1)
+    patient_id = seeded.patients[0].patient_id
+    wrong_text = harness.data_key_text((1, wrong))
+    expected = (
+        f"apptgate: data key 1 opens none of the values sealed under id 1 that it was tried on (patients {patient_id}: "
+        "given_name, family_name, sex, phone, email): configure the key that sealed them under id 1"
+    )
+
+    status = await _data_key(database_dsn, tmp_path, wrong_text, "status")
+    reencrypt = await _data_key(database_dsn, tmp_path, wrong_text, "reencrypt")
+    served = await _serve_until_refused(_serve_env(database_dsn, tmp_path, wrong_text))
+
+    assert (status[0], status[2].strip()) == (2, expected)
+    assert (reencrypt[0], reencrypt[2].strip()) == (2, expected)
+    # serve logs (JSON) its development keys first; the refusal is its last line.
+    assert (served[0], served[1].strip().splitlines()[-1]) == (2, expected)
+    assert "Traceback" not in served[1]
+    assert await _recorded_checks(database_dsn) == {}  # the wrong key was not recorded
+    code, out, err = await _data_key(database_dsn, tmp_path, harness.data_key_text((1, k1)), "status")
+    assert code == 0, err
+    assert "opened one row per data key and table (keys 1): 0 values do not open" in out
+
+
+async def test_status_exits_1_when_a_value_does_not_open_or_its_key_is_not_configured(
+    settings: Settings, database: Database, database_dsn: str, keyring: ConsentKeyring, tmp_path: Path
+) -> None:
+    key = os.urandom(32)
+    async with _running(settings, database, Secrets(os.urandom(32), keyring, DataKeyring([(1, key)]))) as world:
+        seeded = await _seed(world, count=2)
+    first, second = (harness.uuid_of(p.patient_id) for p in seeded.patients)
+    key_text = harness.data_key_text((1, key))
+    code, out, err = await _data_key(database_dsn, tmp_path, key_text, "status", "--open-all")
+    assert (code, err) == (0, "")
+    assert "opened every sealed value: 0 do not open" in out
+    conn = await asyncpg.connect(database_dsn)
+    try:  # someone with write access swaps two patients' sealed emails: each opens for its own row only
+        await conn.execute(
+            "UPDATE patients p SET sealed_email = o.sealed_email FROM patients o WHERE p.id = $1 AND o.id = $2 "
+            "OR p.id = $2 AND o.id = $1",
+            first,
+            second,
+        )
+    finally:
+        await conn.close()
+
+    sampled = await _data_key(database_dsn, tmp_path, key_text, "status")
+    scanned = await _data_key(database_dsn, tmp_path, key_text, "status", "--open-all")
+    unconfigured = await _data_key(database_dsn, tmp_path, harness.data_key_text((2, os.urandom(32))), "status")
+
+    assert sampled[0] == 1
+    assert re.fullmatch(r"apptgate: patients \S+ email: the sealed value does not open\n", sampled[2])
+    assert scanned[0] == 1
+    assert sorted(scanned[2].splitlines()) == sorted(
+        f"apptgate: patients {row} email: the sealed value does not open" for row in (first, second)
+    )
+    assert unconfigured[0] == 1
+    assert (
+        "apptgate: 12 values are sealed under data key 1, which is not configured: they cannot be opened; add the "
+        "key after the active one" in unconfigured[2]
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import pickle
 import stat
 from collections.abc import Callable
@@ -830,3 +831,77 @@ def test_bad_key_text_is_a_config_error_without_the_text(tmp_path: Path, where: 
 def test_public_only_key_cannot_be_the_active_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="active"):
         load_signing_keys(Settings(signing_key=SigningKey.generate().public_paserk))
+
+
+def test_the_data_directory_is_created_0700_and_the_key_0600_even_at_umask_000(tmp_path: Path) -> None:
+    previous = os.umask(0)
+    try:
+        load_signing_keys(Settings(data_dir=tmp_path / "parent" / "data"))
+    finally:
+        os.umask(previous)
+
+    assert stat.S_IMODE((tmp_path / "parent" / "data").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "parent" / "data" / SIGNING_KEYS_FILE).stat().st_mode) == 0o600
+
+
+def test_a_data_directory_other_users_can_write_is_refused_before_its_key_is_used(tmp_path: Path) -> None:
+    # What umask 000 left behind: anyone could have put their own key in it.
+    data = tmp_path / "data"
+    data.mkdir()
+    data.chmod(0o777)
+    (data / SIGNING_KEYS_FILE).write_text(SigningKey.generate().secret_paserk() + "\n")
+
+    with pytest.raises(ConfigError) as caught:
+        load_signing_keys(Settings(data_dir=data))
+
+    assert caught.value.problems == [
+        f"APPTGATE_DATA_DIR: {data} can be written by other users (mode 0777): chmod 700 {data}"
+    ]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user takes root")
+def test_a_development_key_file_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    planted = data / SIGNING_KEYS_FILE
+    planted.write_text(SigningKey.generate().secret_paserk() + "\n")
+    planted.chmod(0o600)
+    os.chown(planted, 65534, 65534)
+
+    with pytest.raises(ConfigError) as caught:
+        load_signing_keys(Settings(data_dir=data))
+
+    [problem] = caught.value.problems
+    assert problem.startswith(
+        f"the development consent-signing key (APPTGATE_SIGNING_KEY unset): {planted} is owned by"
+    )
+    assert problem.endswith(f"chown root {planted}")
+
+
+@pytest.mark.parametrize("where", ["APPTGATE_SIGNING_KEY_FILE", "development file"])
+def test_a_signing_key_behind_a_symbolic_link_is_refused(tmp_path: Path, where: str) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_text(SigningKey.generate().secret_paserk() + "\n")
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    link = data / SIGNING_KEYS_FILE
+    link.symlink_to(target)
+    settings = Settings(data_dir=data, signing_key_file=link if where != "development file" else None)
+
+    with pytest.raises(ConfigError) as caught:
+        load_signing_keys(settings)
+
+    [problem] = caught.value.problems
+    assert problem.endswith(f"{link} is a symbolic link: name the file itself")
+
+
+def test_a_dangling_link_in_place_of_the_development_key_is_refused_not_followed(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    target = tmp_path / "created-through-the-link"
+    (data / SIGNING_KEYS_FILE).symlink_to(target)
+
+    with pytest.raises(ConfigError, match="is a symbolic link"):
+        load_signing_keys(Settings(data_dir=data))
+
+    assert not target.exists()

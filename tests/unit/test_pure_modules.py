@@ -23,6 +23,8 @@ from service.disclosure import pagination
 from service.disclosure.pseudonyms import Pseudonyms, looks_like_appointment_id
 
 SECRET = b"k" * 32
+#: An internal token the settings accept: long, and of many different characters.
+STRONG_TOKEN = "Zq4vT9-kLm2xR7_pWn8sYc3bHj6dGf5a"
 
 
 class TestPseudonyms:
@@ -230,8 +232,112 @@ class TestSettings:
         assert loaded.partner_addr == "127.0.0.1:2"
 
     def test_secrets_are_not_in_the_repr(self) -> None:
-        loaded = settings.load({"APPTGATE_INTERNAL_TOKEN": "s3cr3t" * 10, "APPTGATE_SERVER_SECRET": "zz" * 30})
-        assert "s3cr3t" not in repr(loaded) and "zzzz" not in repr(loaded)
+        loaded = settings.load({"APPTGATE_INTERNAL_TOKEN": STRONG_TOKEN, "APPTGATE_SERVER_SECRET": "zz" * 30})
+        assert STRONG_TOKEN[:12] not in repr(loaded) and "zzzz" not in repr(loaded)
+
+    def test_no_database_password_is_in_the_repr_from_a_url_or_a_password_file(self, tmp_path: Path) -> None:
+        main_file, partner_file = tmp_path / "main.pass", tmp_path / "partner.pass"
+        main_file.write_text("Pw-from-FILE-main\n")
+        partner_file.write_text("Pw-from-FILE-partner\n")
+        token_file = tmp_path / "token"
+        token_file.write_text(STRONG_TOKEN + "\n")
+        from_urls = settings.load(
+            {
+                "DATABASE_URL": "postgresql://owner:Pw-in-URL-main@db.example:5432/app",
+                "APPTGATE_PARTNER_DATABASE_URL": "postgresql://apptgate_partner:Pw-in-URL-partner@db.example/app",
+            }
+        )
+        from_files = settings.load(
+            {
+                "DATABASE_URL": "postgresql://owner@db.example:5432/app",
+                "APPTGATE_DATABASE_PASSWORD_FILE": str(main_file),
+                "APPTGATE_PARTNER_DATABASE_PASSWORD_FILE": str(partner_file),
+                "APPTGATE_INTERNAL_TOKEN_FILE": str(token_file),
+            }
+        )
+
+        shown = repr(from_urls) + repr(from_files) + str(from_files)
+        assert "Pw-" not in shown and STRONG_TOKEN[:12] not in shown
+        # The check can fail: the values are there, only not shown.
+        assert from_files.database_url == "postgresql://owner:Pw-from-FILE-main@db.example:5432/app"
+        assert from_files.internal_token == STRONG_TOKEN
+        assert str(main_file) in shown  # a path is not a secret
+
+    @pytest.mark.parametrize(
+        ("token", "complaint"),
+        [
+            ("a" * 64, "at least 8 different characters"),
+            (" " * 40, "white space"),
+            ("ab" * 20, "at least 8 different characters"),
+            (STRONG_TOKEN[:20] + " " + STRONG_TOKEN[20:], "white space"),
+            (STRONG_TOKEN[:31], "at least 32 characters"),
+            (STRONG_TOKEN[:30] + "é" * 4, "printable ASCII"),
+        ],
+    )
+    def test_a_short_or_trivially_weak_internal_token_is_refused(self, token: str, complaint: str) -> None:
+        with pytest.raises(errors.ConfigError) as caught:
+            settings.load({"APPTGATE_INTERNAL_TOKEN": token})
+        [problem] = caught.value.problems
+        assert problem.startswith("APPTGATE_INTERNAL_TOKEN: ") and complaint in problem
+        assert token.strip() not in problem or not token.strip()
+
+    def test_the_internal_token_file_is_read_trimmed_checked_and_loses_to_the_variable(self, tmp_path: Path) -> None:
+        path = tmp_path / "token"
+        path.write_text(f"  {STRONG_TOKEN}\n")
+        assert settings.load({"APPTGATE_INTERNAL_TOKEN_FILE": str(path)}).internal_token == STRONG_TOKEN
+        other = STRONG_TOKEN[::-1]
+        both = {"APPTGATE_INTERNAL_TOKEN_FILE": str(path), "APPTGATE_INTERNAL_TOKEN": other}
+        assert settings.load(both).internal_token == other
+        path.write_text("x" * 40 + "\n")
+        with pytest.raises(errors.ConfigError) as caught:
+            settings.load({"APPTGATE_INTERNAL_TOKEN_FILE": str(path)})
+        assert caught.value.problems == [
+            f"APPTGATE_INTERNAL_TOKEN_FILE: the token in {path} is too weak: it must mix at least 8 different "
+            "characters (generate one with `openssl rand -base64 32`)"
+        ]
+
+    def test_a_password_file_replaces_the_urls_password_and_is_url_quoted(self, tmp_path: Path) -> None:
+        path = tmp_path / "pass"
+        path.write_text("p@ss:w/rd%\n")
+        loaded = settings.load(
+            {
+                "DATABASE_URL": "postgresql://owner:old@db.example:5432/app?sslmode=require",
+                "APPTGATE_DATABASE_PASSWORD_FILE": str(path),
+                "APPTGATE_PARTNER_DATABASE_PASSWORD_FILE": str(path),
+            }
+        )
+        assert loaded.database_url == "postgresql://owner:p%40ss%3Aw%2Frd%25@db.example:5432/app?sslmode=require"
+        # Without APPTGATE_PARTNER_DATABASE_URL, the partner login is derived from DATABASE_URL, with its password.
+        assert loaded.partner_database_url == (
+            "postgresql://apptgate_partner:p%40ss%3Aw%2Frd%25@db.example:5432/app?sslmode=require"
+        )
+
+    @pytest.mark.parametrize(
+        ("environ", "problem"),
+        [
+            ({}, "APPTGATE_DATABASE_PASSWORD_FILE: needs DATABASE_URL (the embedded database takes none)"),
+            (
+                {"DATABASE_URL": "postgresql://owner@db/app?password=inline"},
+                "DATABASE_URL: the URL holds a password parameter; with a password file, remove it",
+            ),
+            ({"DATABASE_URL": "mysql://owner@db/app"}, "DATABASE_URL: a password file needs a postgresql:// URL"),
+        ],
+    )
+    def test_a_password_file_that_cannot_apply_is_refused_without_echoing_the_url(
+        self, tmp_path: Path, environ: dict[str, str], problem: str
+    ) -> None:
+        path = tmp_path / "pass"
+        path.write_text("secret-password\n")
+        with pytest.raises(errors.ConfigError) as caught:
+            settings.load({**environ, "APPTGATE_DATABASE_PASSWORD_FILE": str(path)})
+        assert caught.value.problems == [problem]
+
+    def test_an_empty_password_file_is_refused(self, tmp_path: Path) -> None:
+        path = tmp_path / "pass"
+        path.write_text("\n")
+        with pytest.raises(errors.ConfigError) as caught:
+            settings.load({"DATABASE_URL": "postgresql://owner@db/app", "APPTGATE_DATABASE_PASSWORD_FILE": str(path)})
+        assert caught.value.problems == ["DATABASE_URL: its password file is empty"]
 
     @pytest.mark.parametrize(
         ("addr", "loopback"),
@@ -269,7 +375,7 @@ class TestSettings:
         self, environ: dict[str, str], refused: list[str]
     ) -> None:
         loaded = settings.load(
-            {"APPTGATE_PARTNER_ADDR": "127.0.0.1:1", "APPTGATE_INTERNAL_TOKEN": "t" * 16 + "u" * 16, **environ}
+            {"APPTGATE_PARTNER_ADDR": "127.0.0.1:1", "APPTGATE_INTERNAL_TOKEN": STRONG_TOKEN, **environ}
         )
         try:
             check_transport_security(loaded)

@@ -101,6 +101,41 @@ class TestSealAndOpen:
         assert repr(keys) == "DataKeyring(key_ids=(2, 1))"
 
 
+class TestKeyCheck:
+    def test_the_check_value_is_hmac_sha256_of_a_fixed_message_truncated_and_not_the_key(self) -> None:
+        import hashlib
+        import hmac
+
+        check = sealing.key_check(K1)
+
+        assert check == hmac.new(K1, b"apptgate-data-key-check", hashlib.sha256).digest()[:16]
+        assert len(check) == sealing.CHECK_SIZE == 16
+        assert K1[:8] not in check and check not in K1
+
+    def test_each_key_of_a_ring_has_its_own_check_value_and_the_same_key_the_same_one(self) -> None:
+        ring = DataKeyring([(2, K2), (1, K1)])
+        wrong = DataKeyring([(1, os.urandom(32))])
+
+        assert ring.check_value(1) == DataKeyring([(1, K1)]).check_value(1) == sealing.key_check(K1)
+        assert ring.check_value(2) != ring.check_value(1)
+        assert wrong.check_value(1) != ring.check_value(1)
+        with pytest.raises(KeyError):
+            ring.check_value(3)
+
+    def test_columns_not_opening_tries_only_the_values_under_the_key_asked(self) -> None:
+        ring = DataKeyring([(2, K2), (1, K1)])
+        sealed = {
+            "phone": DataKeyring([(1, K1)]).seal(SECRET_TEXT, **PLACE),
+            "email": DataKeyring([(1, os.urandom(32))]).seal("x@example.invalid", **{**PLACE, "column": "email"}),
+            "given_name": ring.seal("G", **{**PLACE, "column": "given_name"}),
+            "family_name": None,
+        }
+
+        assert sealing.columns_not_opening(ring, "patients", ROW, sealed, 1) == ["email"]
+        assert sealing.columns_not_opening(ring, "patients", ROW, sealed, 2) == []
+        assert sealing.columns_not_opening(ring, "patients", uuid.uuid4(), sealed, 2) == ["given_name"]
+
+
 class TestRotation:
     def test_the_first_key_seals_and_every_key_opens(self) -> None:
         old = DataKeyring([(1, K1)]).seal(SECRET_TEXT, **PLACE)
@@ -247,6 +282,32 @@ class TestConfiguration:
         path = tmp_path / "keys"
         path.write_text(f"{_text(3, K2)}\n{_text(1, K1)}\n")
         assert load_data_keys(Settings(data_dir=tmp_path, data_key_file=path)).key_ids == (3, 1)
+
+    @pytest.mark.parametrize("unsafe", ["mode 0666", "mode 0620", "symbolic link"])
+    def test_a_key_file_others_could_write_or_a_link_is_refused_without_its_text(
+        self, tmp_path: Path, unsafe: str
+    ) -> None:
+        text = f"{_text(1, K1)}\n"
+        real = tmp_path / "keys"
+        real.write_text(text)
+        path = real
+        if unsafe == "symbolic link":
+            path = tmp_path / "link"
+            path.symlink_to(real)
+        else:
+            real.chmod(int(unsafe.removeprefix("mode "), 8))
+
+        with pytest.raises(ConfigError) as caught:
+            load_data_keys(Settings(data_dir=tmp_path, data_key_file=path))
+
+        [problem] = caught.value.problems
+        expected = (
+            f"APPTGATE_DATA_KEY_FILE: {path} is a symbolic link: name the file itself"
+            if unsafe == "symbolic link"
+            else f"APPTGATE_DATA_KEY_FILE: {path} can be written by other users ({unsafe}): chmod 600 {path}"
+        )
+        assert problem == expected
+        assert text.split(":")[1][:8] not in str(caught.value)
 
     def test_production_requires_a_configured_key(self, tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match="APPTGATE_DATA_KEY or APPTGATE_DATA_KEY_FILE is required"):
