@@ -37,12 +37,14 @@ from service.api.reflection import documented_files
 from service.api.server import ErrorBoundary, Listener, start_listener
 from service.crypto import sealing
 from service.crypto.keyfiles import load_data_keys, load_server_secret, load_signing_keys, private_data_dir
+from service.disclosure.consent_requests import ConsentRequests
 from service.disclosure.pagination import PageTokens
 from service.disclosure.pseudonyms import Pseudonyms, derive_key
 from service.disclosure.reads import PartnerReads
 from service.disclosure.record import DisclosureRecorder
 from service.disclosure.views import BasicPages
 from service.errors import ApptgateError, ConfigError
+from service.feed.consent_requests import ConsentRequestWatches
 from service.feed.delivery import Deliveries
 from service.feed.hub import FeedHub
 from service.feed.watch import Watches
@@ -165,23 +167,11 @@ class Gateway:
             max_streams_per_partner=settings.feed_max_streams,
             retention=settings.feed_retention,
         )
-        self._internal_token = credentials.InternalToken(settings.internal_token)
-        self._documented = documented_files()
-        self._health_task: asyncio.Task[None] | None = None
-        self._sequencer_task: asyncio.Task[None] | None = None
-        self.partner: Listener | None = None
-        self.internal: Listener | None = None
-
-    def partner_appointment_id(self, partner_id: UUID, appointment_id: UUID) -> str:
-        """The id a partner knows an appointment by (for the demo's walk-through)."""
-        return self._parts.pseudonyms.for_partner(partner_id).appointment_id(appointment_id)
-
-    def _register_partner(self, server: grpc.aio.Server) -> list[str]:
-        parts, database = self._parts, self.database
-        gate = PartnerGate(database, self._guard)
-        reads = PartnerReads(
+        parts = self._parts
+        self._gate = PartnerGate(database, self._guard)
+        self._reads = PartnerReads(
             database,
-            gate,
+            self._gate,
             parts.recorder,
             parts.pseudonyms,
             parts.page_tokens,
@@ -190,10 +180,46 @@ class Gateway:
             parts.data_keys,
             self.telemetry,
         )
+        self._consent_requests = ConsentRequests(
+            database,
+            self._gate,
+            self._reads,
+            parts.pseudonyms,
+            self._keyring,
+            parts.data_keys,
+            lapse=settings.consent_request_ttl,
+            daily_cap=settings.consent_request_daily_cap,
+        )
+        self._internal_token = credentials.InternalToken(settings.internal_token)
+        self._documented = documented_files()
+        self._health_task: asyncio.Task[None] | None = None
+        self._sequencer_task: asyncio.Task[None] | None = None
+        self._expiry_task: asyncio.Task[None] | None = None
+        self.partner: Listener | None = None
+        self.internal: Listener | None = None
+
+    def partner_appointment_id(self, partner_id: UUID, appointment_id: UUID) -> str:
+        """The id a partner knows an appointment by (for the demo's walk-through)."""
+        return self._parts.pseudonyms.for_partner(partner_id).appointment_id(appointment_id)
+
+    def _register_partner(self, server: grpc.aio.Server) -> list[str]:
+        parts, database, gate = self._parts, self.database, self._gate
         deliveries = Deliveries(database, gate, parts.pseudonyms, parts.page_tokens)
         watches = Watches(database, gate, self.feed, deliveries, parts.page_tokens, self.telemetry)
+        request_watches = ConsentRequestWatches(
+            database, gate, self.feed, self._consent_requests, parts.page_tokens, self.telemetry
+        )
         partner_appointment_service_pb2_grpc.add_PartnerAppointmentServiceServicer_to_server(
-            partner.PartnerAppointmentApi(gate, reads, watches, self._keyring), server
+            partner.PartnerAppointmentApi(
+                gate,
+                self._reads,
+                watches,
+                self._keyring,
+                self._consent_requests,
+                request_watches,
+                self.settings.consent_max_ttl,
+            ),
+            server,
         )
         return [partner.SERVICE_NAME]
 
@@ -206,7 +232,14 @@ class Gateway:
             registry.PartnerRegistryApi(self.database, self._guard), server
         )
         consent_service_pb2_grpc.add_ConsentServiceServicer_to_server(
-            consents.ConsentApi(self.database, self._keyring, self._parts.pseudonyms, self.settings.consent_max_ttl),
+            consents.ConsentApi(
+                self.database,
+                self._keyring,
+                self._parts.pseudonyms,
+                self.settings.consent_max_ttl,
+                self._consent_requests,
+                self._parts.page_tokens,
+            ),
             server,
         )
         audit_service_pb2_grpc.add_AuditServiceServicer_to_server(
@@ -252,6 +285,10 @@ class Gateway:
             raise
         self._health_task = asyncio.create_task(self._watch_database(), name="apptgate-health")
         self._sequencer_task = asyncio.create_task(self._chain_ledger(), name="apptgate-ledger-sequencer")
+        self._expiry_task = asyncio.create_task(
+            self._consent_requests.run_expiry(self.feed.consent_request_activity),
+            name="apptgate-consent-request-expiry",
+        )
 
     async def _chain_ledger(self) -> None:
         """Hash-chain committed disclosure records, off the request path (one process at a time does it).
@@ -284,7 +321,7 @@ class Gateway:
     async def stop(self, grace: float) -> None:
         """Drain both listeners: refuse new calls, let in-flight ones finish for ``grace`` seconds."""
         listeners = [listener for listener in (self.partner, self.internal) if listener is not None]
-        for task in (self._health_task, self._sequencer_task):
+        for task in (self._health_task, self._sequencer_task, self._expiry_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -186,6 +186,25 @@ class ResourceExhausted(_Retryable):
     default_reason = "RESOURCE_EXHAUSTED"
 
 
+class QuotaExhausted(ResourceExhausted):
+    """A quota was used up: ``google.rpc.QuotaFailure`` names it (``subject``, ``description``) beside RetryInfo."""
+
+    def __init__(
+        self, message: str, *, subject: str, description: str, retry_delay: float, reason: str | None = None
+    ) -> None:
+        super().__init__(message, retry_delay=retry_delay, reason=reason)
+        self.subject = subject
+        self.description = description
+
+    def details(self) -> list[any_pb2.Any]:
+        failure = error_details_pb2.QuotaFailure(
+            violations=[error_details_pb2.QuotaFailure.Violation(subject=self.subject, description=self.description)]
+        )
+        packed = any_pb2.Any()
+        packed.Pack(failure)
+        return [*super().details(), packed]
+
+
 class Unavailable(_Retryable):
     """A dependency (the database) is unreachable; retry later."""
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import NamedTuple
 from uuid import UUID
 
@@ -53,6 +53,28 @@ class Outcome(enum.IntEnum):
 
     DISCLOSED = 1
     DENIED = 2
+    #: A consent request made: the fields asked for, nothing sent.
+    REQUESTED = 3
+    #: A consent request approved: the fields granted and the consent created, nothing sent yet.
+    CONSENT_GRANTED = 4
+
+
+class ConsentRequestState(enum.StrEnum):
+    """Where a consent request stands (SQL type ``consent_request_state``).
+
+    The proto enums of both APIs (``ConsentRequestState``) number them in this order, from 1.
+    """
+
+    PENDING = "pending"
+    APPROVED = "approved"
+    DENIED = "denied"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+    @property
+    def number(self) -> int:
+        """The value of ``ConsentRequestState`` in the protos."""
+        return list(ConsentRequestState).index(self) + 1
 
 
 class ChargeOutcome(enum.StrEnum):
@@ -338,6 +360,8 @@ class AffectedPatient:
     contact_fields: tuple[int, ...]
     first_disclosure_time: datetime
     last_disclosure_time: datetime
+    #: Consent requests the partner sent the patient in the window.
+    consent_requests: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,3 +416,56 @@ class PartnerUsage:
     patients_reached: int
     recent_daily_average: float
     flag_time: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestConsent:
+    """The consent an approved request created, as its token is rebuilt from it."""
+
+    id: UUID
+    purpose: str
+    create_time: datetime
+    expire_time: datetime
+    revoke_time: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class PartnerConsentRequest:
+    """A consent request as the partner path reads it: never the message, the purpose still sealed."""
+
+    id: UUID
+    appointment_id: UUID
+    patient_id: UUID
+    fields: tuple[int, ...]
+    sealed_purpose: bytes
+    state: ConsentRequestState
+    create_time: datetime
+    expire_time: datetime
+    decide_time: datetime | None
+    granted_fields: tuple[int, ...]
+    consent: RequestConsent | None
+
+
+@dataclass(frozen=True, slots=True)
+class PatientConsentRequest:
+    """A consent request as the patient app lists it: its partner and appointment, its text sealed."""
+
+    id: UUID
+    partner_id: UUID
+    partner_display_name: str
+    key_id: str
+    appointment_id: UUID
+    appointment_start_time: datetime
+    practitioner_display_name: str
+    practitioner_specialty: str
+    patient_id: UUID
+    fields: tuple[int, ...]
+    sealed_purpose: bytes
+    sealed_message: bytes | None
+    ttl: timedelta
+    state: ConsentRequestState
+    create_time: datetime
+    expire_time: datetime
+    decide_time: datetime | None
+    granted_fields: tuple[int, ...]
+    consent_id: UUID | None

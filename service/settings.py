@@ -443,6 +443,20 @@ class Settings:
         parse=_seconds,
         check=_at_least(1, " second"),
     )
+    consent_request_ttl: timedelta = variable(
+        "APPTGATE_CONSENT_REQUEST_TTL",
+        timedelta(hours=72),
+        "seconds a consent request waits for the patient's answer before it expires",
+        parse=_seconds,
+        check=_at_least(1, " second"),
+    )
+    consent_request_daily_cap: int = variable(
+        "APPTGATE_CONSENT_REQUEST_DAILY_CAP",
+        500,
+        "consent requests per partner and UTC day, across all processes (and 3 per patient per 30 days)",
+        parse=_integer,
+        check=_at_least(0),
+    )
     partner_rps: float = variable(
         "APPTGATE_PARTNER_RPS",
         50.0,

@@ -63,6 +63,7 @@ def affected_patient_message(patient: models.AffectedPatient) -> audit_pb2.Affec
         patient_id=str(patient.patient_id),
         appointment_ids=[str(a) for a in patient.appointment_ids],
         contact_fields=list(patient.contact_fields),  # type: ignore[arg-type]
+        consent_requests=patient.consent_requests,
     )
     set_timestamp(message.first_disclosure_time, patient.first_disclosure_time)
     set_timestamp(message.last_disclosure_time, patient.last_disclosure_time)
@@ -75,6 +76,7 @@ def totals_message(value: breach.Totals) -> audit_pb2.BreachTotals:
         patients=value.patients,
         appointments=value.appointments,
         contact_patients=value.contact_patients,
+        consent_request_patients=value.consent_request_patients,
         fields=[audit_pb2.ContactFieldTotal(field=n, patients=c) for n, c in value.per_field.items()],  # type: ignore[arg-type]
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -15,20 +16,25 @@ from appointments.internal.v1 import (
 from appointments.internal.v1 import (
     consent_service_pb2_grpc as pb_grpc,
 )
-from google.protobuf.duration_pb2 import Duration
 
 from service import models
-from service.access.consent_tokens import CONTACT_FIELDS, ConsentClaims, ConsentKeyring
+from service.access.consent_tokens import ConsentClaims, ConsentKeyring
 from service.api import validation
+from service.disclosure.consent_requests import ConsentRequests, Decision
+from service.disclosure.pagination import PageTokens
 from service.disclosure.pseudonyms import Pseudonyms
 from service.errors import FieldViolation
 from service.store import consents
 from service.store.database import Database
-from service.timestamps import set_timestamp
+from service.timestamps import from_micros, set_timestamp, to_micros
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ConsentService"].full_name
-MIN_TTL = timedelta(seconds=1)
-_MAX_DURATION_SECONDS = 315_576_000_000
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+#: A page of consent requests ends at (create time in microseconds, request id).
+_CURSOR = struct.Struct(">q16s")
+#: ``ConsentRequestState`` numbers of the internal API, to the stored states.
+_STATES = {state.number: state for state in models.ConsentRequestState}
 
 
 def consent_message(row: models.Consent, token: str = "") -> consent_pb2.Consent:
@@ -49,39 +55,24 @@ def consent_message(row: models.Consent, token: str = "") -> consent_pb2.Consent
     return message
 
 
-def _ttl(value: Duration, max_ttl: timedelta, problems: list[FieldViolation]) -> timedelta:
-    if abs(value.seconds) > _MAX_DURATION_SECONDS or not -999_999_999 <= value.nanos <= 999_999_999:
-        problems.append(FieldViolation("ttl", "must be a valid duration"))
-        return timedelta(0)
-    ttl = timedelta(seconds=value.seconds, microseconds=value.nanos // 1000)
-    if ttl < MIN_TTL:
-        problems.append(FieldViolation("ttl", "must be at least 1 second"))
-    elif ttl > max_ttl:
-        problems.append(FieldViolation("ttl", f"must be at most {int(max_ttl.total_seconds())} seconds"))
-    return ttl
-
-
-def _fields(values: list[int], problems: list[FieldViolation]) -> tuple[int, ...]:
-    if not values:
-        problems.append(FieldViolation("fields", "at least one contact field is required"))
-    seen: set[int] = set()
-    for index, value in enumerate(values):
-        if value not in CONTACT_FIELDS:
-            problems.append(FieldViolation(f"fields[{index}]", "must be a contact field other than UNSPECIFIED"))
-        elif value in seen:
-            problems.append(FieldViolation(f"fields[{index}]", "is repeated"))
-        seen.add(value)
-    return tuple(sorted(seen & set(CONTACT_FIELDS)))
-
-
 class ConsentApi(pb_grpc.ConsentServiceServicer):
     """Serves ``appointments.internal.v1.ConsentService``."""
 
-    def __init__(self, database: Database, keyring: ConsentKeyring, pseudonyms: Pseudonyms, max_ttl: timedelta) -> None:
+    def __init__(
+        self,
+        database: Database,
+        keyring: ConsentKeyring,
+        pseudonyms: Pseudonyms,
+        max_ttl: timedelta,
+        requests: ConsentRequests,
+        page_tokens: PageTokens,
+    ) -> None:
         self._db = database
         self._keyring = keyring
         self._pseudonyms = pseudonyms
         self._max_ttl = max_ttl
+        self._requests = requests
+        self._page_tokens = page_tokens
 
     async def GrantConsent(
         self, request: pb.GrantConsentRequest, context: grpc.aio.ServicerContext
@@ -89,9 +80,9 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
         problems: list[FieldViolation] = []
         patient = validation.parse_uuid(request.patient_id, "patient_id", problems)
         partner = validation.parse_uuid(request.partner_id, "partner_id", problems)
-        fields = _fields(list(request.fields), problems)
+        fields = validation.contact_fields(list(request.fields), problems)
         if request.HasField("ttl"):
-            ttl = _ttl(request.ttl, self._max_ttl, problems)
+            ttl = validation.ttl(request.ttl, problems, maximum=self._max_ttl)
         else:
             problems.append(FieldViolation("ttl", "is required"))
         purpose = validation.text(request.purpose, "purpose", problems, max_length=200)
@@ -125,3 +116,74 @@ class ConsentApi(pb_grpc.ConsentServiceServicer):
         async with self._db.transaction(readonly=True) as conn:
             rows = await consents.list_for_patient(conn, patient)
         return pb.ListConsentsResponse(consents=[consent_message(row) for row in rows])
+
+    async def ListConsentRequests(
+        self, request: pb.ListConsentRequestsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListConsentRequestsResponse:
+        problems: list[FieldViolation] = []
+        patient = validation.parse_uuid(request.patient_id, "patient_id", problems)
+        states = []
+        for index, value in enumerate(request.states):
+            if value not in _STATES:
+                problems.append(FieldViolation(f"states[{index}]", "must be a state other than UNSPECIFIED"))
+            else:
+                states.append(_STATES[value])
+        size = validation.page_size(request.page_size, problems, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
+        validation.raise_if(problems)
+        assert patient is not None
+        binding = b"ListConsentRequests|" + patient.bytes + b"|" + ",".join(sorted(s.value for s in states)).encode()
+        before = None
+        if request.page_token:
+            cursor = self._page_tokens.open(request.page_token, binding)
+            micros, raw_id = _CURSOR.unpack(cursor)
+            before = (from_micros(micros), uuid.UUID(bytes=raw_id))
+        rows = await self._requests.list_for_patient(patient, tuple(states), before, size + 1)
+        response = pb.ListConsentRequestsResponse(consent_requests=[self._patient_message(row) for row in rows[:size]])
+        if len(rows) > size:
+            last = rows[size - 1]
+            response.next_page_token = self._page_tokens.seal(
+                _CURSOR.pack(to_micros(last.create_time), last.id.bytes), binding
+            )
+        return response
+
+    async def ApproveConsentRequest(
+        self, request: pb.ApproveConsentRequestRequest, context: grpc.aio.ServicerContext
+    ) -> consent_pb2.PatientConsentRequest:
+        problems: list[FieldViolation] = []
+        request_id = validation.parse_uuid(request.consent_request_id, "consent_request_id", problems)
+        fields = validation.contact_fields(list(request.fields), problems, required=False) or None
+        ttl = validation.ttl(request.ttl, problems, maximum=self._max_ttl) if request.HasField("ttl") else None
+        validation.raise_if(problems)
+        assert request_id is not None
+        row = await self._requests.approve(Decision(request_id, fields, ttl))
+        return self._patient_message(row)
+
+    async def DenyConsentRequest(
+        self, request: pb.DenyConsentRequestRequest, context: grpc.aio.ServicerContext
+    ) -> consent_pb2.PatientConsentRequest:
+        request_id = validation.uuid_field(request.consent_request_id, "consent_request_id")
+        return self._patient_message(await self._requests.deny(request_id))
+
+    def _patient_message(self, row: models.PatientConsentRequest) -> consent_pb2.PatientConsentRequest:
+        purpose, text = self._requests.opened_text(row)
+        message = consent_pb2.PatientConsentRequest(
+            consent_request_id=str(row.id),
+            partner_id=str(row.partner_id),
+            partner_display_name=row.partner_display_name,
+            appointment_id=str(row.appointment_id),
+            practitioner_display_name=row.practitioner_display_name,
+            practitioner_specialty=row.practitioner_specialty,
+            fields=list(row.fields),  # type: ignore[arg-type]
+            purpose=purpose,
+            message=text,
+            state=row.state.number,  # type: ignore[arg-type]
+            granted_fields=list(row.granted_fields),  # type: ignore[arg-type]
+            consent_id=str(row.consent_id) if row.consent_id is not None else "",
+        )
+        set_timestamp(message.appointment_start_time, row.appointment_start_time)
+        set_timestamp(message.create_time, row.create_time)
+        set_timestamp(message.expire_time, row.expire_time)
+        message.ttl.FromTimedelta(row.ttl)
+        if row.decide_time is not None:
+            set_timestamp(message.decide_time, row.decide_time)
+        return message

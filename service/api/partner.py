@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import grpc.aio
-from appointments.partner.v1 import appointment_pb2, contact_pb2
+from appointments.partner.v1 import appointment_pb2, consent_request_pb2, contact_pb2
 from appointments.partner.v1 import partner_appointment_service_pb2 as pb
 from appointments.partner.v1 import partner_appointment_service_pb2_grpc as pb_grpc
 
@@ -23,15 +23,20 @@ from service.access.consent_tokens import ConsentKeyring
 from service.access.gate import Caller, PartnerGate
 from service.api import validation
 from service.disclosure import views
-from service.disclosure.pseudonyms import looks_like_appointment_id
+from service.disclosure.consent_requests import ConsentRequests, NewRequest
+from service.disclosure.pseudonyms import looks_like_appointment_id, looks_like_consent_request_id
 from service.disclosure.reads import ListQuery, PartnerReads
 from service.errors import FieldViolation, InvalidArgument
+from service.feed.consent_requests import ConsentRequestWatches
 from service.feed.watch import Watches
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PartnerAppointmentService"].full_name
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 MAX_WINDOW = timedelta(days=366)
+#: The longest purpose and message of a consent request (the patient reads them on a phone).
+PURPOSE_LENGTH = 200
+MESSAGE_LENGTH = 280
 
 
 def parse_list_request(request: pb.ListAppointmentsRequest) -> ListQuery:
@@ -58,6 +63,32 @@ def _caller(context: grpc.aio.ServicerContext) -> Caller:
     )
 
 
+def parse_contact_request(request: pb.RequestContactAccessRequest, max_ttl: timedelta) -> NewRequest:
+    """Validate a RequestContactAccess request. Raises :class:`InvalidArgument` naming every bad field."""
+    problems: list[FieldViolation] = []
+    if not request.appointment_id:
+        problems.append(FieldViolation("appointment_id", "is required"))
+    elif not looks_like_appointment_id(request.appointment_id):
+        problems.append(FieldViolation("appointment_id", "not an appointment id"))
+    fields = validation.contact_fields(list(request.fields), problems)
+    purpose = validation.text(request.purpose, "purpose", problems, max_length=PURPOSE_LENGTH)
+    message = validation.text(request.message, "message", problems, max_length=MESSAGE_LENGTH, required=False)
+    ttl = timedelta(0)
+    if request.HasField("ttl"):
+        ttl = validation.ttl(request.ttl, problems, maximum=max_ttl)
+    else:
+        problems.append(FieldViolation("ttl", "is required"))
+    validation.raise_if(problems)
+    return NewRequest(request.appointment_id, fields, purpose, message, ttl)
+
+
+def _check_request_id(value: str) -> None:
+    if not value:
+        raise InvalidArgument.field("consent_request_id", "is required")
+    if not looks_like_consent_request_id(value):
+        raise InvalidArgument.field("consent_request_id", "not a consent request id")
+
+
 def _check_appointment_id(value: str) -> None:
     if not value:
         raise InvalidArgument.field("appointment_id", "is required")
@@ -68,11 +99,23 @@ def _check_appointment_id(value: str) -> None:
 class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
     """Serves ``appointments.partner.v1.PartnerAppointmentService``."""
 
-    def __init__(self, gate: PartnerGate, reads: PartnerReads, watches: Watches, keyring: ConsentKeyring) -> None:
+    def __init__(
+        self,
+        gate: PartnerGate,
+        reads: PartnerReads,
+        watches: Watches,
+        keyring: ConsentKeyring,
+        requests: ConsentRequests,
+        request_watches: ConsentRequestWatches,
+        max_ttl: timedelta,
+    ) -> None:
         self._gate = gate
         self._reads = reads
         self._watches = watches
         self._keyring = keyring
+        self._requests = requests
+        self._request_watches = request_watches
+        self._max_ttl = max_ttl
 
     async def ListAppointments(
         self, request: pb.ListAppointmentsRequest, context: grpc.aio.ServicerContext
@@ -124,3 +167,33 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
         return pb.ListConsentKeysResponse(
             keys=[views.consent_key(key, active=key.key_id == active) for key in self._keyring.public_keys()]
         )
+
+    async def RequestContactAccess(
+        self, request: pb.RequestContactAccessRequest, context: grpc.aio.ServicerContext
+    ) -> consent_request_pb2.ConsentRequest:
+        new = parse_contact_request(request, self._max_ttl)
+        principal, _ = await self._gate.admit(_caller(context))
+        return await self._requests.request(principal, new)
+
+    async def GetConsentRequest(
+        self, request: pb.GetConsentRequestRequest, context: grpc.aio.ServicerContext
+    ) -> consent_request_pb2.ConsentRequest:
+        _check_request_id(request.consent_request_id)
+        principal, _ = await self._gate.admit(_caller(context))
+        return await self._requests.get(principal, request.consent_request_id)
+
+    async def CancelConsentRequest(
+        self, request: pb.CancelConsentRequestRequest, context: grpc.aio.ServicerContext
+    ) -> consent_request_pb2.ConsentRequest:
+        _check_request_id(request.consent_request_id)
+        principal, _ = await self._gate.admit(_caller(context))
+        return await self._requests.cancel(principal, request.consent_request_id)
+
+    async def WatchConsentRequests(
+        self, request: pb.WatchConsentRequestsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[consent_request_pb2.ConsentRequestEvent]:
+        async def live() -> None:
+            await context.send_initial_metadata(())
+
+        async for event in self._request_watches.watch(_caller(context), request.resume_token, live):
+            yield event

@@ -11,12 +11,15 @@ Usage::
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from uuid import UUID
 
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from service.access.consent_tokens import CONTACT_FIELDS
 from service.errors import FieldViolation, InvalidArgument
 from service.timestamps import from_timestamp
 
@@ -141,3 +144,36 @@ def _span(length: timedelta) -> str:
     if length % timedelta(days=1) == timedelta(0) and length > timedelta(days=1):
         return f"{length.days} days"
     return f"{int(length.total_seconds() // 3600)} hours"
+
+
+#: The largest Duration the protobuf type allows (10,000 years), in seconds.
+_MAX_DURATION_SECONDS = 315_576_000_000
+#: The shortest consent.
+MIN_TTL = timedelta(seconds=1)
+
+
+def ttl(value: Duration, problems: list[FieldViolation], *, maximum: timedelta, field: str = "ttl") -> timedelta:
+    """A consent's duration: from 1 second up to ``maximum``, microseconds honoured."""
+    if abs(value.seconds) > _MAX_DURATION_SECONDS or not -999_999_999 <= value.nanos <= 999_999_999:
+        problems.append(FieldViolation(field, "must be a valid duration"))
+        return timedelta(0)
+    length = timedelta(seconds=value.seconds, microseconds=value.nanos // 1000)
+    if length < MIN_TTL:
+        problems.append(FieldViolation(field, "must be at least 1 second"))
+    elif length > maximum:
+        problems.append(FieldViolation(field, f"must be at most {int(maximum.total_seconds())} seconds"))
+    return length
+
+
+def contact_fields(values: Sequence[int], problems: list[FieldViolation], *, required: bool = True) -> tuple[int, ...]:
+    """Contact field numbers, sorted: at least one (when required), none unspecified or repeated."""
+    if not values and required:
+        problems.append(FieldViolation("fields", "at least one contact field is required"))
+    seen: set[int] = set()
+    for index, value in enumerate(values):
+        if value not in CONTACT_FIELDS:
+            problems.append(FieldViolation(f"fields[{index}]", "must be a contact field other than UNSPECIFIED"))
+        elif value in seen:
+            problems.append(FieldViolation(f"fields[{index}]", "is repeated"))
+        seen.add(value)
+    return tuple(sorted(seen & set(CONTACT_FIELDS)))

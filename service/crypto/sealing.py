@@ -57,12 +57,21 @@ CHECK_SIZE = 16
 
 PATIENTS = "patients"
 APPOINTMENTS = "appointments"
+CONSENT_REQUESTS = "consent_requests"
 #: Table → the columns whose values are stored sealed, in ``sealed_<column>``.
 #: The names are bound into every sealed value: they never change. ``sex`` is
-#: sealed as the decimal text of its enum number (:func:`sex_text`).
+#: sealed as the decimal text of its enum number (:func:`sex_text`). A consent
+#: request's purpose and message are a partner's text, shown to the patient.
 SEALED_COLUMNS: Mapping[str, tuple[str, ...]] = MappingProxyType(
-    {PATIENTS: ("given_name", "family_name", "sex", "phone", "email"), APPOINTMENTS: ("reason",)}
+    {
+        PATIENTS: ("given_name", "family_name", "sex", "phone", "email"),
+        APPOINTMENTS: ("reason",),
+        CONSENT_REQUESTS: ("purpose", "message"),
+    }
 )
+#: The tables with clear-text columns of the same names, where an import of existing data
+#: loads values for ``data-key reencrypt`` to seal; the service writes only sealed values.
+IMPORTED_TABLES = frozenset({PATIENTS, APPOINTMENTS})
 
 
 class SealError(Exception):
@@ -243,6 +252,22 @@ def seal_patient_contact(
 def seal_reason(keys: DataKeyring, appointment_id: UUID, reason: str) -> bytes:
     """Seal an appointment's visit reason for its row."""
     return keys.seal(reason, table=APPOINTMENTS, column="reason", row_id=appointment_id)
+
+
+def seal_request_text(keys: DataKeyring, request_id: UUID, purpose: str, message: str) -> tuple[bytes, bytes | None]:
+    """Seal a consent request's purpose and message (``None`` for no message) for its row."""
+
+    def seal(column: str, value: str) -> bytes:
+        return keys.seal(value, table=CONSENT_REQUESTS, column=column, row_id=request_id)
+
+    return seal("purpose", purpose), seal("message", message) if message else None
+
+
+def open_request_text(keys: DataKeyring, request_id: UUID, column: str, sealed: bytes | None) -> str:
+    """Open a consent request's ``purpose`` or ``message`` ('' for none). Raises :class:`SealError`."""
+    if sealed is None:
+        return ""
+    return keys.open(sealed, table=CONSENT_REQUESTS, column=column, row_id=request_id)
 
 
 def open_consented_contact(

@@ -20,6 +20,7 @@ class Totals:
     patients: int = 0
     appointments: int = 0
     contact_patients: int = 0
+    consent_request_patients: int = 0
     per_field: dict[int, int] = field(default_factory=lambda: dict.fromkeys(CONTACT_FIELDS, 0))
 
     def add(self, patient: models.AffectedPatient) -> None:
@@ -28,6 +29,8 @@ class Totals:
         self.appointments += len(patient.appointment_ids)
         if patient.contact_fields:
             self.contact_patients += 1
+        if patient.consent_requests:
+            self.consent_request_patients += 1
         for number in patient.contact_fields:
             self.per_field[number] += 1
 
@@ -40,7 +43,14 @@ def totals(patients: Iterable[models.AffectedPatient]) -> Totals:
     return result
 
 
-CSV_HEADER = ["patient_id", "appointment_ids", "contact_fields", "first_disclosure_time", "last_disclosure_time"]
+CSV_HEADER = [
+    "patient_id",
+    "appointment_ids",
+    "contact_fields",
+    "first_disclosure_time",
+    "last_disclosure_time",
+    "consent_requests",
+]
 
 
 def csv_row(patient: models.AffectedPatient) -> list[str]:
@@ -51,6 +61,7 @@ def csv_row(patient: models.AffectedPatient) -> list[str]:
         " ".join(CONTACT_FIELDS[f] for f in patient.contact_fields),
         patient.first_disclosure_time.isoformat(),
         patient.last_disclosure_time.isoformat(),
+        str(patient.consent_requests),
     ]
 
 
@@ -62,6 +73,7 @@ def json_patient(patient: models.AffectedPatient) -> dict[str, object]:
         "contact_fields": [CONTACT_FIELDS[f] for f in patient.contact_fields],
         "first_disclosure_time": patient.first_disclosure_time.isoformat(),
         "last_disclosure_time": patient.last_disclosure_time.isoformat(),
+        "consent_requests": patient.consent_requests,
     }
 
 
@@ -71,5 +83,6 @@ def json_totals(value: Totals) -> dict[str, object]:
         "patients": value.patients,
         "appointments": value.appointments,
         "contact_patients": value.contact_patients,
+        "consent_request_patients": value.consent_request_patients,
         "patients_per_contact_field": {CONTACT_FIELDS[n]: count for n, count in value.per_field.items()},
     }

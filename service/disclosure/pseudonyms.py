@@ -14,7 +14,9 @@ the server secret (HKDF-SHA256, one per partner and purpose) turn them into:
 * consent references, ``cns_`` + base32 of AES-256 of the consent's UUID, as
   appointment ids are made, under a key of their own: what a consent token
   names its consent by (``jti``), beside the patient reference (``sub``), so
-  that a token, readable by whoever holds it, links nothing across partners.
+  that a token, readable by whoever holds it, links nothing across partners;
+* consent request ids, ``crq_`` + base32 of AES-256 of the request's UUID,
+  made the same way under a key of their own.
 
 Base32 of 16 bytes leaves 2 spare bits in the last character; an id is
 accepted only in its one canonical spelling, with those bits zero.
@@ -46,6 +48,7 @@ from service.memo import remember
 APPOINTMENT_PREFIX = "apt_"
 PATIENT_PREFIX = "pat_"
 CONSENT_PREFIX = "cns_"
+CONSENT_REQUEST_PREFIX = "crq_"
 # 26 characters of base32, the last one's 2 spare bits zero (a, e, i, …: the values divisible by 4).
 _BODY = re.compile(r"[a-z2-7]{25}[aeimquy4]")
 
@@ -69,6 +72,11 @@ def _unb32(text: str) -> bytes:
 def looks_like_appointment_id(text: str) -> bool:
     """True when ``text`` has the shape of a partner appointment id (it may still match nothing)."""
     return _canonical(text, APPOINTMENT_PREFIX)
+
+
+def looks_like_consent_request_id(text: str) -> bool:
+    """True when ``text`` is shaped like a consent request id (``crq_`` and its canonical body)."""
+    return _canonical(text, CONSENT_REQUEST_PREFIX)
 
 
 def _canonical(text: str, prefix: str) -> bool:
@@ -98,10 +106,15 @@ class Derived:
 class PartnerPseudonyms:
     """The identifier codec of one partner."""
 
-    __slots__ = ("_consents", "_decryptor", "_derived", "_encryptor", "_patient_key")
+    __slots__ = ("_consents", "_decryptor", "_derived", "_encryptor", "_patient_key", "_requests")
 
     def __init__(
-        self, appointment_key: bytes, patient_key: bytes, consent_key: bytes, derived: Derived | None = None
+        self,
+        appointment_key: bytes,
+        patient_key: bytes,
+        consent_key: bytes,
+        request_key: bytes,
+        derived: Derived | None = None,
     ) -> None:
         # ECB on exactly one block is the raw block cipher: a keyed permutation
         # of 128-bit values, which is what a reversible pseudonym needs. ECB keeps
@@ -111,6 +124,7 @@ class PartnerPseudonyms:
         self._decryptor = cipher.decryptor()
         self._patient_key = patient_key
         self._consents = Cipher(algorithms.AES(consent_key), modes.ECB())  # noqa: S305
+        self._requests = Cipher(algorithms.AES(request_key), modes.ECB())  # noqa: S305
         self._derived = derived if derived is not None else Derived(0)
 
     def appointment_id(self, internal_id: UUID) -> str:
@@ -148,6 +162,22 @@ class PartnerPseudonyms:
             raise ValueError("not a consent reference")
         decryptor = self._consents.decryptor()
         return UUID(bytes=decryptor.update(_unb32(reference[len(CONSENT_PREFIX) :])) + decryptor.finalize())
+
+    def consent_request_id(self, request_id: UUID) -> str:
+        """Return the partner's id of one of its consent requests."""
+        encryptor = self._requests.encryptor()
+        return CONSENT_REQUEST_PREFIX + _b32(encryptor.update(request_id.bytes) + encryptor.finalize())
+
+    def parse_consent_request_id(self, public_id: str) -> UUID:
+        """Return the request behind a partner's consent request id; ``ValueError`` when it is not shaped like one.
+
+        A well-shaped id this partner was never given decodes to a UUID that
+        matches none of its requests.
+        """
+        if not looks_like_consent_request_id(public_id):
+            raise ValueError("not a consent request id")
+        decryptor = self._requests.decryptor()
+        return UUID(bytes=decryptor.update(_unb32(public_id[len(CONSENT_REQUEST_PREFIX) :])) + decryptor.finalize())
 
     def patient_ref(self, patient_id: UUID) -> str:
         """Return the partner's pseudonym for a patient (one-way)."""
@@ -187,6 +217,7 @@ class Pseudonyms:
             derive_key(self._secret, b"appointment-id", partner_id.bytes),
             derive_key(self._secret, b"patient-ref", partner_id.bytes),
             derive_key(self._secret, b"consent-ref", partner_id.bytes),
+            derive_key(self._secret, b"consent-request-id", partner_id.bytes),
             self._derived,
         )
         self._cache[partner_id] = codec

@@ -134,7 +134,7 @@ class PartnerReads:
         """The basic view of one appointment; NOT_FOUND (recorded) when the partner may not see it."""
         ids = self._ids.for_partner(principal.partner_id)
         with self._recorder.expect_basic() as expected:
-            row = await self._named_appointment(principal, ids, appointment_id, _GET, models.View.BASIC)
+            row = await self.named_appointment(principal, ids, appointment_id, _GET, models.View.BASIC)
             message = views.basic_appointment(row, ids)
             outcome = await self._recorder.record(
                 entry(principal, _GET, models.View.BASIC),
@@ -159,7 +159,7 @@ class PartnerReads:
         consent_id: UUID | None = None
         try:
             with self._recorder.expect_contact() as expected:
-                row = await self._named_appointment(principal, ids, appointment_id, _CONTACT, models.View.CONTACT)
+                row = await self.named_appointment(principal, ids, appointment_id, _CONTACT, models.View.CONTACT)
                 claims = self._keyring.verify(consent_token, partner_id=principal.partner_id, now=datetime.now(UTC))
                 try:
                     consent_id = ids.parse_consent_ref(claims.consent_ref)
@@ -226,7 +226,7 @@ class PartnerReads:
                 await partner_path.record_refusal(conn, principal, denial, [(practitioner_id, None, None)])
         raise NotFound("practitioner not found")
 
-    async def _named_appointment(
+    async def named_appointment(
         self, principal: models.Principal, ids: PartnerPseudonyms, appointment_id: str, method: str, view: models.View
     ) -> models.BasicAppointment:
         """The appointment the caller named, if it may see it; otherwise the attempt is recorded and NOT_FOUND raised.

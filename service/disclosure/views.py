@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from appointments.partner.v1 import appointment_pb2, contact_pb2
+from appointments.partner.v1 import appointment_pb2, consent_request_pb2, contact_pb2
 from appointments.partner.v1.partner_appointment_service_pb2 import ListAppointmentsResponse
 from appointments.type.v1.contact_pb2 import (
     CONTACT_FIELD_EMAIL,
@@ -29,7 +29,7 @@ from service import models
 from service.access.consent_tokens import SigningKey
 from service.disclosure.pseudonyms import PartnerPseudonyms
 from service.memo import remember
-from service.timestamps import set_timestamp_micros
+from service.timestamps import set_timestamp, set_timestamp_micros
 
 ALL_CONTACT_FIELDS = (CONTACT_FIELD_NAME, CONTACT_FIELD_SEX, CONTACT_FIELD_PHONE, CONTACT_FIELD_EMAIL)
 _STATUS: dict[str, appointment_pb2.AppointmentStatus.ValueType] = {
@@ -142,3 +142,37 @@ def appointment_contact(appointment_id: str, contact: models.ConsentedContact) -
 def consent_key(key: SigningKey, *, active: bool) -> contact_pb2.ConsentKey:
     """Return the published form of a consent-verifying public key."""
     return contact_pb2.ConsentKey(key_id=key.key_id, algorithm="v4.public", public_key=key.public_paserk, active=active)
+
+
+def consent_request(
+    row: models.PartnerConsentRequest,
+    ids: PartnerPseudonyms,
+    *,
+    purpose: str,
+    state: models.ConsentRequestState,
+    token: str,
+) -> consent_request_pb2.ConsentRequest:
+    """Return a partner's view of its own consent request, in ``state`` (the state an event left it in).
+
+    The granted fields and the consent's times only once approved; ``token``
+    only while that consent is live (the caller decides). Never the patient's
+    message, which is for the patient.
+    """
+    message = consent_request_pb2.ConsentRequest(
+        consent_request_id=ids.consent_request_id(row.id),
+        appointment_id=ids.appointment_id(row.appointment_id),
+        fields=list(row.fields),  # type: ignore[arg-type]
+        purpose=purpose,
+        state=state.number,  # type: ignore[arg-type]
+    )
+    set_timestamp(message.create_time, row.create_time)
+    set_timestamp(message.expire_time, row.expire_time)
+    if state is not models.ConsentRequestState.PENDING and row.decide_time is not None:
+        set_timestamp(message.decide_time, row.decide_time)
+    if state is models.ConsentRequestState.APPROVED and row.consent is not None:
+        message.granted_fields.extend(row.granted_fields)  # type: ignore[arg-type]
+        set_timestamp(message.consent_expire_time, row.consent.expire_time)
+        if row.consent.revoke_time is not None:
+            set_timestamp(message.consent_revoke_time, row.consent.revoke_time)
+        message.consent_token = token
+    return message

@@ -7,7 +7,9 @@ holds exactly what committed before it — into one ring of recent changes
 shared by every stream, and wakes the streams watching those practitioners.
 Each stream keeps only its cursor. Grant and key changes arrive on the same
 connection, in commit order with the changes, so a stream learns of a
-revocation before it is shown any change committed after it.
+revocation before it is shown any change committed after it. A partner's
+consent request events notify on a channel of their own and wake that
+partner's ``WatchConsentRequests`` streams, which read them from the database.
 
 Memory is bounded by the ring: a stream whose cursor falls behind the oldest
 change still in the ring (a consumer that reads too slowly, or a burst larger
@@ -51,6 +53,8 @@ class Subscription:
     practitioner_id: UUID | None  # None: every granted practitioner
     watched: set[UUID]
     start_position: int
+    #: A WatchConsentRequests stream: woken by its partner's consent request events, not by changes.
+    consent_requests: bool = False
     ended: ApptgateError | None = None
     _wake: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
@@ -94,6 +98,8 @@ class FeedHub:
         self._notifications = changes.ChangeNotifications(database.dsn, self._notified)
         self._position = 0
         self._tasks: list[asyncio.Task[None]] = []
+        #: Set on every consent request notification and after a reconnection (the expiry sweep waits on it).
+        self.consent_request_activity = asyncio.Event()
 
     @property
     def position(self) -> int:
@@ -132,6 +138,19 @@ class FeedHub:
             )
         watched = {practitioner_id} if practitioner_id is not None else set(granted)
         sub = Subscription(partner_id, key_id, practitioner_id, watched, self._position)
+        self._subscriptions[partner_id].add(sub)
+        return sub
+
+    def subscribe_consent_requests(self, partner_id: UUID, key_id: str) -> Subscription:
+        """Register a WatchConsentRequests stream: woken by each of its partner's consent request events.
+
+        It counts against the partner's streams, and ends like any stream when its key is revoked.
+        """
+        if len(self._subscriptions[partner_id]) >= self._max_streams:
+            raise ResourceExhausted(
+                f"at most {self._max_streams} streams per partner", reason="TOO_MANY_STREAMS", retry_delay=5
+            )
+        sub = Subscription(partner_id, key_id, None, set(), self._position, consent_requests=True)
         self._subscriptions[partner_id].add(sub)
         return sub
 
@@ -190,7 +209,12 @@ class FeedHub:
                     await self._advance(upto)
                 elif channel == changes.ACCESS_CHANNEL:
                     await self._access_changed(payload)
+                elif channel == changes.CONSENT_REQUESTS_CHANNEL:
+                    self._wake_consent_requests(UUID(payload))
                 else:  # reconnected: notifications may have been lost
+                    self.consent_request_activity.set()
+                    for partner_id in list(self._subscriptions):
+                        self._wake_consent_requests(partner_id)
                     await self._advance(None)
                     for partner_id in list(self._subscriptions):
                         await self._access_changed(f"partner:{partner_id}")
@@ -219,11 +243,18 @@ class FeedHub:
                         if not sub.watched.isdisjoint(touched):
                             sub.wake()
 
+    def _wake_consent_requests(self, partner_id: UUID) -> None:
+        self.consent_request_activity.set()
+        for sub in self._subscriptions.get(partner_id, ()):
+            if sub.consent_requests:
+                sub.wake()
+
     async def _access_changed(self, payload: str) -> None:
         kind, _, ident = payload.partition(":")
         if kind == "partner":
             partner_id = UUID(ident)
-            subs = list(self._subscriptions.get(partner_id, ()))
+            # Grants decide what a change stream shows; a consent request stream follows none.
+            subs = [s for s in self._subscriptions.get(partner_id, ()) if not s.consent_requests]
             if not subs:
                 return
             async with self._db.transaction(readonly=True) as conn:

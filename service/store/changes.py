@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 CHANGES_CHANNEL = "apptgate_appointment_changes"
 ACCESS_CHANNEL = "apptgate_access_changes"
+#: Carries the partner id of a consent request event (migration 0008).
+CONSENT_REQUESTS_CHANNEL = "apptgate_consent_requests"
 
 _CHANGE_COLUMNS = (
     "c.position, c.change_type, c.appointment_id, c.patient_id, c.start_time, c.end_time, c.status::text, "
@@ -74,7 +76,7 @@ Notification = tuple[str, str]  # (channel, payload)
 
 
 class ChangeNotifications:
-    """One dedicated connection LISTENing for change and access notifications, reconnecting on failure.
+    """One dedicated connection LISTENing for change, access and consent request notifications, reconnecting on failure.
 
     ``deliver`` receives every notification in commit order; after a reconnection
     it receives ``("reconnected", "")`` first, since notifications sent while
@@ -124,6 +126,7 @@ class ChangeNotifications:
 
                 await conn.add_listener(CHANGES_CHANNEL, forward)
                 await conn.add_listener(ACCESS_CHANNEL, forward)
+                await conn.add_listener(CONSENT_REQUESTS_CHANNEL, forward)
                 if not first:
                     self._deliver(("reconnected", ""))
                 first, delay = False, 0.1

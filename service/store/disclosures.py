@@ -91,14 +91,16 @@ async def list_disclosures(
 #: The breach report's statement (public so that a benchmark can EXPLAIN it).
 BREACH_SQL = """
 SELECT d.patient_id,
-       array_agg(DISTINCT d.appointment_id) FILTER (WHERE d.appointment_id IS NOT NULL) AS appointment_ids,
-       array_agg(DISTINCT f.field) FILTER (WHERE f.field IS NOT NULL) AS contact_fields,
+       array_agg(DISTINCT d.appointment_id) FILTER (WHERE d.outcome = 1 AND d.appointment_id IS NOT NULL)
+           AS appointment_ids,
+       array_agg(DISTINCT f.field) FILTER (WHERE d.outcome = 1 AND f.field IS NOT NULL) AS contact_fields,
        min(d.disclose_time) AS first_time,
-       max(d.disclose_time) AS last_time
+       max(d.disclose_time) AS last_time,
+       count(DISTINCT d.id) FILTER (WHERE d.outcome = 3) AS consent_requests
 FROM disclosure_items d
 LEFT JOIN LATERAL unnest(d.contact_fields) AS f(field) ON true
 WHERE d.partner_id = $1 AND d.disclose_time >= $2 AND d.disclose_time < $3
-  AND d.outcome = 1 AND d.patient_id IS NOT NULL AND ($4::text IS NULL OR d.key_id = $4)
+  AND d.outcome IN (1, 3) AND d.patient_id IS NOT NULL AND ($4::text IS NULL OR d.key_id = $4)
 GROUP BY d.patient_id
 ORDER BY d.patient_id
 """
@@ -107,7 +109,7 @@ ORDER BY d.patient_id
 async def breach_report(
     conn: Connection, *, partner_id: UUID, start_time: datetime, end_time: datetime, key_id: str | None
 ) -> AsyncIterator[models.AffectedPatient]:
-    """Yield every patient the partner was shown something about in the window, with what was shown.
+    """Yield every patient the partner was shown something about, or sent a consent request, in the window.
 
     Streams through a server-side cursor (the connection must be in a
     transaction), so a report over a large ledger does not sit in memory twice.
@@ -119,4 +121,5 @@ async def breach_report(
             tuple(sorted(row["contact_fields"] or ())),
             row["first_time"],
             row["last_time"],
+            row["consent_requests"],
         )

@@ -1,4 +1,4 @@
-"""Everything the partner path runs: the functions of migration 0007, as the ``apptgate_partner`` role.
+"""Everything the partner path runs: the functions of migrations 0007 and 0008, as the ``apptgate_partner`` role.
 
 Each statement calls one function that takes the caller's key id and
 credential (:attr:`service.models.Principal.credential`), verifies both, and
@@ -15,7 +15,7 @@ import enum
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 from uuid import UUID
 
 import asyncpg
@@ -62,6 +62,18 @@ _WATCH = (
 _CHANGES = (
     "SELECT position, change_type, id, patient_id, start_time, end_time, status::text, update_time, "
     "practitioner_id, display_name, specialty FROM partner_changes($1, $2, $3, $4, $5, $6::uuid[])"
+)
+_REQUEST_COLUMNS = (
+    "id, appointment_id, patient_id, fields, sealed_purpose, state::text, create_time, expire_time, decide_time, "
+    "granted_fields, consent_id, consent_purpose, consent_create_time, consent_expire_time, consent_revoke_time"
+)
+_CONSENT_REQUEST = f"SELECT {_REQUEST_COLUMNS} FROM partner_consent_request($1, $2, $3)"
+_CANCEL_CONSENT_REQUEST = "SELECT partner_cancel_consent_request($1, $2, $3)"
+_CONSENT_REQUEST_HEAD = "SELECT partner_consent_request_head($1, $2)"
+_CONSENT_REQUEST_EVENTS = (
+    "SELECT event_position, event_state::text, "
+    + ", ".join(f"(request).{column.strip()}" for column in _REQUEST_COLUMNS.split(","))
+    + " FROM partner_consent_request_events($1, $2, $3, $4)"
 )
 _REFUSE = "SELECT partner_record_refusal($1, $2, $3, $4, $5::smallint, $6, $7::text[], $8::uuid[], $9::uuid[], $10)"
 
@@ -202,3 +214,62 @@ async def changes(
         lambda: conn.fetch(_CHANGES, caller.key_id, caller.credential, after, upto, limit, list(practitioners)),
     )
     return [_change(row) for row in rows]
+
+
+def _consent_request(row: Sequence[Any]) -> models.PartnerConsentRequest:
+    consent = models.RequestConsent(*row[10:15]) if row[10] is not None else None
+    return models.PartnerConsentRequest(
+        row[0],
+        row[1],
+        row[2],
+        tuple(row[3]),
+        row[4],
+        models.ConsentRequestState(row[5]),
+        row[6],
+        row[7],
+        row[8],
+        tuple(row[9] or ()),
+        consent,
+    )
+
+
+async def consent_request(
+    conn: Connection, caller: models.Principal, request_id: UUID
+) -> models.PartnerConsentRequest | None:
+    """One of the partner's consent requests, or ``None`` (another partner's, or none). Raises :class:`ReadRefused`."""
+    row = await _refusing(conn, lambda: conn.fetchrow(_CONSENT_REQUEST, caller.key_id, caller.credential, request_id))
+    return _consent_request(row) if row is not None else None
+
+
+class Cancellation(enum.StrEnum):
+    """What cancelling a consent request did (``partner_cancel_consent_request``)."""
+
+    CANCELLED = "cancelled"
+    NOT_PENDING = "not_pending"
+    NOT_FOUND = "not_found"
+
+
+async def cancel_consent_request(conn: Connection, caller: models.Principal, request_id: UUID) -> Cancellation:
+    """Cancel one of the partner's pending consent requests. Raises :class:`ReadRefused`."""
+    outcome = await _refusing(
+        conn, lambda: conn.fetchval(_CANCEL_CONSENT_REQUEST, caller.key_id, caller.credential, request_id)
+    )
+    return Cancellation(outcome)
+
+
+async def consent_request_head(conn: Connection, caller: models.Principal) -> int:
+    """The position of the partner's last consent-request event (0 for none). Raises :class:`ReadRefused`."""
+    return int(await _refusing(conn, lambda: conn.fetchval(_CONSENT_REQUEST_HEAD, caller.key_id, caller.credential)))
+
+
+async def consent_request_events(
+    conn: Connection, caller: models.Principal, *, after: int, limit: int
+) -> list[tuple[int, models.ConsentRequestState, models.PartnerConsentRequest]]:
+    """The partner's consent-request events after ``after``, in commit order: position, state left, request.
+
+    Raises :class:`ReadRefused`.
+    """
+    rows = await _refusing(
+        conn, lambda: conn.fetch(_CONSENT_REQUEST_EVENTS, caller.key_id, caller.credential, after, limit)
+    )
+    return [(row[0], models.ConsentRequestState(row[1]), _consent_request(tuple(row)[2:])) for row in rows]

@@ -14,12 +14,12 @@ from uuid import UUID
 import asyncpg
 
 from service import models
-from service.crypto.sealing import SEALED_COLUMNS
+from service.crypto.sealing import IMPORTED_TABLES, SEALED_COLUMNS
 from service.store.database import Connection
 
 #: The column whose seal header stands for its row in the data-key index (migration 0001)
 #: (every writer seals a row's values together, under one key).
-_INDEXED_COLUMN = {"patients": "family_name", "appointments": "reason"}
+_INDEXED_COLUMN = {"patients": "family_name", "appointments": "reason", "consent_requests": "purpose"}
 
 
 def _header(column: str) -> str:
@@ -27,18 +27,21 @@ def _header(column: str) -> str:
 
 
 def _any_clear(table: str) -> str:
+    if table not in IMPORTED_TABLES:
+        return "false"
     return " OR ".join(f"{column} IS NOT NULL" for column in SEALED_COLUMNS[table])
 
 
-def _clear(column: str) -> str:
+def _clear(table: str, column: str) -> str:
     # Clear values are read as text, the text that is sealed: the sex column is a smallint,
-    # whose text is the one digit service.crypto.sealing.sex_text seals.
-    return f"{column}::text"
+    # whose text is the one digit service.crypto.sealing.sex_text seals. A table without
+    # import columns has no clear value to read.
+    return f"{column}::text" if table in IMPORTED_TABLES else "NULL::text"
 
 
 def _select(table: str) -> str:
     columns = SEALED_COLUMNS[table]
-    return ", ".join(["id", *(f"sealed_{c}" for c in columns), *(f"{_clear(c)} AS {c}" for c in columns)])
+    return ", ".join(["id", *(f"sealed_{c}" for c in columns), *(f"{_clear(table, c)} AS {c}" for c in columns)])
 
 
 def _batch_statements(table: str) -> tuple[str, str]:
@@ -73,7 +76,12 @@ def _sealed_statements(table: str) -> tuple[str, str]:
 _SEALED = {table: _sealed_statements(table) for table in SEALED_COLUMNS}
 _WRITE = {
     table: f"UPDATE {table} SET "
-    + ", ".join([*(f"sealed_{c} = ${i}" for i, c in enumerate(columns, start=2)), *(f"{c} = NULL" for c in columns)])
+    + ", ".join(
+        [
+            *(f"sealed_{c} = ${i}" for i, c in enumerate(columns, start=2)),
+            *(f"{c} = NULL" for c in columns if table in IMPORTED_TABLES),
+        ]
+    )
     + " WHERE id = $1"
     for table, columns in SEALED_COLUMNS.items()
 }
@@ -127,7 +135,7 @@ async def count_values(conn: Connection) -> list[models.SealedValueCount]:
     """Count every sealed value by table, column and seal header, and the values left in clear (a full scan)."""
     counts: list[models.SealedValueCount] = []
     for table, columns in SEALED_COLUMNS.items():
-        values = ", ".join(f"('{c}', sealed_{c}, {_clear(c)})" for c in columns)
+        values = ", ".join(f"('{c}', sealed_{c}, {_clear(table, c)})" for c in columns)
         rows = await conn.fetch(
             "SELECT v.name, CASE WHEN length(v.sealed) >= 3 THEN substring(v.sealed FROM 1 FOR 3) END AS header, "
             "count(v.sealed) AS sealed, count(v.clear) AS clear "

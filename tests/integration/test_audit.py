@@ -424,6 +424,8 @@ async def test_breach_report_as_csv_from_the_command_line(world: World, database
 
     assert code == 0, err
     lines = out.strip().splitlines()
-    assert lines[0] == "patient_id,appointment_ids,contact_fields,first_disclosure_time,last_disclosure_time"
+    assert lines[0] == (
+        "patient_id,appointment_ids,contact_fields,first_disclosure_time,last_disclosure_time,consent_requests"
+    )
     assert {line.split(",")[0] for line in lines[1:]} == {p.patient_id for p in patients}
     assert '"patients": 3' in err

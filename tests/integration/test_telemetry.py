@@ -25,6 +25,7 @@ import grpc.aio
 import harness
 import pytest
 from appointments.type.v1.contact_pb2 import CONTACT_FIELD_EMAIL, CONTACT_FIELD_NAME
+from google.protobuf.duration_pb2 import Duration
 from harness import MONDAY, World, ts
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -110,6 +111,71 @@ async def _swallow(call: Any) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
+async def _consent_request_calls(
+    world: World, partner: harness.PartnerHandle, appointment_id: str, patient_id: str
+) -> tuple[list[grpc.StatusCode], str]:
+    """Every consent request call, with distinctive partner text: their codes, and the approved request's id."""
+    meta, pb, cpb = world.internal_metadata, harness.partner_pb, harness.consent_pb
+    ttl = Duration(seconds=3600)
+    ask = partner.stub.RequestContactAccess(
+        pb.RequestContactAccessRequest(
+            appointment_id=appointment_id,
+            fields=[CONTACT_FIELD_EMAIL],
+            purpose="LEAKPURPOSE reminders",
+            message="LEAKMESSAGE hello",
+            ttl=ttl,
+        ),
+        metadata=partner.metadata,
+    )
+    asked = await ask
+    stream = partner.stub.WatchConsentRequests(pb.WatchConsentRequestsRequest(), metadata=partner.metadata)
+    await stream.initial_metadata()
+    other = await partner.stub.RequestContactAccess(
+        pb.RequestContactAccessRequest(
+            appointment_id=appointment_id, fields=[CONTACT_FIELD_NAME], purpose="LEAKPURPOSE two", ttl=ttl
+        ),
+        metadata=partner.metadata,
+    )
+    await stream.read()
+    stream.cancel()
+    listed = await world.consents.ListConsentRequests(
+        cpb.ListConsentRequestsRequest(patient_id=patient_id), metadata=meta
+    )
+    by_state = {r.fields[0]: r.consent_request_id for r in listed.consent_requests}
+    codes = [
+        await _swallow(
+            partner.stub.RequestContactAccess(  # ALREADY_EXISTS
+                pb.RequestContactAccessRequest(
+                    appointment_id=appointment_id, fields=[CONTACT_FIELD_EMAIL], purpose="LEAKPURPOSE", ttl=ttl
+                ),
+                metadata=partner.metadata,
+            )
+        ),
+        await _swallow(
+            world.consents.DenyConsentRequest(
+                cpb.DenyConsentRequestRequest(consent_request_id=by_state[CONTACT_FIELD_NAME]), metadata=meta
+            )
+        ),
+        await _swallow(
+            partner.stub.CancelConsentRequest(  # FAILED_PRECONDITION: denied already
+                pb.CancelConsentRequestRequest(consent_request_id=other.consent_request_id), metadata=partner.metadata
+            )
+        ),
+        await _swallow(
+            world.consents.ApproveConsentRequest(
+                cpb.ApproveConsentRequestRequest(consent_request_id=by_state[CONTACT_FIELD_EMAIL]), metadata=meta
+            )
+        ),
+    ]
+    assert codes == [
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.OK,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.OK,
+    ]
+    return codes, asked.consent_request_id
+
+
 async def test_no_personal_value_token_or_secret_reaches_spans_metrics_or_logs(
     captured: tuple[Captured, World],
 ) -> None:
@@ -183,6 +249,13 @@ async def test_no_personal_value_token_or_secret_reaches_spans_metrics_or_logs(
                 metadata=meta,
             )
         ),
+    ]
+    request_codes, approved_id = await _consent_request_calls(world, partner, listed.appointment_id, patient.patient_id)
+    codes += request_codes
+    approved = await partner.stub.GetConsentRequest(
+        harness.partner_pb.GetConsentRequestRequest(consent_request_id=approved_id), metadata=partner.metadata
+    )
+    codes += [
         await _swallow(world.revoke_grant(partner.partner_id, practitioner)),
         await _swallow(world.revoke_key(partner.key_id)),
         await _swallow(partner.list()),  # UNAUTHENTICATED after revocation
@@ -208,6 +281,10 @@ async def test_no_personal_value_token_or_secret_reaches_spans_metrics_or_logs(
         "chest pain",
         consent.token,
         consent.token[10:40],
+        approved.consent_token,
+        approved.consent_token[10:40],
+        "LEAKPURPOSE",
+        "LEAKMESSAGE",
         partner.secret,
         partner.secret.split(".")[1],
         harness.INTERNAL_TOKEN,

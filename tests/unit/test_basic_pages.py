@@ -20,7 +20,7 @@ class CountingPseudonyms(PartnerPseudonyms):
     __slots__ = ("derived",)
 
     def __init__(self, seed: bytes) -> None:
-        super().__init__(seed * 32, seed * 32, seed * 32)
+        super().__init__(seed * 32, seed * 32, seed * 32, seed * 32)
         self.derived = 0
 
     def appointment_id(self, internal_id: uuid.UUID) -> str:

@@ -26,7 +26,7 @@ from appointments.type.v1 import contact_pb2 as appointments_dot_type_dot_v1_dot
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$appointments/internal/v1/audit.proto\x12\x18\x61ppointments.internal.v1\x1a\"appointments/type/v1/contact.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcc\x03\n\nDisclosure\x12\x15\n\rdisclosure_id\x18\x01 \x01(\x03\x12\x12\n\npartner_id\x18\x02 \x01(\t\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\x16\n\x0e\x61ppointment_id\x18\x04 \x01(\t\x12\x12\n\npatient_id\x18\x05 \x01(\t\x12\x36\n\x04view\x18\x06 \x01(\x0e\x32(.appointments.internal.v1.DisclosureView\x12:\n\x0e\x63ontact_fields\x18\x07 \x03(\x0e\x32\".appointments.type.v1.ContactField\x12\x12\n\nconsent_id\x18\x08 \x01(\t\x12\x0b\n\x03rpc\x18\t \x01(\t\x12\x10\n\x08trace_id\x18\n \x01(\t\x12\x31\n\rdisclose_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12<\n\x07outcome\x18\x0c \x01(\x0e\x32+.appointments.internal.v1.DisclosureOutcome\x12\x15\n\rdenial_reason\x18\r \x01(\t\x12\x0c\n\x04item\x18\x0e \x01(\x05\x12\x1a\n\x12\x63lient_cert_sha256\x18\x0f \x01(\t\"\xef\x01\n\x0f\x41\x66\x66\x65\x63tedPatient\x12\x12\n\npatient_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61ppointment_ids\x18\x02 \x03(\t\x12:\n\x0e\x63ontact_fields\x18\x03 \x03(\x0e\x32\".appointments.type.v1.ContactField\x12\x39\n\x15\x66irst_disclosure_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x14last_disclosure_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8d\x01\n\x0c\x42reachTotals\x12\x10\n\x08patients\x18\x01 \x01(\x03\x12\x14\n\x0c\x61ppointments\x18\x02 \x01(\x03\x12\x18\n\x10\x63ontact_patients\x18\x03 \x01(\x03\x12;\n\x06\x66ields\x18\x04 \x03(\x0b\x32+.appointments.internal.v1.ContactFieldTotal\"X\n\x11\x43ontactFieldTotal\x12\x31\n\x05\x66ield\x18\x01 \x01(\x0e\x32\".appointments.type.v1.ContactField\x12\x10\n\x08patients\x18\x02 \x01(\x03*i\n\x0e\x44isclosureView\x12\x1f\n\x1b\x44ISCLOSURE_VIEW_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44ISCLOSURE_VIEW_BASIC\x10\x01\x12\x1b\n\x17\x44ISCLOSURE_VIEW_CONTACT\x10\x02*x\n\x11\x44isclosureOutcome\x12\"\n\x1e\x44ISCLOSURE_OUTCOME_UNSPECIFIED\x10\x00\x12 \n\x1c\x44ISCLOSURE_OUTCOME_DISCLOSED\x10\x01\x12\x1d\n\x19\x44ISCLOSURE_OUTCOME_DENIED\x10\x02\x42\x02P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$appointments/internal/v1/audit.proto\x12\x18\x61ppointments.internal.v1\x1a\"appointments/type/v1/contact.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcc\x03\n\nDisclosure\x12\x15\n\rdisclosure_id\x18\x01 \x01(\x03\x12\x12\n\npartner_id\x18\x02 \x01(\t\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\x16\n\x0e\x61ppointment_id\x18\x04 \x01(\t\x12\x12\n\npatient_id\x18\x05 \x01(\t\x12\x36\n\x04view\x18\x06 \x01(\x0e\x32(.appointments.internal.v1.DisclosureView\x12:\n\x0e\x63ontact_fields\x18\x07 \x03(\x0e\x32\".appointments.type.v1.ContactField\x12\x12\n\nconsent_id\x18\x08 \x01(\t\x12\x0b\n\x03rpc\x18\t \x01(\t\x12\x10\n\x08trace_id\x18\n \x01(\t\x12\x31\n\rdisclose_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12<\n\x07outcome\x18\x0c \x01(\x0e\x32+.appointments.internal.v1.DisclosureOutcome\x12\x15\n\rdenial_reason\x18\r \x01(\t\x12\x0c\n\x04item\x18\x0e \x01(\x05\x12\x1a\n\x12\x63lient_cert_sha256\x18\x0f \x01(\t\"\x89\x02\n\x0f\x41\x66\x66\x65\x63tedPatient\x12\x12\n\npatient_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61ppointment_ids\x18\x02 \x03(\t\x12:\n\x0e\x63ontact_fields\x18\x03 \x03(\x0e\x32\".appointments.type.v1.ContactField\x12\x39\n\x15\x66irst_disclosure_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x14last_disclosure_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x63onsent_requests\x18\x06 \x01(\x03\"\xaf\x01\n\x0c\x42reachTotals\x12\x10\n\x08patients\x18\x01 \x01(\x03\x12\x14\n\x0c\x61ppointments\x18\x02 \x01(\x03\x12\x18\n\x10\x63ontact_patients\x18\x03 \x01(\x03\x12;\n\x06\x66ields\x18\x04 \x03(\x0b\x32+.appointments.internal.v1.ContactFieldTotal\x12 \n\x18\x63onsent_request_patients\x18\x05 \x01(\x03\"X\n\x11\x43ontactFieldTotal\x12\x31\n\x05\x66ield\x18\x01 \x01(\x0e\x32\".appointments.type.v1.ContactField\x12\x10\n\x08patients\x18\x02 \x01(\x03*i\n\x0e\x44isclosureView\x12\x1f\n\x1b\x44ISCLOSURE_VIEW_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44ISCLOSURE_VIEW_BASIC\x10\x01\x12\x1b\n\x17\x44ISCLOSURE_VIEW_CONTACT\x10\x02*\xc2\x01\n\x11\x44isclosureOutcome\x12\"\n\x1e\x44ISCLOSURE_OUTCOME_UNSPECIFIED\x10\x00\x12 \n\x1c\x44ISCLOSURE_OUTCOME_DISCLOSED\x10\x01\x12\x1d\n\x19\x44ISCLOSURE_OUTCOME_DENIED\x10\x02\x12 \n\x1c\x44ISCLOSURE_OUTCOME_REQUESTED\x10\x03\x12&\n\"DISCLOSURE_OUTCOME_CONSENT_GRANTED\x10\x04\x42\x02P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,16 +34,16 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'appointments.internal.v1.au
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'P\001'
-  _globals['_DISCLOSUREVIEW']._serialized_start=1074
-  _globals['_DISCLOSUREVIEW']._serialized_end=1179
-  _globals['_DISCLOSUREOUTCOME']._serialized_start=1181
-  _globals['_DISCLOSUREOUTCOME']._serialized_end=1301
+  _globals['_DISCLOSUREVIEW']._serialized_start=1134
+  _globals['_DISCLOSUREVIEW']._serialized_end=1239
+  _globals['_DISCLOSUREOUTCOME']._serialized_start=1242
+  _globals['_DISCLOSUREOUTCOME']._serialized_end=1436
   _globals['_DISCLOSURE']._serialized_start=136
   _globals['_DISCLOSURE']._serialized_end=596
   _globals['_AFFECTEDPATIENT']._serialized_start=599
-  _globals['_AFFECTEDPATIENT']._serialized_end=838
-  _globals['_BREACHTOTALS']._serialized_start=841
-  _globals['_BREACHTOTALS']._serialized_end=982
-  _globals['_CONTACTFIELDTOTAL']._serialized_start=984
-  _globals['_CONTACTFIELDTOTAL']._serialized_end=1072
+  _globals['_AFFECTEDPATIENT']._serialized_end=864
+  _globals['_BREACHTOTALS']._serialized_start=867
+  _globals['_BREACHTOTALS']._serialized_end=1042
+  _globals['_CONTACTFIELDTOTAL']._serialized_start=1044
+  _globals['_CONTACTFIELDTOTAL']._serialized_end=1132
 # @@protoc_insertion_point(module_scope)

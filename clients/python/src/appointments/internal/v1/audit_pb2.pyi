@@ -57,6 +57,15 @@ class _DisclosureOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Dis
     """Data was sent to the partner."""
     DISCLOSURE_OUTCOME_DENIED: _DisclosureOutcome.ValueType  # 2
     """The call was refused; nothing was sent."""
+    DISCLOSURE_OUTCOME_REQUESTED: _DisclosureOutcome.ValueType  # 3
+    """The partner asked the patient for consent to the contact fields listed
+    (RequestContactAccess); nothing was sent.
+    """
+    DISCLOSURE_OUTCOME_CONSENT_GRANTED: _DisclosureOutcome.ValueType  # 4
+    """The patient approved the partner's consent request: the consent named
+    releases the contact fields listed to the partner from now on; nothing
+    was sent yet.
+    """
 
 class DisclosureOutcome(_DisclosureOutcome, metaclass=_DisclosureOutcomeEnumTypeWrapper):
     """Whether a record is a disclosure or a refused attempt."""
@@ -67,6 +76,15 @@ DISCLOSURE_OUTCOME_DISCLOSED: DisclosureOutcome.ValueType  # 1
 """Data was sent to the partner."""
 DISCLOSURE_OUTCOME_DENIED: DisclosureOutcome.ValueType  # 2
 """The call was refused; nothing was sent."""
+DISCLOSURE_OUTCOME_REQUESTED: DisclosureOutcome.ValueType  # 3
+"""The partner asked the patient for consent to the contact fields listed
+(RequestContactAccess); nothing was sent.
+"""
+DISCLOSURE_OUTCOME_CONSENT_GRANTED: DisclosureOutcome.ValueType  # 4
+"""The patient approved the partner's consent request: the consent named
+releases the contact fields listed to the partner from now on; nothing
+was sent yet.
+"""
 Global___DisclosureOutcome: _TypeAlias = DisclosureOutcome  # noqa: Y015
 
 @_typing.final
@@ -178,8 +196,14 @@ class AffectedPatient(_message.Message):
     CONTACT_FIELDS_FIELD_NUMBER: _builtins.int
     FIRST_DISCLOSURE_TIME_FIELD_NUMBER: _builtins.int
     LAST_DISCLOSURE_TIME_FIELD_NUMBER: _builtins.int
+    CONSENT_REQUESTS_FIELD_NUMBER: _builtins.int
     patient_id: _builtins.str
     """The internal identifier of the patient."""
+    consent_requests: _builtins.int
+    """The consent requests the partner sent the patient in the window
+    (RequestContactAccess). A patient reached only by requests is listed
+    too, with no appointment and no contact field.
+    """
     @_builtins.property
     def appointment_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The internal identifiers of the patient's appointments disclosed, sorted."""
@@ -206,10 +230,11 @@ class AffectedPatient(_message.Message):
         contact_fields: _abc.Iterable[_contact_pb2.ContactField.ValueType] | None = ...,
         first_disclosure_time: _timestamp_pb2.Timestamp | None = ...,
         last_disclosure_time: _timestamp_pb2.Timestamp | None = ...,
+        consent_requests: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["first_disclosure_time", b"first_disclosure_time", "last_disclosure_time", b"last_disclosure_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointment_ids", b"appointment_ids", "contact_fields", b"contact_fields", "first_disclosure_time", b"first_disclosure_time", "last_disclosure_time", b"last_disclosure_time", "patient_id", b"patient_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointment_ids", b"appointment_ids", "consent_requests", b"consent_requests", "contact_fields", b"contact_fields", "first_disclosure_time", b"first_disclosure_time", "last_disclosure_time", b"last_disclosure_time", "patient_id", b"patient_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -225,12 +250,15 @@ class BreachTotals(_message.Message):
     APPOINTMENTS_FIELD_NUMBER: _builtins.int
     CONTACT_PATIENTS_FIELD_NUMBER: _builtins.int
     FIELDS_FIELD_NUMBER: _builtins.int
+    CONSENT_REQUEST_PATIENTS_FIELD_NUMBER: _builtins.int
     patients: _builtins.int
     """The number of distinct patients reached."""
     appointments: _builtins.int
     """The number of distinct appointments disclosed."""
     contact_patients: _builtins.int
     """The number of patients with at least one contact field disclosed."""
+    consent_request_patients: _builtins.int
+    """The number of patients sent at least one consent request."""
     @_builtins.property
     def fields(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContactFieldTotal]:
         """The number of patients with each contact field disclosed, in enum order."""
@@ -242,10 +270,11 @@ class BreachTotals(_message.Message):
         appointments: _builtins.int = ...,
         contact_patients: _builtins.int = ...,
         fields: _abc.Iterable[Global___ContactFieldTotal] | None = ...,
+        consent_request_patients: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointments", b"appointments", "contact_patients", b"contact_patients", "fields", b"fields", "patients", b"patients"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointments", b"appointments", "consent_request_patients", b"consent_request_patients", "contact_patients", b"contact_patients", "fields", b"fields", "patients", b"patients"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,10 +24,11 @@ _sym_db = _symbol_database.Default()
 
 from appointments.annotations.v1 import privacy_pb2 as appointments_dot_annotations_dot_v1_dot_privacy__pb2
 from appointments.type.v1 import contact_pb2 as appointments_dot_type_dot_v1_dot_contact__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&appointments/internal/v1/consent.proto\x12\x18\x61ppointments.internal.v1\x1a)appointments/annotations/v1/privacy.proto\x1a\"appointments/type/v1/contact.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xca\x02\n\x07\x43onsent\x12\x12\n\nconsent_id\x18\x01 \x01(\t\x12\x12\n\npatient_id\x18\x02 \x01(\t\x12\x12\n\npartner_id\x18\x03 \x01(\t\x12\x32\n\x06\x66ields\x18\x04 \x03(\x0e\x32\".appointments.type.v1.ContactField\x12\x0f\n\x07purpose\x18\x05 \x01(\t\x12\x13\n\x05token\x18\x06 \x01(\tB\x04\xa8\x9f\x19\x03\x12\x16\n\x0esigning_key_id\x18\x07 \x01(\t\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x02P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&appointments/internal/v1/consent.proto\x12\x18\x61ppointments.internal.v1\x1a)appointments/annotations/v1/privacy.proto\x1a\"appointments/type/v1/contact.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xca\x02\n\x07\x43onsent\x12\x12\n\nconsent_id\x18\x01 \x01(\t\x12\x12\n\npatient_id\x18\x02 \x01(\t\x12\x12\n\npartner_id\x18\x03 \x01(\t\x12\x32\n\x06\x66ields\x18\x04 \x03(\x0e\x32\".appointments.type.v1.ContactField\x12\x0f\n\x07purpose\x18\x05 \x01(\t\x12\x13\n\x05token\x18\x06 \x01(\tB\x04\xa8\x9f\x19\x03\x12\x16\n\x0esigning_key_id\x18\x07 \x01(\t\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9b\x05\n\x15PatientConsentRequest\x12\x1a\n\x12\x63onsent_request_id\x18\x01 \x01(\t\x12\x12\n\npartner_id\x18\x02 \x01(\t\x12\x1c\n\x14partner_display_name\x18\x03 \x01(\t\x12\x16\n\x0e\x61ppointment_id\x18\x04 \x01(\t\x12:\n\x16\x61ppointment_start_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12!\n\x19practitioner_display_name\x18\x06 \x01(\t\x12\x1e\n\x16practitioner_specialty\x18\x07 \x01(\t\x12\x32\n\x06\x66ields\x18\x08 \x03(\x0e\x32\".appointments.type.v1.ContactField\x12\x0f\n\x07purpose\x18\t \x01(\t\x12\x0f\n\x07message\x18\n \x01(\t\x12<\n\x05state\x18\x0b \x01(\x0e\x32-.appointments.internal.v1.ConsentRequestState\x12/\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x03ttl\x18\x0e \x01(\x0b\x32\x19.google.protobuf.Duration\x12:\n\x0egranted_fields\x18\x0f \x03(\x0e\x32\".appointments.type.v1.ContactField\x12\x12\n\nconsent_id\x18\x10 \x01(\t\x12/\n\x0b\x64\x65\x63ide_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xed\x01\n\x13\x43onsentRequestState\x12%\n!CONSENT_REQUEST_STATE_UNSPECIFIED\x10\x00\x12!\n\x1d\x43ONSENT_REQUEST_STATE_PENDING\x10\x01\x12\"\n\x1e\x43ONSENT_REQUEST_STATE_APPROVED\x10\x02\x12 \n\x1c\x43ONSENT_REQUEST_STATE_DENIED\x10\x03\x12!\n\x1d\x43ONSENT_REQUEST_STATE_EXPIRED\x10\x04\x12#\n\x1f\x43ONSENT_REQUEST_STATE_CANCELLED\x10\x05\x42\x02P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,6 +38,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'P\001'
   _globals['_CONSENT'].fields_by_name['token']._loaded_options = None
   _globals['_CONSENT'].fields_by_name['token']._serialized_options = b'\250\237\031\003'
-  _globals['_CONSENT']._serialized_start=181
-  _globals['_CONSENT']._serialized_end=511
+  _globals['_CONSENTREQUESTSTATE']._serialized_start=1216
+  _globals['_CONSENTREQUESTSTATE']._serialized_end=1453
+  _globals['_CONSENT']._serialized_start=213
+  _globals['_CONSENT']._serialized_end=543
+  _globals['_PATIENTCONSENTREQUEST']._serialized_start=546
+  _globals['_PATIENTCONSENTREQUEST']._serialized_end=1213
 # @@protoc_insertion_point(module_scope)

@@ -6,9 +6,11 @@ isort:skip_file
 from appointments.type.v1 import contact_pb2 as _contact_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -19,6 +21,42 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ConsentRequestState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ConsentRequestStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ConsentRequestState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CONSENT_REQUEST_STATE_UNSPECIFIED: _ConsentRequestState.ValueType  # 0
+    """Unknown. Never returned; as a filter, invalid."""
+    CONSENT_REQUEST_STATE_PENDING: _ConsentRequestState.ValueType  # 1
+    """Waiting for the patient's answer."""
+    CONSENT_REQUEST_STATE_APPROVED: _ConsentRequestState.ValueType  # 2
+    """The patient approved it and a consent was granted."""
+    CONSENT_REQUEST_STATE_DENIED: _ConsentRequestState.ValueType  # 3
+    """The patient refused it."""
+    CONSENT_REQUEST_STATE_EXPIRED: _ConsentRequestState.ValueType  # 4
+    """No answer came before its expire time."""
+    CONSENT_REQUEST_STATE_CANCELLED: _ConsentRequestState.ValueType  # 5
+    """The partner cancelled it while it was pending."""
+
+class ConsentRequestState(_ConsentRequestState, metaclass=_ConsentRequestStateEnumTypeWrapper):
+    """Where a consent request stands."""
+
+CONSENT_REQUEST_STATE_UNSPECIFIED: ConsentRequestState.ValueType  # 0
+"""Unknown. Never returned; as a filter, invalid."""
+CONSENT_REQUEST_STATE_PENDING: ConsentRequestState.ValueType  # 1
+"""Waiting for the patient's answer."""
+CONSENT_REQUEST_STATE_APPROVED: ConsentRequestState.ValueType  # 2
+"""The patient approved it and a consent was granted."""
+CONSENT_REQUEST_STATE_DENIED: ConsentRequestState.ValueType  # 3
+"""The patient refused it."""
+CONSENT_REQUEST_STATE_EXPIRED: ConsentRequestState.ValueType  # 4
+"""No answer came before its expire time."""
+CONSENT_REQUEST_STATE_CANCELLED: ConsentRequestState.ValueType  # 5
+"""The partner cancelled it while it was pending."""
+Global___ConsentRequestState: _TypeAlias = ConsentRequestState  # noqa: Y015
 
 @_typing.final
 class Consent(_message.Message):
@@ -91,3 +129,105 @@ class Consent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Consent: _TypeAlias = Consent  # noqa: Y015
+
+@_typing.final
+class PatientConsentRequest(_message.Message):
+    """A partner's request for a patient's consent, as the patient app shows it
+    to the patient.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONSENT_REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PARTNER_ID_FIELD_NUMBER: _builtins.int
+    PARTNER_DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    APPOINTMENT_ID_FIELD_NUMBER: _builtins.int
+    APPOINTMENT_START_TIME_FIELD_NUMBER: _builtins.int
+    PRACTITIONER_DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    PRACTITIONER_SPECIALTY_FIELD_NUMBER: _builtins.int
+    FIELDS_FIELD_NUMBER: _builtins.int
+    PURPOSE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    GRANTED_FIELDS_FIELD_NUMBER: _builtins.int
+    CONSENT_ID_FIELD_NUMBER: _builtins.int
+    DECIDE_TIME_FIELD_NUMBER: _builtins.int
+    consent_request_id: _builtins.str
+    """The internal identifier of the request (a UUID)."""
+    partner_id: _builtins.str
+    """The partner that asks."""
+    partner_display_name: _builtins.str
+    """The partner's name, as the patient knows it."""
+    appointment_id: _builtins.str
+    """The internal identifier of the appointment the request was made for."""
+    practitioner_display_name: _builtins.str
+    """The display name of the appointment's practitioner."""
+    practitioner_specialty: _builtins.str
+    """The specialty of the appointment's practitioner."""
+    purpose: _builtins.str
+    """Why the partner asks, as the partner wrote it."""
+    message: _builtins.str
+    """The partner's message to the patient; empty when it sent none."""
+    state: Global___ConsentRequestState.ValueType
+    """Where the request stands."""
+    consent_id: _builtins.str
+    """The consent the approval created; empty unless approved."""
+    @_builtins.property
+    def appointment_start_time(self) -> _timestamp_pb2.Timestamp:
+        """When that appointment starts."""
+
+    @_builtins.property
+    def fields(self) -> _containers.RepeatedScalarFieldContainer[_contact_pb2.ContactField.ValueType]:
+        """The contact fields asked for, in enum order."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the request was made."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When a pending request lapses."""
+
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
+        """How long the consent would last if approved as asked."""
+
+    @_builtins.property
+    def granted_fields(self) -> _containers.RepeatedScalarFieldContainer[_contact_pb2.ContactField.ValueType]:
+        """The contact fields the patient released; set only once approved."""
+
+    @_builtins.property
+    def decide_time(self) -> _timestamp_pb2.Timestamp:
+        """When the request stopped being pending; unset while it is pending."""
+
+    def __init__(
+        self,
+        *,
+        consent_request_id: _builtins.str = ...,
+        partner_id: _builtins.str = ...,
+        partner_display_name: _builtins.str = ...,
+        appointment_id: _builtins.str = ...,
+        appointment_start_time: _timestamp_pb2.Timestamp | None = ...,
+        practitioner_display_name: _builtins.str = ...,
+        practitioner_specialty: _builtins.str = ...,
+        fields: _abc.Iterable[_contact_pb2.ContactField.ValueType] | None = ...,
+        purpose: _builtins.str = ...,
+        message: _builtins.str = ...,
+        state: Global___ConsentRequestState.ValueType = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+        granted_fields: _abc.Iterable[_contact_pb2.ContactField.ValueType] | None = ...,
+        consent_id: _builtins.str = ...,
+        decide_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["appointment_start_time", b"appointment_start_time", "create_time", b"create_time", "decide_time", b"decide_time", "expire_time", b"expire_time", "ttl", b"ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointment_id", b"appointment_id", "appointment_start_time", b"appointment_start_time", "consent_id", b"consent_id", "consent_request_id", b"consent_request_id", "create_time", b"create_time", "decide_time", b"decide_time", "expire_time", b"expire_time", "fields", b"fields", "granted_fields", b"granted_fields", "message", b"message", "partner_display_name", b"partner_display_name", "partner_id", b"partner_id", "practitioner_display_name", b"practitioner_display_name", "practitioner_specialty", b"practitioner_specialty", "purpose", b"purpose", "state", b"state", "ttl", b"ttl"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PatientConsentRequest: _TypeAlias = PatientConsentRequest  # noqa: Y015

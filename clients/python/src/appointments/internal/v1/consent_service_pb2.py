@@ -27,7 +27,7 @@ from appointments.type.v1 import contact_pb2 as appointments_dot_type_dot_v1_dot
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.appointments/internal/v1/consent_service.proto\x12\x18\x61ppointments.internal.v1\x1a&appointments/internal/v1/consent.proto\x1a\"appointments/type/v1/contact.proto\x1a\x1egoogle/protobuf/duration.proto\"\xaa\x01\n\x13GrantConsentRequest\x12\x12\n\npatient_id\x18\x01 \x01(\t\x12\x12\n\npartner_id\x18\x02 \x01(\t\x12\x32\n\x06\x66ields\x18\x03 \x03(\x0e\x32\".appointments.type.v1.ContactField\x12&\n\x03ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07purpose\x18\x05 \x01(\t\"*\n\x14RevokeConsentRequest\x12\x12\n\nconsent_id\x18\x01 \x01(\t\")\n\x13ListConsentsRequest\x12\x12\n\npatient_id\x18\x01 \x01(\t\"K\n\x14ListConsentsResponse\x12\x33\n\x08\x63onsents\x18\x01 \x03(\x0b\x32!.appointments.internal.v1.Consent2\xc5\x02\n\x0e\x43onsentService\x12`\n\x0cGrantConsent\x12-.appointments.internal.v1.GrantConsentRequest\x1a!.appointments.internal.v1.Consent\x12\x62\n\rRevokeConsent\x12..appointments.internal.v1.RevokeConsentRequest\x1a!.appointments.internal.v1.Consent\x12m\n\x0cListConsents\x12-.appointments.internal.v1.ListConsentsRequest\x1a..appointments.internal.v1.ListConsentsResponseB\x02P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.appointments/internal/v1/consent_service.proto\x12\x18\x61ppointments.internal.v1\x1a&appointments/internal/v1/consent.proto\x1a\"appointments/type/v1/contact.proto\x1a\x1egoogle/protobuf/duration.proto\"\xaa\x01\n\x13GrantConsentRequest\x12\x12\n\npatient_id\x18\x01 \x01(\t\x12\x12\n\npartner_id\x18\x02 \x01(\t\x12\x32\n\x06\x66ields\x18\x03 \x03(\x0e\x32\".appointments.type.v1.ContactField\x12&\n\x03ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07purpose\x18\x05 \x01(\t\"*\n\x14RevokeConsentRequest\x12\x12\n\nconsent_id\x18\x01 \x01(\t\")\n\x13ListConsentsRequest\x12\x12\n\npatient_id\x18\x01 \x01(\t\"K\n\x14ListConsentsResponse\x12\x33\n\x08\x63onsents\x18\x01 \x03(\x0b\x32!.appointments.internal.v1.Consent\"\x96\x01\n\x1aListConsentRequestsRequest\x12\x12\n\npatient_id\x18\x01 \x01(\t\x12=\n\x06states\x18\x02 \x03(\x0e\x32-.appointments.internal.v1.ConsentRequestState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"\x81\x01\n\x1bListConsentRequestsResponse\x12I\n\x10\x63onsent_requests\x18\x01 \x03(\x0b\x32/.appointments.internal.v1.PatientConsentRequest\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x96\x01\n\x1c\x41pproveConsentRequestRequest\x12\x1a\n\x12\x63onsent_request_id\x18\x01 \x01(\t\x12\x32\n\x06\x66ields\x18\x02 \x03(\x0e\x32\".appointments.type.v1.ContactField\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"7\n\x19\x44\x65nyConsentRequestRequest\x12\x1a\n\x12\x63onsent_request_id\x18\x01 \x01(\t2\xc9\x05\n\x0e\x43onsentService\x12`\n\x0cGrantConsent\x12-.appointments.internal.v1.GrantConsentRequest\x1a!.appointments.internal.v1.Consent\x12\x62\n\rRevokeConsent\x12..appointments.internal.v1.RevokeConsentRequest\x1a!.appointments.internal.v1.Consent\x12m\n\x0cListConsents\x12-.appointments.internal.v1.ListConsentsRequest\x1a..appointments.internal.v1.ListConsentsResponse\x12\x82\x01\n\x13ListConsentRequests\x12\x34.appointments.internal.v1.ListConsentRequestsRequest\x1a\x35.appointments.internal.v1.ListConsentRequestsResponse\x12\x80\x01\n\x15\x41pproveConsentRequest\x12\x36.appointments.internal.v1.ApproveConsentRequestRequest\x1a/.appointments.internal.v1.PatientConsentRequest\x12z\n\x12\x44\x65nyConsentRequest\x12\x33.appointments.internal.v1.DenyConsentRequestRequest\x1a/.appointments.internal.v1.PatientConsentRequestB\x02P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,6 +43,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTCONSENTSREQUEST']._serialized_end=442
   _globals['_LISTCONSENTSRESPONSE']._serialized_start=444
   _globals['_LISTCONSENTSRESPONSE']._serialized_end=519
-  _globals['_CONSENTSERVICE']._serialized_start=522
-  _globals['_CONSENTSERVICE']._serialized_end=847
+  _globals['_LISTCONSENTREQUESTSREQUEST']._serialized_start=522
+  _globals['_LISTCONSENTREQUESTSREQUEST']._serialized_end=672
+  _globals['_LISTCONSENTREQUESTSRESPONSE']._serialized_start=675
+  _globals['_LISTCONSENTREQUESTSRESPONSE']._serialized_end=804
+  _globals['_APPROVECONSENTREQUESTREQUEST']._serialized_start=807
+  _globals['_APPROVECONSENTREQUESTREQUEST']._serialized_end=957
+  _globals['_DENYCONSENTREQUESTREQUEST']._serialized_start=959
+  _globals['_DENYCONSENTREQUESTREQUEST']._serialized_end=1014
+  _globals['_CONSENTSERVICE']._serialized_start=1017
+  _globals['_CONSENTSERVICE']._serialized_end=1730
 # @@protoc_insertion_point(module_scope)

@@ -135,3 +135,131 @@ class ListConsentsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListConsentsResponse: _TypeAlias = ListConsentsResponse  # noqa: Y015
+
+@_typing.final
+class ListConsentRequestsRequest(_message.Message):
+    """The request of ListConsentRequests."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATIENT_ID_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    patient_id: _builtins.str
+    """The patient whose requests are listed. Required."""
+    page_size: _builtins.int
+    """The maximum number of requests to return. 0 means 50; the maximum is
+    500.
+    """
+    page_token: _builtins.str
+    """The `next_page_token` of a previous response with the same patient and
+    states, or empty for the first page.
+    """
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[_consent_pb2.ConsentRequestState.ValueType]:
+        """Only requests in these states; empty lists every state."""
+
+    def __init__(
+        self,
+        *,
+        patient_id: _builtins.str = ...,
+        states: _abc.Iterable[_consent_pb2.ConsentRequestState.ValueType] | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "patient_id", b"patient_id", "states", b"states"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListConsentRequestsRequest: _TypeAlias = ListConsentRequestsRequest  # noqa: Y015
+
+@_typing.final
+class ListConsentRequestsResponse(_message.Message):
+    """The response of ListConsentRequests."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONSENT_REQUESTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """A token for the next page, or empty when this is the last page."""
+    @_builtins.property
+    def consent_requests(self) -> _containers.RepeatedCompositeFieldContainer[_consent_pb2.PatientConsentRequest]:
+        """The requests of this page, newest first."""
+
+    def __init__(
+        self,
+        *,
+        consent_requests: _abc.Iterable[_consent_pb2.PatientConsentRequest] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consent_requests", b"consent_requests", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListConsentRequestsResponse: _TypeAlias = ListConsentRequestsResponse  # noqa: Y015
+
+@_typing.final
+class ApproveConsentRequestRequest(_message.Message):
+    """The request of ApproveConsentRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONSENT_REQUEST_ID_FIELD_NUMBER: _builtins.int
+    FIELDS_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    consent_request_id: _builtins.str
+    """The request to approve. Required."""
+    @_builtins.property
+    def fields(self) -> _containers.RepeatedScalarFieldContainer[_contact_pb2.ContactField.ValueType]:
+        """The fields released: empty releases every field asked for; otherwise a
+        subset of them, no duplicates.
+        """
+
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
+        """How long the consent lasts: unset means as asked; otherwise from 1
+        second up to what was asked.
+        """
+
+    def __init__(
+        self,
+        *,
+        consent_request_id: _builtins.str = ...,
+        fields: _abc.Iterable[_contact_pb2.ContactField.ValueType] | None = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consent_request_id", b"consent_request_id", "fields", b"fields", "ttl", b"ttl"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveConsentRequestRequest: _TypeAlias = ApproveConsentRequestRequest  # noqa: Y015
+
+@_typing.final
+class DenyConsentRequestRequest(_message.Message):
+    """The request of DenyConsentRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONSENT_REQUEST_ID_FIELD_NUMBER: _builtins.int
+    consent_request_id: _builtins.str
+    """The request to deny. Required."""
+    def __init__(
+        self,
+        *,
+        consent_request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consent_request_id", b"consent_request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DenyConsentRequestRequest: _TypeAlias = DenyConsentRequestRequest  # noqa: Y015

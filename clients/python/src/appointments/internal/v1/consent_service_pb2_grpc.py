@@ -53,6 +53,21 @@ class ConsentServiceStub:
                 request_serializer=appointments_dot_internal_dot_v1_dot_consent__service__pb2.ListConsentsRequest.SerializeToString,
                 response_deserializer=appointments_dot_internal_dot_v1_dot_consent__service__pb2.ListConsentsResponse.FromString,
                 _registered_method=True)
+        self.ListConsentRequests = channel.unary_unary(
+                '/appointments.internal.v1.ConsentService/ListConsentRequests',
+                request_serializer=appointments_dot_internal_dot_v1_dot_consent__service__pb2.ListConsentRequestsRequest.SerializeToString,
+                response_deserializer=appointments_dot_internal_dot_v1_dot_consent__service__pb2.ListConsentRequestsResponse.FromString,
+                _registered_method=True)
+        self.ApproveConsentRequest = channel.unary_unary(
+                '/appointments.internal.v1.ConsentService/ApproveConsentRequest',
+                request_serializer=appointments_dot_internal_dot_v1_dot_consent__service__pb2.ApproveConsentRequestRequest.SerializeToString,
+                response_deserializer=appointments_dot_internal_dot_v1_dot_consent__pb2.PatientConsentRequest.FromString,
+                _registered_method=True)
+        self.DenyConsentRequest = channel.unary_unary(
+                '/appointments.internal.v1.ConsentService/DenyConsentRequest',
+                request_serializer=appointments_dot_internal_dot_v1_dot_consent__service__pb2.DenyConsentRequestRequest.SerializeToString,
+                response_deserializer=appointments_dot_internal_dot_v1_dot_consent__pb2.PatientConsentRequest.FromString,
+                _registered_method=True)
 
 
 class ConsentServiceServicer:
@@ -88,6 +103,35 @@ class ConsentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListConsentRequests(self, request, context):
+        """Lists the consent requests partners made to a patient, newest first.
+        Returns INVALID_ARGUMENT for a malformed filter, page size or page
+        token, and NOT_FOUND for an unknown patient.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApproveConsentRequest(self, request, context):
+        """Approves a pending consent request, as asked or narrower: the consent is
+        granted exactly as GrantConsent grants it, to the requesting partner,
+        whose token reaches that partner only (GetConsentRequest and its
+        stream). Returns INVALID_ARGUMENT for fields not asked for or a ttl
+        longer than asked, NOT_FOUND for an unknown request, and
+        FAILED_PRECONDITION for a request that is no longer pending.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DenyConsentRequest(self, request, context):
+        """Denies a pending consent request. Returns NOT_FOUND for an unknown
+        request and FAILED_PRECONDITION for one that is no longer pending.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConsentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +149,21 @@ def add_ConsentServiceServicer_to_server(servicer, server):
                     servicer.ListConsents,
                     request_deserializer=appointments_dot_internal_dot_v1_dot_consent__service__pb2.ListConsentsRequest.FromString,
                     response_serializer=appointments_dot_internal_dot_v1_dot_consent__service__pb2.ListConsentsResponse.SerializeToString,
+            ),
+            'ListConsentRequests': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListConsentRequests,
+                    request_deserializer=appointments_dot_internal_dot_v1_dot_consent__service__pb2.ListConsentRequestsRequest.FromString,
+                    response_serializer=appointments_dot_internal_dot_v1_dot_consent__service__pb2.ListConsentRequestsResponse.SerializeToString,
+            ),
+            'ApproveConsentRequest': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveConsentRequest,
+                    request_deserializer=appointments_dot_internal_dot_v1_dot_consent__service__pb2.ApproveConsentRequestRequest.FromString,
+                    response_serializer=appointments_dot_internal_dot_v1_dot_consent__pb2.PatientConsentRequest.SerializeToString,
+            ),
+            'DenyConsentRequest': grpc.unary_unary_rpc_method_handler(
+                    servicer.DenyConsentRequest,
+                    request_deserializer=appointments_dot_internal_dot_v1_dot_consent__service__pb2.DenyConsentRequestRequest.FromString,
+                    response_serializer=appointments_dot_internal_dot_v1_dot_consent__pb2.PatientConsentRequest.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -191,6 +250,87 @@ class ConsentService:
             '/appointments.internal.v1.ConsentService/ListConsents',
             appointments_dot_internal_dot_v1_dot_consent__service__pb2.ListConsentsRequest.SerializeToString,
             appointments_dot_internal_dot_v1_dot_consent__service__pb2.ListConsentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListConsentRequests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/appointments.internal.v1.ConsentService/ListConsentRequests',
+            appointments_dot_internal_dot_v1_dot_consent__service__pb2.ListConsentRequestsRequest.SerializeToString,
+            appointments_dot_internal_dot_v1_dot_consent__service__pb2.ListConsentRequestsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveConsentRequest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/appointments.internal.v1.ConsentService/ApproveConsentRequest',
+            appointments_dot_internal_dot_v1_dot_consent__service__pb2.ApproveConsentRequestRequest.SerializeToString,
+            appointments_dot_internal_dot_v1_dot_consent__pb2.PatientConsentRequest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DenyConsentRequest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/appointments.internal.v1.ConsentService/DenyConsentRequest',
+            appointments_dot_internal_dot_v1_dot_consent__service__pb2.DenyConsentRequestRequest.SerializeToString,
+            appointments_dot_internal_dot_v1_dot_consent__pb2.PatientConsentRequest.FromString,
             options,
             channel_credentials,
             insecure,

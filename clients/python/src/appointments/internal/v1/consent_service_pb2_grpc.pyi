@@ -52,6 +52,23 @@ class ConsentServiceStub:
     """Lists a patient's consents, newest first, without their tokens. Returns
     NOT_FOUND for an unknown patient.
     """
+    ListConsentRequests: _grpc.UnaryUnaryMultiCallable[_consent_service_pb2.ListConsentRequestsRequest, _consent_service_pb2.ListConsentRequestsResponse]
+    """Lists the consent requests partners made to a patient, newest first.
+    Returns INVALID_ARGUMENT for a malformed filter, page size or page
+    token, and NOT_FOUND for an unknown patient.
+    """
+    ApproveConsentRequest: _grpc.UnaryUnaryMultiCallable[_consent_service_pb2.ApproveConsentRequestRequest, _consent_pb2.PatientConsentRequest]
+    """Approves a pending consent request, as asked or narrower: the consent is
+    granted exactly as GrantConsent grants it, to the requesting partner,
+    whose token reaches that partner only (GetConsentRequest and its
+    stream). Returns INVALID_ARGUMENT for fields not asked for or a ttl
+    longer than asked, NOT_FOUND for an unknown request, and
+    FAILED_PRECONDITION for a request that is no longer pending.
+    """
+    DenyConsentRequest: _grpc.UnaryUnaryMultiCallable[_consent_service_pb2.DenyConsentRequestRequest, _consent_pb2.PatientConsentRequest]
+    """Denies a pending consent request. Returns NOT_FOUND for an unknown
+    request and FAILED_PRECONDITION for one that is no longer pending.
+    """
 
 @_typing.type_check_only
 class ConsentServiceAsyncStub(ConsentServiceStub):
@@ -75,6 +92,23 @@ class ConsentServiceAsyncStub(ConsentServiceStub):
     ListConsents: _aio.UnaryUnaryMultiCallable[_consent_service_pb2.ListConsentsRequest, _consent_service_pb2.ListConsentsResponse]  # type: ignore[assignment]
     """Lists a patient's consents, newest first, without their tokens. Returns
     NOT_FOUND for an unknown patient.
+    """
+    ListConsentRequests: _aio.UnaryUnaryMultiCallable[_consent_service_pb2.ListConsentRequestsRequest, _consent_service_pb2.ListConsentRequestsResponse]  # type: ignore[assignment]
+    """Lists the consent requests partners made to a patient, newest first.
+    Returns INVALID_ARGUMENT for a malformed filter, page size or page
+    token, and NOT_FOUND for an unknown patient.
+    """
+    ApproveConsentRequest: _aio.UnaryUnaryMultiCallable[_consent_service_pb2.ApproveConsentRequestRequest, _consent_pb2.PatientConsentRequest]  # type: ignore[assignment]
+    """Approves a pending consent request, as asked or narrower: the consent is
+    granted exactly as GrantConsent grants it, to the requesting partner,
+    whose token reaches that partner only (GetConsentRequest and its
+    stream). Returns INVALID_ARGUMENT for fields not asked for or a ttl
+    longer than asked, NOT_FOUND for an unknown request, and
+    FAILED_PRECONDITION for a request that is no longer pending.
+    """
+    DenyConsentRequest: _aio.UnaryUnaryMultiCallable[_consent_service_pb2.DenyConsentRequestRequest, _consent_pb2.PatientConsentRequest]  # type: ignore[assignment]
+    """Denies a pending consent request. Returns NOT_FOUND for an unknown
+    request and FAILED_PRECONDITION for one that is no longer pending.
     """
 
 class ConsentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -114,6 +148,41 @@ class ConsentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_consent_service_pb2.ListConsentsResponse, _abc.Awaitable[_consent_service_pb2.ListConsentsResponse]]:
         """Lists a patient's consents, newest first, without their tokens. Returns
         NOT_FOUND for an unknown patient.
+        """
+
+    @_abc_1.abstractmethod
+    def ListConsentRequests(
+        self,
+        request: _consent_service_pb2.ListConsentRequestsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_consent_service_pb2.ListConsentRequestsResponse, _abc.Awaitable[_consent_service_pb2.ListConsentRequestsResponse]]:
+        """Lists the consent requests partners made to a patient, newest first.
+        Returns INVALID_ARGUMENT for a malformed filter, page size or page
+        token, and NOT_FOUND for an unknown patient.
+        """
+
+    @_abc_1.abstractmethod
+    def ApproveConsentRequest(
+        self,
+        request: _consent_service_pb2.ApproveConsentRequestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_consent_pb2.PatientConsentRequest, _abc.Awaitable[_consent_pb2.PatientConsentRequest]]:
+        """Approves a pending consent request, as asked or narrower: the consent is
+        granted exactly as GrantConsent grants it, to the requesting partner,
+        whose token reaches that partner only (GetConsentRequest and its
+        stream). Returns INVALID_ARGUMENT for fields not asked for or a ttl
+        longer than asked, NOT_FOUND for an unknown request, and
+        FAILED_PRECONDITION for a request that is no longer pending.
+        """
+
+    @_abc_1.abstractmethod
+    def DenyConsentRequest(
+        self,
+        request: _consent_service_pb2.DenyConsentRequestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_consent_pb2.PatientConsentRequest, _abc.Awaitable[_consent_pb2.PatientConsentRequest]]:
+        """Denies a pending consent request. Returns NOT_FOUND for an unknown
+        request and FAILED_PRECONDITION for one that is no longer pending.
         """
 
 def add_ConsentServiceServicer_to_server(servicer: ConsentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -24,11 +24,14 @@ _sym_db = _symbol_database.Default()
 
 from appointments.annotations.v1 import privacy_pb2 as appointments_dot_annotations_dot_v1_dot_privacy__pb2
 from appointments.partner.v1 import appointment_pb2 as appointments_dot_partner_dot_v1_dot_appointment__pb2
+from appointments.partner.v1 import consent_request_pb2 as appointments_dot_partner_dot_v1_dot_consent__request__pb2
 from appointments.partner.v1 import contact_pb2 as appointments_dot_partner_dot_v1_dot_contact__pb2
+from appointments.type.v1 import contact_pb2 as appointments_dot_type_dot_v1_dot_contact__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n9appointments/partner/v1/partner_appointment_service.proto\x12\x17\x61ppointments.partner.v1\x1a)appointments/annotations/v1/privacy.proto\x1a)appointments/partner/v1/appointment.proto\x1a%appointments/partner/v1/contact.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb7\x01\n\x17ListAppointmentsRequest\x12\x17\n\x0fpractitioner_id\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"o\n\x18ListAppointmentsResponse\x12:\n\x0c\x61ppointments\x18\x01 \x03(\x0b\x32$.appointments.partner.v1.Appointment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"/\n\x15GetAppointmentRequest\x12\x16\n\x0e\x61ppointment_id\x18\x01 \x01(\t\"S\n\x1cGetAppointmentContactRequest\x12\x16\n\x0e\x61ppointment_id\x18\x01 \x01(\t\x12\x1b\n\rconsent_token\x18\x02 \x01(\tB\x04\xa8\x9f\x19\x03\"\x18\n\x16ListConsentKeysRequest\"L\n\x17ListConsentKeysResponse\x12\x31\n\x04keys\x18\x01 \x03(\x0b\x32#.appointments.partner.v1.ConsentKey\"I\n\x18WatchAppointmentsRequest\x12\x17\n\x0fpractitioner_id\x18\x01 \x01(\t\x12\x14\n\x0cresume_token\x18\x02 \x01(\t\"\x9e\x01\n\x11\x41ppointmentChange\x12\x38\n\x0b\x63hange_type\x18\x01 \x01(\x0e\x32#.appointments.partner.v1.ChangeType\x12\x39\n\x0b\x61ppointment\x18\x02 \x01(\x0b\x32$.appointments.partner.v1.Appointment\x12\x14\n\x0cresume_token\x18\x03 \x01(\t*v\n\nChangeType\x12\x1b\n\x17\x43HANGE_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43HANGE_TYPE_CREATED\x10\x01\x12\x17\n\x13\x43HANGE_TYPE_UPDATED\x10\x02\x12\x19\n\x15\x43HANGE_TYPE_CANCELLED\x10\x03\x32\xe5\x04\n\x19PartnerAppointmentService\x12w\n\x10ListAppointments\x12\x30.appointments.partner.v1.ListAppointmentsRequest\x1a\x31.appointments.partner.v1.ListAppointmentsResponse\x12\x66\n\x0eGetAppointment\x12..appointments.partner.v1.GetAppointmentRequest\x1a$.appointments.partner.v1.Appointment\x12{\n\x15GetAppointmentContact\x12\x35.appointments.partner.v1.GetAppointmentContactRequest\x1a+.appointments.partner.v1.AppointmentContact\x12t\n\x0fListConsentKeys\x12/.appointments.partner.v1.ListConsentKeysRequest\x1a\x30.appointments.partner.v1.ListConsentKeysResponse\x12t\n\x11WatchAppointments\x12\x31.appointments.partner.v1.WatchAppointmentsRequest\x1a*.appointments.partner.v1.AppointmentChange0\x01\x42\x02P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n9appointments/partner/v1/partner_appointment_service.proto\x12\x17\x61ppointments.partner.v1\x1a)appointments/annotations/v1/privacy.proto\x1a)appointments/partner/v1/appointment.proto\x1a-appointments/partner/v1/consent_request.proto\x1a%appointments/partner/v1/contact.proto\x1a\"appointments/type/v1/contact.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb7\x01\n\x17ListAppointmentsRequest\x12\x17\n\x0fpractitioner_id\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"o\n\x18ListAppointmentsResponse\x12:\n\x0c\x61ppointments\x18\x01 \x03(\x0b\x32$.appointments.partner.v1.Appointment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"/\n\x15GetAppointmentRequest\x12\x16\n\x0e\x61ppointment_id\x18\x01 \x01(\t\"S\n\x1cGetAppointmentContactRequest\x12\x16\n\x0e\x61ppointment_id\x18\x01 \x01(\t\x12\x1b\n\rconsent_token\x18\x02 \x01(\tB\x04\xa8\x9f\x19\x03\"\x18\n\x16ListConsentKeysRequest\"L\n\x17ListConsentKeysResponse\x12\x31\n\x04keys\x18\x01 \x03(\x0b\x32#.appointments.partner.v1.ConsentKey\"I\n\x18WatchAppointmentsRequest\x12\x17\n\x0fpractitioner_id\x18\x01 \x01(\t\x12\x14\n\x0cresume_token\x18\x02 \x01(\t\"\x9e\x01\n\x11\x41ppointmentChange\x12\x38\n\x0b\x63hange_type\x18\x01 \x01(\x0e\x32#.appointments.partner.v1.ChangeType\x12\x39\n\x0b\x61ppointment\x18\x02 \x01(\x0b\x32$.appointments.partner.v1.Appointment\x12\x14\n\x0cresume_token\x18\x03 \x01(\t\"\xb3\x01\n\x1bRequestContactAccessRequest\x12\x16\n\x0e\x61ppointment_id\x18\x01 \x01(\t\x12\x32\n\x06\x66ields\x18\x02 \x03(\x0e\x32\".appointments.type.v1.ContactField\x12\x0f\n\x07purpose\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12&\n\x03ttl\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"6\n\x18GetConsentRequestRequest\x12\x1a\n\x12\x63onsent_request_id\x18\x01 \x01(\t\"9\n\x1b\x43\x61ncelConsentRequestRequest\x12\x1a\n\x12\x63onsent_request_id\x18\x01 \x01(\t\"3\n\x1bWatchConsentRequestsRequest\x12\x14\n\x0cresume_token\x18\x01 \x01(\t*v\n\nChangeType\x12\x1b\n\x17\x43HANGE_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43HANGE_TYPE_CREATED\x10\x01\x12\x17\n\x13\x43HANGE_TYPE_UPDATED\x10\x02\x12\x19\n\x15\x43HANGE_TYPE_CANCELLED\x10\x03\x32\xc2\x08\n\x19PartnerAppointmentService\x12w\n\x10ListAppointments\x12\x30.appointments.partner.v1.ListAppointmentsRequest\x1a\x31.appointments.partner.v1.ListAppointmentsResponse\x12\x66\n\x0eGetAppointment\x12..appointments.partner.v1.GetAppointmentRequest\x1a$.appointments.partner.v1.Appointment\x12{\n\x15GetAppointmentContact\x12\x35.appointments.partner.v1.GetAppointmentContactRequest\x1a+.appointments.partner.v1.AppointmentContact\x12t\n\x0fListConsentKeys\x12/.appointments.partner.v1.ListConsentKeysRequest\x1a\x30.appointments.partner.v1.ListConsentKeysResponse\x12t\n\x11WatchAppointments\x12\x31.appointments.partner.v1.WatchAppointmentsRequest\x1a*.appointments.partner.v1.AppointmentChange0\x01\x12u\n\x14RequestContactAccess\x12\x34.appointments.partner.v1.RequestContactAccessRequest\x1a\'.appointments.partner.v1.ConsentRequest\x12o\n\x11GetConsentRequest\x12\x31.appointments.partner.v1.GetConsentRequestRequest\x1a\'.appointments.partner.v1.ConsentRequest\x12u\n\x14\x43\x61ncelConsentRequest\x12\x34.appointments.partner.v1.CancelConsentRequestRequest\x1a\'.appointments.partner.v1.ConsentRequest\x12|\n\x14WatchConsentRequests\x12\x34.appointments.partner.v1.WatchConsentRequestsRequest\x1a,.appointments.partner.v1.ConsentRequestEvent0\x01\x42\x02P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,24 +41,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'P\001'
   _globals['_GETAPPOINTMENTCONTACTREQUEST'].fields_by_name['consent_token']._loaded_options = None
   _globals['_GETAPPOINTMENTCONTACTREQUEST'].fields_by_name['consent_token']._serialized_options = b'\250\237\031\003'
-  _globals['_CHANGETYPE']._serialized_start=1017
-  _globals['_CHANGETYPE']._serialized_end=1135
-  _globals['_LISTAPPOINTMENTSREQUEST']._serialized_start=245
-  _globals['_LISTAPPOINTMENTSREQUEST']._serialized_end=428
-  _globals['_LISTAPPOINTMENTSRESPONSE']._serialized_start=430
-  _globals['_LISTAPPOINTMENTSRESPONSE']._serialized_end=541
-  _globals['_GETAPPOINTMENTREQUEST']._serialized_start=543
-  _globals['_GETAPPOINTMENTREQUEST']._serialized_end=590
-  _globals['_GETAPPOINTMENTCONTACTREQUEST']._serialized_start=592
-  _globals['_GETAPPOINTMENTCONTACTREQUEST']._serialized_end=675
-  _globals['_LISTCONSENTKEYSREQUEST']._serialized_start=677
-  _globals['_LISTCONSENTKEYSREQUEST']._serialized_end=701
-  _globals['_LISTCONSENTKEYSRESPONSE']._serialized_start=703
-  _globals['_LISTCONSENTKEYSRESPONSE']._serialized_end=779
-  _globals['_WATCHAPPOINTMENTSREQUEST']._serialized_start=781
-  _globals['_WATCHAPPOINTMENTSREQUEST']._serialized_end=854
-  _globals['_APPOINTMENTCHANGE']._serialized_start=857
-  _globals['_APPOINTMENTCHANGE']._serialized_end=1015
-  _globals['_PARTNERAPPOINTMENTSERVICE']._serialized_start=1138
-  _globals['_PARTNERAPPOINTMENTSERVICE']._serialized_end=1751
+  _globals['_CHANGETYPE']._serialized_start=1482
+  _globals['_CHANGETYPE']._serialized_end=1600
+  _globals['_LISTAPPOINTMENTSREQUEST']._serialized_start=360
+  _globals['_LISTAPPOINTMENTSREQUEST']._serialized_end=543
+  _globals['_LISTAPPOINTMENTSRESPONSE']._serialized_start=545
+  _globals['_LISTAPPOINTMENTSRESPONSE']._serialized_end=656
+  _globals['_GETAPPOINTMENTREQUEST']._serialized_start=658
+  _globals['_GETAPPOINTMENTREQUEST']._serialized_end=705
+  _globals['_GETAPPOINTMENTCONTACTREQUEST']._serialized_start=707
+  _globals['_GETAPPOINTMENTCONTACTREQUEST']._serialized_end=790
+  _globals['_LISTCONSENTKEYSREQUEST']._serialized_start=792
+  _globals['_LISTCONSENTKEYSREQUEST']._serialized_end=816
+  _globals['_LISTCONSENTKEYSRESPONSE']._serialized_start=818
+  _globals['_LISTCONSENTKEYSRESPONSE']._serialized_end=894
+  _globals['_WATCHAPPOINTMENTSREQUEST']._serialized_start=896
+  _globals['_WATCHAPPOINTMENTSREQUEST']._serialized_end=969
+  _globals['_APPOINTMENTCHANGE']._serialized_start=972
+  _globals['_APPOINTMENTCHANGE']._serialized_end=1130
+  _globals['_REQUESTCONTACTACCESSREQUEST']._serialized_start=1133
+  _globals['_REQUESTCONTACTACCESSREQUEST']._serialized_end=1312
+  _globals['_GETCONSENTREQUESTREQUEST']._serialized_start=1314
+  _globals['_GETCONSENTREQUESTREQUEST']._serialized_end=1368
+  _globals['_CANCELCONSENTREQUESTREQUEST']._serialized_start=1370
+  _globals['_CANCELCONSENTREQUESTREQUEST']._serialized_end=1427
+  _globals['_WATCHCONSENTREQUESTSREQUEST']._serialized_start=1429
+  _globals['_WATCHCONSENTREQUESTSREQUEST']._serialized_end=1480
+  _globals['_PARTNERAPPOINTMENTSERVICE']._serialized_start=1603
+  _globals['_PARTNERAPPOINTMENTSERVICE']._serialized_end=2693
 # @@protoc_insertion_point(module_scope)

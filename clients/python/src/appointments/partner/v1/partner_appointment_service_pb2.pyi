@@ -5,8 +5,10 @@ isort:skip_file
 
 from appointments.partner.v1 import appointment_pb2 as _appointment_pb2
 from appointments.partner.v1 import contact_pb2 as _contact_pb2
+from appointments.type.v1 import contact_pb2 as _contact_pb2_1
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -288,3 +290,124 @@ class AppointmentChange(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AppointmentChange: _TypeAlias = AppointmentChange  # noqa: Y015
+
+@_typing.final
+class RequestContactAccessRequest(_message.Message):
+    """The request of RequestContactAccess."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPOINTMENT_ID_FIELD_NUMBER: _builtins.int
+    FIELDS_FIELD_NUMBER: _builtins.int
+    PURPOSE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    appointment_id: _builtins.str
+    """The partner-scoped identifier of an appointment of the patient asked.
+    Required.
+    """
+    purpose: _builtins.str
+    """Why the partner asks, shown to the patient, for example "appointment
+    reminders by text message". Required, 1 to 200 characters.
+    """
+    message: _builtins.str
+    """A message to the patient, shown with the request. Optional, at most 280
+    characters.
+    """
+    @_builtins.property
+    def fields(self) -> _containers.RepeatedScalarFieldContainer[_contact_pb2_1.ContactField.ValueType]:
+        """The contact fields asked for. Required, at least one, no duplicates,
+        none unspecified.
+        """
+
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
+        """How long the consent should last if approved: from 1 second up to the
+        configured maximum (APPTGATE_CONSENT_MAX_TTL). Required. The patient may
+        approve a shorter one.
+        """
+
+    def __init__(
+        self,
+        *,
+        appointment_id: _builtins.str = ...,
+        fields: _abc.Iterable[_contact_pb2_1.ContactField.ValueType] | None = ...,
+        purpose: _builtins.str = ...,
+        message: _builtins.str = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointment_id", b"appointment_id", "fields", b"fields", "message", b"message", "purpose", b"purpose", "ttl", b"ttl"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestContactAccessRequest: _TypeAlias = RequestContactAccessRequest  # noqa: Y015
+
+@_typing.final
+class GetConsentRequestRequest(_message.Message):
+    """The request of GetConsentRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONSENT_REQUEST_ID_FIELD_NUMBER: _builtins.int
+    consent_request_id: _builtins.str
+    """The partner-scoped identifier of the request. Required."""
+    def __init__(
+        self,
+        *,
+        consent_request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consent_request_id", b"consent_request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetConsentRequestRequest: _TypeAlias = GetConsentRequestRequest  # noqa: Y015
+
+@_typing.final
+class CancelConsentRequestRequest(_message.Message):
+    """The request of CancelConsentRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONSENT_REQUEST_ID_FIELD_NUMBER: _builtins.int
+    consent_request_id: _builtins.str
+    """The partner-scoped identifier of the request. Required."""
+    def __init__(
+        self,
+        *,
+        consent_request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consent_request_id", b"consent_request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelConsentRequestRequest: _TypeAlias = CancelConsentRequestRequest  # noqa: Y015
+
+@_typing.final
+class WatchConsentRequestsRequest(_message.Message):
+    """The request of WatchConsentRequests."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    resume_token: _builtins.str
+    """The `resume_token` of the last event received, to continue after it, or
+    empty to start from now. Tokens are opaque and bound to the caller.
+    """
+    def __init__(
+        self,
+        *,
+        resume_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["resume_token", b"resume_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchConsentRequestsRequest: _TypeAlias = WatchConsentRequestsRequest  # noqa: Y015

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from appointments.partner.v1 import appointment_pb2 as appointments_dot_partner_dot_v1_dot_appointment__pb2
+from appointments.partner.v1 import consent_request_pb2 as appointments_dot_partner_dot_v1_dot_consent__request__pb2
 from appointments.partner.v1 import contact_pb2 as appointments_dot_partner_dot_v1_dot_contact__pb2
 from appointments.partner.v1 import partner_appointment_service_pb2 as appointments_dot_partner_dot_v1_dot_partner__appointment__service__pb2
 
@@ -68,6 +69,26 @@ class PartnerAppointmentServiceStub:
                 '/appointments.partner.v1.PartnerAppointmentService/WatchAppointments',
                 request_serializer=appointments_dot_partner_dot_v1_dot_partner__appointment__service__pb2.WatchAppointmentsRequest.SerializeToString,
                 response_deserializer=appointments_dot_partner_dot_v1_dot_partner__appointment__service__pb2.AppointmentChange.FromString,
+                _registered_method=True)
+        self.RequestContactAccess = channel.unary_unary(
+                '/appointments.partner.v1.PartnerAppointmentService/RequestContactAccess',
+                request_serializer=appointments_dot_partner_dot_v1_dot_partner__appointment__service__pb2.RequestContactAccessRequest.SerializeToString,
+                response_deserializer=appointments_dot_partner_dot_v1_dot_consent__request__pb2.ConsentRequest.FromString,
+                _registered_method=True)
+        self.GetConsentRequest = channel.unary_unary(
+                '/appointments.partner.v1.PartnerAppointmentService/GetConsentRequest',
+                request_serializer=appointments_dot_partner_dot_v1_dot_partner__appointment__service__pb2.GetConsentRequestRequest.SerializeToString,
+                response_deserializer=appointments_dot_partner_dot_v1_dot_consent__request__pb2.ConsentRequest.FromString,
+                _registered_method=True)
+        self.CancelConsentRequest = channel.unary_unary(
+                '/appointments.partner.v1.PartnerAppointmentService/CancelConsentRequest',
+                request_serializer=appointments_dot_partner_dot_v1_dot_partner__appointment__service__pb2.CancelConsentRequestRequest.SerializeToString,
+                response_deserializer=appointments_dot_partner_dot_v1_dot_consent__request__pb2.ConsentRequest.FromString,
+                _registered_method=True)
+        self.WatchConsentRequests = channel.unary_stream(
+                '/appointments.partner.v1.PartnerAppointmentService/WatchConsentRequests',
+                request_serializer=appointments_dot_partner_dot_v1_dot_partner__appointment__service__pb2.WatchConsentRequestsRequest.SerializeToString,
+                response_deserializer=appointments_dot_partner_dot_v1_dot_consent__request__pb2.ConsentRequestEvent.FromString,
                 _registered_method=True)
 
 
@@ -139,6 +160,52 @@ class PartnerAppointmentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RequestContactAccess(self, request, context):
+        """Asks the patient of an appointment to consent to release some contact
+        fields to the caller. The patient answers in the platform's patient app;
+        the request is PENDING until then, and EXPIRED if no answer comes in
+        time. Returns INVALID_ARGUMENT for a malformed field, NOT_FOUND when the
+        appointment is not visible to the caller, ALREADY_EXISTS when a request
+        for the same patient and fields is pending (ErrorInfo metadata
+        `consent_request_id` names it), and RESOURCE_EXHAUSTED (QuotaFailure,
+        RetryInfo) when the caller's daily requests or the patient's 3 requests
+        per 30 days are used up.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetConsentRequest(self, request, context):
+        """Gets one of the caller's consent requests; once approved it carries the
+        consent token. Returns NOT_FOUND for a request of another partner or
+        none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelConsentRequest(self, request, context):
+        """Cancels one of the caller's pending consent requests. Returns NOT_FOUND
+        as GetConsentRequest does and FAILED_PRECONDITION when the request is no
+        longer pending.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchConsentRequests(self, request, context):
+        """Streams every change of the caller's consent requests (made, approved,
+        denied, cancelled, expired, consent revoked) as it commits. Without a
+        resume token the stream starts from now; with one it first replays every
+        change after that point, exactly once and in commit order, then goes
+        live. Returns INVALID_ARGUMENT for a malformed or foreign resume token
+        and RESOURCE_EXHAUSTED when the caller has too many streams open; ends
+        with UNAUTHENTICATED when the key is revoked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PartnerAppointmentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -166,6 +233,26 @@ def add_PartnerAppointmentServiceServicer_to_server(servicer, server):
                     servicer.WatchAppointments,
                     request_deserializer=appointments_dot_partner_dot_v1_dot_partner__appointment__service__pb2.WatchAppointmentsRequest.FromString,
                     response_serializer=appointments_dot_partner_dot_v1_dot_partner__appointment__service__pb2.AppointmentChange.SerializeToString,
+            ),
+            'RequestContactAccess': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequestContactAccess,
+                    request_deserializer=appointments_dot_partner_dot_v1_dot_partner__appointment__service__pb2.RequestContactAccessRequest.FromString,
+                    response_serializer=appointments_dot_partner_dot_v1_dot_consent__request__pb2.ConsentRequest.SerializeToString,
+            ),
+            'GetConsentRequest': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetConsentRequest,
+                    request_deserializer=appointments_dot_partner_dot_v1_dot_partner__appointment__service__pb2.GetConsentRequestRequest.FromString,
+                    response_serializer=appointments_dot_partner_dot_v1_dot_consent__request__pb2.ConsentRequest.SerializeToString,
+            ),
+            'CancelConsentRequest': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelConsentRequest,
+                    request_deserializer=appointments_dot_partner_dot_v1_dot_partner__appointment__service__pb2.CancelConsentRequestRequest.FromString,
+                    response_serializer=appointments_dot_partner_dot_v1_dot_consent__request__pb2.ConsentRequest.SerializeToString,
+            ),
+            'WatchConsentRequests': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchConsentRequests,
+                    request_deserializer=appointments_dot_partner_dot_v1_dot_partner__appointment__service__pb2.WatchConsentRequestsRequest.FromString,
+                    response_serializer=appointments_dot_partner_dot_v1_dot_consent__request__pb2.ConsentRequestEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +398,114 @@ class PartnerAppointmentService:
             '/appointments.partner.v1.PartnerAppointmentService/WatchAppointments',
             appointments_dot_partner_dot_v1_dot_partner__appointment__service__pb2.WatchAppointmentsRequest.SerializeToString,
             appointments_dot_partner_dot_v1_dot_partner__appointment__service__pb2.AppointmentChange.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequestContactAccess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/appointments.partner.v1.PartnerAppointmentService/RequestContactAccess',
+            appointments_dot_partner_dot_v1_dot_partner__appointment__service__pb2.RequestContactAccessRequest.SerializeToString,
+            appointments_dot_partner_dot_v1_dot_consent__request__pb2.ConsentRequest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetConsentRequest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/appointments.partner.v1.PartnerAppointmentService/GetConsentRequest',
+            appointments_dot_partner_dot_v1_dot_partner__appointment__service__pb2.GetConsentRequestRequest.SerializeToString,
+            appointments_dot_partner_dot_v1_dot_consent__request__pb2.ConsentRequest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelConsentRequest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/appointments.partner.v1.PartnerAppointmentService/CancelConsentRequest',
+            appointments_dot_partner_dot_v1_dot_partner__appointment__service__pb2.CancelConsentRequestRequest.SerializeToString,
+            appointments_dot_partner_dot_v1_dot_consent__request__pb2.ConsentRequest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchConsentRequests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/appointments.partner.v1.PartnerAppointmentService/WatchConsentRequests',
+            appointments_dot_partner_dot_v1_dot_partner__appointment__service__pb2.WatchConsentRequestsRequest.SerializeToString,
+            appointments_dot_partner_dot_v1_dot_consent__request__pb2.ConsentRequestEvent.FromString,
             options,
             channel_credentials,
             insecure,

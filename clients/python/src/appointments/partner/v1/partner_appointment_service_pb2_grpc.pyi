@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from appointments.partner.v1 import appointment_pb2 as _appointment_pb2
+from appointments.partner.v1 import consent_request_pb2 as _consent_request_pb2
 from appointments.partner.v1 import contact_pb2 as _contact_pb2
 from appointments.partner.v1 import partner_appointment_service_pb2 as _partner_appointment_service_pb2
 from collections import abc as _abc
@@ -80,6 +81,36 @@ class PartnerAppointmentServiceStub:
     the watched grant is revoked (or the last one, for all practitioners) and
     with UNAUTHENTICATED when the key is revoked.
     """
+    RequestContactAccess: _grpc.UnaryUnaryMultiCallable[_partner_appointment_service_pb2.RequestContactAccessRequest, _consent_request_pb2.ConsentRequest]
+    """Asks the patient of an appointment to consent to release some contact
+    fields to the caller. The patient answers in the platform's patient app;
+    the request is PENDING until then, and EXPIRED if no answer comes in
+    time. Returns INVALID_ARGUMENT for a malformed field, NOT_FOUND when the
+    appointment is not visible to the caller, ALREADY_EXISTS when a request
+    for the same patient and fields is pending (ErrorInfo metadata
+    `consent_request_id` names it), and RESOURCE_EXHAUSTED (QuotaFailure,
+    RetryInfo) when the caller's daily requests or the patient's 3 requests
+    per 30 days are used up.
+    """
+    GetConsentRequest: _grpc.UnaryUnaryMultiCallable[_partner_appointment_service_pb2.GetConsentRequestRequest, _consent_request_pb2.ConsentRequest]
+    """Gets one of the caller's consent requests; once approved it carries the
+    consent token. Returns NOT_FOUND for a request of another partner or
+    none.
+    """
+    CancelConsentRequest: _grpc.UnaryUnaryMultiCallable[_partner_appointment_service_pb2.CancelConsentRequestRequest, _consent_request_pb2.ConsentRequest]
+    """Cancels one of the caller's pending consent requests. Returns NOT_FOUND
+    as GetConsentRequest does and FAILED_PRECONDITION when the request is no
+    longer pending.
+    """
+    WatchConsentRequests: _grpc.UnaryStreamMultiCallable[_partner_appointment_service_pb2.WatchConsentRequestsRequest, _consent_request_pb2.ConsentRequestEvent]
+    """Streams every change of the caller's consent requests (made, approved,
+    denied, cancelled, expired, consent revoked) as it commits. Without a
+    resume token the stream starts from now; with one it first replays every
+    change after that point, exactly once and in commit order, then goes
+    live. Returns INVALID_ARGUMENT for a malformed or foreign resume token
+    and RESOURCE_EXHAUSTED when the caller has too many streams open; ends
+    with UNAUTHENTICATED when the key is revoked.
+    """
 
 @_typing.type_check_only
 class PartnerAppointmentServiceAsyncStub(PartnerAppointmentServiceStub):
@@ -129,6 +160,36 @@ class PartnerAppointmentServiceAsyncStub(PartnerAppointmentServiceStub):
     RESOURCE_EXHAUSTED when the caller has too many streams open or reads too
     slowly (resume with the last token), and ends with PERMISSION_DENIED when
     the watched grant is revoked (or the last one, for all practitioners) and
+    with UNAUTHENTICATED when the key is revoked.
+    """
+    RequestContactAccess: _aio.UnaryUnaryMultiCallable[_partner_appointment_service_pb2.RequestContactAccessRequest, _consent_request_pb2.ConsentRequest]  # type: ignore[assignment]
+    """Asks the patient of an appointment to consent to release some contact
+    fields to the caller. The patient answers in the platform's patient app;
+    the request is PENDING until then, and EXPIRED if no answer comes in
+    time. Returns INVALID_ARGUMENT for a malformed field, NOT_FOUND when the
+    appointment is not visible to the caller, ALREADY_EXISTS when a request
+    for the same patient and fields is pending (ErrorInfo metadata
+    `consent_request_id` names it), and RESOURCE_EXHAUSTED (QuotaFailure,
+    RetryInfo) when the caller's daily requests or the patient's 3 requests
+    per 30 days are used up.
+    """
+    GetConsentRequest: _aio.UnaryUnaryMultiCallable[_partner_appointment_service_pb2.GetConsentRequestRequest, _consent_request_pb2.ConsentRequest]  # type: ignore[assignment]
+    """Gets one of the caller's consent requests; once approved it carries the
+    consent token. Returns NOT_FOUND for a request of another partner or
+    none.
+    """
+    CancelConsentRequest: _aio.UnaryUnaryMultiCallable[_partner_appointment_service_pb2.CancelConsentRequestRequest, _consent_request_pb2.ConsentRequest]  # type: ignore[assignment]
+    """Cancels one of the caller's pending consent requests. Returns NOT_FOUND
+    as GetConsentRequest does and FAILED_PRECONDITION when the request is no
+    longer pending.
+    """
+    WatchConsentRequests: _aio.UnaryStreamMultiCallable[_partner_appointment_service_pb2.WatchConsentRequestsRequest, _consent_request_pb2.ConsentRequestEvent]  # type: ignore[assignment]
+    """Streams every change of the caller's consent requests (made, approved,
+    denied, cancelled, expired, consent revoked) as it commits. Without a
+    resume token the stream starts from now; with one it first replays every
+    change after that point, exactly once and in commit order, then goes
+    live. Returns INVALID_ARGUMENT for a malformed or foreign resume token
+    and RESOURCE_EXHAUSTED when the caller has too many streams open; ends
     with UNAUTHENTICATED when the key is revoked.
     """
 
@@ -207,6 +268,60 @@ class PartnerAppointmentServiceServicer(metaclass=_abc_1.ABCMeta):
         RESOURCE_EXHAUSTED when the caller has too many streams open or reads too
         slowly (resume with the last token), and ends with PERMISSION_DENIED when
         the watched grant is revoked (or the last one, for all practitioners) and
+        with UNAUTHENTICATED when the key is revoked.
+        """
+
+    @_abc_1.abstractmethod
+    def RequestContactAccess(
+        self,
+        request: _partner_appointment_service_pb2.RequestContactAccessRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_consent_request_pb2.ConsentRequest, _abc.Awaitable[_consent_request_pb2.ConsentRequest]]:
+        """Asks the patient of an appointment to consent to release some contact
+        fields to the caller. The patient answers in the platform's patient app;
+        the request is PENDING until then, and EXPIRED if no answer comes in
+        time. Returns INVALID_ARGUMENT for a malformed field, NOT_FOUND when the
+        appointment is not visible to the caller, ALREADY_EXISTS when a request
+        for the same patient and fields is pending (ErrorInfo metadata
+        `consent_request_id` names it), and RESOURCE_EXHAUSTED (QuotaFailure,
+        RetryInfo) when the caller's daily requests or the patient's 3 requests
+        per 30 days are used up.
+        """
+
+    @_abc_1.abstractmethod
+    def GetConsentRequest(
+        self,
+        request: _partner_appointment_service_pb2.GetConsentRequestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_consent_request_pb2.ConsentRequest, _abc.Awaitable[_consent_request_pb2.ConsentRequest]]:
+        """Gets one of the caller's consent requests; once approved it carries the
+        consent token. Returns NOT_FOUND for a request of another partner or
+        none.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelConsentRequest(
+        self,
+        request: _partner_appointment_service_pb2.CancelConsentRequestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_consent_request_pb2.ConsentRequest, _abc.Awaitable[_consent_request_pb2.ConsentRequest]]:
+        """Cancels one of the caller's pending consent requests. Returns NOT_FOUND
+        as GetConsentRequest does and FAILED_PRECONDITION when the request is no
+        longer pending.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchConsentRequests(
+        self,
+        request: _partner_appointment_service_pb2.WatchConsentRequestsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_consent_request_pb2.ConsentRequestEvent], _abc.AsyncIterator[_consent_request_pb2.ConsentRequestEvent]]:
+        """Streams every change of the caller's consent requests (made, approved,
+        denied, cancelled, expired, consent revoked) as it commits. Without a
+        resume token the stream starts from now; with one it first replays every
+        change after that point, exactly once and in commit order, then goes
+        live. Returns INVALID_ARGUMENT for a malformed or foreign resume token
+        and RESOURCE_EXHAUSTED when the caller has too many streams open; ends
         with UNAUTHENTICATED when the key is revoked.
         """
 

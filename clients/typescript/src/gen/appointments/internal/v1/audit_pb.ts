@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file appointments/internal/v1/audit.proto.
  */
 export const file_appointments_internal_v1_audit: GenFile = /*@__PURE__*/
-  fileDesc("CiRhcHBvaW50bWVudHMvaW50ZXJuYWwvdjEvYXVkaXQucHJvdG8SGGFwcG9pbnRtZW50cy5pbnRlcm5hbC52MSLMAwoKRGlzY2xvc3VyZRIVCg1kaXNjbG9zdXJlX2lkGAEgASgDEhIKCnBhcnRuZXJfaWQYAiABKAkSDgoGa2V5X2lkGAMgASgJEhYKDmFwcG9pbnRtZW50X2lkGAQgASgJEhIKCnBhdGllbnRfaWQYBSABKAkSNgoEdmlldxgGIAEoDjIoLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5EaXNjbG9zdXJlVmlldxI6Cg5jb250YWN0X2ZpZWxkcxgHIAMoDjIiLmFwcG9pbnRtZW50cy50eXBlLnYxLkNvbnRhY3RGaWVsZBISCgpjb25zZW50X2lkGAggASgJEgsKA3JwYxgJIAEoCRIQCgh0cmFjZV9pZBgKIAEoCRIxCg1kaXNjbG9zZV90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI8CgdvdXRjb21lGAwgASgOMisuYXBwb2ludG1lbnRzLmludGVybmFsLnYxLkRpc2Nsb3N1cmVPdXRjb21lEhUKDWRlbmlhbF9yZWFzb24YDSABKAkSDAoEaXRlbRgOIAEoBRIaChJjbGllbnRfY2VydF9zaGEyNTYYDyABKAki7wEKD0FmZmVjdGVkUGF0aWVudBISCgpwYXRpZW50X2lkGAEgASgJEhcKD2FwcG9pbnRtZW50X2lkcxgCIAMoCRI6Cg5jb250YWN0X2ZpZWxkcxgDIAMoDjIiLmFwcG9pbnRtZW50cy50eXBlLnYxLkNvbnRhY3RGaWVsZBI5ChVmaXJzdF9kaXNjbG9zdXJlX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjgKFGxhc3RfZGlzY2xvc3VyZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKNAQoMQnJlYWNoVG90YWxzEhAKCHBhdGllbnRzGAEgASgDEhQKDGFwcG9pbnRtZW50cxgCIAEoAxIYChBjb250YWN0X3BhdGllbnRzGAMgASgDEjsKBmZpZWxkcxgEIAMoCzIrLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5Db250YWN0RmllbGRUb3RhbCJYChFDb250YWN0RmllbGRUb3RhbBIxCgVmaWVsZBgBIAEoDjIiLmFwcG9pbnRtZW50cy50eXBlLnYxLkNvbnRhY3RGaWVsZBIQCghwYXRpZW50cxgCIAEoAyppCg5EaXNjbG9zdXJlVmlldxIfChtESVNDTE9TVVJFX1ZJRVdfVU5TUEVDSUZJRUQQABIZChVESVNDTE9TVVJFX1ZJRVdfQkFTSUMQARIbChdESVNDTE9TVVJFX1ZJRVdfQ09OVEFDVBACKngKEURpc2Nsb3N1cmVPdXRjb21lEiIKHkRJU0NMT1NVUkVfT1VUQ09NRV9VTlNQRUNJRklFRBAAEiAKHERJU0NMT1NVUkVfT1VUQ09NRV9ESVNDTE9TRUQQARIdChlESVNDTE9TVVJFX09VVENPTUVfREVOSUVEEAJCAlABYgZwcm90bzM", [file_appointments_type_v1_contact, file_google_protobuf_timestamp]);
+  fileDesc("CiRhcHBvaW50bWVudHMvaW50ZXJuYWwvdjEvYXVkaXQucHJvdG8SGGFwcG9pbnRtZW50cy5pbnRlcm5hbC52MSLMAwoKRGlzY2xvc3VyZRIVCg1kaXNjbG9zdXJlX2lkGAEgASgDEhIKCnBhcnRuZXJfaWQYAiABKAkSDgoGa2V5X2lkGAMgASgJEhYKDmFwcG9pbnRtZW50X2lkGAQgASgJEhIKCnBhdGllbnRfaWQYBSABKAkSNgoEdmlldxgGIAEoDjIoLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5EaXNjbG9zdXJlVmlldxI6Cg5jb250YWN0X2ZpZWxkcxgHIAMoDjIiLmFwcG9pbnRtZW50cy50eXBlLnYxLkNvbnRhY3RGaWVsZBISCgpjb25zZW50X2lkGAggASgJEgsKA3JwYxgJIAEoCRIQCgh0cmFjZV9pZBgKIAEoCRIxCg1kaXNjbG9zZV90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI8CgdvdXRjb21lGAwgASgOMisuYXBwb2ludG1lbnRzLmludGVybmFsLnYxLkRpc2Nsb3N1cmVPdXRjb21lEhUKDWRlbmlhbF9yZWFzb24YDSABKAkSDAoEaXRlbRgOIAEoBRIaChJjbGllbnRfY2VydF9zaGEyNTYYDyABKAkiiQIKD0FmZmVjdGVkUGF0aWVudBISCgpwYXRpZW50X2lkGAEgASgJEhcKD2FwcG9pbnRtZW50X2lkcxgCIAMoCRI6Cg5jb250YWN0X2ZpZWxkcxgDIAMoDjIiLmFwcG9pbnRtZW50cy50eXBlLnYxLkNvbnRhY3RGaWVsZBI5ChVmaXJzdF9kaXNjbG9zdXJlX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjgKFGxhc3RfZGlzY2xvc3VyZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIYChBjb25zZW50X3JlcXVlc3RzGAYgASgDIq8BCgxCcmVhY2hUb3RhbHMSEAoIcGF0aWVudHMYASABKAMSFAoMYXBwb2ludG1lbnRzGAIgASgDEhgKEGNvbnRhY3RfcGF0aWVudHMYAyABKAMSOwoGZmllbGRzGAQgAygLMisuYXBwb2ludG1lbnRzLmludGVybmFsLnYxLkNvbnRhY3RGaWVsZFRvdGFsEiAKGGNvbnNlbnRfcmVxdWVzdF9wYXRpZW50cxgFIAEoAyJYChFDb250YWN0RmllbGRUb3RhbBIxCgVmaWVsZBgBIAEoDjIiLmFwcG9pbnRtZW50cy50eXBlLnYxLkNvbnRhY3RGaWVsZBIQCghwYXRpZW50cxgCIAEoAyppCg5EaXNjbG9zdXJlVmlldxIfChtESVNDTE9TVVJFX1ZJRVdfVU5TUEVDSUZJRUQQABIZChVESVNDTE9TVVJFX1ZJRVdfQkFTSUMQARIbChdESVNDTE9TVVJFX1ZJRVdfQ09OVEFDVBACKsIBChFEaXNjbG9zdXJlT3V0Y29tZRIiCh5ESVNDTE9TVVJFX09VVENPTUVfVU5TUEVDSUZJRUQQABIgChxESVNDTE9TVVJFX09VVENPTUVfRElTQ0xPU0VEEAESHQoZRElTQ0xPU1VSRV9PVVRDT01FX0RFTklFRBACEiAKHERJU0NMT1NVUkVfT1VUQ09NRV9SRVFVRVNURUQQAxImCiJESVNDTE9TVVJFX09VVENPTUVfQ09OU0VOVF9HUkFOVEVEEARCAlABYgZwcm90bzM", [file_appointments_type_v1_contact, file_google_protobuf_timestamp]);
 
 /**
  * One appointment of the disclosure audit trail: disclosed (or refused) to
@@ -185,6 +185,15 @@ export type AffectedPatient = Message<"appointments.internal.v1.AffectedPatient"
    * @generated from field: google.protobuf.Timestamp last_disclosure_time = 5;
    */
   lastDisclosureTime?: Timestamp | undefined;
+
+  /**
+   * The consent requests the partner sent the patient in the window
+   * (RequestContactAccess). A patient reached only by requests is listed
+   * too, with no appointment and no contact field.
+   *
+   * @generated from field: int64 consent_requests = 6;
+   */
+  consentRequests: bigint;
 };
 
 /**
@@ -227,6 +236,13 @@ export type BreachTotals = Message<"appointments.internal.v1.BreachTotals"> & {
    * @generated from field: repeated appointments.internal.v1.ContactFieldTotal fields = 4;
    */
   fields: ContactFieldTotal[];
+
+  /**
+   * The number of patients sent at least one consent request.
+   *
+   * @generated from field: int64 consent_request_patients = 5;
+   */
+  consentRequestPatients: bigint;
 };
 
 /**
@@ -324,6 +340,23 @@ export enum DisclosureOutcome {
    * @generated from enum value: DISCLOSURE_OUTCOME_DENIED = 2;
    */
   DENIED = 2,
+
+  /**
+   * The partner asked the patient for consent to the contact fields listed
+   * (RequestContactAccess); nothing was sent.
+   *
+   * @generated from enum value: DISCLOSURE_OUTCOME_REQUESTED = 3;
+   */
+  REQUESTED = 3,
+
+  /**
+   * The patient approved the partner's consent request: the consent named
+   * releases the contact fields listed to the partner from now on; nothing
+   * was sent yet.
+   *
+   * @generated from enum value: DISCLOSURE_OUTCOME_CONSENT_GRANTED = 4;
+   */
+  CONSENT_GRANTED = 4,
 }
 
 /**

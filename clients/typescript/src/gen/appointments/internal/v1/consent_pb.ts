@@ -2,20 +2,20 @@
 // @generated from file appointments/internal/v1/consent.proto (package appointments.internal.v1, syntax proto3)
 /* eslint-disable */
 
-import type { GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
-import { fileDesc, messageDesc } from "@bufbuild/protobuf/codegenv2";
+import type { GenEnum, GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
+import { enumDesc, fileDesc, messageDesc } from "@bufbuild/protobuf/codegenv2";
 import { file_appointments_annotations_v1_privacy } from "../../annotations/v1/privacy_pb.js";
 import type { ContactField } from "../../type/v1/contact_pb.js";
 import { file_appointments_type_v1_contact } from "../../type/v1/contact_pb.js";
-import type { Timestamp } from "@bufbuild/protobuf/wkt";
-import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { Duration, Timestamp } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_duration, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file appointments/internal/v1/consent.proto.
  */
 export const file_appointments_internal_v1_consent: GenFile = /*@__PURE__*/
-  fileDesc("CiZhcHBvaW50bWVudHMvaW50ZXJuYWwvdjEvY29uc2VudC5wcm90bxIYYXBwb2ludG1lbnRzLmludGVybmFsLnYxIsoCCgdDb25zZW50EhIKCmNvbnNlbnRfaWQYASABKAkSEgoKcGF0aWVudF9pZBgCIAEoCRISCgpwYXJ0bmVyX2lkGAMgASgJEjIKBmZpZWxkcxgEIAMoDjIiLmFwcG9pbnRtZW50cy50eXBlLnYxLkNvbnRhY3RGaWVsZBIPCgdwdXJwb3NlGAUgASgJEhMKBXRva2VuGAYgASgJQgSonxkDEhYKDnNpZ25pbmdfa2V5X2lkGAcgASgJEi8KC2NyZWF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtleHBpcmVfdGltZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLcmV2b2tlX3RpbWUYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQgJQAWIGcHJvdG8z", [file_appointments_annotations_v1_privacy, file_appointments_type_v1_contact, file_google_protobuf_timestamp]);
+  fileDesc("CiZhcHBvaW50bWVudHMvaW50ZXJuYWwvdjEvY29uc2VudC5wcm90bxIYYXBwb2ludG1lbnRzLmludGVybmFsLnYxIsoCCgdDb25zZW50EhIKCmNvbnNlbnRfaWQYASABKAkSEgoKcGF0aWVudF9pZBgCIAEoCRISCgpwYXJ0bmVyX2lkGAMgASgJEjIKBmZpZWxkcxgEIAMoDjIiLmFwcG9pbnRtZW50cy50eXBlLnYxLkNvbnRhY3RGaWVsZBIPCgdwdXJwb3NlGAUgASgJEhMKBXRva2VuGAYgASgJQgSonxkDEhYKDnNpZ25pbmdfa2V5X2lkGAcgASgJEi8KC2NyZWF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtleHBpcmVfdGltZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLcmV2b2tlX3RpbWUYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIpsFChVQYXRpZW50Q29uc2VudFJlcXVlc3QSGgoSY29uc2VudF9yZXF1ZXN0X2lkGAEgASgJEhIKCnBhcnRuZXJfaWQYAiABKAkSHAoUcGFydG5lcl9kaXNwbGF5X25hbWUYAyABKAkSFgoOYXBwb2ludG1lbnRfaWQYBCABKAkSOgoWYXBwb2ludG1lbnRfc3RhcnRfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASIQoZcHJhY3RpdGlvbmVyX2Rpc3BsYXlfbmFtZRgGIAEoCRIeChZwcmFjdGl0aW9uZXJfc3BlY2lhbHR5GAcgASgJEjIKBmZpZWxkcxgIIAMoDjIiLmFwcG9pbnRtZW50cy50eXBlLnYxLkNvbnRhY3RGaWVsZBIPCgdwdXJwb3NlGAkgASgJEg8KB21lc3NhZ2UYCiABKAkSPAoFc3RhdGUYCyABKA4yLS5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuQ29uc2VudFJlcXVlc3RTdGF0ZRIvCgtjcmVhdGVfdGltZRgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZXhwaXJlX3RpbWUYDSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiYKA3R0bBgOIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhI6Cg5ncmFudGVkX2ZpZWxkcxgPIAMoDjIiLmFwcG9pbnRtZW50cy50eXBlLnYxLkNvbnRhY3RGaWVsZBISCgpjb25zZW50X2lkGBAgASgJEi8KC2RlY2lkZV90aW1lGBEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCrtAQoTQ29uc2VudFJlcXVlc3RTdGF0ZRIlCiFDT05TRU5UX1JFUVVFU1RfU1RBVEVfVU5TUEVDSUZJRUQQABIhCh1DT05TRU5UX1JFUVVFU1RfU1RBVEVfUEVORElORxABEiIKHkNPTlNFTlRfUkVRVUVTVF9TVEFURV9BUFBST1ZFRBACEiAKHENPTlNFTlRfUkVRVUVTVF9TVEFURV9ERU5JRUQQAxIhCh1DT05TRU5UX1JFUVVFU1RfU1RBVEVfRVhQSVJFRBAEEiMKH0NPTlNFTlRfUkVRVUVTVF9TVEFURV9DQU5DRUxMRUQQBUICUAFiBnByb3RvMw", [file_appointments_annotations_v1_privacy, file_appointments_type_v1_contact, file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * A patient's consent that one partner may read some of the patient's
@@ -103,4 +103,193 @@ export type Consent = Message<"appointments.internal.v1.Consent"> & {
  */
 export const ConsentSchema: GenMessage<Consent> = /*@__PURE__*/
   messageDesc(file_appointments_internal_v1_consent, 0);
+
+/**
+ * A partner's request for a patient's consent, as the patient app shows it
+ * to the patient.
+ *
+ * @generated from message appointments.internal.v1.PatientConsentRequest
+ */
+export type PatientConsentRequest = Message<"appointments.internal.v1.PatientConsentRequest"> & {
+  /**
+   * The internal identifier of the request (a UUID).
+   *
+   * @generated from field: string consent_request_id = 1;
+   */
+  consentRequestId: string;
+
+  /**
+   * The partner that asks.
+   *
+   * @generated from field: string partner_id = 2;
+   */
+  partnerId: string;
+
+  /**
+   * The partner's name, as the patient knows it.
+   *
+   * @generated from field: string partner_display_name = 3;
+   */
+  partnerDisplayName: string;
+
+  /**
+   * The internal identifier of the appointment the request was made for.
+   *
+   * @generated from field: string appointment_id = 4;
+   */
+  appointmentId: string;
+
+  /**
+   * When that appointment starts.
+   *
+   * @generated from field: google.protobuf.Timestamp appointment_start_time = 5;
+   */
+  appointmentStartTime?: Timestamp | undefined;
+
+  /**
+   * The display name of the appointment's practitioner.
+   *
+   * @generated from field: string practitioner_display_name = 6;
+   */
+  practitionerDisplayName: string;
+
+  /**
+   * The specialty of the appointment's practitioner.
+   *
+   * @generated from field: string practitioner_specialty = 7;
+   */
+  practitionerSpecialty: string;
+
+  /**
+   * The contact fields asked for, in enum order.
+   *
+   * @generated from field: repeated appointments.type.v1.ContactField fields = 8;
+   */
+  fields: ContactField[];
+
+  /**
+   * Why the partner asks, as the partner wrote it.
+   *
+   * @generated from field: string purpose = 9;
+   */
+  purpose: string;
+
+  /**
+   * The partner's message to the patient; empty when it sent none.
+   *
+   * @generated from field: string message = 10;
+   */
+  message: string;
+
+  /**
+   * Where the request stands.
+   *
+   * @generated from field: appointments.internal.v1.ConsentRequestState state = 11;
+   */
+  state: ConsentRequestState;
+
+  /**
+   * When the request was made.
+   *
+   * @generated from field: google.protobuf.Timestamp create_time = 12;
+   */
+  createTime?: Timestamp | undefined;
+
+  /**
+   * When a pending request lapses.
+   *
+   * @generated from field: google.protobuf.Timestamp expire_time = 13;
+   */
+  expireTime?: Timestamp | undefined;
+
+  /**
+   * How long the consent would last if approved as asked.
+   *
+   * @generated from field: google.protobuf.Duration ttl = 14;
+   */
+  ttl?: Duration | undefined;
+
+  /**
+   * The contact fields the patient released; set only once approved.
+   *
+   * @generated from field: repeated appointments.type.v1.ContactField granted_fields = 15;
+   */
+  grantedFields: ContactField[];
+
+  /**
+   * The consent the approval created; empty unless approved.
+   *
+   * @generated from field: string consent_id = 16;
+   */
+  consentId: string;
+
+  /**
+   * When the request stopped being pending; unset while it is pending.
+   *
+   * @generated from field: google.protobuf.Timestamp decide_time = 17;
+   */
+  decideTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message appointments.internal.v1.PatientConsentRequest.
+ * Use `create(PatientConsentRequestSchema)` to create a new message.
+ */
+export const PatientConsentRequestSchema: GenMessage<PatientConsentRequest> = /*@__PURE__*/
+  messageDesc(file_appointments_internal_v1_consent, 1);
+
+/**
+ * Where a consent request stands.
+ *
+ * @generated from enum appointments.internal.v1.ConsentRequestState
+ */
+export enum ConsentRequestState {
+  /**
+   * Unknown. Never returned; as a filter, invalid.
+   *
+   * @generated from enum value: CONSENT_REQUEST_STATE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Waiting for the patient's answer.
+   *
+   * @generated from enum value: CONSENT_REQUEST_STATE_PENDING = 1;
+   */
+  PENDING = 1,
+
+  /**
+   * The patient approved it and a consent was granted.
+   *
+   * @generated from enum value: CONSENT_REQUEST_STATE_APPROVED = 2;
+   */
+  APPROVED = 2,
+
+  /**
+   * The patient refused it.
+   *
+   * @generated from enum value: CONSENT_REQUEST_STATE_DENIED = 3;
+   */
+  DENIED = 3,
+
+  /**
+   * No answer came before its expire time.
+   *
+   * @generated from enum value: CONSENT_REQUEST_STATE_EXPIRED = 4;
+   */
+  EXPIRED = 4,
+
+  /**
+   * The partner cancelled it while it was pending.
+   *
+   * @generated from enum value: CONSENT_REQUEST_STATE_CANCELLED = 5;
+   */
+  CANCELLED = 5,
+}
+
+/**
+ * Describes the enum appointments.internal.v1.ConsentRequestState.
+ */
+export const ConsentRequestStateSchema: GenEnum<ConsentRequestState> = /*@__PURE__*/
+  enumDesc(file_appointments_internal_v1_consent, 0);
 

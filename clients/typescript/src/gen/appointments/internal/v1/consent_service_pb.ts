@@ -4,7 +4,7 @@
 
 import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
-import type { Consent, ConsentSchema } from "./consent_pb.js";
+import type { Consent, ConsentRequestState, ConsentSchema, PatientConsentRequest, PatientConsentRequestSchema } from "./consent_pb.js";
 import { file_appointments_internal_v1_consent } from "./consent_pb.js";
 import type { ContactField } from "../../type/v1/contact_pb.js";
 import { file_appointments_type_v1_contact } from "../../type/v1/contact_pb.js";
@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file appointments/internal/v1/consent_service.proto.
  */
 export const file_appointments_internal_v1_consent_service: GenFile = /*@__PURE__*/
-  fileDesc("Ci5hcHBvaW50bWVudHMvaW50ZXJuYWwvdjEvY29uc2VudF9zZXJ2aWNlLnByb3RvEhhhcHBvaW50bWVudHMuaW50ZXJuYWwudjEiqgEKE0dyYW50Q29uc2VudFJlcXVlc3QSEgoKcGF0aWVudF9pZBgBIAEoCRISCgpwYXJ0bmVyX2lkGAIgASgJEjIKBmZpZWxkcxgDIAMoDjIiLmFwcG9pbnRtZW50cy50eXBlLnYxLkNvbnRhY3RGaWVsZBImCgN0dGwYBCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SDwoHcHVycG9zZRgFIAEoCSIqChRSZXZva2VDb25zZW50UmVxdWVzdBISCgpjb25zZW50X2lkGAEgASgJIikKE0xpc3RDb25zZW50c1JlcXVlc3QSEgoKcGF0aWVudF9pZBgBIAEoCSJLChRMaXN0Q29uc2VudHNSZXNwb25zZRIzCghjb25zZW50cxgBIAMoCzIhLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5Db25zZW50MsUCCg5Db25zZW50U2VydmljZRJgCgxHcmFudENvbnNlbnQSLS5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuR3JhbnRDb25zZW50UmVxdWVzdBohLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5Db25zZW50EmIKDVJldm9rZUNvbnNlbnQSLi5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuUmV2b2tlQ29uc2VudFJlcXVlc3QaIS5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuQ29uc2VudBJtCgxMaXN0Q29uc2VudHMSLS5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuTGlzdENvbnNlbnRzUmVxdWVzdBouLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5MaXN0Q29uc2VudHNSZXNwb25zZUICUAFiBnByb3RvMw", [file_appointments_internal_v1_consent, file_appointments_type_v1_contact, file_google_protobuf_duration]);
+  fileDesc("Ci5hcHBvaW50bWVudHMvaW50ZXJuYWwvdjEvY29uc2VudF9zZXJ2aWNlLnByb3RvEhhhcHBvaW50bWVudHMuaW50ZXJuYWwudjEiqgEKE0dyYW50Q29uc2VudFJlcXVlc3QSEgoKcGF0aWVudF9pZBgBIAEoCRISCgpwYXJ0bmVyX2lkGAIgASgJEjIKBmZpZWxkcxgDIAMoDjIiLmFwcG9pbnRtZW50cy50eXBlLnYxLkNvbnRhY3RGaWVsZBImCgN0dGwYBCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SDwoHcHVycG9zZRgFIAEoCSIqChRSZXZva2VDb25zZW50UmVxdWVzdBISCgpjb25zZW50X2lkGAEgASgJIikKE0xpc3RDb25zZW50c1JlcXVlc3QSEgoKcGF0aWVudF9pZBgBIAEoCSJLChRMaXN0Q29uc2VudHNSZXNwb25zZRIzCghjb25zZW50cxgBIAMoCzIhLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5Db25zZW50IpYBChpMaXN0Q29uc2VudFJlcXVlc3RzUmVxdWVzdBISCgpwYXRpZW50X2lkGAEgASgJEj0KBnN0YXRlcxgCIAMoDjItLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5Db25zZW50UmVxdWVzdFN0YXRlEhEKCXBhZ2Vfc2l6ZRgDIAEoBRISCgpwYWdlX3Rva2VuGAQgASgJIoEBChtMaXN0Q29uc2VudFJlcXVlc3RzUmVzcG9uc2USSQoQY29uc2VudF9yZXF1ZXN0cxgBIAMoCzIvLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5QYXRpZW50Q29uc2VudFJlcXVlc3QSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIpYBChxBcHByb3ZlQ29uc2VudFJlcXVlc3RSZXF1ZXN0EhoKEmNvbnNlbnRfcmVxdWVzdF9pZBgBIAEoCRIyCgZmaWVsZHMYAiADKA4yIi5hcHBvaW50bWVudHMudHlwZS52MS5Db250YWN0RmllbGQSJgoDdHRsGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIjcKGURlbnlDb25zZW50UmVxdWVzdFJlcXVlc3QSGgoSY29uc2VudF9yZXF1ZXN0X2lkGAEgASgJMskFCg5Db25zZW50U2VydmljZRJgCgxHcmFudENvbnNlbnQSLS5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuR3JhbnRDb25zZW50UmVxdWVzdBohLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5Db25zZW50EmIKDVJldm9rZUNvbnNlbnQSLi5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuUmV2b2tlQ29uc2VudFJlcXVlc3QaIS5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuQ29uc2VudBJtCgxMaXN0Q29uc2VudHMSLS5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuTGlzdENvbnNlbnRzUmVxdWVzdBouLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5MaXN0Q29uc2VudHNSZXNwb25zZRKCAQoTTGlzdENvbnNlbnRSZXF1ZXN0cxI0LmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5MaXN0Q29uc2VudFJlcXVlc3RzUmVxdWVzdBo1LmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5MaXN0Q29uc2VudFJlcXVlc3RzUmVzcG9uc2USgAEKFUFwcHJvdmVDb25zZW50UmVxdWVzdBI2LmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5BcHByb3ZlQ29uc2VudFJlcXVlc3RSZXF1ZXN0Gi8uYXBwb2ludG1lbnRzLmludGVybmFsLnYxLlBhdGllbnRDb25zZW50UmVxdWVzdBJ6ChJEZW55Q29uc2VudFJlcXVlc3QSMy5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuRGVueUNvbnNlbnRSZXF1ZXN0UmVxdWVzdBovLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5QYXRpZW50Q29uc2VudFJlcXVlc3RCAlABYgZwcm90bzM", [file_appointments_internal_v1_consent, file_appointments_type_v1_contact, file_google_protobuf_duration]);
 
 /**
  * The request of GrantConsent.
@@ -134,6 +134,136 @@ export const ListConsentsResponseSchema: GenMessage<ListConsentsResponse> = /*@_
   messageDesc(file_appointments_internal_v1_consent_service, 3);
 
 /**
+ * The request of ListConsentRequests.
+ *
+ * @generated from message appointments.internal.v1.ListConsentRequestsRequest
+ */
+export type ListConsentRequestsRequest = Message<"appointments.internal.v1.ListConsentRequestsRequest"> & {
+  /**
+   * The patient whose requests are listed. Required.
+   *
+   * @generated from field: string patient_id = 1;
+   */
+  patientId: string;
+
+  /**
+   * Only requests in these states; empty lists every state.
+   *
+   * @generated from field: repeated appointments.internal.v1.ConsentRequestState states = 2;
+   */
+  states: ConsentRequestState[];
+
+  /**
+   * The maximum number of requests to return. 0 means 50; the maximum is
+   * 500.
+   *
+   * @generated from field: int32 page_size = 3;
+   */
+  pageSize: number;
+
+  /**
+   * The `next_page_token` of a previous response with the same patient and
+   * states, or empty for the first page.
+   *
+   * @generated from field: string page_token = 4;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message appointments.internal.v1.ListConsentRequestsRequest.
+ * Use `create(ListConsentRequestsRequestSchema)` to create a new message.
+ */
+export const ListConsentRequestsRequestSchema: GenMessage<ListConsentRequestsRequest> = /*@__PURE__*/
+  messageDesc(file_appointments_internal_v1_consent_service, 4);
+
+/**
+ * The response of ListConsentRequests.
+ *
+ * @generated from message appointments.internal.v1.ListConsentRequestsResponse
+ */
+export type ListConsentRequestsResponse = Message<"appointments.internal.v1.ListConsentRequestsResponse"> & {
+  /**
+   * The requests of this page, newest first.
+   *
+   * @generated from field: repeated appointments.internal.v1.PatientConsentRequest consent_requests = 1;
+   */
+  consentRequests: PatientConsentRequest[];
+
+  /**
+   * A token for the next page, or empty when this is the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message appointments.internal.v1.ListConsentRequestsResponse.
+ * Use `create(ListConsentRequestsResponseSchema)` to create a new message.
+ */
+export const ListConsentRequestsResponseSchema: GenMessage<ListConsentRequestsResponse> = /*@__PURE__*/
+  messageDesc(file_appointments_internal_v1_consent_service, 5);
+
+/**
+ * The request of ApproveConsentRequest.
+ *
+ * @generated from message appointments.internal.v1.ApproveConsentRequestRequest
+ */
+export type ApproveConsentRequestRequest = Message<"appointments.internal.v1.ApproveConsentRequestRequest"> & {
+  /**
+   * The request to approve. Required.
+   *
+   * @generated from field: string consent_request_id = 1;
+   */
+  consentRequestId: string;
+
+  /**
+   * The fields released: empty releases every field asked for; otherwise a
+   * subset of them, no duplicates.
+   *
+   * @generated from field: repeated appointments.type.v1.ContactField fields = 2;
+   */
+  fields: ContactField[];
+
+  /**
+   * How long the consent lasts: unset means as asked; otherwise from 1
+   * second up to what was asked.
+   *
+   * @generated from field: google.protobuf.Duration ttl = 3;
+   */
+  ttl?: Duration | undefined;
+};
+
+/**
+ * Describes the message appointments.internal.v1.ApproveConsentRequestRequest.
+ * Use `create(ApproveConsentRequestRequestSchema)` to create a new message.
+ */
+export const ApproveConsentRequestRequestSchema: GenMessage<ApproveConsentRequestRequest> = /*@__PURE__*/
+  messageDesc(file_appointments_internal_v1_consent_service, 6);
+
+/**
+ * The request of DenyConsentRequest.
+ *
+ * @generated from message appointments.internal.v1.DenyConsentRequestRequest
+ */
+export type DenyConsentRequestRequest = Message<"appointments.internal.v1.DenyConsentRequestRequest"> & {
+  /**
+   * The request to deny. Required.
+   *
+   * @generated from field: string consent_request_id = 1;
+   */
+  consentRequestId: string;
+};
+
+/**
+ * Describes the message appointments.internal.v1.DenyConsentRequestRequest.
+ * Use `create(DenyConsentRequestRequestSchema)` to create a new message.
+ */
+export const DenyConsentRequestRequestSchema: GenMessage<DenyConsentRequestRequest> = /*@__PURE__*/
+  messageDesc(file_appointments_internal_v1_consent_service, 7);
+
+/**
  * Records patients' consents and issues the signed tokens that release their
  * contact details to one partner. Internal services only: every call needs
  * `authorization: Bearer <APPTGATE_INTERNAL_TOKEN>` on the internal listener.
@@ -176,6 +306,44 @@ export const ConsentService: GenService<{
     methodKind: "unary";
     input: typeof ListConsentsRequestSchema;
     output: typeof ListConsentsResponseSchema;
+  },
+  /**
+   * Lists the consent requests partners made to a patient, newest first.
+   * Returns INVALID_ARGUMENT for a malformed filter, page size or page
+   * token, and NOT_FOUND for an unknown patient.
+   *
+   * @generated from rpc appointments.internal.v1.ConsentService.ListConsentRequests
+   */
+  listConsentRequests: {
+    methodKind: "unary";
+    input: typeof ListConsentRequestsRequestSchema;
+    output: typeof ListConsentRequestsResponseSchema;
+  },
+  /**
+   * Approves a pending consent request, as asked or narrower: the consent is
+   * granted exactly as GrantConsent grants it, to the requesting partner,
+   * whose token reaches that partner only (GetConsentRequest and its
+   * stream). Returns INVALID_ARGUMENT for fields not asked for or a ttl
+   * longer than asked, NOT_FOUND for an unknown request, and
+   * FAILED_PRECONDITION for a request that is no longer pending.
+   *
+   * @generated from rpc appointments.internal.v1.ConsentService.ApproveConsentRequest
+   */
+  approveConsentRequest: {
+    methodKind: "unary";
+    input: typeof ApproveConsentRequestRequestSchema;
+    output: typeof PatientConsentRequestSchema;
+  },
+  /**
+   * Denies a pending consent request. Returns NOT_FOUND for an unknown
+   * request and FAILED_PRECONDITION for one that is no longer pending.
+   *
+   * @generated from rpc appointments.internal.v1.ConsentService.DenyConsentRequest
+   */
+  denyConsentRequest: {
+    methodKind: "unary";
+    input: typeof DenyConsentRequestRequestSchema;
+    output: typeof PatientConsentRequestSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_appointments_internal_v1_consent_service, 0);

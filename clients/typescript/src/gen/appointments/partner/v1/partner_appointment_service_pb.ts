@@ -7,17 +7,21 @@ import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf
 import { file_appointments_annotations_v1_privacy } from "../../annotations/v1/privacy_pb.js";
 import type { Appointment, AppointmentSchema } from "./appointment_pb.js";
 import { file_appointments_partner_v1_appointment } from "./appointment_pb.js";
+import type { ConsentRequestEventSchema, ConsentRequestSchema } from "./consent_request_pb.js";
+import { file_appointments_partner_v1_consent_request } from "./consent_request_pb.js";
 import type { AppointmentContactSchema, ConsentKey } from "./contact_pb.js";
 import { file_appointments_partner_v1_contact } from "./contact_pb.js";
-import type { Timestamp } from "@bufbuild/protobuf/wkt";
-import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { ContactField } from "../../type/v1/contact_pb.js";
+import { file_appointments_type_v1_contact } from "../../type/v1/contact_pb.js";
+import type { Duration, Timestamp } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_duration, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file appointments/partner/v1/partner_appointment_service.proto.
  */
 export const file_appointments_partner_v1_partner_appointment_service: GenFile = /*@__PURE__*/
-  fileDesc("CjlhcHBvaW50bWVudHMvcGFydG5lci92MS9wYXJ0bmVyX2FwcG9pbnRtZW50X3NlcnZpY2UucHJvdG8SF2FwcG9pbnRtZW50cy5wYXJ0bmVyLnYxIrcBChdMaXN0QXBwb2ludG1lbnRzUmVxdWVzdBIXCg9wcmFjdGl0aW9uZXJfaWQYASABKAkSLgoKc3RhcnRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCXBhZ2Vfc2l6ZRgEIAEoBRISCgpwYWdlX3Rva2VuGAUgASgJIm8KGExpc3RBcHBvaW50bWVudHNSZXNwb25zZRI6CgxhcHBvaW50bWVudHMYASADKAsyJC5hcHBvaW50bWVudHMucGFydG5lci52MS5BcHBvaW50bWVudBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiLwoVR2V0QXBwb2ludG1lbnRSZXF1ZXN0EhYKDmFwcG9pbnRtZW50X2lkGAEgASgJIlMKHEdldEFwcG9pbnRtZW50Q29udGFjdFJlcXVlc3QSFgoOYXBwb2ludG1lbnRfaWQYASABKAkSGwoNY29uc2VudF90b2tlbhgCIAEoCUIEqJ8ZAyIYChZMaXN0Q29uc2VudEtleXNSZXF1ZXN0IkwKF0xpc3RDb25zZW50S2V5c1Jlc3BvbnNlEjEKBGtleXMYASADKAsyIy5hcHBvaW50bWVudHMucGFydG5lci52MS5Db25zZW50S2V5IkkKGFdhdGNoQXBwb2ludG1lbnRzUmVxdWVzdBIXCg9wcmFjdGl0aW9uZXJfaWQYASABKAkSFAoMcmVzdW1lX3Rva2VuGAIgASgJIp4BChFBcHBvaW50bWVudENoYW5nZRI4CgtjaGFuZ2VfdHlwZRgBIAEoDjIjLmFwcG9pbnRtZW50cy5wYXJ0bmVyLnYxLkNoYW5nZVR5cGUSOQoLYXBwb2ludG1lbnQYAiABKAsyJC5hcHBvaW50bWVudHMucGFydG5lci52MS5BcHBvaW50bWVudBIUCgxyZXN1bWVfdG9rZW4YAyABKAkqdgoKQ2hhbmdlVHlwZRIbChdDSEFOR0VfVFlQRV9VTlNQRUNJRklFRBAAEhcKE0NIQU5HRV9UWVBFX0NSRUFURUQQARIXChNDSEFOR0VfVFlQRV9VUERBVEVEEAISGQoVQ0hBTkdFX1RZUEVfQ0FOQ0VMTEVEEAMy5QQKGVBhcnRuZXJBcHBvaW50bWVudFNlcnZpY2USdwoQTGlzdEFwcG9pbnRtZW50cxIwLmFwcG9pbnRtZW50cy5wYXJ0bmVyLnYxLkxpc3RBcHBvaW50bWVudHNSZXF1ZXN0GjEuYXBwb2ludG1lbnRzLnBhcnRuZXIudjEuTGlzdEFwcG9pbnRtZW50c1Jlc3BvbnNlEmYKDkdldEFwcG9pbnRtZW50Ei4uYXBwb2ludG1lbnRzLnBhcnRuZXIudjEuR2V0QXBwb2ludG1lbnRSZXF1ZXN0GiQuYXBwb2ludG1lbnRzLnBhcnRuZXIudjEuQXBwb2ludG1lbnQSewoVR2V0QXBwb2ludG1lbnRDb250YWN0EjUuYXBwb2ludG1lbnRzLnBhcnRuZXIudjEuR2V0QXBwb2ludG1lbnRDb250YWN0UmVxdWVzdBorLmFwcG9pbnRtZW50cy5wYXJ0bmVyLnYxLkFwcG9pbnRtZW50Q29udGFjdBJ0Cg9MaXN0Q29uc2VudEtleXMSLy5hcHBvaW50bWVudHMucGFydG5lci52MS5MaXN0Q29uc2VudEtleXNSZXF1ZXN0GjAuYXBwb2ludG1lbnRzLnBhcnRuZXIudjEuTGlzdENvbnNlbnRLZXlzUmVzcG9uc2USdAoRV2F0Y2hBcHBvaW50bWVudHMSMS5hcHBvaW50bWVudHMucGFydG5lci52MS5XYXRjaEFwcG9pbnRtZW50c1JlcXVlc3QaKi5hcHBvaW50bWVudHMucGFydG5lci52MS5BcHBvaW50bWVudENoYW5nZTABQgJQAWIGcHJvdG8z", [file_appointments_annotations_v1_privacy, file_appointments_partner_v1_appointment, file_appointments_partner_v1_contact, file_google_protobuf_timestamp]);
+  fileDesc("CjlhcHBvaW50bWVudHMvcGFydG5lci92MS9wYXJ0bmVyX2FwcG9pbnRtZW50X3NlcnZpY2UucHJvdG8SF2FwcG9pbnRtZW50cy5wYXJ0bmVyLnYxIrcBChdMaXN0QXBwb2ludG1lbnRzUmVxdWVzdBIXCg9wcmFjdGl0aW9uZXJfaWQYASABKAkSLgoKc3RhcnRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCXBhZ2Vfc2l6ZRgEIAEoBRISCgpwYWdlX3Rva2VuGAUgASgJIm8KGExpc3RBcHBvaW50bWVudHNSZXNwb25zZRI6CgxhcHBvaW50bWVudHMYASADKAsyJC5hcHBvaW50bWVudHMucGFydG5lci52MS5BcHBvaW50bWVudBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiLwoVR2V0QXBwb2ludG1lbnRSZXF1ZXN0EhYKDmFwcG9pbnRtZW50X2lkGAEgASgJIlMKHEdldEFwcG9pbnRtZW50Q29udGFjdFJlcXVlc3QSFgoOYXBwb2ludG1lbnRfaWQYASABKAkSGwoNY29uc2VudF90b2tlbhgCIAEoCUIEqJ8ZAyIYChZMaXN0Q29uc2VudEtleXNSZXF1ZXN0IkwKF0xpc3RDb25zZW50S2V5c1Jlc3BvbnNlEjEKBGtleXMYASADKAsyIy5hcHBvaW50bWVudHMucGFydG5lci52MS5Db25zZW50S2V5IkkKGFdhdGNoQXBwb2ludG1lbnRzUmVxdWVzdBIXCg9wcmFjdGl0aW9uZXJfaWQYASABKAkSFAoMcmVzdW1lX3Rva2VuGAIgASgJIp4BChFBcHBvaW50bWVudENoYW5nZRI4CgtjaGFuZ2VfdHlwZRgBIAEoDjIjLmFwcG9pbnRtZW50cy5wYXJ0bmVyLnYxLkNoYW5nZVR5cGUSOQoLYXBwb2ludG1lbnQYAiABKAsyJC5hcHBvaW50bWVudHMucGFydG5lci52MS5BcHBvaW50bWVudBIUCgxyZXN1bWVfdG9rZW4YAyABKAkiswEKG1JlcXVlc3RDb250YWN0QWNjZXNzUmVxdWVzdBIWCg5hcHBvaW50bWVudF9pZBgBIAEoCRIyCgZmaWVsZHMYAiADKA4yIi5hcHBvaW50bWVudHMudHlwZS52MS5Db250YWN0RmllbGQSDwoHcHVycG9zZRgDIAEoCRIPCgdtZXNzYWdlGAQgASgJEiYKA3R0bBgFIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiI2ChhHZXRDb25zZW50UmVxdWVzdFJlcXVlc3QSGgoSY29uc2VudF9yZXF1ZXN0X2lkGAEgASgJIjkKG0NhbmNlbENvbnNlbnRSZXF1ZXN0UmVxdWVzdBIaChJjb25zZW50X3JlcXVlc3RfaWQYASABKAkiMwobV2F0Y2hDb25zZW50UmVxdWVzdHNSZXF1ZXN0EhQKDHJlc3VtZV90b2tlbhgBIAEoCSp2CgpDaGFuZ2VUeXBlEhsKF0NIQU5HRV9UWVBFX1VOU1BFQ0lGSUVEEAASFwoTQ0hBTkdFX1RZUEVfQ1JFQVRFRBABEhcKE0NIQU5HRV9UWVBFX1VQREFURUQQAhIZChVDSEFOR0VfVFlQRV9DQU5DRUxMRUQQAzLCCAoZUGFydG5lckFwcG9pbnRtZW50U2VydmljZRJ3ChBMaXN0QXBwb2ludG1lbnRzEjAuYXBwb2ludG1lbnRzLnBhcnRuZXIudjEuTGlzdEFwcG9pbnRtZW50c1JlcXVlc3QaMS5hcHBvaW50bWVudHMucGFydG5lci52MS5MaXN0QXBwb2ludG1lbnRzUmVzcG9uc2USZgoOR2V0QXBwb2ludG1lbnQSLi5hcHBvaW50bWVudHMucGFydG5lci52MS5HZXRBcHBvaW50bWVudFJlcXVlc3QaJC5hcHBvaW50bWVudHMucGFydG5lci52MS5BcHBvaW50bWVudBJ7ChVHZXRBcHBvaW50bWVudENvbnRhY3QSNS5hcHBvaW50bWVudHMucGFydG5lci52MS5HZXRBcHBvaW50bWVudENvbnRhY3RSZXF1ZXN0GisuYXBwb2ludG1lbnRzLnBhcnRuZXIudjEuQXBwb2ludG1lbnRDb250YWN0EnQKD0xpc3RDb25zZW50S2V5cxIvLmFwcG9pbnRtZW50cy5wYXJ0bmVyLnYxLkxpc3RDb25zZW50S2V5c1JlcXVlc3QaMC5hcHBvaW50bWVudHMucGFydG5lci52MS5MaXN0Q29uc2VudEtleXNSZXNwb25zZRJ0ChFXYXRjaEFwcG9pbnRtZW50cxIxLmFwcG9pbnRtZW50cy5wYXJ0bmVyLnYxLldhdGNoQXBwb2ludG1lbnRzUmVxdWVzdBoqLmFwcG9pbnRtZW50cy5wYXJ0bmVyLnYxLkFwcG9pbnRtZW50Q2hhbmdlMAESdQoUUmVxdWVzdENvbnRhY3RBY2Nlc3MSNC5hcHBvaW50bWVudHMucGFydG5lci52MS5SZXF1ZXN0Q29udGFjdEFjY2Vzc1JlcXVlc3QaJy5hcHBvaW50bWVudHMucGFydG5lci52MS5Db25zZW50UmVxdWVzdBJvChFHZXRDb25zZW50UmVxdWVzdBIxLmFwcG9pbnRtZW50cy5wYXJ0bmVyLnYxLkdldENvbnNlbnRSZXF1ZXN0UmVxdWVzdBonLmFwcG9pbnRtZW50cy5wYXJ0bmVyLnYxLkNvbnNlbnRSZXF1ZXN0EnUKFENhbmNlbENvbnNlbnRSZXF1ZXN0EjQuYXBwb2ludG1lbnRzLnBhcnRuZXIudjEuQ2FuY2VsQ29uc2VudFJlcXVlc3RSZXF1ZXN0GicuYXBwb2ludG1lbnRzLnBhcnRuZXIudjEuQ29uc2VudFJlcXVlc3QSfAoUV2F0Y2hDb25zZW50UmVxdWVzdHMSNC5hcHBvaW50bWVudHMucGFydG5lci52MS5XYXRjaENvbnNlbnRSZXF1ZXN0c1JlcXVlc3QaLC5hcHBvaW50bWVudHMucGFydG5lci52MS5Db25zZW50UmVxdWVzdEV2ZW50MAFCAlABYgZwcm90bzM", [file_appointments_annotations_v1_privacy, file_appointments_partner_v1_appointment, file_appointments_partner_v1_consent_request, file_appointments_partner_v1_contact, file_appointments_type_v1_contact, file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * The request of ListAppointments.
@@ -258,6 +262,125 @@ export const AppointmentChangeSchema: GenMessage<AppointmentChange> = /*@__PURE_
   messageDesc(file_appointments_partner_v1_partner_appointment_service, 7);
 
 /**
+ * The request of RequestContactAccess.
+ *
+ * @generated from message appointments.partner.v1.RequestContactAccessRequest
+ */
+export type RequestContactAccessRequest = Message<"appointments.partner.v1.RequestContactAccessRequest"> & {
+  /**
+   * The partner-scoped identifier of an appointment of the patient asked.
+   * Required.
+   *
+   * @generated from field: string appointment_id = 1;
+   */
+  appointmentId: string;
+
+  /**
+   * The contact fields asked for. Required, at least one, no duplicates,
+   * none unspecified.
+   *
+   * @generated from field: repeated appointments.type.v1.ContactField fields = 2;
+   */
+  fields: ContactField[];
+
+  /**
+   * Why the partner asks, shown to the patient, for example "appointment
+   * reminders by text message". Required, 1 to 200 characters.
+   *
+   * @generated from field: string purpose = 3;
+   */
+  purpose: string;
+
+  /**
+   * A message to the patient, shown with the request. Optional, at most 280
+   * characters.
+   *
+   * @generated from field: string message = 4;
+   */
+  message: string;
+
+  /**
+   * How long the consent should last if approved: from 1 second up to the
+   * configured maximum (APPTGATE_CONSENT_MAX_TTL). Required. The patient may
+   * approve a shorter one.
+   *
+   * @generated from field: google.protobuf.Duration ttl = 5;
+   */
+  ttl?: Duration | undefined;
+};
+
+/**
+ * Describes the message appointments.partner.v1.RequestContactAccessRequest.
+ * Use `create(RequestContactAccessRequestSchema)` to create a new message.
+ */
+export const RequestContactAccessRequestSchema: GenMessage<RequestContactAccessRequest> = /*@__PURE__*/
+  messageDesc(file_appointments_partner_v1_partner_appointment_service, 8);
+
+/**
+ * The request of GetConsentRequest.
+ *
+ * @generated from message appointments.partner.v1.GetConsentRequestRequest
+ */
+export type GetConsentRequestRequest = Message<"appointments.partner.v1.GetConsentRequestRequest"> & {
+  /**
+   * The partner-scoped identifier of the request. Required.
+   *
+   * @generated from field: string consent_request_id = 1;
+   */
+  consentRequestId: string;
+};
+
+/**
+ * Describes the message appointments.partner.v1.GetConsentRequestRequest.
+ * Use `create(GetConsentRequestRequestSchema)` to create a new message.
+ */
+export const GetConsentRequestRequestSchema: GenMessage<GetConsentRequestRequest> = /*@__PURE__*/
+  messageDesc(file_appointments_partner_v1_partner_appointment_service, 9);
+
+/**
+ * The request of CancelConsentRequest.
+ *
+ * @generated from message appointments.partner.v1.CancelConsentRequestRequest
+ */
+export type CancelConsentRequestRequest = Message<"appointments.partner.v1.CancelConsentRequestRequest"> & {
+  /**
+   * The partner-scoped identifier of the request. Required.
+   *
+   * @generated from field: string consent_request_id = 1;
+   */
+  consentRequestId: string;
+};
+
+/**
+ * Describes the message appointments.partner.v1.CancelConsentRequestRequest.
+ * Use `create(CancelConsentRequestRequestSchema)` to create a new message.
+ */
+export const CancelConsentRequestRequestSchema: GenMessage<CancelConsentRequestRequest> = /*@__PURE__*/
+  messageDesc(file_appointments_partner_v1_partner_appointment_service, 10);
+
+/**
+ * The request of WatchConsentRequests.
+ *
+ * @generated from message appointments.partner.v1.WatchConsentRequestsRequest
+ */
+export type WatchConsentRequestsRequest = Message<"appointments.partner.v1.WatchConsentRequestsRequest"> & {
+  /**
+   * The `resume_token` of the last event received, to continue after it, or
+   * empty to start from now. Tokens are opaque and bound to the caller.
+   *
+   * @generated from field: string resume_token = 1;
+   */
+  resumeToken: string;
+};
+
+/**
+ * Describes the message appointments.partner.v1.WatchConsentRequestsRequest.
+ * Use `create(WatchConsentRequestsRequestSchema)` to create a new message.
+ */
+export const WatchConsentRequestsRequestSchema: GenMessage<WatchConsentRequestsRequest> = /*@__PURE__*/
+  messageDesc(file_appointments_partner_v1_partner_appointment_service, 11);
+
+/**
  * What happened to an appointment.
  *
  * @generated from enum appointments.partner.v1.ChangeType
@@ -382,6 +505,64 @@ export const PartnerAppointmentService: GenService<{
     methodKind: "server_streaming";
     input: typeof WatchAppointmentsRequestSchema;
     output: typeof AppointmentChangeSchema;
+  },
+  /**
+   * Asks the patient of an appointment to consent to release some contact
+   * fields to the caller. The patient answers in the platform's patient app;
+   * the request is PENDING until then, and EXPIRED if no answer comes in
+   * time. Returns INVALID_ARGUMENT for a malformed field, NOT_FOUND when the
+   * appointment is not visible to the caller, ALREADY_EXISTS when a request
+   * for the same patient and fields is pending (ErrorInfo metadata
+   * `consent_request_id` names it), and RESOURCE_EXHAUSTED (QuotaFailure,
+   * RetryInfo) when the caller's daily requests or the patient's 3 requests
+   * per 30 days are used up.
+   *
+   * @generated from rpc appointments.partner.v1.PartnerAppointmentService.RequestContactAccess
+   */
+  requestContactAccess: {
+    methodKind: "unary";
+    input: typeof RequestContactAccessRequestSchema;
+    output: typeof ConsentRequestSchema;
+  },
+  /**
+   * Gets one of the caller's consent requests; once approved it carries the
+   * consent token. Returns NOT_FOUND for a request of another partner or
+   * none.
+   *
+   * @generated from rpc appointments.partner.v1.PartnerAppointmentService.GetConsentRequest
+   */
+  getConsentRequest: {
+    methodKind: "unary";
+    input: typeof GetConsentRequestRequestSchema;
+    output: typeof ConsentRequestSchema;
+  },
+  /**
+   * Cancels one of the caller's pending consent requests. Returns NOT_FOUND
+   * as GetConsentRequest does and FAILED_PRECONDITION when the request is no
+   * longer pending.
+   *
+   * @generated from rpc appointments.partner.v1.PartnerAppointmentService.CancelConsentRequest
+   */
+  cancelConsentRequest: {
+    methodKind: "unary";
+    input: typeof CancelConsentRequestRequestSchema;
+    output: typeof ConsentRequestSchema;
+  },
+  /**
+   * Streams every change of the caller's consent requests (made, approved,
+   * denied, cancelled, expired, consent revoked) as it commits. Without a
+   * resume token the stream starts from now; with one it first replays every
+   * change after that point, exactly once and in commit order, then goes
+   * live. Returns INVALID_ARGUMENT for a malformed or foreign resume token
+   * and RESOURCE_EXHAUSTED when the caller has too many streams open; ends
+   * with UNAUTHENTICATED when the key is revoked.
+   *
+   * @generated from rpc appointments.partner.v1.PartnerAppointmentService.WatchConsentRequests
+   */
+  watchConsentRequests: {
+    methodKind: "server_streaming";
+    input: typeof WatchConsentRequestsRequestSchema;
+    output: typeof ConsentRequestEventSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_appointments_partner_v1_partner_appointment_service, 0);
