@@ -12,7 +12,10 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import harness
 import pytest
+from appointments.internal.v1 import consent_pb2
+from appointments.internal.v1 import consent_service_pb2 as consent_pb
 from appointments.type.v1.contact_pb2 import CONTACT_FIELD_EMAIL, CONTACT_FIELD_NAME
+from google.protobuf.duration_pb2 import Duration
 
 ROOT = Path(__file__).resolve().parents[2]
 NODE_DIR = ROOT / "clients" / "typescript"
@@ -61,6 +64,51 @@ async def build_agenda(world: harness.World) -> Agenda:
         consented_patient_id=patients[0].patient_id,
         consent_id=consent.consent_id,
         consent_token=consent.token,
+    )
+
+
+def patient_of_day(agenda: Agenda, day: int) -> str:
+    """The internal id of the patient booked on ``day`` (0 to 6) of the agenda week."""
+    return agenda.patient_ids[day % 3]
+
+
+async def consent_requests(world: harness.World, patient_id: str) -> list[consent_pb2.PatientConsentRequest]:
+    """The consent requests made to a patient, newest first, as the patient app lists them (internal API)."""
+    reply = await world.consents.ListConsentRequests(
+        consent_pb.ListConsentRequestsRequest(patient_id=patient_id, page_size=500), metadata=world.internal_metadata
+    )
+    return list(reply.consent_requests)
+
+
+async def pending_request(world: harness.World, patient_id: str) -> consent_pb2.PatientConsentRequest:
+    """The patient's one pending consent request (fails unless there is exactly one)."""
+    pending = [
+        r for r in await consent_requests(world, patient_id) if r.state == consent_pb2.CONSENT_REQUEST_STATE_PENDING
+    ]
+    assert len(pending) == 1, pending
+    return pending[0]
+
+
+async def approve(
+    world: harness.World, patient_id: str, fields: list[int] | None = None, ttl: timedelta | None = None
+) -> consent_pb2.PatientConsentRequest:
+    """Approve the patient's pending request, as the patient app does (``fields`` empty: as asked)."""
+    request = consent_pb.ApproveConsentRequestRequest(
+        consent_request_id=(await pending_request(world, patient_id)).consent_request_id, fields=fields or []
+    )
+    if ttl is not None:
+        duration = Duration()
+        duration.FromTimedelta(ttl)
+        request.ttl.CopyFrom(duration)
+    return await world.consents.ApproveConsentRequest(request, metadata=world.internal_metadata)
+
+
+async def deny(world: harness.World, patient_id: str) -> consent_pb2.PatientConsentRequest:
+    """Deny the patient's pending request, as the patient app does."""
+    pending = await pending_request(world, patient_id)
+    return await world.consents.DenyConsentRequest(
+        consent_pb.DenyConsentRequestRequest(consent_request_id=pending.consent_request_id),
+        metadata=world.internal_metadata,
     )
 
 

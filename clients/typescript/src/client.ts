@@ -4,36 +4,43 @@
  *
  * It sends the partner key on every call, gives every call a deadline (10 s by default,
  * covering retries), retries UNAVAILABLE with exponential backoff and full jitter (never
- * sooner than the server's `RetryInfo` asks), walks pages for you, reads contact details
- * only with a consent token passed explicitly, and throws {@link ApptgateError}s.
+ * sooner than the server's `RetryInfo` asks) for every call that only reads, walks pages for
+ * you, follows the change feeds with streams that resume by themselves ({@link ResumableWatch}),
+ * reads contact details only with a consent token passed explicitly, and throws
+ * {@link ApptgateError}s.
+ *
+ * The two writes, `requestContactAccess` and `cancelConsentRequest`, are sent once: one that
+ * failed with UNAVAILABLE may have been applied, and the caller decides (a contact request sent
+ * again answers {@link ConsentRequestPending}, naming the one already made).
  *
  * @module
  */
 
 import { create } from "@bufbuild/protobuf";
-import { timestampFromDate } from "@bufbuild/protobuf/wkt";
-import { Code, createClient, type Client, type Interceptor } from "@connectrpc/connect";
+import { durationFromMs, timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { createClient, type Client, type Interceptor } from "@connectrpc/connect";
 import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
 
 import type { Appointment } from "./gen/appointments/partner/v1/appointment_pb.js";
+import type { ConsentRequest, ConsentRequestEvent } from "./gen/appointments/partner/v1/consent_request_pb.js";
 import type { AppointmentContact, ConsentKey } from "./gen/appointments/partner/v1/contact_pb.js";
 import {
   ListAppointmentsRequestSchema,
   PartnerAppointmentService,
+  RequestContactAccessRequestSchema,
+  type AppointmentChange,
   type ListAppointmentsResponse,
 } from "./gen/appointments/partner/v1/partner_appointment_service_pb.js";
-import { toApptgateError } from "./errors.js";
+import type { ContactField } from "./gen/appointments/type/v1/contact_pb.js";
+import { toApptgateError, type ConsentRequestPending } from "./errors.js";
+import { DEFAULT_RETRY, nextDelayMs, sleep, type RetryEvent, type RetryPolicy } from "./retry.js";
+import { ResumableWatch } from "./watch.js";
 
-/** How UNAVAILABLE is retried. `maxAttempts` counts every send, the first included. */
-export interface RetryPolicy {
-  readonly maxAttempts: number;
-  readonly initialBackoffMs: number;
-  readonly maxBackoffMs: number;
-  readonly multiplier: number;
-}
+export { DEFAULT_RETRY, type RetryEvent, type RetryPolicy } from "./retry.js";
 
-export const DEFAULT_RETRY: RetryPolicy = { maxAttempts: 5, initialBackoffMs: 100, maxBackoffMs: 5000, multiplier: 2 };
 export const DEFAULT_TIMEOUT_MS = 10_000;
+/** The interval of HTTP/2 PINGs while a call is open, as the Python client's keepalive (a watch has no deadline). */
+export const KEEPALIVE_INTERVAL_MS = 60_000;
 
 export interface PartnerClientOptions {
   /** The partner listener: "host:port" for plaintext, or a URL ("https://host:port" for TLS). */
@@ -43,6 +50,22 @@ export interface PartnerClientOptions {
   /** The deadline of each call in milliseconds, retries included. */
   readonly timeoutMs?: number;
   readonly retry?: RetryPolicy;
+  /** Called before each wait of a retry, or of a watch reopening its stream (for logs). */
+  readonly onRetry?: (event: RetryEvent) => void;
+}
+
+/** What `watchAppointments` follows. */
+export interface AppointmentWatchOptions {
+  /** One practitioner's public id; omitted means every practitioner granted to you. */
+  readonly practitionerId?: string;
+  /** A stored `resumeToken`, to continue after the change it came with; omitted means from now. */
+  readonly resumeToken?: string;
+}
+
+/** Where `watchConsentRequests` starts. */
+export interface ConsentRequestWatchOptions {
+  /** A stored `resumeToken`, to continue after the event it came with; omitted means from now. */
+  readonly resumeToken?: string;
 }
 
 /** A window of appointments: those starting in [startTime, endTime). */
@@ -66,13 +89,12 @@ function bearer(key: string): Interceptor {
   };
 }
 
-const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
-
 export class PartnerClient {
   private readonly sessions: Http2SessionManager;
   private readonly client: Client<typeof PartnerAppointmentService>;
   private readonly timeoutMs: number;
   private readonly retry: RetryPolicy;
+  private readonly onRetry: ((event: RetryEvent) => void) | undefined;
 
   constructor(options: PartnerClientOptions) {
     if (!/^[\x21-\x7e]+$/.test(options.key)) {
@@ -80,8 +102,11 @@ export class PartnerClient {
     }
     this.timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
     this.retry = options.retry ?? DEFAULT_RETRY;
+    this.onRetry = options.onRetry;
     const url = baseUrl(options.address);
-    this.sessions = new Http2SessionManager(url);
+    // PINGs only while a call is open (the gateway refuses them otherwise), to notice a dead connection
+    // under a watch; 20 s to answer, as the Python client's keepalive.
+    this.sessions = new Http2SessionManager(url, { pingIntervalMs: KEEPALIVE_INTERVAL_MS, pingTimeoutMs: 20_000 });
     const transport = createGrpcTransport({
       baseUrl: url,
       sessionManager: this.sessions,
@@ -96,19 +121,21 @@ export class PartnerClient {
     this.sessions.abort();
   }
 
-  /** Sends `call` with the time left before the deadline; retries UNAVAILABLE; throws ApptgateError. */
-  private async send<T>(call: (timeoutMs: number) => Promise<T>): Promise<T> {
+  /**
+   * Sends `call` with the time left before the deadline; retries UNAVAILABLE unless `idempotent` is false;
+   * throws ApptgateError.
+   */
+  private async send<T>(method: string, call: (timeoutMs: number) => Promise<T>, idempotent = true): Promise<T> {
     const deadline = Date.now() + this.timeoutMs;
     for (let attempt = 1; ; attempt++) {
       try {
         return await call(Math.max(deadline - Date.now(), 1));
       } catch (thrown) {
         const error = toApptgateError(thrown, attempt);
-        if (error.code !== Code.Unavailable || attempt >= this.retry.maxAttempts) throw error;
-        const cap = Math.min(this.retry.maxBackoffMs, this.retry.initialBackoffMs * this.retry.multiplier ** (attempt - 1));
-        const delay = Math.max(error.retryDelayMs ?? 0, Math.random() * cap);
-        if (Date.now() + delay >= deadline) throw error;
-        await sleep(delay);
+        const delayMs = idempotent ? nextDelayMs(this.retry, error, attempt, deadline - Date.now()) : undefined;
+        if (delayMs === undefined) throw error;
+        this.onRetry?.({ method, error, attempt, delayMs });
+        await sleep(delayMs);
       }
     }
   }
@@ -122,7 +149,7 @@ export class PartnerClient {
       pageSize: query.pageSize ?? 0,
       pageToken: query.pageToken ?? "",
     });
-    return this.send((timeoutMs) => this.client.listAppointments(request, { timeoutMs }));
+    return this.send("ListAppointments", (timeoutMs) => this.client.listAppointments(request, { timeoutMs }));
   }
 
   /** Every appointment of the window, ordered by start time, fetching pages as needed. */
@@ -137,7 +164,7 @@ export class PartnerClient {
 
   /** One appointment in the basic view; NOT_FOUND when it does not exist or is not visible to you. */
   getAppointment(appointmentId: string): Promise<Appointment> {
-    return this.send((timeoutMs) => this.client.getAppointment({ appointmentId }, { timeoutMs }));
+    return this.send("GetAppointment", (timeoutMs) => this.client.getAppointment({ appointmentId }, { timeoutMs }));
   }
 
   /**
@@ -146,12 +173,97 @@ export class PartnerClient {
    * allow it.
    */
   getAppointmentContact(appointmentId: string, consentToken: string): Promise<AppointmentContact> {
-    return this.send((timeoutMs) => this.client.getAppointmentContact({ appointmentId, consentToken }, { timeoutMs }));
+    return this.send("GetAppointmentContact", (timeoutMs) =>
+      this.client.getAppointmentContact({ appointmentId, consentToken }, { timeoutMs }),
+    );
   }
 
   /** The public keys (PASERK k4.public) that verify consent tokens, the active one first. */
   async listConsentKeys(): Promise<ConsentKey[]> {
-    const reply = await this.send((timeoutMs) => this.client.listConsentKeys({}, { timeoutMs }));
+    const reply = await this.send("ListConsentKeys", (timeoutMs) => this.client.listConsentKeys({}, { timeoutMs }));
     return reply.keys;
+  }
+
+  /**
+   * The change feed of your granted practitioners (or one): a {@link ResumableWatch} of `AppointmentChange`s.
+   * `await watch.open()` resolves once the stream is live (list the agenda then), `for await` yields the
+   * changes and resumes after a server restart with the last token; `close()` ends it. Throws NOT_FOUND
+   * (at open) for a practitioner not granted.
+   */
+  watchAppointments(options: AppointmentWatchOptions = {}): ResumableWatch<AppointmentChange> {
+    const practitionerId = options.practitionerId ?? "";
+    return new ResumableWatch<AppointmentChange>(
+      "WatchAppointments",
+      (resumeToken, { signal, onHeader }) =>
+        this.client.watchAppointments({ practitionerId, resumeToken }, { signal, onHeader, timeoutMs: 0 }),
+      options.resumeToken ?? "",
+      this.retry,
+      this.onRetry,
+    );
+  }
+
+  /**
+   * Asks the patient of an appointment to release `fields` to you for `ttlMs` milliseconds; resolves to the
+   * request, PENDING. `purpose` (1 to 200 characters) and `message` (at most 280) are shown to the patient,
+   * who may approve fewer fields or a shorter time. Once approved, the request carries the `consentToken`
+   * for {@link getAppointmentContact}. Not retried.
+   *
+   * Throws {@link ConsentRequestPending} (ALREADY_EXISTS) when a request for the same patient and fields is
+   * pending (`error.consentRequestId` names it), RESOURCE_EXHAUSTED (`quotaViolations`, `retryDelayMs`) when your
+   * daily requests or the patient's are used up, INVALID_ARGUMENT for a malformed field and NOT_FOUND when
+   * the appointment is not visible to you.
+   */
+  requestContactAccess(
+    appointmentId: string,
+    fields: readonly ContactField[],
+    purpose: string,
+    ttlMs: number,
+    message = "",
+  ): Promise<ConsentRequest> {
+    if (!Number.isFinite(ttlMs)) throw new RangeError("ttlMs must be a finite number of milliseconds");
+    const request = create(RequestContactAccessRequestSchema, {
+      appointmentId,
+      fields: [...fields],
+      purpose,
+      message,
+      ttl: durationFromMs(ttlMs),
+    });
+    return this.send(
+      "RequestContactAccess",
+      (timeoutMs) => this.client.requestContactAccess(request, { timeoutMs }),
+      false,
+    );
+  }
+
+  /** One of your consent requests; once approved it carries `consentToken`. NOT_FOUND for another partner's or none. */
+  getConsentRequest(consentRequestId: string): Promise<ConsentRequest> {
+    return this.send("GetConsentRequest", (timeoutMs) =>
+      this.client.getConsentRequest({ consentRequestId }, { timeoutMs }),
+    );
+  }
+
+  /** Cancels one of your pending consent requests; FAILED_PRECONDITION when it is no longer pending. Not retried. */
+  cancelConsentRequest(consentRequestId: string): Promise<ConsentRequest> {
+    return this.send(
+      "CancelConsentRequest",
+      (timeoutMs) => this.client.cancelConsentRequest({ consentRequestId }, { timeoutMs }),
+      false,
+    );
+  }
+
+  /**
+   * The changes of your consent requests (made, approved, denied, cancelled, expired, consent revoked): a
+   * {@link ResumableWatch} of `ConsentRequestEvent`s, resumable like {@link watchAppointments}. A revoked key
+   * ends it with UNAUTHENTICATED.
+   */
+  watchConsentRequests(options: ConsentRequestWatchOptions = {}): ResumableWatch<ConsentRequestEvent> {
+    return new ResumableWatch<ConsentRequestEvent>(
+      "WatchConsentRequests",
+      (resumeToken, { signal, onHeader }) =>
+        this.client.watchConsentRequests({ resumeToken }, { signal, onHeader, timeoutMs: 0 }),
+      options.resumeToken ?? "",
+      this.retry,
+      this.onRetry,
+    );
   }
 }

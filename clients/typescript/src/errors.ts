@@ -3,14 +3,21 @@
  *
  * A failed call throws an {@link ApptgateError} carrying the gRPC code and what the
  * server put in the `google.rpc.Status` details: the `ErrorInfo` reason (for example
- * `CONSENT_EXPIRED`), domain and metadata, the `BadRequest` field violations and the
- * `RetryInfo` delay. A refused consent token throws its subclass {@link ConsentDenied}.
+ * `CONSENT_EXPIRED`), domain and metadata, the `BadRequest` field violations, the
+ * `QuotaFailure` violations and the `RetryInfo` delay. A refused consent token throws its
+ * subclass {@link ConsentDenied}; a contact request while the same one is pending throws
+ * {@link ConsentRequestPending}.
  *
  * @module
  */
 
 import { Code, ConnectError } from "@connectrpc/connect";
-import { BadRequestSchema, ErrorInfoSchema, RetryInfoSchema } from "./gen/google/rpc/error_details_pb.js";
+import {
+  BadRequestSchema,
+  ErrorInfoSchema,
+  QuotaFailureSchema,
+  RetryInfoSchema,
+} from "./gen/google/rpc/error_details_pb.js";
 
 /** The `ErrorInfo.domain` of every error the gateway sends. */
 export const DOMAIN = "apptgate.dev";
@@ -23,9 +30,18 @@ export const CONSENT_REASONS: ReadonlySet<string> = new Set([
   "CONSENT_REVOKED",
 ]);
 
+/** The `ErrorInfo` metadata key naming the pending consent request of an ALREADY_EXISTS. */
+export const CONSENT_REQUEST_ID = "consent_request_id";
+
 /** One bad field of a request, as named by the server's `google.rpc.BadRequest`. */
 export interface FieldViolation {
   readonly field: string;
+  readonly description: string;
+}
+
+/** One limit reached, as named by the server's `google.rpc.QuotaFailure`. */
+export interface QuotaViolation {
+  readonly subject: string;
   readonly description: string;
 }
 
@@ -49,6 +65,8 @@ export class ApptgateError extends Error {
     readonly retryDelayMs: number | undefined = undefined,
     /** How many times the request was sent. */
     readonly attempts: number = 1,
+    /** The limits reached, for RESOURCE_EXHAUSTED (`QuotaFailure`). */
+    readonly quotaViolations: readonly QuotaViolation[] = [],
   ) {
     super(message);
   }
@@ -66,6 +84,19 @@ export class ConsentDenied extends ApptgateError {
   override name = "ConsentDenied";
 }
 
+/**
+ * A consent request for the same patient and fields is pending already (ALREADY_EXISTS): no new one was made.
+ * {@link consentRequestId} names it.
+ */
+export class ConsentRequestPending extends ApptgateError {
+  override name = "ConsentRequestPending";
+
+  /** The partner-scoped id (`crq_…`) of the pending request. */
+  get consentRequestId(): string {
+    return this.metadata[CONSENT_REQUEST_ID] ?? "";
+  }
+}
+
 /** Translates any error thrown by a Connect call into an {@link ApptgateError}. */
 export function toApptgateError(error: unknown, attempts = 1): ApptgateError {
   const connect = ConnectError.from(error);
@@ -73,20 +104,30 @@ export function toApptgateError(error: unknown, attempts = 1): ApptgateError {
   const violations = connect
     .findDetails(BadRequestSchema)
     .flatMap((bad) => bad.fieldViolations.map((v) => ({ field: v.field, description: v.description })));
+  const quotas = connect
+    .findDetails(QuotaFailureSchema)
+    .flatMap((quota) => quota.violations.map((v) => ({ subject: v.subject, description: v.description })));
   const [retry] = connect.findDetails(RetryInfoSchema);
   const retryDelayMs = retry?.retryDelay
     ? Number(retry.retryDelay.seconds) * 1000 + retry.retryDelay.nanos / 1e6
     : undefined;
   const reason = info?.reason ?? "";
-  const kind = connect.code === Code.PermissionDenied && CONSENT_REASONS.has(reason) ? ConsentDenied : ApptgateError;
+  const metadata: Record<string, string> = { ...(info?.metadata ?? {}) };
+  const kind =
+    connect.code === Code.PermissionDenied && CONSENT_REASONS.has(reason)
+      ? ConsentDenied
+      : connect.code === Code.AlreadyExists && metadata[CONSENT_REQUEST_ID]
+        ? ConsentRequestPending
+        : ApptgateError;
   return new kind(
     connect.code,
     connect.rawMessage,
     reason,
     info?.domain ?? "",
-    { ...(info?.metadata ?? {}) },
+    metadata,
     violations,
     retryDelayMs,
     attempts,
+    quotas,
   );
 }

@@ -1,7 +1,8 @@
 """apptgate_client: Python clients of the apptgate partner and internal gRPC APIs.
 
-* :class:`PartnerClient` / :class:`AsyncPartnerClient`: the partner read API
-  (appointments in the basic view, consent-gated contact details, consent keys).
+* :class:`PartnerClient` / :class:`AsyncPartnerClient`: the partner API
+  (appointments in the basic view, their change feed, consent requests and
+  their feed, consent-gated contact details, consent keys).
 * :class:`InternalClient` / :class:`AsyncInternalClient`: the platform's internal
   services (scheduling, partner registry, consents, audit).
 * :mod:`apptgate_client.errors`: the exceptions every failed call raises.
@@ -18,6 +19,7 @@ from apptgate_client.errors import (
     ApptgateError,
     Cancelled,
     ConsentDenied,
+    ConsentRequestPending,
     DeadlineExceeded,
     FailedPrecondition,
     FieldViolation,
@@ -25,6 +27,7 @@ from apptgate_client.errors import (
     NotFound,
     OutOfRange,
     PermissionDenied,
+    QuotaViolation,
     ResourceExhausted,
     ServerError,
     Unauthenticated,
@@ -34,7 +37,14 @@ from apptgate_client.errors import (
 from apptgate_client.internal import AsyncInternalClient, InternalClient
 from apptgate_client.partner import AsyncPartnerClient, PartnerClient
 from apptgate_client.retry import NO_RETRY, RetryPolicy
-from apptgate_client.watch import AppointmentWatch, AsyncAppointmentWatch
+from apptgate_client.watch import (
+    AppointmentWatch,
+    AsyncAppointmentWatch,
+    AsyncConsentRequestWatch,
+    AsyncResumableWatch,
+    ConsentRequestWatch,
+    ResumableWatch,
+)
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -43,10 +53,14 @@ __all__ = [
     "AppointmentWatch",
     "ApptgateError",
     "AsyncAppointmentWatch",
+    "AsyncConsentRequestWatch",
     "AsyncInternalClient",
     "AsyncPartnerClient",
+    "AsyncResumableWatch",
     "Cancelled",
     "ConsentDenied",
+    "ConsentRequestPending",
+    "ConsentRequestWatch",
     "DeadlineExceeded",
     "FailedPrecondition",
     "FieldViolation",
@@ -56,7 +70,9 @@ __all__ = [
     "OutOfRange",
     "PartnerClient",
     "PermissionDenied",
+    "QuotaViolation",
     "ResourceExhausted",
+    "ResumableWatch",
     "RetryPolicy",
     "ServerError",
     "Unauthenticated",

@@ -54,3 +54,16 @@ def list_appointments(
 def contact_fields(fields: Iterable[int]) -> list[int]:
     """The ``ContactField`` numbers of ``fields``, as given (the server checks them)."""
     return [int(f) for f in fields]
+
+
+def request_contact_access(
+    *, appointment_id: str, fields: Iterable[int], purpose: str, message: str, ttl: timedelta
+) -> partner_pb.RequestContactAccessRequest:
+    """The request of RequestContactAccess (``fields``: ``ContactField`` numbers)."""
+    return partner_pb.RequestContactAccessRequest(
+        appointment_id=appointment_id,
+        fields=contact_fields(fields),  # type: ignore[arg-type]  # ContactField numbers
+        purpose=purpose,
+        message=message,
+        ttl=duration(ttl, "ttl"),
+    )

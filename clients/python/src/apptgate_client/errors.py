@@ -4,7 +4,7 @@ A failed call raises a subclass of :class:`ApptgateError`, chosen by the gRPC
 status code, and carries what the server put in the ``google.rpc.Status``
 details: the ``ErrorInfo`` reason (an UPPER_SNAKE word such as
 ``CONSENT_EXPIRED``), its domain and metadata, the ``BadRequest`` field
-violations and the ``RetryInfo`` delay. The tree::
+violations, the ``QuotaFailure`` violations and the ``RetryInfo`` delay. The tree::
 
     ApptgateError                   any failed call: code, message, reason, domain, metadata, attempts
     ├── InvalidArgument             INVALID_ARGUMENT; ``field_violations`` name the fields at fault
@@ -14,8 +14,9 @@ violations and the ``RetryInfo`` delay. The tree::
     │   └── ConsentDenied           PERMISSION_DENIED with a CONSENT_* reason: no contact data was sent
     ├── NotFound                    NOT_FOUND: does not exist *or* is not visible to you (never told apart)
     ├── AlreadyExists               ALREADY_EXISTS
+    │   └── ConsentRequestPending   ALREADY_EXISTS naming the pending ``consent_request_id``
     ├── FailedPrecondition          FAILED_PRECONDITION
-    ├── ResourceExhausted           RESOURCE_EXHAUSTED; ``retry_delay`` from RetryInfo
+    ├── ResourceExhausted           RESOURCE_EXHAUSTED; ``retry_delay`` from RetryInfo, ``quota_violations``
     ├── Unavailable                 UNAVAILABLE, after the client's retries ran out; ``retry_delay``
     ├── DeadlineExceeded            DEADLINE_EXCEEDED: the call's deadline passed
     ├── Cancelled                   CANCELLED
@@ -23,8 +24,10 @@ violations and the ``RetryInfo`` delay. The tree::
 
 Catch :class:`ConsentDenied` to handle a refused consent token, and branch on
 :attr:`ApptgateError.reason` (one of the ``CONSENT_*`` constants below) to tell
-an expired consent from a revoked one. The original ``grpc.RpcError`` is kept
-as ``__cause__``.
+an expired consent from a revoked one. Catch :class:`ConsentRequestPending`
+when asking for contact access twice: its :attr:`~ConsentRequestPending.consent_request_id`
+is the request already pending. The original ``grpc.RpcError`` is kept as
+``__cause__``.
 
 This module does no I/O and keeps no state.
 """
@@ -55,6 +58,8 @@ CONSENT_EXPIRED = "CONSENT_EXPIRED"
 CONSENT_REVOKED = "CONSENT_REVOKED"
 #: The reasons of :class:`ConsentDenied`.
 CONSENT_REASONS = frozenset({CONSENT_REQUIRED, CONSENT_INVALID, CONSENT_EXPIRED, CONSENT_REVOKED})
+#: The ``ErrorInfo`` metadata key naming the pending consent request of an ``ALREADY_EXISTS``.
+CONSENT_REQUEST_ID = "consent_request_id"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +67,14 @@ class FieldViolation:
     """One bad field of a request, as named by the server's ``google.rpc.BadRequest``."""
 
     field: str
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaViolation:
+    """One limit reached, as named by the server's ``google.rpc.QuotaFailure``."""
+
+    subject: str
     description: str
 
 
@@ -76,6 +89,9 @@ class ApptgateError(Exception):
         domain: the ``ErrorInfo`` domain, :data:`DOMAIN` for the gateway's own errors.
         metadata: the ``ErrorInfo`` metadata: identifiers the request carried, never personal data.
         retry_delay: the ``RetryInfo`` delay in seconds, or ``None`` when the server sent none.
+        field_violations: the ``BadRequest`` field violations (for ``INVALID_ARGUMENT``).
+        quota_violations: the ``QuotaFailure`` violations: which limits were reached (for
+            ``RESOURCE_EXHAUSTED``).
         attempts: how many times the client sent the request (more than 1 after retries).
     """
 
@@ -90,6 +106,7 @@ class ApptgateError(Exception):
         retry_delay: float | None = None,
         field_violations: Iterable[FieldViolation] = (),
         attempts: int = 1,
+        quota_violations: Iterable[QuotaViolation] = (),
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -99,6 +116,7 @@ class ApptgateError(Exception):
         self.metadata: dict[str, str] = dict(metadata or {})
         self.retry_delay = retry_delay
         self.field_violations: tuple[FieldViolation, ...] = tuple(field_violations)
+        self.quota_violations: tuple[QuotaViolation, ...] = tuple(quota_violations)
         self.attempts = attempts
 
     def __str__(self) -> str:
@@ -155,12 +173,25 @@ class AlreadyExists(ApptgateError):
     """The resource to create exists already."""
 
 
+class ConsentRequestPending(AlreadyExists):
+    """A consent request for the same patient and fields is pending already: no new one was made.
+
+    :attr:`consent_request_id` names it (from the ``ErrorInfo`` metadata): get it,
+    watch it, or cancel it before asking again.
+    """
+
+    @property
+    def consent_request_id(self) -> str:
+        """The partner-scoped identifier (``crq_…``) of the pending request."""
+        return self.metadata.get(CONSENT_REQUEST_ID, "")
+
+
 class FailedPrecondition(ApptgateError):
     """The resource is not in a state that allows the request (for example already revoked)."""
 
 
 class ResourceExhausted(ApptgateError):
-    """A limit was reached; retry after :attr:`retry_delay` seconds."""
+    """A limit was reached; retry after :attr:`retry_delay` seconds. :attr:`quota_violations` name the limits."""
 
 
 class Unavailable(ApptgateError):
@@ -214,6 +245,7 @@ def error_from_status(
     metadata: dict[str, str] = {}
     retry_delay: float | None = None
     violations: list[FieldViolation] = []
+    quotas: list[QuotaViolation] = []
     for detail in status.details if status is not None else ():
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
@@ -223,6 +255,10 @@ def error_from_status(
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
             violations.extend(FieldViolation(v.field, v.description) for v in bad.field_violations)
+        elif detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+            quota = error_details_pb2.QuotaFailure()
+            detail.Unpack(quota)
+            quotas.extend(QuotaViolation(v.subject, v.description) for v in quota.violations)
         elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
             retry = error_details_pb2.RetryInfo()
             detail.Unpack(retry)
@@ -230,6 +266,8 @@ def error_from_status(
     cls = _BY_CODE.get(code, ServerError)
     if cls is PermissionDenied and reason in CONSENT_REASONS:
         cls = ConsentDenied
+    elif cls is AlreadyExists and metadata.get(CONSENT_REQUEST_ID):
+        cls = ConsentRequestPending
     return cls(
         code,
         message,
@@ -239,6 +277,7 @@ def error_from_status(
         retry_delay=retry_delay,
         field_violations=violations,
         attempts=attempts,
+        quota_violations=quotas,
     )
 
 

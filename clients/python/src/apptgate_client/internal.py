@@ -6,8 +6,9 @@ They cover ``appointments.internal.v1``: ``SchedulingService``,
 ``PartnerRegistryService``, ``ConsentService`` and ``AuditService``.
 
 Deadlines and errors work as in :mod:`apptgate_client.partner`. Retries
-differ: only reads (``list_consents``, ``list_disclosures``,
-``iter_disclosures``, ``breach_report``) are retried on ``UNAVAILABLE``. A
+differ: only reads (``list_consents``, ``list_consent_requests``,
+``iter_consent_requests``, ``list_disclosures``, ``iter_disclosures``,
+``breach_report``) are retried on ``UNAVAILABLE``. A
 write that failed with ``UNAVAILABLE`` may or may not have been applied, and
 sending it again could, for example, book an appointment twice; the caller
 decides (a retried create may answer ``ALREADY_EXISTS``).
@@ -68,6 +69,29 @@ def _grant_consent(
         ttl=_requests.duration(ttl, "ttl"),
         purpose=purpose,
     )
+
+
+def _list_consent_requests(
+    patient_id: str, states: Iterable[int], page_size: int, page_token: str
+) -> consent_pb.ListConsentRequestsRequest:
+    return consent_pb.ListConsentRequestsRequest(
+        patient_id=patient_id,
+        states=[int(s) for s in states],  # type: ignore[misc]  # ConsentRequestState numbers
+        page_size=page_size,
+        page_token=page_token,
+    )
+
+
+def _approve_consent_request(
+    consent_request_id: str, fields: Iterable[int], ttl: timedelta | None
+) -> consent_pb.ApproveConsentRequestRequest:
+    request = consent_pb.ApproveConsentRequestRequest(
+        consent_request_id=consent_request_id,
+        fields=_requests.contact_fields(fields),  # type: ignore[arg-type]  # ContactField numbers
+    )
+    if ttl is not None:
+        request.ttl.CopyFrom(_requests.duration(ttl, "ttl"))
+    return request
 
 
 def _list_disclosures(
@@ -228,6 +252,48 @@ class InternalClient:
         """Return a patient's consents, newest first, without tokens."""
         request = consent_pb.ListConsentsRequest(patient_id=patient_id)
         return list(self._call(self._consents.ListConsents, request, consent_pb.ListConsentsResponse).consents)
+
+    def list_consent_requests(
+        self, patient_id: str, *, states: Iterable[int] = (), page_size: int = 0, page_token: str = ""
+    ) -> consent_pb.ListConsentRequestsResponse:
+        """Return one page of the consent requests partners made to a patient, newest first.
+
+        ``states``: ``ConsentRequestState`` numbers to keep (empty keeps every state).
+        """
+        request = _list_consent_requests(patient_id, states, page_size, page_token)
+        return self._call(self._consents.ListConsentRequests, request, consent_pb.ListConsentRequestsResponse)
+
+    def iter_consent_requests(
+        self, patient_id: str, *, states: Iterable[int] = (), page_size: int = 0
+    ) -> Iterator[consent_pb2.PatientConsentRequest]:
+        """Yield every consent request made to a patient (newest first), page after page."""
+        states = list(states)
+        token = ""
+        while True:
+            page = self.list_consent_requests(patient_id, states=states, page_size=page_size, page_token=token)
+            yield from page.consent_requests
+            token = page.next_page_token
+            if not token:
+                return
+
+    def approve_consent_request(
+        self, consent_request_id: str, *, fields: Iterable[int] = (), ttl: timedelta | None = None
+    ) -> consent_pb2.PatientConsentRequest:
+        """Approve a pending request, as asked or narrower (``fields`` a subset, ``ttl`` shorter). Not retried.
+
+        Empty ``fields`` releases every field asked for; ``ttl`` ``None`` grants the ``ttl`` asked for.
+        """
+        request = _approve_consent_request(consent_request_id, fields, ttl)
+        return self._call(
+            self._consents.ApproveConsentRequest, request, consent_pb2.PatientConsentRequest, idempotent=False
+        )
+
+    def deny_consent_request(self, consent_request_id: str) -> consent_pb2.PatientConsentRequest:
+        """Deny a pending request. Not retried."""
+        request = consent_pb.DenyConsentRequestRequest(consent_request_id=consent_request_id)
+        return self._call(
+            self._consents.DenyConsentRequest, request, consent_pb2.PatientConsentRequest, idempotent=False
+        )
 
     # AuditService
 
@@ -404,6 +470,43 @@ class AsyncInternalClient:
         request = consent_pb.ListConsentsRequest(patient_id=patient_id)
         reply = await self._call(self._consents.ListConsents, request, consent_pb.ListConsentsResponse)
         return list(reply.consents)
+
+    async def list_consent_requests(
+        self, patient_id: str, *, states: Iterable[int] = (), page_size: int = 0, page_token: str = ""
+    ) -> consent_pb.ListConsentRequestsResponse:
+        """See :meth:`InternalClient.list_consent_requests`."""
+        request = _list_consent_requests(patient_id, states, page_size, page_token)
+        return await self._call(self._consents.ListConsentRequests, request, consent_pb.ListConsentRequestsResponse)
+
+    async def iter_consent_requests(
+        self, patient_id: str, *, states: Iterable[int] = (), page_size: int = 0
+    ) -> AsyncIterator[consent_pb2.PatientConsentRequest]:
+        """See :meth:`InternalClient.iter_consent_requests`."""
+        states = list(states)
+        token = ""
+        while True:
+            page = await self.list_consent_requests(patient_id, states=states, page_size=page_size, page_token=token)
+            for consent_request in page.consent_requests:
+                yield consent_request
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def approve_consent_request(
+        self, consent_request_id: str, *, fields: Iterable[int] = (), ttl: timedelta | None = None
+    ) -> consent_pb2.PatientConsentRequest:
+        """See :meth:`InternalClient.approve_consent_request`."""
+        request = _approve_consent_request(consent_request_id, fields, ttl)
+        return await self._call(
+            self._consents.ApproveConsentRequest, request, consent_pb2.PatientConsentRequest, idempotent=False
+        )
+
+    async def deny_consent_request(self, consent_request_id: str) -> consent_pb2.PatientConsentRequest:
+        """See :meth:`InternalClient.deny_consent_request`."""
+        request = consent_pb.DenyConsentRequestRequest(consent_request_id=consent_request_id)
+        return await self._call(
+            self._consents.DenyConsentRequest, request, consent_pb2.PatientConsentRequest, idempotent=False
+        )
 
     async def list_disclosures(
         self,

@@ -6,8 +6,12 @@ alike:
 * the partner key is sent on every call as ``authorization: Bearer <key>``;
 * every call has a deadline (``timeout``, 10 s by default) covering all its attempts;
 * ``UNAVAILABLE`` is retried with exponential backoff and full jitter, honouring
-  the server's ``RetryInfo`` (see :mod:`apptgate_client.retry`); every partner
-  call only reads, so every one is safe to repeat;
+  the server's ``RetryInfo`` (see :mod:`apptgate_client.retry`), for every call
+  that only reads. The two writes, :meth:`~PartnerClient.request_contact_access`
+  and :meth:`~PartnerClient.cancel_consent_request`, are sent once: one that
+  failed with ``UNAVAILABLE`` may have been applied, and the caller decides (a
+  request sent again answers :class:`~apptgate_client.errors.ConsentRequestPending`
+  naming the one already made, if it was);
 * a failed call raises an :class:`~apptgate_client.errors.ApptgateError` subclass
   carrying the server's ``ErrorInfo`` reason;
 * :meth:`~PartnerClient.iter_appointments` walks every page of a window;
@@ -15,7 +19,10 @@ alike:
   after a server restart without a gap (see :mod:`apptgate_client.watch`);
 * contact details come only from :meth:`~PartnerClient.get_appointment_contact`,
   whose consent token is a required argument: no method reads contact details
-  without one.
+  without one. To get a token, ask the patient with
+  :meth:`~PartnerClient.request_contact_access`, then follow the request with
+  :meth:`~PartnerClient.watch_consent_requests` (or poll
+  :meth:`~PartnerClient.get_consent_request`) until it is approved.
 
 Results are the generated protobuf messages of :mod:`appointments.partner.v1`.
 
@@ -28,18 +35,23 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from datetime import datetime
+from collections.abc import AsyncIterator, Iterable, Iterator
+from datetime import datetime, timedelta
 from types import TracebackType
 
 import grpc
-from appointments.partner.v1 import appointment_pb2, contact_pb2
+from appointments.partner.v1 import appointment_pb2, consent_request_pb2, contact_pb2
 from appointments.partner.v1 import partner_appointment_service_pb2 as pb
 from appointments.partner.v1 import partner_appointment_service_pb2_grpc as pb_grpc
 
 from apptgate_client import _requests, _transport
 from apptgate_client.retry import RetryPolicy
-from apptgate_client.watch import AppointmentWatch, AsyncAppointmentWatch
+from apptgate_client.watch import (
+    AppointmentWatch,
+    AsyncAppointmentWatch,
+    AsyncConsentRequestWatch,
+    ConsentRequestWatch,
+)
 
 
 class PartnerClient:
@@ -193,6 +205,87 @@ class PartnerClient:
             self._stub.WatchAppointments, self._metadata, practitioner_id, resume_token, self._retry
         )
 
+    def request_contact_access(
+        self,
+        appointment_id: str,
+        fields: Iterable[int],
+        purpose: str,
+        ttl: timedelta,
+        message: str = "",
+        *,
+        timeout: float | None = None,
+    ) -> consent_request_pb2.ConsentRequest:
+        """Ask the patient of an appointment to release ``fields`` to you for ``ttl``; return the request, PENDING.
+
+        ``fields`` are ``appointments.type.v1.ContactField`` numbers (at least
+        one, no duplicates); ``purpose`` (1 to 200 characters) and ``message``
+        (at most 280) are shown to the patient, who may approve fewer fields or
+        a shorter ``ttl``. Once approved, the request carries the consent token
+        for :meth:`get_appointment_contact`. Not retried (see the module docstring).
+
+        Raises :class:`~apptgate_client.errors.ConsentRequestPending` (an
+        ``AlreadyExists``) when a request for the same patient and fields is
+        pending, naming it in ``consent_request_id``;
+        :class:`~apptgate_client.errors.ResourceExhausted` (``quota_violations``,
+        ``retry_delay``) when your daily requests or the patient's are used up;
+        :class:`~apptgate_client.errors.InvalidArgument` for a malformed field;
+        :class:`~apptgate_client.errors.NotFound` when the appointment is not
+        visible to you. ``ValueError`` unless ``ttl`` is a ``timedelta``.
+        """
+        request = _requests.request_contact_access(
+            appointment_id=appointment_id, fields=fields, purpose=purpose, message=message, ttl=ttl
+        )
+        return self._call(
+            self._stub.RequestContactAccess,
+            request,
+            consent_request_pb2.ConsentRequest,
+            timeout=timeout,
+            idempotent=False,
+        )
+
+    def get_consent_request(
+        self, consent_request_id: str, *, timeout: float | None = None
+    ) -> consent_request_pb2.ConsentRequest:
+        """Return one of your consent requests; once approved it carries ``consent_token``.
+
+        Raises :class:`~apptgate_client.errors.NotFound` for a request of
+        another partner or none.
+        """
+        request = pb.GetConsentRequestRequest(consent_request_id=consent_request_id)
+        return self._call(self._stub.GetConsentRequest, request, consent_request_pb2.ConsentRequest, timeout=timeout)
+
+    def cancel_consent_request(
+        self, consent_request_id: str, *, timeout: float | None = None
+    ) -> consent_request_pb2.ConsentRequest:
+        """Cancel one of your pending consent requests; return it, CANCELLED. Not retried.
+
+        Raises :class:`~apptgate_client.errors.NotFound` as
+        :meth:`get_consent_request` does, and
+        :class:`~apptgate_client.errors.FailedPrecondition` when the request is
+        no longer pending.
+        """
+        request = pb.CancelConsentRequestRequest(consent_request_id=consent_request_id)
+        return self._call(
+            self._stub.CancelConsentRequest,
+            request,
+            consent_request_pb2.ConsentRequest,
+            timeout=timeout,
+            idempotent=False,
+        )
+
+    def watch_consent_requests(self, resume_token: str = "") -> ConsentRequestWatch:
+        """Return the changes of your consent requests, to use as a context manager.
+
+        ``with client.watch_consent_requests() as events:`` returns once the
+        stream is live; iterating yields ``ConsentRequestEvent`` messages (a
+        request made, approved, denied, cancelled, expired, or its consent
+        revoked) and resumes after a server restart with the last token, like
+        :meth:`watch_appointments`. Pass a stored ``resume_token`` to continue
+        after the event it came with. A revoked key ends it with
+        :class:`~apptgate_client.errors.Unauthenticated`.
+        """
+        return ConsentRequestWatch(self._stub.WatchConsentRequests, self._metadata, resume_token, self._retry)
+
 
 class AsyncPartnerClient:
     """The asyncio twin of :class:`PartnerClient`, over a ``grpc.aio`` channel.
@@ -309,3 +402,54 @@ class AsyncPartnerClient:
         return AsyncAppointmentWatch(
             self._stub.WatchAppointments, self._metadata, practitioner_id, resume_token, self._retry
         )
+
+    async def request_contact_access(
+        self,
+        appointment_id: str,
+        fields: Iterable[int],
+        purpose: str,
+        ttl: timedelta,
+        message: str = "",
+        *,
+        timeout: float | None = None,
+    ) -> consent_request_pb2.ConsentRequest:
+        """Ask a patient for contact access; see :meth:`PartnerClient.request_contact_access`. Not retried."""
+        request = _requests.request_contact_access(
+            appointment_id=appointment_id, fields=fields, purpose=purpose, message=message, ttl=ttl
+        )
+        return await self._call(
+            self._stub.RequestContactAccess,
+            request,
+            consent_request_pb2.ConsentRequest,
+            timeout=timeout,
+            idempotent=False,
+        )
+
+    async def get_consent_request(
+        self, consent_request_id: str, *, timeout: float | None = None
+    ) -> consent_request_pb2.ConsentRequest:
+        """Return one of your consent requests; see :meth:`PartnerClient.get_consent_request`."""
+        request = pb.GetConsentRequestRequest(consent_request_id=consent_request_id)
+        return await self._call(
+            self._stub.GetConsentRequest, request, consent_request_pb2.ConsentRequest, timeout=timeout
+        )
+
+    async def cancel_consent_request(
+        self, consent_request_id: str, *, timeout: float | None = None
+    ) -> consent_request_pb2.ConsentRequest:
+        """Cancel a pending consent request; see :meth:`PartnerClient.cancel_consent_request`. Not retried."""
+        request = pb.CancelConsentRequestRequest(consent_request_id=consent_request_id)
+        return await self._call(
+            self._stub.CancelConsentRequest,
+            request,
+            consent_request_pb2.ConsentRequest,
+            timeout=timeout,
+            idempotent=False,
+        )
+
+    def watch_consent_requests(self, resume_token: str = "") -> AsyncConsentRequestWatch:
+        """Return your consent requests' changes, for ``async with``/``async for``.
+
+        See :meth:`PartnerClient.watch_consent_requests`.
+        """
+        return AsyncConsentRequestWatch(self._stub.WatchConsentRequests, self._metadata, resume_token, self._retry)
