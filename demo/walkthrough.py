@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 PARTNER_SERVICE = "appointments.partner.v1.PartnerAppointmentService"
+CONSENT_SERVICE = "appointments.internal.v1.ConsentService"
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +26,12 @@ class DemoValues:
 
 def _time(value: datetime) -> str:
     return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _pick(variable: str, *path: str | int) -> str:
+    """A pipeline printing one value of the JSON held in ``$variable``: the keys and indexes of ``path``, in turn."""
+    subscripts = "".join(f'["{step}"]' if isinstance(step, str) else f"[{step}]" for step in path)
+    return f"echo \"${variable}\" | python3 -c 'import json,sys; print(json.load(sys.stdin){subscripts})'"
 
 
 def variables(values: DemoValues) -> dict[str, str]:
@@ -92,6 +99,52 @@ COMMANDS: tuple[tuple[str, str, bool], ...] = (
         "The patient revokes; the next use of the token answers CONSENT_REVOKED",
         'grpcurl -plaintext -H "authorization: Bearer $INTERNAL_TOKEN" -d "{\\"consent_id\\": \\"$CONSENT_ID\\"}" '
         "$INTERNAL appointments.internal.v1.ConsentService/RevokeConsent",
+        True,
+    ),
+    (
+        "The partner asks the patient itself, for phone and email (the patient app shows the purpose and the message);"
+        " keep the request id. At most 3 requests per patient in 30 days, then RESOURCE_EXHAUSTED",
+        'REQUEST=$(grpcurl -plaintext -H "authorization: Bearer $KEY" '
+        '-d "{\\"appointment_id\\": \\"$APPOINTMENT_ID\\", '
+        '\\"fields\\": [\\"CONTACT_FIELD_PHONE\\", \\"CONTACT_FIELD_EMAIL\\"], '
+        '\\"purpose\\": \\"appointment reminders by text message\\", '
+        '\\"message\\": \\"We would like to text you the day before your visit.\\", \\"ttl\\": \\"86400s\\"}" '
+        f"$PARTNER {PARTNER_SERVICE}/RequestContactAccess) && "
+        f"REQUEST_ID=$({_pick('REQUEST', 'consentRequestId')}) && "
+        'echo "$REQUEST"',
+        True,
+    ),
+    (
+        "The patient app lists the patient's pending requests (internal listener); keep the newest one's internal id",
+        'PENDING=$(grpcurl -plaintext -H "authorization: Bearer $INTERNAL_TOKEN" '
+        '-d "{\\"patient_id\\": \\"$PATIENT_ID\\", \\"states\\": [\\"CONSENT_REQUEST_STATE_PENDING\\"]}" '
+        f"$INTERNAL {CONSENT_SERVICE}/ListConsentRequests) && "
+        f"PENDING_ID=$({_pick('PENDING', 'consentRequests', 0, 'consentRequestId')}) && "
+        'echo "$PENDING"',
+        True,
+    ),
+    (
+        "The patient approves it narrower: the phone only, for one hour",
+        'grpcurl -plaintext -H "authorization: Bearer $INTERNAL_TOKEN" '
+        '-d "{\\"consent_request_id\\": \\"$PENDING_ID\\", \\"fields\\": [\\"CONTACT_FIELD_PHONE\\"], '
+        '\\"ttl\\": \\"3600s\\"}" '
+        f"$INTERNAL {CONSENT_SERVICE}/ApproveConsentRequest",
+        True,
+    ),
+    (
+        "The partner reads its request: APPROVED, with a consent token for exactly the granted fields; keep the token",
+        'APPROVED=$(grpcurl -plaintext -H "authorization: Bearer $KEY" '
+        '-d "{\\"consent_request_id\\": \\"$REQUEST_ID\\"}" '
+        f"$PARTNER {PARTNER_SERVICE}/GetConsentRequest) && "
+        f"REQUEST_TOKEN=$({_pick('APPROVED', 'consentToken')}) && "
+        'echo "$APPROVED"',
+        True,
+    ),
+    (
+        "Contact details with that token: the phone only",
+        'grpcurl -plaintext -H "authorization: Bearer $KEY" '
+        '-d "{\\"appointment_id\\": \\"$APPOINTMENT_ID\\", \\"consent_token\\": \\"$REQUEST_TOKEN\\"}" '
+        f"$PARTNER {PARTNER_SERVICE}/GetAppointmentContact",
         True,
     ),
     (

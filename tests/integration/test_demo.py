@@ -40,6 +40,13 @@ async def _read_walkthrough(stream: asyncio.StreamReader) -> str:
             return "".join(printed)
 
 
+def _commands(printed: str) -> list[str]:
+    """The command lines of the walk-through: after "then paste", every line but blanks and ``#`` comments."""
+    _, _, pasted = printed.partition("then paste any of these:")
+    pasted, _, _ = pasted.partition("The partner key is shown once")
+    return [line for line in pasted.splitlines() if line.strip() and not line.startswith("#")]
+
+
 async def test_the_demo_serves_and_its_printed_commands_work(empty_dsn: str, tmp_path: Path) -> None:
     bin_dir = str(Path(sys.executable).parent)
     env = harness.environment(
@@ -63,7 +70,7 @@ async def test_the_demo_serves_and_its_printed_commands_work(empty_dsn: str, tmp
         assert demo.stdout is not None
         printed = await _read_walkthrough(demo.stdout)
         exports = [line for line in printed.splitlines() if line.startswith("export ")]
-        commands = [line for line in printed.splitlines() if line.startswith(("grpcurl ", "CONSENT="))]
+        commands = _commands(printed)
         assert len(commands) == len(walkthrough.COMMANDS)
         script = ["set -u", *exports]
         for index, (command, (_, expected, succeeds)) in enumerate(zip(commands, walkthrough.COMMANDS, strict=True)):
@@ -91,9 +98,29 @@ async def test_the_demo_serves_and_its_printed_commands_work(empty_dsn: str, tmp
     contact = json.loads(sections["6"])
     assert set(contact["patient"]) == {"email"}
     assert contact["withheldFields"] == ["CONTACT_FIELD_NAME", "CONTACT_FIELD_SEX", "CONTACT_FIELD_PHONE"]
-    report = json.loads(sections["8"])
-    assert report["totals"]["contactPatients"] == "1"
-    assert "SERVING" in sections["9"]
+    asked = json.loads(sections["8"])
+    assert asked["consentRequestId"].startswith("crq_") and asked["state"] == "CONSENT_REQUEST_STATE_PENDING"
+    assert asked["fields"] == ["CONTACT_FIELD_PHONE", "CONTACT_FIELD_EMAIL"]
+    [pending] = json.loads(sections["9"])["consentRequests"]
+    assert pending["partnerDisplayName"] == demo_data.DEMO_PARTNER and pending["message"]
+    approved = json.loads(sections["10"])
+    assert approved["state"] == "CONSENT_REQUEST_STATE_APPROVED"
+    assert approved["grantedFields"] == ["CONTACT_FIELD_PHONE"] and approved["consentId"]
+    fetched = json.loads(sections["11"])
+    assert fetched["consentRequestId"] == asked["consentRequestId"]
+    assert fetched["state"] == "CONSENT_REQUEST_STATE_APPROVED" and fetched["consentToken"].startswith("v4.public.")
+    assert fetched["grantedFields"] == ["CONTACT_FIELD_PHONE"] and "message" not in fetched
+    requested_contact = json.loads(sections["12"])
+    assert set(requested_contact["patient"]) == {"phone"}
+    assert requested_contact["withheldFields"] == ["CONTACT_FIELD_NAME", "CONTACT_FIELD_SEX", "CONTACT_FIELD_EMAIL"]
+    report = json.loads(sections["13"])
+    assert report["totals"]["contactPatients"] == "1" and report["totals"]["consentRequestPatients"] == "1"
+    [reached] = [patient for patient in report["patients"] if "consentRequests" in patient]
+    assert reached["consentRequests"] == "1" and reached["contactFields"] == [
+        "CONTACT_FIELD_PHONE",
+        "CONTACT_FIELD_EMAIL",
+    ]
+    assert "SERVING" in sections["14"]
 
 
 async def test_the_demo_refuses_production_and_issues_nothing(database_dsn: str, tmp_path: Path) -> None:
