@@ -29,6 +29,7 @@ from appointments.type.v1.contact_pb2 import (
     CONTACT_FIELD_PHONE,
     CONTACT_FIELD_SEX,
 )
+from google.protobuf.duration_pb2 import Duration
 from harness import MONDAY, PartnerHandle, World
 
 from service.access.consent_tokens import ConsentKeyring
@@ -42,6 +43,7 @@ ALL = [CONTACT_FIELD_NAME, CONTACT_FIELD_SEX, CONTACT_FIELD_PHONE, CONTACT_FIELD
 SEALED = {
     "patients": ("sealed_given_name", "sealed_family_name", "sealed_sex", "sealed_phone", "sealed_email"),
     "appointments": ("sealed_reason",),
+    "consent_requests": ("sealed_purpose", "sealed_message"),
 }
 
 
@@ -316,7 +318,17 @@ async def test_reencrypt_moves_every_value_to_the_new_key_so_the_old_one_can_be_
         seeded = await _seed(world, count=3)
         first = seeded.patients[0]
         token = (await world.consent(first.patient_id, seeded.partner.partner_id, ALL)).token
-    assert await _key_ids_stored(database_dsn) == {1: 18}
+        asked = await seeded.partner.stub.RequestContactAccess(
+            harness.partner_pb.RequestContactAccessRequest(
+                appointment_id=seeded.appointment_ids[first.patient_id],
+                fields=ALL[:1],
+                purpose="QUARTZLEAK-PURPOSE reminders",
+                message="QUARTZLEAK-MESSAGE hello",
+                ttl=Duration(seconds=3600),
+            ),
+            metadata=seeded.partner.metadata,
+        )
+    assert await _key_ids_stored(database_dsn) == {1: 20}
 
     code, out, err = await _data_key(
         database_dsn, tmp_path, harness.data_key_text((2, k2), (1, k1)), "reencrypt", "--batch-size", "2"
@@ -325,12 +337,13 @@ async def test_reencrypt_moves_every_value_to_the_new_key_so_the_old_one_can_be_
     assert code == 0, err
     assert "patients: 15 values re-sealed under data key 2, 0 sealed from clear (3 rows)" in out
     assert "appointments: 3 values re-sealed under data key 2, 0 sealed from clear (3 rows)" in out
+    assert "consent_requests: 2 values re-sealed under data key 2, 0 sealed from clear (1 rows)" in out
     assert "patients: done" in err
-    assert await _key_ids_stored(database_dsn) == {2: 18}
+    assert await _key_ids_stored(database_dsn) == {2: 20}
 
     code, out, _ = await _data_key(database_dsn, tmp_path, harness.data_key_text((2, k2), (1, k1)), "status")
     assert code == 0
-    assert "data key 2: 18 values  (active)" in out and "data key 1: 0 values" in out
+    assert "data key 2: 20 values  (active)" in out and "data key 1: 0 values" in out
     assert "in clear: 0 values" in out and "nothing to re-encrypt" in out
 
     code, out, _ = await _data_key(database_dsn, tmp_path, harness.data_key_text((2, k2), (1, k1)), "reencrypt")
@@ -339,6 +352,11 @@ async def test_reencrypt_moves_every_value_to_the_new_key_so_the_old_one_can_be_
 
     async with _running(settings, database, Secrets(secret, keyring, DataKeyring([(2, k2)]))) as world:
         contact = await _on(world, seeded.partner).contact(seeded.appointment_ids[first.patient_id], token)
+        request = await _on(world, seeded.partner).stub.GetConsentRequest(
+            harness.partner_pb.GetConsentRequestRequest(consent_request_id=asked.consent_request_id),
+            metadata=seeded.partner.metadata,
+        )
+    assert request.purpose == "QUARTZLEAK-PURPOSE reminders"
     assert (contact.patient.given_name, contact.patient.sex, contact.patient.phone, contact.patient.email) == (
         first.given_name,
         first.sex,
