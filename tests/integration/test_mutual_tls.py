@@ -10,10 +10,8 @@ fingerprint is in the ledger record and the access log of every call.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import hashlib
 import io
-import ipaddress
 import json
 import logging
 import os
@@ -26,10 +24,8 @@ import grpc
 import grpc.aio
 import harness
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from harness import PartnerHandle, World
 
 from service.access.consent_tokens import ConsentKeyring
@@ -38,39 +34,6 @@ from service.crypto.sealing import DataKeyring
 from service.settings import Settings
 from service.store.database import Database
 from service.telemetry.logs import JsonFormatter
-
-
-def _certificate(
-    subject: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None
-) -> x509.Certificate:
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-        .issuer_name(issuer[0].subject if issuer else x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-    )
-    if issuer is None:
-        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-    else:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-    return builder.sign(issuer[1] if issuer else key, hashes.SHA256())
-
-
-def _pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
 
 
 @dataclass
@@ -97,19 +60,19 @@ async def scene(
     settings: Settings, database: Database, keyring: ConsentKeyring, data_keys: DataKeyring, tmp_path: Path
 ) -> AsyncIterator[Scene]:
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _certificate("apptgate test CA", ca_key, None)
+    ca = harness.certificate("apptgate test CA", ca_key, None)
     server_key = ec.generate_private_key(ec.SECP256R1())
-    files = {"ca": _pem(ca), "server": _pem(_certificate("localhost", server_key, (ca, ca_key)))}
-    files["server_key"] = _key_pem(server_key)
+    files = {"ca": harness.pem(ca), "server": harness.pem(harness.certificate("localhost", server_key, (ca, ca_key)))}
+    files["server_key"] = harness.key_pem(server_key)
     for name, content in files.items():
         (tmp_path / f"{name}.pem").write_bytes(content)
     clients = []
     for name in ("partner-a", "partner-b"):
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = _certificate(name, key, (ca, ca_key))
-        credentials = grpc.ssl_channel_credentials(files["ca"], _key_pem(key), _pem(cert))
+        cert = harness.certificate(name, key, (ca, ca_key))
+        credentials = grpc.ssl_channel_credentials(files["ca"], harness.key_pem(key), harness.pem(cert))
         fingerprint = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
-        clients.append(Client(credentials, fingerprint, _pem(cert)))
+        clients.append(Client(credentials, fingerprint, harness.pem(cert)))
     tls = replace(
         settings,
         tls_cert=tmp_path / "server.pem",

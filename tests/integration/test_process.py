@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime as dt
-import ipaddress
 import os
 import pwd
 import shutil
@@ -25,10 +23,7 @@ import grpc
 import grpc.aio
 import harness
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.access.consent_tokens import SigningKey
@@ -452,52 +447,19 @@ async def test_sighup_stops_a_single_process_server_cleanly(database_dsn: str, t
             await served.process.wait()
 
 
-def _certificate(
-    subject: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None
-) -> x509.Certificate:
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-        .issuer_name(issuer[0].subject if issuer else x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-    )
-    if issuer is None:
-        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-    else:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-    return builder.sign(issuer[1] if issuer else key, hashes.SHA256())
-
-
-def _pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
 @pytest.fixture
 def pki(tmp_path: Path) -> dict[str, bytes | Path]:
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _certificate("apptgate test CA", ca_key, None)
+    ca = harness.certificate("apptgate test CA", ca_key, None)
     server_key, client_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    server = _certificate("localhost", server_key, (ca, ca_key))
-    client = _certificate("partner-client", client_key, (ca, ca_key))
-    files = {"ca": _pem(ca), "server": _pem(server), "server_key": _key_pem(server_key)}
+    server = harness.certificate("localhost", server_key, (ca, ca_key))
+    client = harness.certificate("partner-client", client_key, (ca, ca_key))
+    files = {"ca": harness.pem(ca), "server": harness.pem(server), "server_key": harness.key_pem(server_key)}
     paths = {}
     for name, content in files.items():
         (tmp_path / f"{name}.pem").write_bytes(content)
         paths[f"{name}_file"] = tmp_path / f"{name}.pem"
-    return {"ca": _pem(ca), "client": _pem(client), "client_key": _key_pem(client_key), **paths}
+    return {"ca": harness.pem(ca), "client": harness.pem(client), "client_key": harness.key_pem(client_key), **paths}
 
 
 async def _health(port: int, credentials: grpc.ChannelCredentials) -> int:
