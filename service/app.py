@@ -47,6 +47,7 @@ from service.errors import ApptgateError, ConfigError
 from service.feed.consent_requests import ConsentRequestWatches
 from service.feed.delivery import Deliveries
 from service.feed.hub import FeedHub
+from service.feed.privacy import PrivacyWatches, run_expiry_announcements
 from service.feed.watch import Watches
 from service.settings import Settings, is_loopback
 from service.store import chain, sealed_columns
@@ -195,6 +196,7 @@ class Gateway:
         self._health_task: asyncio.Task[None] | None = None
         self._sequencer_task: asyncio.Task[None] | None = None
         self._expiry_task: asyncio.Task[None] | None = None
+        self._announcement_task: asyncio.Task[None] | None = None
         self.partner: Listener | None = None
         self.internal: Listener | None = None
 
@@ -243,7 +245,12 @@ class Gateway:
             server,
         )
         audit_service_pb2_grpc.add_AuditServiceServicer_to_server(
-            audit.AuditApi(self.database, self._parts.page_tokens), server
+            audit.AuditApi(
+                self.database,
+                self._parts.page_tokens,
+                PrivacyWatches(self.database, self.feed, self._parts.page_tokens),
+            ),
+            server,
         )
         return [scheduling.SERVICE_NAME, registry.SERVICE_NAME, consents.SERVICE_NAME, audit.SERVICE_NAME]
 
@@ -289,6 +296,9 @@ class Gateway:
             self._consent_requests.run_expiry(self.feed.consent_request_activity),
             name="apptgate-consent-request-expiry",
         )
+        self._announcement_task = asyncio.create_task(
+            run_expiry_announcements(self.database, self.feed.privacy_activity), name="apptgate-consent-expiry"
+        )
 
     async def _chain_ledger(self) -> None:
         """Hash-chain committed disclosure records, off the request path (one process at a time does it).
@@ -321,7 +331,7 @@ class Gateway:
     async def stop(self, grace: float) -> None:
         """Drain both listeners: refuse new calls, let in-flight ones finish for ``grace`` seconds."""
         listeners = [listener for listener in (self.partner, self.internal) if listener is not None]
-        for task in (self._health_task, self._sequencer_task, self._expiry_task):
+        for task in (self._health_task, self._sequencer_task, self._expiry_task, self._announcement_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -469,3 +469,52 @@ class PatientConsentRequest:
     decide_time: datetime | None
     granted_fields: tuple[int, ...]
     consent_id: UUID | None
+
+
+class PrivacyEventType(enum.IntEnum):
+    """What a privacy event reports: ``appointments.internal.v1.PrivacyEventType`` (``privacy_events.type``)."""
+
+    CONSENT_REQUESTED = 1
+    CONSENT_GRANTED = 2
+    CONSENT_REVOKED = 3
+    CONSENT_EXPIRED = 4
+    CONTACT_FIRST_DISCLOSED = 5
+    PARTNER_SUSPENDED = 6
+
+
+@dataclass(frozen=True, slots=True)
+class PatientDisclosure:
+    """One partner's responses about one appointment of a patient, for one view, field set and outcome."""
+
+    partner_id: UUID
+    partner_display_name: str
+    appointment_id: UUID | None
+    appointment_start_time: datetime | None
+    practitioner_display_name: str
+    practitioner_specialty: str
+    view: View
+    fields: tuple[int, ...]
+    outcome: Outcome
+    denial_reason: str
+    consent_id: UUID | None
+    purpose: str
+    first_time: datetime
+    last_time: datetime
+    count: int
+    #: What orders entries with the same last time (the page cursor's second half).
+    group_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class PrivacyEvent:
+    """One event of the privacy stream."""
+
+    position: int
+    type: PrivacyEventType
+    patient_id: UUID
+    partner_id: UUID
+    partner_display_name: str
+    consent_id: UUID | None
+    consent_request_id: UUID | None
+    fields: tuple[int, ...]
+    event_time: datetime

@@ -133,3 +133,21 @@ async def internal_channel(gateway: Gateway) -> AsyncIterator[grpc.aio.Channel]:
 def world(partner_channel: grpc.aio.Channel, internal_channel: grpc.aio.Channel) -> harness.World:
     """A builder of practitioners, patients, appointments and partners over the internal API."""
     return harness.World(partner_channel, internal_channel)
+
+
+@pytest.fixture
+async def watchful(
+    settings: Settings, database_dsn: str, keyring: ConsentKeyring, data_keys: DataKeyring
+) -> AsyncIterator[harness.World]:
+    """A gateway that suspends a partner at its first anomalous day (threshold: 5 patients reached)."""
+    database = await Database.connect(database_dsn, min_size=1, max_size=4)
+    gateway = Gateway(
+        replace(settings, anomaly_min_volume=5, anomaly_suspend=True),
+        database,
+        Secrets(os.urandom(32), keyring, data_keys),
+    )
+    try:
+        async with harness.serving(gateway) as world:
+            yield world
+    finally:
+        await database.close()

@@ -42,6 +42,8 @@ FETCH_BATCH = 1000
 _READ_TIMEOUT = 10.0
 #: Seconds between two deletions of changes older than the retention.
 _PRUNE_EVERY = 600
+#: Where the internal listener's streams are kept among the partners' (no partner has this id).
+_INTERNAL = UUID(int=0)
 
 
 @dataclass(eq=False)
@@ -55,6 +57,8 @@ class Subscription:
     start_position: int
     #: A WatchConsentRequests stream: woken by its partner's consent request events, not by changes.
     consent_requests: bool = False
+    #: A WatchPrivacyEvents stream (internal, of no partner): woken by every privacy event.
+    privacy: bool = False
     ended: ApptgateError | None = None
     _wake: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
@@ -100,6 +104,8 @@ class FeedHub:
         self._tasks: list[asyncio.Task[None]] = []
         #: Set on every consent request notification and after a reconnection (the expiry sweep waits on it).
         self.consent_request_activity = asyncio.Event()
+        #: Set on every privacy event notification and after a reconnection (the consent expiry sweep waits on it).
+        self.privacy_activity = asyncio.Event()
 
     @property
     def position(self) -> int:
@@ -152,6 +158,20 @@ class FeedHub:
             )
         sub = Subscription(partner_id, key_id, None, set(), self._position, consent_requests=True)
         self._subscriptions[partner_id].add(sub)
+        return sub
+
+    def subscribe_privacy(self) -> Subscription:
+        """Register a WatchPrivacyEvents stream: woken by every privacy event, of any patient.
+
+        The internal listener's streams count against one limit of their own
+        (``APPTGATE_FEED_MAX_STREAMS``), kept under a key no partner has.
+        """
+        if len(self._subscriptions[_INTERNAL]) >= self._max_streams:
+            raise ResourceExhausted(
+                f"at most {self._max_streams} privacy event streams", reason="TOO_MANY_STREAMS", retry_delay=5
+            )
+        sub = Subscription(_INTERNAL, "", None, set(), self._position, privacy=True)
+        self._subscriptions[_INTERNAL].add(sub)
         return sub
 
     def pending(self, sub: Subscription, cursor: int) -> tuple[list[models.FeedChange], int]:
@@ -211,12 +231,16 @@ class FeedHub:
                     await self._access_changed(payload)
                 elif channel == changes.CONSENT_REQUESTS_CHANNEL:
                     self._wake_consent_requests(UUID(payload))
+                elif channel == changes.PRIVACY_CHANNEL:
+                    self._wake_privacy()
                 else:  # reconnected: notifications may have been lost
                     self.consent_request_activity.set()
-                    for partner_id in list(self._subscriptions):
+                    self._wake_privacy()
+                    partners_watching = [p for p in self._subscriptions if p != _INTERNAL]
+                    for partner_id in partners_watching:
                         self._wake_consent_requests(partner_id)
                     await self._advance(None)
-                    for partner_id in list(self._subscriptions):
+                    for partner_id in partners_watching:
                         await self._access_changed(f"partner:{partner_id}")
                         for key_id in {s.key_id for s in self._subscriptions.get(partner_id, ())}:
                             await self._access_changed(f"key:{key_id}")
@@ -243,6 +267,11 @@ class FeedHub:
                         if not sub.watched.isdisjoint(touched):
                             sub.wake()
 
+    def _wake_privacy(self) -> None:
+        self.privacy_activity.set()
+        for sub in self._subscriptions.get(_INTERNAL, ()):
+            sub.wake()
+
     def _wake_consent_requests(self, partner_id: UUID) -> None:
         self.consent_request_activity.set()
         for sub in self._subscriptions.get(partner_id, ()):
@@ -254,7 +283,7 @@ class FeedHub:
         if kind == "partner":
             partner_id = UUID(ident)
             # Grants decide what a change stream shows; a consent request stream follows none.
-            subs = [s for s in self._subscriptions.get(partner_id, ()) if not s.consent_requests]
+            subs = [s for s in self._subscriptions.get(partner_id, ()) if not s.consent_requests and not s.privacy]
             if not subs:
                 return
             async with self._db.transaction(readonly=True) as conn:
@@ -267,7 +296,7 @@ class FeedHub:
                     sub.watched = set(granted)
                     sub.wake()
         elif kind == "key":
-            subs = [s for group in self._subscriptions.values() for s in group if s.key_id == ident]
+            subs = [s for group in self._subscriptions.values() for s in group if s.key_id == ident and not s.privacy]
             if not subs:
                 return
             async with self._db.transaction(readonly=True) as conn:

@@ -21,6 +21,8 @@ CHANGES_CHANNEL = "apptgate_appointment_changes"
 ACCESS_CHANNEL = "apptgate_access_changes"
 #: Carries the partner id of a consent request event (migration 0008).
 CONSENT_REQUESTS_CHANNEL = "apptgate_consent_requests"
+#: Carries the position of the last privacy event a transaction wrote (migration 0009).
+PRIVACY_CHANNEL = "apptgate_privacy_events"
 
 _CHANGE_COLUMNS = (
     "c.position, c.change_type, c.appointment_id, c.patient_id, c.start_time, c.end_time, c.status::text, "
@@ -76,7 +78,9 @@ Notification = tuple[str, str]  # (channel, payload)
 
 
 class ChangeNotifications:
-    """One dedicated connection LISTENing for change, access and consent request notifications, reconnecting on failure.
+    """One dedicated connection LISTENing for the feed's, access, consent request and privacy notifications.
+
+    It reconnects on failure.
 
     ``deliver`` receives every notification in commit order; after a reconnection
     it receives ``("reconnected", "")`` first, since notifications sent while
@@ -127,6 +131,7 @@ class ChangeNotifications:
                 await conn.add_listener(CHANGES_CHANNEL, forward)
                 await conn.add_listener(ACCESS_CHANNEL, forward)
                 await conn.add_listener(CONSENT_REQUESTS_CHANNEL, forward)
+                await conn.add_listener(PRIVACY_CHANNEL, forward)
                 if not first:
                     self._deliver(("reconnected", ""))
                 first, delay = False, 0.1

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
-from collections.abc import AsyncIterator
-from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -20,12 +17,6 @@ import pytest
 from appointments.type.v1.contact_pb2 import CONTACT_FIELD_EMAIL
 from google.rpc import error_details_pb2
 from harness import MONDAY, World
-
-from service.access.consent_tokens import ConsentKeyring
-from service.app import Gateway, Secrets
-from service.crypto.sealing import DataKeyring
-from service.settings import Settings
-from service.store.database import Database
 
 
 async def _code(call: Any) -> grpc.StatusCode:
@@ -172,24 +163,6 @@ async def test_concurrent_contacts_recorded_together_stop_exactly_at_the_contact
         assert (await _usage(world, partner.partner_id)).contact_disclosures == expected
         recorded = [r for r in await world.disclosures(partner_id=partner.partner_id) if r.view == 2]
         assert len(recorded) == expected
-
-
-@pytest.fixture
-async def watchful(
-    settings: Settings, database_dsn: str, keyring: ConsentKeyring, data_keys: DataKeyring
-) -> AsyncIterator[World]:
-    """A gateway that suspends a partner at its first anomalous day (threshold: 5 patients reached)."""
-    database = await Database.connect(database_dsn, min_size=1, max_size=4)
-    gateway = Gateway(
-        replace(settings, anomaly_min_volume=5, anomaly_suspend=True),
-        database,
-        Secrets(os.urandom(32), keyring, data_keys),
-    )
-    try:
-        async with harness.serving(gateway) as world:
-            yield world
-    finally:
-        await database.close()
 
 
 async def test_an_anomalous_volume_is_flagged_suspends_the_partner_until_an_operator_lifts_it(

@@ -190,7 +190,9 @@ async def test_no_personal_value_token_or_secret_reaches_spans_metrics_or_logs(
     )
     appointment = await world.appointment(practitioner, patient.patient_id, reason="LEAKREASON chest pain")
     partner = await world.partner("Telemetry partner", practitioner)
-    consent = await world.consent(patient.patient_id, partner.partner_id, [CONTACT_FIELD_NAME, CONTACT_FIELD_EMAIL])
+    consent = await world.consent(
+        patient.patient_id, partner.partner_id, [CONTACT_FIELD_NAME, CONTACT_FIELD_EMAIL], purpose="LEAKPURPOSE consent"
+    )
     [listed] = await partner.list_all()
     codes = [
         await _swallow(partner.get(listed.appointment_id)),
@@ -250,6 +252,10 @@ async def test_no_personal_value_token_or_secret_reaches_spans_metrics_or_logs(
             )
         ),
     ]
+    history = await world.audit.ListPatientDisclosures(
+        harness.audit_pb.ListPatientDisclosuresRequest(patient_id=patient.patient_id), metadata=meta
+    )
+    assert any(entry.purpose for entry in history.disclosures)  # the consent's purpose went out, not into telemetry
     request_codes, approved_id = await _consent_request_calls(world, partner, listed.appointment_id, patient.patient_id)
     codes += request_codes
     approved = await partner.stub.GetConsentRequest(

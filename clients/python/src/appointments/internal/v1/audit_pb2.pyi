@@ -87,6 +87,50 @@ was sent yet.
 """
 Global___DisclosureOutcome: _TypeAlias = DisclosureOutcome  # noqa: Y015
 
+class _PrivacyEventType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PrivacyEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PrivacyEventType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PRIVACY_EVENT_TYPE_UNSPECIFIED: _PrivacyEventType.ValueType  # 0
+    """Unknown. Never sent."""
+    PRIVACY_EVENT_TYPE_CONSENT_REQUESTED: _PrivacyEventType.ValueType  # 1
+    """A partner asked the patient for consent (RequestContactAccess)."""
+    PRIVACY_EVENT_TYPE_CONSENT_GRANTED: _PrivacyEventType.ValueType  # 2
+    """A consent was granted to a partner, directly or on its request."""
+    PRIVACY_EVENT_TYPE_CONSENT_REVOKED: _PrivacyEventType.ValueType  # 3
+    """A consent was revoked."""
+    PRIVACY_EVENT_TYPE_CONSENT_EXPIRED: _PrivacyEventType.ValueType  # 4
+    """A consent reached its expiry time without being revoked."""
+    PRIVACY_EVENT_TYPE_CONTACT_FIRST_DISCLOSED: _PrivacyEventType.ValueType  # 5
+    """A partner received contact details of the patient for the first time."""
+    PRIVACY_EVENT_TYPE_PARTNER_SUSPENDED: _PrivacyEventType.ValueType  # 6
+    """A partner that received the patient's data that day was suspended after
+    a volume anomaly.
+    """
+
+class PrivacyEventType(_PrivacyEventType, metaclass=_PrivacyEventTypeEnumTypeWrapper):
+    """What a privacy event reports."""
+
+PRIVACY_EVENT_TYPE_UNSPECIFIED: PrivacyEventType.ValueType  # 0
+"""Unknown. Never sent."""
+PRIVACY_EVENT_TYPE_CONSENT_REQUESTED: PrivacyEventType.ValueType  # 1
+"""A partner asked the patient for consent (RequestContactAccess)."""
+PRIVACY_EVENT_TYPE_CONSENT_GRANTED: PrivacyEventType.ValueType  # 2
+"""A consent was granted to a partner, directly or on its request."""
+PRIVACY_EVENT_TYPE_CONSENT_REVOKED: PrivacyEventType.ValueType  # 3
+"""A consent was revoked."""
+PRIVACY_EVENT_TYPE_CONSENT_EXPIRED: PrivacyEventType.ValueType  # 4
+"""A consent reached its expiry time without being revoked."""
+PRIVACY_EVENT_TYPE_CONTACT_FIRST_DISCLOSED: PrivacyEventType.ValueType  # 5
+"""A partner received contact details of the patient for the first time."""
+PRIVACY_EVENT_TYPE_PARTNER_SUSPENDED: PrivacyEventType.ValueType  # 6
+"""A partner that received the patient's data that day was suspended after
+a volume anomaly.
+"""
+Global___PrivacyEventType: _TypeAlias = PrivacyEventType  # noqa: Y015
+
 @_typing.final
 class Disclosure(_message.Message):
     """One appointment of the disclosure audit trail: disclosed (or refused) to
@@ -305,3 +349,211 @@ class ContactFieldTotal(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ContactFieldTotal: _TypeAlias = ContactFieldTotal  # noqa: Y015
+
+@_typing.final
+class PartnerSummary(_message.Message):
+    """A partner, as a patient recognises it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTNER_ID_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    partner_id: _builtins.str
+    """The internal identifier of the partner."""
+    display_name: _builtins.str
+    """The partner's name, as the platform registered it."""
+    def __init__(
+        self,
+        *,
+        partner_id: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "partner_id", b"partner_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PartnerSummary: _TypeAlias = PartnerSummary  # noqa: Y015
+
+@_typing.final
+class AppointmentSummary(_message.Message):
+    """An appointment, as a patient recognises it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPOINTMENT_ID_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    PRACTITIONER_DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    PRACTITIONER_SPECIALTY_FIELD_NUMBER: _builtins.int
+    appointment_id: _builtins.str
+    """The internal identifier of the appointment."""
+    practitioner_display_name: _builtins.str
+    """The display name of the appointment's practitioner."""
+    practitioner_specialty: _builtins.str
+    """The specialty of the appointment's practitioner."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When the appointment starts."""
+
+    def __init__(
+        self,
+        *,
+        appointment_id: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        practitioner_display_name: _builtins.str = ...,
+        practitioner_specialty: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointment_id", b"appointment_id", "practitioner_display_name", b"practitioner_display_name", "practitioner_specialty", b"practitioner_specialty", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppointmentSummary: _TypeAlias = AppointmentSummary  # noqa: Y015
+
+@_typing.final
+class PatientDisclosure(_message.Message):
+    """One partner's access to one appointment of a patient, for one view, field
+    set and outcome: every response of that kind aggregated.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTNER_FIELD_NUMBER: _builtins.int
+    APPOINTMENT_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
+    FIELDS_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    DENIAL_REASON_FIELD_NUMBER: _builtins.int
+    CONSENT_ID_FIELD_NUMBER: _builtins.int
+    PURPOSE_FIELD_NUMBER: _builtins.int
+    FIRST_TIME_FIELD_NUMBER: _builtins.int
+    LAST_TIME_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    view: Global___DisclosureView.ValueType
+    """The view the partner asked for."""
+    outcome: Global___DisclosureOutcome.ValueType
+    """What became of the responses: disclosed, refused, a consent request, or
+    a consent granted on request.
+    """
+    denial_reason: _builtins.str
+    """For a refusal, the ErrorInfo reason, for example "CONSENT_REQUIRED"."""
+    consent_id: _builtins.str
+    """The consent that released the fields, or that a request created; empty
+    otherwise.
+    """
+    purpose: _builtins.str
+    """The purpose of that consent; empty without one."""
+    count: _builtins.int
+    """How many responses of this kind there were."""
+    @_builtins.property
+    def partner(self) -> Global___PartnerSummary:
+        """The partner that called."""
+
+    @_builtins.property
+    def appointment(self) -> Global___AppointmentSummary:
+        """The appointment the responses were about."""
+
+    @_builtins.property
+    def fields(self) -> _containers.RepeatedScalarFieldContainer[_contact_pb2.ContactField.ValueType]:
+        """The contact fields, in enum order: those disclosed, refused, asked for
+        or granted, as `outcome` says. Empty in the basic view.
+        """
+
+    @_builtins.property
+    def first_time(self) -> _timestamp_pb2.Timestamp:
+        """The first response of this kind."""
+
+    @_builtins.property
+    def last_time(self) -> _timestamp_pb2.Timestamp:
+        """The last response of this kind."""
+
+    def __init__(
+        self,
+        *,
+        partner: Global___PartnerSummary | None = ...,
+        appointment: Global___AppointmentSummary | None = ...,
+        view: Global___DisclosureView.ValueType = ...,
+        fields: _abc.Iterable[_contact_pb2.ContactField.ValueType] | None = ...,
+        outcome: Global___DisclosureOutcome.ValueType = ...,
+        denial_reason: _builtins.str = ...,
+        consent_id: _builtins.str = ...,
+        purpose: _builtins.str = ...,
+        first_time: _timestamp_pb2.Timestamp | None = ...,
+        last_time: _timestamp_pb2.Timestamp | None = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["appointment", b"appointment", "first_time", b"first_time", "last_time", b"last_time", "partner", b"partner"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointment", b"appointment", "consent_id", b"consent_id", "count", b"count", "denial_reason", b"denial_reason", "fields", b"fields", "first_time", b"first_time", "last_time", b"last_time", "outcome", b"outcome", "partner", b"partner", "purpose", b"purpose", "view", b"view"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PatientDisclosure: _TypeAlias = PatientDisclosure  # noqa: Y015
+
+@_typing.final
+class PrivacyEvent(_message.Message):
+    """Something a patient is to be told of at once."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    PATIENT_ID_FIELD_NUMBER: _builtins.int
+    PARTNER_FIELD_NUMBER: _builtins.int
+    CONSENT_ID_FIELD_NUMBER: _builtins.int
+    CONSENT_REQUEST_ID_FIELD_NUMBER: _builtins.int
+    FIELDS_FIELD_NUMBER: _builtins.int
+    EVENT_TIME_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.int
+    """The identifier of the event: its position in the stream, increasing."""
+    type: Global___PrivacyEventType.ValueType
+    """What happened."""
+    patient_id: _builtins.str
+    """The patient concerned (internal identifier)."""
+    consent_id: _builtins.str
+    """The consent concerned, for the consent events and a first contact
+    disclosure.
+    """
+    consent_request_id: _builtins.str
+    """The consent request concerned, for CONSENT_REQUESTED (internal
+    identifier).
+    """
+    resume_token: _builtins.str
+    """A token to resume the stream right after this event."""
+    @_builtins.property
+    def partner(self) -> Global___PartnerSummary:
+        """The partner concerned."""
+
+    @_builtins.property
+    def fields(self) -> _containers.RepeatedScalarFieldContainer[_contact_pb2.ContactField.ValueType]:
+        """The contact fields concerned, in enum order: asked for, granted,
+        revoked, expired or disclosed. Empty for PARTNER_SUSPENDED.
+        """
+
+    @_builtins.property
+    def event_time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.int = ...,
+        type: Global___PrivacyEventType.ValueType = ...,
+        patient_id: _builtins.str = ...,
+        partner: Global___PartnerSummary | None = ...,
+        consent_id: _builtins.str = ...,
+        consent_request_id: _builtins.str = ...,
+        fields: _abc.Iterable[_contact_pb2.ContactField.ValueType] | None = ...,
+        event_time: _timestamp_pb2.Timestamp | None = ...,
+        resume_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "partner", b"partner"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consent_id", b"consent_id", "consent_request_id", b"consent_request_id", "event_id", b"event_id", "event_time", b"event_time", "fields", b"fields", "partner", b"partner", "patient_id", b"patient_id", "resume_token", b"resume_token", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrivacyEvent: _TypeAlias = PrivacyEvent  # noqa: Y015

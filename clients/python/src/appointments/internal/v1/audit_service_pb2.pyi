@@ -169,3 +169,101 @@ class BreachReportResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BreachReportResponse: _TypeAlias = BreachReportResponse  # noqa: Y015
+
+@_typing.final
+class ListPatientDisclosuresRequest(_message.Message):
+    """The request of ListPatientDisclosures."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATIENT_ID_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    patient_id: _builtins.str
+    """The patient whose history is listed. Required."""
+    page_size: _builtins.int
+    """The maximum number of entries to return. 0 means 50; the maximum is 500."""
+    page_token: _builtins.str
+    """The `next_page_token` of a previous response with the same patient and
+    window, or empty for the first page.
+    """
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Only responses at or after this time. Optional."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Only responses before this time. Optional; after `start_time` when both
+        are set.
+        """
+
+    def __init__(
+        self,
+        *,
+        patient_id: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "page_size", b"page_size", "page_token", b"page_token", "patient_id", b"patient_id", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPatientDisclosuresRequest: _TypeAlias = ListPatientDisclosuresRequest  # noqa: Y015
+
+@_typing.final
+class ListPatientDisclosuresResponse(_message.Message):
+    """The response of ListPatientDisclosures."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DISCLOSURES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """A token for the next page, or empty when this is the last page."""
+    @_builtins.property
+    def disclosures(self) -> _containers.RepeatedCompositeFieldContainer[_audit_pb2.PatientDisclosure]:
+        """The entries of this page, the most recent access first."""
+
+    def __init__(
+        self,
+        *,
+        disclosures: _abc.Iterable[_audit_pb2.PatientDisclosure] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disclosures", b"disclosures", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPatientDisclosuresResponse: _TypeAlias = ListPatientDisclosuresResponse  # noqa: Y015
+
+@_typing.final
+class WatchPrivacyEventsRequest(_message.Message):
+    """The request of WatchPrivacyEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    resume_token: _builtins.str
+    """The `resume_token` of the last event received, to continue after it, or
+    empty to start from now.
+    """
+    def __init__(
+        self,
+        *,
+        resume_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["resume_token", b"resume_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchPrivacyEventsRequest: _TypeAlias = WatchPrivacyEventsRequest  # noqa: Y015

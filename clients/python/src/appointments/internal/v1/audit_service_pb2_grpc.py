@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from appointments.internal.v1 import audit_pb2 as appointments_dot_internal_dot_v1_dot_audit__pb2
 from appointments.internal.v1 import audit_service_pb2 as appointments_dot_internal_dot_v1_dot_audit__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -47,6 +48,16 @@ class AuditServiceStub:
                 request_serializer=appointments_dot_internal_dot_v1_dot_audit__service__pb2.BreachReportRequest.SerializeToString,
                 response_deserializer=appointments_dot_internal_dot_v1_dot_audit__service__pb2.BreachReportResponse.FromString,
                 _registered_method=True)
+        self.ListPatientDisclosures = channel.unary_unary(
+                '/appointments.internal.v1.AuditService/ListPatientDisclosures',
+                request_serializer=appointments_dot_internal_dot_v1_dot_audit__service__pb2.ListPatientDisclosuresRequest.SerializeToString,
+                response_deserializer=appointments_dot_internal_dot_v1_dot_audit__service__pb2.ListPatientDisclosuresResponse.FromString,
+                _registered_method=True)
+        self.WatchPrivacyEvents = channel.unary_stream(
+                '/appointments.internal.v1.AuditService/WatchPrivacyEvents',
+                request_serializer=appointments_dot_internal_dot_v1_dot_audit__service__pb2.WatchPrivacyEventsRequest.SerializeToString,
+                response_deserializer=appointments_dot_internal_dot_v1_dot_audit__pb2.PrivacyEvent.FromString,
+                _registered_method=True)
 
 
 class AuditServiceServicer:
@@ -74,6 +85,31 @@ class AuditServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPatientDisclosures(self, request, context):
+        """Lists who saw what of one patient's data, newest first: one entry per
+        partner, appointment, view, field set and outcome, with the first and
+        last time and how many responses. What a patient is owed on a subject
+        access request (GDPR Art. 15). Returns INVALID_ARGUMENT for a malformed
+        patient, window, page size or page token, and NOT_FOUND for an unknown
+        patient.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchPrivacyEvents(self, request, context):
+        """Streams the events a platform notifies patients of, as they commit:
+        consents requested, granted, revoked and expired, a partner's first
+        receipt of a patient's contact details, and the suspension of a partner
+        that received a patient's data. Without a resume token the stream starts
+        from now; with one it first replays every event after that point,
+        exactly once and in commit order, then goes live. Returns
+        INVALID_ARGUMENT for a malformed or foreign resume token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuditServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -86,6 +122,16 @@ def add_AuditServiceServicer_to_server(servicer, server):
                     servicer.BreachReport,
                     request_deserializer=appointments_dot_internal_dot_v1_dot_audit__service__pb2.BreachReportRequest.FromString,
                     response_serializer=appointments_dot_internal_dot_v1_dot_audit__service__pb2.BreachReportResponse.SerializeToString,
+            ),
+            'ListPatientDisclosures': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPatientDisclosures,
+                    request_deserializer=appointments_dot_internal_dot_v1_dot_audit__service__pb2.ListPatientDisclosuresRequest.FromString,
+                    response_serializer=appointments_dot_internal_dot_v1_dot_audit__service__pb2.ListPatientDisclosuresResponse.SerializeToString,
+            ),
+            'WatchPrivacyEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchPrivacyEvents,
+                    request_deserializer=appointments_dot_internal_dot_v1_dot_audit__service__pb2.WatchPrivacyEventsRequest.FromString,
+                    response_serializer=appointments_dot_internal_dot_v1_dot_audit__pb2.PrivacyEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -145,6 +191,60 @@ class AuditService:
             '/appointments.internal.v1.AuditService/BreachReport',
             appointments_dot_internal_dot_v1_dot_audit__service__pb2.BreachReportRequest.SerializeToString,
             appointments_dot_internal_dot_v1_dot_audit__service__pb2.BreachReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPatientDisclosures(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/appointments.internal.v1.AuditService/ListPatientDisclosures',
+            appointments_dot_internal_dot_v1_dot_audit__service__pb2.ListPatientDisclosuresRequest.SerializeToString,
+            appointments_dot_internal_dot_v1_dot_audit__service__pb2.ListPatientDisclosuresResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchPrivacyEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/appointments.internal.v1.AuditService/WatchPrivacyEvents',
+            appointments_dot_internal_dot_v1_dot_audit__service__pb2.WatchPrivacyEventsRequest.SerializeToString,
+            appointments_dot_internal_dot_v1_dot_audit__pb2.PrivacyEvent.FromString,
             options,
             channel_credentials,
             insecure,

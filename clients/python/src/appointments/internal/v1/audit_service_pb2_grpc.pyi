@@ -3,6 +3,7 @@
 isort:skip_file
 """
 
+from appointments.internal.v1 import audit_pb2 as _audit_pb2
 from appointments.internal.v1 import audit_service_pb2 as _audit_service_pb2
 from collections import abc as _abc
 from grpc import aio as _aio
@@ -47,6 +48,23 @@ class AuditServiceStub:
     affected patient after an incident. Returns INVALID_ARGUMENT for a
     missing partner or window.
     """
+    ListPatientDisclosures: _grpc.UnaryUnaryMultiCallable[_audit_service_pb2.ListPatientDisclosuresRequest, _audit_service_pb2.ListPatientDisclosuresResponse]
+    """Lists who saw what of one patient's data, newest first: one entry per
+    partner, appointment, view, field set and outcome, with the first and
+    last time and how many responses. What a patient is owed on a subject
+    access request (GDPR Art. 15). Returns INVALID_ARGUMENT for a malformed
+    patient, window, page size or page token, and NOT_FOUND for an unknown
+    patient.
+    """
+    WatchPrivacyEvents: _grpc.UnaryStreamMultiCallable[_audit_service_pb2.WatchPrivacyEventsRequest, _audit_pb2.PrivacyEvent]
+    """Streams the events a platform notifies patients of, as they commit:
+    consents requested, granted, revoked and expired, a partner's first
+    receipt of a patient's contact details, and the suspension of a partner
+    that received a patient's data. Without a resume token the stream starts
+    from now; with one it first replays every event after that point,
+    exactly once and in commit order, then goes live. Returns
+    INVALID_ARGUMENT for a malformed or foreign resume token.
+    """
 
 @_typing.type_check_only
 class AuditServiceAsyncStub(AuditServiceStub):
@@ -66,6 +84,23 @@ class AuditServiceAsyncStub(AuditServiceStub):
     was disclosed: the list owed to the data-protection authority and to each
     affected patient after an incident. Returns INVALID_ARGUMENT for a
     missing partner or window.
+    """
+    ListPatientDisclosures: _aio.UnaryUnaryMultiCallable[_audit_service_pb2.ListPatientDisclosuresRequest, _audit_service_pb2.ListPatientDisclosuresResponse]  # type: ignore[assignment]
+    """Lists who saw what of one patient's data, newest first: one entry per
+    partner, appointment, view, field set and outcome, with the first and
+    last time and how many responses. What a patient is owed on a subject
+    access request (GDPR Art. 15). Returns INVALID_ARGUMENT for a malformed
+    patient, window, page size or page token, and NOT_FOUND for an unknown
+    patient.
+    """
+    WatchPrivacyEvents: _aio.UnaryStreamMultiCallable[_audit_service_pb2.WatchPrivacyEventsRequest, _audit_pb2.PrivacyEvent]  # type: ignore[assignment]
+    """Streams the events a platform notifies patients of, as they commit:
+    consents requested, granted, revoked and expired, a partner's first
+    receipt of a patient's contact details, and the suspension of a partner
+    that received a patient's data. Without a resume token the stream starts
+    from now; with one it first replays every event after that point,
+    exactly once and in commit order, then goes live. Returns
+    INVALID_ARGUMENT for a malformed or foreign resume token.
     """
 
 class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -95,6 +130,35 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         was disclosed: the list owed to the data-protection authority and to each
         affected patient after an incident. Returns INVALID_ARGUMENT for a
         missing partner or window.
+        """
+
+    @_abc_1.abstractmethod
+    def ListPatientDisclosures(
+        self,
+        request: _audit_service_pb2.ListPatientDisclosuresRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_service_pb2.ListPatientDisclosuresResponse, _abc.Awaitable[_audit_service_pb2.ListPatientDisclosuresResponse]]:
+        """Lists who saw what of one patient's data, newest first: one entry per
+        partner, appointment, view, field set and outcome, with the first and
+        last time and how many responses. What a patient is owed on a subject
+        access request (GDPR Art. 15). Returns INVALID_ARGUMENT for a malformed
+        patient, window, page size or page token, and NOT_FOUND for an unknown
+        patient.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchPrivacyEvents(
+        self,
+        request: _audit_service_pb2.WatchPrivacyEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_audit_pb2.PrivacyEvent], _abc.AsyncIterator[_audit_pb2.PrivacyEvent]]:
+        """Streams the events a platform notifies patients of, as they commit:
+        consents requested, granted, revoked and expired, a partner's first
+        receipt of a patient's contact details, and the suspension of a partner
+        that received a patient's data. Without a resume token the stream starts
+        from now; with one it first replays every event after that point,
+        exactly once and in commit order, then goes live. Returns
+        INVALID_ARGUMENT for a malformed or foreign resume token.
         """
 
 def add_AuditServiceServicer_to_server(servicer: AuditServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file appointments/internal/v1/audit.proto.
  */
 export const file_appointments_internal_v1_audit: GenFile = /*@__PURE__*/
-  fileDesc("CiRhcHBvaW50bWVudHMvaW50ZXJuYWwvdjEvYXVkaXQucHJvdG8SGGFwcG9pbnRtZW50cy5pbnRlcm5hbC52MSLMAwoKRGlzY2xvc3VyZRIVCg1kaXNjbG9zdXJlX2lkGAEgASgDEhIKCnBhcnRuZXJfaWQYAiABKAkSDgoGa2V5X2lkGAMgASgJEhYKDmFwcG9pbnRtZW50X2lkGAQgASgJEhIKCnBhdGllbnRfaWQYBSABKAkSNgoEdmlldxgGIAEoDjIoLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5EaXNjbG9zdXJlVmlldxI6Cg5jb250YWN0X2ZpZWxkcxgHIAMoDjIiLmFwcG9pbnRtZW50cy50eXBlLnYxLkNvbnRhY3RGaWVsZBISCgpjb25zZW50X2lkGAggASgJEgsKA3JwYxgJIAEoCRIQCgh0cmFjZV9pZBgKIAEoCRIxCg1kaXNjbG9zZV90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI8CgdvdXRjb21lGAwgASgOMisuYXBwb2ludG1lbnRzLmludGVybmFsLnYxLkRpc2Nsb3N1cmVPdXRjb21lEhUKDWRlbmlhbF9yZWFzb24YDSABKAkSDAoEaXRlbRgOIAEoBRIaChJjbGllbnRfY2VydF9zaGEyNTYYDyABKAkiiQIKD0FmZmVjdGVkUGF0aWVudBISCgpwYXRpZW50X2lkGAEgASgJEhcKD2FwcG9pbnRtZW50X2lkcxgCIAMoCRI6Cg5jb250YWN0X2ZpZWxkcxgDIAMoDjIiLmFwcG9pbnRtZW50cy50eXBlLnYxLkNvbnRhY3RGaWVsZBI5ChVmaXJzdF9kaXNjbG9zdXJlX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjgKFGxhc3RfZGlzY2xvc3VyZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIYChBjb25zZW50X3JlcXVlc3RzGAYgASgDIq8BCgxCcmVhY2hUb3RhbHMSEAoIcGF0aWVudHMYASABKAMSFAoMYXBwb2ludG1lbnRzGAIgASgDEhgKEGNvbnRhY3RfcGF0aWVudHMYAyABKAMSOwoGZmllbGRzGAQgAygLMisuYXBwb2ludG1lbnRzLmludGVybmFsLnYxLkNvbnRhY3RGaWVsZFRvdGFsEiAKGGNvbnNlbnRfcmVxdWVzdF9wYXRpZW50cxgFIAEoAyJYChFDb250YWN0RmllbGRUb3RhbBIxCgVmaWVsZBgBIAEoDjIiLmFwcG9pbnRtZW50cy50eXBlLnYxLkNvbnRhY3RGaWVsZBIQCghwYXRpZW50cxgCIAEoAyppCg5EaXNjbG9zdXJlVmlldxIfChtESVNDTE9TVVJFX1ZJRVdfVU5TUEVDSUZJRUQQABIZChVESVNDTE9TVVJFX1ZJRVdfQkFTSUMQARIbChdESVNDTE9TVVJFX1ZJRVdfQ09OVEFDVBACKsIBChFEaXNjbG9zdXJlT3V0Y29tZRIiCh5ESVNDTE9TVVJFX09VVENPTUVfVU5TUEVDSUZJRUQQABIgChxESVNDTE9TVVJFX09VVENPTUVfRElTQ0xPU0VEEAESHQoZRElTQ0xPU1VSRV9PVVRDT01FX0RFTklFRBACEiAKHERJU0NMT1NVUkVfT1VUQ09NRV9SRVFVRVNURUQQAxImCiJESVNDTE9TVVJFX09VVENPTUVfQ09OU0VOVF9HUkFOVEVEEARCAlABYgZwcm90bzM", [file_appointments_type_v1_contact, file_google_protobuf_timestamp]);
+  fileDesc("CiRhcHBvaW50bWVudHMvaW50ZXJuYWwvdjEvYXVkaXQucHJvdG8SGGFwcG9pbnRtZW50cy5pbnRlcm5hbC52MSLMAwoKRGlzY2xvc3VyZRIVCg1kaXNjbG9zdXJlX2lkGAEgASgDEhIKCnBhcnRuZXJfaWQYAiABKAkSDgoGa2V5X2lkGAMgASgJEhYKDmFwcG9pbnRtZW50X2lkGAQgASgJEhIKCnBhdGllbnRfaWQYBSABKAkSNgoEdmlldxgGIAEoDjIoLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5EaXNjbG9zdXJlVmlldxI6Cg5jb250YWN0X2ZpZWxkcxgHIAMoDjIiLmFwcG9pbnRtZW50cy50eXBlLnYxLkNvbnRhY3RGaWVsZBISCgpjb25zZW50X2lkGAggASgJEgsKA3JwYxgJIAEoCRIQCgh0cmFjZV9pZBgKIAEoCRIxCg1kaXNjbG9zZV90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI8CgdvdXRjb21lGAwgASgOMisuYXBwb2ludG1lbnRzLmludGVybmFsLnYxLkRpc2Nsb3N1cmVPdXRjb21lEhUKDWRlbmlhbF9yZWFzb24YDSABKAkSDAoEaXRlbRgOIAEoBRIaChJjbGllbnRfY2VydF9zaGEyNTYYDyABKAkiiQIKD0FmZmVjdGVkUGF0aWVudBISCgpwYXRpZW50X2lkGAEgASgJEhcKD2FwcG9pbnRtZW50X2lkcxgCIAMoCRI6Cg5jb250YWN0X2ZpZWxkcxgDIAMoDjIiLmFwcG9pbnRtZW50cy50eXBlLnYxLkNvbnRhY3RGaWVsZBI5ChVmaXJzdF9kaXNjbG9zdXJlX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjgKFGxhc3RfZGlzY2xvc3VyZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIYChBjb25zZW50X3JlcXVlc3RzGAYgASgDIq8BCgxCcmVhY2hUb3RhbHMSEAoIcGF0aWVudHMYASABKAMSFAoMYXBwb2ludG1lbnRzGAIgASgDEhgKEGNvbnRhY3RfcGF0aWVudHMYAyABKAMSOwoGZmllbGRzGAQgAygLMisuYXBwb2ludG1lbnRzLmludGVybmFsLnYxLkNvbnRhY3RGaWVsZFRvdGFsEiAKGGNvbnNlbnRfcmVxdWVzdF9wYXRpZW50cxgFIAEoAyJYChFDb250YWN0RmllbGRUb3RhbBIxCgVmaWVsZBgBIAEoDjIiLmFwcG9pbnRtZW50cy50eXBlLnYxLkNvbnRhY3RGaWVsZBIQCghwYXRpZW50cxgCIAEoAyI6Cg5QYXJ0bmVyU3VtbWFyeRISCgpwYXJ0bmVyX2lkGAEgASgJEhQKDGRpc3BsYXlfbmFtZRgCIAEoCSKfAQoSQXBwb2ludG1lbnRTdW1tYXJ5EhYKDmFwcG9pbnRtZW50X2lkGAEgASgJEi4KCnN0YXJ0X3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiEKGXByYWN0aXRpb25lcl9kaXNwbGF5X25hbWUYAyABKAkSHgoWcHJhY3RpdGlvbmVyX3NwZWNpYWx0eRgEIAEoCSLlAwoRUGF0aWVudERpc2Nsb3N1cmUSOQoHcGFydG5lchgBIAEoCzIoLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5QYXJ0bmVyU3VtbWFyeRJBCgthcHBvaW50bWVudBgCIAEoCzIsLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5BcHBvaW50bWVudFN1bW1hcnkSNgoEdmlldxgDIAEoDjIoLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5EaXNjbG9zdXJlVmlldxIyCgZmaWVsZHMYBCADKA4yIi5hcHBvaW50bWVudHMudHlwZS52MS5Db250YWN0RmllbGQSPAoHb3V0Y29tZRgFIAEoDjIrLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5EaXNjbG9zdXJlT3V0Y29tZRIVCg1kZW5pYWxfcmVhc29uGAYgASgJEhIKCmNvbnNlbnRfaWQYByABKAkSDwoHcHVycG9zZRgIIAEoCRIuCgpmaXJzdF90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBItCglsYXN0X3RpbWUYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWNvdW50GAsgASgDItMCCgxQcml2YWN5RXZlbnQSEAoIZXZlbnRfaWQYASABKAMSOAoEdHlwZRgCIAEoDjIqLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5Qcml2YWN5RXZlbnRUeXBlEhIKCnBhdGllbnRfaWQYAyABKAkSOQoHcGFydG5lchgEIAEoCzIoLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5QYXJ0bmVyU3VtbWFyeRISCgpjb25zZW50X2lkGAUgASgJEhoKEmNvbnNlbnRfcmVxdWVzdF9pZBgGIAEoCRIyCgZmaWVsZHMYByADKA4yIi5hcHBvaW50bWVudHMudHlwZS52MS5Db250YWN0RmllbGQSLgoKZXZlbnRfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFAoMcmVzdW1lX3Rva2VuGAkgASgJKmkKDkRpc2Nsb3N1cmVWaWV3Eh8KG0RJU0NMT1NVUkVfVklFV19VTlNQRUNJRklFRBAAEhkKFURJU0NMT1NVUkVfVklFV19CQVNJQxABEhsKF0RJU0NMT1NVUkVfVklFV19DT05UQUNUEAIqwgEKEURpc2Nsb3N1cmVPdXRjb21lEiIKHkRJU0NMT1NVUkVfT1VUQ09NRV9VTlNQRUNJRklFRBAAEiAKHERJU0NMT1NVUkVfT1VUQ09NRV9ESVNDTE9TRUQQARIdChlESVNDTE9TVVJFX09VVENPTUVfREVOSUVEEAISIAocRElTQ0xPU1VSRV9PVVRDT01FX1JFUVVFU1RFRBADEiYKIkRJU0NMT1NVUkVfT1VUQ09NRV9DT05TRU5UX0dSQU5URUQQBCqyAgoQUHJpdmFjeUV2ZW50VHlwZRIiCh5QUklWQUNZX0VWRU5UX1RZUEVfVU5TUEVDSUZJRUQQABIoCiRQUklWQUNZX0VWRU5UX1RZUEVfQ09OU0VOVF9SRVFVRVNURUQQARImCiJQUklWQUNZX0VWRU5UX1RZUEVfQ09OU0VOVF9HUkFOVEVEEAISJgoiUFJJVkFDWV9FVkVOVF9UWVBFX0NPTlNFTlRfUkVWT0tFRBADEiYKIlBSSVZBQ1lfRVZFTlRfVFlQRV9DT05TRU5UX0VYUElSRUQQBBIuCipQUklWQUNZX0VWRU5UX1RZUEVfQ09OVEFDVF9GSVJTVF9ESVNDTE9TRUQQBRIoCiRQUklWQUNZX0VWRU5UX1RZUEVfUEFSVE5FUl9TVVNQRU5ERUQQBkICUAFiBnByb3RvMw", [file_appointments_type_v1_contact, file_google_protobuf_timestamp]);
 
 /**
  * One appointment of the disclosure audit trail: disclosed (or refused) to
@@ -281,6 +281,251 @@ export const ContactFieldTotalSchema: GenMessage<ContactFieldTotal> = /*@__PURE_
   messageDesc(file_appointments_internal_v1_audit, 3);
 
 /**
+ * A partner, as a patient recognises it.
+ *
+ * @generated from message appointments.internal.v1.PartnerSummary
+ */
+export type PartnerSummary = Message<"appointments.internal.v1.PartnerSummary"> & {
+  /**
+   * The internal identifier of the partner.
+   *
+   * @generated from field: string partner_id = 1;
+   */
+  partnerId: string;
+
+  /**
+   * The partner's name, as the platform registered it.
+   *
+   * @generated from field: string display_name = 2;
+   */
+  displayName: string;
+};
+
+/**
+ * Describes the message appointments.internal.v1.PartnerSummary.
+ * Use `create(PartnerSummarySchema)` to create a new message.
+ */
+export const PartnerSummarySchema: GenMessage<PartnerSummary> = /*@__PURE__*/
+  messageDesc(file_appointments_internal_v1_audit, 4);
+
+/**
+ * An appointment, as a patient recognises it.
+ *
+ * @generated from message appointments.internal.v1.AppointmentSummary
+ */
+export type AppointmentSummary = Message<"appointments.internal.v1.AppointmentSummary"> & {
+  /**
+   * The internal identifier of the appointment.
+   *
+   * @generated from field: string appointment_id = 1;
+   */
+  appointmentId: string;
+
+  /**
+   * When the appointment starts.
+   *
+   * @generated from field: google.protobuf.Timestamp start_time = 2;
+   */
+  startTime?: Timestamp | undefined;
+
+  /**
+   * The display name of the appointment's practitioner.
+   *
+   * @generated from field: string practitioner_display_name = 3;
+   */
+  practitionerDisplayName: string;
+
+  /**
+   * The specialty of the appointment's practitioner.
+   *
+   * @generated from field: string practitioner_specialty = 4;
+   */
+  practitionerSpecialty: string;
+};
+
+/**
+ * Describes the message appointments.internal.v1.AppointmentSummary.
+ * Use `create(AppointmentSummarySchema)` to create a new message.
+ */
+export const AppointmentSummarySchema: GenMessage<AppointmentSummary> = /*@__PURE__*/
+  messageDesc(file_appointments_internal_v1_audit, 5);
+
+/**
+ * One partner's access to one appointment of a patient, for one view, field
+ * set and outcome: every response of that kind aggregated.
+ *
+ * @generated from message appointments.internal.v1.PatientDisclosure
+ */
+export type PatientDisclosure = Message<"appointments.internal.v1.PatientDisclosure"> & {
+  /**
+   * The partner that called.
+   *
+   * @generated from field: appointments.internal.v1.PartnerSummary partner = 1;
+   */
+  partner?: PartnerSummary | undefined;
+
+  /**
+   * The appointment the responses were about.
+   *
+   * @generated from field: appointments.internal.v1.AppointmentSummary appointment = 2;
+   */
+  appointment?: AppointmentSummary | undefined;
+
+  /**
+   * The view the partner asked for.
+   *
+   * @generated from field: appointments.internal.v1.DisclosureView view = 3;
+   */
+  view: DisclosureView;
+
+  /**
+   * The contact fields, in enum order: those disclosed, refused, asked for
+   * or granted, as `outcome` says. Empty in the basic view.
+   *
+   * @generated from field: repeated appointments.type.v1.ContactField fields = 4;
+   */
+  fields: ContactField[];
+
+  /**
+   * What became of the responses: disclosed, refused, a consent request, or
+   * a consent granted on request.
+   *
+   * @generated from field: appointments.internal.v1.DisclosureOutcome outcome = 5;
+   */
+  outcome: DisclosureOutcome;
+
+  /**
+   * For a refusal, the ErrorInfo reason, for example "CONSENT_REQUIRED".
+   *
+   * @generated from field: string denial_reason = 6;
+   */
+  denialReason: string;
+
+  /**
+   * The consent that released the fields, or that a request created; empty
+   * otherwise.
+   *
+   * @generated from field: string consent_id = 7;
+   */
+  consentId: string;
+
+  /**
+   * The purpose of that consent; empty without one.
+   *
+   * @generated from field: string purpose = 8;
+   */
+  purpose: string;
+
+  /**
+   * The first response of this kind.
+   *
+   * @generated from field: google.protobuf.Timestamp first_time = 9;
+   */
+  firstTime?: Timestamp | undefined;
+
+  /**
+   * The last response of this kind.
+   *
+   * @generated from field: google.protobuf.Timestamp last_time = 10;
+   */
+  lastTime?: Timestamp | undefined;
+
+  /**
+   * How many responses of this kind there were.
+   *
+   * @generated from field: int64 count = 11;
+   */
+  count: bigint;
+};
+
+/**
+ * Describes the message appointments.internal.v1.PatientDisclosure.
+ * Use `create(PatientDisclosureSchema)` to create a new message.
+ */
+export const PatientDisclosureSchema: GenMessage<PatientDisclosure> = /*@__PURE__*/
+  messageDesc(file_appointments_internal_v1_audit, 6);
+
+/**
+ * Something a patient is to be told of at once.
+ *
+ * @generated from message appointments.internal.v1.PrivacyEvent
+ */
+export type PrivacyEvent = Message<"appointments.internal.v1.PrivacyEvent"> & {
+  /**
+   * The identifier of the event: its position in the stream, increasing.
+   *
+   * @generated from field: int64 event_id = 1;
+   */
+  eventId: bigint;
+
+  /**
+   * What happened.
+   *
+   * @generated from field: appointments.internal.v1.PrivacyEventType type = 2;
+   */
+  type: PrivacyEventType;
+
+  /**
+   * The patient concerned (internal identifier).
+   *
+   * @generated from field: string patient_id = 3;
+   */
+  patientId: string;
+
+  /**
+   * The partner concerned.
+   *
+   * @generated from field: appointments.internal.v1.PartnerSummary partner = 4;
+   */
+  partner?: PartnerSummary | undefined;
+
+  /**
+   * The consent concerned, for the consent events and a first contact
+   * disclosure.
+   *
+   * @generated from field: string consent_id = 5;
+   */
+  consentId: string;
+
+  /**
+   * The consent request concerned, for CONSENT_REQUESTED (internal
+   * identifier).
+   *
+   * @generated from field: string consent_request_id = 6;
+   */
+  consentRequestId: string;
+
+  /**
+   * The contact fields concerned, in enum order: asked for, granted,
+   * revoked, expired or disclosed. Empty for PARTNER_SUSPENDED.
+   *
+   * @generated from field: repeated appointments.type.v1.ContactField fields = 7;
+   */
+  fields: ContactField[];
+
+  /**
+   * When it happened.
+   *
+   * @generated from field: google.protobuf.Timestamp event_time = 8;
+   */
+  eventTime?: Timestamp | undefined;
+
+  /**
+   * A token to resume the stream right after this event.
+   *
+   * @generated from field: string resume_token = 9;
+   */
+  resumeToken: string;
+};
+
+/**
+ * Describes the message appointments.internal.v1.PrivacyEvent.
+ * Use `create(PrivacyEventSchema)` to create a new message.
+ */
+export const PrivacyEventSchema: GenMessage<PrivacyEvent> = /*@__PURE__*/
+  messageDesc(file_appointments_internal_v1_audit, 7);
+
+/**
  * The view of an appointment a record is about.
  *
  * @generated from enum appointments.internal.v1.DisclosureView
@@ -364,4 +609,67 @@ export enum DisclosureOutcome {
  */
 export const DisclosureOutcomeSchema: GenEnum<DisclosureOutcome> = /*@__PURE__*/
   enumDesc(file_appointments_internal_v1_audit, 1);
+
+/**
+ * What a privacy event reports.
+ *
+ * @generated from enum appointments.internal.v1.PrivacyEventType
+ */
+export enum PrivacyEventType {
+  /**
+   * Unknown. Never sent.
+   *
+   * @generated from enum value: PRIVACY_EVENT_TYPE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * A partner asked the patient for consent (RequestContactAccess).
+   *
+   * @generated from enum value: PRIVACY_EVENT_TYPE_CONSENT_REQUESTED = 1;
+   */
+  CONSENT_REQUESTED = 1,
+
+  /**
+   * A consent was granted to a partner, directly or on its request.
+   *
+   * @generated from enum value: PRIVACY_EVENT_TYPE_CONSENT_GRANTED = 2;
+   */
+  CONSENT_GRANTED = 2,
+
+  /**
+   * A consent was revoked.
+   *
+   * @generated from enum value: PRIVACY_EVENT_TYPE_CONSENT_REVOKED = 3;
+   */
+  CONSENT_REVOKED = 3,
+
+  /**
+   * A consent reached its expiry time without being revoked.
+   *
+   * @generated from enum value: PRIVACY_EVENT_TYPE_CONSENT_EXPIRED = 4;
+   */
+  CONSENT_EXPIRED = 4,
+
+  /**
+   * A partner received contact details of the patient for the first time.
+   *
+   * @generated from enum value: PRIVACY_EVENT_TYPE_CONTACT_FIRST_DISCLOSED = 5;
+   */
+  CONTACT_FIRST_DISCLOSED = 5,
+
+  /**
+   * A partner that received the patient's data that day was suspended after
+   * a volume anomaly.
+   *
+   * @generated from enum value: PRIVACY_EVENT_TYPE_PARTNER_SUSPENDED = 6;
+   */
+  PARTNER_SUSPENDED = 6,
+}
+
+/**
+ * Describes the enum appointments.internal.v1.PrivacyEventType.
+ */
+export const PrivacyEventTypeSchema: GenEnum<PrivacyEventType> = /*@__PURE__*/
+  enumDesc(file_appointments_internal_v1_audit, 2);
 

@@ -4,7 +4,7 @@
 
 import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
-import type { AffectedPatient, BreachTotals, Disclosure } from "./audit_pb.js";
+import type { AffectedPatient, BreachTotals, Disclosure, PatientDisclosure, PrivacyEventSchema } from "./audit_pb.js";
 import { file_appointments_internal_v1_audit } from "./audit_pb.js";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file appointments/internal/v1/audit_service.proto.
  */
 export const file_appointments_internal_v1_audit_service: GenFile = /*@__PURE__*/
-  fileDesc("CixhcHBvaW50bWVudHMvaW50ZXJuYWwvdjEvYXVkaXRfc2VydmljZS5wcm90bxIYYXBwb2ludG1lbnRzLmludGVybmFsLnYxIsUBChZMaXN0RGlzY2xvc3VyZXNSZXF1ZXN0EhIKCnBhcnRuZXJfaWQYASABKAkSEgoKcGF0aWVudF9pZBgCIAEoCRIuCgpzdGFydF90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJcGFnZV9zaXplGAUgASgFEhIKCnBhZ2VfdG9rZW4YBiABKAkibQoXTGlzdERpc2Nsb3N1cmVzUmVzcG9uc2USOQoLZGlzY2xvc3VyZXMYASADKAsyJC5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuRGlzY2xvc3VyZRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkipwEKE0JyZWFjaFJlcG9ydFJlcXVlc3QSEgoKcGFydG5lcl9pZBgBIAEoCRIuCgpzdGFydF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoGa2V5X2lkGAQgASgJSACIAQFCCQoHX2tleV9pZCKLAQoUQnJlYWNoUmVwb3J0UmVzcG9uc2USOwoIcGF0aWVudHMYASADKAsyKS5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuQWZmZWN0ZWRQYXRpZW50EjYKBnRvdGFscxgCIAEoCzImLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5CcmVhY2hUb3RhbHMy9QEKDEF1ZGl0U2VydmljZRJ2Cg9MaXN0RGlzY2xvc3VyZXMSMC5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuTGlzdERpc2Nsb3N1cmVzUmVxdWVzdBoxLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5MaXN0RGlzY2xvc3VyZXNSZXNwb25zZRJtCgxCcmVhY2hSZXBvcnQSLS5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuQnJlYWNoUmVwb3J0UmVxdWVzdBouLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5CcmVhY2hSZXBvcnRSZXNwb25zZUICUAFiBnByb3RvMw", [file_appointments_internal_v1_audit, file_google_protobuf_timestamp]);
+  fileDesc("CixhcHBvaW50bWVudHMvaW50ZXJuYWwvdjEvYXVkaXRfc2VydmljZS5wcm90bxIYYXBwb2ludG1lbnRzLmludGVybmFsLnYxIsUBChZMaXN0RGlzY2xvc3VyZXNSZXF1ZXN0EhIKCnBhcnRuZXJfaWQYASABKAkSEgoKcGF0aWVudF9pZBgCIAEoCRIuCgpzdGFydF90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJcGFnZV9zaXplGAUgASgFEhIKCnBhZ2VfdG9rZW4YBiABKAkibQoXTGlzdERpc2Nsb3N1cmVzUmVzcG9uc2USOQoLZGlzY2xvc3VyZXMYASADKAsyJC5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuRGlzY2xvc3VyZRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkipwEKE0JyZWFjaFJlcG9ydFJlcXVlc3QSEgoKcGFydG5lcl9pZBgBIAEoCRIuCgpzdGFydF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoGa2V5X2lkGAQgASgJSACIAQFCCQoHX2tleV9pZCKLAQoUQnJlYWNoUmVwb3J0UmVzcG9uc2USOwoIcGF0aWVudHMYASADKAsyKS5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuQWZmZWN0ZWRQYXRpZW50EjYKBnRvdGFscxgCIAEoCzImLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5CcmVhY2hUb3RhbHMiuAEKHUxpc3RQYXRpZW50RGlzY2xvc3VyZXNSZXF1ZXN0EhIKCnBhdGllbnRfaWQYASABKAkSLgoKc3RhcnRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCXBhZ2Vfc2l6ZRgEIAEoBRISCgpwYWdlX3Rva2VuGAUgASgJInsKHkxpc3RQYXRpZW50RGlzY2xvc3VyZXNSZXNwb25zZRJACgtkaXNjbG9zdXJlcxgBIAMoCzIrLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5QYXRpZW50RGlzY2xvc3VyZRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiMQoZV2F0Y2hQcml2YWN5RXZlbnRzUmVxdWVzdBIUCgxyZXN1bWVfdG9rZW4YASABKAky+AMKDEF1ZGl0U2VydmljZRJ2Cg9MaXN0RGlzY2xvc3VyZXMSMC5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuTGlzdERpc2Nsb3N1cmVzUmVxdWVzdBoxLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5MaXN0RGlzY2xvc3VyZXNSZXNwb25zZRJtCgxCcmVhY2hSZXBvcnQSLS5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuQnJlYWNoUmVwb3J0UmVxdWVzdBouLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5CcmVhY2hSZXBvcnRSZXNwb25zZRKLAQoWTGlzdFBhdGllbnREaXNjbG9zdXJlcxI3LmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5MaXN0UGF0aWVudERpc2Nsb3N1cmVzUmVxdWVzdBo4LmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5MaXN0UGF0aWVudERpc2Nsb3N1cmVzUmVzcG9uc2UScwoSV2F0Y2hQcml2YWN5RXZlbnRzEjMuYXBwb2ludG1lbnRzLmludGVybmFsLnYxLldhdGNoUHJpdmFjeUV2ZW50c1JlcXVlc3QaJi5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuUHJpdmFjeUV2ZW50MAFCAlABYgZwcm90bzM", [file_appointments_internal_v1_audit, file_google_protobuf_timestamp]);
 
 /**
  * The request of ListDisclosures.
@@ -174,6 +174,107 @@ export const BreachReportResponseSchema: GenMessage<BreachReportResponse> = /*@_
   messageDesc(file_appointments_internal_v1_audit_service, 3);
 
 /**
+ * The request of ListPatientDisclosures.
+ *
+ * @generated from message appointments.internal.v1.ListPatientDisclosuresRequest
+ */
+export type ListPatientDisclosuresRequest = Message<"appointments.internal.v1.ListPatientDisclosuresRequest"> & {
+  /**
+   * The patient whose history is listed. Required.
+   *
+   * @generated from field: string patient_id = 1;
+   */
+  patientId: string;
+
+  /**
+   * Only responses at or after this time. Optional.
+   *
+   * @generated from field: google.protobuf.Timestamp start_time = 2;
+   */
+  startTime?: Timestamp | undefined;
+
+  /**
+   * Only responses before this time. Optional; after `start_time` when both
+   * are set.
+   *
+   * @generated from field: google.protobuf.Timestamp end_time = 3;
+   */
+  endTime?: Timestamp | undefined;
+
+  /**
+   * The maximum number of entries to return. 0 means 50; the maximum is 500.
+   *
+   * @generated from field: int32 page_size = 4;
+   */
+  pageSize: number;
+
+  /**
+   * The `next_page_token` of a previous response with the same patient and
+   * window, or empty for the first page.
+   *
+   * @generated from field: string page_token = 5;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message appointments.internal.v1.ListPatientDisclosuresRequest.
+ * Use `create(ListPatientDisclosuresRequestSchema)` to create a new message.
+ */
+export const ListPatientDisclosuresRequestSchema: GenMessage<ListPatientDisclosuresRequest> = /*@__PURE__*/
+  messageDesc(file_appointments_internal_v1_audit_service, 4);
+
+/**
+ * The response of ListPatientDisclosures.
+ *
+ * @generated from message appointments.internal.v1.ListPatientDisclosuresResponse
+ */
+export type ListPatientDisclosuresResponse = Message<"appointments.internal.v1.ListPatientDisclosuresResponse"> & {
+  /**
+   * The entries of this page, the most recent access first.
+   *
+   * @generated from field: repeated appointments.internal.v1.PatientDisclosure disclosures = 1;
+   */
+  disclosures: PatientDisclosure[];
+
+  /**
+   * A token for the next page, or empty when this is the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message appointments.internal.v1.ListPatientDisclosuresResponse.
+ * Use `create(ListPatientDisclosuresResponseSchema)` to create a new message.
+ */
+export const ListPatientDisclosuresResponseSchema: GenMessage<ListPatientDisclosuresResponse> = /*@__PURE__*/
+  messageDesc(file_appointments_internal_v1_audit_service, 5);
+
+/**
+ * The request of WatchPrivacyEvents.
+ *
+ * @generated from message appointments.internal.v1.WatchPrivacyEventsRequest
+ */
+export type WatchPrivacyEventsRequest = Message<"appointments.internal.v1.WatchPrivacyEventsRequest"> & {
+  /**
+   * The `resume_token` of the last event received, to continue after it, or
+   * empty to start from now.
+   *
+   * @generated from field: string resume_token = 1;
+   */
+  resumeToken: string;
+};
+
+/**
+ * Describes the message appointments.internal.v1.WatchPrivacyEventsRequest.
+ * Use `create(WatchPrivacyEventsRequestSchema)` to create a new message.
+ */
+export const WatchPrivacyEventsRequestSchema: GenMessage<WatchPrivacyEventsRequest> = /*@__PURE__*/
+  messageDesc(file_appointments_internal_v1_audit_service, 6);
+
+/**
  * Reads the disclosure audit trail, for privacy officers and incident
  * responders. Internal services only: every call needs `authorization: Bearer
  * <APPTGATE_INTERNAL_TOKEN>` on the internal listener.
@@ -205,6 +306,37 @@ export const AuditService: GenService<{
     methodKind: "unary";
     input: typeof BreachReportRequestSchema;
     output: typeof BreachReportResponseSchema;
+  },
+  /**
+   * Lists who saw what of one patient's data, newest first: one entry per
+   * partner, appointment, view, field set and outcome, with the first and
+   * last time and how many responses. What a patient is owed on a subject
+   * access request (GDPR Art. 15). Returns INVALID_ARGUMENT for a malformed
+   * patient, window, page size or page token, and NOT_FOUND for an unknown
+   * patient.
+   *
+   * @generated from rpc appointments.internal.v1.AuditService.ListPatientDisclosures
+   */
+  listPatientDisclosures: {
+    methodKind: "unary";
+    input: typeof ListPatientDisclosuresRequestSchema;
+    output: typeof ListPatientDisclosuresResponseSchema;
+  },
+  /**
+   * Streams the events a platform notifies patients of, as they commit:
+   * consents requested, granted, revoked and expired, a partner's first
+   * receipt of a patient's contact details, and the suspension of a partner
+   * that received a patient's data. Without a resume token the stream starts
+   * from now; with one it first replays every event after that point,
+   * exactly once and in commit order, then goes live. Returns
+   * INVALID_ARGUMENT for a malformed or foreign resume token.
+   *
+   * @generated from rpc appointments.internal.v1.AuditService.WatchPrivacyEvents
+   */
+  watchPrivacyEvents: {
+    methodKind: "server_streaming";
+    input: typeof WatchPrivacyEventsRequestSchema;
+    output: typeof PrivacyEventSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_appointments_internal_v1_audit_service, 0);
