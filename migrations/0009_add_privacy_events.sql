@@ -173,3 +173,20 @@ $$;
 REVOKE ALL ON FUNCTION announce_suspension() FROM PUBLIC;
 CREATE TRIGGER partner_limits_announce_suspension AFTER INSERT OR UPDATE OF suspend_time ON partner_limits
     FOR EACH ROW EXECUTE FUNCTION announce_suspension();
+
+-- What was told stays told: the privacy events and the consent-request events (0008) are
+-- append-only, like the ledger.
+CREATE FUNCTION refuse_event_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION '% is append-only', TG_TABLE_NAME USING ERRCODE = 'insufficient_privilege';
+END
+$$;
+CREATE TRIGGER privacy_events_append_only BEFORE UPDATE OR DELETE ON privacy_events
+    FOR EACH ROW EXECUTE FUNCTION refuse_event_change();
+CREATE TRIGGER privacy_events_no_truncate BEFORE TRUNCATE ON privacy_events
+    FOR EACH STATEMENT EXECUTE FUNCTION refuse_event_change();
+CREATE TRIGGER consent_request_events_append_only BEFORE UPDATE OR DELETE ON consent_request_events
+    FOR EACH ROW EXECUTE FUNCTION refuse_event_change();
+CREATE TRIGGER consent_request_events_no_truncate BEFORE TRUNCATE ON consent_request_events
+    FOR EACH STATEMENT EXECUTE FUNCTION refuse_event_change();

@@ -269,3 +269,40 @@ async def test_a_suspension_is_told_to_the_patients_the_partner_was_sent_that_da
     assert {e.type for e in events} == {T.PRIVACY_EVENT_TYPE_PARTNER_SUSPENDED}
     assert sorted(e.patient_id for e in events) == sorted(p.patient_id for p in seen)
     assert all(e.partner.display_name == "Agenda Aspirateur" for e in events)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE privacy_events SET type = 3",
+        "DELETE FROM privacy_events",
+        "TRUNCATE privacy_events",
+        "UPDATE consent_request_events SET state = 'pending'",
+        "DELETE FROM consent_request_events",
+    ],
+)
+async def test_what_was_told_cannot_be_rewritten(world: World, database_dsn: str, statement: str) -> None:
+    practitioner = await world.practitioner()
+    patient = await world.patient()
+    await world.appointment(practitioner, patient.patient_id, MONDAY)
+    partner = await world.partner("Agenda Immuable", practitioner)
+    [listed] = await partner.list_all()
+    await partner.stub.RequestContactAccess(
+        pb.RequestContactAccessRequest(
+            appointment_id=listed.appointment_id,
+            fields=[CONTACT_FIELD_EMAIL],
+            purpose="rappels",
+            ttl=Duration(seconds=60),
+        ),
+        metadata=partner.metadata,
+    )
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute(statement)
+        kept = await conn.fetchval(
+            "SELECT (SELECT count(*) FROM privacy_events) + (SELECT count(*) FROM consent_request_events)"
+        )
+    finally:
+        await conn.close()
+    assert kept == 2
