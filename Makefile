@@ -26,7 +26,17 @@ migrate: install
 
 ## The whole suite: generated code up to date, lint, types, then the tests on a
 ## real PostgreSQL (DATABASE_URL when set, else an embedded one).
-test: lint lint-clients lint-protos pytest
+test: lint lint-clients lint-protos browser pytest
+
+## Chromium, which reads the patient's history page back in a test
+## (tests/integration/test_patient_history.py; skipped without it): installed from
+## the distribution's packages when missing and this runs as root with apt-get.
+.PHONY: browser
+browser:
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; \
+	else echo "chromium not found: the history page's browser test will be skipped" >&2; fi
 
 pytest: install
 	$(PY) -m pytest $(PYTEST_ARGS)

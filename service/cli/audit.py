@@ -6,8 +6,12 @@
   witness first, then in the database.
 * ``audit breach-report --partner ID --since T --until T [--key KEY_ID] --format json|csv``
   writes the list of patients a partner reached, and what of theirs was disclosed.
+* ``audit patient-history --patient ID [--from T] [--to T] [--format json|csv|html] [--timezone ZONE]``
+  answers a patient's subject-access request: which partners saw what of theirs,
+  when and why, and what they were refused; ``html`` is the page the patient
+  reads (:mod:`service.disclosure.patient_history_page`).
 
-Both print their progress on stderr when they run long; their results go to
+They print their progress on stderr when they run long; their results go to
 stdout (or ``--output``), so they can be piped. A report names patients:
 ``--output FILE`` creates it with mode 0600 whatever the umask, and refuses a
 symbolic link, or a file that is not a regular file of this user, at that
@@ -18,28 +22,35 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import sys
 import time
 import uuid
 from contextlib import AsyncExitStack
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import TextIO
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from service import app
+from service import app, models
 from service.crypto.keyfiles import load_server_secret, open_private_output
-from service.disclosure import breach, witness
+from service.disclosure import breach, patient_history, patient_history_page, witness
 from service.disclosure.pseudonyms import derive_key
+from service.errors import ConfigError
 from service.settings import Settings
-from service.store import chain, disclosures
+from service.store import chain, disclosures, privacy
 from service.store.database import Database
 
 PROGRESS_EVERY = 2.0  # seconds between progress lines
+#: Entries of a patient's history read per statement.
+HISTORY_PAGE = 1000
+#: The window of a history without bounds: every record the ledger can hold.
+_EVER = (datetime(1970, 1, 1, tzinfo=UTC), datetime(9999, 1, 1, tzinfo=UTC))
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``audit verify`` and ``audit breach-report``."""
+    """Register ``audit verify``, ``audit breach-report`` and ``audit patient-history``."""
     audit = commands.add_parser("audit", help="verify the disclosure ledger; report a breach's scope")
     sub = audit.add_subparsers(dest="audit_command", required=True)
     verify = sub.add_parser("verify", help="check the hash chain and seals; seal it when intact")
@@ -64,6 +75,40 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         metavar="FILE",
         help="write the report to FILE, created with mode 0600 (default, or -: stdout)",
     )
+    history = sub.add_parser(
+        "patient-history",
+        help="a patient's history for a subject-access request: who saw what of theirs, when and why",
+    )
+    history.add_argument("--patient", required=True, type=uuid.UUID, metavar="ID", help="the patient id")
+    history.add_argument(
+        "--from",
+        dest="start_time",
+        type=_time,
+        metavar="TIME",
+        help="window start, RFC 3339 (inclusive; default: the first record)",
+    )
+    history.add_argument(
+        "--to", dest="end_time", type=_time, metavar="TIME", help="window end, RFC 3339 (exclusive; default: now)"
+    )
+    history.add_argument(
+        "--format",
+        choices=("json", "csv", "html"),
+        default="json",
+        help="json or csv for staff and tools; html: the page for the patient, in French and English (default json)",
+    )
+    history.add_argument(
+        "--timezone",
+        type=_zone,
+        default=UTC,
+        metavar="ZONE",
+        help="the time zone of the times on the html page, for example Europe/Paris (default UTC)",
+    )
+    history.add_argument(
+        "--output",
+        type=Path,
+        metavar="FILE",
+        help="write the history to FILE, created with mode 0600 (default, or -: stdout)",
+    )
 
 
 def _seconds(text: str) -> timedelta:
@@ -83,6 +128,15 @@ def _time(text: str) -> datetime:
     return value.astimezone(UTC)
 
 
+def _zone(text: str) -> tzinfo:
+    if text.upper() == "UTC":
+        return UTC
+    try:
+        return ZoneInfo(text)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise argparse.ArgumentTypeError("an IANA time zone, for example Europe/Paris") from None
+
+
 class _Progress:
     """Prints ``label: N`` to stderr at most every PROGRESS_EVERY seconds, once the work runs long."""
 
@@ -99,6 +153,8 @@ class _Progress:
 
 async def run(settings: Settings, args: argparse.Namespace) -> int:
     """Run one audit command; return the exit code."""
+    if args.audit_command == "patient-history":
+        _check_window(args.start_time, args.end_time)
     async with AsyncExitStack() as stack:
         out = sys.stdout
         if args.audit_command == "breach-report" and args.output is not None and str(args.output) != "-":
@@ -108,6 +164,8 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
         await database.ensure_migrated()
         if args.audit_command == "verify":
             return await _verify(settings, database, args)
+        if args.audit_command == "patient-history":
+            return await _patient_history(database, args)
         return await _breach_report(database, args, out)
     raise AssertionError("unreachable")
 
@@ -164,4 +222,76 @@ async def _breach_report(database: Database, args: argparse.Namespace, out: Text
     out.flush()
     summary = breach.json_totals(totals)
     print(f"breach report: {json.dumps(summary)}", file=sys.stderr)
+    return 0
+
+
+def _check_window(start: datetime | None, end: datetime | None) -> None:
+    if start is None or end is None:
+        return
+    if end < start:
+        raise ConfigError(
+            [f"--to ({end.isoformat()}) is before --from ({start.isoformat()}): the window ends before it starts"]
+        )
+    if end == start:
+        raise ConfigError([f"--to and --from are the same instant ({start.isoformat()}): the window is empty"])
+
+
+async def read_history(
+    database: Database,
+    patient_id: uuid.UUID,
+    start_time: datetime | None,
+    end_time: datetime | None,
+    *,
+    page_size: int = HISTORY_PAGE,
+) -> patient_history.History:
+    """A patient's whole history in ``[start_time, end_time)``, every page read in one snapshot.
+
+    Raises :class:`ConfigError` when no patient has that id.
+    """
+    progress = _Progress("history entries read")
+    entries: list[models.PatientDisclosure] = []
+    # REPEATABLE READ: the existence check and every page see the ledger as of one instant.
+    async with database.transaction(readonly=True, snapshot=True) as conn:
+        generate_time = await chain.clock(conn)
+        if not await privacy.patient_exists(conn, patient_id):
+            raise ConfigError([f"--patient: no patient has the id {patient_id}"])
+        before: tuple[datetime, str] | None = None
+        while True:
+            page = await privacy.patient_disclosures(
+                conn,
+                patient_id,
+                start_time=start_time or _EVER[0],
+                end_time=end_time or _EVER[1],
+                before=before,
+                limit=page_size,
+            )
+            entries.extend(page)
+            progress(len(entries))
+            if len(page) < page_size:
+                break
+            before = (page[-1].last_time, page[-1].group_key)
+    return patient_history.History(patient_id, start_time, end_time, generate_time, tuple(entries))
+
+
+async def _patient_history(database: Database, args: argparse.Namespace) -> int:
+    history = await read_history(database, args.patient, args.start_time, args.end_time)
+    if args.format == "html":
+        text = patient_history_page.render(history, args.timezone)
+    elif args.format == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(patient_history.CSV_HEADER)
+        writer.writerows(patient_history.csv_row(entry) for entry in history.entries)
+        text = buffer.getvalue()
+    else:
+        text = json.dumps(patient_history.json_document(history), indent=2) + "\n"
+    # Opened once the history is read: an unknown patient leaves no empty file behind.
+    if args.output is not None and str(args.output) != "-":
+        with open_private_output(args.output, "--output") as out:
+            out.write(text)
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    summary = patient_history.json_totals(patient_history.totals(history.entries))
+    print(f"patient history: {json.dumps(summary)}", file=sys.stderr)
     return 0
