@@ -457,8 +457,9 @@ class PatientDisclosure(_message.Message):
 
     @_builtins.property
     def fields(self) -> _containers.RepeatedScalarFieldContainer[_contact_pb2.ContactField.ValueType]:
-        """The contact fields, in enum order: those disclosed, refused, asked for
-        or granted, as `outcome` says. Empty in the basic view.
+        """The contact fields, in enum order: those disclosed, asked for or
+        granted, as `outcome` says. Empty in the basic view, and for a refused
+        contact read (a refusal names no fields: none were released).
         """
 
     @_builtins.property

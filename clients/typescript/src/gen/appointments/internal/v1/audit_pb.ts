@@ -379,8 +379,9 @@ export type PatientDisclosure = Message<"appointments.internal.v1.PatientDisclos
   view: DisclosureView;
 
   /**
-   * The contact fields, in enum order: those disclosed, refused, asked for
-   * or granted, as `outcome` says. Empty in the basic view.
+   * The contact fields, in enum order: those disclosed, asked for or
+   * granted, as `outcome` says. Empty in the basic view, and for a refused
+   * contact read (a refusal names no fields: none were released).
    *
    * @generated from field: repeated appointments.type.v1.ContactField fields = 4;
    */
