@@ -34,13 +34,14 @@ from typing import TextIO
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from service import app, models
+from service.access import credentials
 from service.crypto.keyfiles import load_server_secret, open_private_output
 from service.disclosure import breach, patient_history, patient_history_page, witness
 from service.disclosure.pseudonyms import derive_key
 from service.errors import ConfigError
 from service.settings import Settings
-from service.store import chain, disclosures, privacy
-from service.store.database import Database
+from service.store import chain, disclosures, partners, privacy
+from service.store.database import Connection, Database
 
 PROGRESS_EVERY = 2.0  # seconds between progress lines
 #: Entries of a patient's history read per statement.
@@ -155,13 +156,18 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
     """Run one audit command; return the exit code."""
     if args.audit_command == "patient-history":
         _check_window(args.start_time, args.end_time)
+    elif args.audit_command == "breach-report":
+        _check_breach_input(args)
     async with AsyncExitStack() as stack:
-        out = sys.stdout
-        if args.audit_command == "breach-report" and args.output is not None and str(args.output) != "-":
-            # Opened first: a path refused costs no database work, and exits 2 like any bad option.
-            out = stack.enter_context(open_private_output(args.output, "--output"))
         database = await app.open_database(settings, stack)
         await database.ensure_migrated()
+        out = sys.stdout
+        if args.audit_command == "breach-report":
+            async with database.transaction(readonly=True) as conn:
+                await _check_breach_subjects(conn, args)
+            if args.output is not None and str(args.output) != "-":
+                # Opened once the input is known good: a refused report leaves an earlier file as it was.
+                out = stack.enter_context(open_private_output(args.output, "--output"))
         if args.audit_command == "verify":
             return await _verify(settings, database, args)
         if args.audit_command == "patient-history":
@@ -199,15 +205,39 @@ async def _verify(settings: Settings, database: Database, args: argparse.Namespa
     return 0
 
 
+def _check_breach_input(args: argparse.Namespace) -> None:
+    """Refuse, before any database work, a window that is empty or reversed and a key id of the wrong shape."""
+    problems = []
+    if args.until <= args.since:
+        problems.append(
+            f"--until ({args.until.isoformat()}) is not after --since ({args.since.isoformat()}): "
+            "the window is empty or ends before it starts"
+        )
+    if args.key is not None and not credentials.is_key_id(args.key):
+        problems.append(f"--key: {args.key!r} is not a key id (pk_ and 16 characters)")
+    if problems:
+        raise ConfigError(problems)
+
+
+async def _check_breach_subjects(conn: Connection, args: argparse.Namespace) -> None:
+    """Refuse a partner or key the database does not know, so that an empty report always means "none reached"."""
+    if await partners.find_partner(conn, args.partner) is None:
+        raise ConfigError([f"--partner: no partner has the id {args.partner}"])
+    if args.key is not None:
+        key = await partners.find_key(conn, args.key)
+        if key is None or key.partner_id != args.partner:
+            raise ConfigError([f"--key: the partner {args.partner} has no key {args.key}"])
+
+
 async def _breach_report(database: Database, args: argparse.Namespace, out: TextIO) -> int:
     progress = _Progress("patients reported")
     totals = breach.Totals()
     writer = csv.writer(out) if args.format == "csv" else None
-    if writer is not None:
-        writer.writerow(breach.CSV_HEADER)
-    else:
-        out.write('{"patients": [')
     async with database.transaction(readonly=True) as conn:
+        if writer is not None:
+            writer.writerow(breach.CSV_HEADER)
+        else:
+            out.write('{"patients": [')
         async for patient in disclosures.breach_report(
             conn, partner_id=args.partner, start_time=args.since, end_time=args.until, key_id=args.key
         ):

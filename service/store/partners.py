@@ -27,6 +27,12 @@ async def create_partner(conn: Connection, display_name: str) -> models.Partner:
     return models.Partner(*row)
 
 
+async def find_partner(conn: Connection, partner_id: UUID) -> models.Partner | None:
+    """Return the partner with this id, if any."""
+    row = await conn.fetchrow("SELECT id, display_name, create_time FROM partners WHERE id = $1", partner_id)
+    return models.Partner(*row) if row else None
+
+
 async def find_partner_by_name(conn: Connection, display_name: str) -> models.Partner | None:
     """Return the partner with this display name, if any."""
     row = await conn.fetchrow(

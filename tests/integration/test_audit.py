@@ -429,3 +429,36 @@ async def test_breach_report_as_csv_from_the_command_line(world: World, database
     )
     assert {line.split(",")[0] for line in lines[1:]} == {p.patient_id for p in patients}
     assert '"patients": 3' in err
+
+
+async def test_a_breach_report_of_an_unknown_partner_or_key_or_a_reversed_window_is_refused_in_one_line(
+    world: World, database_dsn: str, tmp_path: Path
+) -> None:
+    partner = await world.partner("Reported Agenda")
+    other = await world.partner("Other Agenda")
+    earlier = tmp_path / "earlier-report.csv"
+    earlier.write_text("an earlier report\n")
+    window = ("--since", "2000-01-01T00:00:00Z", "--until", "2100-01-01T00:00:00Z")
+
+    async def refused(*args: str) -> str:
+        code, out, err = await _audit_cli(database_dsn, tmp_path, "breach-report", *args, "--output", str(earlier))
+        assert code == 2 and out == "" and "Traceback" not in err, err
+        [line] = err.strip().splitlines()
+        return line
+
+    unknown = await refused("--partner", "00000000-0000-4000-8000-000000000000", *window)
+    foreign_key = await refused("--partner", partner.partner_id, "--key", other.key_id, *window)
+    not_a_key = await refused("--partner", partner.partner_id, "--key", "pk_nope", *window)
+    backwards = await refused(
+        "--partner", partner.partner_id, "--since", "2030-02-01T00:00:00Z", "--until", "2030-01-01T00:00:00Z"
+    )
+    code, _, err = await _audit_cli(
+        database_dsn, tmp_path, "breach-report", "--partner", partner.partner_id, "--key", partner.key_id, *window
+    )
+
+    assert unknown == "apptgate: --partner: no partner has the id 00000000-0000-4000-8000-000000000000"
+    assert foreign_key == f"apptgate: --key: the partner {partner.partner_id} has no key {other.key_id}"
+    assert not_a_key.startswith("apptgate: --key: 'pk_nope' is not a key id")
+    assert backwards.startswith("apptgate: --until (2030-01-01T00:00:00+00:00) is not after --since")
+    assert earlier.read_text() == "an earlier report\n"  # a refused report leaves the file it would have replaced
+    assert code == 0 and '"patients": 0' in err  # its own key, nothing disclosed: an honest empty report

@@ -406,8 +406,15 @@ async def test_the_partner_login_takes_its_password_from_its_own_file(
 
 
 async def _breach_report(dsn: str, tmp_path: Path, output: Path) -> tuple[int, str, str]:
+    conn = await asyncpg.connect(dsn)
+    try:  # a partner the report can name (an unknown one is refused before the output is opened)
+        partner = await conn.fetchval(
+            "INSERT INTO partners (display_name) VALUES ($1) RETURNING id", f"Reported {uuid.uuid4()}"
+        )
+    finally:
+        await conn.close()
     return await _run(
-        "audit", "breach-report", "--partner", str(uuid.uuid4()), "--since", "2030-01-01T00:00:00Z",
+        "audit", "breach-report", "--partner", str(partner), "--since", "2030-01-01T00:00:00Z",
         "--until", "2030-02-01T00:00:00Z", "--format", "csv", "--output", str(output),
         env=_env(dsn, tmp_path / "data"), umask=0o022,
     )  # fmt: skip
