@@ -14,9 +14,10 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
-from service import app
+from service import __version__, app
 from service import settings as settings_module
 from service.cli import audit, data_key, partners, workers
 from service.errors import ConfigError, Unavailable
@@ -30,12 +31,18 @@ log = logging.getLogger("service")
 DEMO_PARTNER_ADDR = "localhost:50051"
 
 
+def _program() -> str:
+    """How the command was called, for usage lines: ``apptgate`` (the console script) or ``python -m service``."""
+    return "apptgate" if Path(sys.argv[0]).name == "apptgate" else "python -m service"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m service",
+        prog=_program(),
         description="apptgate: minimal-disclosure gRPC gateway for medical appointments.",
         epilog="Environment (docs/configuration.md): " + ", ".join(v.name for v in settings_module.variables()),
     )
+    parser.add_argument("--version", action="version", version=f"apptgate {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def server_flags(command: argparse.ArgumentParser) -> None:
@@ -163,3 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def run() -> None:
+    """The ``apptgate`` console script: :func:`main`, its code the process's exit status."""
+    sys.exit(main())

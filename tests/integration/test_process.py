@@ -521,3 +521,23 @@ async def test_tls_allows_a_non_loopback_partner_address(
     finally:
         served.process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(served.process.wait(), timeout=30) == 0
+
+
+async def test_the_apptgate_command_runs_the_same_commands_and_tells_its_version(tmp_path: Path) -> None:
+    import service
+
+    script = Path(sys.executable).parent / "apptgate"
+    outputs = []
+    for command in ([str(script)], [sys.executable, "-m", "service"]):
+        process = await asyncio.create_subprocess_exec(
+            *command, "--version", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        out, _ = await asyncio.wait_for(process.communicate(), timeout=60)
+        outputs.append((process.returncode, out.decode().strip()))
+    usage = await asyncio.create_subprocess_exec(
+        str(script), "audit", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    _, usage_err = await asyncio.wait_for(usage.communicate(), timeout=60)
+
+    assert outputs == [(0, f"apptgate {service.__version__}")] * 2
+    assert usage.returncode == 2 and usage_err.decode().startswith("usage: apptgate audit")
