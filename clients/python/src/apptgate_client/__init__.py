@@ -4,7 +4,8 @@
   (appointments in the basic view, their change feed, consent requests and
   their feed, consent-gated contact details, consent keys).
 * :class:`InternalClient` / :class:`AsyncInternalClient`: the platform's internal
-  services (scheduling, partner registry, consents, audit).
+  services (scheduling, partner registry, consents, audit, a patient's history
+  and privacy events).
 * :mod:`apptgate_client.errors`: the exceptions every failed call raises.
 * :class:`RetryPolicy`: how ``UNAVAILABLE`` is retried.
 
@@ -41,8 +42,10 @@ from apptgate_client.watch import (
     AppointmentWatch,
     AsyncAppointmentWatch,
     AsyncConsentRequestWatch,
+    AsyncPrivacyEventWatch,
     AsyncResumableWatch,
     ConsentRequestWatch,
+    PrivacyEventWatch,
     ResumableWatch,
 )
 
@@ -56,6 +59,7 @@ __all__ = [
     "AsyncConsentRequestWatch",
     "AsyncInternalClient",
     "AsyncPartnerClient",
+    "AsyncPrivacyEventWatch",
     "AsyncResumableWatch",
     "Cancelled",
     "ConsentDenied",
@@ -70,6 +74,7 @@ __all__ = [
     "OutOfRange",
     "PartnerClient",
     "PermissionDenied",
+    "PrivacyEventWatch",
     "QuotaViolation",
     "ResourceExhausted",
     "ResumableWatch",

@@ -8,7 +8,9 @@ They cover ``appointments.internal.v1``: ``SchedulingService``,
 Deadlines and errors work as in :mod:`apptgate_client.partner`. Retries
 differ: only reads (``list_consents``, ``list_consent_requests``,
 ``iter_consent_requests``, ``list_disclosures``, ``iter_disclosures``,
-``breach_report``) are retried on ``UNAVAILABLE``. A
+``breach_report``, ``list_patient_disclosures``, ``iter_patient_disclosures``)
+are retried on ``UNAVAILABLE``, and ``watch_privacy_events`` resumes like the
+partner's change feed (see :mod:`apptgate_client.watch`). A
 write that failed with ``UNAVAILABLE`` may or may not have been applied, and
 sending it again could, for example, book an appointment twice; the caller
 decides (a retried create may answer ``ALREADY_EXISTS``).
@@ -33,6 +35,7 @@ from appointments.internal.v1 import scheduling_service_pb2_grpc as scheduling_g
 
 from apptgate_client import _requests, _transport
 from apptgate_client.retry import RetryPolicy
+from apptgate_client.watch import AsyncPrivacyEventWatch, PrivacyEventWatch
 
 
 def _create_patient(
@@ -112,6 +115,17 @@ def _list_disclosures(
     return request
 
 
+def _list_patient_disclosures(
+    patient_id: str, start_time: datetime | None, end_time: datetime | None, page_size: int, page_token: str
+) -> audit_pb.ListPatientDisclosuresRequest:
+    request = audit_pb.ListPatientDisclosuresRequest(patient_id=patient_id, page_size=page_size, page_token=page_token)
+    if start_time is not None:
+        request.start_time.CopyFrom(_requests.timestamp(start_time, "start_time"))
+    if end_time is not None:
+        request.end_time.CopyFrom(_requests.timestamp(end_time, "end_time"))
+    return request
+
+
 def _breach_report(
     partner_id: str, start_time: datetime, end_time: datetime, key_id: str | None
 ) -> audit_pb.BreachReportRequest:
@@ -146,9 +160,9 @@ class InternalClient:
     ) -> None:
         retry = retry or RetryPolicy()
         self.target = target
-        self._call = _transport.Caller(
-            _transport.bearer_metadata(token, "token"), _transport.check_timeout(timeout), retry
-        )
+        self._retry = retry
+        self._metadata = _transport.bearer_metadata(token, "token")
+        self._call = _transport.Caller(self._metadata, _transport.check_timeout(timeout), retry)
         self._channel = _transport.sync_channel(target, credentials, _transport.channel_options(retry, options))
         self._scheduling = scheduling_grpc.SchedulingServiceStub(self._channel)
         self._registry = registry_grpc.PartnerRegistryServiceStub(self._channel)
@@ -343,6 +357,65 @@ class InternalClient:
         request = _breach_report(partner_id, start_time, end_time, key_id)
         return self._call(self._audit.BreachReport, request, audit_pb.BreachReportResponse)
 
+    def list_patient_disclosures(
+        self,
+        patient_id: str,
+        *,
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> audit_pb.ListPatientDisclosuresResponse:
+        """Return one page of a patient's history: who saw or tried to see what of theirs, newest first.
+
+        Each ``PatientDisclosure`` aggregates one partner's responses about one
+        appointment for one view, field set and outcome (with the partner's
+        name, the consent's purpose, the first and last time and the count).
+        ``start_time`` and ``end_time`` bound the responses counted (both
+        optional); ``page_size`` 0 means 50, at most 500. Pass the previous
+        page's ``next_page_token`` with the same other arguments for the next
+        page. Raises :class:`~apptgate_client.errors.NotFound` for an unknown
+        patient and :class:`~apptgate_client.errors.InvalidArgument` for a
+        malformed id, window, size or token. ``ValueError`` for a naive datetime.
+        """
+        request = _list_patient_disclosures(patient_id, start_time, end_time, page_size, page_token)
+        return self._call(self._audit.ListPatientDisclosures, request, audit_pb.ListPatientDisclosuresResponse)
+
+    def iter_patient_disclosures(
+        self,
+        patient_id: str,
+        *,
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        page_size: int = 0,
+    ) -> Iterator[audit_pb2.PatientDisclosure]:
+        """Yield a patient's whole history (newest first), page after page; see :meth:`list_patient_disclosures`."""
+        token = ""
+        while True:
+            page = self.list_patient_disclosures(
+                patient_id, start_time=start_time, end_time=end_time, page_size=page_size, page_token=token
+            )
+            yield from page.disclosures
+            token = page.next_page_token
+            if not token:
+                return
+
+    def watch_privacy_events(self, resume_token: str = "") -> PrivacyEventWatch:
+        """Return the privacy events stream, to use as a context manager.
+
+        ``with client.watch_privacy_events() as events:`` returns once the
+        stream is live: every event that commits from then on reaches it.
+        Iterating yields ``PrivacyEvent`` messages (what a patient is to be told
+        of: consents requested, granted, revoked or expired, a partner's first
+        receipt of their contact details, a partner suspended), each once and in
+        commit order, and resumes after a server restart with the last token
+        (see :mod:`apptgate_client.watch`). Store ``resume_token`` once an event
+        is handled; pass it here to continue right after that event, with every
+        event committed meanwhile replayed first. A malformed or foreign token
+        raises :class:`~apptgate_client.errors.InvalidArgument`.
+        """
+        return PrivacyEventWatch(self._audit.WatchPrivacyEvents, self._metadata, resume_token, self._retry)
+
 
 class AsyncInternalClient:
     """The asyncio twin of :class:`InternalClient`, over a ``grpc.aio`` channel.
@@ -362,9 +435,9 @@ class AsyncInternalClient:
     ) -> None:
         retry = retry or RetryPolicy()
         self.target = target
-        self._call = _transport.AsyncCaller(
-            _transport.bearer_metadata(token, "token"), _transport.check_timeout(timeout), retry
-        )
+        self._retry = retry
+        self._metadata = _transport.bearer_metadata(token, "token")
+        self._call = _transport.AsyncCaller(self._metadata, _transport.check_timeout(timeout), retry)
         self._channel = _transport.aio_channel(target, credentials, _transport.channel_options(retry, options))
         self._scheduling = scheduling_grpc.SchedulingServiceStub(self._channel)
         self._registry = registry_grpc.PartnerRegistryServiceStub(self._channel)
@@ -554,3 +627,43 @@ class AsyncInternalClient:
         """See :meth:`InternalClient.breach_report`."""
         request = _breach_report(partner_id, start_time, end_time, key_id)
         return await self._call(self._audit.BreachReport, request, audit_pb.BreachReportResponse)
+
+    async def list_patient_disclosures(
+        self,
+        patient_id: str,
+        *,
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> audit_pb.ListPatientDisclosuresResponse:
+        """See :meth:`InternalClient.list_patient_disclosures`."""
+        request = _list_patient_disclosures(patient_id, start_time, end_time, page_size, page_token)
+        return await self._call(self._audit.ListPatientDisclosures, request, audit_pb.ListPatientDisclosuresResponse)
+
+    async def iter_patient_disclosures(
+        self,
+        patient_id: str,
+        *,
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        page_size: int = 0,
+    ) -> AsyncIterator[audit_pb2.PatientDisclosure]:
+        """See :meth:`InternalClient.iter_patient_disclosures`."""
+        token = ""
+        while True:
+            page = await self.list_patient_disclosures(
+                patient_id, start_time=start_time, end_time=end_time, page_size=page_size, page_token=token
+            )
+            for disclosure in page.disclosures:
+                yield disclosure
+            token = page.next_page_token
+            if not token:
+                return
+
+    def watch_privacy_events(self, resume_token: str = "") -> AsyncPrivacyEventWatch:
+        """Return the privacy events stream, for ``async with``/``async for``.
+
+        See :meth:`InternalClient.watch_privacy_events`.
+        """
+        return AsyncPrivacyEventWatch(self._audit.WatchPrivacyEvents, self._metadata, resume_token, self._retry)

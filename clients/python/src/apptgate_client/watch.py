@@ -2,12 +2,15 @@
 
 :class:`AppointmentWatch` / :class:`AsyncAppointmentWatch` follow
 ``WatchAppointments``; :class:`ConsentRequestWatch` /
-:class:`AsyncConsentRequestWatch` follow ``WatchConsentRequests``. Both are a
-:class:`ResumableWatch` (blocking) or :class:`AsyncResumableWatch` (asyncio)
-of their event type, and behave alike.
+:class:`AsyncConsentRequestWatch` follow ``WatchConsentRequests``;
+:class:`PrivacyEventWatch` / :class:`AsyncPrivacyEventWatch` follow the
+internal ``WatchPrivacyEvents``. Each is a :class:`ResumableWatch` (blocking)
+or :class:`AsyncResumableWatch` (asyncio) of its event type, and they behave
+alike.
 
-Get one from ``PartnerClient.watch_appointments()`` or
-``PartnerClient.watch_consent_requests()`` (or the async client's) and use it
+Get one from ``PartnerClient.watch_appointments()``,
+``PartnerClient.watch_consent_requests()`` or
+``InternalClient.watch_privacy_events()`` (or the async clients') and use it
 as a context manager: entering returns once the stream is *live* (the server
 sent its headers), so changes that commit from then on reach it. That is the
 moment to list what you keep in sync (the appointments; the consent requests
@@ -42,6 +45,8 @@ from typing import Any, Generic, Protocol, Self, TypeVar
 
 import grpc
 import grpc.aio
+from appointments.internal.v1 import audit_pb2
+from appointments.internal.v1 import audit_service_pb2 as audit_pb
 from appointments.partner.v1 import consent_request_pb2
 from appointments.partner.v1 import partner_appointment_service_pb2 as pb
 from google.protobuf.message import Message
@@ -286,6 +291,10 @@ def _consent_requests_request(token: str) -> pb.WatchConsentRequestsRequest:
     return pb.WatchConsentRequestsRequest(resume_token=token)
 
 
+def _privacy_events_request(token: str) -> audit_pb.WatchPrivacyEventsRequest:
+    return audit_pb.WatchPrivacyEventsRequest(resume_token=token)
+
+
 class AppointmentWatch(ResumableWatch[pb.AppointmentChange]):
     """A live ``WatchAppointments`` stream (blocking) that resumes after transient ends. See the module docstring.
 
@@ -367,6 +376,46 @@ class AsyncConsentRequestWatch(AsyncResumableWatch[consent_request_pb2.ConsentRe
             metadata,
             _consent_requests_request,
             consent_request_pb2.ConsentRequestEvent,
+            resume_token,
+            retry,
+        )
+
+
+class PrivacyEventWatch(ResumableWatch[audit_pb2.PrivacyEvent]):
+    """A live ``WatchPrivacyEvents`` stream (blocking) that resumes after transient ends. See the module docstring.
+
+    Iterate to get :class:`PrivacyEvent` messages: what a patient is to be
+    told of (a consent requested, granted, revoked or expired; a partner's
+    first receipt of the patient's contact details; the suspension of a
+    partner that received the patient's data), each once, in commit order.
+    """
+
+    def __init__(
+        self, method: Any, metadata: tuple[tuple[str, str], ...], resume_token: str, retry: RetryPolicy
+    ) -> None:
+        super().__init__(
+            "WatchPrivacyEvents",
+            method,
+            metadata,
+            _privacy_events_request,
+            audit_pb2.PrivacyEvent,
+            resume_token,
+            retry,
+        )
+
+
+class AsyncPrivacyEventWatch(AsyncResumableWatch[audit_pb2.PrivacyEvent]):
+    """The asyncio twin of :class:`PrivacyEventWatch`: ``async with`` and ``async for``."""
+
+    def __init__(
+        self, method: Any, metadata: tuple[tuple[str, str], ...], resume_token: str, retry: RetryPolicy
+    ) -> None:
+        super().__init__(
+            "WatchPrivacyEvents",
+            method,
+            metadata,
+            _privacy_events_request,
+            audit_pb2.PrivacyEvent,
             resume_token,
             retry,
         )
