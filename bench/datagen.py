@@ -33,7 +33,9 @@ into dedicated databases that this module creates and drops:
   attempts. Digests are computed in Python exactly as
   ``disclosure_digest`` (migration 0005) does, checked against the SQL
   function on a sample, and ``python -m service audit verify``
-  passes on the result (``--verify`` runs it).
+  passes on the result (``--verify`` runs it). Then the patients,
+  appointments, practitioners and consents the records name, which a
+  patient's history joins (:func:`ensure_ledger_scheduling`).
 
 A database is reused when its ``bench_meta`` row matches the requested
 parameters (``--regen`` drops and rebuilds it). Usage::
@@ -718,7 +720,99 @@ async def generate_ledger(spec: LedgerSpec, *, regen: bool = False) -> dict[str,
     finally:
         await conn.close()
     print(f"{LEDGER_DB}: done in {time.monotonic() - started:.0f}s ({size}), head at {head[0]:,}", file=sys.stderr)
+    await ensure_ledger_scheduling(dsn)
     return meta
+
+
+async def ensure_ledger_scheduling(dsn: str) -> dict[str, Any]:
+    """Give the ledger database the rows a patient's history joins, derived from the ledger itself; once.
+
+    ``ListPatientDisclosures`` (``service.store.privacy``) checks the patient
+    exists and names each entry's partner, appointment, practitioner and
+    consent purpose. The ledger's records name 300,000 patients, ~1,000,000
+    appointments and one consent per contact record: this adds those patients
+    (ids only, nothing sealed), 2,000 practitioners, every appointment named
+    (its patient as recorded; a practitioner and a 15-minute slot in the 60
+    days from the ledger's first day, both derived from its id) and every
+    consent named (its record's first patient and partner, the fields
+    released, expired and announced, so the gateway's expiry sweep has nothing
+    to do). Written past the triggers (``session_replication_role = replica``:
+    no change-feed or privacy events), then analysed. Recorded in
+    ``bench_meta`` under ``scheduling``; a ledger built before this existed gets
+    them on first use (~15 s).
+    """
+    conn = await asyncpg.connect(dsn)
+    try:
+        raw = await conn.fetchval("SELECT value FROM bench_meta WHERE key = 'scheduling'")
+        if raw:
+            done: dict[str, Any] = json.loads(raw)
+            return done
+        started = time.monotonic()
+        print(f"{LEDGER_DB}: adding the patients, appointments, practitioners and consents the ledger names",
+              file=sys.stderr, flush=True)  # fmt: skip
+        announced = await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_name = 'consents' "
+            "AND column_name = 'expire_announced')"
+        )
+        rng = random.Random(43)
+        practitioners = [
+            (uuid.UUID(int=rng.getrandbits(128), version=4), f"Dr {rng.choice(FAMILY)} {i:05d}",
+             SPECIALTIES[i % len(SPECIALTIES)])
+            for i in range(2_000)
+        ]  # fmt: skip
+        async with conn.transaction():
+            await conn.execute("SET LOCAL session_replication_role = replica")
+            await conn.execute("SET LOCAL synchronous_commit = off")
+            await conn.copy_records_to_table(
+                "practitioners", records=practitioners, columns=["id", "display_name", "specialty"]
+            )
+            patients = await conn.execute(
+                "INSERT INTO patients (id) SELECT DISTINCT p FROM disclosures CROSS JOIN LATERAL unnest(patient_ids) p "
+                "WHERE patient_ids IS NOT NULL AND p IS NOT NULL"
+            )
+            appointments = await conn.execute(
+                """
+                WITH named AS (
+                    SELECT DISTINCT ON (u.a) u.a, u.p
+                    FROM disclosures d CROSS JOIN LATERAL unnest(d.appointment_ids, d.patient_ids) AS u(a, p)
+                    WHERE d.appointment_ids IS NOT NULL AND u.a IS NOT NULL
+                    ORDER BY u.a
+                ), doctors AS (SELECT array_agg(id ORDER BY id) AS ids FROM practitioners)
+                INSERT INTO appointments (id, practitioner_id, patient_id, start_time, end_time)
+                SELECT n.a, doctors.ids[1 + h.h % cardinality(doctors.ids)], n.p,
+                       $1::timestamptz + (h.h / 2000 % 5760) * interval '15 min',
+                       $1::timestamptz + (h.h / 2000 % 5760 + 1) * interval '15 min'
+                FROM named n CROSS JOIN doctors CROSS JOIN LATERAL (SELECT abs(hashtext(n.a::text)::bigint) AS h) h
+                """,
+                LEDGER_START,
+            )
+            consents = await conn.execute(
+                f"""
+                INSERT INTO consents (id, patient_id, partner_id, fields, purpose, signing_key_id, create_time,
+                                      expire_time{", expire_announced" if announced else ""})
+                SELECT DISTINCT ON (d.consent_id) d.consent_id, d.patient_ids[1], d.partner_id,
+                       CASE WHEN d.contact_fields = '{{}}' THEN '{{1,2,3,4}}'::smallint[] ELSE d.contact_fields END,
+                       'appointment reminders', 'k4.pid.bench', d.disclose_time - interval '1 day',
+                       d.disclose_time + interval '1 day'{", true" if announced else ""}
+                FROM disclosures d
+                WHERE d.consent_id IS NOT NULL AND d.patient_ids[1] IS NOT NULL
+                ORDER BY d.consent_id, d.id
+                """
+            )
+        for table in ("practitioners", "patients", "appointments", "consents"):
+            await conn.execute(f"VACUUM (ANALYZE) {table}")
+        done = {
+            "practitioners": len(practitioners),
+            "patients": int(patients.split()[-1]),
+            "appointments": int(appointments.split()[-1]),
+            "consents": int(consents.split()[-1]),
+            "seconds": round(time.monotonic() - started, 1),
+        }
+        await conn.execute("INSERT INTO bench_meta (key, value) VALUES ('scheduling', $1)", json.dumps(done))
+    finally:
+        await conn.close()
+    print(f"{LEDGER_DB}: {done}", file=sys.stderr, flush=True)
+    return done
 
 
 def verify_ledger() -> int:

@@ -249,6 +249,14 @@ def targets(report: dict[str, Any]) -> list[str]:
                     f"{_mark(None if worst is None else worst < TARGETS['breach_seconds'])} |")  # fmt: skip
     else:
         rows.append("| breach report over a 10M-record ledger: < 10 s | not run (no 10M ledger; `--ledger`) | – |")
+    history = report.get("history")
+    if history:
+        figures = history["variants"].get("rpc") or history["variants"]["statement"]
+        what = "ListPatientDisclosures" if "rpc" in history["variants"] else "its statement"
+        rows.append(f"| a patient's history over a {_ledger_size(history['ledger'])} ledger ({what}, "
+                    f"{figures['calls']} patients): p99 < {history['target_p99_ms']:.0f} ms | "
+                    f"{figures['p99_ms']:.1f} ms (p50 {figures['p50_ms']:.1f}) | "
+                    f"{_mark(figures['p99_ms'] < history['target_p99_ms'])} |")  # fmt: skip
     gateway_peaks = [r["hwm_mib"] for r in runs if r["variant"].startswith("gateway")]
     peak = max(gateway_peaks) if gateway_peaks else None
     rows.append(f"| gateway RSS under load < {TARGETS['rss_mib']:.0f} MiB per worker | {_fmt(peak, 0)} MiB peak | "
@@ -387,6 +395,8 @@ def markdown(report: dict[str, Any], chart_name: str | None) -> str:
         if breach.get("explain"):
             out += ["", "```", breach["explain"], "```"]
         out.append("")
+    if report.get("history"):
+        out += history_section(report["history"])
     profile = report.get("profile")
     if profile:
         out += ["## Profile (py-spy, ListAppointments c=16)", ""]
@@ -400,6 +410,73 @@ def markdown(report: dict[str, Any], chart_name: str | None) -> str:
     if chart_name:
         out += [f"![throughput and p99 against concurrency]({chart_name})", ""]
     return "\n".join(out)
+
+
+HISTORY_VARIANTS = {
+    "rpc": "`ListPatientDisclosures` through a gateway",
+    "statement": "its statement (`PATIENT_DISCLOSURES_SQL`) on one long-lived connection",
+    "statement, from the sixth call": "the same, from its sixth call (when PostgreSQL may keep a generic plan)",
+    "statement, generic plan": "the same, the generic plan forced (`plan_cache_mode = force_generic_plan`)",
+}
+
+
+def history_section(history: dict[str, Any]) -> list[str]:
+    """A patient's history over the ledger (``bench/patient_history.py``): latencies, the baseline, the plans."""
+    ledger, picked, scheduling = history["ledger"], history["patients"], history.get("scheduling", {})
+    per = ledger["items_per_patient"]
+    naive = history["naive"]
+    out = [
+        "## A patient's history (issue 25)",
+        "",
+        f"Over a {_ledger_size(ledger)} ledger naming {ledger['patients']:,} patients (items per patient: p50 "
+        f"{per['p50']}, p99 {per['p99']}, max {per['max']}), with the {scheduling.get('appointments', 0):,} "
+        f"appointments and {scheduling.get('consents', 0):,} consents it names; {picked['total']} distinct patients "
+        f"({picked['most_disclosed']} most disclosed, the others a uniform sample, seed {picked['seed']}), one call "
+        f"at a time, the variants interleaved per patient; the first page ({picked['page_size']}), no window. "
+        f"Target: p99 < {history['target_p99_ms']:.0f} ms. Load average (1 min) before and after: "
+        f"{' / '.join(str(x) for x in history.get('load_1m', [])) or '?'}; {history.get('seconds', 0):.0f} s.",
+        "",
+        "| variant | calls | min ms | p50 ms | p95 ms | p99 ms | max ms | most disclosed: p50 / max ms "
+        f"| under {history['target_p99_ms']:.0f} ms | naive p50 / p50 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    rows: dict[str, Any] = {}
+    for variant, figures in history["variants"].items():
+        rows[variant] = figures
+        if figures.get("from_sixth"):
+            rows[f"{variant}, from the sixth call"] = figures["from_sixth"]
+    for variant, figures in rows.items():
+        top = figures.get("by_kind", {}).get("most disclosed")
+        top_cell = "–" if not top else f"{top['p50_ms']:.2f} / {top['max_ms']:.2f}"
+        ratio = _ratio(naive.get("p50_ms"), figures["p50_ms"])
+        under = figures.get("under_target", "–")
+        out.append(f"| {HISTORY_VARIANTS.get(variant, variant)} | {figures['calls']} | "
+                   f"{_fmt(figures.get('min_ms'))} | {figures['p50_ms']:.2f} | {figures['p95_ms']:.2f} | "
+                   f"{figures['p99_ms']:.2f} | {figures['max_ms']:.2f} | {top_cell} | {under} | "
+                   f"{_fmt(ratio, 0 if ratio and ratio >= 100 else 1)}× |")  # fmt: skip
+    if naive.get("calls"):
+        under = naive.get("under_target", "–")
+        out.append(f"| naive: the same groups from `disclosure_items` by `patient_id` (a scan) | {naive['calls']} | "
+                   f"{_fmt(naive.get('min_ms'), 0)} | {naive['p50_ms']:.0f} | {naive['p95_ms']:.0f} | "
+                   f"{naive['p99_ms']:.0f} | {naive['max_ms']:.0f} | – | {under} | 1× |")  # fmt: skip
+    problems = history.get("problems") or []
+    checks = [f"the history's counts equal the ledger's census ({history['checked_counts']} patients)"]
+    if "rpc" in history["variants"]:
+        checks.append("each RPC page equals the statement's rows (entries, partners, appointments, counts)")
+    if "statement, generic plan" in history["variants"]:
+        checks.append("the generic plan's rows equal the statement's")
+    if naive.get("calls"):
+        checks.append("the baseline's groups equal the statement's")
+    verdict = "**" + "; ".join(problems[:5]) + "**" if problems else "all held"
+    out += ["", f"Checked, patient by patient: {', '.join(checks)}: {verdict}."]
+    plans = {name: figures["plans"] for name, figures in history["variants"].items() if figures.get("plans")}
+    if plans:
+        out += ["", "Plans each connection ran (`pg_prepared_statements`): " + "; ".join(
+            f"{name}, {n['custom']} custom and {n['generic']} generic" for name, n in plans.items()) + "."]  # fmt: skip
+    for name, text in history.get("explain", {}).items():
+        out += ["", f"`EXPLAIN (ANALYZE, BUFFERS)`, {name}, the most-disclosed patient:", "", "```", text, "```"]
+    out.append("")
+    return out
 
 
 def chart(report: dict[str, Any], path: Path) -> bool:

@@ -31,7 +31,10 @@ One run, in order:
    the wire. h2load does not read grpc-status, so every run is also checked
    three ways: the check call, the DATA bytes per response (an error answer
    carries none), and the gateway's access log (every call's status code).
-4. With the ledger: the breach report CLI over it (one partner, one day).
+4. With the ledger: the breach report CLI over it (one partner, one day), then
+   a patient's history (``ListPatientDisclosures``) for many patients, with its
+   statement and the naive query over ``disclosure_items`` side by side
+   (``bench/patient_history.py``).
 5. ``bench/results/<date>.{md,json,png}`` and the ratios.
 
 Usage: ``make bench`` (default suite, ≤ 15 min), or ``.venv/bin/python bench/run.py --help``.
@@ -769,10 +772,12 @@ def breach_report(args: argparse.Namespace, ledger_meta: dict[str, Any]) -> dict
     if args.breach_month:
         windows.append(("whole ledger (30 days)", first, datetime.fromisoformat(ledger_meta["last_time"])
                         + timedelta(seconds=1)))  # fmt: skip
+    # The report goes to a file, as an operator's would (the CLI writes only regular files: not /dev/null).
+    output = Path(tempfile.mkdtemp(prefix="apptgate-breach-")) / "report.csv"
     for label, since, until in windows:
         command = [
             PY, "-m", "service", "audit", "breach-report", "--partner", partner,
-            "--since", since.isoformat(), "--until", until.isoformat(), "--format", "csv", "--output", os.devnull,
+            "--since", since.isoformat(), "--until", until.isoformat(), "--format", "csv", "--output", str(output),
         ]  # fmt: skip
         started = time.monotonic()
         done = subprocess.run(command, cwd=source(), env=service_env(env), capture_output=True, text=True,
@@ -788,6 +793,7 @@ def breach_report(args: argparse.Namespace, ledger_meta: dict[str, Any]) -> dict
                                "seconds": round(seconds, 2), "totals": summary})  # fmt: skip
         log(f"  breach report ({label}): {seconds:.2f}s, {summary.get('patients')} patients, "
             f"{summary.get('appointments')} appointments")  # fmt: skip
+    shutil.rmtree(output.parent, ignore_errors=True)
     result["explain"] = asyncio.run(_explain_breach(partner, day))
     return result
 
@@ -966,13 +972,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--baseline-loop", choices=("same", "asyncio", "uvloop"), default="same",
                         help="the naive and bare servers' event loop (default: the gateway's; before commit "
                              "0fc513e they ran on asyncio)")  # fmt: skip
-    parser.add_argument("--ledger", action="store_true", help="generate the 10M ledger if missing; time breach report")
+    parser.add_argument("--ledger", action="store_true",
+                        help="generate the 10M ledger if missing; time breach report, patient history")  # fmt: skip
     parser.add_argument("--ledger-items", default="10m", help="appointments disclosed in the generated ledger")
     parser.add_argument("--breach-repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure every scenario × concurrency × variant this many times, the variants "
                              "in reverse order every other round; ratios: the median of the rounds'")  # fmt: skip
     parser.add_argument("--breach-month", action="store_true", help="also report the busiest partner over 30 days")
+    import patient_history
+
+    patient_history.add_arguments(parser)  # --history-…: a patient's history over the same ledger (issue 25)
     parser.add_argument("--whatif", metavar="PATCHES", default="",
                         help="add the variant gateway+whatif: the gateway with bench/whatif.py's variants "
                              "(norecord, gather, cold) to measure a change before it is made")  # fmt: skip
@@ -988,10 +998,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--at-commit", metavar="REV",
                         help="measure this commit (exported with git archive) instead of the work tree")  # fmt: skip
     parser.add_argument("--source", type=Path, help="measure the service in this directory (default: the work tree)")
-    parser.add_argument("--quick", action="store_true", help="smoke test: 100k only, 2 s runs, c=16")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 100k only, 2 s runs, c=16 (and 20 patients' histories)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.full_size, args.concurrency, args.duration, args.warmup = "100k", "100k", "16", 2.0, 1.0
+        args.history_patients, args.history_top = min(args.history_patients, 20), min(args.history_top, 5)
+        args.history_naive = min(args.history_naive, 1)
     return args
 
 
@@ -1157,6 +1170,13 @@ def main(argv: list[str] | None = None) -> int:
         if ledger_meta is not None:
             log(f"breach report over the {ledger_meta['head_seq']:,}-record ledger")
             report["breach"] = breach_report(args, ledger_meta)
+            if args.history_patients > 0:
+                import patient_history
+
+                log(f"a patient's history over the {ledger_meta['head_seq']:,}-record ledger")
+                history = patient_history.measure(ledger_meta, args)
+                if history is not None:
+                    report["history"] = history
     finally:
         for server in servers:
             with contextlib.suppress(Exception):
