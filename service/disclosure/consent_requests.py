@@ -310,8 +310,11 @@ class ConsentRequests:
                 delay = _SWEEP_IDLE if following is None else min(max(following, 0.0), _SWEEP_IDLE)
             except ApptgateError:
                 log.warning("consent request expiry skipped: the database is unavailable")
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation that comes
+            # as the event is set, and the gateway's stop would wait for this task for ever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(activity.wait(), timeout=delay)
+                async with asyncio.timeout(delay):
+                    await activity.wait()
 
 
 def _parse_id(ids: PartnerPseudonyms, public_id: str) -> UUID:

@@ -112,5 +112,8 @@ async def run_expiry_announcements(database: Database, activity: asyncio.Event) 
             delay = _SWEEP_IDLE if following is None else min(max(following, 0.0), _SWEEP_IDLE)
         except ApptgateError:
             log.warning("consent expiry announcements skipped: the database is unavailable")
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation that comes
+        # as the event is set, and the gateway's stop would wait for this task for ever.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(activity.wait(), timeout=delay)
+            async with asyncio.timeout(delay):
+                await activity.wait()

@@ -138,7 +138,8 @@ class ChangeNotifications:
                 self._connected.set()
                 while not lost.is_set():
                     try:
-                        await asyncio.wait_for(lost.wait(), timeout=5)
+                        async with asyncio.timeout(5):  # not wait_for, which can lose a cancellation
+                            await lost.wait()
                     except TimeoutError:
                         await conn.execute("SELECT 1")  # notices a silently dead connection
             except UNREACHABLE:

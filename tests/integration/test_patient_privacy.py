@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import Counter
 from datetime import timedelta
 from typing import Any
@@ -20,6 +21,12 @@ from appointments.partner.v1 import partner_appointment_service_pb2 as pb
 from appointments.type.v1.contact_pb2 import CONTACT_FIELD_EMAIL, CONTACT_FIELD_PHONE
 from google.protobuf.duration_pb2 import Duration
 from harness import MONDAY, World
+
+from service.access.consent_tokens import ConsentKeyring
+from service.app import Gateway, Secrets
+from service.crypto.sealing import DataKeyring
+from service.settings import Settings
+from service.store.database import Database
 
 READ_TIMEOUT = 10
 T = audit_pb2
@@ -306,3 +313,27 @@ async def test_what_was_told_cannot_be_rewritten(world: World, database_dsn: str
     finally:
         await conn.close()
     assert kept == 2
+
+
+async def test_stop_ends_the_sweeps_even_when_they_are_woken_as_they_are_cancelled(
+    settings: Settings, database: Database, keyring: ConsentKeyring, data_keys: DataKeyring
+) -> None:
+    # The sweeps wait on events the hub sets; a cancellation arriving as an event is set must
+    # still end them (asyncio.wait_for in Python 3.11 lost it, and stop() waited for ever).
+    for attempt in range(20):
+        gateway = Gateway(settings, database, Secrets(os.urandom(32), keyring, data_keys))
+        await gateway.start()
+
+        async def wake_all_the_time(running: Gateway) -> None:
+            while True:
+                running.feed.consent_request_activity.set()
+                running.feed.privacy_activity.set()
+                await asyncio.sleep(0)
+
+        waking = asyncio.create_task(wake_all_the_time(gateway))
+        try:
+            await asyncio.sleep(0.02 * (1 + attempt % 5))  # the sweeps in their waits, at various points
+            async with asyncio.timeout(30):
+                await gateway.stop(0)
+        finally:
+            waking.cancel()
