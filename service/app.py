@@ -28,6 +28,7 @@ from appointments.internal.v1 import (
 )
 from appointments.partner.v1 import partner_appointment_service_pb2_grpc
 
+from service import sweeps
 from service.access import credentials
 from service.access.consent_tokens import ConsentKeyring
 from service.access.gate import PartnerGate
@@ -47,11 +48,13 @@ from service.errors import ApptgateError, ConfigError
 from service.feed.consent_requests import ConsentRequestWatches
 from service.feed.delivery import Deliveries
 from service.feed.hub import FeedHub
-from service.feed.privacy import PrivacyWatches, run_expiry_announcements
+from service.feed.privacy import PrivacyWatches
 from service.feed.watch import Watches
 from service.settings import Settings, is_loopback
 from service.store import chain, sealed_columns
+from service.store import consent_requests as consent_requests_store
 from service.store import data_keys as key_checks
+from service.store import privacy as privacy_store
 from service.store.database import Database, partner_login_dsn
 from service.store.embedded import EmbeddedPostgres
 from service.telemetry.tracing import Telemetry
@@ -292,12 +295,26 @@ class Gateway:
             raise
         self._health_task = asyncio.create_task(self._watch_database(), name="apptgate-health")
         self._sequencer_task = asyncio.create_task(self._chain_ledger(), name="apptgate-ledger-sequencer")
+        # Woken by the notifications that bring a new due time: a request made, a consent granted.
         self._expiry_task = asyncio.create_task(
-            self._consent_requests.run_expiry(self.feed.consent_request_activity),
+            sweeps.run(
+                self.database,
+                self.feed.consent_request_activity,
+                consent_requests_store.expire_lapsed,
+                consent_requests_store.seconds_to_next_lapse,
+                what="consent requests expired",
+            ),
             name="apptgate-consent-request-expiry",
         )
         self._announcement_task = asyncio.create_task(
-            run_expiry_announcements(self.database, self.feed.privacy_activity), name="apptgate-consent-expiry"
+            sweeps.run(
+                self.database,
+                self.feed.privacy_activity,
+                privacy_store.announce_expired_consents,
+                privacy_store.seconds_to_next_consent_expiry,
+                what="consent expiries announced",
+            ),
+            name="apptgate-consent-expiry",
         )
 
     async def _chain_ledger(self) -> None:

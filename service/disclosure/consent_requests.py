@@ -13,9 +13,9 @@ whenever the partner reads its request (Ed25519 signatures are
 deterministic, so it is the same token while the signing key is), and only
 while the consent is live. Pending requests lapse after
 ``APPTGATE_CONSENT_REQUEST_TTL``: each read shows a lapsed request as
-expired, and a sweep in every process (:meth:`ConsentRequests.run_expiry`)
-records it, once, so its event reaches the partner's stream: it sleeps until
-the next request lapses or a request is made anywhere.
+expired, and a sweep in every process (:mod:`service.sweeps`, with
+:func:`service.store.consent_requests.expire_lapsed`) records it, once, so its
+event reaches the partner's stream.
 
 The purpose and message are the partner's text, sealed at rest and never
 logged or traced; the partner gets its purpose back, the message only the
@@ -24,9 +24,6 @@ patient sees.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 import math
 import uuid
 from dataclasses import dataclass
@@ -56,17 +53,12 @@ from service.store import consent_requests, consents, partner_path
 from service.store.database import Database
 from service.telemetry.tracing import current_trace_id
 
-log = logging.getLogger(__name__)
-
 _REQUEST = "RequestContactAccess"
 #: The internal method an approval's ledger record names.
 _APPROVE_RPC = "/appointments.internal.v1.ConsentService/ApproveConsentRequest"
 #: Requests a partner may make to one patient within :data:`PATIENT_WINDOW`, so patients are not pestered.
 PATIENT_CAP = 3
 PATIENT_WINDOW = timedelta(days=30)
-#: Requests expired per statement, and the longest the sweep sleeps without being woken.
-_SWEEP_BATCH = 500
-_SWEEP_IDLE = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,34 +279,6 @@ class ConsentRequests:
         if settled is not None:
             raise settled
         return row
-
-    async def run_expiry(self, activity: asyncio.Event) -> None:
-        """Expire lapsed requests as they lapse, until cancelled (every process runs one; each request lapses once).
-
-        The sweep sleeps until the next pending request lapses, or until
-        ``activity`` is set (the hub sets it on each consent request
-        notification of any process, and after a lost connection), so an idle
-        gateway runs no query for it.
-        """
-        while True:
-            activity.clear()  # before reading: an event from here on wakes the wait below
-            delay = 1.0
-            try:
-                async with self._db.transaction() as conn:
-                    expired = await consent_requests.expire_lapsed(conn, limit=_SWEEP_BATCH)
-                    following = await consent_requests.seconds_to_next_lapse(conn)
-                if expired:
-                    log.info("expired %d consent requests", expired)
-                if expired == _SWEEP_BATCH:
-                    continue
-                delay = _SWEEP_IDLE if following is None else min(max(following, 0.0), _SWEEP_IDLE)
-            except ApptgateError:
-                log.warning("consent request expiry skipped: the database is unavailable")
-            # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation that comes
-            # as the event is set, and the gateway's stop would wait for this task for ever.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await activity.wait()
 
 
 def _parse_id(ids: PartnerPseudonyms, public_id: str) -> UUID:

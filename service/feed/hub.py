@@ -138,27 +138,17 @@ class FeedHub:
         self, partner_id: UUID, key_id: str, practitioner_id: UUID | None, granted: Collection[UUID]
     ) -> Subscription:
         """Register a stream; changes after :attr:`position` queue up for it from now on."""
-        if len(self._subscriptions[partner_id]) >= self._max_streams:
-            raise ResourceExhausted(
-                f"at most {self._max_streams} streams per partner", reason="TOO_MANY_STREAMS", retry_delay=5
-            )
         watched = {practitioner_id} if practitioner_id is not None else set(granted)
         sub = Subscription(partner_id, key_id, practitioner_id, watched, self._position)
-        self._subscriptions[partner_id].add(sub)
-        return sub
+        return self._add(sub, "streams per partner")
 
     def subscribe_consent_requests(self, partner_id: UUID, key_id: str) -> Subscription:
         """Register a WatchConsentRequests stream: woken by each of its partner's consent request events.
 
         It counts against the partner's streams, and ends like any stream when its key is revoked.
         """
-        if len(self._subscriptions[partner_id]) >= self._max_streams:
-            raise ResourceExhausted(
-                f"at most {self._max_streams} streams per partner", reason="TOO_MANY_STREAMS", retry_delay=5
-            )
         sub = Subscription(partner_id, key_id, None, set(), self._position, consent_requests=True)
-        self._subscriptions[partner_id].add(sub)
-        return sub
+        return self._add(sub, "streams per partner")
 
     def subscribe_privacy(self) -> Subscription:
         """Register a WatchPrivacyEvents stream: woken by every privacy event, of any patient.
@@ -166,12 +156,14 @@ class FeedHub:
         The internal listener's streams count against one limit of their own
         (``APPTGATE_FEED_MAX_STREAMS``), kept under a key no partner has.
         """
-        if len(self._subscriptions[_INTERNAL]) >= self._max_streams:
-            raise ResourceExhausted(
-                f"at most {self._max_streams} privacy event streams", reason="TOO_MANY_STREAMS", retry_delay=5
-            )
         sub = Subscription(_INTERNAL, "", None, set(), self._position, privacy=True)
-        self._subscriptions[_INTERNAL].add(sub)
+        return self._add(sub, "privacy event streams")
+
+    def _add(self, sub: Subscription, counted: str) -> Subscription:
+        """Register ``sub`` unless its owner has ``APPTGATE_FEED_MAX_STREAMS`` open (RESOURCE_EXHAUSTED)."""
+        if len(self._subscriptions[sub.partner_id]) >= self._max_streams:
+            raise ResourceExhausted(f"at most {self._max_streams} {counted}", reason="TOO_MANY_STREAMS", retry_delay=5)
+        self._subscriptions[sub.partner_id].add(sub)
         return sub
 
     def pending(self, sub: Subscription, cursor: int) -> tuple[list[models.FeedChange], int]:

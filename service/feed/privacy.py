@@ -1,41 +1,32 @@
-"""What a patient is told: the privacy events stream and the sweep that announces expired consents.
+"""What a patient is told: the privacy events stream.
 
 Privacy events are written by triggers (migration 0009) in the transaction
 that makes them true, numbered without gaps in commit order, so a resume
 token is the sealed position of the last event sent. A stream replays from
 the database what it has not seen and waits on the hub between reads; the hub
 wakes it on each event notification. Only a consent's expiry commits nothing
-by itself: every gateway process runs :func:`run_expiry_announcements`, which
-announces each expired consent once and sleeps until the next one is due or
-a privacy event is written anywhere (a new consent).
+by itself: a sweep in every process (:mod:`service.sweeps`, with
+:func:`service.store.privacy.announce_expired_consents`) announces each
+expired consent once.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from appointments.internal.v1 import audit_pb2
 
 from service import models
 from service.disclosure.pagination import PageTokens
-from service.errors import ApptgateError
 from service.feed.delivery import POSITION
 from service.feed.hub import FeedHub
 from service.store import privacy
 from service.store.database import Database
 from service.timestamps import set_timestamp
 
-log = logging.getLogger(__name__)
-
 #: Events read per statement.
 _BATCH = 500
 _BINDING = b"WatchPrivacyEvents"
-#: Consents announced per statement, and the longest the sweep sleeps without being woken.
-_SWEEP_BATCH = 500
-_SWEEP_IDLE = 60.0
 
 
 def event_message(event: models.PrivacyEvent, resume_token: str) -> audit_pb2.PrivacyEvent:
@@ -91,29 +82,3 @@ class PrivacyWatches:
                     await sub.wait()
         finally:
             self._hub.unsubscribe(sub)
-
-
-async def run_expiry_announcements(database: Database, activity: asyncio.Event) -> None:
-    """Announce each consent that expires, once across processes, as it expires; until cancelled.
-
-    Sleeps until the next consent expires, or until ``activity`` is set (a
-    privacy event was written anywhere, a new consent among them), so an idle
-    gateway runs no query for it.
-    """
-    while True:
-        activity.clear()  # before reading: an event from here on wakes the wait below
-        delay = 1.0
-        try:
-            async with database.transaction() as conn:
-                announced = await privacy.announce_expired_consents(conn, limit=_SWEEP_BATCH)
-                following = await privacy.seconds_to_next_consent_expiry(conn)
-            if announced == _SWEEP_BATCH:
-                continue
-            delay = _SWEEP_IDLE if following is None else min(max(following, 0.0), _SWEEP_IDLE)
-        except ApptgateError:
-            log.warning("consent expiry announcements skipped: the database is unavailable")
-        # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation that comes
-        # as the event is set, and the gateway's stop would wait for this task for ever.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(delay):
-                await activity.wait()
