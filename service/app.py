@@ -33,6 +33,7 @@ from service.access import credentials
 from service.access.consent_tokens import ConsentKeyring
 from service.access.gate import PartnerGate
 from service.access.limits import ExtractionGuard
+from service.access.request_rate import FleetRate
 from service.api import audit, consents, partner, registry, scheduling
 from service.api.reflection import documented_files
 from service.api.server import ErrorBoundary, Listener, start_listener
@@ -51,7 +52,7 @@ from service.feed.hub import FeedHub
 from service.feed.privacy import PrivacyWatches
 from service.feed.watch import Watches
 from service.settings import Settings, is_loopback
-from service.store import chain, sealed_columns
+from service.store import chain, request_leases, sealed_columns
 from service.store import consent_requests as consent_requests_store
 from service.store import data_keys as key_checks
 from service.store import privacy as privacy_store
@@ -172,7 +173,11 @@ class Gateway:
             retention=settings.feed_retention,
         )
         parts = self._parts
-        self._gate = PartnerGate(database, self._guard)
+        self._gate = PartnerGate(
+            database,
+            self._guard,
+            FleetRate(request_leases.source(database, settings.limits.default_deadline)),
+        )
         self._reads = PartnerReads(
             database,
             self._gate,

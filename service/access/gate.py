@@ -37,6 +37,7 @@ from uuid import UUID
 from service import models
 from service.access import credentials
 from service.access.limits import ExtractionGuard, PartnerPolicy, TokenBuckets
+from service.access.request_rate import FleetRate
 from service.errors import ApptgateError, PartnerSuspended, PermissionDenied, ResourceExhausted, Unauthenticated
 from service.store import partner_path
 from service.store.database import Database
@@ -73,8 +74,16 @@ class Caller:
 class PartnerGate:
     """Admits partner calls: the key, the partner's limits, and what the database refuses later."""
 
-    def __init__(self, database: Database, guard: ExtractionGuard, *, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        database: Database,
+        guard: ExtractionGuard,
+        rate: FleetRate,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.guard = guard
+        self._rate = rate
         self._db = database
         self._clock = clock
         # Key id → a principal whose key the database verified. What is kept never changes for a
@@ -104,7 +113,7 @@ class PartnerGate:
             if policy.suspended:
                 raise PartnerSuspended()
         _annotate(principal)
-        self.guard.throttle(principal.partner_id, policy)
+        await self._rate.take(principal.partner_id, policy)
         return principal, policy
 
     async def admit_live(self, caller: Caller) -> tuple[models.Principal, PartnerPolicy]:
@@ -112,7 +121,8 @@ class PartnerGate:
         key_id, presented = self._presented(caller)
         principal, policy = await self._authenticate(key_id, presented, caller.peer)
         _annotate(principal)
-        self.guard.admit(principal.partner_id, policy)
+        self.guard.admit(policy)
+        await self._rate.take(principal.partner_id, policy)
         return principal, policy
 
     async def open_stream(self, caller: Caller) -> tuple[models.Principal, partner_path.Opening]:
@@ -126,7 +136,9 @@ class PartnerGate:
             raise self._failure(key_id, presented, peer)
         principal = models.Principal(opening.partner_id, key_id, presented)
         _annotate(principal)
-        self.guard.admit(principal.partner_id, self.guard.learn(principal.partner_id, opening.overrides))
+        policy = self.guard.learn(principal.partner_id, opening.overrides)
+        self.guard.admit(policy)
+        await self._rate.take(principal.partner_id, policy)
         return principal, opening
 
     def refused(self, refused: ReadRefused, principal: models.Principal) -> ApptgateError:

@@ -2,9 +2,8 @@
 
 Three layers, each answering RESOURCE_EXHAUSTED with a RetryInfo:
 
-* a token bucket per partner and process (``APPTGATE_PARTNER_RPS``/``_BURST``):
-  it smooths bursts in each process, so with N processes a partner's sustained
-  rate can reach N times the configured rate;
+* a request rate per partner (``APPTGATE_PARTNER_RPS``/``_BURST``), held across
+  every process from tokens leased from PostgreSQL (:mod:`service.access.request_rate`);
 * daily caps on contact disclosures and on distinct patients reached, counted
   in PostgreSQL by the statement that records the disclosure, so they hold
   across every process (``APPTGATE_CONTACT_DAILY_CAP``/``_PATIENT_DAILY_CAP``);
@@ -123,7 +122,6 @@ class ExtractionGuard:
         self, settings: Settings, telemetry: Telemetry, *, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self._settings = settings
-        self._buckets = TokenBuckets()
         self._anomalies = telemetry.anomalies
         self._clock = clock
         self._policies: OrderedDict[UUID, tuple[PartnerPolicy, float]] = OrderedDict()
@@ -159,17 +157,11 @@ class ExtractionGuard:
             overrides.suspend_time is not None,
         )
 
-    def admit(self, partner_id: UUID, policy: PartnerPolicy) -> None:
-        """Refuse a suspended partner, or one over its request rate."""
+    @staticmethod
+    def admit(policy: PartnerPolicy) -> None:
+        """Refuse a suspended partner."""
         if policy.suspended:
             raise PartnerSuspended()
-        self.throttle(partner_id, policy)
-
-    def throttle(self, partner_id: UUID, policy: PartnerPolicy) -> None:
-        """Refuse a partner over its request rate."""
-        wait = self._buckets.take(partner_id, policy.requests_per_second, policy.burst)
-        if wait > 0:
-            raise ResourceExhausted("too many requests", reason="RATE_LIMITED", retry_delay=wait)
 
     def terms(self, policy: PartnerPolicy) -> models.ChargeTerms:
         """What the partner's responses are counted against."""

@@ -14,8 +14,10 @@ from harness import World
 
 from service.access.gate import Caller, PartnerGate
 from service.access.limits import ExtractionGuard
+from service.access.request_rate import FleetRate
 from service.errors import ResourceExhausted, Unauthenticated
 from service.settings import Settings
+from service.store import request_leases
 from service.store.database import Database, partner_login_dsn
 from service.telemetry.tracing import Telemetry
 
@@ -67,7 +69,9 @@ def clock() -> Clock:
 
 @pytest.fixture
 def gate(observed: tuple[Database, Statements], settings: Settings, clock: Clock) -> PartnerGate:
-    return PartnerGate(observed[0], ExtractionGuard(settings, Telemetry(), clock=clock), clock=clock)
+    database = observed[0]
+    rate = FleetRate(request_leases.source(database, 5.0), clock=clock)
+    return PartnerGate(database, ExtractionGuard(settings, Telemetry(), clock=clock), rate, clock=clock)
 
 
 def _bearer(secret: str) -> list[tuple[str, str]]:
