@@ -239,7 +239,7 @@ class Gateway:
             scheduling.SchedulingApi(self.database, data_keys), server
         )
         partner_registry_service_pb2_grpc.add_PartnerRegistryServiceServicer_to_server(
-            registry.PartnerRegistryApi(self.database, self._guard), server
+            registry.PartnerRegistryApi(self.database, self._guard, self._parts.page_tokens), server
         )
         consent_service_pb2_grpc.add_ConsentServiceServicer_to_server(
             consents.ConsentApi(

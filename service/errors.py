@@ -16,6 +16,7 @@ The tree::
     ├── DeadlineExceeded           DEADLINE_EXCEEDED (the call's time ran out, database work included)
     ├── ResourceExhausted          RESOURCE_EXHAUSTED + RetryInfo
     └── Unavailable                UNAVAILABLE + RetryInfo (the database is unreachable)
+        └── ServerShuttingDown     the server is draining before it stops: resume elsewhere
     ConfigError                    bad configuration at start; never reaches a caller
 
 Every status carries one ``google.rpc.ErrorInfo`` with an UPPER_SNAKE reason
@@ -210,6 +211,15 @@ class Unavailable(_Retryable):
 
     code = code_pb2.UNAVAILABLE
     default_reason = "DATABASE_UNAVAILABLE"
+
+
+class ServerShuttingDown(Unavailable):
+    """The server is stopping: it accepts no new call and ends its streams; the caller resumes elsewhere."""
+
+    default_reason = "SERVER_SHUTTING_DOWN"
+
+    def __init__(self, *, retry_delay: float) -> None:
+        super().__init__("the server is shutting down; resume with the last token", retry_delay=retry_delay)
 
 
 class ConfigError(Exception):

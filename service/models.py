@@ -258,6 +258,32 @@ class PartnerKey:
     client_cert_sha256: bytes | None
     create_time: datetime
     revoke_time: datetime | None
+    #: When the key stops verifying by itself, if it was issued to lapse.
+    expire_time: datetime | None = None
+
+
+class KeyState(enum.IntEnum):
+    """Whether a partner key verifies now: ``appointments.internal.v1.PartnerKeyState``."""
+
+    ACTIVE = 1
+    EXPIRED = 2
+    #: Revoked, whatever its expire time.
+    REVOKED = 3
+
+
+@dataclass(frozen=True, slots=True)
+class KeyStanding:
+    """A partner key as an operator lists it: its times and state, never its secret's hash."""
+
+    id: str
+    partner_id: UUID
+    client_cert_sha256: bytes | None
+    create_time: datetime
+    revoke_time: datetime | None
+    expire_time: datetime | None
+    #: The time of the latest ledger record made with the key, ``None`` for none.
+    last_use_time: datetime | None
+    state: KeyState
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +291,7 @@ class KeyAccess:
     """What a key is worth now: its partner, whether it is revoked, its partner's limits and granted practitioners."""
 
     partner_id: UUID
+    #: Revoked, or past its expire time: either way the key no longer verifies.
     revoked: bool
     overrides: PartnerOverrides
     granted: frozenset[UUID]

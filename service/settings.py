@@ -560,6 +560,14 @@ class Settings:
         parse=_seconds,
         check=_at_least(60, " seconds"),
     )
+    watch_bookmark_interval: float = variable(
+        "APPTGATE_WATCH_BOOKMARK_INTERVAL",
+        30.0,
+        "seconds a `WatchAppointments` stream that asked for bookmarks may stay quiet before it is sent one "
+        "(a resume point that discloses nothing)",
+        parse=_number,
+        check=_above(0),
+    )
     view_memo: int = variable(
         "APPTGATE_VIEW_MEMO",
         16_384,

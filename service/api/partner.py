@@ -155,6 +155,7 @@ class PartnerAppointmentApi(pb_grpc.PartnerAppointmentServiceServicer):
             request.practitioner_id,
             request.resume_token,
             live,
+            bookmarks=request.allow_bookmarks,
         )
         async for change in changes:
             yield change

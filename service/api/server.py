@@ -230,10 +230,18 @@ class Listener:
         for service_name in ("", *self.service_names):
             await self.health.set(service_name, status)
 
+    async def begin_stop(self, grace: float) -> asyncio.Future[None]:
+        """Report NOT_SERVING and refuse new calls; the future returned ends once in-flight calls have
+        finished, ``grace`` seconds at most (then they are cancelled)."""
+        await self.health.enter_graceful_shutdown()
+        stopping: asyncio.Future[None] = asyncio.ensure_future(self.server.stop(grace))
+        # One turn of the loop: grpc.aio's stop has the core refuse new calls before it first waits.
+        await asyncio.sleep(0)
+        return stopping
+
     async def stop(self, grace: float) -> None:
         """Report NOT_SERVING, then let in-flight calls finish for up to ``grace`` seconds."""
-        await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        await (await self.begin_stop(grace))
 
 
 def _credentials(tls: TlsFiles) -> grpc.ServerCredentials:

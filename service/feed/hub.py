@@ -15,6 +15,11 @@ Memory is bounded by the ring: a stream whose cursor falls behind the oldest
 change still in the ring (a consumer that reads too slowly, or a burst larger
 than the ring) is ended with RESOURCE_EXHAUSTED, and resumes from the database
 with its last token.
+
+When the server stops, :meth:`FeedHub.drain` ends every stream with
+UNAVAILABLE (``SERVER_SHUTTING_DOWN``, a short RetryInfo delay) and refuses
+new ones the same way: a stream's position is a sealed feed position, valid
+on every process of the deployment, so its client resumes on another.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from uuid import UUID
 
 from service import models
 from service.access.gate import key_refusal, stream_refusal
-from service.errors import ApptgateError, ResourceExhausted, Unavailable
+from service.errors import ApptgateError, ResourceExhausted, ServerShuttingDown
 from service.store import changes, partners
 from service.store.database import Database
 
@@ -44,6 +49,9 @@ _READ_TIMEOUT = 10.0
 _PRUNE_EVERY = 600
 #: Where the internal listener's streams are kept among the partners' (no partner has this id).
 _INTERNAL = UUID(int=0)
+#: Seconds a stream ended by a shutdown is told to wait before resuming: short, as another process
+#: (or this one, restarted) serves it, and the clients' jitter spreads them out from there.
+SHUTDOWN_RETRY_DELAY = 0.2
 
 
 @dataclass(eq=False)
@@ -102,6 +110,7 @@ class FeedHub:
         self._notifications = changes.ChangeNotifications(database.dsn, self._notified)
         self._position = 0
         self._tasks: list[asyncio.Task[None]] = []
+        self._draining = False
         #: Set on every consent request notification and after a reconnection (the expiry sweep waits on it).
         self.consent_request_activity = asyncio.Event()
         #: Set on every privacy event notification and after a reconnection (the consent expiry sweep waits on it).
@@ -122,17 +131,31 @@ class FeedHub:
             asyncio.create_task(self._prune(), name="apptgate-feed-prune"),
         ]
 
+    @property
+    def draining(self) -> bool:
+        """Whether :meth:`drain` was called: streams end, and new ones are refused."""
+        return self._draining
+
+    def drain(self) -> None:
+        """End every stream with UNAVAILABLE (``SERVER_SHUTTING_DOWN``) and refuse new ones from now on.
+
+        The hub goes on reading changes until :meth:`stop`, so a stream that was
+        sending a batch finishes it before it ends.
+        """
+        self._draining = True
+        for subs in self._subscriptions.values():
+            for sub in subs:
+                sub.end(ServerShuttingDown(retry_delay=SHUTDOWN_RETRY_DELAY))
+
     async def stop(self) -> None:
-        """Stop listening and end every stream."""
+        """End every stream (:meth:`drain`), then stop listening."""
+        self.drain()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._notifications.stop()
-        for subs in self._subscriptions.values():
-            for sub in subs:
-                sub.end(Unavailable("the server is shutting down; resume with the last token", retry_delay=1))
 
     def subscribe(
         self, partner_id: UUID, key_id: str, practitioner_id: UUID | None, granted: Collection[UUID]
@@ -160,7 +183,12 @@ class FeedHub:
         return self._add(sub, "privacy event streams")
 
     def _add(self, sub: Subscription, counted: str) -> Subscription:
-        """Register ``sub`` unless its owner has ``APPTGATE_FEED_MAX_STREAMS`` open (RESOURCE_EXHAUSTED)."""
+        """Register ``sub`` unless its owner has ``APPTGATE_FEED_MAX_STREAMS`` open (RESOURCE_EXHAUSTED).
+
+        Raises UNAVAILABLE (``SERVER_SHUTTING_DOWN``) once the hub drains.
+        """
+        if self._draining:
+            raise ServerShuttingDown(retry_delay=SHUTDOWN_RETRY_DELAY)
         if len(self._subscriptions[sub.partner_id]) >= self._max_streams:
             raise ResourceExhausted(f"at most {self._max_streams} {counted}", reason="TOO_MANY_STREAMS", retry_delay=5)
         self._subscriptions[sub.partner_id].add(sub)

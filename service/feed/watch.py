@@ -7,10 +7,19 @@ subscribed, and follows the hub's shared ring after that; each batch goes
 through :class:`~service.feed.delivery.Deliveries`, which records it before it
 is sent. A resume token is the sealed position of the last change sent, bound
 to the partner.
+
+A stream that asked for bookmarks is also sent, outside the deliveries (a
+bookmark discloses nothing, so nothing is recorded), its cursor sealed the
+same way: once it has caught up, whenever it has sent nothing for the bookmark
+interval, and once more when the server shuts down. The cursor is the feed
+position up to which the stream has looked at every change, sent or not
+watched, so a bookmark's token resumes exactly where the stream stands,
+whichever process opens it.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from uuid import UUID
 
@@ -20,7 +29,7 @@ from service import models
 from service.access.gate import Caller, PartnerGate
 from service.disclosure.pagination import PageTokens
 from service.disclosure.record import entry
-from service.errors import NotFound, OutOfRange, PermissionDenied
+from service.errors import NotFound, OutOfRange, PermissionDenied, ServerShuttingDown
 from service.feed.delivery import POSITION, Deliveries, Delivery
 from service.feed.hub import FeedHub, Subscription
 from service.store import partner_path
@@ -42,6 +51,8 @@ class Watches:
         deliveries: Deliveries,
         page_tokens: PageTokens,
         telemetry: Telemetry,
+        *,
+        bookmark_interval: float = 30.0,
     ) -> None:
         self._db = database
         self._gate = gate
@@ -49,6 +60,7 @@ class Watches:
         self._deliveries = deliveries
         self._page_tokens = page_tokens
         self._telemetry = telemetry
+        self._bookmark_interval = bookmark_interval
 
     async def watch(
         self,
@@ -57,13 +69,17 @@ class Watches:
         practitioner_text: str,
         resume_token: str,
         live: Callable[[], Awaitable[None]],
+        *,
+        bookmarks: bool = False,
     ) -> AsyncIterator[pb.AppointmentChange]:
         """The stream's events; ``live`` is awaited once changes from then on will reach it.
 
+        With ``bookmarks``, bookmarks are sent too (see the module docstring).
         Raises NOT_FOUND (recorded) for a practitioner not granted,
         PERMISSION_DENIED when nothing is granted, OUT_OF_RANGE for a resume
         token older than the retention; the stream ends with the error of a
-        revocation, a cap, a stream that fell behind, or a shutdown.
+        revocation, a cap, a stream that fell behind, or a shutdown
+        (UNAVAILABLE, ``SERVER_SHUTTING_DOWN``, after a last bookmark).
         """
         principal, opening = await self._gate.open_stream(caller)
         granted, head, pruned = opening.granted, opening.head, opening.pruned_through
@@ -88,11 +104,16 @@ class Watches:
         annotate(view="basic")
         sub = self._hub.subscribe(principal.partner_id, principal.key_id, practitioner, granted)
         self._telemetry.active_streams.add(1)
+        # Every change up to the cursor has been sent or is not watched. "From now" is the
+        # database's head, which the hub may not have read yet; a token may be ahead of this
+        # process's hub (another process sealed it): its stream waits for the hub to catch up.
+        cursor = max(head, sub.start_position) if resume is None else resume
+        loop = asyncio.get_running_loop()
         try:
             await live()
-            # "From now" is the database's head, which the hub may not have read yet.
-            cursor = max(head, sub.start_position) if resume is None else min(resume, sub.start_position)
             while cursor < sub.start_position:  # replay what committed before the subscription
+                if sub.ended is not None:
+                    raise sub.ended
                 async with self._db.partner_statements() as conn:
                     try:
                         batch = await partner_path.changes(
@@ -108,17 +129,47 @@ class Watches:
                 for message in await self._deliver(principal, sub, batch, binding):
                     yield message
                 cursor = batch[-1].position if len(batch) == _REPLAY_BATCH else sub.start_position
+            if bookmarks:  # caught up
+                yield self._bookmark(cursor, binding)
+            quiet_since = loop.time()
             while True:  # then live, from the hub's shared ring
                 batch, upto = self._hub.pending(sub, cursor)
                 if batch:
-                    for message in await self._deliver(principal, sub, batch, binding):
+                    messages = await self._deliver(principal, sub, batch, binding)
+                    for message in messages:
                         yield message
+                    if messages:
+                        quiet_since = loop.time()
                 cursor = upto
-                if not batch:
+                if batch:
+                    continue
+                if not bookmarks:
                     await sub.wait()
+                    continue
+                quiet_for = loop.time() - quiet_since
+                if quiet_for >= self._bookmark_interval:
+                    yield self._bookmark(cursor, binding)
+                    quiet_since = loop.time()
+                    continue
+                try:
+                    async with asyncio.timeout(self._bookmark_interval - quiet_for):
+                        await sub.wait()
+                except TimeoutError:
+                    pass
+        except ServerShuttingDown:
+            # The stream is exactly at its cursor: a last bookmark lets a client that received
+            # nothing since its last token resume from here, on another process.
+            if bookmarks:
+                yield self._bookmark(cursor, binding)
+            raise
         finally:
             self._hub.unsubscribe(sub)
             self._telemetry.active_streams.add(-1)
+
+    def _bookmark(self, cursor: int, binding: bytes) -> pb.AppointmentChange:
+        """A bookmark: the stream's cursor sealed like a change's token, and nothing else."""
+        token = self._page_tokens.seal(POSITION.pack(cursor), binding)
+        return pb.AppointmentChange(change_type=pb.CHANGE_TYPE_BOOKMARK, resume_token=token)
 
     async def _deliver(
         self, principal: models.Principal, sub: Subscription, batch: list[models.FeedChange], binding: bytes

@@ -262,6 +262,12 @@ async def test_no_personal_value_token_or_secret_reaches_spans_metrics_or_logs(
         harness.partner_pb.GetConsentRequestRequest(consent_request_id=approved_id), metadata=partner.metadata
     )
     codes += [
+        await _swallow(world.registry.ListPartners(harness.registry_pb.ListPartnersRequest(), metadata=meta)),
+        await _swallow(
+            world.registry.ListPartnerKeys(
+                harness.registry_pb.ListPartnerKeysRequest(partner_id=partner.partner_id), metadata=meta
+            )
+        ),
         await _swallow(world.revoke_grant(partner.partner_id, practitioner)),
         await _swallow(world.revoke_key(partner.key_id)),
         await _swallow(partner.list()),  # UNAUTHENTICATED after revocation

@@ -26,7 +26,7 @@ from appointments.annotations.v1 import privacy_pb2 as appointments_dot_annotati
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/appointments/internal/v1/partner_registry.proto\x12\x18\x61ppointments.internal.v1\x1a)appointments/annotations/v1/privacy.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"d\n\x07Partner\x12\x12\n\npartner_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc4\x01\n\nPartnerKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x12\n\npartner_id\x18\x02 \x01(\t\x12\x14\n\x06secret\x18\x03 \x01(\tB\x04\xa8\x9f\x19\x03\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12\x63lient_cert_sha256\x18\x06 \x01(\t\"\xa1\x01\n\x11PractitionerGrant\x12\x12\n\npartner_id\x18\x01 \x01(\t\x12\x17\n\x0fpractitioner_id\x18\x02 \x01(\t\x12.\n\ngrant_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xcf\x01\n\rPartnerLimits\x12\x12\n\npartner_id\x18\x01 \x01(\t\x12\x1b\n\x13requests_per_second\x18\x02 \x01(\x01\x12\r\n\x05\x62urst\x18\x03 \x01(\x05\x12\x19\n\x11\x63ontact_daily_cap\x18\x04 \x01(\x05\x12\x19\n\x11patient_daily_cap\x18\x05 \x01(\x05\x12\x30\n\x0csuspend_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0esuspend_reason\x18\x07 \x01(\t\"\x81\x02\n\x0cPartnerUsage\x12\x12\n\npartner_id\x18\x01 \x01(\t\x12\x0b\n\x03\x64\x61y\x18\x02 \x01(\t\x12\x13\n\x0b\x64isclosures\x18\x03 \x01(\x03\x12\x1b\n\x13\x63ontact_disclosures\x18\x04 \x01(\x03\x12\x18\n\x10patients_reached\x18\x05 \x01(\x03\x12\x1c\n\x14recent_daily_average\x18\x06 \x01(\x01\x12-\n\tflag_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x06limits\x18\x08 \x01(\x0b\x32\'.appointments.internal.v1.PartnerLimitsB\x02P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/appointments/internal/v1/partner_registry.proto\x12\x18\x61ppointments.internal.v1\x1a)appointments/annotations/v1/privacy.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"d\n\x07Partner\x12\x12\n\npartner_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe2\x02\n\nPartnerKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x12\n\npartner_id\x18\x02 \x01(\t\x12\x14\n\x06secret\x18\x03 \x01(\tB\x04\xa8\x9f\x19\x03\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12\x63lient_cert_sha256\x18\x06 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rlast_use_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x05state\x18\t \x01(\x0e\x32).appointments.internal.v1.PartnerKeyState\"\xa1\x01\n\x11PractitionerGrant\x12\x12\n\npartner_id\x18\x01 \x01(\t\x12\x17\n\x0fpractitioner_id\x18\x02 \x01(\t\x12.\n\ngrant_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xcf\x01\n\rPartnerLimits\x12\x12\n\npartner_id\x18\x01 \x01(\t\x12\x1b\n\x13requests_per_second\x18\x02 \x01(\x01\x12\r\n\x05\x62urst\x18\x03 \x01(\x05\x12\x19\n\x11\x63ontact_daily_cap\x18\x04 \x01(\x05\x12\x19\n\x11patient_daily_cap\x18\x05 \x01(\x05\x12\x30\n\x0csuspend_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0esuspend_reason\x18\x07 \x01(\t\"\x81\x02\n\x0cPartnerUsage\x12\x12\n\npartner_id\x18\x01 \x01(\t\x12\x0b\n\x03\x64\x61y\x18\x02 \x01(\t\x12\x13\n\x0b\x64isclosures\x18\x03 \x01(\x03\x12\x1b\n\x13\x63ontact_disclosures\x18\x04 \x01(\x03\x12\x18\n\x10patients_reached\x18\x05 \x01(\x03\x12\x1c\n\x14recent_daily_average\x18\x06 \x01(\x01\x12-\n\tflag_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x06limits\x18\x08 \x01(\x0b\x32\'.appointments.internal.v1.PartnerLimits*\x90\x01\n\x0fPartnerKeyState\x12!\n\x1dPARTNER_KEY_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18PARTNER_KEY_STATE_ACTIVE\x10\x01\x12\x1d\n\x19PARTNER_KEY_STATE_EXPIRED\x10\x02\x12\x1d\n\x19PARTNER_KEY_STATE_REVOKED\x10\x03\x42\x02P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,14 +36,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'P\001'
   _globals['_PARTNERKEY'].fields_by_name['secret']._loaded_options = None
   _globals['_PARTNERKEY'].fields_by_name['secret']._serialized_options = b'\250\237\031\003'
+  _globals['_PARTNERKEYSTATE']._serialized_start=1247
+  _globals['_PARTNERKEYSTATE']._serialized_end=1391
   _globals['_PARTNER']._serialized_start=153
   _globals['_PARTNER']._serialized_end=253
   _globals['_PARTNERKEY']._serialized_start=256
-  _globals['_PARTNERKEY']._serialized_end=452
-  _globals['_PRACTITIONERGRANT']._serialized_start=455
-  _globals['_PRACTITIONERGRANT']._serialized_end=616
-  _globals['_PARTNERLIMITS']._serialized_start=619
-  _globals['_PARTNERLIMITS']._serialized_end=826
-  _globals['_PARTNERUSAGE']._serialized_start=829
-  _globals['_PARTNERUSAGE']._serialized_end=1086
+  _globals['_PARTNERKEY']._serialized_end=610
+  _globals['_PRACTITIONERGRANT']._serialized_start=613
+  _globals['_PRACTITIONERGRANT']._serialized_end=774
+  _globals['_PARTNERLIMITS']._serialized_start=777
+  _globals['_PARTNERLIMITS']._serialized_end=984
+  _globals['_PARTNERUSAGE']._serialized_start=987
+  _globals['_PARTNERUSAGE']._serialized_end=1244
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,7 @@ isort:skip_file
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -16,6 +17,34 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _PartnerKeyState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PartnerKeyStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PartnerKeyState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PARTNER_KEY_STATE_UNSPECIFIED: _PartnerKeyState.ValueType  # 0
+    """Not used."""
+    PARTNER_KEY_STATE_ACTIVE: _PartnerKeyState.ValueType  # 1
+    """The key verifies: it is neither revoked nor past its expire time."""
+    PARTNER_KEY_STATE_EXPIRED: _PartnerKeyState.ValueType  # 2
+    """The key is past its expire time and no longer verifies."""
+    PARTNER_KEY_STATE_REVOKED: _PartnerKeyState.ValueType  # 3
+    """The key was revoked and no longer verifies."""
+
+class PartnerKeyState(_PartnerKeyState, metaclass=_PartnerKeyStateEnumTypeWrapper):
+    """Whether a partner key verifies."""
+
+PARTNER_KEY_STATE_UNSPECIFIED: PartnerKeyState.ValueType  # 0
+"""Not used."""
+PARTNER_KEY_STATE_ACTIVE: PartnerKeyState.ValueType  # 1
+"""The key verifies: it is neither revoked nor past its expire time."""
+PARTNER_KEY_STATE_EXPIRED: PartnerKeyState.ValueType  # 2
+"""The key is past its expire time and no longer verifies."""
+PARTNER_KEY_STATE_REVOKED: PartnerKeyState.ValueType  # 3
+"""The key was revoked and no longer verifies."""
+Global___PartnerKeyState: _TypeAlias = PartnerKeyState  # noqa: Y015
 
 @_typing.final
 class Partner(_message.Message):
@@ -63,6 +92,9 @@ class PartnerKey(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     REVOKE_TIME_FIELD_NUMBER: _builtins.int
     CLIENT_CERT_SHA256_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    LAST_USE_TIME_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     """The public identifier of the key, for example "pk_2m6t…". It is part of
     the secret and appears in the audit trail.
@@ -77,6 +109,10 @@ class PartnerKey(_message.Message):
     """The SHA-256 fingerprint (64 lower-case hexadecimal digits) of the client
     certificate the key is bound to; empty when it is not bound.
     """
+    state: Global___PartnerKeyState.ValueType
+    """Whether the key verifies now: active, expired or revoked (a revoked key
+    is REVOKED whatever its expire time).
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the key was issued."""
@@ -84,6 +120,24 @@ class PartnerKey(_message.Message):
     @_builtins.property
     def revoke_time(self) -> _timestamp_pb2.Timestamp:
         """When the key was revoked; unset while the key is active."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the key stops verifying by itself; unset for a key that lasts until
+        it is revoked. From this time on, a call made with it answers
+        UNAUTHENTICATED exactly as for an unknown or revoked key.
+        """
+
+    @_builtins.property
+    def last_use_time(self) -> _timestamp_pb2.Timestamp:
+        """When the key was last used, as the disclosure ledger knows it: the time of
+        the latest record made with it (a response that disclosed appointments,
+        a change-feed delivery, a consent request, or a refused attempt). Calls
+        that leave no record (an empty page, ListConsentKeys, a stream with
+        nothing to deliver) do not count, so a key unused here may still have
+        made such calls. Unset when the ledger holds no record made with the key.
+        Set in ListPartnerKeys and RevokePartnerKey answers.
+        """
 
     def __init__(
         self,
@@ -94,10 +148,13 @@ class PartnerKey(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         revoke_time: _timestamp_pb2.Timestamp | None = ...,
         client_cert_sha256: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        last_use_time: _timestamp_pb2.Timestamp | None = ...,
+        state: Global___PartnerKeyState.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "revoke_time", b"revoke_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "last_use_time", b"last_use_time", "revoke_time", b"revoke_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_cert_sha256", b"client_cert_sha256", "create_time", b"create_time", "key_id", b"key_id", "partner_id", b"partner_id", "revoke_time", b"revoke_time", "secret", b"secret"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_cert_sha256", b"client_cert_sha256", "create_time", b"create_time", "expire_time", b"expire_time", "key_id", b"key_id", "last_use_time", b"last_use_time", "partner_id", b"partner_id", "revoke_time", b"revoke_time", "secret", b"secret", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

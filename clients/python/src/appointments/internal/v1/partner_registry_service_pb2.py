@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from appointments.internal.v1 import partner_registry_pb2 as appointments_dot_internal_dot_v1_dot_partner__registry__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n7appointments/internal/v1/partner_registry_service.proto\x12\x18\x61ppointments.internal.v1\x1a/appointments/internal/v1/partner_registry.proto\",\n\x14\x43reatePartnerRequest\x12\x14\n\x0c\x64isplay_name\x18\x01 \x01(\t\"H\n\x16IssuePartnerKeyRequest\x12\x12\n\npartner_id\x18\x01 \x01(\t\x12\x1a\n\x12\x63lient_cert_sha256\x18\x02 \x01(\t\")\n\x17RevokePartnerKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"M\n\x1eGrantPractitionerAccessRequest\x12\x12\n\npartner_id\x18\x01 \x01(\t\x12\x17\n\x0fpractitioner_id\x18\x02 \x01(\t\"N\n\x1fRevokePractitionerAccessRequest\x12\x12\n\npartner_id\x18\x01 \x01(\t\x12\x17\n\x0fpractitioner_id\x18\x02 \x01(\t\"\xf1\x01\n\x17SetPartnerLimitsRequest\x12\x12\n\npartner_id\x18\x01 \x01(\t\x12 \n\x13requests_per_second\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05\x62urst\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x1e\n\x11\x63ontact_daily_cap\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x1e\n\x11patient_daily_cap\x18\x05 \x01(\x05H\x03\x88\x01\x01\x42\x16\n\x14_requests_per_secondB\x08\n\x06_burstB\x14\n\x12_contact_daily_capB\x14\n\x12_patient_daily_cap\",\n\x16GetPartnerUsageRequest\x12\x12\n\npartner_id\x18\x01 \x01(\t\"2\n\x1cLiftPartnerSuspensionRequest\x12\x12\n\npartner_id\x18\x01 \x01(\t2\xb3\x07\n\x16PartnerRegistryService\x12\x62\n\rCreatePartner\x12..appointments.internal.v1.CreatePartnerRequest\x1a!.appointments.internal.v1.Partner\x12i\n\x0fIssuePartnerKey\x12\x30.appointments.internal.v1.IssuePartnerKeyRequest\x1a$.appointments.internal.v1.PartnerKey\x12k\n\x10RevokePartnerKey\x12\x31.appointments.internal.v1.RevokePartnerKeyRequest\x1a$.appointments.internal.v1.PartnerKey\x12\x80\x01\n\x17GrantPractitionerAccess\x12\x38.appointments.internal.v1.GrantPractitionerAccessRequest\x1a+.appointments.internal.v1.PractitionerGrant\x12\x82\x01\n\x18RevokePractitionerAccess\x12\x39.appointments.internal.v1.RevokePractitionerAccessRequest\x1a+.appointments.internal.v1.PractitionerGrant\x12n\n\x10SetPartnerLimits\x12\x31.appointments.internal.v1.SetPartnerLimitsRequest\x1a\'.appointments.internal.v1.PartnerLimits\x12k\n\x0fGetPartnerUsage\x12\x30.appointments.internal.v1.GetPartnerUsageRequest\x1a&.appointments.internal.v1.PartnerUsage\x12x\n\x15LiftPartnerSuspension\x12\x36.appointments.internal.v1.LiftPartnerSuspensionRequest\x1a\'.appointments.internal.v1.PartnerLimitsB\x02P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n7appointments/internal/v1/partner_registry_service.proto\x12\x18\x61ppointments.internal.v1\x1a/appointments/internal/v1/partner_registry.proto\x1a\x1fgoogle/protobuf/timestamp.proto\",\n\x14\x43reatePartnerRequest\x12\x14\n\x0c\x64isplay_name\x18\x01 \x01(\t\"y\n\x16IssuePartnerKeyRequest\x12\x12\n\npartner_id\x18\x01 \x01(\t\x12\x1a\n\x12\x63lient_cert_sha256\x18\x02 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"<\n\x13ListPartnersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"d\n\x14ListPartnersResponse\x12\x33\n\x08partners\x18\x01 \x03(\x0b\x32!.appointments.internal.v1.Partner\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x11GetPartnerRequest\x12\x12\n\npartner_id\x18\x01 \x01(\t\"S\n\x16ListPartnerKeysRequest\x12\x12\n\npartner_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"f\n\x17ListPartnerKeysResponse\x12\x32\n\x04keys\x18\x01 \x03(\x0b\x32$.appointments.internal.v1.PartnerKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x17RevokePartnerKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"M\n\x1eGrantPractitionerAccessRequest\x12\x12\n\npartner_id\x18\x01 \x01(\t\x12\x17\n\x0fpractitioner_id\x18\x02 \x01(\t\"N\n\x1fRevokePractitionerAccessRequest\x12\x12\n\npartner_id\x18\x01 \x01(\t\x12\x17\n\x0fpractitioner_id\x18\x02 \x01(\t\"\xf1\x01\n\x17SetPartnerLimitsRequest\x12\x12\n\npartner_id\x18\x01 \x01(\t\x12 \n\x13requests_per_second\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05\x62urst\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x1e\n\x11\x63ontact_daily_cap\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x1e\n\x11patient_daily_cap\x18\x05 \x01(\x05H\x03\x88\x01\x01\x42\x16\n\x14_requests_per_secondB\x08\n\x06_burstB\x14\n\x12_contact_daily_capB\x14\n\x12_patient_daily_cap\",\n\x16GetPartnerUsageRequest\x12\x12\n\npartner_id\x18\x01 \x01(\t\"2\n\x1cLiftPartnerSuspensionRequest\x12\x12\n\npartner_id\x18\x01 \x01(\t2\xf8\t\n\x16PartnerRegistryService\x12\x62\n\rCreatePartner\x12..appointments.internal.v1.CreatePartnerRequest\x1a!.appointments.internal.v1.Partner\x12m\n\x0cListPartners\x12-.appointments.internal.v1.ListPartnersRequest\x1a..appointments.internal.v1.ListPartnersResponse\x12\\\n\nGetPartner\x12+.appointments.internal.v1.GetPartnerRequest\x1a!.appointments.internal.v1.Partner\x12i\n\x0fIssuePartnerKey\x12\x30.appointments.internal.v1.IssuePartnerKeyRequest\x1a$.appointments.internal.v1.PartnerKey\x12k\n\x10RevokePartnerKey\x12\x31.appointments.internal.v1.RevokePartnerKeyRequest\x1a$.appointments.internal.v1.PartnerKey\x12v\n\x0fListPartnerKeys\x12\x30.appointments.internal.v1.ListPartnerKeysRequest\x1a\x31.appointments.internal.v1.ListPartnerKeysResponse\x12\x80\x01\n\x17GrantPractitionerAccess\x12\x38.appointments.internal.v1.GrantPractitionerAccessRequest\x1a+.appointments.internal.v1.PractitionerGrant\x12\x82\x01\n\x18RevokePractitionerAccess\x12\x39.appointments.internal.v1.RevokePractitionerAccessRequest\x1a+.appointments.internal.v1.PractitionerGrant\x12n\n\x10SetPartnerLimits\x12\x31.appointments.internal.v1.SetPartnerLimitsRequest\x1a\'.appointments.internal.v1.PartnerLimits\x12k\n\x0fGetPartnerUsage\x12\x30.appointments.internal.v1.GetPartnerUsageRequest\x1a&.appointments.internal.v1.PartnerUsage\x12x\n\x15LiftPartnerSuspension\x12\x36.appointments.internal.v1.LiftPartnerSuspensionRequest\x1a\'.appointments.internal.v1.PartnerLimitsB\x02P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,22 +34,32 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'appointments.internal.v1.pa
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'P\001'
-  _globals['_CREATEPARTNERREQUEST']._serialized_start=134
-  _globals['_CREATEPARTNERREQUEST']._serialized_end=178
-  _globals['_ISSUEPARTNERKEYREQUEST']._serialized_start=180
-  _globals['_ISSUEPARTNERKEYREQUEST']._serialized_end=252
-  _globals['_REVOKEPARTNERKEYREQUEST']._serialized_start=254
-  _globals['_REVOKEPARTNERKEYREQUEST']._serialized_end=295
-  _globals['_GRANTPRACTITIONERACCESSREQUEST']._serialized_start=297
-  _globals['_GRANTPRACTITIONERACCESSREQUEST']._serialized_end=374
-  _globals['_REVOKEPRACTITIONERACCESSREQUEST']._serialized_start=376
-  _globals['_REVOKEPRACTITIONERACCESSREQUEST']._serialized_end=454
-  _globals['_SETPARTNERLIMITSREQUEST']._serialized_start=457
-  _globals['_SETPARTNERLIMITSREQUEST']._serialized_end=698
-  _globals['_GETPARTNERUSAGEREQUEST']._serialized_start=700
-  _globals['_GETPARTNERUSAGEREQUEST']._serialized_end=744
-  _globals['_LIFTPARTNERSUSPENSIONREQUEST']._serialized_start=746
-  _globals['_LIFTPARTNERSUSPENSIONREQUEST']._serialized_end=796
-  _globals['_PARTNERREGISTRYSERVICE']._serialized_start=799
-  _globals['_PARTNERREGISTRYSERVICE']._serialized_end=1746
+  _globals['_CREATEPARTNERREQUEST']._serialized_start=167
+  _globals['_CREATEPARTNERREQUEST']._serialized_end=211
+  _globals['_ISSUEPARTNERKEYREQUEST']._serialized_start=213
+  _globals['_ISSUEPARTNERKEYREQUEST']._serialized_end=334
+  _globals['_LISTPARTNERSREQUEST']._serialized_start=336
+  _globals['_LISTPARTNERSREQUEST']._serialized_end=396
+  _globals['_LISTPARTNERSRESPONSE']._serialized_start=398
+  _globals['_LISTPARTNERSRESPONSE']._serialized_end=498
+  _globals['_GETPARTNERREQUEST']._serialized_start=500
+  _globals['_GETPARTNERREQUEST']._serialized_end=539
+  _globals['_LISTPARTNERKEYSREQUEST']._serialized_start=541
+  _globals['_LISTPARTNERKEYSREQUEST']._serialized_end=624
+  _globals['_LISTPARTNERKEYSRESPONSE']._serialized_start=626
+  _globals['_LISTPARTNERKEYSRESPONSE']._serialized_end=728
+  _globals['_REVOKEPARTNERKEYREQUEST']._serialized_start=730
+  _globals['_REVOKEPARTNERKEYREQUEST']._serialized_end=771
+  _globals['_GRANTPRACTITIONERACCESSREQUEST']._serialized_start=773
+  _globals['_GRANTPRACTITIONERACCESSREQUEST']._serialized_end=850
+  _globals['_REVOKEPRACTITIONERACCESSREQUEST']._serialized_start=852
+  _globals['_REVOKEPRACTITIONERACCESSREQUEST']._serialized_end=930
+  _globals['_SETPARTNERLIMITSREQUEST']._serialized_start=933
+  _globals['_SETPARTNERLIMITSREQUEST']._serialized_end=1174
+  _globals['_GETPARTNERUSAGEREQUEST']._serialized_start=1176
+  _globals['_GETPARTNERUSAGEREQUEST']._serialized_end=1220
+  _globals['_LIFTPARTNERSUSPENSIONREQUEST']._serialized_start=1222
+  _globals['_LIFTPARTNERSUSPENSIONREQUEST']._serialized_end=1272
+  _globals['_PARTNERREGISTRYSERVICE']._serialized_start=1275
+  _globals['_PARTNERREGISTRYSERVICE']._serialized_end=2547
 # @@protoc_insertion_point(module_scope)

@@ -3,8 +3,12 @@
 isort:skip_file
 """
 
+from appointments.internal.v1 import partner_registry_pb2 as _partner_registry_pb2
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -46,6 +50,7 @@ class IssuePartnerKeyRequest(_message.Message):
 
     PARTNER_ID_FIELD_NUMBER: _builtins.int
     CLIENT_CERT_SHA256_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     partner_id: _builtins.str
     """The partner to issue a key for. Required."""
     client_cert_sha256: _builtins.str
@@ -55,19 +60,172 @@ class IssuePartnerKeyRequest(_message.Message):
     stolen key is of no use without the certificate's private key. Optional;
     empty issues a key that is not bound.
     """
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the key stops verifying by itself, so that a new key can be rolled
+        out while the old one still works and the old one lapses without a
+        revocation. Optional; unset issues a key that lasts until it is revoked.
+        Must be in the future, else INVALID_ARGUMENT.
+        """
+
     def __init__(
         self,
         *,
         partner_id: _builtins.str = ...,
         client_cert_sha256: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_cert_sha256", b"client_cert_sha256", "partner_id", b"partner_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_cert_sha256", b"client_cert_sha256", "expire_time", b"expire_time", "partner_id", b"partner_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___IssuePartnerKeyRequest: _TypeAlias = IssuePartnerKeyRequest  # noqa: Y015
+
+@_typing.final
+class ListPartnersRequest(_message.Message):
+    """The request of ListPartners."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """The maximum number of partners to return. 0 means 50; the maximum is
+    500; a negative size is INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """The `next_page_token` of a previous response, or empty for the first
+    page.
+    """
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPartnersRequest: _TypeAlias = ListPartnersRequest  # noqa: Y015
+
+@_typing.final
+class ListPartnersResponse(_message.Message):
+    """The response of ListPartners."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTNERS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """A token for the next page, or empty when this is the last page."""
+    @_builtins.property
+    def partners(self) -> _containers.RepeatedCompositeFieldContainer[_partner_registry_pb2.Partner]:
+        """The partners of this page, in the order they were created."""
+
+    def __init__(
+        self,
+        *,
+        partners: _abc.Iterable[_partner_registry_pb2.Partner] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "partners", b"partners"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPartnersResponse: _TypeAlias = ListPartnersResponse  # noqa: Y015
+
+@_typing.final
+class GetPartnerRequest(_message.Message):
+    """The request of GetPartner."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTNER_ID_FIELD_NUMBER: _builtins.int
+    partner_id: _builtins.str
+    """The partner. Required."""
+    def __init__(
+        self,
+        *,
+        partner_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["partner_id", b"partner_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPartnerRequest: _TypeAlias = GetPartnerRequest  # noqa: Y015
+
+@_typing.final
+class ListPartnerKeysRequest(_message.Message):
+    """The request of ListPartnerKeys."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTNER_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    partner_id: _builtins.str
+    """The partner whose keys are listed. Required."""
+    page_size: _builtins.int
+    """The maximum number of keys to return. 0 means 50; the maximum is 500; a
+    negative size is INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """The `next_page_token` of a previous response for the same partner, or
+    empty for the first page.
+    """
+    def __init__(
+        self,
+        *,
+        partner_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "partner_id", b"partner_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPartnerKeysRequest: _TypeAlias = ListPartnerKeysRequest  # noqa: Y015
+
+@_typing.final
+class ListPartnerKeysResponse(_message.Message):
+    """The response of ListPartnerKeys."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """A token for the next page, or empty when this is the last page."""
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[_partner_registry_pb2.PartnerKey]:
+        """The keys of this page, in the order they were issued. `secret` is never
+        set.
+        """
+
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[_partner_registry_pb2.PartnerKey] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPartnerKeysResponse: _TypeAlias = ListPartnerKeysResponse  # noqa: Y015
 
 @_typing.final
 class RevokePartnerKeyRequest(_message.Message):

@@ -43,6 +43,16 @@ class PartnerRegistryServiceStub:
                 request_serializer=appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.CreatePartnerRequest.SerializeToString,
                 response_deserializer=appointments_dot_internal_dot_v1_dot_partner__registry__pb2.Partner.FromString,
                 _registered_method=True)
+        self.ListPartners = channel.unary_unary(
+                '/appointments.internal.v1.PartnerRegistryService/ListPartners',
+                request_serializer=appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.ListPartnersRequest.SerializeToString,
+                response_deserializer=appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.ListPartnersResponse.FromString,
+                _registered_method=True)
+        self.GetPartner = channel.unary_unary(
+                '/appointments.internal.v1.PartnerRegistryService/GetPartner',
+                request_serializer=appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.GetPartnerRequest.SerializeToString,
+                response_deserializer=appointments_dot_internal_dot_v1_dot_partner__registry__pb2.Partner.FromString,
+                _registered_method=True)
         self.IssuePartnerKey = channel.unary_unary(
                 '/appointments.internal.v1.PartnerRegistryService/IssuePartnerKey',
                 request_serializer=appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.IssuePartnerKeyRequest.SerializeToString,
@@ -52,6 +62,11 @@ class PartnerRegistryServiceStub:
                 '/appointments.internal.v1.PartnerRegistryService/RevokePartnerKey',
                 request_serializer=appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.RevokePartnerKeyRequest.SerializeToString,
                 response_deserializer=appointments_dot_internal_dot_v1_dot_partner__registry__pb2.PartnerKey.FromString,
+                _registered_method=True)
+        self.ListPartnerKeys = channel.unary_unary(
+                '/appointments.internal.v1.PartnerRegistryService/ListPartnerKeys',
+                request_serializer=appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.ListPartnerKeysRequest.SerializeToString,
+                response_deserializer=appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.ListPartnerKeysResponse.FromString,
                 _registered_method=True)
         self.GrantPractitionerAccess = channel.unary_unary(
                 '/appointments.internal.v1.PartnerRegistryService/GrantPractitionerAccess',
@@ -94,9 +109,25 @@ class PartnerRegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPartners(self, request, context):
+        """Lists the partners, oldest first. Returns INVALID_ARGUMENT for a negative
+        page size or a page token that is not one of this query's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPartner(self, request, context):
+        """Returns one partner. Returns NOT_FOUND for an unknown partner.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def IssuePartnerKey(self, request, context):
         """Issues a new key for a partner and returns its secret, once. Returns
-        NOT_FOUND for an unknown partner.
+        NOT_FOUND for an unknown partner and INVALID_ARGUMENT for an expire time
+        that is not in the future.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,6 +137,16 @@ class PartnerRegistryServiceServicer:
         """Revokes a key; the next call made with it answers UNAUTHENTICATED.
         Returns NOT_FOUND for an unknown key and FAILED_PRECONDITION for a key
         already revoked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPartnerKeys(self, request, context):
+        """Lists a partner's keys, active, expired and revoked, oldest first: their
+        times and state, never a secret or a hash. Returns NOT_FOUND for an
+        unknown partner and INVALID_ARGUMENT for a negative page size or a page
+        token that is not one of this query's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -164,6 +205,16 @@ def add_PartnerRegistryServiceServicer_to_server(servicer, server):
                     request_deserializer=appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.CreatePartnerRequest.FromString,
                     response_serializer=appointments_dot_internal_dot_v1_dot_partner__registry__pb2.Partner.SerializeToString,
             ),
+            'ListPartners': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPartners,
+                    request_deserializer=appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.ListPartnersRequest.FromString,
+                    response_serializer=appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.ListPartnersResponse.SerializeToString,
+            ),
+            'GetPartner': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPartner,
+                    request_deserializer=appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.GetPartnerRequest.FromString,
+                    response_serializer=appointments_dot_internal_dot_v1_dot_partner__registry__pb2.Partner.SerializeToString,
+            ),
             'IssuePartnerKey': grpc.unary_unary_rpc_method_handler(
                     servicer.IssuePartnerKey,
                     request_deserializer=appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.IssuePartnerKeyRequest.FromString,
@@ -173,6 +224,11 @@ def add_PartnerRegistryServiceServicer_to_server(servicer, server):
                     servicer.RevokePartnerKey,
                     request_deserializer=appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.RevokePartnerKeyRequest.FromString,
                     response_serializer=appointments_dot_internal_dot_v1_dot_partner__registry__pb2.PartnerKey.SerializeToString,
+            ),
+            'ListPartnerKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPartnerKeys,
+                    request_deserializer=appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.ListPartnerKeysRequest.FromString,
+                    response_serializer=appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.ListPartnerKeysResponse.SerializeToString,
             ),
             'GrantPractitionerAccess': grpc.unary_unary_rpc_method_handler(
                     servicer.GrantPractitionerAccess,
@@ -241,6 +297,60 @@ class PartnerRegistryService:
             _registered_method=True)
 
     @staticmethod
+    def ListPartners(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/appointments.internal.v1.PartnerRegistryService/ListPartners',
+            appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.ListPartnersRequest.SerializeToString,
+            appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.ListPartnersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPartner(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/appointments.internal.v1.PartnerRegistryService/GetPartner',
+            appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.GetPartnerRequest.SerializeToString,
+            appointments_dot_internal_dot_v1_dot_partner__registry__pb2.Partner.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def IssuePartnerKey(request,
             target,
             options=(),
@@ -284,6 +394,33 @@ class PartnerRegistryService:
             '/appointments.internal.v1.PartnerRegistryService/RevokePartnerKey',
             appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.RevokePartnerKeyRequest.SerializeToString,
             appointments_dot_internal_dot_v1_dot_partner__registry__pb2.PartnerKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPartnerKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/appointments.internal.v1.PartnerRegistryService/ListPartnerKeys',
+            appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.ListPartnerKeysRequest.SerializeToString,
+            appointments_dot_internal_dot_v1_dot_partner__registry__service__pb2.ListPartnerKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,14 +41,27 @@ class PartnerRegistryServiceStub:
     """Creates a partner. Returns ALREADY_EXISTS when another partner has the
     same display name.
     """
+    ListPartners: _grpc.UnaryUnaryMultiCallable[_partner_registry_service_pb2.ListPartnersRequest, _partner_registry_service_pb2.ListPartnersResponse]
+    """Lists the partners, oldest first. Returns INVALID_ARGUMENT for a negative
+    page size or a page token that is not one of this query's.
+    """
+    GetPartner: _grpc.UnaryUnaryMultiCallable[_partner_registry_service_pb2.GetPartnerRequest, _partner_registry_pb2.Partner]
+    """Returns one partner. Returns NOT_FOUND for an unknown partner."""
     IssuePartnerKey: _grpc.UnaryUnaryMultiCallable[_partner_registry_service_pb2.IssuePartnerKeyRequest, _partner_registry_pb2.PartnerKey]
     """Issues a new key for a partner and returns its secret, once. Returns
-    NOT_FOUND for an unknown partner.
+    NOT_FOUND for an unknown partner and INVALID_ARGUMENT for an expire time
+    that is not in the future.
     """
     RevokePartnerKey: _grpc.UnaryUnaryMultiCallable[_partner_registry_service_pb2.RevokePartnerKeyRequest, _partner_registry_pb2.PartnerKey]
     """Revokes a key; the next call made with it answers UNAUTHENTICATED.
     Returns NOT_FOUND for an unknown key and FAILED_PRECONDITION for a key
     already revoked.
+    """
+    ListPartnerKeys: _grpc.UnaryUnaryMultiCallable[_partner_registry_service_pb2.ListPartnerKeysRequest, _partner_registry_service_pb2.ListPartnerKeysResponse]
+    """Lists a partner's keys, active, expired and revoked, oldest first: their
+    times and state, never a secret or a hash. Returns NOT_FOUND for an
+    unknown partner and INVALID_ARGUMENT for a negative page size or a page
+    token that is not one of this query's.
     """
     GrantPractitionerAccess: _grpc.UnaryUnaryMultiCallable[_partner_registry_service_pb2.GrantPractitionerAccessRequest, _partner_registry_pb2.PractitionerGrant]
     """Grants a partner access to a practitioner's appointments. Returns
@@ -88,14 +101,27 @@ class PartnerRegistryServiceAsyncStub(PartnerRegistryServiceStub):
     """Creates a partner. Returns ALREADY_EXISTS when another partner has the
     same display name.
     """
+    ListPartners: _aio.UnaryUnaryMultiCallable[_partner_registry_service_pb2.ListPartnersRequest, _partner_registry_service_pb2.ListPartnersResponse]  # type: ignore[assignment]
+    """Lists the partners, oldest first. Returns INVALID_ARGUMENT for a negative
+    page size or a page token that is not one of this query's.
+    """
+    GetPartner: _aio.UnaryUnaryMultiCallable[_partner_registry_service_pb2.GetPartnerRequest, _partner_registry_pb2.Partner]  # type: ignore[assignment]
+    """Returns one partner. Returns NOT_FOUND for an unknown partner."""
     IssuePartnerKey: _aio.UnaryUnaryMultiCallable[_partner_registry_service_pb2.IssuePartnerKeyRequest, _partner_registry_pb2.PartnerKey]  # type: ignore[assignment]
     """Issues a new key for a partner and returns its secret, once. Returns
-    NOT_FOUND for an unknown partner.
+    NOT_FOUND for an unknown partner and INVALID_ARGUMENT for an expire time
+    that is not in the future.
     """
     RevokePartnerKey: _aio.UnaryUnaryMultiCallable[_partner_registry_service_pb2.RevokePartnerKeyRequest, _partner_registry_pb2.PartnerKey]  # type: ignore[assignment]
     """Revokes a key; the next call made with it answers UNAUTHENTICATED.
     Returns NOT_FOUND for an unknown key and FAILED_PRECONDITION for a key
     already revoked.
+    """
+    ListPartnerKeys: _aio.UnaryUnaryMultiCallable[_partner_registry_service_pb2.ListPartnerKeysRequest, _partner_registry_service_pb2.ListPartnerKeysResponse]  # type: ignore[assignment]
+    """Lists a partner's keys, active, expired and revoked, oldest first: their
+    times and state, never a secret or a hash. Returns NOT_FOUND for an
+    unknown partner and INVALID_ARGUMENT for a negative page size or a page
+    token that is not one of this query's.
     """
     GrantPractitionerAccess: _aio.UnaryUnaryMultiCallable[_partner_registry_service_pb2.GrantPractitionerAccessRequest, _partner_registry_pb2.PractitionerGrant]  # type: ignore[assignment]
     """Grants a partner access to a practitioner's appointments. Returns
@@ -140,13 +166,32 @@ class PartnerRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
+    def ListPartners(
+        self,
+        request: _partner_registry_service_pb2.ListPartnersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_partner_registry_service_pb2.ListPartnersResponse, _abc.Awaitable[_partner_registry_service_pb2.ListPartnersResponse]]:
+        """Lists the partners, oldest first. Returns INVALID_ARGUMENT for a negative
+        page size or a page token that is not one of this query's.
+        """
+
+    @_abc_1.abstractmethod
+    def GetPartner(
+        self,
+        request: _partner_registry_service_pb2.GetPartnerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_partner_registry_pb2.Partner, _abc.Awaitable[_partner_registry_pb2.Partner]]:
+        """Returns one partner. Returns NOT_FOUND for an unknown partner."""
+
+    @_abc_1.abstractmethod
     def IssuePartnerKey(
         self,
         request: _partner_registry_service_pb2.IssuePartnerKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_partner_registry_pb2.PartnerKey, _abc.Awaitable[_partner_registry_pb2.PartnerKey]]:
         """Issues a new key for a partner and returns its secret, once. Returns
-        NOT_FOUND for an unknown partner.
+        NOT_FOUND for an unknown partner and INVALID_ARGUMENT for an expire time
+        that is not in the future.
         """
 
     @_abc_1.abstractmethod
@@ -158,6 +203,18 @@ class PartnerRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         """Revokes a key; the next call made with it answers UNAUTHENTICATED.
         Returns NOT_FOUND for an unknown key and FAILED_PRECONDITION for a key
         already revoked.
+        """
+
+    @_abc_1.abstractmethod
+    def ListPartnerKeys(
+        self,
+        request: _partner_registry_service_pb2.ListPartnerKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_partner_registry_service_pb2.ListPartnerKeysResponse, _abc.Awaitable[_partner_registry_service_pb2.ListPartnerKeysResponse]]:
+        """Lists a partner's keys, active, expired and revoked, oldest first: their
+        times and state, never a secret or a hash. Returns NOT_FOUND for an
+        unknown partner and INVALID_ARGUMENT for a negative page size or a page
+        token that is not one of this query's.
         """
 
     @_abc_1.abstractmethod

@@ -38,6 +38,12 @@ class _ChangeTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChangeType
     """The appointment was changed (for example moved)."""
     CHANGE_TYPE_CANCELLED: _ChangeType.ValueType  # 3
     """The appointment was cancelled."""
+    CHANGE_TYPE_BOOKMARK: _ChangeType.ValueType  # 4
+    """No appointment changed: a resume point, sent only to a stream that set
+    `allow_bookmarks`. Only `resume_token` is set; resuming with it replays
+    exactly the changes the stream has not passed yet. It discloses nothing
+    and is not recorded as a disclosure. Clients skip it and keep its token.
+    """
 
 class ChangeType(_ChangeType, metaclass=_ChangeTypeEnumTypeWrapper):
     """What happened to an appointment."""
@@ -50,6 +56,12 @@ CHANGE_TYPE_UPDATED: ChangeType.ValueType  # 2
 """The appointment was changed (for example moved)."""
 CHANGE_TYPE_CANCELLED: ChangeType.ValueType  # 3
 """The appointment was cancelled."""
+CHANGE_TYPE_BOOKMARK: ChangeType.ValueType  # 4
+"""No appointment changed: a resume point, sent only to a stream that set
+`allow_bookmarks`. Only `resume_token` is set; resuming with it replays
+exactly the changes the stream has not passed yet. It discloses nothing
+and is not recorded as a disclosure. Clients skip it and keep its token.
+"""
 Global___ChangeType: _TypeAlias = ChangeType  # noqa: Y015
 
 @_typing.final
@@ -235,23 +247,36 @@ class WatchAppointmentsRequest(_message.Message):
 
     PRACTITIONER_ID_FIELD_NUMBER: _builtins.int
     RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    ALLOW_BOOKMARKS_FIELD_NUMBER: _builtins.int
     practitioner_id: _builtins.str
     """The public identifier of one practitioner to watch. Empty watches every
     practitioner granted to the caller, following grants as they change.
     """
     resume_token: _builtins.str
-    """The `resume_token` of the last change received, to continue after it, or
-    empty to start from now. Tokens are opaque and bound to the caller.
+    """The `resume_token` of the last change or bookmark received, to continue
+    after it, or empty to start from now. Tokens are opaque and bound to the
+    caller; any server of the same deployment accepts them.
+    """
+    allow_bookmarks: _builtins.bool
+    """Whether the stream may send bookmarks: changes of type
+    CHANGE_TYPE_BOOKMARK that carry only a `resume_token`. The first is sent
+    as soon as the stream has replayed what its resume token asked for (at
+    once when there is nothing to replay), then one whenever the stream has
+    sent nothing for the server's bookmark interval
+    (APPTGATE_WATCH_BOOKMARK_INTERVAL, 30 seconds by default), and a last one
+    when the server shuts down. False (the default) sends none, as before
+    bookmarks existed.
     """
     def __init__(
         self,
         *,
         practitioner_id: _builtins.str = ...,
         resume_token: _builtins.str = ...,
+        allow_bookmarks: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["practitioner_id", b"practitioner_id", "resume_token", b"resume_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_bookmarks", b"allow_bookmarks", "practitioner_id", b"practitioner_id", "resume_token", b"resume_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -259,7 +284,7 @@ Global___WatchAppointmentsRequest: _TypeAlias = WatchAppointmentsRequest  # noqa
 
 @_typing.final
 class AppointmentChange(_message.Message):
-    """One change of one appointment."""
+    """One change of one appointment, or a bookmark."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -267,13 +292,17 @@ class AppointmentChange(_message.Message):
     APPOINTMENT_FIELD_NUMBER: _builtins.int
     RESUME_TOKEN_FIELD_NUMBER: _builtins.int
     change_type: Global___ChangeType.ValueType
-    """What happened to the appointment."""
+    """What happened to the appointment, or CHANGE_TYPE_BOOKMARK for a
+    bookmark.
+    """
     resume_token: _builtins.str
-    """A token to resume the stream right after this change."""
+    """A token to resume the stream right after this change; in a bookmark,
+    right after every change the stream has passed so far.
+    """
     @_builtins.property
     def appointment(self) -> _appointment_pb2.Appointment:
         """The appointment as the change left it, in the basic view (the same view
-        as ListAppointments).
+        as ListAppointments). Unset in a bookmark.
         """
 
     def __init__(

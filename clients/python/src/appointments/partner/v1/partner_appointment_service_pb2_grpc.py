@@ -154,7 +154,12 @@ class PartnerAppointmentServiceServicer:
         RESOURCE_EXHAUSTED when the caller has too many streams open or reads too
         slowly (resume with the last token), and ends with PERMISSION_DENIED when
         the watched grant is revoked (or the last one, for all practitioners) and
-        with UNAUTHENTICATED when the key is revoked.
+        with UNAUTHENTICATED when the key is revoked. When the server stops, the
+        stream ends with UNAVAILABLE, ErrorInfo reason SERVER_SHUTTING_DOWN and a
+        RetryInfo delay: resume with the last token, on any server of the same
+        deployment. A request with `allow_bookmarks` also receives bookmarks
+        (CHANGE_TYPE_BOOKMARK), so that even a stream that received no change
+        holds a token to resume from.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

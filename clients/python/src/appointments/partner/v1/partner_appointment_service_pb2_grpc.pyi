@@ -79,7 +79,12 @@ class PartnerAppointmentServiceStub:
     RESOURCE_EXHAUSTED when the caller has too many streams open or reads too
     slowly (resume with the last token), and ends with PERMISSION_DENIED when
     the watched grant is revoked (or the last one, for all practitioners) and
-    with UNAUTHENTICATED when the key is revoked.
+    with UNAUTHENTICATED when the key is revoked. When the server stops, the
+    stream ends with UNAVAILABLE, ErrorInfo reason SERVER_SHUTTING_DOWN and a
+    RetryInfo delay: resume with the last token, on any server of the same
+    deployment. A request with `allow_bookmarks` also receives bookmarks
+    (CHANGE_TYPE_BOOKMARK), so that even a stream that received no change
+    holds a token to resume from.
     """
     RequestContactAccess: _grpc.UnaryUnaryMultiCallable[_partner_appointment_service_pb2.RequestContactAccessRequest, _consent_request_pb2.ConsentRequest]
     """Asks the patient of an appointment to consent to release some contact
@@ -160,7 +165,12 @@ class PartnerAppointmentServiceAsyncStub(PartnerAppointmentServiceStub):
     RESOURCE_EXHAUSTED when the caller has too many streams open or reads too
     slowly (resume with the last token), and ends with PERMISSION_DENIED when
     the watched grant is revoked (or the last one, for all practitioners) and
-    with UNAUTHENTICATED when the key is revoked.
+    with UNAUTHENTICATED when the key is revoked. When the server stops, the
+    stream ends with UNAVAILABLE, ErrorInfo reason SERVER_SHUTTING_DOWN and a
+    RetryInfo delay: resume with the last token, on any server of the same
+    deployment. A request with `allow_bookmarks` also receives bookmarks
+    (CHANGE_TYPE_BOOKMARK), so that even a stream that received no change
+    holds a token to resume from.
     """
     RequestContactAccess: _aio.UnaryUnaryMultiCallable[_partner_appointment_service_pb2.RequestContactAccessRequest, _consent_request_pb2.ConsentRequest]  # type: ignore[assignment]
     """Asks the patient of an appointment to consent to release some contact
@@ -268,7 +278,12 @@ class PartnerAppointmentServiceServicer(metaclass=_abc_1.ABCMeta):
         RESOURCE_EXHAUSTED when the caller has too many streams open or reads too
         slowly (resume with the last token), and ends with PERMISSION_DENIED when
         the watched grant is revoked (or the last one, for all practitioners) and
-        with UNAUTHENTICATED when the key is revoked.
+        with UNAUTHENTICATED when the key is revoked. When the server stops, the
+        stream ends with UNAVAILABLE, ErrorInfo reason SERVER_SHUTTING_DOWN and a
+        RetryInfo delay: resume with the last token, on any server of the same
+        deployment. A request with `allow_bookmarks` also receives bookmarks
+        (CHANGE_TYPE_BOOKMARK), so that even a stream that received no change
+        holds a token to resume from.
         """
 
     @_abc_1.abstractmethod

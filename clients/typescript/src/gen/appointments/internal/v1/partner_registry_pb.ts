@@ -2,8 +2,8 @@
 // @generated from file appointments/internal/v1/partner_registry.proto (package appointments.internal.v1, syntax proto3)
 /* eslint-disable */
 
-import type { GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
-import { fileDesc, messageDesc } from "@bufbuild/protobuf/codegenv2";
+import type { GenEnum, GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
+import { enumDesc, fileDesc, messageDesc } from "@bufbuild/protobuf/codegenv2";
 import { file_appointments_annotations_v1_privacy } from "../../annotations/v1/privacy_pb.js";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
@@ -13,7 +13,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file appointments/internal/v1/partner_registry.proto.
  */
 export const file_appointments_internal_v1_partner_registry: GenFile = /*@__PURE__*/
-  fileDesc("Ci9hcHBvaW50bWVudHMvaW50ZXJuYWwvdjEvcGFydG5lcl9yZWdpc3RyeS5wcm90bxIYYXBwb2ludG1lbnRzLmludGVybmFsLnYxImQKB1BhcnRuZXISEgoKcGFydG5lcl9pZBgBIAEoCRIUCgxkaXNwbGF5X25hbWUYAiABKAkSLwoLY3JlYXRlX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIsQBCgpQYXJ0bmVyS2V5Eg4KBmtleV9pZBgBIAEoCRISCgpwYXJ0bmVyX2lkGAIgASgJEhQKBnNlY3JldBgDIAEoCUIEqJ8ZAxIvCgtjcmVhdGVfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLcmV2b2tlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhoKEmNsaWVudF9jZXJ0X3NoYTI1NhgGIAEoCSKhAQoRUHJhY3RpdGlvbmVyR3JhbnQSEgoKcGFydG5lcl9pZBgBIAEoCRIXCg9wcmFjdGl0aW9uZXJfaWQYAiABKAkSLgoKZ3JhbnRfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLcmV2b2tlX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIs8BCg1QYXJ0bmVyTGltaXRzEhIKCnBhcnRuZXJfaWQYASABKAkSGwoTcmVxdWVzdHNfcGVyX3NlY29uZBgCIAEoARINCgVidXJzdBgDIAEoBRIZChFjb250YWN0X2RhaWx5X2NhcBgEIAEoBRIZChFwYXRpZW50X2RhaWx5X2NhcBgFIAEoBRIwCgxzdXNwZW5kX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhYKDnN1c3BlbmRfcmVhc29uGAcgASgJIoECCgxQYXJ0bmVyVXNhZ2USEgoKcGFydG5lcl9pZBgBIAEoCRILCgNkYXkYAiABKAkSEwoLZGlzY2xvc3VyZXMYAyABKAMSGwoTY29udGFjdF9kaXNjbG9zdXJlcxgEIAEoAxIYChBwYXRpZW50c19yZWFjaGVkGAUgASgDEhwKFHJlY2VudF9kYWlseV9hdmVyYWdlGAYgASgBEi0KCWZsYWdfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNwoGbGltaXRzGAggASgLMicuYXBwb2ludG1lbnRzLmludGVybmFsLnYxLlBhcnRuZXJMaW1pdHNCAlABYgZwcm90bzM", [file_appointments_annotations_v1_privacy, file_google_protobuf_timestamp]);
+  fileDesc("Ci9hcHBvaW50bWVudHMvaW50ZXJuYWwvdjEvcGFydG5lcl9yZWdpc3RyeS5wcm90bxIYYXBwb2ludG1lbnRzLmludGVybmFsLnYxImQKB1BhcnRuZXISEgoKcGFydG5lcl9pZBgBIAEoCRIUCgxkaXNwbGF5X25hbWUYAiABKAkSLwoLY3JlYXRlX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIuICCgpQYXJ0bmVyS2V5Eg4KBmtleV9pZBgBIAEoCRISCgpwYXJ0bmVyX2lkGAIgASgJEhQKBnNlY3JldBgDIAEoCUIEqJ8ZAxIvCgtjcmVhdGVfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLcmV2b2tlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhoKEmNsaWVudF9jZXJ0X3NoYTI1NhgGIAEoCRIvCgtleHBpcmVfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMQoNbGFzdF91c2VfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASOAoFc3RhdGUYCSABKA4yKS5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuUGFydG5lcktleVN0YXRlIqEBChFQcmFjdGl0aW9uZXJHcmFudBISCgpwYXJ0bmVyX2lkGAEgASgJEhcKD3ByYWN0aXRpb25lcl9pZBgCIAEoCRIuCgpncmFudF90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtyZXZva2VfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAizwEKDVBhcnRuZXJMaW1pdHMSEgoKcGFydG5lcl9pZBgBIAEoCRIbChNyZXF1ZXN0c19wZXJfc2Vjb25kGAIgASgBEg0KBWJ1cnN0GAMgASgFEhkKEWNvbnRhY3RfZGFpbHlfY2FwGAQgASgFEhkKEXBhdGllbnRfZGFpbHlfY2FwGAUgASgFEjAKDHN1c3BlbmRfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFgoOc3VzcGVuZF9yZWFzb24YByABKAkigQIKDFBhcnRuZXJVc2FnZRISCgpwYXJ0bmVyX2lkGAEgASgJEgsKA2RheRgCIAEoCRITCgtkaXNjbG9zdXJlcxgDIAEoAxIbChNjb250YWN0X2Rpc2Nsb3N1cmVzGAQgASgDEhgKEHBhdGllbnRzX3JlYWNoZWQYBSABKAMSHAoUcmVjZW50X2RhaWx5X2F2ZXJhZ2UYBiABKAESLQoJZmxhZ190aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI3CgZsaW1pdHMYCCABKAsyJy5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuUGFydG5lckxpbWl0cyqQAQoPUGFydG5lcktleVN0YXRlEiEKHVBBUlRORVJfS0VZX1NUQVRFX1VOU1BFQ0lGSUVEEAASHAoYUEFSVE5FUl9LRVlfU1RBVEVfQUNUSVZFEAESHQoZUEFSVE5FUl9LRVlfU1RBVEVfRVhQSVJFRBACEh0KGVBBUlRORVJfS0VZX1NUQVRFX1JFVk9LRUQQA0ICUAFiBnByb3RvMw", [file_appointments_annotations_v1_privacy, file_google_protobuf_timestamp]);
 
 /**
  * A partner: a piece of third-party software allowed to read appointments.
@@ -101,6 +101,36 @@ export type PartnerKey = Message<"appointments.internal.v1.PartnerKey"> & {
    * @generated from field: string client_cert_sha256 = 6;
    */
   clientCertSha256: string;
+
+  /**
+   * When the key stops verifying by itself; unset for a key that lasts until
+   * it is revoked. From this time on, a call made with it answers
+   * UNAUTHENTICATED exactly as for an unknown or revoked key.
+   *
+   * @generated from field: google.protobuf.Timestamp expire_time = 7;
+   */
+  expireTime?: Timestamp | undefined;
+
+  /**
+   * When the key was last used, as the disclosure ledger knows it: the time of
+   * the latest record made with it (a response that disclosed appointments,
+   * a change-feed delivery, a consent request, or a refused attempt). Calls
+   * that leave no record (an empty page, ListConsentKeys, a stream with
+   * nothing to deliver) do not count, so a key unused here may still have
+   * made such calls. Unset when the ledger holds no record made with the key.
+   * Set in ListPartnerKeys and RevokePartnerKey answers.
+   *
+   * @generated from field: google.protobuf.Timestamp last_use_time = 8;
+   */
+  lastUseTime?: Timestamp | undefined;
+
+  /**
+   * Whether the key verifies now: active, expired or revoked (a revoked key
+   * is REVOKED whatever its expire time).
+   *
+   * @generated from field: appointments.internal.v1.PartnerKeyState state = 9;
+   */
+  state: PartnerKeyState;
 };
 
 /**
@@ -288,4 +318,45 @@ export type PartnerUsage = Message<"appointments.internal.v1.PartnerUsage"> & {
  */
 export const PartnerUsageSchema: GenMessage<PartnerUsage> = /*@__PURE__*/
   messageDesc(file_appointments_internal_v1_partner_registry, 4);
+
+/**
+ * Whether a partner key verifies.
+ *
+ * @generated from enum appointments.internal.v1.PartnerKeyState
+ */
+export enum PartnerKeyState {
+  /**
+   * Not used.
+   *
+   * @generated from enum value: PARTNER_KEY_STATE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The key verifies: it is neither revoked nor past its expire time.
+   *
+   * @generated from enum value: PARTNER_KEY_STATE_ACTIVE = 1;
+   */
+  ACTIVE = 1,
+
+  /**
+   * The key is past its expire time and no longer verifies.
+   *
+   * @generated from enum value: PARTNER_KEY_STATE_EXPIRED = 2;
+   */
+  EXPIRED = 2,
+
+  /**
+   * The key was revoked and no longer verifies.
+   *
+   * @generated from enum value: PARTNER_KEY_STATE_REVOKED = 3;
+   */
+  REVOKED = 3,
+}
+
+/**
+ * Describes the enum appointments.internal.v1.PartnerKeyState.
+ */
+export const PartnerKeyStateSchema: GenEnum<PartnerKeyState> = /*@__PURE__*/
+  enumDesc(file_appointments_internal_v1_partner_registry, 0);
 

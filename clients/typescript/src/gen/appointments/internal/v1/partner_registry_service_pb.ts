@@ -4,15 +4,17 @@
 
 import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
-import type { PartnerKeySchema, PartnerLimitsSchema, PartnerSchema, PartnerUsageSchema, PractitionerGrantSchema } from "./partner_registry_pb.js";
+import type { Partner, PartnerKey, PartnerKeySchema, PartnerLimitsSchema, PartnerSchema, PartnerUsageSchema, PractitionerGrantSchema } from "./partner_registry_pb.js";
 import { file_appointments_internal_v1_partner_registry } from "./partner_registry_pb.js";
+import type { Timestamp } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file appointments/internal/v1/partner_registry_service.proto.
  */
 export const file_appointments_internal_v1_partner_registry_service: GenFile = /*@__PURE__*/
-  fileDesc("CjdhcHBvaW50bWVudHMvaW50ZXJuYWwvdjEvcGFydG5lcl9yZWdpc3RyeV9zZXJ2aWNlLnByb3RvEhhhcHBvaW50bWVudHMuaW50ZXJuYWwudjEiLAoUQ3JlYXRlUGFydG5lclJlcXVlc3QSFAoMZGlzcGxheV9uYW1lGAEgASgJIkgKFklzc3VlUGFydG5lcktleVJlcXVlc3QSEgoKcGFydG5lcl9pZBgBIAEoCRIaChJjbGllbnRfY2VydF9zaGEyNTYYAiABKAkiKQoXUmV2b2tlUGFydG5lcktleVJlcXVlc3QSDgoGa2V5X2lkGAEgASgJIk0KHkdyYW50UHJhY3RpdGlvbmVyQWNjZXNzUmVxdWVzdBISCgpwYXJ0bmVyX2lkGAEgASgJEhcKD3ByYWN0aXRpb25lcl9pZBgCIAEoCSJOCh9SZXZva2VQcmFjdGl0aW9uZXJBY2Nlc3NSZXF1ZXN0EhIKCnBhcnRuZXJfaWQYASABKAkSFwoPcHJhY3RpdGlvbmVyX2lkGAIgASgJIvEBChdTZXRQYXJ0bmVyTGltaXRzUmVxdWVzdBISCgpwYXJ0bmVyX2lkGAEgASgJEiAKE3JlcXVlc3RzX3Blcl9zZWNvbmQYAiABKAFIAIgBARISCgVidXJzdBgDIAEoBUgBiAEBEh4KEWNvbnRhY3RfZGFpbHlfY2FwGAQgASgFSAKIAQESHgoRcGF0aWVudF9kYWlseV9jYXAYBSABKAVIA4gBAUIWChRfcmVxdWVzdHNfcGVyX3NlY29uZEIICgZfYnVyc3RCFAoSX2NvbnRhY3RfZGFpbHlfY2FwQhQKEl9wYXRpZW50X2RhaWx5X2NhcCIsChZHZXRQYXJ0bmVyVXNhZ2VSZXF1ZXN0EhIKCnBhcnRuZXJfaWQYASABKAkiMgocTGlmdFBhcnRuZXJTdXNwZW5zaW9uUmVxdWVzdBISCgpwYXJ0bmVyX2lkGAEgASgJMrMHChZQYXJ0bmVyUmVnaXN0cnlTZXJ2aWNlEmIKDUNyZWF0ZVBhcnRuZXISLi5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuQ3JlYXRlUGFydG5lclJlcXVlc3QaIS5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuUGFydG5lchJpCg9Jc3N1ZVBhcnRuZXJLZXkSMC5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuSXNzdWVQYXJ0bmVyS2V5UmVxdWVzdBokLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5QYXJ0bmVyS2V5EmsKEFJldm9rZVBhcnRuZXJLZXkSMS5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuUmV2b2tlUGFydG5lcktleVJlcXVlc3QaJC5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuUGFydG5lcktleRKAAQoXR3JhbnRQcmFjdGl0aW9uZXJBY2Nlc3MSOC5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuR3JhbnRQcmFjdGl0aW9uZXJBY2Nlc3NSZXF1ZXN0GisuYXBwb2ludG1lbnRzLmludGVybmFsLnYxLlByYWN0aXRpb25lckdyYW50EoIBChhSZXZva2VQcmFjdGl0aW9uZXJBY2Nlc3MSOS5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuUmV2b2tlUHJhY3RpdGlvbmVyQWNjZXNzUmVxdWVzdBorLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5QcmFjdGl0aW9uZXJHcmFudBJuChBTZXRQYXJ0bmVyTGltaXRzEjEuYXBwb2ludG1lbnRzLmludGVybmFsLnYxLlNldFBhcnRuZXJMaW1pdHNSZXF1ZXN0GicuYXBwb2ludG1lbnRzLmludGVybmFsLnYxLlBhcnRuZXJMaW1pdHMSawoPR2V0UGFydG5lclVzYWdlEjAuYXBwb2ludG1lbnRzLmludGVybmFsLnYxLkdldFBhcnRuZXJVc2FnZVJlcXVlc3QaJi5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuUGFydG5lclVzYWdlEngKFUxpZnRQYXJ0bmVyU3VzcGVuc2lvbhI2LmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5MaWZ0UGFydG5lclN1c3BlbnNpb25SZXF1ZXN0GicuYXBwb2ludG1lbnRzLmludGVybmFsLnYxLlBhcnRuZXJMaW1pdHNCAlABYgZwcm90bzM", [file_appointments_internal_v1_partner_registry]);
+  fileDesc("CjdhcHBvaW50bWVudHMvaW50ZXJuYWwvdjEvcGFydG5lcl9yZWdpc3RyeV9zZXJ2aWNlLnByb3RvEhhhcHBvaW50bWVudHMuaW50ZXJuYWwudjEiLAoUQ3JlYXRlUGFydG5lclJlcXVlc3QSFAoMZGlzcGxheV9uYW1lGAEgASgJInkKFklzc3VlUGFydG5lcktleVJlcXVlc3QSEgoKcGFydG5lcl9pZBgBIAEoCRIaChJjbGllbnRfY2VydF9zaGEyNTYYAiABKAkSLwoLZXhwaXJlX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIjwKE0xpc3RQYXJ0bmVyc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkiZAoUTGlzdFBhcnRuZXJzUmVzcG9uc2USMwoIcGFydG5lcnMYASADKAsyIS5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuUGFydG5lchIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiJwoRR2V0UGFydG5lclJlcXVlc3QSEgoKcGFydG5lcl9pZBgBIAEoCSJTChZMaXN0UGFydG5lcktleXNSZXF1ZXN0EhIKCnBhcnRuZXJfaWQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiZgoXTGlzdFBhcnRuZXJLZXlzUmVzcG9uc2USMgoEa2V5cxgBIAMoCzIkLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5QYXJ0bmVyS2V5EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIpChdSZXZva2VQYXJ0bmVyS2V5UmVxdWVzdBIOCgZrZXlfaWQYASABKAkiTQoeR3JhbnRQcmFjdGl0aW9uZXJBY2Nlc3NSZXF1ZXN0EhIKCnBhcnRuZXJfaWQYASABKAkSFwoPcHJhY3RpdGlvbmVyX2lkGAIgASgJIk4KH1Jldm9rZVByYWN0aXRpb25lckFjY2Vzc1JlcXVlc3QSEgoKcGFydG5lcl9pZBgBIAEoCRIXCg9wcmFjdGl0aW9uZXJfaWQYAiABKAki8QEKF1NldFBhcnRuZXJMaW1pdHNSZXF1ZXN0EhIKCnBhcnRuZXJfaWQYASABKAkSIAoTcmVxdWVzdHNfcGVyX3NlY29uZBgCIAEoAUgAiAEBEhIKBWJ1cnN0GAMgASgFSAGIAQESHgoRY29udGFjdF9kYWlseV9jYXAYBCABKAVIAogBARIeChFwYXRpZW50X2RhaWx5X2NhcBgFIAEoBUgDiAEBQhYKFF9yZXF1ZXN0c19wZXJfc2Vjb25kQggKBl9idXJzdEIUChJfY29udGFjdF9kYWlseV9jYXBCFAoSX3BhdGllbnRfZGFpbHlfY2FwIiwKFkdldFBhcnRuZXJVc2FnZVJlcXVlc3QSEgoKcGFydG5lcl9pZBgBIAEoCSIyChxMaWZ0UGFydG5lclN1c3BlbnNpb25SZXF1ZXN0EhIKCnBhcnRuZXJfaWQYASABKAky+AkKFlBhcnRuZXJSZWdpc3RyeVNlcnZpY2USYgoNQ3JlYXRlUGFydG5lchIuLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5DcmVhdGVQYXJ0bmVyUmVxdWVzdBohLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5QYXJ0bmVyEm0KDExpc3RQYXJ0bmVycxItLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5MaXN0UGFydG5lcnNSZXF1ZXN0Gi4uYXBwb2ludG1lbnRzLmludGVybmFsLnYxLkxpc3RQYXJ0bmVyc1Jlc3BvbnNlElwKCkdldFBhcnRuZXISKy5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuR2V0UGFydG5lclJlcXVlc3QaIS5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuUGFydG5lchJpCg9Jc3N1ZVBhcnRuZXJLZXkSMC5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuSXNzdWVQYXJ0bmVyS2V5UmVxdWVzdBokLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5QYXJ0bmVyS2V5EmsKEFJldm9rZVBhcnRuZXJLZXkSMS5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuUmV2b2tlUGFydG5lcktleVJlcXVlc3QaJC5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuUGFydG5lcktleRJ2Cg9MaXN0UGFydG5lcktleXMSMC5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuTGlzdFBhcnRuZXJLZXlzUmVxdWVzdBoxLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5MaXN0UGFydG5lcktleXNSZXNwb25zZRKAAQoXR3JhbnRQcmFjdGl0aW9uZXJBY2Nlc3MSOC5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuR3JhbnRQcmFjdGl0aW9uZXJBY2Nlc3NSZXF1ZXN0GisuYXBwb2ludG1lbnRzLmludGVybmFsLnYxLlByYWN0aXRpb25lckdyYW50EoIBChhSZXZva2VQcmFjdGl0aW9uZXJBY2Nlc3MSOS5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuUmV2b2tlUHJhY3RpdGlvbmVyQWNjZXNzUmVxdWVzdBorLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5QcmFjdGl0aW9uZXJHcmFudBJuChBTZXRQYXJ0bmVyTGltaXRzEjEuYXBwb2ludG1lbnRzLmludGVybmFsLnYxLlNldFBhcnRuZXJMaW1pdHNSZXF1ZXN0GicuYXBwb2ludG1lbnRzLmludGVybmFsLnYxLlBhcnRuZXJMaW1pdHMSawoPR2V0UGFydG5lclVzYWdlEjAuYXBwb2ludG1lbnRzLmludGVybmFsLnYxLkdldFBhcnRuZXJVc2FnZVJlcXVlc3QaJi5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuUGFydG5lclVzYWdlEngKFUxpZnRQYXJ0bmVyU3VzcGVuc2lvbhI2LmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5MaWZ0UGFydG5lclN1c3BlbnNpb25SZXF1ZXN0GicuYXBwb2ludG1lbnRzLmludGVybmFsLnYxLlBhcnRuZXJMaW1pdHNCAlABYgZwcm90bzM", [file_appointments_internal_v1_partner_registry, file_google_protobuf_timestamp]);
 
 /**
  * The request of CreatePartner.
@@ -58,6 +60,16 @@ export type IssuePartnerKeyRequest = Message<"appointments.internal.v1.IssuePart
    * @generated from field: string client_cert_sha256 = 2;
    */
   clientCertSha256: string;
+
+  /**
+   * When the key stops verifying by itself, so that a new key can be rolled
+   * out while the old one still works and the old one lapses without a
+   * revocation. Optional; unset issues a key that lasts until it is revoked.
+   * Must be in the future, else INVALID_ARGUMENT.
+   *
+   * @generated from field: google.protobuf.Timestamp expire_time = 3;
+   */
+  expireTime?: Timestamp | undefined;
 };
 
 /**
@@ -66,6 +78,151 @@ export type IssuePartnerKeyRequest = Message<"appointments.internal.v1.IssuePart
  */
 export const IssuePartnerKeyRequestSchema: GenMessage<IssuePartnerKeyRequest> = /*@__PURE__*/
   messageDesc(file_appointments_internal_v1_partner_registry_service, 1);
+
+/**
+ * The request of ListPartners.
+ *
+ * @generated from message appointments.internal.v1.ListPartnersRequest
+ */
+export type ListPartnersRequest = Message<"appointments.internal.v1.ListPartnersRequest"> & {
+  /**
+   * The maximum number of partners to return. 0 means 50; the maximum is
+   * 500; a negative size is INVALID_ARGUMENT.
+   *
+   * @generated from field: int32 page_size = 1;
+   */
+  pageSize: number;
+
+  /**
+   * The `next_page_token` of a previous response, or empty for the first
+   * page.
+   *
+   * @generated from field: string page_token = 2;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message appointments.internal.v1.ListPartnersRequest.
+ * Use `create(ListPartnersRequestSchema)` to create a new message.
+ */
+export const ListPartnersRequestSchema: GenMessage<ListPartnersRequest> = /*@__PURE__*/
+  messageDesc(file_appointments_internal_v1_partner_registry_service, 2);
+
+/**
+ * The response of ListPartners.
+ *
+ * @generated from message appointments.internal.v1.ListPartnersResponse
+ */
+export type ListPartnersResponse = Message<"appointments.internal.v1.ListPartnersResponse"> & {
+  /**
+   * The partners of this page, in the order they were created.
+   *
+   * @generated from field: repeated appointments.internal.v1.Partner partners = 1;
+   */
+  partners: Partner[];
+
+  /**
+   * A token for the next page, or empty when this is the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message appointments.internal.v1.ListPartnersResponse.
+ * Use `create(ListPartnersResponseSchema)` to create a new message.
+ */
+export const ListPartnersResponseSchema: GenMessage<ListPartnersResponse> = /*@__PURE__*/
+  messageDesc(file_appointments_internal_v1_partner_registry_service, 3);
+
+/**
+ * The request of GetPartner.
+ *
+ * @generated from message appointments.internal.v1.GetPartnerRequest
+ */
+export type GetPartnerRequest = Message<"appointments.internal.v1.GetPartnerRequest"> & {
+  /**
+   * The partner. Required.
+   *
+   * @generated from field: string partner_id = 1;
+   */
+  partnerId: string;
+};
+
+/**
+ * Describes the message appointments.internal.v1.GetPartnerRequest.
+ * Use `create(GetPartnerRequestSchema)` to create a new message.
+ */
+export const GetPartnerRequestSchema: GenMessage<GetPartnerRequest> = /*@__PURE__*/
+  messageDesc(file_appointments_internal_v1_partner_registry_service, 4);
+
+/**
+ * The request of ListPartnerKeys.
+ *
+ * @generated from message appointments.internal.v1.ListPartnerKeysRequest
+ */
+export type ListPartnerKeysRequest = Message<"appointments.internal.v1.ListPartnerKeysRequest"> & {
+  /**
+   * The partner whose keys are listed. Required.
+   *
+   * @generated from field: string partner_id = 1;
+   */
+  partnerId: string;
+
+  /**
+   * The maximum number of keys to return. 0 means 50; the maximum is 500; a
+   * negative size is INVALID_ARGUMENT.
+   *
+   * @generated from field: int32 page_size = 2;
+   */
+  pageSize: number;
+
+  /**
+   * The `next_page_token` of a previous response for the same partner, or
+   * empty for the first page.
+   *
+   * @generated from field: string page_token = 3;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message appointments.internal.v1.ListPartnerKeysRequest.
+ * Use `create(ListPartnerKeysRequestSchema)` to create a new message.
+ */
+export const ListPartnerKeysRequestSchema: GenMessage<ListPartnerKeysRequest> = /*@__PURE__*/
+  messageDesc(file_appointments_internal_v1_partner_registry_service, 5);
+
+/**
+ * The response of ListPartnerKeys.
+ *
+ * @generated from message appointments.internal.v1.ListPartnerKeysResponse
+ */
+export type ListPartnerKeysResponse = Message<"appointments.internal.v1.ListPartnerKeysResponse"> & {
+  /**
+   * The keys of this page, in the order they were issued. `secret` is never
+   * set.
+   *
+   * @generated from field: repeated appointments.internal.v1.PartnerKey keys = 1;
+   */
+  keys: PartnerKey[];
+
+  /**
+   * A token for the next page, or empty when this is the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message appointments.internal.v1.ListPartnerKeysResponse.
+ * Use `create(ListPartnerKeysResponseSchema)` to create a new message.
+ */
+export const ListPartnerKeysResponseSchema: GenMessage<ListPartnerKeysResponse> = /*@__PURE__*/
+  messageDesc(file_appointments_internal_v1_partner_registry_service, 6);
 
 /**
  * The request of RevokePartnerKey.
@@ -86,7 +243,7 @@ export type RevokePartnerKeyRequest = Message<"appointments.internal.v1.RevokePa
  * Use `create(RevokePartnerKeyRequestSchema)` to create a new message.
  */
 export const RevokePartnerKeyRequestSchema: GenMessage<RevokePartnerKeyRequest> = /*@__PURE__*/
-  messageDesc(file_appointments_internal_v1_partner_registry_service, 2);
+  messageDesc(file_appointments_internal_v1_partner_registry_service, 7);
 
 /**
  * The request of GrantPractitionerAccess.
@@ -114,7 +271,7 @@ export type GrantPractitionerAccessRequest = Message<"appointments.internal.v1.G
  * Use `create(GrantPractitionerAccessRequestSchema)` to create a new message.
  */
 export const GrantPractitionerAccessRequestSchema: GenMessage<GrantPractitionerAccessRequest> = /*@__PURE__*/
-  messageDesc(file_appointments_internal_v1_partner_registry_service, 3);
+  messageDesc(file_appointments_internal_v1_partner_registry_service, 8);
 
 /**
  * The request of RevokePractitionerAccess.
@@ -142,7 +299,7 @@ export type RevokePractitionerAccessRequest = Message<"appointments.internal.v1.
  * Use `create(RevokePractitionerAccessRequestSchema)` to create a new message.
  */
 export const RevokePractitionerAccessRequestSchema: GenMessage<RevokePractitionerAccessRequest> = /*@__PURE__*/
-  messageDesc(file_appointments_internal_v1_partner_registry_service, 4);
+  messageDesc(file_appointments_internal_v1_partner_registry_service, 9);
 
 /**
  * The request of SetPartnerLimits.
@@ -192,7 +349,7 @@ export type SetPartnerLimitsRequest = Message<"appointments.internal.v1.SetPartn
  * Use `create(SetPartnerLimitsRequestSchema)` to create a new message.
  */
 export const SetPartnerLimitsRequestSchema: GenMessage<SetPartnerLimitsRequest> = /*@__PURE__*/
-  messageDesc(file_appointments_internal_v1_partner_registry_service, 5);
+  messageDesc(file_appointments_internal_v1_partner_registry_service, 10);
 
 /**
  * The request of GetPartnerUsage.
@@ -213,7 +370,7 @@ export type GetPartnerUsageRequest = Message<"appointments.internal.v1.GetPartne
  * Use `create(GetPartnerUsageRequestSchema)` to create a new message.
  */
 export const GetPartnerUsageRequestSchema: GenMessage<GetPartnerUsageRequest> = /*@__PURE__*/
-  messageDesc(file_appointments_internal_v1_partner_registry_service, 6);
+  messageDesc(file_appointments_internal_v1_partner_registry_service, 11);
 
 /**
  * The request of LiftPartnerSuspension.
@@ -234,7 +391,7 @@ export type LiftPartnerSuspensionRequest = Message<"appointments.internal.v1.Lif
  * Use `create(LiftPartnerSuspensionRequestSchema)` to create a new message.
  */
 export const LiftPartnerSuspensionRequestSchema: GenMessage<LiftPartnerSuspensionRequest> = /*@__PURE__*/
-  messageDesc(file_appointments_internal_v1_partner_registry_service, 7);
+  messageDesc(file_appointments_internal_v1_partner_registry_service, 12);
 
 /**
  * Manages partners, their keys and the practitioners' grants. Internal
@@ -256,8 +413,30 @@ export const PartnerRegistryService: GenService<{
     output: typeof PartnerSchema;
   },
   /**
+   * Lists the partners, oldest first. Returns INVALID_ARGUMENT for a negative
+   * page size or a page token that is not one of this query's.
+   *
+   * @generated from rpc appointments.internal.v1.PartnerRegistryService.ListPartners
+   */
+  listPartners: {
+    methodKind: "unary";
+    input: typeof ListPartnersRequestSchema;
+    output: typeof ListPartnersResponseSchema;
+  },
+  /**
+   * Returns one partner. Returns NOT_FOUND for an unknown partner.
+   *
+   * @generated from rpc appointments.internal.v1.PartnerRegistryService.GetPartner
+   */
+  getPartner: {
+    methodKind: "unary";
+    input: typeof GetPartnerRequestSchema;
+    output: typeof PartnerSchema;
+  },
+  /**
    * Issues a new key for a partner and returns its secret, once. Returns
-   * NOT_FOUND for an unknown partner.
+   * NOT_FOUND for an unknown partner and INVALID_ARGUMENT for an expire time
+   * that is not in the future.
    *
    * @generated from rpc appointments.internal.v1.PartnerRegistryService.IssuePartnerKey
    */
@@ -277,6 +456,19 @@ export const PartnerRegistryService: GenService<{
     methodKind: "unary";
     input: typeof RevokePartnerKeyRequestSchema;
     output: typeof PartnerKeySchema;
+  },
+  /**
+   * Lists a partner's keys, active, expired and revoked, oldest first: their
+   * times and state, never a secret or a hash. Returns NOT_FOUND for an
+   * unknown partner and INVALID_ARGUMENT for a negative page size or a page
+   * token that is not one of this query's.
+   *
+   * @generated from rpc appointments.internal.v1.PartnerRegistryService.ListPartnerKeys
+   */
+  listPartnerKeys: {
+    methodKind: "unary";
+    input: typeof ListPartnerKeysRequestSchema;
+    output: typeof ListPartnerKeysResponseSchema;
   },
   /**
    * Grants a partner access to a practitioner's appointments. Returns

@@ -21,7 +21,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file appointments/partner/v1/partner_appointment_service.proto.
  */
 export const file_appointments_partner_v1_partner_appointment_service: GenFile = /*@__PURE__*/
-  fileDesc("CjlhcHBvaW50bWVudHMvcGFydG5lci92MS9wYXJ0bmVyX2FwcG9pbnRtZW50X3NlcnZpY2UucHJvdG8SF2FwcG9pbnRtZW50cy5wYXJ0bmVyLnYxIrcBChdMaXN0QXBwb2ludG1lbnRzUmVxdWVzdBIXCg9wcmFjdGl0aW9uZXJfaWQYASABKAkSLgoKc3RhcnRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCXBhZ2Vfc2l6ZRgEIAEoBRISCgpwYWdlX3Rva2VuGAUgASgJIm8KGExpc3RBcHBvaW50bWVudHNSZXNwb25zZRI6CgxhcHBvaW50bWVudHMYASADKAsyJC5hcHBvaW50bWVudHMucGFydG5lci52MS5BcHBvaW50bWVudBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiLwoVR2V0QXBwb2ludG1lbnRSZXF1ZXN0EhYKDmFwcG9pbnRtZW50X2lkGAEgASgJIlMKHEdldEFwcG9pbnRtZW50Q29udGFjdFJlcXVlc3QSFgoOYXBwb2ludG1lbnRfaWQYASABKAkSGwoNY29uc2VudF90b2tlbhgCIAEoCUIEqJ8ZAyIYChZMaXN0Q29uc2VudEtleXNSZXF1ZXN0IkwKF0xpc3RDb25zZW50S2V5c1Jlc3BvbnNlEjEKBGtleXMYASADKAsyIy5hcHBvaW50bWVudHMucGFydG5lci52MS5Db25zZW50S2V5IkkKGFdhdGNoQXBwb2ludG1lbnRzUmVxdWVzdBIXCg9wcmFjdGl0aW9uZXJfaWQYASABKAkSFAoMcmVzdW1lX3Rva2VuGAIgASgJIp4BChFBcHBvaW50bWVudENoYW5nZRI4CgtjaGFuZ2VfdHlwZRgBIAEoDjIjLmFwcG9pbnRtZW50cy5wYXJ0bmVyLnYxLkNoYW5nZVR5cGUSOQoLYXBwb2ludG1lbnQYAiABKAsyJC5hcHBvaW50bWVudHMucGFydG5lci52MS5BcHBvaW50bWVudBIUCgxyZXN1bWVfdG9rZW4YAyABKAkiswEKG1JlcXVlc3RDb250YWN0QWNjZXNzUmVxdWVzdBIWCg5hcHBvaW50bWVudF9pZBgBIAEoCRIyCgZmaWVsZHMYAiADKA4yIi5hcHBvaW50bWVudHMudHlwZS52MS5Db250YWN0RmllbGQSDwoHcHVycG9zZRgDIAEoCRIPCgdtZXNzYWdlGAQgASgJEiYKA3R0bBgFIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiI2ChhHZXRDb25zZW50UmVxdWVzdFJlcXVlc3QSGgoSY29uc2VudF9yZXF1ZXN0X2lkGAEgASgJIjkKG0NhbmNlbENvbnNlbnRSZXF1ZXN0UmVxdWVzdBIaChJjb25zZW50X3JlcXVlc3RfaWQYASABKAkiMwobV2F0Y2hDb25zZW50UmVxdWVzdHNSZXF1ZXN0EhQKDHJlc3VtZV90b2tlbhgBIAEoCSp2CgpDaGFuZ2VUeXBlEhsKF0NIQU5HRV9UWVBFX1VOU1BFQ0lGSUVEEAASFwoTQ0hBTkdFX1RZUEVfQ1JFQVRFRBABEhcKE0NIQU5HRV9UWVBFX1VQREFURUQQAhIZChVDSEFOR0VfVFlQRV9DQU5DRUxMRUQQAzLCCAoZUGFydG5lckFwcG9pbnRtZW50U2VydmljZRJ3ChBMaXN0QXBwb2ludG1lbnRzEjAuYXBwb2ludG1lbnRzLnBhcnRuZXIudjEuTGlzdEFwcG9pbnRtZW50c1JlcXVlc3QaMS5hcHBvaW50bWVudHMucGFydG5lci52MS5MaXN0QXBwb2ludG1lbnRzUmVzcG9uc2USZgoOR2V0QXBwb2ludG1lbnQSLi5hcHBvaW50bWVudHMucGFydG5lci52MS5HZXRBcHBvaW50bWVudFJlcXVlc3QaJC5hcHBvaW50bWVudHMucGFydG5lci52MS5BcHBvaW50bWVudBJ7ChVHZXRBcHBvaW50bWVudENvbnRhY3QSNS5hcHBvaW50bWVudHMucGFydG5lci52MS5HZXRBcHBvaW50bWVudENvbnRhY3RSZXF1ZXN0GisuYXBwb2ludG1lbnRzLnBhcnRuZXIudjEuQXBwb2ludG1lbnRDb250YWN0EnQKD0xpc3RDb25zZW50S2V5cxIvLmFwcG9pbnRtZW50cy5wYXJ0bmVyLnYxLkxpc3RDb25zZW50S2V5c1JlcXVlc3QaMC5hcHBvaW50bWVudHMucGFydG5lci52MS5MaXN0Q29uc2VudEtleXNSZXNwb25zZRJ0ChFXYXRjaEFwcG9pbnRtZW50cxIxLmFwcG9pbnRtZW50cy5wYXJ0bmVyLnYxLldhdGNoQXBwb2ludG1lbnRzUmVxdWVzdBoqLmFwcG9pbnRtZW50cy5wYXJ0bmVyLnYxLkFwcG9pbnRtZW50Q2hhbmdlMAESdQoUUmVxdWVzdENvbnRhY3RBY2Nlc3MSNC5hcHBvaW50bWVudHMucGFydG5lci52MS5SZXF1ZXN0Q29udGFjdEFjY2Vzc1JlcXVlc3QaJy5hcHBvaW50bWVudHMucGFydG5lci52MS5Db25zZW50UmVxdWVzdBJvChFHZXRDb25zZW50UmVxdWVzdBIxLmFwcG9pbnRtZW50cy5wYXJ0bmVyLnYxLkdldENvbnNlbnRSZXF1ZXN0UmVxdWVzdBonLmFwcG9pbnRtZW50cy5wYXJ0bmVyLnYxLkNvbnNlbnRSZXF1ZXN0EnUKFENhbmNlbENvbnNlbnRSZXF1ZXN0EjQuYXBwb2ludG1lbnRzLnBhcnRuZXIudjEuQ2FuY2VsQ29uc2VudFJlcXVlc3RSZXF1ZXN0GicuYXBwb2ludG1lbnRzLnBhcnRuZXIudjEuQ29uc2VudFJlcXVlc3QSfAoUV2F0Y2hDb25zZW50UmVxdWVzdHMSNC5hcHBvaW50bWVudHMucGFydG5lci52MS5XYXRjaENvbnNlbnRSZXF1ZXN0c1JlcXVlc3QaLC5hcHBvaW50bWVudHMucGFydG5lci52MS5Db25zZW50UmVxdWVzdEV2ZW50MAFCAlABYgZwcm90bzM", [file_appointments_annotations_v1_privacy, file_appointments_partner_v1_appointment, file_appointments_partner_v1_consent_request, file_appointments_partner_v1_contact, file_appointments_type_v1_contact, file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("CjlhcHBvaW50bWVudHMvcGFydG5lci92MS9wYXJ0bmVyX2FwcG9pbnRtZW50X3NlcnZpY2UucHJvdG8SF2FwcG9pbnRtZW50cy5wYXJ0bmVyLnYxIrcBChdMaXN0QXBwb2ludG1lbnRzUmVxdWVzdBIXCg9wcmFjdGl0aW9uZXJfaWQYASABKAkSLgoKc3RhcnRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCXBhZ2Vfc2l6ZRgEIAEoBRISCgpwYWdlX3Rva2VuGAUgASgJIm8KGExpc3RBcHBvaW50bWVudHNSZXNwb25zZRI6CgxhcHBvaW50bWVudHMYASADKAsyJC5hcHBvaW50bWVudHMucGFydG5lci52MS5BcHBvaW50bWVudBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiLwoVR2V0QXBwb2ludG1lbnRSZXF1ZXN0EhYKDmFwcG9pbnRtZW50X2lkGAEgASgJIlMKHEdldEFwcG9pbnRtZW50Q29udGFjdFJlcXVlc3QSFgoOYXBwb2ludG1lbnRfaWQYASABKAkSGwoNY29uc2VudF90b2tlbhgCIAEoCUIEqJ8ZAyIYChZMaXN0Q29uc2VudEtleXNSZXF1ZXN0IkwKF0xpc3RDb25zZW50S2V5c1Jlc3BvbnNlEjEKBGtleXMYASADKAsyIy5hcHBvaW50bWVudHMucGFydG5lci52MS5Db25zZW50S2V5ImIKGFdhdGNoQXBwb2ludG1lbnRzUmVxdWVzdBIXCg9wcmFjdGl0aW9uZXJfaWQYASABKAkSFAoMcmVzdW1lX3Rva2VuGAIgASgJEhcKD2FsbG93X2Jvb2ttYXJrcxgDIAEoCCKeAQoRQXBwb2ludG1lbnRDaGFuZ2USOAoLY2hhbmdlX3R5cGUYASABKA4yIy5hcHBvaW50bWVudHMucGFydG5lci52MS5DaGFuZ2VUeXBlEjkKC2FwcG9pbnRtZW50GAIgASgLMiQuYXBwb2ludG1lbnRzLnBhcnRuZXIudjEuQXBwb2ludG1lbnQSFAoMcmVzdW1lX3Rva2VuGAMgASgJIrMBChtSZXF1ZXN0Q29udGFjdEFjY2Vzc1JlcXVlc3QSFgoOYXBwb2ludG1lbnRfaWQYASABKAkSMgoGZmllbGRzGAIgAygOMiIuYXBwb2ludG1lbnRzLnR5cGUudjEuQ29udGFjdEZpZWxkEg8KB3B1cnBvc2UYAyABKAkSDwoHbWVzc2FnZRgEIAEoCRImCgN0dGwYBSABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iNgoYR2V0Q29uc2VudFJlcXVlc3RSZXF1ZXN0EhoKEmNvbnNlbnRfcmVxdWVzdF9pZBgBIAEoCSI5ChtDYW5jZWxDb25zZW50UmVxdWVzdFJlcXVlc3QSGgoSY29uc2VudF9yZXF1ZXN0X2lkGAEgASgJIjMKG1dhdGNoQ29uc2VudFJlcXVlc3RzUmVxdWVzdBIUCgxyZXN1bWVfdG9rZW4YASABKAkqkAEKCkNoYW5nZVR5cGUSGwoXQ0hBTkdFX1RZUEVfVU5TUEVDSUZJRUQQABIXChNDSEFOR0VfVFlQRV9DUkVBVEVEEAESFwoTQ0hBTkdFX1RZUEVfVVBEQVRFRBACEhkKFUNIQU5HRV9UWVBFX0NBTkNFTExFRBADEhgKFENIQU5HRV9UWVBFX0JPT0tNQVJLEAQywggKGVBhcnRuZXJBcHBvaW50bWVudFNlcnZpY2USdwoQTGlzdEFwcG9pbnRtZW50cxIwLmFwcG9pbnRtZW50cy5wYXJ0bmVyLnYxLkxpc3RBcHBvaW50bWVudHNSZXF1ZXN0GjEuYXBwb2ludG1lbnRzLnBhcnRuZXIudjEuTGlzdEFwcG9pbnRtZW50c1Jlc3BvbnNlEmYKDkdldEFwcG9pbnRtZW50Ei4uYXBwb2ludG1lbnRzLnBhcnRuZXIudjEuR2V0QXBwb2ludG1lbnRSZXF1ZXN0GiQuYXBwb2ludG1lbnRzLnBhcnRuZXIudjEuQXBwb2ludG1lbnQSewoVR2V0QXBwb2ludG1lbnRDb250YWN0EjUuYXBwb2ludG1lbnRzLnBhcnRuZXIudjEuR2V0QXBwb2ludG1lbnRDb250YWN0UmVxdWVzdBorLmFwcG9pbnRtZW50cy5wYXJ0bmVyLnYxLkFwcG9pbnRtZW50Q29udGFjdBJ0Cg9MaXN0Q29uc2VudEtleXMSLy5hcHBvaW50bWVudHMucGFydG5lci52MS5MaXN0Q29uc2VudEtleXNSZXF1ZXN0GjAuYXBwb2ludG1lbnRzLnBhcnRuZXIudjEuTGlzdENvbnNlbnRLZXlzUmVzcG9uc2USdAoRV2F0Y2hBcHBvaW50bWVudHMSMS5hcHBvaW50bWVudHMucGFydG5lci52MS5XYXRjaEFwcG9pbnRtZW50c1JlcXVlc3QaKi5hcHBvaW50bWVudHMucGFydG5lci52MS5BcHBvaW50bWVudENoYW5nZTABEnUKFFJlcXVlc3RDb250YWN0QWNjZXNzEjQuYXBwb2ludG1lbnRzLnBhcnRuZXIudjEuUmVxdWVzdENvbnRhY3RBY2Nlc3NSZXF1ZXN0GicuYXBwb2ludG1lbnRzLnBhcnRuZXIudjEuQ29uc2VudFJlcXVlc3QSbwoRR2V0Q29uc2VudFJlcXVlc3QSMS5hcHBvaW50bWVudHMucGFydG5lci52MS5HZXRDb25zZW50UmVxdWVzdFJlcXVlc3QaJy5hcHBvaW50bWVudHMucGFydG5lci52MS5Db25zZW50UmVxdWVzdBJ1ChRDYW5jZWxDb25zZW50UmVxdWVzdBI0LmFwcG9pbnRtZW50cy5wYXJ0bmVyLnYxLkNhbmNlbENvbnNlbnRSZXF1ZXN0UmVxdWVzdBonLmFwcG9pbnRtZW50cy5wYXJ0bmVyLnYxLkNvbnNlbnRSZXF1ZXN0EnwKFFdhdGNoQ29uc2VudFJlcXVlc3RzEjQuYXBwb2ludG1lbnRzLnBhcnRuZXIudjEuV2F0Y2hDb25zZW50UmVxdWVzdHNSZXF1ZXN0GiwuYXBwb2ludG1lbnRzLnBhcnRuZXIudjEuQ29uc2VudFJlcXVlc3RFdmVudDABQgJQAWIGcHJvdG8z", [file_appointments_annotations_v1_privacy, file_appointments_partner_v1_appointment, file_appointments_partner_v1_consent_request, file_appointments_partner_v1_contact, file_appointments_type_v1_contact, file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * The request of ListAppointments.
@@ -210,12 +210,27 @@ export type WatchAppointmentsRequest = Message<"appointments.partner.v1.WatchApp
   practitionerId: string;
 
   /**
-   * The `resume_token` of the last change received, to continue after it, or
-   * empty to start from now. Tokens are opaque and bound to the caller.
+   * The `resume_token` of the last change or bookmark received, to continue
+   * after it, or empty to start from now. Tokens are opaque and bound to the
+   * caller; any server of the same deployment accepts them.
    *
    * @generated from field: string resume_token = 2;
    */
   resumeToken: string;
+
+  /**
+   * Whether the stream may send bookmarks: changes of type
+   * CHANGE_TYPE_BOOKMARK that carry only a `resume_token`. The first is sent
+   * as soon as the stream has replayed what its resume token asked for (at
+   * once when there is nothing to replay), then one whenever the stream has
+   * sent nothing for the server's bookmark interval
+   * (APPTGATE_WATCH_BOOKMARK_INTERVAL, 30 seconds by default), and a last one
+   * when the server shuts down. False (the default) sends none, as before
+   * bookmarks existed.
+   *
+   * @generated from field: bool allow_bookmarks = 3;
+   */
+  allowBookmarks: boolean;
 };
 
 /**
@@ -226,13 +241,14 @@ export const WatchAppointmentsRequestSchema: GenMessage<WatchAppointmentsRequest
   messageDesc(file_appointments_partner_v1_partner_appointment_service, 6);
 
 /**
- * One change of one appointment.
+ * One change of one appointment, or a bookmark.
  *
  * @generated from message appointments.partner.v1.AppointmentChange
  */
 export type AppointmentChange = Message<"appointments.partner.v1.AppointmentChange"> & {
   /**
-   * What happened to the appointment.
+   * What happened to the appointment, or CHANGE_TYPE_BOOKMARK for a
+   * bookmark.
    *
    * @generated from field: appointments.partner.v1.ChangeType change_type = 1;
    */
@@ -240,14 +256,15 @@ export type AppointmentChange = Message<"appointments.partner.v1.AppointmentChan
 
   /**
    * The appointment as the change left it, in the basic view (the same view
-   * as ListAppointments).
+   * as ListAppointments). Unset in a bookmark.
    *
    * @generated from field: appointments.partner.v1.Appointment appointment = 2;
    */
   appointment?: Appointment | undefined;
 
   /**
-   * A token to resume the stream right after this change.
+   * A token to resume the stream right after this change; in a bookmark,
+   * right after every change the stream has passed so far.
    *
    * @generated from field: string resume_token = 3;
    */
@@ -413,6 +430,16 @@ export enum ChangeType {
    * @generated from enum value: CHANGE_TYPE_CANCELLED = 3;
    */
   CANCELLED = 3,
+
+  /**
+   * No appointment changed: a resume point, sent only to a stream that set
+   * `allow_bookmarks`. Only `resume_token` is set; resuming with it replays
+   * exactly the changes the stream has not passed yet. It discloses nothing
+   * and is not recorded as a disclosure. Clients skip it and keep its token.
+   *
+   * @generated from enum value: CHANGE_TYPE_BOOKMARK = 4;
+   */
+  BOOKMARK = 4,
 }
 
 /**
@@ -497,7 +524,12 @@ export const PartnerAppointmentService: GenService<{
    * RESOURCE_EXHAUSTED when the caller has too many streams open or reads too
    * slowly (resume with the last token), and ends with PERMISSION_DENIED when
    * the watched grant is revoked (or the last one, for all practitioners) and
-   * with UNAUTHENTICATED when the key is revoked.
+   * with UNAUTHENTICATED when the key is revoked. When the server stops, the
+   * stream ends with UNAVAILABLE, ErrorInfo reason SERVER_SHUTTING_DOWN and a
+   * RetryInfo delay: resume with the last token, on any server of the same
+   * deployment. A request with `allow_bookmarks` also receives bookmarks
+   * (CHANGE_TYPE_BOOKMARK), so that even a stream that received no change
+   * holds a token to resume from.
    *
    * @generated from rpc appointments.partner.v1.PartnerAppointmentService.WatchAppointments
    */
