@@ -209,7 +209,7 @@ async def test_the_command_line_issues_a_key_bound_to_a_certificate_file(
     (tmp_path / "not-a-cert.pem").write_text("hello")
 
     code, out, err = await _cli(database_dsn, tmp_path, "issue-key", "--partner", partner.partner_id, "--cert",
-                                str(tmp_path / "a.pem"))  # fmt: skip
+                                str(tmp_path / "a.pem"), "--format", "json")  # fmt: skip
     bad = await _cli(database_dsn, tmp_path, "issue-key", "--partner", partner.partner_id, "--cert",
                      str(tmp_path / "not-a-cert.pem"))  # fmt: skip
 
