@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -158,12 +159,23 @@ COMMANDS: tuple[tuple[str, str, bool], ...] = (
 )
 
 
-def render(values: DemoValues) -> str:
-    """The text ``make run`` prints."""
+#: The last line the demo prints: everything above it is printed, and the demo serves.
+READY = "Ready: the demo serves until Ctrl-C."
+
+_PROGRAM = re.compile(r"(?<![\w/.-])grpcurl(?= -plaintext)")
+
+
+def command_lines(grpcurl: str = "grpcurl") -> list[str]:
+    """The commands of :data:`COMMANDS` with ``grpcurl`` (a path, quoted for the shell) as the program they run."""
+    return [_PROGRAM.sub(lambda _: grpcurl, command) for _, command, _ in COMMANDS]
+
+
+def render(values: DemoValues, *, grpcurl: str = "grpcurl", notes: tuple[str, ...] = ()) -> str:
+    """The text ``make run`` prints: variables, commands running ``grpcurl``, then ``notes`` and :data:`READY`."""
     lines = ["", "apptgate demo is serving. In another terminal, set these variables:", ""]
     lines += [f"export {name}='{value}'" for name, value in variables(values).items()]
     lines += ["", "then paste any of these:", ""]
-    for comment, command, _ in COMMANDS:
+    for (comment, _, _), command in zip(COMMANDS, command_lines(grpcurl), strict=True):
         lines += [f"# {comment}", command, ""]
-    lines += ["The partner key is shown once: stop with Ctrl-C; the next `make run` issues a new one.", ""]
+    lines += [*notes, READY, ""]
     return "\n".join(lines)

@@ -1,18 +1,26 @@
 """Demo data for ``make run``: a few practitioners, patients and appointments, one partner with a key.
 
 The patients' details are fictitious. Seeding is idempotent: the data is
-created once; every run issues a fresh partner key, because a key's secret is
-shown only when it is issued.
+created once. The partner's key is kept between runs in the data directory
+(:func:`partner_key`), since a key's secret is shown only when it is issued:
+a run uses the kept key while it verifies, issues a new one otherwise, and
+revokes every other key of the demo partner.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from uuid import UUID, uuid4
 
 from service.access import credentials
 from service.crypto import sealing
+from service.crypto.keyfiles import write_private
+from service.errors import Unauthenticated
+from service.settings import read_private_file
 from service.store import partners, scheduling
 from service.store.database import Database
 
@@ -32,20 +40,35 @@ _PATIENTS = [
 ]
 
 
+#: The file of the data directory that keeps the demo partner's key between runs (mode 0600).
+KEY_FILE = "demo-partner-key"
+
+
 @dataclass(frozen=True, slots=True)
 class DemoWorld:
-    """What the demo created or found, with a freshly issued partner key."""
+    """What the demo created or found."""
 
     partner_id: UUID
-    partner_key: str
     practitioner_id: UUID
     patient_id: UUID
     appointment_id: UUID
     week_start: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class DemoKey:
+    """The demo partner's key for this run: the one kept from an earlier run, or a new one."""
+
+    key: str
+    key_id: str
+    #: True when this run issued it (the kept one was missing, revoked, expired or not the demo partner's).
+    issued: bool
+    #: The other keys of the demo partner, which this run revoked.
+    revoked: list[str]
+
+
 async def seed(database: Database, data_keys: sealing.DataKeyring) -> DemoWorld:
-    """Create the demo data unless present (contact details and reasons sealed), and issue a new partner key."""
+    """Create the demo data unless present (contact details and reasons sealed); issue no key."""
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     async with database.transaction() as conn:
         partner = await partners.find_partner_by_name(conn, DEMO_PARTNER)
@@ -78,8 +101,56 @@ async def seed(database: Database, data_keys: sealing.DataKeyring) -> DemoWorld:
                 await partners.grant_access(conn, partner.id, practitioner.id)
         granted = min(await partners.granted_practitioners(conn, partner.id))
         first = await scheduling.first_appointment(conn, granted)
-        issued = credentials.new_partner_key()
-        await partners.insert_key(conn, issued.key_id, partner.id, issued.secret_hash)
     assert first is not None
     week_start = first.start_time.replace(hour=0, minute=0, second=0, microsecond=0)
-    return DemoWorld(partner.id, issued.secret, granted, first.patient_id, first.id, week_start)
+    return DemoWorld(partner.id, granted, first.patient_id, first.id, week_start)
+
+
+def _kept_key(path: Path) -> str | None:
+    """The key kept at ``path``, or None when there is none (or none shaped like a key)."""
+    if not os.path.lexists(path):
+        return None
+    text = read_private_file(path, f"the demo partner key {path}").strip()
+    try:
+        credentials.partner_key_id(text)
+    except Unauthenticated:
+        return None  # not a key: replaced by a new one
+    return text
+
+
+def _keep(path: Path, key: str) -> None:
+    """Write ``key`` to ``path`` (mode 0600), replacing what was there in one step."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    write_private(temporary, key + "\n")
+    try:
+        os.replace(temporary, path)
+    except OSError:
+        temporary.unlink()
+        raise
+
+
+async def partner_key(database: Database, partner_id: UUID, path: Path) -> DemoKey:
+    """The demo partner's key: the one kept at ``path`` while it verifies, else a new one, kept there.
+
+    Every other key of the demo partner is revoked, in the same transaction
+    (each earlier run issued one, and a key nobody holds is a key to leak).
+    Raises :class:`ConfigError` when the file cannot be trusted (see
+    :func:`service.settings.read_private_file`).
+    """
+    kept = _kept_key(path)
+    async with database.transaction() as conn:
+        key_id = credentials.partner_key_id(kept) if kept is not None else None
+        if (
+            kept is not None
+            and key_id is not None
+            and await partners.key_is_live(conn, key_id, partner_id, credentials.hash_secret(kept))
+        ):
+            key, issued = kept, False
+        else:
+            new = credentials.new_partner_key()
+            await partners.insert_key(conn, new.key_id, partner_id, new.secret_hash)
+            key, key_id, issued = new.secret, new.key_id, True
+        revoked = await partners.revoke_keys_except(conn, partner_id, key_id)
+        if issued:
+            _keep(path, key)  # before the commit: a key is never live without its file
+    return DemoKey(key, key_id, issued, revoked)

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from typing import Any
 from uuid import UUID
 
 import grpc.aio
@@ -36,7 +39,7 @@ from service.access.limits import ExtractionGuard
 from service.access.request_rate import FleetRate
 from service.api import audit, consents, partner, registry, scheduling
 from service.api.reflection import documented_files
-from service.api.server import ErrorBoundary, Listener, start_listener
+from service.api.server import BindError, ErrorBoundary, Listener, start_listener
 from service.crypto import sealing
 from service.crypto.keyfiles import load_data_keys, load_server_secret, load_signing_keys, private_data_dir
 from service.disclosure.consent_requests import ConsentRequests
@@ -51,7 +54,7 @@ from service.feed.delivery import Deliveries
 from service.feed.hub import FeedHub
 from service.feed.privacy import PrivacyWatches
 from service.feed.watch import Watches
-from service.settings import Settings, is_loopback
+from service.settings import Settings, serving_problems, split_address
 from service.store import chain, request_leases, sealed_columns
 from service.store import consent_requests as consent_requests_store
 from service.store import data_keys as key_checks
@@ -81,7 +84,7 @@ class Secrets:
 
 
 def load_secrets(settings: Settings) -> Secrets:
-    """Load (or, in development, create) the secrets. Raises ``ConfigError``.
+    """Load (or, in development, create) the secrets. Raises ``ConfigError`` listing the problems of all three.
 
     Each key file passes the checks of :func:`service.settings.read_private_file`
     (no symbolic link, owned by this user or root, written by no one else); the
@@ -90,7 +93,16 @@ def load_secrets(settings: Settings) -> Secrets:
     database's values were sealed with is checked once the database is open
     (:func:`verify_data_keys`).
     """
-    return Secrets(load_server_secret(settings), load_signing_keys(settings), load_data_keys(settings))
+    problems: list[str] = []
+    loaded: list[Any] = []
+    for load in (load_server_secret, load_signing_keys, load_data_keys):
+        try:
+            loaded.append(load(settings))
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems)
+    return Secrets(*loaded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,28 +134,58 @@ class Parts:
 
 
 def check_transport_security(settings: Settings) -> None:
-    """Refuse plaintext off loopback unless allowed, for each listener apart; never for partners in production."""
-    problems = []
-    if settings.tls is None and not is_loopback(settings.partner_addr):
-        if settings.production:
-            problems.append(
-                f"the partner listener {settings.partner_addr} is not on loopback and has no TLS, which production "
-                "refuses: set APPTGATE_TLS_CERT/APPTGATE_TLS_KEY or bind a loopback address"
-            )
-        elif not settings.allow_insecure:
-            problems.append(
-                f"the partner listener {settings.partner_addr} is not on loopback and has no TLS: set "
-                "APPTGATE_TLS_CERT/APPTGATE_TLS_KEY, bind a loopback address, or pass --allow-insecure"
-            )
-    if not settings.allow_insecure_internal and not is_loopback(settings.internal_addr):
-        problems.append(
-            f"the internal listener {settings.internal_addr} is not on loopback; it has no TLS of its own, "
-            "so put it behind a TLS proxy and pass --allow-insecure-internal"
-        )
-    if not settings.internal_token:
-        problems.append("APPTGATE_INTERNAL_TOKEN or APPTGATE_INTERNAL_TOKEN_FILE is required (at least 32 characters)")
+    """Refuse what keeps ``settings`` from serving (:func:`service.settings.serving_problems`), all at once.
+
+    The command line finds the same problems as it loads the settings
+    (``checks=``); this guard holds for whoever builds settings otherwise.
+    """
+    problems = serving_problems(settings)
     if problems:
         raise ConfigError(problems)
+
+
+def listened_on(address: str) -> bool:
+    """True when some process listens on ``address`` now (a worker could bind beside it with ``SO_REUSEPORT``).
+
+    A probe without ``SO_REUSEPORT`` cannot bind a port that any socket listens
+    on; ``SO_REUSEADDR`` lets it past connections of an earlier server still
+    closing (TIME_WAIT), which are no listener.
+    """
+    host, port = split_address(address)
+    try:
+        candidates = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return False  # the bind reports an address that does not resolve
+    for family, kind, proto, _, sockaddr in candidates:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
+def check_ports_free(settings: Settings) -> None:
+    """Raise :class:`BindError` when another process listens on a listener's fixed port.
+
+    Checked before anything starts, so that a second server (a second ``make
+    run``) stops in one line, having opened and issued nothing; the bind
+    itself still reports a port taken in between. Workers sharing ports
+    (``APPTGATE_REUSE_PORT``) are checked by their supervisor instead.
+    """
+    if settings.reuse_port:
+        return
+    for variable, address in (
+        ("APPTGATE_PARTNER_ADDR", settings.partner_addr),
+        ("APPTGATE_INTERNAL_ADDR", settings.internal_addr),
+    ):
+        if split_address(address)[1] != 0 and listened_on(address):
+            raise BindError(
+                f"{variable}: {address} is in use by another process (another apptgate, or `make run` "
+                "still running?); stop it or choose another address"
+            )
 
 
 class Gateway:
@@ -362,13 +404,33 @@ class Gateway:
         await asyncio.gather(*(listener.stop(grace) for listener in listeners))
 
 
-async def open_database(settings: Settings, stack: AsyncExitStack, telemetry: Telemetry | None = None) -> Database:
-    """Connect to ``DATABASE_URL``, or start the embedded PostgreSQL when it is unset."""
+def embedded_database(settings: Settings, *, create: bool) -> EmbeddedPostgres:
+    """The embedded PostgreSQL of ``settings``' data directory (no ``DATABASE_URL``), not started.
+
+    Only ``create`` (``migrate`` and ``demo``) may make a new one: any other
+    command run from the wrong directory would otherwise start an empty
+    database there and then find it not migrated. Raises
+    :class:`MissingDatabase` saying where it looked and what to set, and
+    :class:`ConfigError` in production, which takes no embedded database.
+    """
+    if settings.production:
+        raise ConfigError(["DATABASE_URL: required in production (the embedded PostgreSQL is for development)"])
+    if not create:
+        EmbeddedPostgres(settings.data_dir / "pgdata").require()  # before the data directory is made
+    return EmbeddedPostgres(private_data_dir(settings) / "pgdata")
+
+
+async def open_database(
+    settings: Settings, stack: AsyncExitStack, telemetry: Telemetry | None = None, *, create: bool = False
+) -> Database:
+    """Connect to ``DATABASE_URL``, or start the embedded PostgreSQL when it is unset.
+
+    Without ``DATABASE_URL``, only ``create`` makes a new embedded database
+    (:func:`embedded_database`); raises :class:`MissingDatabase` otherwise.
+    """
     dsn = settings.database_url  # with the password of APPTGATE_DATABASE_PASSWORD_FILE, when set
     if dsn is None:
-        if settings.production:
-            raise ConfigError(["DATABASE_URL is required in production"])
-        embedded = EmbeddedPostgres(private_data_dir(settings) / "pgdata")
+        embedded = embedded_database(settings, create=create)
         dsn = await asyncio.to_thread(embedded.start)
         stack.callback(embedded.stop)
     database = await Database.connect(
@@ -448,14 +510,17 @@ async def serve(
     prepare: Callable[[Database, Secrets], Awaitable[None]] | None = None,
     on_ready: Callable[[Gateway], Awaitable[None]] | None = None,
     customize: Callable[[Parts, Database, Secrets], Parts] | None = None,
+    create_database: bool = False,
 ) -> None:
     """Run the gateway until SIGTERM or SIGINT, then drain and return.
 
     ``prepare`` runs on the open database before the migration check (the demo
     migrates and seeds there); ``on_ready`` runs once both listeners serve;
-    ``customize`` replaces built :class:`Parts` (for measuring a variant).
+    ``customize`` replaces built :class:`Parts` (for measuring a variant);
+    ``create_database`` lets a new embedded database be made (the demo).
     """
     check_transport_security(settings)
+    check_ports_free(settings)
     # Handle a stop request from the first moment: one that arrives while
     # starting stops the service as soon as it is up, instead of killing it.
     stop = asyncio.Event()
@@ -466,7 +531,7 @@ async def serve(
     telemetry = Telemetry.from_settings(settings)
     async with AsyncExitStack() as stack:
         stack.callback(telemetry.shutdown)
-        database = await open_database(settings, stack, telemetry)
+        database = await open_database(settings, stack, telemetry, create=create_database)
         if prepare is not None:
             await prepare(database, secrets)
         await database.ensure_migrated()

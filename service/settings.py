@@ -17,7 +17,7 @@ import math
 import os
 import pwd
 import stat
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, replace
 from datetime import timedelta
 from pathlib import Path
@@ -56,6 +56,8 @@ class Exporter(enum.StrEnum):
     NONE = "none"
     CONSOLE = "console"
     OTLP = "otlp"
+    #: Metrics only: served for scraping on ``/metrics`` (``OTEL_EXPORTER_PROMETHEUS_HOST``/``_PORT``).
+    PROMETHEUS = "prometheus"
 
 
 class OtlpProtocol(enum.StrEnum):
@@ -155,7 +157,7 @@ def _one_of(kind: type[enum.StrEnum], *, upper: bool = False) -> Callable[[str],
         try:
             return kind(value)
         except ValueError:
-            raise ValueError(f"one of {', '.join(kind)}, not {text.strip()!r}") from None
+            raise ValueError(f"expected one of {', '.join(kind)}, got {text.strip()!r}") from None
 
     return parse
 
@@ -170,6 +172,10 @@ def _at_least(minimum: float, what: str = "") -> Check:
 
 def _above(minimum: float) -> Check:
     return lambda value: None if value > minimum else f"must be above {minimum:g}"
+
+
+def _port(value: int) -> str | None:
+    return None if 1 <= value <= 65535 else f"expected a port from 1 to 65535, got {value}"
 
 
 def _address(value: str) -> str | None:
@@ -577,10 +583,31 @@ class Settings:
         check=_at_least(0),
     )
     otel_traces_exporter: Exporter = variable(
-        "OTEL_TRACES_EXPORTER", Exporter.NONE, "`otlp`, `console` or `none`", parse=_one_of(Exporter)
+        "OTEL_TRACES_EXPORTER",
+        Exporter.NONE,
+        "`otlp`, `console` or `none`",
+        parse=_one_of(Exporter),
+        check=lambda e: (
+            "expected otlp, console or none (prometheus takes metrics only)" if e == Exporter.PROMETHEUS else None
+        ),
     )
     otel_metrics_exporter: Exporter = variable(
-        "OTEL_METRICS_EXPORTER", Exporter.NONE, "`otlp`, `console` or `none`", parse=_one_of(Exporter)
+        "OTEL_METRICS_EXPORTER",
+        Exporter.NONE,
+        "`otlp`, `console`, `prometheus` (served for scraping on `/metrics`) or `none`",
+        parse=_one_of(Exporter),
+    )
+    otel_prometheus_host: str = variable(
+        "OTEL_EXPORTER_PROMETHEUS_HOST",
+        "localhost",
+        "the interface `/metrics` is served on with `OTEL_METRICS_EXPORTER=prometheus`",
+    )
+    otel_prometheus_port: int = variable(
+        "OTEL_EXPORTER_PROMETHEUS_PORT",
+        9464,
+        "its port; with `APPTGATE_WORKERS` > 1, worker N (from 0) serves on this port + N",
+        parse=_integer,
+        check=_port,
     )
     otel_traces_protocol: OtlpProtocol = variable(
         ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"),
@@ -631,13 +658,16 @@ def load(
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
     defaults: Mapping[str, Any] | None = None,
+    checks: Sequence[Callable[[Settings], list[str]]] = (),
 ) -> Settings:
     """Build validated settings from the environment (``os.environ`` unless given) and flags.
 
     ``overrides`` maps field names to values given on the command line
     (``None`` values are ignored); ``defaults`` maps field names to values
-    used where neither a variable nor a flag gives one. Raises
-    :class:`ConfigError` listing every problem found.
+    used where neither a variable nor a flag gives one. ``checks`` are the
+    command's own checks (:func:`serving_problems` for a server), run on the
+    settings as far as they parsed, so that one run reports their problems
+    with the others. Raises :class:`ConfigError` listing every problem found.
     """
     environ = os.environ if environ is None else environ
     given = {name: value for name, value in (overrides or {}).items() if value is not None}
@@ -674,9 +704,14 @@ def load(
 
     settings = Settings(**read(Settings), limits=TransportLimits(**read(TransportLimits)))
     problems.extend(_together(settings))
+    settings = _with_secret_files(settings, problems)
+    # A variable reported bad took its default: a check would only complain of that default again.
+    reported = {problem.partition(":")[0].partition(" ")[0].removesuffix("_FILE") for problem in problems}
+    for check in checks:
+        problems.extend(p for p in check(settings) if p.partition(":")[0].partition(" ")[0] not in reported)
     if problems:
         raise ConfigError(problems)
-    return _with_secret_files(settings)
+    return settings
 
 
 def _together(s: Settings) -> list[str]:
@@ -695,17 +730,67 @@ def _together(s: Settings) -> list[str]:
     ):
         if path is not None and not path.is_file():
             problems.append(f"{name}: no such file: {path}")
+    if s.production and s.database_url is None:
+        problems.append("DATABASE_URL: required in production (the embedded PostgreSQL is for development)")
     return problems
 
 
-def _with_secret_files(s: Settings) -> Settings:
+def serving_problems(s: Settings, *, token_required: bool = True) -> list[str]:
+    """What keeps ``s`` from serving: the listeners' transport security, the internal token, production's secrets.
+
+    Looks at which secrets are configured, without reading them (their
+    content is checked when they are loaded). A non-loopback listener without
+    TLS is refused, each listener apart: the partner one in production always,
+    elsewhere unless ``--allow-insecure``; the internal one, which has no TLS
+    of its own, unless ``--allow-insecure-internal``. The internal token is
+    required unless not ``token_required`` (the demo makes one up).
+    """
+    problems: list[str] = []
+    if s.tls is None and not is_loopback(s.partner_addr):
+        if s.production:
+            problems.append(
+                f"APPTGATE_PARTNER_ADDR: the partner listener {s.partner_addr} is not on loopback and has no TLS, "
+                "which production refuses: set APPTGATE_TLS_CERT/APPTGATE_TLS_KEY or bind a loopback address"
+            )
+        elif not s.allow_insecure:
+            problems.append(
+                f"APPTGATE_PARTNER_ADDR: the partner listener {s.partner_addr} is not on loopback and has no TLS: "
+                "set APPTGATE_TLS_CERT/APPTGATE_TLS_KEY, bind a loopback address, or pass --allow-insecure"
+            )
+    if not s.allow_insecure_internal and not is_loopback(s.internal_addr):
+        problems.append(
+            f"APPTGATE_INTERNAL_ADDR: the internal listener {s.internal_addr} is not on loopback; it has no TLS of "
+            "its own, so put it behind a TLS proxy and pass --allow-insecure-internal"
+        )
+    if token_required and not s.internal_token:
+        problems.append(
+            f"APPTGATE_INTERNAL_TOKEN or APPTGATE_INTERNAL_TOKEN_FILE is required (at least "
+            f"{MIN_INTERNAL_TOKEN_LENGTH} characters; generate one with `openssl rand -base64 32`)"
+        )
+    if s.production:
+        for name, value, path in (
+            ("APPTGATE_SERVER_SECRET", s.server_secret, s.server_secret_file),
+            ("APPTGATE_SIGNING_KEY", s.signing_key, s.signing_key_file),
+            ("APPTGATE_DATA_KEY", s.data_key, s.data_key_file),
+        ):
+            if not value and path is None:
+                problems.append(f"{name} or {name}_FILE is required in production (development keys are refused)")
+    return problems
+
+
+def debug_requested(environ: Mapping[str, str] | None = None) -> bool:
+    """True when ``APPTGATE_LOG_LEVEL`` asks for ``DEBUG``: read on its own, so it holds when other values are bad."""
+    environ = os.environ if environ is None else environ
+    return environ.get("APPTGATE_LOG_LEVEL", "").strip().upper() == LogLevel.DEBUG
+
+
+def _with_secret_files(s: Settings, problems: list[str]) -> Settings:
     """``s`` with the secrets its ``*_FILE`` variables name read in: the internal token and the database passwords.
 
     A secret set directly wins over its file, as for the keys. The passwords
-    go into the URLs, which never appear in the settings' ``repr``. Raises
-    :class:`ConfigError` listing every problem.
+    go into the URLs, which never appear in the settings' ``repr``. Appends
+    every problem to ``problems``.
     """
-    problems: list[str] = []
     changes: dict[str, Any] = {}
 
     def read(path: Path, name: str) -> str | None:
@@ -739,8 +824,6 @@ def _with_secret_files(s: Settings) -> Settings:
             problems.append(f"{name}: needs APPTGATE_PARTNER_DATABASE_URL or DATABASE_URL")
         elif (password := read(s.partner_database_password_file, name)) is not None:
             _set_password(changes, problems, "partner_database_url", "APPTGATE_PARTNER_DATABASE_URL", url, password)
-    if problems:
-        raise ConfigError(problems)
     return replace(s, **changes) if changes else s
 
 

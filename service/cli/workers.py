@@ -32,11 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import errno
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -44,10 +42,9 @@ import time
 from contextlib import AsyncExitStack
 from dataclasses import replace
 
-from service.app import check_transport_security, load_secrets, open_database
+from service.app import check_transport_security, embedded_database, listened_on, load_secrets, open_database
 from service.errors import ConfigError
-from service.settings import Settings, child_environment, split_address
-from service.store.embedded import EmbeddedPostgres
+from service.settings import Exporter, Settings, child_environment, split_address
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +79,7 @@ def supervise(settings: Settings, argv: list[str]) -> int:
     env = child_environment({"APPTGATE_WORKERS": "1", "APPTGATE_REUSE_PORT": "true"})
     embedded = None
     if settings.database_url is None:
-        if settings.production:
-            raise ConfigError(["DATABASE_URL is required in production"])
-        embedded = EmbeddedPostgres(settings.data_dir / "pgdata")
+        embedded = embedded_database(settings, create=False)
     try:
         if embedded is not None:
             env["DATABASE_URL"] = embedded.start()
@@ -96,11 +91,13 @@ def supervise(settings: Settings, argv: list[str]) -> int:
         read_end, write_end = os.pipe()
         try:
             try:
-                for _ in range(settings.workers):
+                for index in range(settings.workers):
                     if stopping:
                         break
                     command = [sys.executable, "-m", "service", "serve", *argv, SUPERVISOR_PIPE_FLAG, str(read_end)]
-                    children.append(subprocess.Popen(command, env=env, pass_fds=(read_end,)))  # noqa: S603 (our own module)
+                    children.append(
+                        subprocess.Popen(command, env=_worker_environment(env, settings, index), pass_fds=(read_end,))  # noqa: S603 (our own module)
+                    )
             finally:
                 os.close(read_end)
             log.info("supervising %d workers: %s", len(children), ", ".join(str(c.pid) for c in children))
@@ -126,6 +123,28 @@ def supervise(settings: Settings, argv: list[str]) -> int:
             embedded.stop()
 
 
+def _worker_environment(env: dict[str, str], settings: Settings, index: int) -> dict[str, str]:
+    """What worker ``index`` (from 0) is started with: ``env``, and with Prometheus its own metrics port.
+
+    Each worker has its own meter provider and counts its own calls; one port
+    cannot be served by several processes (a scrape would reach one worker at
+    random), so worker N serves ``/metrics`` on ``OTEL_EXPORTER_PROMETHEUS_PORT``
+    + N, and Prometheus scrapes each as a target of its own.
+    """
+    if settings.otel_metrics_exporter != Exporter.PROMETHEUS or settings.otel_sdk_disabled:
+        return env
+    return {**env, "OTEL_EXPORTER_PROMETHEUS_PORT": str(settings.otel_prometheus_port + index)}
+
+
+def _metrics_addresses(settings: Settings) -> list[str]:
+    """The ``host:port`` each worker serves ``/metrics`` on, none without Prometheus."""
+    if settings.otel_metrics_exporter != Exporter.PROMETHEUS or settings.otel_sdk_disabled:
+        return []
+    host = settings.otel_prometheus_host
+    host = f"[{host}]" if ":" in host else host
+    return [f"{host}:{settings.otel_prometheus_port + index}" for index in range(settings.workers)]
+
+
 def _check_ports(settings: Settings) -> None:
     """Refuse a port chosen by the kernel (workers must share one) and a port someone listens on already."""
     problems = []
@@ -135,11 +154,21 @@ def _check_ports(settings: Settings) -> None:
     ):
         if split_address(address)[1] == 0:
             problems.append(f"{variable}: several workers need a fixed port, not 0")
-        elif _listened_on(address):
+        elif listened_on(address):
             problems.append(
                 f"{variable}: {address} is in use by another process (a server, or the workers of an "
                 "earlier supervisor); stop it first"
             )
+    last = settings.otel_prometheus_port + settings.workers - 1
+    if _metrics_addresses(settings) and last > 65535:
+        problems.append(
+            f"OTEL_EXPORTER_PROMETHEUS_PORT: worker N serves /metrics on this port + N, and {last} is no port"
+        )
+    elif busy := [address for address in _metrics_addresses(settings) if listened_on(address)]:
+        problems.append(
+            f"OTEL_EXPORTER_PROMETHEUS_PORT: {', '.join(busy)} in use by another process (worker N serves /metrics "
+            f"on this port + N, here up to {last}); stop it or choose another port"
+        )
     if problems:
         raise ConfigError(problems)
 
@@ -149,29 +178,6 @@ async def _check_database(settings: Settings) -> None:
     async with AsyncExitStack() as stack:
         database = await open_database(settings, stack)
         await database.ensure_migrated()
-
-
-def _listened_on(address: str) -> bool:
-    """True when some process listens on ``address`` now (a worker could bind beside it with SO_REUSEPORT).
-
-    A probe without ``SO_REUSEPORT`` cannot bind a port that any socket listens
-    on; ``SO_REUSEADDR`` lets it past connections of an earlier server still
-    closing (TIME_WAIT), which are no listener.
-    """
-    host, port = split_address(address)
-    try:
-        candidates = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror:
-        return False  # the workers' bind reports an address that does not resolve
-    for family, kind, proto, _, sockaddr in candidates:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(sockaddr)
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    return True
-    return False
 
 
 def follow_supervisor(pipe: int) -> None:

@@ -263,3 +263,25 @@ def load_data_keys(settings: Settings) -> DataKeyring:
         "APPTGATE_DATA_KEY",
     )
     return _data_keyring(text, str(settings.data_dir / DATA_KEYS_FILE))
+
+
+def configured_problems(settings: Settings) -> list[str]:
+    """The problems of the secrets ``settings`` configure (a value or a ``*_FILE``), all three read; none created.
+
+    A secret left unset is not looked at: production refuses it
+    (:func:`service.settings.serving_problems`), development creates it when
+    it is loaded. Passed to :func:`service.settings.load` as a check, so a bad
+    key is reported with every other problem of the configuration.
+    """
+    problems: list[str] = []
+    for configured, load in (
+        (settings.server_secret or settings.server_secret_file, load_server_secret),
+        (settings.signing_key or settings.signing_key_file, load_signing_keys),
+        (settings.data_key or settings.data_key_file, load_data_keys),
+    ):
+        if configured:
+            try:
+                load(settings)
+            except ConfigError as exc:
+                problems.extend(exc.problems)
+    return problems

