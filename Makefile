@@ -29,14 +29,20 @@ migrate: install
 test: lint lint-clients lint-protos browser pytest
 
 ## Chromium, which reads the patient's history page back in a test
-## (tests/integration/test_patient_history.py; skipped without it): installed from
-## the distribution's packages when missing and this runs as root with apt-get.
+## (tests/integration/test_patient_history.py; skipped without it), and poppler-utils,
+## whose pdftotext and pdftoppm read the breach dossier's PDF back
+## (tests/integration/test_breach_dossier.py, test_incident.py): each installed from the
+## distribution's packages when missing and this runs as root with apt-get.
 .PHONY: browser
 browser:
 	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; \
 	else echo "chromium not found: the history page's browser test will be skipped" >&2; fi
+	@if command -v pdftotext >/dev/null && command -v pdftoppm >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends poppler-utils; \
+	else echo "pdftotext not found: the breach dossier's PDF tests will be skipped" >&2; fi
 
 pytest: install
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -57,6 +57,8 @@ class Outcome(enum.IntEnum):
     REQUESTED = 3
     #: A consent request approved: the fields granted and the consent created, nothing sent yet.
     CONSENT_GRANTED = 4
+    #: The platform itself read the fields (the letters of a breach notification); nothing sent to the partner.
+    INTERNAL_USE = 5
 
 
 class ConsentRequestState(enum.StrEnum):
@@ -389,6 +391,41 @@ class AffectedPatient:
     last_disclosure_time: datetime
     #: Consent requests the partner sent the patient in the window.
     consent_requests: int = 0
+    #: The views the patient's appointments were disclosed in, in enum order.
+    views: tuple[View, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AppointmentSummary:
+    """An appointment as a breach report names it: when, with whom, in which specialty."""
+
+    id: UUID
+    patient_id: UUID
+    start_time: datetime
+    practitioner_id: UUID
+    practitioner_display_name: str
+    practitioner_specialty: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoredNoticeContact:
+    """A patient's name and email as stored, for a breach notification letter: sealed bytes, or clear text an
+    import left (opened by :func:`service.crypto.sealing.open_notice_contact`)."""
+
+    patient_id: UUID
+    given_name: bytes | str | None
+    family_name: bytes | str | None
+    email: bytes | str | None
+
+
+@dataclass(frozen=True, slots=True)
+class NoticeContact:
+    """A patient's name and email, opened: what a breach notification letter is addressed with."""
+
+    given_name: str
+    family_name: str
+    #: ``""`` when the platform has no email for the patient.
+    email: str
 
 
 @dataclass(frozen=True, slots=True)

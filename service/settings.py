@@ -362,6 +362,13 @@ class Settings:
         shown="`<data dir>/ledger-witness.jsonl`",
         parse=Path,
     )
+    dpo_contact: str | None = variable(
+        "APPTGATE_DPO_CONTACT",
+        None,
+        "the data protection officer's name and contact details, as the breach dossier (`audit breach-report "
+        "--format html` or `pdf`) gives them to the authority and in the letters to patients; unset, the dossier "
+        "leaves a marked place for them",
+    )
     partner_addr: str = variable(
         "APPTGATE_PARTNER_ADDR",
         DEFAULT_PARTNER_ADDR,

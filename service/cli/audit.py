@@ -4,8 +4,16 @@
   the database against the witness (``APPTGATE_LEDGER_WITNESS``), prints every
   problem, exits 1 when any is found, and seals the intact chain: in the
   witness first, then in the database.
-* ``audit breach-report --partner ID --since T --until T [--key KEY_ID] --format json|csv``
-  writes the list of patients a partner reached, and what of theirs was disclosed.
+* ``audit breach-report --partner ID --since T --until T [--key KEY_ID] --format json|csv|html|pdf``
+  writes what a partner's incident reached: the patients, their appointments
+  (times, practitioners, specialties), the contact fields and views, hour by
+  hour, with the ledger's verification. ``json`` is the JSON mapping of
+  ``AuditService.BreachReport``'s response (the proto's field names), ``csv``
+  one row per patient under the same names, ``html`` the dossier a DPO files
+  and works from (:mod:`service.disclosure.breach_dossier`), ``pdf`` that page
+  laid out by WeasyPrint. ``--include-contact`` adds the patients' names and
+  emails for the notification letters, and records that use in the ledger
+  first; ``--format csv --letters`` writes the letters' mail merge.
 * ``audit patient-history --patient ID [--from T] [--to T] [--format json|csv|html] [--timezone ZONE]``
   answers a patient's subject-access request: which partners saw what of theirs,
   when and why, and what they were refused; ``html`` is the page the patient
@@ -28,6 +36,7 @@ import sys
 import time
 import uuid
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import TextIO
@@ -35,12 +44,23 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from service import app, models
 from service.access import credentials
-from service.crypto.keyfiles import load_server_secret, open_private_output
-from service.disclosure import breach, patient_history, patient_history_page, witness
+from service.crypto.keyfiles import load_data_keys, load_server_secret, open_private_output
+from service.crypto.sealing import SealError
+from service.disclosure import (
+    breach,
+    breach_dossier,
+    breach_letters,
+    breach_scope,
+    ledger_check,
+    patient_history,
+    patient_history_page,
+    pdf,
+    witness,
+)
 from service.disclosure.pseudonyms import derive_key
 from service.errors import ConfigError
 from service.settings import Settings
-from service.store import chain, disclosures, partners, privacy
+from service.store import breaches, chain, partners, privacy
 from service.store.database import Connection, Database
 
 PROGRESS_EVERY = 2.0  # seconds between progress lines
@@ -69,7 +89,35 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     report.add_argument("--since", required=True, type=_time, help="window start, RFC 3339 (inclusive)")
     report.add_argument("--until", required=True, type=_time, help="window end, RFC 3339 (exclusive)")
     report.add_argument("--key", help="only disclosures made with this key id (for example the stolen one)")
-    report.add_argument("--format", choices=("json", "csv"), default="json")
+    report.add_argument(
+        "--format",
+        choices=("json", "csv", "html", "pdf"),
+        default="json",
+        help="json: the BreachReport RPC's response; csv: a row per patient; html: the dossier for the DPO; "
+        "pdf: the dossier as PDF (default json)",
+    )
+    report.add_argument(
+        "--include-contact",
+        action="store_true",
+        help="add the patients' names and emails, for the notification letters; the ledger records that use",
+    )
+    report.add_argument(
+        "--letters",
+        action="store_true",
+        help="with --format csv and --include-contact: one row per patient for a mail merge of the letters",
+    )
+    report.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="do not verify the ledger first (json, html and pdf verify it, and say what that found)",
+    )
+    report.add_argument(
+        "--timezone",
+        type=_zone,
+        default=UTC,
+        metavar="ZONE",
+        help="the time zone of the dates written out in the letters, for example Europe/Paris (default UTC)",
+    )
     report.add_argument(
         "--output",
         type=Path,
@@ -172,32 +220,33 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
             return await _verify(settings, database, args)
         if args.audit_command == "patient-history":
             return await _patient_history(database, args)
-        return await _breach_report(database, args, out)
+        return await _breach_report(settings, database, args, out)
     raise AssertionError("unreachable")
 
 
+def _seal_key(settings: Settings) -> bytes:
+    return derive_key(load_server_secret(settings), b"ledger-seal")
+
+
 async def _verify(settings: Settings, database: Database, args: argparse.Namespace) -> int:
-    seal_key = derive_key(load_server_secret(settings), b"ledger-seal")
-    witnessed = witness.read(settings.witness_path, seal_key)
-    async with database.transaction() as conn:  # chain what committed but is not chained yet
-        await chain.chain_all(conn)
-    async with database.transaction(readonly=True, snapshot=True) as conn:  # the chain and head as of one instant
-        result = await chain.verify(conn, seal_key, max_lag=args.max_lag, progress=_Progress("records checked"))
-        result.problems += witnessed.problems
-        result.problems += await witness.check(conn, witnessed.checkpoints, result.head_seq)
+    seal_key = _seal_key(settings)
+    checked = await ledger_check.run(
+        database, seal_key, settings.witness_path, max_lag=args.max_lag, progress=_Progress("records checked")
+    )
+    result, checkpoints = checked.result, checked.checkpoints
     for problem in result.problems:
         print(f"TAMPERED: {problem}", file=sys.stderr)
     if not result.intact:
         print(f"the ledger is NOT intact: {len(result.problems)} problem(s) in {result.records} records")
         return 1
-    vouched = f", {len(witnessed.checkpoints)} witnessed checkpoints matched" if witnessed.checkpoints else ""
+    vouched = f", {len(checkpoints)} witnessed checkpoints matched" if checkpoints else ""
     sealed = ""
     if not args.no_seal and result.head_seq > 0:
         async with database.transaction() as conn:
             checkpoint = witness.Checkpoint(
                 result.head_seq, result.head_hash, await chain.clock(conn), witness.key_id(seal_key)
             )
-            if not witnessed.checkpoints or witnessed.checkpoints[-1].seq < checkpoint.seq:
+            if not checkpoints or checkpoints[-1].seq < checkpoint.seq:
                 witness.append(settings.witness_path, checkpoint, seal_key)
             await chain.seal(conn, seal_key, checkpoint.seq, checkpoint.hash)
         sealed = f", sealed at record {checkpoint.seq}"
@@ -215,6 +264,11 @@ def _check_breach_input(args: argparse.Namespace) -> None:
         )
     if args.key is not None and not credentials.is_key_id(args.key):
         problems.append(f"--key: {args.key!r} is not a key id (pk_ and 16 characters)")
+    if args.letters and (args.format != "csv" or not args.include_contact):
+        problems.append(
+            "--letters needs --format csv and --include-contact: the letters' rows hold the patients' names and "
+            "emails, which are read only with --include-contact (and recorded in the ledger)"
+        )
     if problems:
         raise ConfigError(problems)
 
@@ -229,30 +283,62 @@ async def _check_breach_subjects(conn: Connection, args: argparse.Namespace) -> 
             raise ConfigError([f"--key: the partner {args.partner} has no key {args.key}"])
 
 
-async def _breach_report(database: Database, args: argparse.Namespace, out: TextIO) -> int:
-    progress = _Progress("patients reported")
-    totals = breach.Totals()
-    writer = csv.writer(out) if args.format == "csv" else None
-    async with database.transaction(readonly=True) as conn:
-        if writer is not None:
-            writer.writerow(breach.CSV_HEADER)
+async def _breach_report(settings: Settings, database: Database, args: argparse.Namespace, out: TextIO) -> int:
+    window = breaches.Window(args.partner, args.since, args.until, args.key)
+    verification = breach.Verification()
+    if args.format != "csv" and not args.no_verify:
+        checked = await ledger_check.run(
+            database, _seal_key(settings), settings.witness_path, progress=_Progress("records checked"), window=window
+        )
+        verification = checked.for_report()
+    report = await breach_scope.read(database, window, progress=_Progress("patients reported"))
+    report = replace(report, verification=verification)
+    record_id = None
+    if args.include_contact:
+        keys = load_data_keys(settings)
+        await app.verify_data_keys(database, keys, record=False)
+        try:
+            report, record_id = await breach_scope.read_contacts(database, keys, report)
+        except SealError as exc:  # a fixed text, naming no value
+            raise ConfigError([f"the data keys do not open the patients' contact details: {exc}"]) from None
+    message = breach.response_message(report)
+    if args.format == "pdf":
+        try:
+            out.buffer.write(pdf.render(_dossier(settings, report, args, record_id)))
+        except pdf.PdfError as exc:
+            print(f"apptgate: {exc}", file=sys.stderr, flush=True)
+            return 1
+    elif args.format == "html":
+        out.write(_dossier(settings, report, args, record_id))
+    elif args.format == "csv":
+        writer = csv.writer(out)
+        if args.letters:
+            writer.writerow(breach_letters.LETTER_HEADER)
+            writer.writerows(breach_letters.letter_row(report, p, args.timezone) for p in message.patients)
         else:
-            out.write('{"patients": [')
-        async for patient in disclosures.breach_report(
-            conn, partner_id=args.partner, start_time=args.since, end_time=args.until, key_id=args.key
-        ):
-            if writer is not None:
-                writer.writerow(breach.csv_row(patient))
-            else:
-                out.write(("," if totals.patients else "") + "\n  " + json.dumps(breach.json_patient(patient)))
-            totals.add(patient)
-            progress(totals.patients)
-    if writer is None:
-        out.write('\n], "totals": ' + json.dumps(breach.json_totals(totals)) + "}\n")
+            writer.writerow(breach.CSV_HEADER)
+            writer.writerows(breach.csv_row(p) for p in message.patients)
+    else:
+        out.write(breach.json_text(message))
     out.flush()
-    summary = breach.json_totals(totals)
-    print(f"breach report: {json.dumps(summary)}", file=sys.stderr)
+    print(f"breach report: {breach.json_text(message.totals, indent=None).strip()}", file=sys.stderr)
+    if record_id is not None:
+        print(
+            f"breach report: the names and emails of {len(report.patients):,} patients were read; "
+            f"ledger record {record_id} says so",
+            file=sys.stderr,
+        )
+    if verification.state is breach.VerificationState.NOT_INTACT:
+        print(
+            f"breach report: the ledger is NOT intact ({len(verification.problems)} problems): "
+            "the report may be incomplete; run audit verify",
+            file=sys.stderr,
+        )
     return 0
+
+
+def _dossier(settings: Settings, report: breach.Report, args: argparse.Namespace, record_id: int | None) -> str:
+    return breach_dossier.render(report, dpo_contact=settings.dpo_contact, zone=args.timezone, record_id=record_id)
 
 
 def _check_window(start: datetime | None, end: datetime | None) -> None:

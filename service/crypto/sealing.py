@@ -302,6 +302,22 @@ def open_consented_contact(
     )
 
 
+def open_notice_contact(keys: DataKeyring, stored: models.StoredNoticeContact) -> models.NoticeContact:
+    """Open a patient's name and email for a breach notification letter. Raises :class:`SealError`.
+
+    As in :func:`open_consented_contact`, a ``str`` is a value an import left
+    in clear. A missing name reads as ``""``, a missing email too.
+    """
+
+    def opened(column: str, value: bytes | str | None) -> str:
+        if value is None or isinstance(value, str):
+            return value or ""
+        return keys.open(value, table=PATIENTS, column=column, row_id=stored.patient_id)
+
+    given_name, family_name = opened("given_name", stored.given_name), opened("family_name", stored.family_name)
+    return models.NoticeContact(given_name, family_name, opened("email", stored.email))
+
+
 def reseal(
     keys: DataKeyring, table: str, column: str, row_id: UUID, sealed: bytes | None, clear: str | None
 ) -> bytes | None:

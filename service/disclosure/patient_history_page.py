@@ -53,6 +53,7 @@ p { margin: .25rem 0; }
 .access { margin: .6rem 0; padding: .4rem 0 .4rem .8rem; border-left: 4px solid #1d3a66; }
 .access.refused { border-left-color: #b3261e; }
 .access.asked { border-left-color: #8a6300; }
+.access.internal { border-left-color: #5a5a5a; }
 .when, .why { color: #444; }
 .about { margin-top: 2.5rem; padding-top: 1rem; border-top: 1px solid #c9d3e0; }
 .refs { margin-top: 1.5rem; font-size: .8rem; color: #555; }
@@ -126,7 +127,8 @@ def _plural_fr(n: int, one: str, many: str) -> str:
     return f"{n:,}".replace(",", "\u202f") + " " + (one if n <= 1 else many)
 
 
-def _date_fr(value: datetime, zone: tzinfo, *, hour: bool = True, weekday: bool = False) -> str:
+def date_fr(value: datetime, zone: tzinfo, *, hour: bool = True, weekday: bool = False) -> str:
+    """A time as a French reader writes it: ``lundi 4 mars 2030 à 9 h 05`` (also used by the breach letters)."""
     t = value.astimezone(zone)
     day = "1er" if t.day == 1 else str(t.day)
     text = f"{_DAYS_FR[t.weekday()]} " if weekday else ""
@@ -134,7 +136,8 @@ def _date_fr(value: datetime, zone: tzinfo, *, hour: bool = True, weekday: bool 
     return text + (f" à {t.hour}\u00a0h\u00a0{t.minute:02d}" if hour else "")
 
 
-def _date_en(value: datetime, zone: tzinfo, *, hour: bool = True, weekday: bool = False) -> str:
+def date_en(value: datetime, zone: tzinfo, *, hour: bool = True, weekday: bool = False) -> str:
+    """A time in English: ``Monday 4 March 2030 at 09:05``."""
     t = value.astimezone(zone)
     text = f"{_DAYS_EN[t.weekday()]} " if weekday else ""
     text += f"{t.day} {_MONTHS_EN[t.month - 1]} {t.year}"
@@ -208,6 +211,13 @@ def _what(entry: models.PatientDisclosure) -> tuple[_Words, str]:
             f"À sa demande, vous lui avez donné votre consentement pour recevoir {f.fr}.",
             f"At its request, you gave it your consent to receive {f.en}.",
         ), "asked"
+    if entry.outcome is models.Outcome.INTERNAL_USE:
+        return _Words(
+            f"Rien ne lui a été transmis : la plateforme a utilisé {f.fr} pour vous écrire au sujet d’un "
+            "incident qui concerne ce logiciel.",
+            f"Nothing was sent to it: the platform used {f.en} to write to you about an incident involving this "
+            "application.",
+        ), "internal"
     if entry.view is models.View.BASIC:
         return _Words(
             "A vu les horaires de votre rendez-vous (date, heure et praticien), sans votre nom ni vos coordonnées.",
@@ -218,12 +228,12 @@ def _what(entry: models.PatientDisclosure) -> tuple[_Words, str]:
 
 def _when(entry: models.PatientDisclosure, zone: tzinfo) -> _Words:
     if entry.count == 1:
-        return _Words(f"Le {_date_fr(entry.last_time, zone)}.", f"On {_date_en(entry.last_time, zone)}.")
+        return _Words(f"Le {date_fr(entry.last_time, zone)}.", f"On {date_en(entry.last_time, zone)}.")
     return _Words(
-        f"{_plural_fr(entry.count, 'fois', 'fois')}, du {_date_fr(entry.first_time, zone)} "
-        f"au {_date_fr(entry.last_time, zone)}.",
-        f"{_plural(entry.count, 'time', 'times')}, from {_date_en(entry.first_time, zone)} "
-        f"to {_date_en(entry.last_time, zone)}.",
+        f"{_plural_fr(entry.count, 'fois', 'fois')}, du {date_fr(entry.first_time, zone)} "
+        f"au {date_fr(entry.last_time, zone)}.",
+        f"{_plural(entry.count, 'time', 'times')}, from {date_en(entry.first_time, zone)} "
+        f"to {date_en(entry.last_time, zone)}.",
     )
 
 
@@ -253,14 +263,16 @@ def _access(entry: models.PatientDisclosure, zone: tzinfo) -> str:
 
 
 def _appointment_title(entry: models.PatientDisclosure, zone: tzinfo) -> _Words:
+    if entry.outcome is models.Outcome.INTERNAL_USE:  # about the patient, not one appointment
+        return _Words("Information sur un incident", "Notice of an incident")
     if entry.appointment_id is None or entry.appointment_start_time is None:
         return _Words("Un rendez-vous qui n’existe plus", "An appointment that no longer exists")
     start = entry.appointment_start_time
     who = _theirs(entry.practitioner_display_name)
     specialty = f" ({_theirs(entry.practitioner_specialty)})" if entry.practitioner_specialty else ""
     return _Words(
-        f"Rendez-vous du {_date_fr(start, zone, weekday=True)} avec {who}{specialty}",
-        f"Appointment on {_date_en(start, zone, weekday=True)} with {who}{specialty}",
+        f"Rendez-vous du {date_fr(start, zone, weekday=True)} avec {who}{specialty}",
+        f"Appointment on {date_en(start, zone, weekday=True)} with {who}{specialty}",
     )
 
 
@@ -286,8 +298,8 @@ def _partner_section(partner: _Partner, zone: tzinfo) -> str:
         f"<h2>{_theirs(partner.name)}</h2>",
         _bilingual(
             _Words(
-                f"Dernier accès\u00a0: {_date_fr(partner.last_time, zone)}.",
-                f"Last access: {_date_en(partner.last_time, zone)}.",
+                f"Dernier accès\u00a0: {date_fr(partner.last_time, zone)}.",
+                f"Last access: {date_en(partner.last_time, zone)}.",
             ),
             css="when",
         ),
@@ -307,11 +319,11 @@ def _period(history: History, zone: tzinfo) -> _Words:
     end = history.end_time or history.generate_time
     if start is None:
         return _Words(
-            f"depuis le premier accès enregistré jusqu’au {_date_fr(end, zone)}",
-            f"from the first recorded access to {_date_en(end, zone)}",
+            f"depuis le premier accès enregistré jusqu’au {date_fr(end, zone)}",
+            f"from the first recorded access to {date_en(end, zone)}",
         )
     return _Words(
-        f"du {_date_fr(start, zone)} au {_date_fr(end, zone)}", f"from {_date_en(start, zone)} to {_date_en(end, zone)}"
+        f"du {date_fr(start, zone)} au {date_fr(end, zone)}", f"from {date_en(start, zone)} to {date_en(end, zone)}"
     )
 
 
@@ -352,7 +364,7 @@ def _references(history: History, partners: dict[UUID, _Partner], zone: tzinfo) 
         if entry.appointment_id is not None:
             appointments.setdefault(entry.appointment_id, entry.appointment_start_time)
     for aid, start in appointments.items():
-        when = "–" if start is None else f"{_date_fr(start, zone, hour=False)} · {_date_en(start, zone, hour=False)}"
+        when = "–" if start is None else f"{date_fr(start, zone, hour=False)} · {date_en(start, zone, hour=False)}"
         rows.append(f"<tr><td>{_text(when)}</td><td><code>{_text(str(aid))}</code></td></tr>")
     return "\n".join(
         [
@@ -388,8 +400,8 @@ def render(history: History, zone: tzinfo = UTC) -> str:
         (
             "Document établi le",
             "Generated on",
-            f'<span lang="fr">{_date_fr(history.generate_time, zone)}</span><br>'
-            f'<span lang="en">{_date_en(history.generate_time, zone)}</span>',
+            f'<span lang="fr">{date_fr(history.generate_time, zone)}</span><br>'
+            f'<span lang="en">{date_en(history.generate_time, zone)}</span>',
         ),
         ("Fuseau horaire des heures", "Times shown in", zone_name),
     ]

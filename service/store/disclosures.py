@@ -96,7 +96,8 @@ SELECT d.patient_id,
        array_agg(DISTINCT f.field) FILTER (WHERE d.outcome = 1 AND f.field IS NOT NULL) AS contact_fields,
        min(d.disclose_time) AS first_time,
        max(d.disclose_time) AS last_time,
-       count(DISTINCT d.id) FILTER (WHERE d.outcome = 3) AS consent_requests
+       count(DISTINCT d.id) FILTER (WHERE d.outcome = 3) AS consent_requests,
+       array_agg(DISTINCT d.view) FILTER (WHERE d.outcome = 1) AS views
 FROM disclosure_items d
 LEFT JOIN LATERAL unnest(d.contact_fields) AS f(field) ON true
 WHERE d.partner_id = $1 AND d.disclose_time >= $2 AND d.disclose_time < $3
@@ -122,4 +123,5 @@ async def breach_report(
             row["first_time"],
             row["last_time"],
             row["consent_requests"],
+            tuple(models.View(v) for v in sorted(row["views"] or ())),
         )

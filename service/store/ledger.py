@@ -196,3 +196,35 @@ def array_literal(values: Sequence[object], strings: Sequence[str] | None = None
 
 def _quoted(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+#: The method an internal-use record names: the command that read the contact details (migration 0012).
+INTERNAL_USE_RPC = "/apptgate.cli.Audit/BreachReport"
+
+
+async def record_internal_use(
+    conn: Connection, partner_id: UUID, patient_ids: Sequence[UUID], fields: Sequence[int], *, rpc: str
+) -> int:
+    """Record that the platform itself read ``fields`` of ``patient_ids`` about ``partner_id``'s incident.
+
+    One record (outcome 5, internal use), one item per patient: the patient
+    id as the requested id, no appointment, no key, no consent. It commits
+    with the caller's transaction, which reads the values after it; the
+    sequencer chains it like any record. Returns the record's id.
+    """
+    if not patient_ids or not fields:
+        raise ValueError("an internal use names at least one patient and one field")
+    record_id: int = await conn.fetchval(
+        "INSERT INTO disclosures (partner_id, key_id, view, contact_fields, rpc, outcome, requested_ids, "
+        "appointment_ids, patient_ids) VALUES ($1, '', $2, $3::smallint[], $4, $5, $6::text[], $7::uuid[], "
+        "$8::uuid[]) RETURNING id",
+        partner_id,
+        models.View.CONTACT,
+        sorted(fields),
+        rpc,
+        models.Outcome.INTERNAL_USE,
+        [str(p) for p in patient_ids],
+        [None] * len(patient_ids),
+        list(patient_ids),
+    )
+    return record_id

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import shutil
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,6 +21,7 @@ from pathlib import Path
 import grpc
 import grpc.aio
 import harness
+import pdf_pages
 from appointments.type.v1.contact_pb2 import (
     CONTACT_FIELD_EMAIL,
     CONTACT_FIELD_NAME,
@@ -74,6 +77,7 @@ async def test_a_stolen_key_discloses_only_consented_contacts_and_the_breach_rep
     attacker = harness.PartnerHandle(victim.partner_id, stolen.key_id, stolen.secret, victim.stub)
     reached = await attacker.list_all(page_size=7, start_time=ts(MONDAY - timedelta(days=1)))
     received: dict[str, dict[str, object]] = {}  # patient_ref -> contact fields the attacker got
+    received_calls: list[str] = []  # one per contact response the attacker got
     refusals: list[grpc.StatusCode] = []
     stolen_tokens = [*tokens.values(), revoked.token]
     for appointment in reached:
@@ -84,6 +88,7 @@ async def test_a_stolen_key_discloses_only_consented_contacts_and_the_breach_rep
                 refusals.append(error.code())
                 continue
             got = MessageToDict(contact.patient, preserving_proto_field_name=True, use_integers_for_enums=True)
+            received_calls.append(appointment.appointment_id)
             received.setdefault(appointment.patient_ref, {}).update(got)
 
     assert set(refusals) == {grpc.StatusCode.PERMISSION_DENIED}
@@ -155,8 +160,58 @@ async def test_a_stolen_key_discloses_only_consented_contacts_and_the_breach_rep
     assert process.returncode == 0, err.decode()
     cli = json.loads(out)
     assert {p["patient_id"] for p in cli["patients"]} == reachable
-    assert cli["totals"]["contact_patients"] == len(consented)
-    assert cli["totals"]["patients_per_contact_field"] == {"name": 2, "sex": 1, "phone": 3, "email": 2}
+    assert cli["totals"]["contact_patients"] == str(len(consented))
+    assert {f["field"]: int(f["patients"]) for f in cli["totals"]["fields"]} == {
+        "CONTACT_FIELD_NAME": 2,
+        "CONTACT_FIELD_SEX": 1,
+        "CONTACT_FIELD_PHONE": 3,
+        "CONTACT_FIELD_EMAIL": 2,
+    }
+    assert cli["key_ids"] == [stolen.key_id]
+
+    # What the attacker received, counted from its side: patients, appointments, and patients per field.
+    attacker_fields = {
+        "name": sum(1 for f in leaked_patients.values() if "given_name" in f),
+        "sex": sum(1 for f in leaked_patients.values() if "sex" in f),
+        "phone": sum(1 for f in leaked_patients.values() if "phone" in f),
+        "email": sum(1 for f in leaked_patients.values() if "email" in f),
+    }
+    attacker_patients = len({a.patient_ref for a in reached})
+    contact_reads = len(received_calls)
+
+    # The DPO's dossier of the incident, as HTML and as PDF, says the same numbers.
+    window = ("--since", incident_start.isoformat(), "--until", (datetime.now(UTC) + timedelta(minutes=1)).isoformat())
+    code, html, err_text = await harness.audit_cli(
+        database_dsn, tmp_path / "data", "breach-report", "--partner", victim.partner_id, "--key", stolen.key_id,
+        *window, "--format", "html",
+    )  # fmt: skip
+    assert code == 0 and "Traceback" not in err_text, err_text
+    summary = dict(re.findall(r'<span class="field">(totals\.[a-z_]+)</span></dt><dd>([^<]*)</dd>', html))
+    assert summary["totals.patients"] == str(attacker_patients)
+    assert summary["totals.appointments"] == str(len(reached))
+    assert summary["totals.contact_patients"] == str(len(leaked_patients))
+    per_field = dict(re.findall(r'<tr><td>(name|sex|phone|email)</td><td class="n">(\d+)</td></tr>', html))
+    assert {k: int(v) for k, v in per_field.items()} == attacker_fields
+    view_row = r'<tr><td>(basic|contact)<span class="field">[^<]*</span></td>' + r'<td class="n">(\d+)</td>' * 3
+    per_view = re.findall(view_row, html)
+    assert {view: int(n) for view, _, _, n in per_view} == {"basic": len(reached), "contact": contact_reads}
+    assert stolen.key_id in html and victim.key_id not in html
+    for patient in patients:  # the dossier names patients by id: no name, email or phone without --include-contact
+        assert patient.email not in html and patient.phone not in html and patient.family_name not in html
+    pdf = tmp_path / "dossier.pdf"
+    code, _, err_text = await harness.audit_cli(
+        database_dsn, tmp_path / "data", "breach-report", "--partner", victim.partner_id, "--key", stolen.key_id,
+        *window, "--format", "pdf", "--output", str(pdf),
+    )  # fmt: skip
+    assert code == 0 and "Traceback" not in err_text, err_text
+    assert pdf.read_bytes().startswith(b"%PDF-")
+    # Read back where poppler is (make test installs it); test_breach_dossier.py's PDF test says so when skipped.
+    if shutil.which("pdftotext") and shutil.which("pdftoppm"):
+        text = pdf_pages.text(pdf)
+        assert f"Patients affected {attacker_patients} totals.patients" in text
+        assert f"Appointments disclosed {len(reached)} totals.appointments" in text
+        assert "AgendaSoft" in text and stolen.key_id in text
+        assert pdf_pages.page_variance(pdf) > 100
 
     # The legitimate key's report for the same window is separate: basic views only, no contact.
     legitimate = await world.audit.BreachReport(

@@ -127,7 +127,9 @@ async def test_the_history_has_the_four_entries_of_the_patient_with_names_fields
     assert [e["last_time"] for e in document["entries"]] == sorted(
         (e["last_time"] for e in document["entries"]), reverse=True
     )
-    assert document["totals"]["responses"] == {"disclosed": 3, "denied": 1, "requested": 0, "consent_granted": 0}
+    assert document["totals"]["responses"] == {
+        "disclosed": 3, "denied": 1, "requested": 0, "consent_granted": 0, "internal_use": 0,
+    }  # fmt: skip
     for value in [*_secrets(scene.other), OTHER_PURPOSE, scene.other_appointment_id, scene.other.patient_id]:
         assert value not in out
     assert '"entries": 4' in err

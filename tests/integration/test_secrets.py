@@ -427,8 +427,10 @@ async def test_a_breach_report_file_is_created_0600_under_umask_022(database_dsn
 
     assert code == 0, err
     assert stat.S_IMODE(output.stat().st_mode) == 0o600
-    assert output.read_text().splitlines() == ["patient_id,appointment_ids,contact_fields,first_disclosure_time,"
-                                               "last_disclosure_time,consent_requests"]  # fmt: skip
+    assert output.read_text().splitlines() == [
+        "patient_id,appointment_ids,contact_fields,first_disclosure_time,last_disclosure_time,consent_requests,views,"
+        "appointments.start_time,appointments.practitioner_display_name,appointments.practitioner_specialty"
+    ]
     assert out == ""
 
 

@@ -257,7 +257,7 @@ class TestFormats:
             "entries": 4,
             "partners": 2,
             "appointments": 1,
-            "responses": {"disclosed": 3, "denied": 1, "requested": 0, "consent_granted": 0},
+            "responses": {"disclosed": 3, "denied": 1, "requested": 0, "consent_granted": 0, "internal_use": 0},
         }
 
     def test_totals_sum_the_counts_of_the_entries(self) -> None:

@@ -22,11 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from appointments.annotations.v1 import privacy_pb2 as appointments_dot_annotations_dot_v1_dot_privacy__pb2
 from appointments.type.v1 import contact_pb2 as appointments_dot_type_dot_v1_dot_contact__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$appointments/internal/v1/audit.proto\x12\x18\x61ppointments.internal.v1\x1a\"appointments/type/v1/contact.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcc\x03\n\nDisclosure\x12\x15\n\rdisclosure_id\x18\x01 \x01(\x03\x12\x12\n\npartner_id\x18\x02 \x01(\t\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\x16\n\x0e\x61ppointment_id\x18\x04 \x01(\t\x12\x12\n\npatient_id\x18\x05 \x01(\t\x12\x36\n\x04view\x18\x06 \x01(\x0e\x32(.appointments.internal.v1.DisclosureView\x12:\n\x0e\x63ontact_fields\x18\x07 \x03(\x0e\x32\".appointments.type.v1.ContactField\x12\x12\n\nconsent_id\x18\x08 \x01(\t\x12\x0b\n\x03rpc\x18\t \x01(\t\x12\x10\n\x08trace_id\x18\n \x01(\t\x12\x31\n\rdisclose_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12<\n\x07outcome\x18\x0c \x01(\x0e\x32+.appointments.internal.v1.DisclosureOutcome\x12\x15\n\rdenial_reason\x18\r \x01(\t\x12\x0c\n\x04item\x18\x0e \x01(\x05\x12\x1a\n\x12\x63lient_cert_sha256\x18\x0f \x01(\t\"\x89\x02\n\x0f\x41\x66\x66\x65\x63tedPatient\x12\x12\n\npatient_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61ppointment_ids\x18\x02 \x03(\t\x12:\n\x0e\x63ontact_fields\x18\x03 \x03(\x0e\x32\".appointments.type.v1.ContactField\x12\x39\n\x15\x66irst_disclosure_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x14last_disclosure_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x63onsent_requests\x18\x06 \x01(\x03\"\xaf\x01\n\x0c\x42reachTotals\x12\x10\n\x08patients\x18\x01 \x01(\x03\x12\x14\n\x0c\x61ppointments\x18\x02 \x01(\x03\x12\x18\n\x10\x63ontact_patients\x18\x03 \x01(\x03\x12;\n\x06\x66ields\x18\x04 \x03(\x0b\x32+.appointments.internal.v1.ContactFieldTotal\x12 \n\x18\x63onsent_request_patients\x18\x05 \x01(\x03\"X\n\x11\x43ontactFieldTotal\x12\x31\n\x05\x66ield\x18\x01 \x01(\x0e\x32\".appointments.type.v1.ContactField\x12\x10\n\x08patients\x18\x02 \x01(\x03\":\n\x0ePartnerSummary\x12\x12\n\npartner_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\"\x9f\x01\n\x12\x41ppointmentSummary\x12\x16\n\x0e\x61ppointment_id\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12!\n\x19practitioner_display_name\x18\x03 \x01(\t\x12\x1e\n\x16practitioner_specialty\x18\x04 \x01(\t\"\xe5\x03\n\x11PatientDisclosure\x12\x39\n\x07partner\x18\x01 \x01(\x0b\x32(.appointments.internal.v1.PartnerSummary\x12\x41\n\x0b\x61ppointment\x18\x02 \x01(\x0b\x32,.appointments.internal.v1.AppointmentSummary\x12\x36\n\x04view\x18\x03 \x01(\x0e\x32(.appointments.internal.v1.DisclosureView\x12\x32\n\x06\x66ields\x18\x04 \x03(\x0e\x32\".appointments.type.v1.ContactField\x12<\n\x07outcome\x18\x05 \x01(\x0e\x32+.appointments.internal.v1.DisclosureOutcome\x12\x15\n\rdenial_reason\x18\x06 \x01(\t\x12\x12\n\nconsent_id\x18\x07 \x01(\t\x12\x0f\n\x07purpose\x18\x08 \x01(\t\x12.\n\nfirst_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x63ount\x18\x0b \x01(\x03\"\xd3\x02\n\x0cPrivacyEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x03\x12\x38\n\x04type\x18\x02 \x01(\x0e\x32*.appointments.internal.v1.PrivacyEventType\x12\x12\n\npatient_id\x18\x03 \x01(\t\x12\x39\n\x07partner\x18\x04 \x01(\x0b\x32(.appointments.internal.v1.PartnerSummary\x12\x12\n\nconsent_id\x18\x05 \x01(\t\x12\x1a\n\x12\x63onsent_request_id\x18\x06 \x01(\t\x12\x32\n\x06\x66ields\x18\x07 \x03(\x0e\x32\".appointments.type.v1.ContactField\x12.\n\nevent_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cresume_token\x18\t \x01(\t*i\n\x0e\x44isclosureView\x12\x1f\n\x1b\x44ISCLOSURE_VIEW_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44ISCLOSURE_VIEW_BASIC\x10\x01\x12\x1b\n\x17\x44ISCLOSURE_VIEW_CONTACT\x10\x02*\xc2\x01\n\x11\x44isclosureOutcome\x12\"\n\x1e\x44ISCLOSURE_OUTCOME_UNSPECIFIED\x10\x00\x12 \n\x1c\x44ISCLOSURE_OUTCOME_DISCLOSED\x10\x01\x12\x1d\n\x19\x44ISCLOSURE_OUTCOME_DENIED\x10\x02\x12 \n\x1c\x44ISCLOSURE_OUTCOME_REQUESTED\x10\x03\x12&\n\"DISCLOSURE_OUTCOME_CONSENT_GRANTED\x10\x04*\xb2\x02\n\x10PrivacyEventType\x12\"\n\x1ePRIVACY_EVENT_TYPE_UNSPECIFIED\x10\x00\x12(\n$PRIVACY_EVENT_TYPE_CONSENT_REQUESTED\x10\x01\x12&\n\"PRIVACY_EVENT_TYPE_CONSENT_GRANTED\x10\x02\x12&\n\"PRIVACY_EVENT_TYPE_CONSENT_REVOKED\x10\x03\x12&\n\"PRIVACY_EVENT_TYPE_CONSENT_EXPIRED\x10\x04\x12.\n*PRIVACY_EVENT_TYPE_CONTACT_FIRST_DISCLOSED\x10\x05\x12(\n$PRIVACY_EVENT_TYPE_PARTNER_SUSPENDED\x10\x06\x42\x02P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$appointments/internal/v1/audit.proto\x12\x18\x61ppointments.internal.v1\x1a)appointments/annotations/v1/privacy.proto\x1a\"appointments/type/v1/contact.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcc\x03\n\nDisclosure\x12\x15\n\rdisclosure_id\x18\x01 \x01(\x03\x12\x12\n\npartner_id\x18\x02 \x01(\t\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\x16\n\x0e\x61ppointment_id\x18\x04 \x01(\t\x12\x12\n\npatient_id\x18\x05 \x01(\t\x12\x36\n\x04view\x18\x06 \x01(\x0e\x32(.appointments.internal.v1.DisclosureView\x12:\n\x0e\x63ontact_fields\x18\x07 \x03(\x0e\x32\".appointments.type.v1.ContactField\x12\x12\n\nconsent_id\x18\x08 \x01(\t\x12\x0b\n\x03rpc\x18\t \x01(\t\x12\x10\n\x08trace_id\x18\n \x01(\t\x12\x31\n\rdisclose_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12<\n\x07outcome\x18\x0c \x01(\x0e\x32+.appointments.internal.v1.DisclosureOutcome\x12\x15\n\rdenial_reason\x18\r \x01(\t\x12\x0c\n\x04item\x18\x0e \x01(\x05\x12\x1a\n\x12\x63lient_cert_sha256\x18\x0f \x01(\t\"\xc0\x03\n\x0f\x41\x66\x66\x65\x63tedPatient\x12\x12\n\npatient_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61ppointment_ids\x18\x02 \x03(\t\x12:\n\x0e\x63ontact_fields\x18\x03 \x03(\x0e\x32\".appointments.type.v1.ContactField\x12\x39\n\x15\x66irst_disclosure_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x14last_disclosure_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x63onsent_requests\x18\x06 \x01(\x03\x12\x37\n\x05views\x18\x07 \x03(\x0e\x32(.appointments.internal.v1.DisclosureView\x12\x42\n\x0c\x61ppointments\x18\x08 \x03(\x0b\x32,.appointments.internal.v1.AppointmentSummary\x12\x38\n\x07\x63ontact\x18\t \x01(\x0b\x32\'.appointments.internal.v1.NoticeContact\"Y\n\rNoticeContact\x12\x18\n\ngiven_name\x18\x01 \x01(\tB\x04\xa8\x9f\x19\x01\x12\x19\n\x0b\x66\x61mily_name\x18\x02 \x01(\tB\x04\xa8\x9f\x19\x01\x12\x13\n\x05\x65mail\x18\x03 \x01(\tB\x04\xa8\x9f\x19\x01\"\xac\x03\n\x0c\x42reachTotals\x12\x10\n\x08patients\x18\x01 \x01(\x03\x12\x14\n\x0c\x61ppointments\x18\x02 \x01(\x03\x12\x18\n\x10\x63ontact_patients\x18\x03 \x01(\x03\x12;\n\x06\x66ields\x18\x04 \x03(\x0b\x32+.appointments.internal.v1.ContactFieldTotal\x12 \n\x18\x63onsent_request_patients\x18\x05 \x01(\x03\x12\x32\n\x05views\x18\x06 \x03(\x0b\x32#.appointments.internal.v1.ViewTotal\x12=\n\x0bspecialties\x18\x07 \x03(\x0b\x32(.appointments.internal.v1.SpecialtyTotal\x12\x39\n\x15\x66irst_disclosure_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x14last_disclosure_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64isclosures\x18\n \x01(\x03\"\x80\x01\n\tViewTotal\x12\x36\n\x04view\x18\x01 \x01(\x0e\x32(.appointments.internal.v1.DisclosureView\x12\x10\n\x08patients\x18\x02 \x01(\x03\x12\x14\n\x0c\x61ppointments\x18\x03 \x01(\x03\x12\x13\n\x0b\x64isclosures\x18\x04 \x01(\x03\"K\n\x0eSpecialtyTotal\x12\x11\n\tspecialty\x18\x01 \x01(\t\x12\x10\n\x08patients\x18\x02 \x01(\x03\x12\x14\n\x0c\x61ppointments\x18\x03 \x01(\x03\"\x92\x01\n\x0e\x42reachActivity\x12\x33\n\x0fhour_start_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x04view\x18\x02 \x01(\x0e\x32(.appointments.internal.v1.DisclosureView\x12\x13\n\x0b\x64isclosures\x18\x03 \x01(\x03\"\xac\x02\n\x12LedgerVerification\x12@\n\x05state\x18\x01 \x01(\x0e\x32\x31.appointments.internal.v1.LedgerVerificationState\x12/\n\x0bverify_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07records\x18\x03 \x01(\x03\x12\x10\n\x08head_seq\x18\x04 \x01(\x03\x12\x15\n\rseals_checked\x18\x05 \x01(\x03\x12\x1d\n\x15witnessed_checkpoints\x18\x06 \x01(\x03\x12\x16\n\x0ewindow_records\x18\x07 \x01(\x03\x12 \n\x18window_unchained_records\x18\x08 \x01(\x03\x12\x10\n\x08problems\x18\t \x03(\t\"X\n\x11\x43ontactFieldTotal\x12\x31\n\x05\x66ield\x18\x01 \x01(\x0e\x32\".appointments.type.v1.ContactField\x12\x10\n\x08patients\x18\x02 \x01(\x03\":\n\x0ePartnerSummary\x12\x12\n\npartner_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\"\x9f\x01\n\x12\x41ppointmentSummary\x12\x16\n\x0e\x61ppointment_id\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12!\n\x19practitioner_display_name\x18\x03 \x01(\t\x12\x1e\n\x16practitioner_specialty\x18\x04 \x01(\t\"\xe5\x03\n\x11PatientDisclosure\x12\x39\n\x07partner\x18\x01 \x01(\x0b\x32(.appointments.internal.v1.PartnerSummary\x12\x41\n\x0b\x61ppointment\x18\x02 \x01(\x0b\x32,.appointments.internal.v1.AppointmentSummary\x12\x36\n\x04view\x18\x03 \x01(\x0e\x32(.appointments.internal.v1.DisclosureView\x12\x32\n\x06\x66ields\x18\x04 \x03(\x0e\x32\".appointments.type.v1.ContactField\x12<\n\x07outcome\x18\x05 \x01(\x0e\x32+.appointments.internal.v1.DisclosureOutcome\x12\x15\n\rdenial_reason\x18\x06 \x01(\t\x12\x12\n\nconsent_id\x18\x07 \x01(\t\x12\x0f\n\x07purpose\x18\x08 \x01(\t\x12.\n\nfirst_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x63ount\x18\x0b \x01(\x03\"\xd3\x02\n\x0cPrivacyEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x03\x12\x38\n\x04type\x18\x02 \x01(\x0e\x32*.appointments.internal.v1.PrivacyEventType\x12\x12\n\npatient_id\x18\x03 \x01(\t\x12\x39\n\x07partner\x18\x04 \x01(\x0b\x32(.appointments.internal.v1.PartnerSummary\x12\x12\n\nconsent_id\x18\x05 \x01(\t\x12\x1a\n\x12\x63onsent_request_id\x18\x06 \x01(\t\x12\x32\n\x06\x66ields\x18\x07 \x03(\x0e\x32\".appointments.type.v1.ContactField\x12.\n\nevent_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cresume_token\x18\t \x01(\t*i\n\x0e\x44isclosureView\x12\x1f\n\x1b\x44ISCLOSURE_VIEW_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44ISCLOSURE_VIEW_BASIC\x10\x01\x12\x1b\n\x17\x44ISCLOSURE_VIEW_CONTACT\x10\x02*\xe7\x01\n\x11\x44isclosureOutcome\x12\"\n\x1e\x44ISCLOSURE_OUTCOME_UNSPECIFIED\x10\x00\x12 \n\x1c\x44ISCLOSURE_OUTCOME_DISCLOSED\x10\x01\x12\x1d\n\x19\x44ISCLOSURE_OUTCOME_DENIED\x10\x02\x12 \n\x1c\x44ISCLOSURE_OUTCOME_REQUESTED\x10\x03\x12&\n\"DISCLOSURE_OUTCOME_CONSENT_GRANTED\x10\x04\x12#\n\x1f\x44ISCLOSURE_OUTCOME_INTERNAL_USE\x10\x05*\xbf\x01\n\x17LedgerVerificationState\x12)\n%LEDGER_VERIFICATION_STATE_UNSPECIFIED\x10\x00\x12)\n%LEDGER_VERIFICATION_STATE_NOT_CHECKED\x10\x01\x12$\n LEDGER_VERIFICATION_STATE_INTACT\x10\x02\x12(\n$LEDGER_VERIFICATION_STATE_NOT_INTACT\x10\x03*\xb2\x02\n\x10PrivacyEventType\x12\"\n\x1ePRIVACY_EVENT_TYPE_UNSPECIFIED\x10\x00\x12(\n$PRIVACY_EVENT_TYPE_CONSENT_REQUESTED\x10\x01\x12&\n\"PRIVACY_EVENT_TYPE_CONSENT_GRANTED\x10\x02\x12&\n\"PRIVACY_EVENT_TYPE_CONSENT_REVOKED\x10\x03\x12&\n\"PRIVACY_EVENT_TYPE_CONSENT_EXPIRED\x10\x04\x12.\n*PRIVACY_EVENT_TYPE_CONTACT_FIRST_DISCLOSED\x10\x05\x12(\n$PRIVACY_EVENT_TYPE_PARTNER_SUSPENDED\x10\x06\x42\x02P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,26 +35,44 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'appointments.internal.v1.au
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'P\001'
-  _globals['_DISCLOSUREVIEW']._serialized_start=2186
-  _globals['_DISCLOSUREVIEW']._serialized_end=2291
-  _globals['_DISCLOSUREOUTCOME']._serialized_start=2294
-  _globals['_DISCLOSUREOUTCOME']._serialized_end=2488
-  _globals['_PRIVACYEVENTTYPE']._serialized_start=2491
-  _globals['_PRIVACYEVENTTYPE']._serialized_end=2797
-  _globals['_DISCLOSURE']._serialized_start=136
-  _globals['_DISCLOSURE']._serialized_end=596
-  _globals['_AFFECTEDPATIENT']._serialized_start=599
-  _globals['_AFFECTEDPATIENT']._serialized_end=864
-  _globals['_BREACHTOTALS']._serialized_start=867
-  _globals['_BREACHTOTALS']._serialized_end=1042
-  _globals['_CONTACTFIELDTOTAL']._serialized_start=1044
-  _globals['_CONTACTFIELDTOTAL']._serialized_end=1132
-  _globals['_PARTNERSUMMARY']._serialized_start=1134
-  _globals['_PARTNERSUMMARY']._serialized_end=1192
-  _globals['_APPOINTMENTSUMMARY']._serialized_start=1195
-  _globals['_APPOINTMENTSUMMARY']._serialized_end=1354
-  _globals['_PATIENTDISCLOSURE']._serialized_start=1357
-  _globals['_PATIENTDISCLOSURE']._serialized_end=1842
-  _globals['_PRIVACYEVENT']._serialized_start=1845
-  _globals['_PRIVACYEVENT']._serialized_end=2184
+  _globals['_NOTICECONTACT'].fields_by_name['given_name']._loaded_options = None
+  _globals['_NOTICECONTACT'].fields_by_name['given_name']._serialized_options = b'\250\237\031\001'
+  _globals['_NOTICECONTACT'].fields_by_name['family_name']._loaded_options = None
+  _globals['_NOTICECONTACT'].fields_by_name['family_name']._serialized_options = b'\250\237\031\001'
+  _globals['_NOTICECONTACT'].fields_by_name['email']._loaded_options = None
+  _globals['_NOTICECONTACT'].fields_by_name['email']._serialized_options = b'\250\237\031\001'
+  _globals['_DISCLOSUREVIEW']._serialized_start=3416
+  _globals['_DISCLOSUREVIEW']._serialized_end=3521
+  _globals['_DISCLOSUREOUTCOME']._serialized_start=3524
+  _globals['_DISCLOSUREOUTCOME']._serialized_end=3755
+  _globals['_LEDGERVERIFICATIONSTATE']._serialized_start=3758
+  _globals['_LEDGERVERIFICATIONSTATE']._serialized_end=3949
+  _globals['_PRIVACYEVENTTYPE']._serialized_start=3952
+  _globals['_PRIVACYEVENTTYPE']._serialized_end=4258
+  _globals['_DISCLOSURE']._serialized_start=179
+  _globals['_DISCLOSURE']._serialized_end=639
+  _globals['_AFFECTEDPATIENT']._serialized_start=642
+  _globals['_AFFECTEDPATIENT']._serialized_end=1090
+  _globals['_NOTICECONTACT']._serialized_start=1092
+  _globals['_NOTICECONTACT']._serialized_end=1181
+  _globals['_BREACHTOTALS']._serialized_start=1184
+  _globals['_BREACHTOTALS']._serialized_end=1612
+  _globals['_VIEWTOTAL']._serialized_start=1615
+  _globals['_VIEWTOTAL']._serialized_end=1743
+  _globals['_SPECIALTYTOTAL']._serialized_start=1745
+  _globals['_SPECIALTYTOTAL']._serialized_end=1820
+  _globals['_BREACHACTIVITY']._serialized_start=1823
+  _globals['_BREACHACTIVITY']._serialized_end=1969
+  _globals['_LEDGERVERIFICATION']._serialized_start=1972
+  _globals['_LEDGERVERIFICATION']._serialized_end=2272
+  _globals['_CONTACTFIELDTOTAL']._serialized_start=2274
+  _globals['_CONTACTFIELDTOTAL']._serialized_end=2362
+  _globals['_PARTNERSUMMARY']._serialized_start=2364
+  _globals['_PARTNERSUMMARY']._serialized_end=2422
+  _globals['_APPOINTMENTSUMMARY']._serialized_start=2425
+  _globals['_APPOINTMENTSUMMARY']._serialized_end=2584
+  _globals['_PATIENTDISCLOSURE']._serialized_start=2587
+  _globals['_PATIENTDISCLOSURE']._serialized_end=3072
+  _globals['_PRIVACYEVENT']._serialized_start=3075
+  _globals['_PRIVACYEVENT']._serialized_end=3414
 # @@protoc_insertion_point(module_scope)

@@ -66,6 +66,13 @@ class _DisclosureOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Dis
     releases the contact fields listed to the partner from now on; nothing
     was sent yet.
     """
+    DISCLOSURE_OUTCOME_INTERNAL_USE: _DisclosureOutcome.ValueType  # 5
+    """The platform itself read the contact fields listed of the patients named,
+    to write to them about an incident of the partner named (`audit
+    breach-report --include-contact`, GDPR Art. 34); nothing was sent to the
+    partner. Such a record has no key id, no consent and no appointment, and
+    its rpc is "/apptgate.cli.Audit/BreachReport".
+    """
 
 class DisclosureOutcome(_DisclosureOutcome, metaclass=_DisclosureOutcomeEnumTypeWrapper):
     """Whether a record is a disclosure or a refused attempt."""
@@ -85,7 +92,46 @@ DISCLOSURE_OUTCOME_CONSENT_GRANTED: DisclosureOutcome.ValueType  # 4
 releases the contact fields listed to the partner from now on; nothing
 was sent yet.
 """
+DISCLOSURE_OUTCOME_INTERNAL_USE: DisclosureOutcome.ValueType  # 5
+"""The platform itself read the contact fields listed of the patients named,
+to write to them about an incident of the partner named (`audit
+breach-report --include-contact`, GDPR Art. 34); nothing was sent to the
+partner. Such a record has no key id, no consent and no appointment, and
+its rpc is "/apptgate.cli.Audit/BreachReport".
+"""
 Global___DisclosureOutcome: _TypeAlias = DisclosureOutcome  # noqa: Y015
+
+class _LedgerVerificationState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LedgerVerificationStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LedgerVerificationState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LEDGER_VERIFICATION_STATE_UNSPECIFIED: _LedgerVerificationState.ValueType  # 0
+    """Unknown. Never sent."""
+    LEDGER_VERIFICATION_STATE_NOT_CHECKED: _LedgerVerificationState.ValueType  # 1
+    """Not verified with this report: the BreachReport RPC never walks the
+    chain (run `audit verify`, or `audit breach-report`, which does).
+    """
+    LEDGER_VERIFICATION_STATE_INTACT: _LedgerVerificationState.ValueType  # 2
+    """Verified: every digest, link, seal and witnessed checkpoint holds."""
+    LEDGER_VERIFICATION_STATE_NOT_INTACT: _LedgerVerificationState.ValueType  # 3
+    """Verified, and problems were found: the report may be incomplete."""
+
+class LedgerVerificationState(_LedgerVerificationState, metaclass=_LedgerVerificationStateEnumTypeWrapper):
+    """Whether a breach report's ledger was verified."""
+
+LEDGER_VERIFICATION_STATE_UNSPECIFIED: LedgerVerificationState.ValueType  # 0
+"""Unknown. Never sent."""
+LEDGER_VERIFICATION_STATE_NOT_CHECKED: LedgerVerificationState.ValueType  # 1
+"""Not verified with this report: the BreachReport RPC never walks the
+chain (run `audit verify`, or `audit breach-report`, which does).
+"""
+LEDGER_VERIFICATION_STATE_INTACT: LedgerVerificationState.ValueType  # 2
+"""Verified: every digest, link, seal and witnessed checkpoint holds."""
+LEDGER_VERIFICATION_STATE_NOT_INTACT: LedgerVerificationState.ValueType  # 3
+"""Verified, and problems were found: the report may be incomplete."""
+Global___LedgerVerificationState: _TypeAlias = LedgerVerificationState  # noqa: Y015
 
 class _PrivacyEventType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -241,6 +287,9 @@ class AffectedPatient(_message.Message):
     FIRST_DISCLOSURE_TIME_FIELD_NUMBER: _builtins.int
     LAST_DISCLOSURE_TIME_FIELD_NUMBER: _builtins.int
     CONSENT_REQUESTS_FIELD_NUMBER: _builtins.int
+    VIEWS_FIELD_NUMBER: _builtins.int
+    APPOINTMENTS_FIELD_NUMBER: _builtins.int
+    CONTACT_FIELD_NUMBER: _builtins.int
     patient_id: _builtins.str
     """The internal identifier of the patient."""
     consent_requests: _builtins.int
@@ -266,6 +315,25 @@ class AffectedPatient(_message.Message):
     def last_disclosure_time(self) -> _timestamp_pb2.Timestamp:
         """The last disclosure about the patient in the window."""
 
+    @_builtins.property
+    def views(self) -> _containers.RepeatedScalarFieldContainer[Global___DisclosureView.ValueType]:
+        """The views the patient's appointments were disclosed in, in enum order."""
+
+    @_builtins.property
+    def appointments(self) -> _containers.RepeatedCompositeFieldContainer[Global___AppointmentSummary]:
+        """The patient's appointments disclosed, by start time: when, with which
+        practitioner and specialty (the specialty is health data: it tells what
+        the patient is treated for).
+        """
+
+    @_builtins.property
+    def contact(self) -> Global___NoticeContact:
+        """The patient's name and email, for the notification letters. Set only by
+        the command line's `audit breach-report --include-contact`, which records
+        that use in the ledger first (DISCLOSURE_OUTCOME_INTERNAL_USE); never set
+        by the BreachReport RPC.
+        """
+
     def __init__(
         self,
         *,
@@ -275,14 +343,47 @@ class AffectedPatient(_message.Message):
         first_disclosure_time: _timestamp_pb2.Timestamp | None = ...,
         last_disclosure_time: _timestamp_pb2.Timestamp | None = ...,
         consent_requests: _builtins.int = ...,
+        views: _abc.Iterable[Global___DisclosureView.ValueType] | None = ...,
+        appointments: _abc.Iterable[Global___AppointmentSummary] | None = ...,
+        contact: Global___NoticeContact | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["first_disclosure_time", b"first_disclosure_time", "last_disclosure_time", b"last_disclosure_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["contact", b"contact", "first_disclosure_time", b"first_disclosure_time", "last_disclosure_time", b"last_disclosure_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointment_ids", b"appointment_ids", "consent_requests", b"consent_requests", "contact_fields", b"contact_fields", "first_disclosure_time", b"first_disclosure_time", "last_disclosure_time", b"last_disclosure_time", "patient_id", b"patient_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointment_ids", b"appointment_ids", "appointments", b"appointments", "consent_requests", b"consent_requests", "contact", b"contact", "contact_fields", b"contact_fields", "first_disclosure_time", b"first_disclosure_time", "last_disclosure_time", b"last_disclosure_time", "patient_id", b"patient_id", "views", b"views"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AffectedPatient: _TypeAlias = AffectedPatient  # noqa: Y015
+
+@_typing.final
+class NoticeContact(_message.Message):
+    """What a letter to a patient needs: the patient's name and email."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GIVEN_NAME_FIELD_NUMBER: _builtins.int
+    FAMILY_NAME_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
+    given_name: _builtins.str
+    """The patient's given name."""
+    family_name: _builtins.str
+    """The patient's family name."""
+    email: _builtins.str
+    """The patient's email address, or empty when the platform has none."""
+    def __init__(
+        self,
+        *,
+        given_name: _builtins.str = ...,
+        family_name: _builtins.str = ...,
+        email: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "family_name", b"family_name", "given_name", b"given_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NoticeContact: _TypeAlias = NoticeContact  # noqa: Y015
 
 @_typing.final
 class BreachTotals(_message.Message):
@@ -295,6 +396,11 @@ class BreachTotals(_message.Message):
     CONTACT_PATIENTS_FIELD_NUMBER: _builtins.int
     FIELDS_FIELD_NUMBER: _builtins.int
     CONSENT_REQUEST_PATIENTS_FIELD_NUMBER: _builtins.int
+    VIEWS_FIELD_NUMBER: _builtins.int
+    SPECIALTIES_FIELD_NUMBER: _builtins.int
+    FIRST_DISCLOSURE_TIME_FIELD_NUMBER: _builtins.int
+    LAST_DISCLOSURE_TIME_FIELD_NUMBER: _builtins.int
+    DISCLOSURES_FIELD_NUMBER: _builtins.int
     patients: _builtins.int
     """The number of distinct patients reached."""
     appointments: _builtins.int
@@ -303,9 +409,31 @@ class BreachTotals(_message.Message):
     """The number of patients with at least one contact field disclosed."""
     consent_request_patients: _builtins.int
     """The number of patients sent at least one consent request."""
+    disclosures: _builtins.int
+    """The number of appointments disclosed, counted once per response that
+    carried one: the sum of `views[].disclosures`.
+    """
     @_builtins.property
     def fields(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContactFieldTotal]:
         """The number of patients with each contact field disclosed, in enum order."""
+
+    @_builtins.property
+    def views(self) -> _containers.RepeatedCompositeFieldContainer[Global___ViewTotal]:
+        """What was disclosed in each view, in enum order: every view present."""
+
+    @_builtins.property
+    def specialties(self) -> _containers.RepeatedCompositeFieldContainer[Global___SpecialtyTotal]:
+        """The specialties of the practitioners of the appointments disclosed, by
+        name.
+        """
+
+    @_builtins.property
+    def first_disclosure_time(self) -> _timestamp_pb2.Timestamp:
+        """The first disclosure of the report. Unset when nothing was disclosed."""
+
+    @_builtins.property
+    def last_disclosure_time(self) -> _timestamp_pb2.Timestamp:
+        """The last disclosure of the report. Unset when nothing was disclosed."""
 
     def __init__(
         self,
@@ -315,14 +443,189 @@ class BreachTotals(_message.Message):
         contact_patients: _builtins.int = ...,
         fields: _abc.Iterable[Global___ContactFieldTotal] | None = ...,
         consent_request_patients: _builtins.int = ...,
+        views: _abc.Iterable[Global___ViewTotal] | None = ...,
+        specialties: _abc.Iterable[Global___SpecialtyTotal] | None = ...,
+        first_disclosure_time: _timestamp_pb2.Timestamp | None = ...,
+        last_disclosure_time: _timestamp_pb2.Timestamp | None = ...,
+        disclosures: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first_disclosure_time", b"first_disclosure_time", "last_disclosure_time", b"last_disclosure_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointments", b"appointments", "consent_request_patients", b"consent_request_patients", "contact_patients", b"contact_patients", "fields", b"fields", "patients", b"patients"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointments", b"appointments", "consent_request_patients", b"consent_request_patients", "contact_patients", b"contact_patients", "disclosures", b"disclosures", "fields", b"fields", "first_disclosure_time", b"first_disclosure_time", "last_disclosure_time", b"last_disclosure_time", "patients", b"patients", "specialties", b"specialties", "views", b"views"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BreachTotals: _TypeAlias = BreachTotals  # noqa: Y015
+
+@_typing.final
+class ViewTotal(_message.Message):
+    """What a partner was shown in one view."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VIEW_FIELD_NUMBER: _builtins.int
+    PATIENTS_FIELD_NUMBER: _builtins.int
+    APPOINTMENTS_FIELD_NUMBER: _builtins.int
+    DISCLOSURES_FIELD_NUMBER: _builtins.int
+    view: Global___DisclosureView.ValueType
+    """The view."""
+    patients: _builtins.int
+    """The number of distinct patients with an appointment disclosed in this
+    view.
+    """
+    appointments: _builtins.int
+    """The number of distinct appointments disclosed in this view."""
+    disclosures: _builtins.int
+    """The number of appointments disclosed in this view, counted once per
+    response that carried one.
+    """
+    def __init__(
+        self,
+        *,
+        view: Global___DisclosureView.ValueType = ...,
+        patients: _builtins.int = ...,
+        appointments: _builtins.int = ...,
+        disclosures: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointments", b"appointments", "disclosures", b"disclosures", "patients", b"patients", "view", b"view"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ViewTotal: _TypeAlias = ViewTotal  # noqa: Y015
+
+@_typing.final
+class SpecialtyTotal(_message.Message):
+    """The patients and appointments of one specialty in a breach report."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPECIALTY_FIELD_NUMBER: _builtins.int
+    PATIENTS_FIELD_NUMBER: _builtins.int
+    APPOINTMENTS_FIELD_NUMBER: _builtins.int
+    specialty: _builtins.str
+    """The specialty, as the practitioner is registered with it."""
+    patients: _builtins.int
+    """The number of distinct patients with an appointment of this specialty
+    disclosed.
+    """
+    appointments: _builtins.int
+    """The number of distinct appointments of this specialty disclosed."""
+    def __init__(
+        self,
+        *,
+        specialty: _builtins.str = ...,
+        patients: _builtins.int = ...,
+        appointments: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["appointments", b"appointments", "patients", b"patients", "specialty", b"specialty"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpecialtyTotal: _TypeAlias = SpecialtyTotal  # noqa: Y015
+
+@_typing.final
+class BreachActivity(_message.Message):
+    """The appointments disclosed in one hour and view."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOUR_START_TIME_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
+    DISCLOSURES_FIELD_NUMBER: _builtins.int
+    view: Global___DisclosureView.ValueType
+    """The view."""
+    disclosures: _builtins.int
+    """The number of appointments disclosed in that hour and view, counted once
+    per response that carried one.
+    """
+    @_builtins.property
+    def hour_start_time(self) -> _timestamp_pb2.Timestamp:
+        """The start of the hour (UTC)."""
+
+    def __init__(
+        self,
+        *,
+        hour_start_time: _timestamp_pb2.Timestamp | None = ...,
+        view: Global___DisclosureView.ValueType = ...,
+        disclosures: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hour_start_time", b"hour_start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disclosures", b"disclosures", "hour_start_time", b"hour_start_time", "view", b"view"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BreachActivity: _TypeAlias = BreachActivity  # noqa: Y015
+
+@_typing.final
+class LedgerVerification(_message.Message):
+    """The ledger's verification, as a breach report states it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    VERIFY_TIME_FIELD_NUMBER: _builtins.int
+    RECORDS_FIELD_NUMBER: _builtins.int
+    HEAD_SEQ_FIELD_NUMBER: _builtins.int
+    SEALS_CHECKED_FIELD_NUMBER: _builtins.int
+    WITNESSED_CHECKPOINTS_FIELD_NUMBER: _builtins.int
+    WINDOW_RECORDS_FIELD_NUMBER: _builtins.int
+    WINDOW_UNCHAINED_RECORDS_FIELD_NUMBER: _builtins.int
+    PROBLEMS_FIELD_NUMBER: _builtins.int
+    state: Global___LedgerVerificationState.ValueType
+    """Whether the ledger was verified, and what that found."""
+    records: _builtins.int
+    """The number of chained records verified: the whole chain, from the first
+    record to `head_seq`, which covers the report's window.
+    """
+    head_seq: _builtins.int
+    """The position of the last record of the chain verified."""
+    seals_checked: _builtins.int
+    """The number of signed seals checked."""
+    witnessed_checkpoints: _builtins.int
+    """The number of checkpoints of the witness file matched against the
+    database.
+    """
+    window_records: _builtins.int
+    """The number of records of the report's partner (and key) in the window."""
+    window_unchained_records: _builtins.int
+    """The number of those records not in the chain when the verification ran
+    (so not covered by it).
+    """
+    @_builtins.property
+    def verify_time(self) -> _timestamp_pb2.Timestamp:
+        """When the verification ran (the database's clock). Unset when not
+        checked.
+        """
+
+    @_builtins.property
+    def problems(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every problem found, one sentence each; empty when intact."""
+
+    def __init__(
+        self,
+        *,
+        state: Global___LedgerVerificationState.ValueType = ...,
+        verify_time: _timestamp_pb2.Timestamp | None = ...,
+        records: _builtins.int = ...,
+        head_seq: _builtins.int = ...,
+        seals_checked: _builtins.int = ...,
+        witnessed_checkpoints: _builtins.int = ...,
+        window_records: _builtins.int = ...,
+        window_unchained_records: _builtins.int = ...,
+        problems: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["verify_time", b"verify_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["head_seq", b"head_seq", "problems", b"problems", "records", b"records", "seals_checked", b"seals_checked", "state", b"state", "verify_time", b"verify_time", "window_records", b"window_records", "window_unchained_records", b"window_unchained_records", "witnessed_checkpoints", b"witnessed_checkpoints"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LedgerVerification: _TypeAlias = LedgerVerification  # noqa: Y015
 
 @_typing.final
 class ContactFieldTotal(_message.Message):

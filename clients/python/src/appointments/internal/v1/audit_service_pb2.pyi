@@ -148,6 +148,13 @@ class BreachReportResponse(_message.Message):
 
     PATIENTS_FIELD_NUMBER: _builtins.int
     TOTALS_FIELD_NUMBER: _builtins.int
+    PARTNER_FIELD_NUMBER: _builtins.int
+    KEY_IDS_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    GENERATE_TIME_FIELD_NUMBER: _builtins.int
+    VERIFICATION_FIELD_NUMBER: _builtins.int
+    ACTIVITY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def patients(self) -> _containers.RepeatedCompositeFieldContainer[_audit_pb2.AffectedPatient]:
         """The patients reached, ordered by patient identifier."""
@@ -156,15 +163,56 @@ class BreachReportResponse(_message.Message):
     def totals(self) -> _audit_pb2.BreachTotals:
         """The totals over all patients reached."""
 
+    @_builtins.property
+    def partner(self) -> _audit_pb2.PartnerSummary:
+        """The partner reported on."""
+
+    @_builtins.property
+    def key_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The keys concerned: the `key_id` asked for, else every key of the
+        partner with a disclosure or a consent request in the window, sorted.
+        """
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """The start of the window (inclusive), as asked."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """The end of the window (exclusive), as asked."""
+
+    @_builtins.property
+    def generate_time(self) -> _timestamp_pb2.Timestamp:
+        """When the report was read (the database's clock): it shows the ledger as
+        of that instant.
+        """
+
+    @_builtins.property
+    def verification(self) -> _audit_pb2.LedgerVerification:
+        """Whether the ledger was verified with the report, and what that found."""
+
+    @_builtins.property
+    def activity(self) -> _containers.RepeatedCompositeFieldContainer[_audit_pb2.BreachActivity]:
+        """The appointments disclosed per hour and view, oldest first; hours and
+        views with none are left out.
+        """
+
     def __init__(
         self,
         *,
         patients: _abc.Iterable[_audit_pb2.AffectedPatient] | None = ...,
         totals: _audit_pb2.BreachTotals | None = ...,
+        partner: _audit_pb2.PartnerSummary | None = ...,
+        key_ids: _abc.Iterable[_builtins.str] | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        generate_time: _timestamp_pb2.Timestamp | None = ...,
+        verification: _audit_pb2.LedgerVerification | None = ...,
+        activity: _abc.Iterable[_audit_pb2.BreachActivity] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["totals", b"totals"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "generate_time", b"generate_time", "partner", b"partner", "start_time", b"start_time", "totals", b"totals", "verification", b"verification"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["patients", b"patients", "totals", b"totals"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "end_time", b"end_time", "generate_time", b"generate_time", "key_ids", b"key_ids", "partner", b"partner", "patients", b"patients", "start_time", b"start_time", "totals", b"totals", "verification", b"verification"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -78,8 +78,11 @@ class AuditServiceServicer:
     def BreachReport(self, request, context):
         """Reports which patients a partner reached in a window, and what of theirs
         was disclosed: the list owed to the data-protection authority and to each
-        affected patient after an incident. Returns INVALID_ARGUMENT for a
-        missing partner or window.
+        affected patient after an incident: who, which appointments (times,
+        practitioners, specialties), which contact fields, in which views, hour
+        by hour. Never names or contact details. Returns INVALID_ARGUMENT for a
+        missing partner or window, or a malformed key id, and NOT_FOUND for an
+        unknown partner or a key that is not the partner's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

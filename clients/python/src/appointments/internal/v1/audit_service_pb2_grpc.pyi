@@ -45,8 +45,11 @@ class AuditServiceStub:
     BreachReport: _grpc.UnaryUnaryMultiCallable[_audit_service_pb2.BreachReportRequest, _audit_service_pb2.BreachReportResponse]
     """Reports which patients a partner reached in a window, and what of theirs
     was disclosed: the list owed to the data-protection authority and to each
-    affected patient after an incident. Returns INVALID_ARGUMENT for a
-    missing partner or window.
+    affected patient after an incident: who, which appointments (times,
+    practitioners, specialties), which contact fields, in which views, hour
+    by hour. Never names or contact details. Returns INVALID_ARGUMENT for a
+    missing partner or window, or a malformed key id, and NOT_FOUND for an
+    unknown partner or a key that is not the partner's.
     """
     ListPatientDisclosures: _grpc.UnaryUnaryMultiCallable[_audit_service_pb2.ListPatientDisclosuresRequest, _audit_service_pb2.ListPatientDisclosuresResponse]
     """Lists who saw what of one patient's data, newest first: one entry per
@@ -82,8 +85,11 @@ class AuditServiceAsyncStub(AuditServiceStub):
     BreachReport: _aio.UnaryUnaryMultiCallable[_audit_service_pb2.BreachReportRequest, _audit_service_pb2.BreachReportResponse]  # type: ignore[assignment]
     """Reports which patients a partner reached in a window, and what of theirs
     was disclosed: the list owed to the data-protection authority and to each
-    affected patient after an incident. Returns INVALID_ARGUMENT for a
-    missing partner or window.
+    affected patient after an incident: who, which appointments (times,
+    practitioners, specialties), which contact fields, in which views, hour
+    by hour. Never names or contact details. Returns INVALID_ARGUMENT for a
+    missing partner or window, or a malformed key id, and NOT_FOUND for an
+    unknown partner or a key that is not the partner's.
     """
     ListPatientDisclosures: _aio.UnaryUnaryMultiCallable[_audit_service_pb2.ListPatientDisclosuresRequest, _audit_service_pb2.ListPatientDisclosuresResponse]  # type: ignore[assignment]
     """Lists who saw what of one patient's data, newest first: one entry per
@@ -128,8 +134,11 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_audit_service_pb2.BreachReportResponse, _abc.Awaitable[_audit_service_pb2.BreachReportResponse]]:
         """Reports which patients a partner reached in a window, and what of theirs
         was disclosed: the list owed to the data-protection authority and to each
-        affected patient after an incident. Returns INVALID_ARGUMENT for a
-        missing partner or window.
+        affected patient after an incident: who, which appointments (times,
+        practitioners, specialties), which contact fields, in which views, hour
+        by hour. Never names or contact details. Returns INVALID_ARGUMENT for a
+        missing partner or window, or a malformed key id, and NOT_FOUND for an
+        unknown partner or a key that is not the partner's.
         """
 
     @_abc_1.abstractmethod

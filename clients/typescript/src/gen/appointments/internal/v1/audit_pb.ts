@@ -4,6 +4,7 @@
 
 import type { GenEnum, GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc } from "@bufbuild/protobuf/codegenv2";
+import { file_appointments_annotations_v1_privacy } from "../../annotations/v1/privacy_pb.js";
 import type { ContactField } from "../../type/v1/contact_pb.js";
 import { file_appointments_type_v1_contact } from "../../type/v1/contact_pb.js";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
@@ -14,7 +15,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file appointments/internal/v1/audit.proto.
  */
 export const file_appointments_internal_v1_audit: GenFile = /*@__PURE__*/
-  fileDesc("CiRhcHBvaW50bWVudHMvaW50ZXJuYWwvdjEvYXVkaXQucHJvdG8SGGFwcG9pbnRtZW50cy5pbnRlcm5hbC52MSLMAwoKRGlzY2xvc3VyZRIVCg1kaXNjbG9zdXJlX2lkGAEgASgDEhIKCnBhcnRuZXJfaWQYAiABKAkSDgoGa2V5X2lkGAMgASgJEhYKDmFwcG9pbnRtZW50X2lkGAQgASgJEhIKCnBhdGllbnRfaWQYBSABKAkSNgoEdmlldxgGIAEoDjIoLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5EaXNjbG9zdXJlVmlldxI6Cg5jb250YWN0X2ZpZWxkcxgHIAMoDjIiLmFwcG9pbnRtZW50cy50eXBlLnYxLkNvbnRhY3RGaWVsZBISCgpjb25zZW50X2lkGAggASgJEgsKA3JwYxgJIAEoCRIQCgh0cmFjZV9pZBgKIAEoCRIxCg1kaXNjbG9zZV90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI8CgdvdXRjb21lGAwgASgOMisuYXBwb2ludG1lbnRzLmludGVybmFsLnYxLkRpc2Nsb3N1cmVPdXRjb21lEhUKDWRlbmlhbF9yZWFzb24YDSABKAkSDAoEaXRlbRgOIAEoBRIaChJjbGllbnRfY2VydF9zaGEyNTYYDyABKAkiiQIKD0FmZmVjdGVkUGF0aWVudBISCgpwYXRpZW50X2lkGAEgASgJEhcKD2FwcG9pbnRtZW50X2lkcxgCIAMoCRI6Cg5jb250YWN0X2ZpZWxkcxgDIAMoDjIiLmFwcG9pbnRtZW50cy50eXBlLnYxLkNvbnRhY3RGaWVsZBI5ChVmaXJzdF9kaXNjbG9zdXJlX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjgKFGxhc3RfZGlzY2xvc3VyZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIYChBjb25zZW50X3JlcXVlc3RzGAYgASgDIq8BCgxCcmVhY2hUb3RhbHMSEAoIcGF0aWVudHMYASABKAMSFAoMYXBwb2ludG1lbnRzGAIgASgDEhgKEGNvbnRhY3RfcGF0aWVudHMYAyABKAMSOwoGZmllbGRzGAQgAygLMisuYXBwb2ludG1lbnRzLmludGVybmFsLnYxLkNvbnRhY3RGaWVsZFRvdGFsEiAKGGNvbnNlbnRfcmVxdWVzdF9wYXRpZW50cxgFIAEoAyJYChFDb250YWN0RmllbGRUb3RhbBIxCgVmaWVsZBgBIAEoDjIiLmFwcG9pbnRtZW50cy50eXBlLnYxLkNvbnRhY3RGaWVsZBIQCghwYXRpZW50cxgCIAEoAyI6Cg5QYXJ0bmVyU3VtbWFyeRISCgpwYXJ0bmVyX2lkGAEgASgJEhQKDGRpc3BsYXlfbmFtZRgCIAEoCSKfAQoSQXBwb2ludG1lbnRTdW1tYXJ5EhYKDmFwcG9pbnRtZW50X2lkGAEgASgJEi4KCnN0YXJ0X3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiEKGXByYWN0aXRpb25lcl9kaXNwbGF5X25hbWUYAyABKAkSHgoWcHJhY3RpdGlvbmVyX3NwZWNpYWx0eRgEIAEoCSLlAwoRUGF0aWVudERpc2Nsb3N1cmUSOQoHcGFydG5lchgBIAEoCzIoLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5QYXJ0bmVyU3VtbWFyeRJBCgthcHBvaW50bWVudBgCIAEoCzIsLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5BcHBvaW50bWVudFN1bW1hcnkSNgoEdmlldxgDIAEoDjIoLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5EaXNjbG9zdXJlVmlldxIyCgZmaWVsZHMYBCADKA4yIi5hcHBvaW50bWVudHMudHlwZS52MS5Db250YWN0RmllbGQSPAoHb3V0Y29tZRgFIAEoDjIrLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5EaXNjbG9zdXJlT3V0Y29tZRIVCg1kZW5pYWxfcmVhc29uGAYgASgJEhIKCmNvbnNlbnRfaWQYByABKAkSDwoHcHVycG9zZRgIIAEoCRIuCgpmaXJzdF90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBItCglsYXN0X3RpbWUYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWNvdW50GAsgASgDItMCCgxQcml2YWN5RXZlbnQSEAoIZXZlbnRfaWQYASABKAMSOAoEdHlwZRgCIAEoDjIqLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5Qcml2YWN5RXZlbnRUeXBlEhIKCnBhdGllbnRfaWQYAyABKAkSOQoHcGFydG5lchgEIAEoCzIoLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5QYXJ0bmVyU3VtbWFyeRISCgpjb25zZW50X2lkGAUgASgJEhoKEmNvbnNlbnRfcmVxdWVzdF9pZBgGIAEoCRIyCgZmaWVsZHMYByADKA4yIi5hcHBvaW50bWVudHMudHlwZS52MS5Db250YWN0RmllbGQSLgoKZXZlbnRfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFAoMcmVzdW1lX3Rva2VuGAkgASgJKmkKDkRpc2Nsb3N1cmVWaWV3Eh8KG0RJU0NMT1NVUkVfVklFV19VTlNQRUNJRklFRBAAEhkKFURJU0NMT1NVUkVfVklFV19CQVNJQxABEhsKF0RJU0NMT1NVUkVfVklFV19DT05UQUNUEAIqwgEKEURpc2Nsb3N1cmVPdXRjb21lEiIKHkRJU0NMT1NVUkVfT1VUQ09NRV9VTlNQRUNJRklFRBAAEiAKHERJU0NMT1NVUkVfT1VUQ09NRV9ESVNDTE9TRUQQARIdChlESVNDTE9TVVJFX09VVENPTUVfREVOSUVEEAISIAocRElTQ0xPU1VSRV9PVVRDT01FX1JFUVVFU1RFRBADEiYKIkRJU0NMT1NVUkVfT1VUQ09NRV9DT05TRU5UX0dSQU5URUQQBCqyAgoQUHJpdmFjeUV2ZW50VHlwZRIiCh5QUklWQUNZX0VWRU5UX1RZUEVfVU5TUEVDSUZJRUQQABIoCiRQUklWQUNZX0VWRU5UX1RZUEVfQ09OU0VOVF9SRVFVRVNURUQQARImCiJQUklWQUNZX0VWRU5UX1RZUEVfQ09OU0VOVF9HUkFOVEVEEAISJgoiUFJJVkFDWV9FVkVOVF9UWVBFX0NPTlNFTlRfUkVWT0tFRBADEiYKIlBSSVZBQ1lfRVZFTlRfVFlQRV9DT05TRU5UX0VYUElSRUQQBBIuCipQUklWQUNZX0VWRU5UX1RZUEVfQ09OVEFDVF9GSVJTVF9ESVNDTE9TRUQQBRIoCiRQUklWQUNZX0VWRU5UX1RZUEVfUEFSVE5FUl9TVVNQRU5ERUQQBkICUAFiBnByb3RvMw", [file_appointments_type_v1_contact, file_google_protobuf_timestamp]);
+  fileDesc("CiRhcHBvaW50bWVudHMvaW50ZXJuYWwvdjEvYXVkaXQucHJvdG8SGGFwcG9pbnRtZW50cy5pbnRlcm5hbC52MSLMAwoKRGlzY2xvc3VyZRIVCg1kaXNjbG9zdXJlX2lkGAEgASgDEhIKCnBhcnRuZXJfaWQYAiABKAkSDgoGa2V5X2lkGAMgASgJEhYKDmFwcG9pbnRtZW50X2lkGAQgASgJEhIKCnBhdGllbnRfaWQYBSABKAkSNgoEdmlldxgGIAEoDjIoLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5EaXNjbG9zdXJlVmlldxI6Cg5jb250YWN0X2ZpZWxkcxgHIAMoDjIiLmFwcG9pbnRtZW50cy50eXBlLnYxLkNvbnRhY3RGaWVsZBISCgpjb25zZW50X2lkGAggASgJEgsKA3JwYxgJIAEoCRIQCgh0cmFjZV9pZBgKIAEoCRIxCg1kaXNjbG9zZV90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI8CgdvdXRjb21lGAwgASgOMisuYXBwb2ludG1lbnRzLmludGVybmFsLnYxLkRpc2Nsb3N1cmVPdXRjb21lEhUKDWRlbmlhbF9yZWFzb24YDSABKAkSDAoEaXRlbRgOIAEoBRIaChJjbGllbnRfY2VydF9zaGEyNTYYDyABKAkiwAMKD0FmZmVjdGVkUGF0aWVudBISCgpwYXRpZW50X2lkGAEgASgJEhcKD2FwcG9pbnRtZW50X2lkcxgCIAMoCRI6Cg5jb250YWN0X2ZpZWxkcxgDIAMoDjIiLmFwcG9pbnRtZW50cy50eXBlLnYxLkNvbnRhY3RGaWVsZBI5ChVmaXJzdF9kaXNjbG9zdXJlX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjgKFGxhc3RfZGlzY2xvc3VyZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIYChBjb25zZW50X3JlcXVlc3RzGAYgASgDEjcKBXZpZXdzGAcgAygOMiguYXBwb2ludG1lbnRzLmludGVybmFsLnYxLkRpc2Nsb3N1cmVWaWV3EkIKDGFwcG9pbnRtZW50cxgIIAMoCzIsLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5BcHBvaW50bWVudFN1bW1hcnkSOAoHY29udGFjdBgJIAEoCzInLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5Ob3RpY2VDb250YWN0IlkKDU5vdGljZUNvbnRhY3QSGAoKZ2l2ZW5fbmFtZRgBIAEoCUIEqJ8ZARIZCgtmYW1pbHlfbmFtZRgCIAEoCUIEqJ8ZARITCgVlbWFpbBgDIAEoCUIEqJ8ZASKsAwoMQnJlYWNoVG90YWxzEhAKCHBhdGllbnRzGAEgASgDEhQKDGFwcG9pbnRtZW50cxgCIAEoAxIYChBjb250YWN0X3BhdGllbnRzGAMgASgDEjsKBmZpZWxkcxgEIAMoCzIrLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5Db250YWN0RmllbGRUb3RhbBIgChhjb25zZW50X3JlcXVlc3RfcGF0aWVudHMYBSABKAMSMgoFdmlld3MYBiADKAsyIy5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuVmlld1RvdGFsEj0KC3NwZWNpYWx0aWVzGAcgAygLMiguYXBwb2ludG1lbnRzLmludGVybmFsLnYxLlNwZWNpYWx0eVRvdGFsEjkKFWZpcnN0X2Rpc2Nsb3N1cmVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASOAoUbGFzdF9kaXNjbG9zdXJlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC2Rpc2Nsb3N1cmVzGAogASgDIoABCglWaWV3VG90YWwSNgoEdmlldxgBIAEoDjIoLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5EaXNjbG9zdXJlVmlldxIQCghwYXRpZW50cxgCIAEoAxIUCgxhcHBvaW50bWVudHMYAyABKAMSEwoLZGlzY2xvc3VyZXMYBCABKAMiSwoOU3BlY2lhbHR5VG90YWwSEQoJc3BlY2lhbHR5GAEgASgJEhAKCHBhdGllbnRzGAIgASgDEhQKDGFwcG9pbnRtZW50cxgDIAEoAyKSAQoOQnJlYWNoQWN0aXZpdHkSMwoPaG91cl9zdGFydF90aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI2CgR2aWV3GAIgASgOMiguYXBwb2ludG1lbnRzLmludGVybmFsLnYxLkRpc2Nsb3N1cmVWaWV3EhMKC2Rpc2Nsb3N1cmVzGAMgASgDIqwCChJMZWRnZXJWZXJpZmljYXRpb24SQAoFc3RhdGUYASABKA4yMS5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuTGVkZ2VyVmVyaWZpY2F0aW9uU3RhdGUSLwoLdmVyaWZ5X3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg8KB3JlY29yZHMYAyABKAMSEAoIaGVhZF9zZXEYBCABKAMSFQoNc2VhbHNfY2hlY2tlZBgFIAEoAxIdChV3aXRuZXNzZWRfY2hlY2twb2ludHMYBiABKAMSFgoOd2luZG93X3JlY29yZHMYByABKAMSIAoYd2luZG93X3VuY2hhaW5lZF9yZWNvcmRzGAggASgDEhAKCHByb2JsZW1zGAkgAygJIlgKEUNvbnRhY3RGaWVsZFRvdGFsEjEKBWZpZWxkGAEgASgOMiIuYXBwb2ludG1lbnRzLnR5cGUudjEuQ29udGFjdEZpZWxkEhAKCHBhdGllbnRzGAIgASgDIjoKDlBhcnRuZXJTdW1tYXJ5EhIKCnBhcnRuZXJfaWQYASABKAkSFAoMZGlzcGxheV9uYW1lGAIgASgJIp8BChJBcHBvaW50bWVudFN1bW1hcnkSFgoOYXBwb2ludG1lbnRfaWQYASABKAkSLgoKc3RhcnRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASIQoZcHJhY3RpdGlvbmVyX2Rpc3BsYXlfbmFtZRgDIAEoCRIeChZwcmFjdGl0aW9uZXJfc3BlY2lhbHR5GAQgASgJIuUDChFQYXRpZW50RGlzY2xvc3VyZRI5CgdwYXJ0bmVyGAEgASgLMiguYXBwb2ludG1lbnRzLmludGVybmFsLnYxLlBhcnRuZXJTdW1tYXJ5EkEKC2FwcG9pbnRtZW50GAIgASgLMiwuYXBwb2ludG1lbnRzLmludGVybmFsLnYxLkFwcG9pbnRtZW50U3VtbWFyeRI2CgR2aWV3GAMgASgOMiguYXBwb2ludG1lbnRzLmludGVybmFsLnYxLkRpc2Nsb3N1cmVWaWV3EjIKBmZpZWxkcxgEIAMoDjIiLmFwcG9pbnRtZW50cy50eXBlLnYxLkNvbnRhY3RGaWVsZBI8CgdvdXRjb21lGAUgASgOMisuYXBwb2ludG1lbnRzLmludGVybmFsLnYxLkRpc2Nsb3N1cmVPdXRjb21lEhUKDWRlbmlhbF9yZWFzb24YBiABKAkSEgoKY29uc2VudF9pZBgHIAEoCRIPCgdwdXJwb3NlGAggASgJEi4KCmZpcnN0X3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi0KCWxhc3RfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFY291bnQYCyABKAMi0wIKDFByaXZhY3lFdmVudBIQCghldmVudF9pZBgBIAEoAxI4CgR0eXBlGAIgASgOMiouYXBwb2ludG1lbnRzLmludGVybmFsLnYxLlByaXZhY3lFdmVudFR5cGUSEgoKcGF0aWVudF9pZBgDIAEoCRI5CgdwYXJ0bmVyGAQgASgLMiguYXBwb2ludG1lbnRzLmludGVybmFsLnYxLlBhcnRuZXJTdW1tYXJ5EhIKCmNvbnNlbnRfaWQYBSABKAkSGgoSY29uc2VudF9yZXF1ZXN0X2lkGAYgASgJEjIKBmZpZWxkcxgHIAMoDjIiLmFwcG9pbnRtZW50cy50eXBlLnYxLkNvbnRhY3RGaWVsZBIuCgpldmVudF90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIUCgxyZXN1bWVfdG9rZW4YCSABKAkqaQoORGlzY2xvc3VyZVZpZXcSHwobRElTQ0xPU1VSRV9WSUVXX1VOU1BFQ0lGSUVEEAASGQoVRElTQ0xPU1VSRV9WSUVXX0JBU0lDEAESGwoXRElTQ0xPU1VSRV9WSUVXX0NPTlRBQ1QQAirnAQoRRGlzY2xvc3VyZU91dGNvbWUSIgoeRElTQ0xPU1VSRV9PVVRDT01FX1VOU1BFQ0lGSUVEEAASIAocRElTQ0xPU1VSRV9PVVRDT01FX0RJU0NMT1NFRBABEh0KGURJU0NMT1NVUkVfT1VUQ09NRV9ERU5JRUQQAhIgChxESVNDTE9TVVJFX09VVENPTUVfUkVRVUVTVEVEEAMSJgoiRElTQ0xPU1VSRV9PVVRDT01FX0NPTlNFTlRfR1JBTlRFRBAEEiMKH0RJU0NMT1NVUkVfT1VUQ09NRV9JTlRFUk5BTF9VU0UQBSq/AQoXTGVkZ2VyVmVyaWZpY2F0aW9uU3RhdGUSKQolTEVER0VSX1ZFUklGSUNBVElPTl9TVEFURV9VTlNQRUNJRklFRBAAEikKJUxFREdFUl9WRVJJRklDQVRJT05fU1RBVEVfTk9UX0NIRUNLRUQQARIkCiBMRURHRVJfVkVSSUZJQ0FUSU9OX1NUQVRFX0lOVEFDVBACEigKJExFREdFUl9WRVJJRklDQVRJT05fU1RBVEVfTk9UX0lOVEFDVBADKrICChBQcml2YWN5RXZlbnRUeXBlEiIKHlBSSVZBQ1lfRVZFTlRfVFlQRV9VTlNQRUNJRklFRBAAEigKJFBSSVZBQ1lfRVZFTlRfVFlQRV9DT05TRU5UX1JFUVVFU1RFRBABEiYKIlBSSVZBQ1lfRVZFTlRfVFlQRV9DT05TRU5UX0dSQU5URUQQAhImCiJQUklWQUNZX0VWRU5UX1RZUEVfQ09OU0VOVF9SRVZPS0VEEAMSJgoiUFJJVkFDWV9FVkVOVF9UWVBFX0NPTlNFTlRfRVhQSVJFRBAEEi4KKlBSSVZBQ1lfRVZFTlRfVFlQRV9DT05UQUNUX0ZJUlNUX0RJU0NMT1NFRBAFEigKJFBSSVZBQ1lfRVZFTlRfVFlQRV9QQVJUTkVSX1NVU1BFTkRFRBAGQgJQAWIGcHJvdG8z", [file_appointments_annotations_v1_privacy, file_appointments_type_v1_contact, file_google_protobuf_timestamp]);
 
 /**
  * One appointment of the disclosure audit trail: disclosed (or refused) to
@@ -194,6 +195,32 @@ export type AffectedPatient = Message<"appointments.internal.v1.AffectedPatient"
    * @generated from field: int64 consent_requests = 6;
    */
   consentRequests: bigint;
+
+  /**
+   * The views the patient's appointments were disclosed in, in enum order.
+   *
+   * @generated from field: repeated appointments.internal.v1.DisclosureView views = 7;
+   */
+  views: DisclosureView[];
+
+  /**
+   * The patient's appointments disclosed, by start time: when, with which
+   * practitioner and specialty (the specialty is health data: it tells what
+   * the patient is treated for).
+   *
+   * @generated from field: repeated appointments.internal.v1.AppointmentSummary appointments = 8;
+   */
+  appointments: AppointmentSummary[];
+
+  /**
+   * The patient's name and email, for the notification letters. Set only by
+   * the command line's `audit breach-report --include-contact`, which records
+   * that use in the ledger first (DISCLOSURE_OUTCOME_INTERNAL_USE); never set
+   * by the BreachReport RPC.
+   *
+   * @generated from field: appointments.internal.v1.NoticeContact contact = 9;
+   */
+  contact?: NoticeContact | undefined;
 };
 
 /**
@@ -202,6 +229,41 @@ export type AffectedPatient = Message<"appointments.internal.v1.AffectedPatient"
  */
 export const AffectedPatientSchema: GenMessage<AffectedPatient> = /*@__PURE__*/
   messageDesc(file_appointments_internal_v1_audit, 1);
+
+/**
+ * What a letter to a patient needs: the patient's name and email.
+ *
+ * @generated from message appointments.internal.v1.NoticeContact
+ */
+export type NoticeContact = Message<"appointments.internal.v1.NoticeContact"> & {
+  /**
+   * The patient's given name.
+   *
+   * @generated from field: string given_name = 1;
+   */
+  givenName: string;
+
+  /**
+   * The patient's family name.
+   *
+   * @generated from field: string family_name = 2;
+   */
+  familyName: string;
+
+  /**
+   * The patient's email address, or empty when the platform has none.
+   *
+   * @generated from field: string email = 3;
+   */
+  email: string;
+};
+
+/**
+ * Describes the message appointments.internal.v1.NoticeContact.
+ * Use `create(NoticeContactSchema)` to create a new message.
+ */
+export const NoticeContactSchema: GenMessage<NoticeContact> = /*@__PURE__*/
+  messageDesc(file_appointments_internal_v1_audit, 2);
 
 /**
  * The totals of a breach report.
@@ -243,6 +305,43 @@ export type BreachTotals = Message<"appointments.internal.v1.BreachTotals"> & {
    * @generated from field: int64 consent_request_patients = 5;
    */
   consentRequestPatients: bigint;
+
+  /**
+   * What was disclosed in each view, in enum order: every view present.
+   *
+   * @generated from field: repeated appointments.internal.v1.ViewTotal views = 6;
+   */
+  views: ViewTotal[];
+
+  /**
+   * The specialties of the practitioners of the appointments disclosed, by
+   * name.
+   *
+   * @generated from field: repeated appointments.internal.v1.SpecialtyTotal specialties = 7;
+   */
+  specialties: SpecialtyTotal[];
+
+  /**
+   * The first disclosure of the report. Unset when nothing was disclosed.
+   *
+   * @generated from field: google.protobuf.Timestamp first_disclosure_time = 8;
+   */
+  firstDisclosureTime?: Timestamp | undefined;
+
+  /**
+   * The last disclosure of the report. Unset when nothing was disclosed.
+   *
+   * @generated from field: google.protobuf.Timestamp last_disclosure_time = 9;
+   */
+  lastDisclosureTime?: Timestamp | undefined;
+
+  /**
+   * The number of appointments disclosed, counted once per response that
+   * carried one: the sum of `views[].disclosures`.
+   *
+   * @generated from field: int64 disclosures = 10;
+   */
+  disclosures: bigint;
 };
 
 /**
@@ -250,7 +349,204 @@ export type BreachTotals = Message<"appointments.internal.v1.BreachTotals"> & {
  * Use `create(BreachTotalsSchema)` to create a new message.
  */
 export const BreachTotalsSchema: GenMessage<BreachTotals> = /*@__PURE__*/
-  messageDesc(file_appointments_internal_v1_audit, 2);
+  messageDesc(file_appointments_internal_v1_audit, 3);
+
+/**
+ * What a partner was shown in one view.
+ *
+ * @generated from message appointments.internal.v1.ViewTotal
+ */
+export type ViewTotal = Message<"appointments.internal.v1.ViewTotal"> & {
+  /**
+   * The view.
+   *
+   * @generated from field: appointments.internal.v1.DisclosureView view = 1;
+   */
+  view: DisclosureView;
+
+  /**
+   * The number of distinct patients with an appointment disclosed in this
+   * view.
+   *
+   * @generated from field: int64 patients = 2;
+   */
+  patients: bigint;
+
+  /**
+   * The number of distinct appointments disclosed in this view.
+   *
+   * @generated from field: int64 appointments = 3;
+   */
+  appointments: bigint;
+
+  /**
+   * The number of appointments disclosed in this view, counted once per
+   * response that carried one.
+   *
+   * @generated from field: int64 disclosures = 4;
+   */
+  disclosures: bigint;
+};
+
+/**
+ * Describes the message appointments.internal.v1.ViewTotal.
+ * Use `create(ViewTotalSchema)` to create a new message.
+ */
+export const ViewTotalSchema: GenMessage<ViewTotal> = /*@__PURE__*/
+  messageDesc(file_appointments_internal_v1_audit, 4);
+
+/**
+ * The patients and appointments of one specialty in a breach report.
+ *
+ * @generated from message appointments.internal.v1.SpecialtyTotal
+ */
+export type SpecialtyTotal = Message<"appointments.internal.v1.SpecialtyTotal"> & {
+  /**
+   * The specialty, as the practitioner is registered with it.
+   *
+   * @generated from field: string specialty = 1;
+   */
+  specialty: string;
+
+  /**
+   * The number of distinct patients with an appointment of this specialty
+   * disclosed.
+   *
+   * @generated from field: int64 patients = 2;
+   */
+  patients: bigint;
+
+  /**
+   * The number of distinct appointments of this specialty disclosed.
+   *
+   * @generated from field: int64 appointments = 3;
+   */
+  appointments: bigint;
+};
+
+/**
+ * Describes the message appointments.internal.v1.SpecialtyTotal.
+ * Use `create(SpecialtyTotalSchema)` to create a new message.
+ */
+export const SpecialtyTotalSchema: GenMessage<SpecialtyTotal> = /*@__PURE__*/
+  messageDesc(file_appointments_internal_v1_audit, 5);
+
+/**
+ * The appointments disclosed in one hour and view.
+ *
+ * @generated from message appointments.internal.v1.BreachActivity
+ */
+export type BreachActivity = Message<"appointments.internal.v1.BreachActivity"> & {
+  /**
+   * The start of the hour (UTC).
+   *
+   * @generated from field: google.protobuf.Timestamp hour_start_time = 1;
+   */
+  hourStartTime?: Timestamp | undefined;
+
+  /**
+   * The view.
+   *
+   * @generated from field: appointments.internal.v1.DisclosureView view = 2;
+   */
+  view: DisclosureView;
+
+  /**
+   * The number of appointments disclosed in that hour and view, counted once
+   * per response that carried one.
+   *
+   * @generated from field: int64 disclosures = 3;
+   */
+  disclosures: bigint;
+};
+
+/**
+ * Describes the message appointments.internal.v1.BreachActivity.
+ * Use `create(BreachActivitySchema)` to create a new message.
+ */
+export const BreachActivitySchema: GenMessage<BreachActivity> = /*@__PURE__*/
+  messageDesc(file_appointments_internal_v1_audit, 6);
+
+/**
+ * The ledger's verification, as a breach report states it.
+ *
+ * @generated from message appointments.internal.v1.LedgerVerification
+ */
+export type LedgerVerification = Message<"appointments.internal.v1.LedgerVerification"> & {
+  /**
+   * Whether the ledger was verified, and what that found.
+   *
+   * @generated from field: appointments.internal.v1.LedgerVerificationState state = 1;
+   */
+  state: LedgerVerificationState;
+
+  /**
+   * When the verification ran (the database's clock). Unset when not
+   * checked.
+   *
+   * @generated from field: google.protobuf.Timestamp verify_time = 2;
+   */
+  verifyTime?: Timestamp | undefined;
+
+  /**
+   * The number of chained records verified: the whole chain, from the first
+   * record to `head_seq`, which covers the report's window.
+   *
+   * @generated from field: int64 records = 3;
+   */
+  records: bigint;
+
+  /**
+   * The position of the last record of the chain verified.
+   *
+   * @generated from field: int64 head_seq = 4;
+   */
+  headSeq: bigint;
+
+  /**
+   * The number of signed seals checked.
+   *
+   * @generated from field: int64 seals_checked = 5;
+   */
+  sealsChecked: bigint;
+
+  /**
+   * The number of checkpoints of the witness file matched against the
+   * database.
+   *
+   * @generated from field: int64 witnessed_checkpoints = 6;
+   */
+  witnessedCheckpoints: bigint;
+
+  /**
+   * The number of records of the report's partner (and key) in the window.
+   *
+   * @generated from field: int64 window_records = 7;
+   */
+  windowRecords: bigint;
+
+  /**
+   * The number of those records not in the chain when the verification ran
+   * (so not covered by it).
+   *
+   * @generated from field: int64 window_unchained_records = 8;
+   */
+  windowUnchainedRecords: bigint;
+
+  /**
+   * Every problem found, one sentence each; empty when intact.
+   *
+   * @generated from field: repeated string problems = 9;
+   */
+  problems: string[];
+};
+
+/**
+ * Describes the message appointments.internal.v1.LedgerVerification.
+ * Use `create(LedgerVerificationSchema)` to create a new message.
+ */
+export const LedgerVerificationSchema: GenMessage<LedgerVerification> = /*@__PURE__*/
+  messageDesc(file_appointments_internal_v1_audit, 7);
 
 /**
  * The number of patients with one contact field disclosed.
@@ -278,7 +574,7 @@ export type ContactFieldTotal = Message<"appointments.internal.v1.ContactFieldTo
  * Use `create(ContactFieldTotalSchema)` to create a new message.
  */
 export const ContactFieldTotalSchema: GenMessage<ContactFieldTotal> = /*@__PURE__*/
-  messageDesc(file_appointments_internal_v1_audit, 3);
+  messageDesc(file_appointments_internal_v1_audit, 8);
 
 /**
  * A partner, as a patient recognises it.
@@ -306,7 +602,7 @@ export type PartnerSummary = Message<"appointments.internal.v1.PartnerSummary"> 
  * Use `create(PartnerSummarySchema)` to create a new message.
  */
 export const PartnerSummarySchema: GenMessage<PartnerSummary> = /*@__PURE__*/
-  messageDesc(file_appointments_internal_v1_audit, 4);
+  messageDesc(file_appointments_internal_v1_audit, 9);
 
 /**
  * An appointment, as a patient recognises it.
@@ -348,7 +644,7 @@ export type AppointmentSummary = Message<"appointments.internal.v1.AppointmentSu
  * Use `create(AppointmentSummarySchema)` to create a new message.
  */
 export const AppointmentSummarySchema: GenMessage<AppointmentSummary> = /*@__PURE__*/
-  messageDesc(file_appointments_internal_v1_audit, 5);
+  messageDesc(file_appointments_internal_v1_audit, 10);
 
 /**
  * One partner's access to one appointment of a patient, for one view, field
@@ -444,7 +740,7 @@ export type PatientDisclosure = Message<"appointments.internal.v1.PatientDisclos
  * Use `create(PatientDisclosureSchema)` to create a new message.
  */
 export const PatientDisclosureSchema: GenMessage<PatientDisclosure> = /*@__PURE__*/
-  messageDesc(file_appointments_internal_v1_audit, 6);
+  messageDesc(file_appointments_internal_v1_audit, 11);
 
 /**
  * Something a patient is to be told of at once.
@@ -524,7 +820,7 @@ export type PrivacyEvent = Message<"appointments.internal.v1.PrivacyEvent"> & {
  * Use `create(PrivacyEventSchema)` to create a new message.
  */
 export const PrivacyEventSchema: GenMessage<PrivacyEvent> = /*@__PURE__*/
-  messageDesc(file_appointments_internal_v1_audit, 7);
+  messageDesc(file_appointments_internal_v1_audit, 12);
 
 /**
  * The view of an appointment a record is about.
@@ -603,6 +899,17 @@ export enum DisclosureOutcome {
    * @generated from enum value: DISCLOSURE_OUTCOME_CONSENT_GRANTED = 4;
    */
   CONSENT_GRANTED = 4,
+
+  /**
+   * The platform itself read the contact fields listed of the patients named,
+   * to write to them about an incident of the partner named (`audit
+   * breach-report --include-contact`, GDPR Art. 34); nothing was sent to the
+   * partner. Such a record has no key id, no consent and no appointment, and
+   * its rpc is "/apptgate.cli.Audit/BreachReport".
+   *
+   * @generated from enum value: DISCLOSURE_OUTCOME_INTERNAL_USE = 5;
+   */
+  INTERNAL_USE = 5,
 }
 
 /**
@@ -610,6 +917,48 @@ export enum DisclosureOutcome {
  */
 export const DisclosureOutcomeSchema: GenEnum<DisclosureOutcome> = /*@__PURE__*/
   enumDesc(file_appointments_internal_v1_audit, 1);
+
+/**
+ * Whether a breach report's ledger was verified.
+ *
+ * @generated from enum appointments.internal.v1.LedgerVerificationState
+ */
+export enum LedgerVerificationState {
+  /**
+   * Unknown. Never sent.
+   *
+   * @generated from enum value: LEDGER_VERIFICATION_STATE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Not verified with this report: the BreachReport RPC never walks the
+   * chain (run `audit verify`, or `audit breach-report`, which does).
+   *
+   * @generated from enum value: LEDGER_VERIFICATION_STATE_NOT_CHECKED = 1;
+   */
+  NOT_CHECKED = 1,
+
+  /**
+   * Verified: every digest, link, seal and witnessed checkpoint holds.
+   *
+   * @generated from enum value: LEDGER_VERIFICATION_STATE_INTACT = 2;
+   */
+  INTACT = 2,
+
+  /**
+   * Verified, and problems were found: the report may be incomplete.
+   *
+   * @generated from enum value: LEDGER_VERIFICATION_STATE_NOT_INTACT = 3;
+   */
+  NOT_INTACT = 3,
+}
+
+/**
+ * Describes the enum appointments.internal.v1.LedgerVerificationState.
+ */
+export const LedgerVerificationStateSchema: GenEnum<LedgerVerificationState> = /*@__PURE__*/
+  enumDesc(file_appointments_internal_v1_audit, 2);
 
 /**
  * What a privacy event reports.
@@ -672,5 +1021,5 @@ export enum PrivacyEventType {
  * Describes the enum appointments.internal.v1.PrivacyEventType.
  */
 export const PrivacyEventTypeSchema: GenEnum<PrivacyEventType> = /*@__PURE__*/
-  enumDesc(file_appointments_internal_v1_audit, 2);
+  enumDesc(file_appointments_internal_v1_audit, 3);
 

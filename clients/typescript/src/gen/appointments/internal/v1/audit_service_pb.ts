@@ -4,7 +4,7 @@
 
 import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
-import type { AffectedPatient, BreachTotals, Disclosure, PatientDisclosure, PrivacyEventSchema } from "./audit_pb.js";
+import type { AffectedPatient, BreachActivity, BreachTotals, Disclosure, LedgerVerification, PartnerSummary, PatientDisclosure, PrivacyEventSchema } from "./audit_pb.js";
 import { file_appointments_internal_v1_audit } from "./audit_pb.js";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file appointments/internal/v1/audit_service.proto.
  */
 export const file_appointments_internal_v1_audit_service: GenFile = /*@__PURE__*/
-  fileDesc("CixhcHBvaW50bWVudHMvaW50ZXJuYWwvdjEvYXVkaXRfc2VydmljZS5wcm90bxIYYXBwb2ludG1lbnRzLmludGVybmFsLnYxIsUBChZMaXN0RGlzY2xvc3VyZXNSZXF1ZXN0EhIKCnBhcnRuZXJfaWQYASABKAkSEgoKcGF0aWVudF9pZBgCIAEoCRIuCgpzdGFydF90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJcGFnZV9zaXplGAUgASgFEhIKCnBhZ2VfdG9rZW4YBiABKAkibQoXTGlzdERpc2Nsb3N1cmVzUmVzcG9uc2USOQoLZGlzY2xvc3VyZXMYASADKAsyJC5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuRGlzY2xvc3VyZRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkipwEKE0JyZWFjaFJlcG9ydFJlcXVlc3QSEgoKcGFydG5lcl9pZBgBIAEoCRIuCgpzdGFydF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoGa2V5X2lkGAQgASgJSACIAQFCCQoHX2tleV9pZCKLAQoUQnJlYWNoUmVwb3J0UmVzcG9uc2USOwoIcGF0aWVudHMYASADKAsyKS5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuQWZmZWN0ZWRQYXRpZW50EjYKBnRvdGFscxgCIAEoCzImLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5CcmVhY2hUb3RhbHMiuAEKHUxpc3RQYXRpZW50RGlzY2xvc3VyZXNSZXF1ZXN0EhIKCnBhdGllbnRfaWQYASABKAkSLgoKc3RhcnRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCXBhZ2Vfc2l6ZRgEIAEoBRISCgpwYWdlX3Rva2VuGAUgASgJInsKHkxpc3RQYXRpZW50RGlzY2xvc3VyZXNSZXNwb25zZRJACgtkaXNjbG9zdXJlcxgBIAMoCzIrLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5QYXRpZW50RGlzY2xvc3VyZRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiMQoZV2F0Y2hQcml2YWN5RXZlbnRzUmVxdWVzdBIUCgxyZXN1bWVfdG9rZW4YASABKAky+AMKDEF1ZGl0U2VydmljZRJ2Cg9MaXN0RGlzY2xvc3VyZXMSMC5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuTGlzdERpc2Nsb3N1cmVzUmVxdWVzdBoxLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5MaXN0RGlzY2xvc3VyZXNSZXNwb25zZRJtCgxCcmVhY2hSZXBvcnQSLS5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuQnJlYWNoUmVwb3J0UmVxdWVzdBouLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5CcmVhY2hSZXBvcnRSZXNwb25zZRKLAQoWTGlzdFBhdGllbnREaXNjbG9zdXJlcxI3LmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5MaXN0UGF0aWVudERpc2Nsb3N1cmVzUmVxdWVzdBo4LmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5MaXN0UGF0aWVudERpc2Nsb3N1cmVzUmVzcG9uc2UScwoSV2F0Y2hQcml2YWN5RXZlbnRzEjMuYXBwb2ludG1lbnRzLmludGVybmFsLnYxLldhdGNoUHJpdmFjeUV2ZW50c1JlcXVlc3QaJi5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuUHJpdmFjeUV2ZW50MAFCAlABYgZwcm90bzM", [file_appointments_internal_v1_audit, file_google_protobuf_timestamp]);
+  fileDesc("CixhcHBvaW50bWVudHMvaW50ZXJuYWwvdjEvYXVkaXRfc2VydmljZS5wcm90bxIYYXBwb2ludG1lbnRzLmludGVybmFsLnYxIsUBChZMaXN0RGlzY2xvc3VyZXNSZXF1ZXN0EhIKCnBhcnRuZXJfaWQYASABKAkSEgoKcGF0aWVudF9pZBgCIAEoCRIuCgpzdGFydF90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJcGFnZV9zaXplGAUgASgFEhIKCnBhZ2VfdG9rZW4YBiABKAkibQoXTGlzdERpc2Nsb3N1cmVzUmVzcG9uc2USOQoLZGlzY2xvc3VyZXMYASADKAsyJC5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuRGlzY2xvc3VyZRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkipwEKE0JyZWFjaFJlcG9ydFJlcXVlc3QSEgoKcGFydG5lcl9pZBgBIAEoCRIuCgpzdGFydF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoGa2V5X2lkGAQgASgJSACIAQFCCQoHX2tleV9pZCLoAwoUQnJlYWNoUmVwb3J0UmVzcG9uc2USOwoIcGF0aWVudHMYASADKAsyKS5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuQWZmZWN0ZWRQYXRpZW50EjYKBnRvdGFscxgCIAEoCzImLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5CcmVhY2hUb3RhbHMSOQoHcGFydG5lchgDIAEoCzIoLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5QYXJ0bmVyU3VtbWFyeRIPCgdrZXlfaWRzGAQgAygJEi4KCnN0YXJ0X3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIxCg1nZW5lcmF0ZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBJCCgx2ZXJpZmljYXRpb24YCCABKAsyLC5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuTGVkZ2VyVmVyaWZpY2F0aW9uEjoKCGFjdGl2aXR5GAkgAygLMiguYXBwb2ludG1lbnRzLmludGVybmFsLnYxLkJyZWFjaEFjdGl2aXR5IrgBCh1MaXN0UGF0aWVudERpc2Nsb3N1cmVzUmVxdWVzdBISCgpwYXRpZW50X2lkGAEgASgJEi4KCnN0YXJ0X3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIRCglwYWdlX3NpemUYBCABKAUSEgoKcGFnZV90b2tlbhgFIAEoCSJ7Ch5MaXN0UGF0aWVudERpc2Nsb3N1cmVzUmVzcG9uc2USQAoLZGlzY2xvc3VyZXMYASADKAsyKy5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuUGF0aWVudERpc2Nsb3N1cmUSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjEKGVdhdGNoUHJpdmFjeUV2ZW50c1JlcXVlc3QSFAoMcmVzdW1lX3Rva2VuGAEgASgJMvgDCgxBdWRpdFNlcnZpY2USdgoPTGlzdERpc2Nsb3N1cmVzEjAuYXBwb2ludG1lbnRzLmludGVybmFsLnYxLkxpc3REaXNjbG9zdXJlc1JlcXVlc3QaMS5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuTGlzdERpc2Nsb3N1cmVzUmVzcG9uc2USbQoMQnJlYWNoUmVwb3J0Ei0uYXBwb2ludG1lbnRzLmludGVybmFsLnYxLkJyZWFjaFJlcG9ydFJlcXVlc3QaLi5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuQnJlYWNoUmVwb3J0UmVzcG9uc2USiwEKFkxpc3RQYXRpZW50RGlzY2xvc3VyZXMSNy5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuTGlzdFBhdGllbnREaXNjbG9zdXJlc1JlcXVlc3QaOC5hcHBvaW50bWVudHMuaW50ZXJuYWwudjEuTGlzdFBhdGllbnREaXNjbG9zdXJlc1Jlc3BvbnNlEnMKEldhdGNoUHJpdmFjeUV2ZW50cxIzLmFwcG9pbnRtZW50cy5pbnRlcm5hbC52MS5XYXRjaFByaXZhY3lFdmVudHNSZXF1ZXN0GiYuYXBwb2ludG1lbnRzLmludGVybmFsLnYxLlByaXZhY3lFdmVudDABQgJQAWIGcHJvdG8z", [file_appointments_internal_v1_audit, file_google_protobuf_timestamp]);
 
 /**
  * The request of ListDisclosures.
@@ -164,6 +164,58 @@ export type BreachReportResponse = Message<"appointments.internal.v1.BreachRepor
    * @generated from field: appointments.internal.v1.BreachTotals totals = 2;
    */
   totals?: BreachTotals | undefined;
+
+  /**
+   * The partner reported on.
+   *
+   * @generated from field: appointments.internal.v1.PartnerSummary partner = 3;
+   */
+  partner?: PartnerSummary | undefined;
+
+  /**
+   * The keys concerned: the `key_id` asked for, else every key of the
+   * partner with a disclosure or a consent request in the window, sorted.
+   *
+   * @generated from field: repeated string key_ids = 4;
+   */
+  keyIds: string[];
+
+  /**
+   * The start of the window (inclusive), as asked.
+   *
+   * @generated from field: google.protobuf.Timestamp start_time = 5;
+   */
+  startTime?: Timestamp | undefined;
+
+  /**
+   * The end of the window (exclusive), as asked.
+   *
+   * @generated from field: google.protobuf.Timestamp end_time = 6;
+   */
+  endTime?: Timestamp | undefined;
+
+  /**
+   * When the report was read (the database's clock): it shows the ledger as
+   * of that instant.
+   *
+   * @generated from field: google.protobuf.Timestamp generate_time = 7;
+   */
+  generateTime?: Timestamp | undefined;
+
+  /**
+   * Whether the ledger was verified with the report, and what that found.
+   *
+   * @generated from field: appointments.internal.v1.LedgerVerification verification = 8;
+   */
+  verification?: LedgerVerification | undefined;
+
+  /**
+   * The appointments disclosed per hour and view, oldest first; hours and
+   * views with none are left out.
+   *
+   * @generated from field: repeated appointments.internal.v1.BreachActivity activity = 9;
+   */
+  activity: BreachActivity[];
 };
 
 /**
@@ -297,8 +349,11 @@ export const AuditService: GenService<{
   /**
    * Reports which patients a partner reached in a window, and what of theirs
    * was disclosed: the list owed to the data-protection authority and to each
-   * affected patient after an incident. Returns INVALID_ARGUMENT for a
-   * missing partner or window.
+   * affected patient after an incident: who, which appointments (times,
+   * practitioners, specialties), which contact fields, in which views, hour
+   * by hour. Never names or contact details. Returns INVALID_ARGUMENT for a
+   * missing partner or window, or a malformed key id, and NOT_FOUND for an
+   * unknown partner or a key that is not the partner's.
    *
    * @generated from rpc appointments.internal.v1.AuditService.BreachReport
    */
