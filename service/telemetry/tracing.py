@@ -5,7 +5,8 @@ configured it holds no-op providers: spans are not built, nothing is exported,
 and the only work left is carrying the caller's W3C trace context so audit
 records still name the caller's trace. Exporters are chosen by the standard
 variables (``OTEL_TRACES_EXPORTER``, ``OTEL_METRICS_EXPORTER``: ``otlp``,
-``console`` or ``none``, default ``none``); the OpenTelemetry SDK reads the
+``console`` or ``none``, default ``none``, and for metrics ``prometheus``:
+:mod:`service.telemetry.prometheus`); the OpenTelemetry SDK reads the
 rest of its standard variables itself (``OTEL_SERVICE_NAME``,
 ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_TRACES_SAMPLER``/``_ARG``,
 ``OTEL_EXPORTER_OTLP_ENDPOINT``/``_HEADERS``…), as the specification defines.
@@ -26,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -49,6 +50,9 @@ from service import models
 from service.settings import Exporter, OtlpProtocol, Settings
 from service.telemetry import redaction
 from service.telemetry.spans import SCOPE, Memo, RedactingSpanExporter, SpanBuilder
+
+if TYPE_CHECKING:
+    from service.telemetry.prometheus import MetricsEndpoint
 
 log = logging.getLogger(__name__)
 #: Statements recorded without a span of their own (they are part of every transaction).
@@ -130,10 +134,16 @@ class Telemetry:
     """Tracer, meter and instruments of one service process."""
 
     def __init__(
-        self, *, tracer_provider: TracerProvider | None = None, meter_provider: MeterProvider | None = None
+        self,
+        *,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
+        metrics_endpoint: MetricsEndpoint | None = None,
     ) -> None:
         self._tracer_provider = tracer_provider
         self._meter_provider = meter_provider
+        #: Where Prometheus scrapes this process's metrics, with ``OTEL_METRICS_EXPORTER=prometheus``.
+        self.metrics_endpoint = metrics_endpoint
         self._spans = SpanBuilder(tracer_provider) if tracer_provider is not None else None
         meter: Meter = meter_provider.get_meter(SCOPE) if meter_provider else NoOpMeter(SCOPE)
         self._meter = meter
@@ -182,19 +192,28 @@ class Telemetry:
             )
             tracer_provider.add_span_processor(processor)
         meter_provider = None
-        if settings.otel_metrics_exporter != Exporter.NONE:
+        endpoint = None
+        if settings.otel_metrics_exporter == Exporter.PROMETHEUS:
+            from service.telemetry.prometheus import MetricsEndpoint  # only this exporter needs prometheus_client
+
+            endpoint = MetricsEndpoint(settings.otel_prometheus_host, settings.otel_prometheus_port)
+            # The same views as any exporter's: only allowed labels reach a scrape.
+            meter_provider = MeterProvider(resource=resource, metric_readers=[endpoint.reader], views=metric_views())
+        elif settings.otel_metrics_exporter != Exporter.NONE:
             reader: MetricReader = PeriodicExportingMetricReader(
                 _metric_exporter(settings.otel_metrics_exporter, settings.otel_metrics_protocol)
             )
             meter_provider = MeterProvider(resource=resource, metric_readers=[reader], views=metric_views())
-        return cls(tracer_provider=tracer_provider, meter_provider=meter_provider)
+        return cls(tracer_provider=tracer_provider, meter_provider=meter_provider, metrics_endpoint=endpoint)
 
     def shutdown(self) -> None:
-        """Flush and stop the exporters."""
+        """Flush and stop the exporters (and stop serving ``/metrics``)."""
         if self._tracer_provider is not None:
             self._tracer_provider.shutdown()
         if self._meter_provider is not None:
             self._meter_provider.shutdown()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
 
     def disclosed(self, view: models.View, count: int, fields: Sequence[int] = ()) -> None:
         """Annotate the call's span and count what it disclosed, by view and contact field."""
