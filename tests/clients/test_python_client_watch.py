@@ -119,6 +119,14 @@ async def test_blocking_watch_follows_a_cancellation(partner_target: str, agenda
     assert {s for _, s in seen[:-2]} <= AGENDA_STARTS  # see until()
 
 
+def test_a_negative_resume_timeout_is_refused_before_anything_is_sent() -> None:
+    with PartnerClient(f"127.0.0.1:{harness.free_port()}", "pk_x.y") as client:
+        with pytest.raises(ValueError, match="resume_timeout"):
+            client.watch_appointments(resume_timeout=-1)
+        with pytest.raises(ValueError, match="resume_timeout"):
+            client.watch_consent_requests(resume_timeout=float("nan"))
+
+
 async def test_watching_a_practitioner_not_granted_raises_not_found(partner_target: str, agenda: Agenda) -> None:
     async with AsyncPartnerClient(partner_target, agenda.partner.secret) as client:
         with pytest.raises(NotFound):

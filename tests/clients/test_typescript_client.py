@@ -305,13 +305,59 @@ async def test_watch_agenda_example_ends_when_its_key_is_revoked(
     assert not run.said("reopening")  # not a transient end: never resumed
 
 
-async def test_watch_agenda_example_gives_up_opening_on_an_unreachable_server(node: str) -> None:
+async def test_watch_agenda_example_gives_up_opening_on_an_unreachable_server_after_its_resume_timeout(
+    node: str,
+) -> None:
+    started = asyncio.get_running_loop().time()
     async with running(
-        node, WATCH_AGENDA, APPTGATE_PARTNER_ADDR=f"127.0.0.1:{harness.free_port()}", APPTGATE_PARTNER_KEY="pk_x.y"
+        node,
+        WATCH_AGENDA,
+        APPTGATE_PARTNER_ADDR=f"127.0.0.1:{harness.free_port()}",
+        APPTGATE_PARTNER_KEY="pk_x.y",
+        APPTGATE_RESUME_TIMEOUT_MS="1500",
     ) as run:
         assert await run.finish() == 1
+    took = asyncio.get_running_loop().time() - started
     assert run.said("UNAVAILABLE")
-    assert "".join(run.stderr).count("reopening in") == 4  # 5 attempts: the default policy's budget
+    assert run.said("reopening in")
+    assert took < 1.5 + 5  # the budget, and Node.js starting; never the default 60 s
+
+
+async def test_watch_agenda_example_resumes_a_watch_that_received_nothing_after_more_tries_than_a_count_allowed(
+    node: str,
+    settings: Settings,
+    database: Database,
+    keyring: ConsentKeyring,
+    data_keys: DataKeyring,
+    agenda: Agenda,
+    world: harness.World,
+) -> None:
+    port = harness.free_port()
+    secrets = Secrets(os.urandom(32), keyring, data_keys)  # the same secret on both: resume tokens survive the restart
+    partner_settings = replace(settings, partner_addr=f"127.0.0.1:{port}", internal_addr="127.0.0.1:0")
+    first = Gateway(partner_settings, database, secrets)
+    await first.start()
+    second: Gateway | None = None
+    try:
+        async with running(
+            node, WATCH_AGENDA, APPTGATE_PARTNER_ADDR=f"127.0.0.1:{port}", APPTGATE_PARTNER_KEY=agenda.partner.secret
+        ) as run:
+            assert await run.line() == {"event": "live"}
+            # No change yet: the watch holds only the server's bookmarks, which it never printed.
+            await first.stop(1)  # UNAVAILABLE, SERVER_SHUTTING_DOWN, after a last bookmark
+            during = await book(world, agenda, 12)
+            # Six reopenings: more than the five sends a count of attempts allowed before.
+            assert await harness.eventually(lambda: "".join(run.stderr).count("reopening in") >= 6)
+            assert run.process.returncode is None
+            second = Gateway(partner_settings, database, secrets)
+            await second.start()
+
+            assert (await change_at(run, during))["changeType"] == "CREATED"
+            after = await book(world, agenda, 17)
+            assert (await run.line())["startTime"] == after
+    finally:
+        if second is not None:
+            await second.stop(0)
 
 
 # Consent requests: ask, wait for the answer on the feed, read the contact

@@ -5,13 +5,16 @@
  *   APPTGATE_PARTNER_ADDR    the partner listener (default localhost:50051, what `make run` serves)
  *   APPTGATE_PARTNER_KEY     the partner key (required)
  *   APPTGATE_PRACTITIONER_ID one practitioner (default: every granted one)
- *   APPTGATE_RESUME_TOKEN    a token printed earlier, to continue after that change (default: from now)
+ *   APPTGATE_RESUME_TOKEN    a token printed earlier, to continue after it (default: from now)
  *   APPTGATE_MAX_CHANGES     stop after this many changes (default: never)
+ *   APPTGATE_RESUME_TIMEOUT_MS  how long to keep trying to get the stream back before giving up
+ *                            (default: the client's, 60 s)
  *
  * Prints one JSON document per line: {"event": "live"} once the stream is live, then
  * {"event": "change", "changeType": ..., "appointmentId": ..., "startTime": ..., "resumeToken": ...} per change.
  * Each reopening of the stream is logged on stderr. SIGINT or SIGTERM stops it, printing
- * {"event": "stopped", "resumeToken": ...}.
+ * {"event": "stopped", "resumeToken": ...}: the token of the last change or bookmark received (the
+ * server's bookmarks are not printed, but keep the token current while the feed is quiet).
  * Exit status: 0 stopped, 1 the feed failed (for example a revoked key), 2 bad usage.
  */
 
@@ -26,8 +29,13 @@ function print(document: unknown): void {
 async function main(): Promise<number> {
   const key = process.env.APPTGATE_PARTNER_KEY ?? "";
   const maxChanges = Number(process.env.APPTGATE_MAX_CHANGES || Infinity);
-  if (!key || Number.isNaN(maxChanges)) {
-    console.error("watch-agenda: set APPTGATE_PARTNER_KEY to your partner key (APPTGATE_MAX_CHANGES a number)");
+  const resumeTimeout = process.env.APPTGATE_RESUME_TIMEOUT_MS;
+  const resumeTimeoutMs = resumeTimeout ? Number(resumeTimeout) : undefined;
+  if (!key || Number.isNaN(maxChanges) || !(resumeTimeoutMs === undefined || resumeTimeoutMs >= 0)) {
+    console.error(
+      "watch-agenda: set APPTGATE_PARTNER_KEY to your partner key " +
+        "(APPTGATE_MAX_CHANGES and APPTGATE_RESUME_TIMEOUT_MS numbers)",
+    );
     return 2;
   }
   const client = new PartnerClient({
@@ -39,6 +47,7 @@ async function main(): Promise<number> {
   const watch = client.watchAppointments({
     practitionerId: process.env.APPTGATE_PRACTITIONER_ID ?? "",
     resumeToken: process.env.APPTGATE_RESUME_TOKEN ?? "",
+    resumeTimeoutMs,
   });
   const stop = () => watch.close();
   process.once("SIGINT", stop).once("SIGTERM", stop);

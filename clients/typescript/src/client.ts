@@ -25,6 +25,7 @@ import type { Appointment } from "./gen/appointments/partner/v1/appointment_pb.j
 import type { ConsentRequest, ConsentRequestEvent } from "./gen/appointments/partner/v1/consent_request_pb.js";
 import type { AppointmentContact, ConsentKey } from "./gen/appointments/partner/v1/contact_pb.js";
 import {
+  ChangeType,
   ListAppointmentsRequestSchema,
   PartnerAppointmentService,
   RequestContactAccessRequestSchema,
@@ -43,7 +44,11 @@ export const DEFAULT_TIMEOUT_MS = 10_000;
 export const KEEPALIVE_INTERVAL_MS = 60_000;
 
 export interface PartnerClientOptions {
-  /** The partner listener: "host:port" for plaintext, or a URL ("https://host:port" for TLS). */
+  /**
+   * The partner listener: "host:port" for plaintext, or a URL ("https://host:port" for TLS). A watch
+   * resumes on whichever server this reaches: to move between the processes of a deployment, give
+   * the address of their load balancer (or a name that resolves to each).
+   */
   readonly address: string;
   /** The partner key, sent as `authorization: Bearer <key>`. */
   readonly key: string;
@@ -58,14 +63,18 @@ export interface PartnerClientOptions {
 export interface AppointmentWatchOptions {
   /** One practitioner's public id; omitted means every practitioner granted to you. */
   readonly practitionerId?: string;
-  /** A stored `resumeToken`, to continue after the change it came with; omitted means from now. */
+  /** A stored `resumeToken`, to continue after the change (or bookmark) it came with; omitted means from now. */
   readonly resumeToken?: string;
+  /** How long the watch keeps trying to get a live stream back before it throws the last error (default 60 s). */
+  readonly resumeTimeoutMs?: number;
 }
 
 /** Where `watchConsentRequests` starts. */
 export interface ConsentRequestWatchOptions {
   /** A stored `resumeToken`, to continue after the event it came with; omitted means from now. */
   readonly resumeToken?: string;
+  /** How long the watch keeps trying to get a live stream back before it throws the last error (default 60 s). */
+  readonly resumeTimeoutMs?: number;
 }
 
 /** A window of appointments: those starting in [startTime, endTime). */
@@ -187,18 +196,24 @@ export class PartnerClient {
   /**
    * The change feed of your granted practitioners (or one): a {@link ResumableWatch} of `AppointmentChange`s.
    * `await watch.open()` resolves once the stream is live (list the agenda then), `for await` yields the
-   * changes and resumes after a server restart with the last token; `close()` ends it. Throws NOT_FOUND
-   * (at open) for a practitioner not granted.
+   * changes and resumes after a server restart or shutdown with the last token, for up to `resumeTimeoutMs`
+   * without a live stream; `close()` ends it. The server's bookmarks are never yielded but keep
+   * `watch.resumeToken` current: store that. Throws NOT_FOUND (at open) for a practitioner not granted, and a
+   * RangeError for a negative `resumeTimeoutMs`.
    */
   watchAppointments(options: AppointmentWatchOptions = {}): ResumableWatch<AppointmentChange> {
     const practitionerId = options.practitionerId ?? "";
     return new ResumableWatch<AppointmentChange>(
       "WatchAppointments",
       (resumeToken, { signal, onHeader }) =>
-        this.client.watchAppointments({ practitionerId, resumeToken }, { signal, onHeader, timeoutMs: 0 }),
+        this.client.watchAppointments(
+          { practitionerId, resumeToken, allowBookmarks: true },
+          { signal, onHeader, timeoutMs: 0 },
+        ),
       options.resumeToken ?? "",
       this.retry,
       this.onRetry,
+      { resumeTimeoutMs: options.resumeTimeoutMs, skip: (change) => change.changeType === ChangeType.BOOKMARK },
     );
   }
 
@@ -264,6 +279,7 @@ export class PartnerClient {
       options.resumeToken ?? "",
       this.retry,
       this.onRetry,
+      { resumeTimeoutMs: options.resumeTimeoutMs },
     );
   }
 }

@@ -28,7 +28,15 @@ export {
   type FieldViolation,
   type QuotaViolation,
 } from "./errors.js";
-export { ResumableWatch, STREAM_TOO_SLOW, resumable, type StreamOpener } from "./watch.js";
+export {
+  DEFAULT_RESUME_TIMEOUT_MS,
+  ResumableWatch,
+  SERVER_SHUTTING_DOWN,
+  STREAM_TOO_SLOW,
+  resumable,
+  type ResumeOptions,
+  type StreamOpener,
+} from "./watch.js";
 export * from "./gen/appointments/partner/v1/appointment_pb.js";
 export * from "./gen/appointments/partner/v1/consent_request_pb.js";
 export * from "./gen/appointments/partner/v1/contact_pb.js";

@@ -9,6 +9,7 @@
  *     wait(n) = max(retryDelayMs, uniform(0, cap(n)))
  *
  * Retries stop after `maxAttempts` sends, or as soon as the next wait would outlast the time left.
+ * A watch reopens its stream with the same waits, bounded by time only ({@link resumeDelayMs}).
  *
  * @module
  */
@@ -52,9 +53,29 @@ export function nextDelayMs(
   retryable: boolean = error.code === Code.Unavailable,
 ): number | undefined {
   if (!retryable || attempt >= policy.maxAttempts) return undefined;
-  const cap = Math.min(policy.maxBackoffMs, policy.initialBackoffMs * policy.multiplier ** (attempt - 1));
-  const delay = Math.max(error.retryDelayMs ?? 0, Math.random() * cap);
+  const delay = jitteredMs(policy, error, attempt);
   return delay >= remainingMs ? undefined : delay;
+}
+
+/**
+ * The wait before a watch reopens its stream after `attempt` failed with `error`, or `undefined` to give
+ * up: the wait of {@link nextDelayMs}, bounded only by `remainingMs`, what is left of the watch's
+ * `resumeTimeoutMs` (`maxAttempts` does not apply). The caller decides whether `error` may be resumed.
+ */
+export function resumeDelayMs(
+  policy: RetryPolicy,
+  error: ApptgateError,
+  attempt: number,
+  remainingMs: number,
+): number | undefined {
+  const delay = jitteredMs(policy, error, attempt);
+  return delay >= remainingMs ? undefined : delay;
+}
+
+/** Full jitter, never sooner than the server's RetryInfo asks. */
+function jitteredMs(policy: RetryPolicy, error: ApptgateError, attempt: number): number {
+  const cap = Math.min(policy.maxBackoffMs, policy.initialBackoffMs * policy.multiplier ** (attempt - 1));
+  return Math.max(error.retryDelayMs ?? 0, Math.random() * cap);
 }
 
 export const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));

@@ -8,14 +8,23 @@
  *
  * Resumption, as in the Python client:
  *
- * - opening retries UNAVAILABLE like a unary call (backoff, full jitter, `RetryInfo`);
- * - a live stream that ends with UNAVAILABLE (a server restart, the database away) or
- *   RESOURCE_EXHAUSTED/`STREAM_TOO_SLOW` is reopened with the last {@link ResumableWatch.resumeToken}:
- *   the server replays every change after it, exactly once and in order, so the iteration goes on
- *   without a gap or a repeat. The retry budget starts again after each event received;
- * - a stream that ends before it delivered any event, when it was opened without a token, cannot
- *   resume without a gap: its error is thrown (list again, then watch again); so is any other
- *   error (PERMISSION_DENIED/`ACCESS_REVOKED`, UNAUTHENTICATED for a revoked key, OUT_OF_RANGE, …).
+ * - opening retries UNAVAILABLE (backoff with full jitter, never sooner than the server's `RetryInfo`);
+ * - a live stream that ends with UNAVAILABLE (a server restart or shutdown, reason
+ *   `SERVER_SHUTTING_DOWN`; the database away) or RESOURCE_EXHAUSTED/`STREAM_TOO_SLOW` is reopened
+ *   with the last {@link ResumableWatch.resumeToken}, on whichever server the address reaches: the
+ *   server replays every change after it, exactly once and in order, so the iteration goes on
+ *   without a gap or a repeat;
+ * - a watch keeps trying for `resumeTimeoutMs` (60 s by default) without a live stream, however
+ *   many attempts that takes, then throws the last error. The retry policy's backoffs shape the
+ *   waits; its `maxAttempts` bounds unary calls only. `resumeTimeoutMs: 0` throws at the first failure;
+ * - `watchAppointments` asks for bookmarks: the server sends one as soon as the stream has caught
+ *   up, then whenever it has been quiet for a while, and a last one when it shuts down. A bookmark
+ *   is never yielded; its token becomes {@link ResumableWatch.resumeToken}, so even a watch opened
+ *   without a token that has received no change yet resumes exactly;
+ * - a stream that ends before it gave the watch any token (no event, no bookmark), when it was
+ *   opened without one, cannot resume without a gap: its error is thrown (list again, then watch
+ *   again); so is any other error (PERMISSION_DENIED/`ACCESS_REVOKED`, UNAUTHENTICATED for a
+ *   revoked key, OUT_OF_RANGE, …).
  *
  * A watch has no deadline; HTTP/2 PINGs (every 60 s while a stream is open) detect a dead connection.
  *
@@ -25,10 +34,14 @@
 import { Code } from "@connectrpc/connect";
 
 import { toApptgateError, type ApptgateError } from "./errors.js";
-import { nextDelayMs, sleep, type RetryEvent, type RetryPolicy } from "./retry.js";
+import { resumeDelayMs, sleep, type RetryEvent, type RetryPolicy } from "./retry.js";
 
 /** The `ErrorInfo` reason of a stream the server ended because its reader fell behind (resumable). */
 export const STREAM_TOO_SLOW = "STREAM_TOO_SLOW";
+/** The `ErrorInfo` reason of a stream the server ended because it is stopping (resumable, elsewhere or once back). */
+export const SERVER_SHUTTING_DOWN = "SERVER_SHUTTING_DOWN";
+/** How long a watch keeps trying to get a live stream back before it throws, unless told otherwise. */
+export const DEFAULT_RESUME_TIMEOUT_MS = 60_000;
 
 /** Whether a stream that ended with `error` may be reopened with its last resume token. */
 export function resumable(error: ApptgateError): boolean {
@@ -40,6 +53,14 @@ export type StreamOpener<E> = (
   resumeToken: string,
   options: { readonly signal: AbortSignal; readonly onHeader: () => void },
 ) => AsyncIterable<E>;
+
+/** How a {@link ResumableWatch} resumes, beyond its retry policy. */
+export interface ResumeOptions<E> {
+  /** How long the watch keeps trying to get a live stream back before it throws the last error (default 60 s). */
+  readonly resumeTimeoutMs?: number;
+  /** Events the watch keeps to itself (bookmarks): their token is kept, they are never yielded. */
+  readonly skip?: (event: E) => boolean;
+}
 
 interface OpenStream<E> {
   readonly iterator: AsyncIterator<E>;
@@ -55,10 +76,16 @@ interface OpenStream<E> {
  */
 export class ResumableWatch<E extends { readonly resumeToken: string }> implements AsyncIterable<E> {
   #resumeToken: string;
+  /** Sends since the last event received: the backoff grows with it. */
   #attempt = 0;
+  /** When the watch lost its last live stream (`performance.now()`), or undefined while one is live. */
+  #outageSince: number | undefined;
   #stream: OpenStream<E> | undefined;
   #closed = false;
+  readonly #resumeTimeoutMs: number;
+  readonly #skip: ((event: E) => boolean) | undefined;
 
+  /** Throws a RangeError when `resume.resumeTimeoutMs` is negative or not a number. */
   constructor(
     /** The RPC, for example "WatchAppointments". */
     readonly method: string,
@@ -66,8 +93,14 @@ export class ResumableWatch<E extends { readonly resumeToken: string }> implemen
     resumeToken: string,
     private readonly retry: RetryPolicy,
     private readonly onRetry?: (event: RetryEvent) => void,
+    resume: ResumeOptions<E> = {},
   ) {
     this.#resumeToken = resumeToken;
+    this.#resumeTimeoutMs = resume.resumeTimeoutMs ?? DEFAULT_RESUME_TIMEOUT_MS;
+    if (!(this.#resumeTimeoutMs >= 0)) {
+      throw new RangeError("resumeTimeoutMs must be a number of milliseconds, 0 or more");
+    }
+    this.#skip = resume.skip;
   }
 
   /** The resume token of the last event received (or the one the watch started from). */
@@ -92,6 +125,7 @@ export class ResumableWatch<E extends { readonly resumeToken: string }> implemen
         // Resolves when the server sent its headers; rejects when the call failed before (trailers only).
         await Promise.race([headers, first]);
         this.#stream = { iterator, abort, first };
+        this.#outageSince = undefined;
         return;
       } catch (thrown) {
         abort.abort();
@@ -142,6 +176,8 @@ export class ResumableWatch<E extends { readonly resumeToken: string }> implemen
       }
       this.#resumeToken = result.value.resumeToken;
       this.#attempt = 0;
+      this.#outageSince = undefined;
+      if (this.#skip?.(result.value)) continue;
       return { done: false, value: result.value };
     }
   }
@@ -158,8 +194,12 @@ export class ResumableWatch<E extends { readonly resumeToken: string }> implemen
 
   /** The wait before reopening after `error`, or `undefined` to throw it. */
   #delay(error: ApptgateError, live: boolean): number | undefined {
+    const now = performance.now();
+    this.#outageSince ??= now;
     if (live && !this.#resumeToken) return undefined; // reopening "from now" would skip what committed meanwhile
-    return nextDelayMs(this.retry, error, this.#attempt, Infinity, resumable(error));
+    if (!resumable(error)) return undefined;
+    const remainingMs = this.#resumeTimeoutMs - (now - this.#outageSince);
+    return resumeDelayMs(this.retry, error, Math.max(this.#attempt, 1), remainingMs);
   }
 
   async #wait(error: ApptgateError, delayMs: number): Promise<void> {

@@ -39,6 +39,7 @@ from apptgate_client.internal import AsyncInternalClient, InternalClient
 from apptgate_client.partner import AsyncPartnerClient, PartnerClient
 from apptgate_client.retry import NO_RETRY, RetryPolicy
 from apptgate_client.watch import (
+    DEFAULT_RESUME_TIMEOUT,
     AppointmentWatch,
     AsyncAppointmentWatch,
     AsyncConsentRequestWatch,
@@ -50,6 +51,7 @@ from apptgate_client.watch import (
 )
 
 __all__ = [
+    "DEFAULT_RESUME_TIMEOUT",
     "DEFAULT_TIMEOUT",
     "NO_RETRY",
     "AlreadyExists",

@@ -56,6 +56,8 @@ CONSENT_REQUIRED = "CONSENT_REQUIRED"
 CONSENT_INVALID = "CONSENT_INVALID"
 CONSENT_EXPIRED = "CONSENT_EXPIRED"
 CONSENT_REVOKED = "CONSENT_REVOKED"
+#: The reason of an ``UNAVAILABLE`` from a server that is stopping: resume, on another process or once it is back.
+SERVER_SHUTTING_DOWN = "SERVER_SHUTTING_DOWN"
 #: The reasons of :class:`ConsentDenied`.
 CONSENT_REASONS = frozenset({CONSENT_REQUIRED, CONSENT_INVALID, CONSENT_EXPIRED, CONSENT_REVOKED})
 #: The ``ErrorInfo`` metadata key naming the pending consent request of an ``ALREADY_EXISTS``.

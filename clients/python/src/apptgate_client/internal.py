@@ -35,7 +35,7 @@ from appointments.internal.v1 import scheduling_service_pb2_grpc as scheduling_g
 
 from apptgate_client import _requests, _transport
 from apptgate_client.retry import RetryPolicy
-from apptgate_client.watch import AsyncPrivacyEventWatch, PrivacyEventWatch
+from apptgate_client.watch import DEFAULT_RESUME_TIMEOUT, AsyncPrivacyEventWatch, PrivacyEventWatch
 
 
 def _create_patient(
@@ -400,7 +400,9 @@ class InternalClient:
             if not token:
                 return
 
-    def watch_privacy_events(self, resume_token: str = "") -> PrivacyEventWatch:
+    def watch_privacy_events(
+        self, resume_token: str = "", *, resume_timeout: float = DEFAULT_RESUME_TIMEOUT
+    ) -> PrivacyEventWatch:
         """Return the privacy events stream, to use as a context manager.
 
         ``with client.watch_privacy_events() as events:`` returns once the
@@ -412,9 +414,13 @@ class InternalClient:
         (see :mod:`apptgate_client.watch`). Store ``resume_token`` once an event
         is handled; pass it here to continue right after that event, with every
         event committed meanwhile replayed first. A malformed or foreign token
-        raises :class:`~apptgate_client.errors.InvalidArgument`.
+        raises :class:`~apptgate_client.errors.InvalidArgument`. ``resume_timeout``
+        is how many seconds the watch keeps trying to get a live stream back
+        before it raises the last error.
         """
-        return PrivacyEventWatch(self._audit.WatchPrivacyEvents, self._metadata, resume_token, self._retry)
+        return PrivacyEventWatch(
+            self._audit.WatchPrivacyEvents, self._metadata, resume_token, self._retry, resume_timeout=resume_timeout
+        )
 
 
 class AsyncInternalClient:
@@ -661,9 +667,13 @@ class AsyncInternalClient:
             if not token:
                 return
 
-    def watch_privacy_events(self, resume_token: str = "") -> AsyncPrivacyEventWatch:
+    def watch_privacy_events(
+        self, resume_token: str = "", *, resume_timeout: float = DEFAULT_RESUME_TIMEOUT
+    ) -> AsyncPrivacyEventWatch:
         """Return the privacy events stream, for ``async with``/``async for``.
 
         See :meth:`InternalClient.watch_privacy_events`.
         """
-        return AsyncPrivacyEventWatch(self._audit.WatchPrivacyEvents, self._metadata, resume_token, self._retry)
+        return AsyncPrivacyEventWatch(
+            self._audit.WatchPrivacyEvents, self._metadata, resume_token, self._retry, resume_timeout=resume_timeout
+        )

@@ -47,6 +47,7 @@ from appointments.partner.v1 import partner_appointment_service_pb2_grpc as pb_g
 from apptgate_client import _requests, _transport
 from apptgate_client.retry import RetryPolicy
 from apptgate_client.watch import (
+    DEFAULT_RESUME_TIMEOUT,
     AppointmentWatch,
     AsyncAppointmentWatch,
     AsyncConsentRequestWatch,
@@ -58,7 +59,8 @@ class PartnerClient:
     """A blocking client of the partner API over one gRPC channel. Use it as a context manager.
 
     Args:
-        target: the partner listener, ``host:port`` (for example ``"localhost:50051"``).
+        target: the partner listener, ``host:port`` (for example ``"localhost:50051"``), or any gRPC
+            target, such as ``ipv4:10.0.0.7:50051,10.0.0.8:50051`` to reach several servers.
         key: the partner key (``pk_….…``), sent as a bearer token. Never logged or shown in ``repr``.
         credentials: TLS channel credentials (``grpc.ssl_channel_credentials()``); ``None`` for
             plaintext, which the gateway only accepts on loopback or behind a TLS proxy.
@@ -193,16 +195,33 @@ class PartnerClient:
         )
         return list(reply.keys)
 
-    def watch_appointments(self, *, practitioner_id: str = "", resume_token: str = "") -> AppointmentWatch:
+    def watch_appointments(
+        self,
+        *,
+        practitioner_id: str = "",
+        resume_token: str = "",
+        resume_timeout: float = DEFAULT_RESUME_TIMEOUT,
+    ) -> AppointmentWatch:
         """Return the change feed of your granted practitioners (or one), to use as a context manager.
 
         ``with client.watch_appointments() as changes:`` returns once the stream
         is live; iterating yields ``AppointmentChange`` messages and resumes
-        after a server restart with the last token (see :mod:`apptgate_client.watch`).
-        Pass a stored ``resume_token`` to continue after the change it came with.
+        after a server restart or shutdown with the last token, on any server
+        the channel reaches (see :mod:`apptgate_client.watch`). The server's
+        bookmarks are never yielded, but keep ``changes.resume_token`` current,
+        so store that (not only the last change's token). Pass a stored
+        ``resume_token`` to continue after it. ``resume_timeout`` is how many
+        seconds the watch keeps trying to get a live stream back before it
+        raises the last error (0: at once). Raises ``ValueError`` for a negative
+        ``resume_timeout``.
         """
         return AppointmentWatch(
-            self._stub.WatchAppointments, self._metadata, practitioner_id, resume_token, self._retry
+            self._stub.WatchAppointments,
+            self._metadata,
+            practitioner_id,
+            resume_token,
+            self._retry,
+            resume_timeout=resume_timeout,
         )
 
     def request_contact_access(
@@ -273,7 +292,9 @@ class PartnerClient:
             idempotent=False,
         )
 
-    def watch_consent_requests(self, resume_token: str = "") -> ConsentRequestWatch:
+    def watch_consent_requests(
+        self, resume_token: str = "", *, resume_timeout: float = DEFAULT_RESUME_TIMEOUT
+    ) -> ConsentRequestWatch:
         """Return the changes of your consent requests, to use as a context manager.
 
         ``with client.watch_consent_requests() as events:`` returns once the
@@ -281,10 +302,17 @@ class PartnerClient:
         request made, approved, denied, cancelled, expired, or its consent
         revoked) and resumes after a server restart with the last token, like
         :meth:`watch_appointments`. Pass a stored ``resume_token`` to continue
-        after the event it came with. A revoked key ends it with
+        after the event it came with; ``resume_timeout`` as for
+        :meth:`watch_appointments`. A revoked key ends it with
         :class:`~apptgate_client.errors.Unauthenticated`.
         """
-        return ConsentRequestWatch(self._stub.WatchConsentRequests, self._metadata, resume_token, self._retry)
+        return ConsentRequestWatch(
+            self._stub.WatchConsentRequests,
+            self._metadata,
+            resume_token,
+            self._retry,
+            resume_timeout=resume_timeout,
+        )
 
 
 class AsyncPartnerClient:
@@ -397,10 +425,21 @@ class AsyncPartnerClient:
         )
         return list(reply.keys)
 
-    def watch_appointments(self, *, practitioner_id: str = "", resume_token: str = "") -> AsyncAppointmentWatch:
+    def watch_appointments(
+        self,
+        *,
+        practitioner_id: str = "",
+        resume_token: str = "",
+        resume_timeout: float = DEFAULT_RESUME_TIMEOUT,
+    ) -> AsyncAppointmentWatch:
         """Return the change feed, for ``async with``/``async for``; see :meth:`PartnerClient.watch_appointments`."""
         return AsyncAppointmentWatch(
-            self._stub.WatchAppointments, self._metadata, practitioner_id, resume_token, self._retry
+            self._stub.WatchAppointments,
+            self._metadata,
+            practitioner_id,
+            resume_token,
+            self._retry,
+            resume_timeout=resume_timeout,
         )
 
     async def request_contact_access(
@@ -447,9 +486,17 @@ class AsyncPartnerClient:
             idempotent=False,
         )
 
-    def watch_consent_requests(self, resume_token: str = "") -> AsyncConsentRequestWatch:
+    def watch_consent_requests(
+        self, resume_token: str = "", *, resume_timeout: float = DEFAULT_RESUME_TIMEOUT
+    ) -> AsyncConsentRequestWatch:
         """Return your consent requests' changes, for ``async with``/``async for``.
 
         See :meth:`PartnerClient.watch_consent_requests`.
         """
-        return AsyncConsentRequestWatch(self._stub.WatchConsentRequests, self._metadata, resume_token, self._retry)
+        return AsyncConsentRequestWatch(
+            self._stub.WatchConsentRequests,
+            self._metadata,
+            resume_token,
+            self._retry,
+            resume_timeout=resume_timeout,
+        )

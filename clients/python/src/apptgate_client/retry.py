@@ -13,6 +13,10 @@ the jitter still spreads out clients that were refused together. Retries stop
 after ``max_attempts`` sends, or as soon as the next wait would outlast the
 call's deadline: the deadline covers all attempts, so a retried call never
 takes longer than one that is not.
+
+A watch (a change-feed stream) is resumed with the same waits, but bounded by
+time rather than by a count (:func:`resume_delay`): it keeps trying for its
+``resume_timeout`` seconds, however many attempts that takes.
 """
 
 from __future__ import annotations
@@ -76,7 +80,28 @@ def next_delay(
         retryable = isinstance(error, Unavailable)
     if not retryable or attempt >= policy.max_attempts:
         return None
-    delay = max(error.retry_delay or 0.0, rng.uniform(0.0, policy.cap(attempt)))
+    delay = _wait(policy, error, attempt, rng)
     if delay >= remaining:
         return None
     return delay
+
+
+def resume_delay(
+    policy: RetryPolicy, error: ApptgateError, *, attempt: int, remaining: float, rng: random.Random
+) -> float | None:
+    """Return how long a watch waits before reopening after ``attempt`` failed, or ``None`` to give up.
+
+    The wait is the one :func:`next_delay` computes, but only time bounds it:
+    ``remaining`` is what is left of the watch's ``resume_timeout``, and
+    ``policy.max_attempts`` does not apply. The caller decides whether
+    ``error`` may be resumed at all.
+    """
+    delay = _wait(policy, error, attempt, rng)
+    if delay >= remaining:
+        return None
+    return delay
+
+
+def _wait(policy: RetryPolicy, error: ApptgateError, attempt: int, rng: random.Random) -> float:
+    # Full jitter, but never sooner than the server's RetryInfo asks.
+    return max(error.retry_delay or 0.0, rng.uniform(0.0, policy.cap(attempt)))

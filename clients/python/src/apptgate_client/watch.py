@@ -18,16 +18,32 @@ you track); then iterate over the changes.
 
 Resumption:
 
-* opening retries ``UNAVAILABLE`` like a unary call (backoff, full jitter, ``RetryInfo``);
-* a live stream that ends with ``UNAVAILABLE`` (a server restart, the database
-  away) or ``RESOURCE_EXHAUSTED``/``STREAM_TOO_SLOW`` is reopened with the last
-  :attr:`~ResumableWatch.resume_token`: the server replays every change after
-  it, exactly once and in order, so the iteration goes on without a gap or a
-  repeat. The retry budget starts again after each change received;
-* a stream that ends before it delivered any change, when it was opened without
-  a token, cannot resume without a gap: its error is raised (list again, then
-  watch again); so is any other error (``PERMISSION_DENIED`` with reason
-  ``ACCESS_REVOKED``, ``UNAUTHENTICATED``, ``OUT_OF_RANGE``, ...).
+* opening retries ``UNAVAILABLE`` (backoff with full jitter, never sooner than
+  the server's ``RetryInfo``);
+* a live stream that ends with ``UNAVAILABLE`` (a server restart or shutdown,
+  reason ``SERVER_SHUTTING_DOWN``; the database away) or
+  ``RESOURCE_EXHAUSTED``/``STREAM_TOO_SLOW`` is reopened with the last
+  :attr:`~ResumableWatch.resume_token`, on whichever server the channel
+  reaches: the server replays every change after it, exactly once and in
+  order, so the iteration goes on without a gap or a repeat;
+* a watch keeps trying for ``resume_timeout`` seconds (60 by default) without
+  a live stream, however many attempts that takes, then raises the last error.
+  The retry policy's backoffs shape the waits; its ``max_attempts`` bounds
+  unary calls only. ``resume_timeout=0`` raises at the first failure;
+* ``WatchAppointments`` streams ask for bookmarks: the server sends one as soon
+  as the stream has caught up, then whenever it has been quiet for a while,
+  and a last one when it shuts down. A bookmark is never yielded; its token
+  becomes :attr:`~ResumableWatch.resume_token`, so even a watch opened without
+  a token that has received no change yet resumes exactly;
+* a stream that ends before it gave the watch any token (no change, no
+  bookmark), when it was opened without one, cannot resume without a gap: its
+  error is raised (list again, then watch again); so is any other error
+  (``PERMISSION_DENIED`` with reason ``ACCESS_REVOKED``, ``UNAUTHENTICATED``,
+  ``OUT_OF_RANGE``, ...).
+
+To resume on another process when one stops, give the client a target that
+reaches several: a load balancer's address, a DNS name with several addresses,
+or a list such as ``ipv4:10.0.0.7:50051,10.0.0.8:50051``.
 
 A watch has no deadline: it is meant to run for hours, and keepalive pings
 (see ``_transport.channel_options``) detect a dead connection instead.
@@ -36,7 +52,6 @@ A watch has no deadline: it is meant to run for hours, and keepalive pings
 from __future__ import annotations
 
 import asyncio
-import math
 import random
 import time
 from collections.abc import Callable
@@ -53,9 +68,11 @@ from google.protobuf.message import Message
 
 from apptgate_client._transport import log
 from apptgate_client.errors import ApptgateError, ResourceExhausted, Unavailable, from_rpc_error
-from apptgate_client.retry import RetryPolicy, next_delay
+from apptgate_client.retry import RetryPolicy, resume_delay
 
 STREAM_TOO_SLOW = "STREAM_TOO_SLOW"
+#: Seconds a watch keeps trying to get a live stream back before it raises, unless told otherwise.
+DEFAULT_RESUME_TIMEOUT = 60.0
 
 
 class _Event(Protocol):
@@ -69,6 +86,15 @@ _E = TypeVar("_E", bound=_Event)
 
 #: Builds a stream's request from the resume token to send.
 RequestFactory = Callable[[str], Message]
+#: Tells the events a watch keeps to itself (bookmarks) from those it yields.
+Skip = Callable[[Any], bool]
+
+
+def check_resume_timeout(resume_timeout: float) -> float:
+    """Return ``resume_timeout`` as a float. Raises ``ValueError`` unless it is a number of seconds >= 0."""
+    if not resume_timeout >= 0:
+        raise ValueError("resume_timeout must be a number of seconds, 0 or more")
+    return float(resume_timeout)
 
 
 def resumable(error: ApptgateError) -> bool:
@@ -77,7 +103,12 @@ def resumable(error: ApptgateError) -> bool:
 
 
 class _Resumer(Generic[_E]):
-    """The state a watch keeps across its streams: what to send, the last token, and the retry budget."""
+    """The state a watch keeps across its streams: what to send, the last token, and the time budget.
+
+    ``attempt`` counts the sends since the last event received (the backoff
+    grows with it); ``outage_since`` is when the watch lost its last live
+    stream, ``None`` while one is live.
+    """
 
     def __init__(
         self,
@@ -88,6 +119,8 @@ class _Resumer(Generic[_E]):
         event_type: type[_E],
         resume_token: str,
         retry: RetryPolicy,
+        resume_timeout: float,
+        skip: Skip | None = None,
     ) -> None:
         self.name = name
         self.method = method
@@ -96,25 +129,40 @@ class _Resumer(Generic[_E]):
         self.event_type = event_type
         self.resume_token = resume_token
         self.retry = retry
+        self.resume_timeout = check_resume_timeout(resume_timeout)
+        self.skip = skip
         self.attempt = 0
+        self.outage_since: float | None = None
         self.rng = random.Random()  # noqa: S311 - jitter, not cryptography
 
     def request(self) -> Message:
         return self.build(self.resume_token)
 
+    def live(self) -> None:
+        """A stream is live again: the outage is over."""
+        self.outage_since = None
+
     def delay(self, error: ApptgateError, *, live: bool) -> float | None:
         """The wait before reopening after ``error``, or ``None`` to raise it."""
+        now = time.monotonic()
+        if self.outage_since is None:
+            self.outage_since = now
         if live and not self.resume_token:
             return None  # reopening "from now" would skip what committed meanwhile
-        return next_delay(
-            self.retry, error, attempt=self.attempt, remaining=math.inf, rng=self.rng, retryable=resumable(error)
-        )
+        if not resumable(error):
+            return None
+        remaining = self.resume_timeout - (now - self.outage_since)
+        return resume_delay(self.retry, error, attempt=max(self.attempt, 1), remaining=remaining, rng=self.rng)
 
-    def received(self, message: object) -> _E:
+    def received(self, message: object) -> _E | None:
+        """Keep the token of ``message``; return it, or ``None`` for a bookmark (never shown to the caller)."""
         if not isinstance(message, self.event_type):
             raise TypeError(f"expected {self.event_type.__name__}, got {type(message).__name__}")
         self.resume_token = message.resume_token
         self.attempt = 0
+        self.outage_since = None
+        if self.skip is not None and self.skip(message):
+            return None
         return message
 
 
@@ -135,8 +183,11 @@ class ResumableWatch(Generic[_E]):
         event_type: type[_E],
         resume_token: str,
         retry: RetryPolicy,
+        *,
+        resume_timeout: float = DEFAULT_RESUME_TIMEOUT,
+        skip: Skip | None = None,
     ) -> None:
-        self._state = _Resumer(name, method, metadata, request, event_type, resume_token, retry)
+        self._state = _Resumer(name, method, metadata, request, event_type, resume_token, retry, resume_timeout, skip)
         self._call: Any = None
 
     @property
@@ -162,6 +213,7 @@ class ResumableWatch(Generic[_E]):
                 log.info("%s: %s; reopening in %.3f s", state.name, error, delay)
                 time.sleep(delay)
             else:
+                state.live()
                 self._call = call
                 return
 
@@ -188,7 +240,7 @@ class ResumableWatch(Generic[_E]):
             if self._call is None:
                 self.open()
             try:
-                return self._state.received(next(self._call))
+                event = self._state.received(next(self._call))
             except StopIteration:
                 self.close()
                 raise
@@ -200,6 +252,9 @@ class ResumableWatch(Generic[_E]):
                 log.info("%s: %s; resuming in %.3f s", self._state.name, error, delay)
                 self._call = None
                 time.sleep(delay)
+                continue
+            if event is not None:
+                return event
 
 
 class AsyncResumableWatch(Generic[_E]):
@@ -214,8 +269,11 @@ class AsyncResumableWatch(Generic[_E]):
         event_type: type[_E],
         resume_token: str,
         retry: RetryPolicy,
+        *,
+        resume_timeout: float = DEFAULT_RESUME_TIMEOUT,
+        skip: Skip | None = None,
     ) -> None:
-        self._state = _Resumer(name, method, metadata, request, event_type, resume_token, retry)
+        self._state = _Resumer(name, method, metadata, request, event_type, resume_token, retry, resume_timeout, skip)
         self._call: Any = None
 
     @property
@@ -241,6 +299,7 @@ class AsyncResumableWatch(Generic[_E]):
                 log.info("%s: %s; reopening in %.3f s", state.name, error, delay)
                 await asyncio.sleep(delay)
             else:
+                state.live()
                 self._call = call
                 return
 
@@ -280,11 +339,20 @@ class AsyncResumableWatch(Generic[_E]):
             if message is grpc.aio.EOF:
                 await self.close()
                 raise StopAsyncIteration
-            return self._state.received(message)
+            event = self._state.received(message)
+            if event is not None:
+                return event
 
 
 def _appointments_request(practitioner_id: str) -> RequestFactory:
-    return lambda token: pb.WatchAppointmentsRequest(practitioner_id=practitioner_id, resume_token=token)
+    return lambda token: pb.WatchAppointmentsRequest(
+        practitioner_id=practitioner_id, resume_token=token, allow_bookmarks=True
+    )
+
+
+def is_bookmark(change: pb.AppointmentChange) -> bool:
+    """Whether ``change`` is a bookmark: a resume point, with no appointment."""
+    return change.change_type == pb.CHANGE_TYPE_BOOKMARK
 
 
 def _consent_requests_request(token: str) -> pb.WatchConsentRequestsRequest:
@@ -308,6 +376,8 @@ class AppointmentWatch(ResumableWatch[pb.AppointmentChange]):
         practitioner_id: str,
         resume_token: str,
         retry: RetryPolicy,
+        *,
+        resume_timeout: float = DEFAULT_RESUME_TIMEOUT,
     ) -> None:
         super().__init__(
             "WatchAppointments",
@@ -317,6 +387,8 @@ class AppointmentWatch(ResumableWatch[pb.AppointmentChange]):
             pb.AppointmentChange,
             resume_token,
             retry,
+            resume_timeout=resume_timeout,
+            skip=is_bookmark,
         )
 
 
@@ -330,6 +402,8 @@ class AsyncAppointmentWatch(AsyncResumableWatch[pb.AppointmentChange]):
         practitioner_id: str,
         resume_token: str,
         retry: RetryPolicy,
+        *,
+        resume_timeout: float = DEFAULT_RESUME_TIMEOUT,
     ) -> None:
         super().__init__(
             "WatchAppointments",
@@ -339,6 +413,8 @@ class AsyncAppointmentWatch(AsyncResumableWatch[pb.AppointmentChange]):
             pb.AppointmentChange,
             resume_token,
             retry,
+            resume_timeout=resume_timeout,
+            skip=is_bookmark,
         )
 
 
@@ -351,7 +427,13 @@ class ConsentRequestWatch(ResumableWatch[consent_request_pb2.ConsentRequestEvent
     """
 
     def __init__(
-        self, method: Any, metadata: tuple[tuple[str, str], ...], resume_token: str, retry: RetryPolicy
+        self,
+        method: Any,
+        metadata: tuple[tuple[str, str], ...],
+        resume_token: str,
+        retry: RetryPolicy,
+        *,
+        resume_timeout: float = DEFAULT_RESUME_TIMEOUT,
     ) -> None:
         super().__init__(
             "WatchConsentRequests",
@@ -361,6 +443,7 @@ class ConsentRequestWatch(ResumableWatch[consent_request_pb2.ConsentRequestEvent
             consent_request_pb2.ConsentRequestEvent,
             resume_token,
             retry,
+            resume_timeout=resume_timeout,
         )
 
 
@@ -368,7 +451,13 @@ class AsyncConsentRequestWatch(AsyncResumableWatch[consent_request_pb2.ConsentRe
     """The asyncio twin of :class:`ConsentRequestWatch`: ``async with`` and ``async for``."""
 
     def __init__(
-        self, method: Any, metadata: tuple[tuple[str, str], ...], resume_token: str, retry: RetryPolicy
+        self,
+        method: Any,
+        metadata: tuple[tuple[str, str], ...],
+        resume_token: str,
+        retry: RetryPolicy,
+        *,
+        resume_timeout: float = DEFAULT_RESUME_TIMEOUT,
     ) -> None:
         super().__init__(
             "WatchConsentRequests",
@@ -378,6 +467,7 @@ class AsyncConsentRequestWatch(AsyncResumableWatch[consent_request_pb2.ConsentRe
             consent_request_pb2.ConsentRequestEvent,
             resume_token,
             retry,
+            resume_timeout=resume_timeout,
         )
 
 
@@ -391,7 +481,13 @@ class PrivacyEventWatch(ResumableWatch[audit_pb2.PrivacyEvent]):
     """
 
     def __init__(
-        self, method: Any, metadata: tuple[tuple[str, str], ...], resume_token: str, retry: RetryPolicy
+        self,
+        method: Any,
+        metadata: tuple[tuple[str, str], ...],
+        resume_token: str,
+        retry: RetryPolicy,
+        *,
+        resume_timeout: float = DEFAULT_RESUME_TIMEOUT,
     ) -> None:
         super().__init__(
             "WatchPrivacyEvents",
@@ -401,6 +497,7 @@ class PrivacyEventWatch(ResumableWatch[audit_pb2.PrivacyEvent]):
             audit_pb2.PrivacyEvent,
             resume_token,
             retry,
+            resume_timeout=resume_timeout,
         )
 
 
@@ -408,7 +505,13 @@ class AsyncPrivacyEventWatch(AsyncResumableWatch[audit_pb2.PrivacyEvent]):
     """The asyncio twin of :class:`PrivacyEventWatch`: ``async with`` and ``async for``."""
 
     def __init__(
-        self, method: Any, metadata: tuple[tuple[str, str], ...], resume_token: str, retry: RetryPolicy
+        self,
+        method: Any,
+        metadata: tuple[tuple[str, str], ...],
+        resume_token: str,
+        retry: RetryPolicy,
+        *,
+        resume_timeout: float = DEFAULT_RESUME_TIMEOUT,
     ) -> None:
         super().__init__(
             "WatchPrivacyEvents",
@@ -418,4 +521,5 @@ class AsyncPrivacyEventWatch(AsyncResumableWatch[audit_pb2.PrivacyEvent]):
             audit_pb2.PrivacyEvent,
             resume_token,
             retry,
+            resume_timeout=resume_timeout,
         )
