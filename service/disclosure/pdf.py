@@ -11,6 +11,7 @@ used: the other commands do not pay for loading it.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 
@@ -33,8 +34,12 @@ def _refusing_fetcher() -> Any:
 def render(html: str) -> bytes:
     """The PDF of ``html``. Raises :class:`PdfError` when WeasyPrint is missing or refuses the page."""
     try:
-        import weasyprint
-        from weasyprint.urls import FatalURLFetchingError
+        with warnings.catch_warnings():
+            # Without the system's HarfBuzz-Subset, WeasyPrint subsets fonts with fontTools and warns, as it is
+            # imported, that a future release will need it: a note for packagers, not for the dossier's reader.
+            warnings.filterwarnings("ignore", message="HarfBuzz-Subset", category=DeprecationWarning)
+            import weasyprint
+            from weasyprint.urls import FatalURLFetchingError
     except ImportError as exc:  # the dependency is declared; a partial install is an operator's problem to see
         raise PdfError("WeasyPrint is not installed: pip install weasyprint (make install does)") from exc
     # WeasyPrint reports CSS it ignores (properties only browsers use) as warnings: not the reader's concern.
