@@ -3,8 +3,8 @@
 Nothing in ``service/`` imports this module but the command line; it is the
 one place that knows every component. Start order: database (and its
 migration check) → keys → components → change-feed listener → listeners;
-stop order: streams end → listeners drain → pool closes → embedded database
-stops.
+stop order: listeners refuse new calls → streams end → in-flight calls finish →
+change-feed listener → pool closes → embedded database stops.
 """
 
 from __future__ import annotations
@@ -257,7 +257,15 @@ class Gateway:
     def _register_partner(self, server: grpc.aio.Server) -> list[str]:
         parts, database, gate = self._parts, self.database, self._gate
         deliveries = Deliveries(database, gate, parts.pseudonyms, parts.page_tokens)
-        watches = Watches(database, gate, self.feed, deliveries, parts.page_tokens, self.telemetry)
+        watches = Watches(
+            database,
+            gate,
+            self.feed,
+            deliveries,
+            parts.page_tokens,
+            self.telemetry,
+            bookmark_interval=self.settings.watch_bookmark_interval,
+        )
         request_watches = ConsentRequestWatches(
             database, gate, self.feed, self._consent_requests, parts.page_tokens, self.telemetry
         )
@@ -393,15 +401,22 @@ class Gateway:
                         await listener.set_serving(serving)
 
     async def stop(self, grace: float) -> None:
-        """Drain both listeners: refuse new calls, let in-flight ones finish for ``grace`` seconds."""
+        """Drain both listeners: refuse new calls, end the streams, let in-flight calls finish for ``grace`` seconds.
+
+        Streams end with UNAVAILABLE (``SERVER_SHUTTING_DOWN``, a short
+        RetryInfo delay) once the listeners refuse new calls, so a client that
+        resumes at once reaches another process, never this one.
+        """
         listeners = [listener for listener in (self.partner, self.internal) if listener is not None]
         for task in (self._health_task, self._sequencer_task, self._expiry_task, self._announcement_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        await self.feed.stop()  # streams end first (UNAVAILABLE: resume elsewhere), unary calls drain
-        await asyncio.gather(*(listener.stop(grace) for listener in listeners))
+        stopping = [await listener.begin_stop(grace) for listener in listeners]
+        self.feed.drain()  # the hub refuses new streams too: a call accepted just before is told to resume elsewhere
+        await asyncio.gather(*stopping)
+        await self.feed.stop()
 
 
 def embedded_database(settings: Settings, *, create: bool) -> EmbeddedPostgres:
