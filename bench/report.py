@@ -390,8 +390,9 @@ def markdown(report: dict[str, Any], chart_name: str | None) -> str:
                 "| window | seconds | patients | appointments |", "| --- | ---: | ---: | ---: |"]  # fmt: skip
         for run in breach["runs"]:
             t = run["totals"]
-            out.append(f"| {run['window']} | {run['seconds']:.2f} | {t.get('patients', '?'):,} | "
-                       f"{t.get('appointments', '?'):,} |")  # fmt: skip
+            # The totals are their proto JSON mapping, which writes 64-bit counts as strings.
+            patients, appointments = (f"{int(t[k]):,}" if k in t else "?" for k in ("patients", "appointments"))
+            out.append(f"| {run['window']} | {run['seconds']:.2f} | {patients} | {appointments} |")
         if breach.get("explain"):
             out += ["", "```", breach["explain"], "```"]
         out.append("")
