@@ -99,7 +99,7 @@ def load_secrets(settings: Settings) -> Secrets:
         try:
             loaded.append(load(settings))
         except ConfigError as exc:
-            problems.extend(exc.problems)
+            problems.extend(p for p in exc.problems if p not in problems)  # a bad data directory, once
     if problems:
         raise ConfigError(problems)
     return Secrets(*loaded)

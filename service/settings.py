@@ -711,9 +711,10 @@ def load(
 
     settings = Settings(**read(Settings), limits=TransportLimits(**read(TransportLimits)))
     problems.extend(_together(settings))
-    settings = _with_secret_files(settings, problems)
-    # A variable reported bad took its default: a check would only complain of that default again.
+    # A variable reported bad took its default: its file, or a check, would only complain of that default again.
     reported = {problem.partition(":")[0].partition(" ")[0].removesuffix("_FILE") for problem in problems}
+    settings = _with_secret_files(settings, problems, reported)
+    reported |= {problem.partition(":")[0].partition(" ")[0].removesuffix("_FILE") for problem in problems}
     for check in checks:
         problems.extend(p for p in check(settings) if p.partition(":")[0].partition(" ")[0] not in reported)
     if problems:
@@ -791,12 +792,13 @@ def debug_requested(environ: Mapping[str, str] | None = None) -> bool:
     return environ.get("APPTGATE_LOG_LEVEL", "").strip().upper() == LogLevel.DEBUG
 
 
-def _with_secret_files(s: Settings, problems: list[str]) -> Settings:
+def _with_secret_files(s: Settings, problems: list[str], reported: set[str]) -> Settings:
     """``s`` with the secrets its ``*_FILE`` variables name read in: the internal token and the database passwords.
 
     A secret set directly wins over its file, as for the keys. The passwords
     go into the URLs, which never appear in the settings' ``repr``. Appends
-    every problem to ``problems``.
+    every problem to ``problems``; a file whose variable is in ``reported``
+    (set, but bad) is not read, since that variable wins over it.
     """
     changes: dict[str, Any] = {}
 
@@ -807,7 +809,7 @@ def _with_secret_files(s: Settings, problems: list[str]) -> Settings:
             problems.extend(exc.problems)
             return None
 
-    if s.internal_token_file is not None and not s.internal_token:
+    if s.internal_token_file is not None and not s.internal_token and "APPTGATE_INTERNAL_TOKEN" not in reported:
         token = read(s.internal_token_file, "APPTGATE_INTERNAL_TOKEN_FILE")
         if token is not None:
             # A file usually ends with a line break; the token itself holds no white space.

@@ -283,5 +283,5 @@ def configured_problems(settings: Settings) -> list[str]:
             try:
                 load(settings)
             except ConfigError as exc:
-                problems.extend(exc.problems)
+                problems.extend(p for p in exc.problems if p not in problems)
     return problems

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import socket
+import sys
 import urllib.error
 import urllib.request
 from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import harness
@@ -122,3 +126,48 @@ async def test_a_port_in_use_for_metrics_is_named_with_its_variables(settings: S
             )
     finally:
         first.shutdown()
+
+
+def _instance(text: str) -> str:
+    """The ``service_instance_id`` of a scrape's ``target_info``: which process answered."""
+    [line] = [line for line in text.splitlines() if line.startswith("target_info{")]
+    return line.split('service_instance_id="', 1)[1].split('"', 1)[0]
+
+
+async def test_each_worker_serves_its_metrics_on_the_port_plus_its_number(database_dsn: str, tmp_path: Path) -> None:
+    base = harness.free_port()
+    while not all(_free(port) for port in (base, base + 1)):
+        base = harness.free_port()
+    env = harness.environment(
+        DATABASE_URL=database_dsn,
+        APPTGATE_DATA_DIR=str(tmp_path / "data"),
+        APPTGATE_INTERNAL_TOKEN=harness.INTERNAL_TOKEN,
+        APPTGATE_WORKERS="2",
+        APPTGATE_PARTNER_ADDR=f"127.0.0.1:{harness.free_port()}",
+        APPTGATE_INTERNAL_ADDR=f"127.0.0.1:{harness.free_port()}",
+        OTEL_METRICS_EXPORTER="prometheus",
+        OTEL_EXPORTER_PROMETHEUS_HOST="127.0.0.1",
+        OTEL_EXPORTER_PROMETHEUS_PORT=str(base),
+    )
+    supervisor = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service", "serve", env=env, stderr=asyncio.subprocess.DEVNULL
+    )
+    try:
+        await harness.wait_for_port(base, within=60)
+        await harness.wait_for_port(base + 1, within=60)
+        first, second = [await asyncio.to_thread(_scrape, port) for port in (base, base + 1)]
+    finally:
+        supervisor.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(supervisor.wait(), timeout=30) == 0
+
+    assert _instance(first) != _instance(second)  # two processes, one port each
+    assert "apptgate_db_pool_connections" in first and "apptgate_db_pool_connections" in second
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
