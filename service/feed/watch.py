@@ -40,6 +40,19 @@ from service.telemetry.tracing import Telemetry, annotate
 _REPLAY_BATCH = 500
 
 
+def starting_cursor(resume: int | None, head: int, subscribed_at: int) -> int:
+    """Where a stream starts: every change up to this position counts as sent (or not watched).
+
+    Without a token (``resume`` None) it is "from now": the database's ``head``
+    when the stream opened, or the hub's position at subscription
+    (``subscribed_at``) if the hub is further. With one, it is the token's
+    position, even ahead of this process's hub (another process sealed it and
+    its listener was further along): the stream then waits for the hub to
+    reach it instead of sending what the token had passed.
+    """
+    return max(head, subscribed_at) if resume is None else resume
+
+
 class Watches:
     """Opens and runs ``WatchAppointments`` streams."""
 
@@ -104,10 +117,7 @@ class Watches:
         annotate(view="basic")
         sub = self._hub.subscribe(principal.partner_id, principal.key_id, practitioner, granted)
         self._telemetry.active_streams.add(1)
-        # Every change up to the cursor has been sent or is not watched. "From now" is the
-        # database's head, which the hub may not have read yet; a token may be ahead of this
-        # process's hub (another process sealed it): its stream waits for the hub to catch up.
-        cursor = max(head, sub.start_position) if resume is None else resume
+        cursor = starting_cursor(resume, head, sub.start_position)
         loop = asyncio.get_running_loop()
         try:
             await live()
