@@ -2,8 +2,8 @@
 
 ``python -m service serve`` with ``APPTGATE_WORKERS`` > 1 (default: the number
 of CPUs) becomes a supervisor: it checks the configuration, creates the development
-keys once, starts the embedded PostgreSQL when there is no ``DATABASE_URL``,
-connects to the database once (so that a refused login or a missing
+keys once, starts the embedded PostgreSQL when there is no ``DATABASE_URL``
+(one ``migrate`` created: it creates none), connects to the database once (so that a refused login or a missing
 migration is reported once, in one line), then starts the workers (each
 ``python -m service serve`` with one worker, ``SO_REUSEPORT`` on and its own
 connection pool) and the kernel spreads connections across them.
@@ -24,7 +24,9 @@ SIGTERM. On Linux the kernel also sends a worker SIGTERM when its supervisor
 dies (``PR_SET_PDEATHSIG``). And a supervisor refuses to start on a port
 another process listens on, so it never serves beside the workers of an
 earlier one (which, with ``SO_REUSEPORT``, would share its connections with
-their old configuration and internal token). An embedded PostgreSQL started
+their old configuration and internal token). With ``OTEL_METRICS_EXPORTER=prometheus``,
+worker N serves ``/metrics`` on ``OTEL_EXPORTER_PROMETHEUS_PORT`` + N, each port checked free
+before any worker starts. An embedded PostgreSQL started
 by a supervisor killed with SIGKILL keeps running; the next start joins it.
 """
 
