@@ -387,7 +387,7 @@ class TestSettings:
             problems: list[str] = []
         except errors.ConfigError as caught:
             problems = caught.problems
-        listeners = [problem.split(": the ")[1].split(" listener ")[0] for problem in problems if " listener " in problem]
+        listeners = [p.split(": the ")[1].split(" listener ")[0] for p in problems if " listener " in p]
         assert listeners == refused
 
 
