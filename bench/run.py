@@ -56,10 +56,11 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import asyncpg
@@ -373,12 +374,15 @@ def gateway_env(
     return env
 
 
-def start_gateway(fx: Fixture, variant: str, port: int, workdir: Path, args: argparse.Namespace) -> Server:
+def start_gateway(fx: Fixture, variant: str, port: int, workdir: Path, args: argparse.Namespace,
+                  extra_env: dict[str, str] | None = None) -> Server:  # fmt: skip
+    """Start ``python -m service serve`` on ``port`` (its internal listener on ``port + 1``); ``extra_env`` added."""
     for p in (port, port + 1):
         ensure_port_free(p)
     log_path = workdir / f"{variant}-{size_label(fx.size)}.log"
     env = gateway_env(fx, port, workdir, tracing=variant.endswith("tracing"), sink_port=args.port_base + 90,
                       workers=args.workers)  # fmt: skip
+    env.update(extra_env or {})
     command = [PY, "-m", "service", "serve"]
     if variant.endswith("whatif"):  # a change measured before it is made (bench/whatif.py)
         command = [PY, str(BENCH_DIR / "whatif.py"), "serve"]
@@ -532,6 +536,18 @@ class Run:
     # records per commit tells how well concurrent calls share a statement. 0 for the baselines.
     ledger_records: int = 0
     ledger_commits: int = 0
+    # What the run's meters (``measure(meters=…)``) counted over the measured run: name → delta.
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Meter(Protocol):
+    """Something else counted over a measured run only (another process tree's CPU, a server's counters)."""
+
+    def begin(self) -> None:
+        """Read the counters right before the measured run."""
+
+    def end(self) -> dict[str, float]:
+        """Read them again right after it; return the deltas by name."""
 
 
 def processes_cpu_seconds(pids: set[int]) -> dict[int, float]:
@@ -648,7 +664,7 @@ def gateway_codes(server: Server) -> dict[str, int]:
 
 
 def measure(server: Server, scenario: str, concurrency: int, fx: Fixture, workdir: Path, args: argparse.Namespace,
-            pg_pid: int | None, expected_bytes: int) -> Run:  # fmt: skip
+            pg_pid: int | None, expected_bytes: int, meters: Sequence[Meter] = ()) -> Run:  # fmt: skip
     body = fx.bodies[(server.kind, scenario)]
     metadata = server.metadata
     # 1. A real gRPC client: status OK, the expected size and content.
@@ -665,6 +681,8 @@ def measure(server: Server, scenario: str, concurrency: int, fx: Fixture, workdi
     # 3. The measured run.
     log_file = workdir / "h2load.log"
     log_file.unlink(missing_ok=True)
+    for meter in meters:
+        meter.begin()
     cpu0, pg0 = server.cpu_seconds(), tree_cpu_seconds(pg_pid) if pg_pid else 0.0
     sys0, switches0 = server.system_seconds_and_switches()
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -683,6 +701,7 @@ def measure(server: Server, scenario: str, concurrency: int, fx: Fixture, workdi
     db_cpu = sum(cpu - backends0.get(pid, 0.0) for pid, cpu in backends1.items())
     cpu1, pg1 = server.cpu_seconds(), tree_cpu_seconds(pg_pid) if pg_pid else 0.0
     sys1, switches1 = server.system_seconds_and_switches()
+    extra = {name: delta for meter in meters for name, delta in meter.end().items()}
     rss, hwm = server.rss()
     if done.returncode != 0:
         raise SystemExit(f"h2load failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
@@ -739,6 +758,7 @@ def measure(server: Server, scenario: str, concurrency: int, fx: Fixture, workdi
         server_switches_per_req=round((switches1 - switches0) / max(requests, 1), 2),
         ledger_records=records,
         ledger_commits=commits,
+        extra=extra,
     )
     run.other_cpu_s = round(max(0.0, run.machine_cpu_s - run.server_cpu_s - run.pg_cpu_s - run.loadgen_cpu_s), 2)
     log(
