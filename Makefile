@@ -125,6 +125,16 @@ bench-feed: install
 	$(PY) -m pip install --quiet -r bench/requirements.txt
 	$(PY) bench/feed_fanout.py $(FEED_ARGS)
 
+## Reads on a streaming replica (bench/replica.py): a PostgreSQL primary and a replica made
+## for the run (demo/cluster.py); the primary's CPU per ListAppointments and GetAppointment
+## with the reads on the replica, all on the primary, and the naive handler's, side by side;
+## bench/results/<date>-replica.* (docs/performance.md). REPLICA_ARGS="--rounds 1" for a quick one.
+REPLICA_ARGS ?= --rounds 3 --whatif norecord
+.PHONY: bench-replica
+bench-replica: install
+	command -v h2load >/dev/null || (apt-get update && apt-get install -y nghttp2-client)
+	$(PY) bench/replica.py $(REPLICA_ARGS)
+
 ## Soak (bench/soak.py): ten minutes of fixed-rate mixed traffic against one gateway
 ## process; RSS growth and p99 drift are the verdicts. Results in bench/results/<date>-soak.*.
 ## SOAK_ARGS="--duration 120" for a short run, "--at-commit HEAD" to measure a commit.
