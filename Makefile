@@ -16,6 +16,13 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ./clients/python -e '.[dev]'
 	touch $(STAMP)
 
+## A fleet on this machine (demo/cluster.py, docs/deployment.md): a PostgreSQL primary and a
+## streaming replica made with pg_basebackup, two gateways reading from the replica; Ctrl-C
+## stops and removes everything.
+.PHONY: cluster
+cluster: install
+	$(PY) -m demo.cluster
+
 ## Serve the demo: embedded PostgreSQL unless DATABASE_URL is set, migrations,
 ## demo data, both listeners, and grpcurl commands to paste.
 run: install

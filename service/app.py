@@ -59,8 +59,10 @@ from service.store import chain, request_leases, sealed_columns
 from service.store import consent_requests as consent_requests_store
 from service.store import data_keys as key_checks
 from service.store import privacy as privacy_store
+from service.store import replicas as replicas_store
 from service.store.database import Database, partner_login_dsn
 from service.store.embedded import EmbeddedPostgres
+from service.store.replicas import Replicas
 from service.telemetry.tracing import Telemetry
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,8 @@ PARTNER_PREFIX = "/appointments.partner."
 INTERNAL_PREFIX = "/appointments.internal."
 #: Seconds between database checks behind grpc.health.v1.
 HEALTH_INTERVAL = 1.0
+#: The health service name of read replica N on the internal listener: ``apptgate.replica.N``.
+REPLICA_HEALTH_PREFIX = "apptgate.replica."
 #: Seconds between sequencer passes once it has caught up (a record waits about that long to be chained).
 LEDGER_CHAIN_INTERVAL = 0.1
 
@@ -220,6 +224,14 @@ class Gateway:
             self._guard,
             FleetRate(request_leases.source(database, settings.limits.default_deadline)),
         )
+        self.replicas = Replicas(
+            settings.read_replica_urls,
+            max_lag=settings.replica_max_lag,
+            max_size=settings.db_pool_max,
+            connect_timeout=settings.db_connect_timeout,
+            statement_timeout=settings.limits.default_deadline,
+            on_query=self.telemetry.observe_query if self.telemetry.tracing else None,
+        )
         self._reads = PartnerReads(
             database,
             self._gate,
@@ -230,6 +242,7 @@ class Gateway:
             self._keyring,
             parts.data_keys,
             self.telemetry,
+            self.replicas if len(self.replicas) else None,
         )
         self._consent_requests = ConsentRequests(
             database,
@@ -247,6 +260,7 @@ class Gateway:
         self._sequencer_task: asyncio.Task[None] | None = None
         self._expiry_task: asyncio.Task[None] | None = None
         self._announcement_task: asyncio.Task[None] | None = None
+        self._replica_task: asyncio.Task[None] | None = None
         self.partner: Listener | None = None
         self.internal: Listener | None = None
 
@@ -349,6 +363,9 @@ class Gateway:
             await self.feed.stop()
             raise
         self._health_task = asyncio.create_task(self._watch_database(), name="apptgate-health")
+        if len(self.replicas):
+            self.telemetry.observe_replicas(lambda: self.replicas.states)
+            self._replica_task = asyncio.create_task(self._watch_replicas(), name="apptgate-replicas")
         self._sequencer_task = asyncio.create_task(self._chain_ledger(), name="apptgate-ledger-sequencer")
         # Woken by the notifications that bring a new due time: a request made, a consent granted.
         self._expiry_task = asyncio.create_task(
@@ -400,6 +417,16 @@ class Gateway:
                     if listener is not None:
                         await listener.set_serving(serving)
 
+    async def _watch_replicas(self) -> None:
+        """Measure the read replicas' lag every second; each one's health on the internal listener follows it."""
+        shown: dict[int, bool] = {}
+        while True:
+            for state in await self.replicas.measure_all():
+                if shown.get(state.index) is not state.usable and self.internal is not None:
+                    await self.internal.set_component(f"{REPLICA_HEALTH_PREFIX}{state.index}", state.usable)
+                    shown[state.index] = state.usable
+            await asyncio.sleep(replicas_store.WATCH_INTERVAL)
+
     async def stop(self, grace: float) -> None:
         """Drain both listeners: refuse new calls, end the streams, let in-flight calls finish for ``grace`` seconds.
 
@@ -408,7 +435,14 @@ class Gateway:
         resumes at once reaches another process, never this one.
         """
         listeners = [listener for listener in (self.partner, self.internal) if listener is not None]
-        for task in (self._health_task, self._sequencer_task, self._expiry_task, self._announcement_task):
+        tasks = (
+            self._health_task,
+            self._sequencer_task,
+            self._expiry_task,
+            self._announcement_task,
+            self._replica_task,
+        )
+        for task in tasks:
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -417,6 +451,7 @@ class Gateway:
         self.feed.drain()  # the hub refuses new streams too: a call accepted just before is told to resume elsewhere
         await asyncio.gather(*stopping)
         await self.feed.stop()
+        await self.replicas.close()
 
 
 def embedded_database(settings: Settings, *, create: bool) -> EmbeddedPostgres:

@@ -142,6 +142,15 @@ def _seconds(text: str) -> timedelta:
     return timedelta(seconds=_number(text))
 
 
+def _urls(text: str) -> tuple[str, ...]:
+    urls = tuple(url.strip() for url in text.split(",") if url.strip())
+    for url in urls:
+        if urlsplit(url).scheme not in ("postgresql", "postgres"):
+            # Never the URL itself: it may hold a password.
+            raise ValueError("expected postgresql:// URLs separated by commas")
+    return urls
+
+
 def _boolean(text: str) -> bool:
     value = text.strip().lower()
     if value in {"1", "true", "yes", "on"}:
@@ -344,6 +353,22 @@ class Settings:
         shown="`DATABASE_URL` as user `apptgate_partner`",
         secret=True,
     )
+    read_replica_urls: tuple[str, ...] = variable(
+        "APPTGATE_READ_REPLICA_URLS",
+        (),
+        "comma-separated URLs of streaming replicas, each logging in as `apptgate_partner`: partners' basic reads "
+        "run there, authorised again on the primary before they are recorded and sent (docs/deployment.md)",
+        parse=_urls,
+        shown="none",
+        secret=True,
+    )
+    replica_max_lag: float = variable(
+        "APPTGATE_REPLICA_MAX_LAG",
+        5.0,
+        "seconds a replica may lag behind the primary and still serve reads",
+        parse=_number,
+        check=_above(0),
+    )
     partner_database_password_file: Path | None = variable(
         "APPTGATE_PARTNER_DATABASE_PASSWORD_FILE",
         None,
@@ -473,12 +498,16 @@ class Settings:
     partner_rps: float = variable(
         "APPTGATE_PARTNER_RPS",
         50.0,
-        "request rate per partner and process (token bucket)",
+        "request rate per partner, held across every process sharing the database",
         parse=_number,
         check=_above(0),
     )
     partner_burst: int = variable(
-        "APPTGATE_PARTNER_BURST", 100, "burst of the rate limit", parse=_integer, check=_at_least(1)
+        "APPTGATE_PARTNER_BURST",
+        100,
+        "calls a partner may make at once; no one second holds more than the rate or this",
+        parse=_integer,
+        check=_at_least(1),
     )
     contact_daily_cap: int = variable(
         "APPTGATE_CONTACT_DAILY_CAP",

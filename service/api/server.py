@@ -230,6 +230,11 @@ class Listener:
         for service_name in ("", *self.service_names):
             await self.health.set(service_name, status)
 
+    async def set_component(self, name: str, serving: bool) -> None:
+        """Report one component (a read replica: ``apptgate.replica.N``) SERVING or NOT_SERVING, and nothing else."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set(name, status)
+
     async def begin_stop(self, grace: float) -> asyncio.Future[None]:
         """Report NOT_SERVING and refuse new calls; the future returned ends once in-flight calls have
         finished, ``grace`` seconds at most (then they are cancelled)."""

@@ -11,13 +11,23 @@ view the record statement also checks the consent and returns the released
 fields sealed; they are opened here, the only decryption on the partner path.
 Anything the caller may not see answers NOT_FOUND, whatever the reason, and
 every refused attempt is recorded too.
+
+With read replicas (:mod:`service.store.replicas`), a basic read runs on one
+of them, and the primary then decides in one statement whether the key is
+still live, the partner not suspended, and every practitioner of the answer
+still granted (``partner_path.granted``): only an answer it authorises whole
+is recorded and sent; any other (a refusal, nothing found, a replica that
+failed) is read again on the primary, which also records what it refuses.
+Contact reads run on the primary only.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TypeVar
 from uuid import UUID
 
 from appointments.partner.v1 import appointment_pb2, contact_pb2
@@ -33,9 +43,12 @@ from service.disclosure.pseudonyms import PartnerPseudonyms, Pseudonyms
 from service.disclosure.record import DisclosureRecorder, entry
 from service.errors import InvalidArgument, NotFound, PermissionDenied
 from service.store import ledger, partner_path
-from service.store.database import Database
+from service.store.database import Connection, Database
+from service.store.replicas import Replicas
 from service.telemetry.tracing import Telemetry, annotate
 from service.timestamps import Micros
+
+T = TypeVar("T")
 
 _LIST = "ListAppointments"
 _GET = "GetAppointment"
@@ -79,8 +92,10 @@ class PartnerReads:
         keyring: ConsentKeyring,
         data_keys: sealing.DataKeyring,
         telemetry: Telemetry,
+        replicas: Replicas | None = None,
     ) -> None:
         self._db = database
+        self._replicas = replicas if replicas else None
         self._gate = gate
         self._guard = gate.guard
         self._recorder = recorder
@@ -208,17 +223,28 @@ class PartnerReads:
         NOT_FOUND; a key revoked or a partner suspended since they were cached
         is refused.
         """
+
+        async def read(conn: Connection) -> list[models.BasicAppointment]:
+            return await partner_path.list_appointments(
+                conn,
+                principal,
+                practitioner_id=query.practitioner_id,
+                start_time=query.start_time,
+                end_time=query.end_time,
+                after=after,
+                limit=query.page_size + 1,
+            )
+
+        if self._replicas is not None:
+            named = [query.practitioner_id] if query.practitioner_id is not None else []
+            replicated = await self._from_replica(
+                principal, read, lambda rows: [*named, *(r.practitioner_id for r in rows)]
+            )
+            if replicated is not None:
+                return replicated
         async with self._db.partner_statements() as conn:
             try:
-                return await partner_path.list_appointments(
-                    conn,
-                    principal,
-                    practitioner_id=query.practitioner_id,
-                    start_time=query.start_time,
-                    end_time=query.end_time,
-                    after=after,
-                    limit=query.page_size + 1,
-                )
+                return await read(conn)
             except partner_path.ReadRefused as refused:
                 if refused.refusal is not partner_path.Refusal.NOT_GRANTED:
                     raise self._gate.refused(refused, principal) from None
@@ -233,9 +259,18 @@ class PartnerReads:
 
         Raises for a key revoked or a partner suspended since they were cached.
         """
+        internal_id = ids.parse_appointment_id(appointment_id)
+        if self._replicas is not None and view is models.View.BASIC:
+            replicated = await self._from_replica(
+                principal,
+                lambda conn: partner_path.get_appointment(conn, principal, internal_id),
+                lambda row: [row.practitioner_id] if row is not None else None,
+            )
+            if replicated is not None:
+                return replicated
         async with self._db.partner_statements() as conn:
             try:
-                row = await partner_path.get_appointment(conn, principal, ids.parse_appointment_id(appointment_id))
+                row = await partner_path.get_appointment(conn, principal, internal_id)
             except partner_path.ReadRefused as refused:
                 raise self._gate.refused(refused, principal) from None
             if row is None:
@@ -246,3 +281,33 @@ class PartnerReads:
             # must be byte-for-byte the same answer.
             raise NotFound("appointment not found")
         return row
+
+    async def _from_replica(
+        self,
+        principal: models.Principal,
+        read: Callable[[Connection], Awaitable[T]],
+        practitioners: Callable[[T], Collection[UUID] | None],
+    ) -> T | None:
+        """What ``read`` answers on a replica, once the primary authorised it whole; ``None``: read on the primary.
+
+        ``practitioners`` names those the answer shows (``None``: an answer the
+        primary must give itself, such as nothing found). Raises what the
+        primary answers for a key revoked or a partner suspended.
+        """
+        assert self._replicas is not None
+        # A refusal on a lagging copy, a recovery conflict, a replica gone: the primary answers.
+        replicated = await self._replicas.read(read, refusals=(partner_path.ReadRefused,))
+        if replicated is None:
+            return None
+        answer = replicated.value
+        shown = practitioners(answer)
+        if shown is None:
+            return None
+        async with self._db.partner_statements() as conn:
+            try:
+                granted = await partner_path.granted(conn, principal, list(set(shown)))
+            except partner_path.ReadRefused as refused:
+                raise self._gate.refused(refused, principal) from None
+        if not granted.issuperset(shown):
+            return None
+        return answer

@@ -163,8 +163,8 @@ async def _translated_failures() -> AsyncIterator[None]:
         raise Unavailable("the database is unreachable") from exc
 
 
-async def _keep_session(conn: Connection) -> None:
-    """The partner pool's reset on release: nothing to undo (see :meth:`Database.connect`)."""
+async def keep_session(conn: Connection) -> None:
+    """A partner pool's reset on release: nothing to undo (see :meth:`Database.connect`)."""
 
 
 class _ObservedConnection(asyncpg.Connection):  # type: ignore[misc]
@@ -173,7 +173,7 @@ class _ObservedConnection(asyncpg.Connection):  # type: ignore[misc]
     Never its arguments. Used by a traced gateway's pools instead of asyncpg's
     query logger, which for every statement (traced or not) entered a
     generator context manager, built a record holding the arguments and
-    scheduled a loop callback. :func:`_observed_connection_class` binds the
+    scheduled a loop callback. :func:`observed_connection_class` binds the
     observer; an untraced gateway's pools use asyncpg's own class.
     """
 
@@ -207,7 +207,7 @@ class _ObservedConnection(asyncpg.Connection):  # type: ignore[misc]
         return await self._observed(query, super().fetchval(query, *args, column=column, timeout=timeout))
 
 
-def _observed_connection_class(observe: QueryObserver) -> type[asyncpg.Connection]:
+def observed_connection_class(observe: QueryObserver) -> type[asyncpg.Connection]:
     """A connection class whose statements are reported to ``observe``."""
     return type("ObservedConnection", (_ObservedConnection,), {"__slots__": (), "_observe": staticmethod(observe)})
 
@@ -317,7 +317,7 @@ class Database:
         ``statement_timeout`` bounds transactions run outside any call deadline.
         """
 
-        connection_class = asyncpg.Connection if on_query is None else _observed_connection_class(on_query)
+        connection_class = asyncpg.Connection if on_query is None else observed_connection_class(on_query)
         session_reset = _SessionReset()
 
         async def open_pool(target: str, *, partner: bool = False) -> asyncpg.Pool:
@@ -333,7 +333,7 @@ class Database:
                 # pool cannot change its session (it may only run its functions and
                 # transaction-local settings), so it skips that round trip; an open
                 # transaction is still rolled back by asyncpg on release.
-                reset=_keep_session if partner else session_reset,
+                reset=keep_session if partner else session_reset,
                 # The backstop for a statement run outside a call deadline; within a
                 # call, the deadline cancels the statement from the client side.
                 server_settings={"statement_timeout": str(int(statement_timeout * 1000))} if partner else None,

@@ -49,7 +49,7 @@ SPAN_ATTRIBUTES = frozenset(
 EVENT_ATTRIBUTES = frozenset({"exception.type"})
 #: Metric attribute keys that may be recorded.
 METRIC_LABELS = frozenset(
-    {"rpc.method", "rpc.grpc.status_code", "view", "contact_field", "reason", "state", "listener"}
+    {"rpc.method", "rpc.grpc.status_code", "view", "contact_field", "reason", "state", "listener", "replica"}
 )
 #: Keys a JSON log line may carry, in the order a line shows them.
 LOG_FIELD_ORDER = (

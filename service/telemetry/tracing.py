@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -235,6 +235,29 @@ class Telemetry:
 
         self._meter.create_observable_gauge(
             "apptgate.db.pool.connections", callbacks=[observe], unit="{connection}", description="Pool connections."
+        )
+
+    def observe_replicas(self, states: Callable[[], Sequence[Any]]) -> None:
+        """Report each read replica's lag and whether it serves reads: ``states()`` returns objects with
+        ``index``, ``lag`` (seconds, ``None`` when unknown) and ``usable`` (:mod:`service.store.replicas`)."""
+
+        def lag(_options: Any) -> Iterator[Observation]:
+            for state in states():
+                if state.lag is not None:
+                    yield Observation(state.lag, {"replica": str(state.index)})
+
+        def usable(_options: Any) -> Iterator[Observation]:
+            for state in states():
+                yield Observation(int(state.usable), {"replica": str(state.index)})
+
+        self._meter.create_observable_gauge(
+            "apptgate.db.replica.lag", callbacks=[lag], unit="s", description="Replay lag of each read replica."
+        )
+        self._meter.create_observable_gauge(
+            "apptgate.db.replica.usable",
+            callbacks=[usable],
+            unit="1",
+            description="1 while a read replica serves partners' basic reads, 0 while it is skipped.",
         )
 
     @contextmanager
