@@ -63,7 +63,10 @@ table { border-collapse: collapse; margin: .4rem 0 .8rem; }
 th, td { text-align: left; vertical-align: top; padding: .15rem .6rem .15rem 0; border-bottom: 1px solid #dde3ea; }
 td.n, th.n { text-align: right; }
 th code, .field { display: block; font-weight: normal; color: #555; font-size: .8em; }
-table.patients { width: 100%; font-size: .85em; }
+table.patients { width: 100%; font-size: .85em; margin: 0; table-layout: fixed; }
+table.patients th:nth-child(1) { width: 17%; } table.patients th:nth-child(2) { width: 27%; }
+table.patients th:nth-child(3), table.patients th:nth-child(4) { width: 9%; }
+table.patients td, table.patients th { overflow-wrap: anywhere; }
 table.patients thead { display: table-header-group; }
 table.patients tr { break-inside: avoid; }
 code { font-family: "DejaVu Sans Mono", ui-monospace, monospace; font-size: .92em; overflow-wrap: anywhere; }
@@ -83,6 +86,8 @@ CONTENT_SECURITY_POLICY = (
     + "'; base-uri 'none'; form-action 'none'"
 )
 
+#: Patients per table of the patients' list.
+TABLE_ROWS = 100
 #: How each view is described.
 VIEW_WORDS = {
     models.View.BASIC: "basic view: appointment times, practitioner and specialty, a pseudonym of the patient",
@@ -332,13 +337,16 @@ def _patients(report: breach.Report) -> str:
             cells.append(_theirs(f"{contact.given_name} {contact.family_name}") if contact else "–")
             cells.append(_theirs(contact.email) if contact and contact.email else "–")
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    body = (
-        "".join(rows) or f'<tr><td colspan="{8 if with_contact else 6}">No patient was reached in the window.</td></tr>'
+    if not rows:
+        rows.append(f'<tr><td colspan="{8 if with_contact else 6}">No patient was reached in the window.</td></tr>')
+    # Tables of a bounded number of rows: a paged layout engine lays a long table out in time that grows
+    # faster than its rows; each table repeats the header, as a page break would.
+    tables = "".join(
+        f'<table class="patients"><thead><tr>{head}</tr></thead><tbody>{"".join(rows[n : n + TABLE_ROWS])}</tbody>'
+        "</table>"
+        for n in range(0, len(rows), TABLE_ROWS)
     )
-    return (
-        f"<section><h2>Affected patients ({_n(len(report.patients))})</h2>"
-        f'<table class="patients"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></section>'
-    )
+    return f"<section><h2>Affected patients ({_n(len(report.patients))})</h2>{tables}</section>"
 
 
 def render(

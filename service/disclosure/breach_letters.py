@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, tzinfo
+from datetime import tzinfo
 from html import escape
 
 from appointments.internal.v1 import audit_pb2
@@ -215,8 +215,3 @@ password: give nothing without checking with your practitioner through your usua
 <p>If you have any question, you can contact our data protection officer: {dpo.en}. You may also lodge a complaint
 with the supervisory authority (in France, the CNIL: www.cnil.fr).</p>"""
     return Said(fr, en)
-
-
-def generated(value: datetime, zone: tzinfo) -> Said:
-    """A time in words, both languages (plain text)."""
-    return Said(date_fr(value, zone), date_en(value, zone))
