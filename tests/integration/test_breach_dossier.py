@@ -14,11 +14,13 @@ import io
 import json
 import os
 import re
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import grpc.aio
 import harness
@@ -328,3 +330,28 @@ async def test_the_pdf_is_the_dossier_laid_out_and_reads_back(scene: Scene, data
     for value in _personal_values(scene.patients):
         assert value not in flat
     assert pdf_pages.page_variance(output) > 100, "the first page is blank"
+
+
+async def test_the_ledger_takes_an_internal_use_only_without_key_or_consent_and_never_a_partner_call_without_key(
+    scene: Scene, database_dsn: str
+) -> None:
+    conn = await asyncpg.connect(database_dsn)
+    patient = scene.patients[0].patient_id
+    insert = (
+        "INSERT INTO disclosures (partner_id, key_id, view, contact_fields, consent_id, rpc, outcome, requested_ids, "
+        "appointment_ids, patient_ids) VALUES ($1, $2, 2, $3::smallint[], $4, $5, $6, ARRAY[$7::text], "
+        "ARRAY[NULL::uuid], ARRAY[$7::uuid])"
+    )
+    partner = uuid.UUID(scene.partner.partner_id)
+    try:
+        for key_id, fields, consent, outcome in [
+            (scene.partner.key_id, [1, 4], None, 5),  # an internal use names no key
+            ("", [1, 4], uuid.uuid4(), 5),  # nor a consent
+            ("", [], None, 5),  # and reads at least one field
+            ("", [1, 4], uuid.uuid4(), 1),  # a partner disclosure always has its key
+        ]:
+            with pytest.raises(asyncpg.CheckViolationError):
+                await conn.execute(insert, partner, key_id, fields, consent, INTERNAL_USE_RPC, outcome, patient)
+        await conn.execute(insert, partner, "", [1, 4], None, INTERNAL_USE_RPC, 5, patient)
+    finally:
+        await conn.close()
