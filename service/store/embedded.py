@@ -212,8 +212,9 @@ class EmbeddedPostgres:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if "XDG_RUNTIME_DIR" not in os.environ:
             # platformdirs (imported by pgserver, which keeps its lock there) warns without a runtime
-            # directory, and with one whose mode is not exactly 0700: this one is the service's own.
-            runtime = self.data_dir.parent / "pgserver-run"
+            # directory, and with one whose mode is not exactly 0700: this one is the service's own. Absolute,
+            # since the XDG rules have a relative one ignored (`make run`'s data directory is relative).
+            runtime = (self.data_dir.parent / "pgserver-run").absolute()
             runtime.mkdir(mode=0o700, exist_ok=True)
             runtime.chmod(0o700)
             os.environ["XDG_RUNTIME_DIR"] = str(runtime)

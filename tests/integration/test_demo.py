@@ -183,12 +183,13 @@ async def test_the_demo_refuses_production_and_issues_nothing(database_dsn: str,
 
 @pytest.fixture
 def open_tmp() -> Iterator[Path]:
-    """A fresh directory under the system's temporary directory (the embedded PostgreSQL's user can reach it).
+    """A fresh directory under the system's temporary directory, open to reading like a checkout (mode 0755).
 
     pytest's ``tmp_path`` lies under a directory closed to other users, which
     the embedded PostgreSQL's own user could not cross when the tests run as root.
     """
     path = Path(tempfile.mkdtemp(prefix="apg-demo-"))
+    path.chmod(0o755)
     try:
         yield path
     finally:
@@ -213,10 +214,17 @@ class Started:
         return err.decode()
 
 
-async def _start(env: dict[str, str]) -> Started:
-    """Start the demo and wait for its ready line."""
+async def _start(env: dict[str, str], cwd: Path) -> Started:
+    """Start the demo in ``cwd`` and wait for its ready line."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service", "demo", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        sys.executable,
+        "-m",
+        "service",
+        "demo",
+        env=env,
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     assert process.stdout is not None
     try:
@@ -252,28 +260,35 @@ async def _revoke(pgdata: Path, key_id: str) -> None:
 async def test_the_demo_keeps_its_key_logs_pgserver_to_a_file_and_a_second_one_issues_nothing(
     open_tmp: Path,
 ) -> None:
+    # As `make run` runs it: from the checkout, with the default data directory (relative, ./.apptgate).
     env = harness.environment(
-        APPTGATE_DATA_DIR=str(open_tmp),
         APPTGATE_PARTNER_ADDR=f"127.0.0.1:{harness.free_port()}",
         APPTGATE_INTERNAL_ADDR=f"127.0.0.1:{harness.free_port()}",
     )
-    for name in ("DATABASE_URL", "APPTGATE_INTERNAL_TOKEN", "APPTGATE_LOG_LEVEL"):
+    for name in (
+        "DATABASE_URL",
+        "APPTGATE_DATA_DIR",
+        "APPTGATE_INTERNAL_TOKEN",
+        "APPTGATE_LOG_LEVEL",
+        "XDG_RUNTIME_DIR",
+    ):
         env.pop(name, None)
-    pgdata, key_file = open_tmp / "pgdata", open_tmp / demo_data.KEY_FILE
+    data = open_tmp / ".apptgate"
+    pgdata, key_file = data / "pgdata", data / demo_data.KEY_FILE
 
-    first = await _start(env)
+    first = await _start(env, open_tmp)
     first_err = await first.stop()
-    second = await _start(env)
+    second = await _start(env, open_tmp)
     try:
         kept_live = await _live_keys(pgdata)
         await _revoke(pgdata, kept_live[0])  # an operator revokes it: the next run must not use it
     finally:
         await second.stop()
-    third = await _start(env)
+    third = await _start(env, open_tmp)
     try:
         # A second demo on the same ports: one line, before it opens the database or takes a key.
         busy = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "service", "demo", env=env, stdout=asyncio.subprocess.PIPE,
+            sys.executable, "-m", "service", "demo", env=env, cwd=open_tmp, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         busy_out, busy_err = await asyncio.wait_for(busy.communicate(), timeout=60)
@@ -294,7 +309,8 @@ async def test_the_demo_keeps_its_key_logs_pgserver_to_a_file_and_a_second_one_i
         "apptgate, or `make run` still running?); stop it or choose another address"
     ]
     # pgserver's own lines go to a file in the data directory, which the demo names; none reach the terminal.
-    pgserver_log = open_tmp / "pgserver.log"
+    pgserver_log = data / "pgserver.log"
     assert f"{pgdata / 'log'} (the server) and {pgserver_log}" in first.printed
     assert "initdb" in pgserver_log.read_text() and stat.S_IMODE(pgserver_log.stat().st_mode) == 0o600
     assert '"logger": "pgserver"' not in first_err and "Running commandline" not in first_err
+    assert "Warning" not in first_err, first_err  # platformdirs' RuntimeDirWarning, for one
