@@ -27,7 +27,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from service import __version__, app
 from service import settings as settings_module
@@ -58,8 +58,17 @@ def _program() -> str:
     return "apptgate" if Path(sys.argv[0]).name == "apptgate" else "python -m service"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors are one line like every other error (its subcommands' parsers too)."""
+
+    def error(self, message: str) -> NoReturn:
+        # "argument --partner: not a UUID" names its flag as the other errors do: "--partner: not a UUID".
+        what = message.removeprefix("argument ") if message.startswith("argument -") else f"{self.prog}: {message}"
+        self.exit(2, f"apptgate: {what} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = _Parser(
         prog=_program(),
         description="apptgate: minimal-disclosure gRPC gateway for medical appointments.",
         epilog="Environment (docs/configuration.md): " + ", ".join(v.name for v in settings_module.variables()),

@@ -29,6 +29,7 @@ import json
 import os
 import re
 import sys
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
@@ -107,7 +108,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         return parser
 
     def partner_flag(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--partner", required=True, metavar="ID", help="the partner id (a UUID)")
+        parser.add_argument("--partner", required=True, type=_uuid, metavar="ID", help="the partner id (a UUID)")
 
     command("create", "create a partner").add_argument(
         "--display-name", required=True, metavar="NAME", help="the partner's name, unique, at most 200 characters"
@@ -132,7 +133,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     ):
         grant = command(name, help_text)
         partner_flag(grant)
-        grant.add_argument("--practitioner", required=True, metavar="ID", help="the practitioner id (a UUID)")
+        grant.add_argument(
+            "--practitioner", required=True, type=_uuid, metavar="ID", help="the practitioner id (a UUID)"
+        )
     partner_flag(command("usage", "today's counters against the limits in force"))
     change = command("set-limits", "override some limits of a partner")
     partner_flag(change)
@@ -141,6 +144,14 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     change.add_argument("--contact-cap", metavar="N", help="contact disclosures per UTC day")
     change.add_argument("--patient-cap", metavar="N", help="distinct patients per UTC day")
     partner_flag(command("lift", "lift a partner's suspension"))
+
+
+def _uuid(text: str) -> str:
+    """An id flag's value, refused as a usage error before any database is opened when it is not a UUID."""
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a UUID: {text!r}") from None
 
 
 async def run(settings: Settings, args: argparse.Namespace) -> int:

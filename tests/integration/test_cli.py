@@ -182,3 +182,18 @@ def test_each_error_becomes_one_line_with_its_exit_code_and_no_text_it_did_not_w
     error: Exception, line: str, code: int
 ) -> None:
     assert _describe(error) == (line, code)
+
+
+async def test_a_usage_error_is_one_line_naming_the_command_and_its_help() -> None:
+    env = _without_database()
+    missing = await _run("partners", env=env)
+    unknown = await _run("audit", "breach-report", "--format", "docx", env=env)
+    not_a_uuid = await _run("partners", "usage", "--partner", "not-a-uuid", env=env)
+
+    for code, out, err in (missing, unknown, not_a_uuid):
+        assert (code, out) == (2, ""), err
+        assert len(err.splitlines()) == 1 and err.startswith("apptgate: "), err
+        assert err.rstrip().endswith("--help)"), err
+    assert "partners_command" in missing[2]
+    assert "invalid choice: 'docx'" in unknown[2]
+    assert not_a_uuid[2].startswith("apptgate: --partner: not a UUID: 'not-a-uuid' (see ")
