@@ -13,12 +13,12 @@ at most 0.35× the naive handler's, measured side by side in one run. One run:
 2. Three servers on the primary, one process each, as ``bench/run.py`` starts
    them: ``gateway+replica`` (``APPTGATE_READ_REPLICA_URLS`` pointing at the
    replica as ``apptgate_partner``: the reads run there, the primary
-   authorises each answer in one statement and records it), ``gateway`` (the
+   authorises each answer in the statement that records it), ``gateway`` (the
    same code, no replica: everything on the primary) and ``naive``
    (``bench/baselines.py``); with ``--whatif norecord`` also
    ``gateway+replica+whatif``, the replica gateway without the ledger record
-   (``bench/whatif.py``): what the authorising statement alone costs the
-   primary. Before any load: each replica gateway's health says
+   (``bench/whatif.py``): what the primary spends on a call besides its
+   record and the authorisation inside it. Before any load: each replica gateway's health says
    ``apptgate.replica.0`` SERVING on its internal listener, the gateways give
    the same answers, and 50 listings to ``gateway+replica`` are seen read on
    the replica and authorised on the primary (``pg_stat_user_functions`` of
@@ -75,7 +75,7 @@ import run as bench  # noqa: E402
 #: (``bench/whatif.py``), (b) all on the primary, (c) the baseline.
 VARIANTS = ("gateway+replica", "gateway+replica+whatif", "gateway", "naive")
 #: The partner-path functions whose calls tell which node read (the list and get reads) and which authorised.
-FUNCTIONS = ("partner_list_appointments", "partner_get_appointment", "partner_granted")
+FUNCTIONS = ("partner_list_appointments", "partner_get_appointment", "record_checked_basic_disclosures")
 READ_FUNCTION = {"list": "partner_list_appointments", "get": "partner_get_appointment"}
 TARGET = 0.35  # issue 27: the primary's CPU per ListAppointments, replica gateway / naive, at most this
 
@@ -204,7 +204,7 @@ def reads_on_replica(cluster: Cluster, fx: bench.Fixture, server: bench.Server, 
                                                                    server.metadata), fx)  # fmt: skip
     after = asyncio.run(settled_calls(cluster, database))
     seen = {k: after[k] - before[k] for k in after}
-    if seen["replica:partner_list_appointments"] != calls or seen["primary:partner_granted"] != calls:
+    if seen["replica:partner_list_appointments"] != calls or seen["primary:record_checked_basic_disclosures"] != calls:
         raise SystemExit(f"{server.variant}: of {calls} listings, not all were read on the replica and authorised "
                          f"on the primary: {seen}")  # fmt: skip
     return seen
@@ -304,7 +304,7 @@ def render(report: dict[str, Any]) -> str:
         + ", ".join(f"{k.removesuffix('_cpu_ms_per_s')} {v:g}" for k, v in report["idle"].items()),
         f"- before the load: {report['replica_check']['calls']} listings to gateway+replica, read "
         f"{report['replica_check']['replica:partner_list_appointments']:.0f} times on the replica and authorised "
-        f"{report['replica_check']['primary:partner_granted']:.0f} times on the primary",
+        f"{report['replica_check']['primary:record_checked_basic_disclosures']:.0f} times on the primary",
         "- over the whole run (warm-ups and checks included), the partner functions' calls on each node against "
         "the calls in each gateway's access log:",
         "",

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from uuid import UUID
 
@@ -59,7 +59,9 @@ class _RecordedAtOnce(DisclosureRecorder):
         items: ledger.Items,
         terms: models.ChargeTerms,
         expected: Expected | None = None,
-    ) -> models.ChargeOutcome:
+        *,
+        shown: Sequence[UUID] = (),
+    ) -> models.ChargeOutcome | None:
         if expected is not None:
             expected.arrived()
         return models.ChargeOutcome.OK

@@ -22,6 +22,9 @@ has two: basic views and contact views). How groups form:
 * over a daily cap the statement records nothing; the group is written again
   without that partner, whose calls are then written one by one, so a cap
   stops exactly where it would have without grouping;
+* answers read on a replica that the primary does not authorise are refused
+  by the statement, which then records nothing; their calls are told so
+  (they read again on the primary) and the group is written again without them;
 * a failure of the statement (database unreachable, too slow) is every
   waiting call's failure, as its own statement's would have been;
 * a partner flagged by its charge is reported by one call of the group only.
@@ -69,12 +72,16 @@ class RecordKind(abc.ABC, Generic[Request, Answer]):
     ) -> list[Answer]:
         """Write ``requests`` in one statement; one answer per request, in order.
 
-        Raises :class:`ledger.CapReached`, and then nothing was written.
+        Raises :class:`ledger.CapReached` or :class:`ledger.ReplicaAnswersRefused`, and then nothing was written.
         """
 
     @abc.abstractmethod
     def capped(self, cap: models.ChargeOutcome) -> Answer:
         """The answer of a call refused over ``cap``."""
+
+    @abc.abstractmethod
+    def refused(self) -> Answer:
+        """The answer of a call whose answer, read on a replica, the primary did not authorise."""
 
     @abc.abstractmethod
     def outcome(self, answer: Answer) -> models.ChargeOutcome | None:
@@ -238,6 +245,13 @@ class GroupWriter(Generic[Request, Answer]):
         terms = {p.partner_id: p.terms for p in group}
         try:
             answers = await self._kind.write(series.next(), [p.request for p in group], terms)
+        except ledger.ReplicaAnswersRefused as refused:
+            for position in refused.positions:
+                _settle(group[position], self._kind.refused())
+            rest = [p for n, p in enumerate(group) if n not in refused.positions]
+            if rest:
+                await self._write(series, rest)
+            return
         except ledger.CapReached as over:
             capped = [p for p in group if p.partner_id == over.partner_id]
             if len(capped) == 1:

@@ -13,21 +13,22 @@ Anything the caller may not see answers NOT_FOUND, whatever the reason, and
 every refused attempt is recorded too.
 
 With read replicas (:mod:`service.store.replicas`), a basic read runs on one
-of them, and the primary then decides in one statement whether the key is
-still live, the partner not suspended, and every practitioner of the answer
-still granted (``partner_path.granted``): only an answer it authorises whole
-is recorded and sent; any other (a refusal, nothing found, a replica that
-failed) is read again on the primary, which also records what it refuses.
-Contact reads run on the primary only.
+of them, and the statement that records its answer on the primary first
+decides whether the key is still live, the partner not suspended, and every
+practitioner the answer shows still granted (migration 0013): an answer it
+does not authorise is neither recorded nor sent, and the call reads again on
+the primary, which also answers (and records) whatever a replica could not:
+nothing found, a refusal, a replica failing. Contact reads run on the primary
+only.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 from uuid import UUID
 
 from appointments.partner.v1 import appointment_pb2, contact_pb2
@@ -39,6 +40,7 @@ from service.access.gate import PartnerGate
 from service.access.limits import PartnerPolicy
 from service.crypto import sealing
 from service.disclosure import pagination, views
+from service.disclosure.groups import Expected
 from service.disclosure.pseudonyms import PartnerPseudonyms, Pseudonyms
 from service.disclosure.record import DisclosureRecorder, entry
 from service.errors import InvalidArgument, NotFound, PermissionDenied
@@ -70,6 +72,16 @@ class ListQuery:
     end_time: datetime
     page_size: int
     page_token: str
+
+    def filters(self, after: tuple[Micros, UUID] | None) -> dict[str, Any]:
+        """The listing statement's filters: this query's, after ``after``, one row more than a page."""
+        return {
+            "practitioner_id": self.practitioner_id,
+            "start_time": self.start_time,
+            "end_time": self.end_time,
+            "after": after,
+            "limit": self.page_size + 1,
+        }
 
     def binding(self, partner_id: UUID) -> bytes:
         """The bytes a page token of this query is bound to: the caller and every filter."""
@@ -124,17 +136,17 @@ class PartnerReads:
                 raise InvalidArgument.field("page_token", "unsupported page token") from exc
         response = pb.ListAppointmentsResponse()
         with self._recorder.expect_basic() as expected:
-            rows = await self._listed_rows(principal, query, after, practitioner_id)
-            page = rows[: query.page_size]
-            if page:
-                shown = self._pages.fill(response, page, self._ids.for_partner(principal.partner_id))
-                outcome = await self._recorder.record(
-                    entry(principal, _LIST, models.View.BASIC),
-                    [(public_id, r.id, r.patient_id) for public_id, r in zip(shown, page, strict=True)],
-                    self._guard.terms(policy),
-                    expected,
-                )
-                self._guard.settle(principal.partner_id, outcome)
+            listed = await self._on_replica(
+                lambda conn: partner_path.list_appointments(conn, principal, **query.filters(after))
+            )
+            rows = None
+            if listed:  # a page read on a replica: recorded once the primary authorised it
+                rows = await self._record_listing(response, principal, policy, query, listed, expected, checked=True)
+            if rows is None:
+                listed = await self._listed_rows(principal, query, after, practitioner_id)
+                rows = await self._record_listing(response, principal, policy, query, listed, expected, checked=False)
+            assert rows is not None  # an answer read on the primary is never refused by its record
+        page = rows[: query.page_size]
         self._telemetry.disclosed(models.View.BASIC, len(page))
         if len(rows) > query.page_size:
             last = page[-1]
@@ -148,15 +160,22 @@ class PartnerReads:
     ) -> appointment_pb2.Appointment:
         """The basic view of one appointment; NOT_FOUND (recorded) when the partner may not see it."""
         ids = self._ids.for_partner(principal.partner_id)
+        record = entry(principal, _GET, models.View.BASIC)
         with self._recorder.expect_basic() as expected:
-            row = await self.named_appointment(principal, ids, appointment_id, _GET, models.View.BASIC)
+            internal_id = ids.parse_appointment_id(appointment_id)
+            found = await self._on_replica(lambda conn: partner_path.get_appointment(conn, principal, internal_id))
+            outcome = None
+            if found is not None:  # read on a replica: recorded once the primary authorised it
+                row = found
+                items = [(appointment_id, row.id, row.patient_id)]
+                terms = self._guard.terms(policy)
+                outcome = await self._recorder.record(record, items, terms, expected, shown=(row.practitioner_id,))
+            if outcome is None:
+                row = await self.named_appointment(principal, ids, appointment_id, _GET, models.View.BASIC)
+                items = [(appointment_id, row.id, row.patient_id)]
+                outcome = await self._recorder.record(record, items, self._guard.terms(policy), expected)
+                assert outcome is not None  # read on the primary: never refused by its record
             message = views.basic_appointment(row, ids)
-            outcome = await self._recorder.record(
-                entry(principal, _GET, models.View.BASIC),
-                [(appointment_id, row.id, row.patient_id)],
-                self._guard.terms(policy),
-                expected,
-            )
         self._guard.settle(principal.partner_id, outcome)
         self._telemetry.disclosed(models.View.BASIC, 1)
         return message
@@ -223,28 +242,9 @@ class PartnerReads:
         NOT_FOUND; a key revoked or a partner suspended since they were cached
         is refused.
         """
-
-        async def read(conn: Connection) -> list[models.BasicAppointment]:
-            return await partner_path.list_appointments(
-                conn,
-                principal,
-                practitioner_id=query.practitioner_id,
-                start_time=query.start_time,
-                end_time=query.end_time,
-                after=after,
-                limit=query.page_size + 1,
-            )
-
-        if self._replicas is not None:
-            named = [query.practitioner_id] if query.practitioner_id is not None else []
-            replicated = await self._from_replica(
-                principal, read, lambda rows: [*named, *(r.practitioner_id for r in rows)]
-            )
-            if replicated is not None:
-                return replicated
         async with self._db.partner_statements() as conn:
             try:
-                return await read(conn)
+                return await partner_path.list_appointments(conn, principal, **query.filters(after))
             except partner_path.ReadRefused as refused:
                 if refused.refusal is not partner_path.Refusal.NOT_GRANTED:
                     raise self._gate.refused(refused, principal) from None
@@ -260,14 +260,6 @@ class PartnerReads:
         Raises for a key revoked or a partner suspended since they were cached.
         """
         internal_id = ids.parse_appointment_id(appointment_id)
-        if self._replicas is not None and view is models.View.BASIC:
-            replicated = await self._from_replica(
-                principal,
-                lambda conn: partner_path.get_appointment(conn, principal, internal_id),
-                lambda row: [row.practitioner_id] if row is not None else None,
-            )
-            if replicated is not None:
-                return replicated
         async with self._db.partner_statements() as conn:
             try:
                 row = await partner_path.get_appointment(conn, principal, internal_id)
@@ -282,32 +274,45 @@ class PartnerReads:
             raise NotFound("appointment not found")
         return row
 
-    async def _from_replica(
+    async def _record_listing(
         self,
+        response: pb.ListAppointmentsResponse,
         principal: models.Principal,
-        read: Callable[[Connection], Awaitable[T]],
-        practitioners: Callable[[T], Collection[UUID] | None],
-    ) -> T | None:
-        """What ``read`` answers on a replica, once the primary authorised it whole; ``None``: read on the primary.
+        policy: PartnerPolicy,
+        query: ListQuery,
+        rows: list[models.BasicAppointment],
+        expected: Expected,
+        *,
+        checked: bool,
+    ) -> list[models.BasicAppointment] | None:
+        """Fill ``response`` with the page of ``rows`` and record it; ``rows``, or ``None`` when refused.
 
-        ``practitioners`` names those the answer shows (``None``: an answer the
-        primary must give itself, such as nothing found). Raises what the
-        primary answers for a key revoked or a partner suspended.
+        ``checked``: read on a replica, so the record statement authorises the
+        answer first; refused, nothing was recorded and ``response`` is empty again.
         """
-        assert self._replicas is not None
-        # A refusal on a lagging copy, a recovery conflict, a replica gone: the primary answers.
+        page = rows[: query.page_size]
+        if not page:
+            return rows
+        shown = self._pages.fill(response, page, self._ids.for_partner(principal.partner_id))
+        outcome = await self._recorder.record(
+            entry(principal, _LIST, models.View.BASIC),
+            [(public_id, r.id, r.patient_id) for public_id, r in zip(shown, page, strict=True)],
+            self._guard.terms(policy),
+            expected,
+            shown=sorted({r.practitioner_id for r in page}) if checked else (),
+        )
+        if outcome is None:
+            del response.appointments[:]
+            return None
+        self._guard.settle(principal.partner_id, outcome)
+        return rows
+
+    async def _on_replica(self, read: Callable[[Connection], Awaitable[T]]) -> T | None:
+        """What ``read`` answers on a replica within the lag bound; ``None`` when there is none, or it failed there.
+
+        A refusal on a lagging copy, a recovery conflict, a replica gone: the primary answers instead.
+        """
+        if self._replicas is None:
+            return None
         replicated = await self._replicas.read(read, refusals=(partner_path.ReadRefused,))
-        if replicated is None:
-            return None
-        answer = replicated.value
-        shown = practitioners(answer)
-        if shown is None:
-            return None
-        async with self._db.partner_statements() as conn:
-            try:
-                granted = await partner_path.granted(conn, principal, list(set(shown)))
-            except partner_path.ReadRefused as refused:
-                raise self._gate.refused(refused, principal) from None
-        if not granted.issuperset(shown):
-            return None
-        return answer
+        return None if replicated is None else replicated.value

@@ -208,6 +208,7 @@ async def write_basic(
     terms: Mapping[UUID, models.ChargeTerms],
     counted: CountedPatients | None = None,
     recorded: RecordedResponses | None = None,
+    checks: Sequence[Sequence[UUID]] | None = None,
 ) -> dict[UUID, models.ChargeOutcome]:
     """Charge and record the basic-view responses of many calls in one statement; each partner's charge outcome.
 
@@ -222,6 +223,11 @@ async def write_basic(
     statement must commit on its own (no enclosing transaction). With
     ``recorded`` as well, a response repeating a record it holds is recorded
     as a reference, and it learns the records written in full.
+
+    ``checks`` holds per response the practitioners its answer shows when it
+    was read on a replica (empty when read on the primary): the statement then
+    authorises those answers first, and raises
+    :class:`ledger.ReplicaAnswersRefused` for any it does not.
     """
     for entry, _ in responses:
         basic = entry.view == models.View.BASIC and entry.outcome == models.Outcome.DISCLOSED
@@ -280,12 +286,15 @@ async def write_basic(
         [e.client_cert for e, _ in responses],
     ]
     try:
-        rows = await ledger.record_basic(conn, group)
+        if checks is not None and any(checks):
+            rows = await ledger.record_checked_basic(conn, checks, group)
+        else:
+            rows = await ledger.record_basic(conn, group)
     except ledger.ReferenceRefused:
         if recorded is None:
             raise
         recorded.clear()  # a record it held is not there (a failover lost it, say): write everything in full
-        return await write_basic(conn, responses, terms, counted)
+        return await write_basic(conn, responses, terms, counted, checks=checks)
     outcomes = {}
     for row in rows:
         outcomes[row.partner_id] = row.outcome
@@ -298,26 +307,35 @@ async def write_basic(
     return outcomes
 
 
-class _BasicViews(RecordKind[Response, models.ChargeOutcome]):
-    """Basic-view responses: answered with their partner's charge outcome."""
+#: A basic-view response to record, with the practitioners its answer shows when read on a replica.
+CheckedResponse = tuple[Response, Sequence[UUID]]
+
+
+class _BasicViews(RecordKind[CheckedResponse, models.ChargeOutcome | None]):
+    """Basic-view responses: answered with their partner's charge outcome (``None``: read again on the primary)."""
 
     def __init__(self, counted: CountedPatients, recorded: RecordedResponses) -> None:
         self._counted = counted
         self._recorded = recorded
 
     async def write(
-        self, conn: Connection, requests: list[Response], terms: Mapping[UUID, models.ChargeTerms]
-    ) -> list[models.ChargeOutcome]:
-        outcomes = await write_basic(conn, requests, terms, self._counted, self._recorded)
-        return [outcomes[entry.partner_id] for entry, _ in requests]
+        self, conn: Connection, requests: list[CheckedResponse], terms: Mapping[UUID, models.ChargeTerms]
+    ) -> list[models.ChargeOutcome | None]:
+        responses = [response for response, _ in requests]
+        checks = [shown for _, shown in requests]
+        outcomes = await write_basic(conn, responses, terms, self._counted, self._recorded, checks)
+        return [outcomes[entry.partner_id] for entry, _ in responses]
 
-    def capped(self, cap: models.ChargeOutcome) -> models.ChargeOutcome:
+    def capped(self, cap: models.ChargeOutcome) -> models.ChargeOutcome | None:
         return cap
 
-    def outcome(self, answer: models.ChargeOutcome) -> models.ChargeOutcome:
+    def refused(self) -> models.ChargeOutcome | None:
+        return None
+
+    def outcome(self, answer: models.ChargeOutcome | None) -> models.ChargeOutcome | None:
         return answer
 
-    def unflagged(self, answer: models.ChargeOutcome) -> models.ChargeOutcome:
+    def unflagged(self, answer: models.ChargeOutcome | None) -> models.ChargeOutcome | None:
         return models.ChargeOutcome.OK
 
 
@@ -331,6 +349,9 @@ class _ContactViews(RecordKind[ledger.ContactRequest, models.StoredConsentedCont
 
     def capped(self, cap: models.ChargeOutcome) -> models.StoredConsentedContact:
         return models.StoredConsentedContact(models.ConsentState.LIVE, cap, ())
+
+    def refused(self) -> models.StoredConsentedContact:
+        raise AssertionError("contact views are read on the primary, never checked again")
 
     def outcome(self, answer: models.StoredConsentedContact) -> models.ChargeOutcome | None:
         return answer.charge
@@ -363,14 +384,18 @@ class DisclosureRecorder:
         items: ledger.Items,
         terms: models.ChargeTerms,
         expected: Expected | None = None,
-    ) -> models.ChargeOutcome:
+        *,
+        shown: Sequence[UUID] = (),
+    ) -> models.ChargeOutcome | None:
         """Charge and record one basic-view response; return its charge's outcome once it is durable.
 
         ``FLAGGED`` is given to one call of the partner's group only, so the
         anomaly is reported once; ``SUSPENDED`` and the caps mean nothing was
-        recorded and nothing may be sent.
+        recorded and nothing may be sent. ``shown``: the practitioners of an
+        answer read on a replica, which the record statement authorises first;
+        ``None`` when it did not (nothing was recorded: read on the primary).
         """
-        return await self._basic.submit(entry.partner_id, (entry, items), terms, expected)
+        return await self._basic.submit(entry.partner_id, ((entry, items), shown), terms, expected)
 
     async def disclose_contact(
         self, request: ledger.ContactRequest, terms: models.ChargeTerms, expected: Expected | None = None

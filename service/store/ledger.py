@@ -29,6 +29,8 @@ from service.store.database import Connection
 _CAP_REACHED = "AG429"
 #: The record statement refused a reference to a record it cannot repeat.
 _REFERENCE_REFUSED = "AG409"
+#: The record statement refused answers read on a replica (their positions in DETAIL, from 1).
+_REPLICA_ANSWERS_REFUSED = "AG412"
 
 _RECORD_BASIC = (
     "SELECT partner_id, outcome::text, counted_since, record_ids FROM record_basic_disclosures($1::text::uuid[], "
@@ -36,6 +38,14 @@ _RECORD_BASIC = (
     "$8::text::text[], $9::text::uuid[], $10::text::uuid[], $11::text::uuid[], $12::text::int[], $13::text::int[], "
     "$14::text::float8[], $15::text::bigint[], $16::text::bool[], $17::text::bigint[], $18::text::int[], "
     "$19::text::uuid[], $20::text::text[])"
+)
+#: The same, with per response the practitioners to authorise first (migration 0013).
+_RECORD_CHECKED_BASIC = (
+    "SELECT partner_id, outcome::text, counted_since, record_ids FROM record_checked_basic_disclosures("
+    "$1::text::int[], $2::text::uuid[], $3::text::uuid[], $4::text::text[], $5::text::text[], $6::text::text[], "
+    "$7::text::int[], $8::text::bigint[], $9::text::text[], $10::text::text[], $11::text::uuid[], $12::text::uuid[], "
+    "$13::text::uuid[], $14::text::int[], $15::text::int[], $16::text::float8[], $17::text::bigint[], "
+    "$18::text::bool[], $19::text::bigint[], $20::text::int[], $21::text::uuid[], $22::text::text[])"
 )
 _DISCLOSE_CONTACTS = (
     "SELECT consent::text, outcome::text, fields, sealed_given_name, sealed_family_name, sealed_sex, sealed_phone, "
@@ -61,6 +71,17 @@ class CapReached(Exception):
 
 class ReferenceRefused(Exception):
     """A response named a record it cannot repeat (missing, another partner's or day's): nothing was written."""
+
+
+class ReplicaAnswersRefused(Exception):
+    """The primary did not authorise some answers read on a replica: nothing of the group was written.
+
+    ``positions`` are those responses' indexes in the group (from 0).
+    """
+
+    def __init__(self, positions: Sequence[int]) -> None:
+        super().__init__(positions)
+        self.positions = positions
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +114,26 @@ async def record_basic(conn: Connection, columns: Sequence[Sequence[object] | st
     nothing was counted or recorded.
     """
     rows = await _run_group(conn, _RECORD_BASIC, columns)
+    return [BasicRow(row[0], _CHARGE_OUTCOMES[row[1]], row[2], row[3]) for row in rows]
+
+
+async def record_checked_basic(
+    conn: Connection, practitioners: Sequence[Sequence[UUID]], columns: Sequence[Sequence[object] | str]
+) -> list[BasicRow]:
+    """:func:`record_basic`, after the primary authorised each response's answer read on a replica.
+
+    ``practitioners`` holds per response those its answer shows (empty: read
+    on the primary). Raises :class:`ReplicaAnswersRefused` as well, and then
+    nothing was counted or recorded.
+    """
+    ends: list[int] = []
+    flat: list[UUID] = []
+    total = 0
+    for shown in practitioners:
+        total += len(shown)
+        ends.append(total)
+        flat += shown
+    rows = await _run_group(conn, _RECORD_CHECKED_BASIC, [ends, flat, *columns])
     return [BasicRow(row[0], _CHARGE_OUTCOMES[row[1]], row[2], row[3]) for row in rows]
 
 
@@ -168,6 +209,8 @@ async def _run_group(conn: Connection, statement: str, columns: Sequence[Sequenc
         sqlstate = getattr(exc, "sqlstate", None)
         if sqlstate == _REFERENCE_REFUSED:
             raise ReferenceRefused from None
+        if sqlstate == _REPLICA_ANSWERS_REFUSED:
+            raise ReplicaAnswersRefused([int(n) - 1 for n in str(getattr(exc, "detail", "")).split(",")]) from None
         detail = getattr(exc, "detail", None)
         if sqlstate == _CAP_REACHED and detail in (models.ChargeOutcome.CONTACT_CAP, models.ChargeOutcome.PATIENT_CAP):
             raise CapReached(UUID(str(getattr(exc, "hint", ""))), models.ChargeOutcome(detail)) from None

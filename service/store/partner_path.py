@@ -1,4 +1,4 @@
-"""Everything the partner path runs: the functions of migrations 0007, 0008 and 0013, as the ``apptgate_partner`` role.
+"""Everything the partner path runs: the functions of migrations 0007 and 0008, as the ``apptgate_partner`` role.
 
 Each statement calls one function that takes the caller's key id and
 credential (:attr:`service.models.Principal.credential`), verifies both, and
@@ -75,7 +75,6 @@ _CONSENT_REQUEST_EVENTS = (
     + ", ".join(f"(request).{column.strip()}" for column in _REQUEST_COLUMNS.split(","))
     + " FROM partner_consent_request_events($1, $2, $3, $4)"
 )
-_GRANTED = "SELECT partner_granted($1, $2, $3::uuid[])"
 _REFUSE = "SELECT partner_record_refusal($1, $2, $3, $4, $5::smallint, $6, $7::text[], $8::uuid[], $9::uuid[], $10)"
 
 
@@ -159,15 +158,6 @@ async def get_appointment(
     """Return the appointment if it exists and is visible to the partner, else ``None``. Raises :class:`ReadRefused`."""
     row = await _refusing(conn, lambda: conn.fetchrow(GET_SQL, caller.key_id, caller.credential, appointment_id))
     return models.BasicAppointment(*row) if row else None
-
-
-async def granted(conn: Connection, caller: models.Principal, practitioners: Sequence[UUID]) -> set[UUID]:
-    """Which of ``practitioners`` grant the key's partner access now (migration 0013). Raises :class:`ReadRefused`.
-
-    For what a replica answered: the primary's decision on the key, the suspension and the grants.
-    """
-    found = await _refusing(conn, lambda: conn.fetchval(_GRANTED, caller.key_id, caller.credential, practitioners))
-    return set(found)
 
 
 async def record_refusal(

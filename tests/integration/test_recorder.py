@@ -359,3 +359,42 @@ async def test_a_group_with_no_patient_left_to_charge_does_not_call_the_charge(d
         (True, 1),
         (True, 1),
     ]
+
+
+async def test_an_answer_read_on_a_replica_that_the_primary_does_not_authorise_is_refused_alone(db: Database) -> None:
+    partner, entry = await _partner(db, "Replicated")
+    async with db.connection() as conn:
+        granted, ungranted = [
+            await conn.fetchval(
+                "INSERT INTO practitioners (display_name, specialty) VALUES ($1, 'General practice') RETURNING id", name
+            )
+            for name in ("Dr. Granted", "Dr. Revoked")
+        ]
+        await conn.execute(
+            "INSERT INTO partner_keys (id, partner_id, secret_hash) VALUES ($1, $2, $3)",
+            entry.key_id,
+            partner,
+            b"k" * 32,
+        )
+        await conn.execute(
+            "INSERT INTO practitioner_grants (partner_id, practitioner_id) VALUES ($1, $2)", partner, granted
+        )
+    recorder = DisclosureRecorder(db, budget=5.0, grouping=Grouping(gather=60.0))
+
+    async with asyncio.timeout(10):
+        with recorder.expect_basic() as second, recorder.expect_basic() as third:
+            # The first starts a group, which then waits for the two calls underway: one statement for all three.
+            refused = asyncio.create_task(
+                recorder.record(entry, [("shown-refused", None, None)], TERMS, shown=(granted, ungranted))
+            )
+            for _ in range(3):
+                await asyncio.sleep(0)
+            answers = await asyncio.gather(
+                recorder.record(entry, [("shown-authorised", None, None)], TERMS, second, shown=(granted,)),
+                recorder.record(entry, [("shown-from-primary", None, None)], TERMS, third),
+            )
+        answers.insert(0, await refused)
+
+    assert answers == [None, "ok", "ok"]
+    # The refused answer left nothing; the other two were written together, once.
+    assert await _transactions(db, partner) == {"shown-authorised": 0, "shown-from-primary": 0}
