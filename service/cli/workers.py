@@ -44,6 +44,7 @@ import time
 from contextlib import AsyncExitStack
 from dataclasses import replace
 
+from service.api.server import BindError
 from service.app import check_transport_security, embedded_database, listened_on, load_secrets, open_database
 from service.errors import ConfigError
 from service.settings import Exporter, Settings, child_environment, split_address
@@ -150,6 +151,7 @@ def _metrics_addresses(settings: Settings) -> list[str]:
 def _check_ports(settings: Settings) -> None:
     """Refuse a port chosen by the kernel (workers must share one) and a port someone listens on already."""
     problems = []
+    busy = []  # an operational failure (exit 1), not a bad value
     for variable, address in (
         ("APPTGATE_PARTNER_ADDR", settings.partner_addr),
         ("APPTGATE_INTERNAL_ADDR", settings.internal_addr),
@@ -157,7 +159,7 @@ def _check_ports(settings: Settings) -> None:
         if split_address(address)[1] == 0:
             problems.append(f"{variable}: several workers need a fixed port, not 0")
         elif listened_on(address):
-            problems.append(
+            busy.append(
                 f"{variable}: {address} is in use by another process (a server, or the workers of an "
                 "earlier supervisor); stop it first"
             )
@@ -166,13 +168,15 @@ def _check_ports(settings: Settings) -> None:
         problems.append(
             f"OTEL_EXPORTER_PROMETHEUS_PORT: worker N serves /metrics on this port + N, and {last} is no port"
         )
-    elif busy := [address for address in _metrics_addresses(settings) if listened_on(address)]:
-        problems.append(
-            f"OTEL_EXPORTER_PROMETHEUS_PORT: {', '.join(busy)} in use by another process (worker N serves /metrics "
+    elif metrics := [address for address in _metrics_addresses(settings) if listened_on(address)]:
+        busy.append(
+            f"OTEL_EXPORTER_PROMETHEUS_PORT: {', '.join(metrics)} in use by another process (worker N serves /metrics "
             f"on this port + N, here up to {last}); stop it or choose another port"
         )
     if problems:
         raise ConfigError(problems)
+    if busy:
+        raise BindError("; ".join(busy))
 
 
 async def _check_database(settings: Settings) -> None:

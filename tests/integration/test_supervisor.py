@@ -220,7 +220,7 @@ async def test_a_supervisor_refuses_ports_another_process_listens_on(database_ds
                 process.kill()
                 await process.wait()
 
-    assert process.returncode == 2, err.decode()[-3000:]
+    assert process.returncode == 1, err.decode()[-3000:]  # an operational failure, as for one process
     lines = err.decode().strip().splitlines()
     assert len(lines) == 1, lines
     assert "APPTGATE_INTERNAL_ADDR" in lines[0] and "in use" in lines[0]
