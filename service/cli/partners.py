@@ -269,24 +269,23 @@ _NO_CONTEXT = cast("grpc.aio.ServicerContext", None)
 _Answer = Callable[[PartnerRegistryApi, Any], Awaitable[Message]]
 
 
-async def _all_partners(api: PartnerRegistryApi, request: registry_pb.ListPartnersRequest) -> Message:
-    answer = registry_pb.ListPartnersResponse()
-    while True:
-        page = await api.ListPartners(request, _NO_CONTEXT)
-        answer.partners.extend(page.partners)
-        if not page.next_page_token:
-            return answer
-        request.page_token = page.next_page_token
+def _every_page(name: str, field: str) -> _Answer:
+    """A List RPC read to its last page, its ``field``'s items gathered in one answer."""
 
+    async def call(api: PartnerRegistryApi, request: Any) -> Message:
+        answer: Any = None
+        while True:
+            page = await getattr(api, name)(request, _NO_CONTEXT)
+            if answer is None:
+                answer = page
+            else:
+                getattr(answer, field).extend(getattr(page, field))
+            if not page.next_page_token:
+                answer.next_page_token = ""
+                return cast(Message, answer)
+            request.page_token = page.next_page_token
 
-async def _all_keys(api: PartnerRegistryApi, request: registry_pb.ListPartnerKeysRequest) -> Message:
-    answer = registry_pb.ListPartnerKeysResponse()
-    while True:
-        page = await api.ListPartnerKeys(request, _NO_CONTEXT)
-        answer.keys.extend(page.keys)
-        if not page.next_page_token:
-            return answer
-        request.page_token = page.next_page_token
+    return call
 
 
 def _rpc(name: str) -> _Answer:
@@ -298,10 +297,10 @@ def _rpc(name: str) -> _Answer:
 
 _ANSWERS: dict[str, _Answer] = {
     "create": _rpc("CreatePartner"),
-    "list": _all_partners,
+    "list": _every_page("ListPartners", "partners"),
     "show": _rpc("GetPartner"),
     "issue-key": _rpc("IssuePartnerKey"),
-    "keys": _all_keys,
+    "keys": _every_page("ListPartnerKeys", "keys"),
     "revoke-key": _rpc("RevokePartnerKey"),
     "grant": _rpc("GrantPractitionerAccess"),
     "revoke-grant": _rpc("RevokePractitionerAccess"),
