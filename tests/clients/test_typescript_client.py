@@ -226,6 +226,13 @@ async def change_at(run: Running, start: str) -> dict[str, Any]:
         assert document["startTime"] in AGENDA_STARTS, document
 
 
+def _restartable(settings: Settings, keyring: ConsentKeyring, data_keys: DataKeyring) -> tuple[int, Secrets, Settings]:
+    """A fixed partner port, and secrets and settings that a gateway started again on it shares with the first."""
+    port = harness.free_port()
+    secrets = Secrets(os.urandom(32), keyring, data_keys)  # the same secret on both: resume tokens survive the restart
+    return port, secrets, replace(settings, partner_addr=f"127.0.0.1:{port}", internal_addr="127.0.0.1:0")
+
+
 async def test_watch_agenda_example_follows_changes_and_resumes_across_a_server_restart(
     node: str,
     settings: Settings,
@@ -235,9 +242,7 @@ async def test_watch_agenda_example_follows_changes_and_resumes_across_a_server_
     agenda: Agenda,
     world: harness.World,
 ) -> None:
-    port = harness.free_port()
-    secrets = Secrets(os.urandom(32), keyring, data_keys)  # the same secret on both: resume tokens survive the restart
-    partner_settings = replace(settings, partner_addr=f"127.0.0.1:{port}", internal_addr="127.0.0.1:0")
+    port, secrets, partner_settings = _restartable(settings, keyring, data_keys)
     first = Gateway(partner_settings, database, secrets)
     await first.start()
     second: Gateway | None = None
@@ -332,9 +337,7 @@ async def test_watch_agenda_example_resumes_a_watch_that_received_nothing_after_
     agenda: Agenda,
     world: harness.World,
 ) -> None:
-    port = harness.free_port()
-    secrets = Secrets(os.urandom(32), keyring, data_keys)  # the same secret on both: resume tokens survive the restart
-    partner_settings = replace(settings, partner_addr=f"127.0.0.1:{port}", internal_addr="127.0.0.1:0")
+    port, secrets, partner_settings = _restartable(settings, keyring, data_keys)
     first = Gateway(partner_settings, database, secrets)
     await first.start()
     second: Gateway | None = None
