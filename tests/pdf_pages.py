@@ -1,4 +1,5 @@
-"""A PDF read back as its reader gets it: the text (poppler's pdftotext) and whether a page is drawn (pdftoppm).
+"""A PDF read back as its reader gets it: the text (poppler's pdftotext), the pages' sizes (pdfinfo) and whether a
+page is drawn (pdftoppm).
 
 Used on the breach dossier's PDF. Tests that need poppler call
 :func:`require_poppler`, which skips them, saying why, on a machine without it
@@ -7,6 +8,7 @@ Used on the breach dossier's PDF. Tests that need poppler call
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,9 +20,11 @@ TOOL_TIMEOUT = 120
 
 
 def require_poppler() -> None:
-    """Skip the test, saying why, without pdftotext and pdftoppm on PATH."""
-    if shutil.which("pdftotext") is None or shutil.which("pdftoppm") is None:
-        pytest.skip("no pdftotext/pdftoppm on PATH (`make test` installs Debian's poppler-utils when run as root)")
+    """Skip the test, saying why, without pdftotext, pdftoppm and pdfinfo on PATH."""
+    if any(shutil.which(tool) is None for tool in ("pdftotext", "pdftoppm", "pdfinfo")):
+        pytest.skip(
+            "no pdftotext/pdftoppm/pdfinfo on PATH (`make test` installs Debian's poppler-utils when run as root)"
+        )
 
 
 def text(path: Path) -> str:
@@ -29,6 +33,16 @@ def text(path: Path) -> str:
         ["pdftotext", "-layout", str(path), "-"], capture_output=True, text=True, check=True, timeout=TOOL_TIMEOUT
     )
     return " ".join(done.stdout.split())
+
+
+def page_sizes(path: Path) -> list[tuple[float, float]]:
+    """Each page's width and height in points, in order (poppler's pdfinfo)."""
+    done = subprocess.run(
+        ["pdfinfo", "-f", "1", "-l", "100000", str(path)], capture_output=True, text=True, check=True,
+        timeout=TOOL_TIMEOUT,
+    )  # fmt: skip
+    sizes = re.findall(r"^Page +\d+ size: +([\d.]+) x ([\d.]+) pts", done.stdout, flags=re.M)
+    return [(float(width), float(height)) for width, height in sizes]
 
 
 def page_variance(path: Path, page: int = 1) -> float:

@@ -18,14 +18,17 @@ rendered to PDF from the same text (:mod:`service.disclosure.pdf`). It holds:
 * the notices to patients (Art. 34) in French and English
   (:mod:`service.disclosure.breach_letters`);
 * the affected patients: internal id, appointments (time, practitioner,
-  specialty), fields, views, first and last time. Names and emails appear
-  only when the report was read with ``--include-contact`` (which the ledger
-  records); without it no name, email or phone is anywhere in the page.
+  specialty), fields, views, first and last time, printed on landscape pages
+  in columns of fixed widths. Names and emails appear only when the report
+  was read with ``--include-contact`` (which the ledger records); without it
+  no name, email or phone is anywhere in the page.
 
 Times are RFC 3339 in UTC, as in the JSON and CSV; each column names the
 field of ``BreachReportResponse`` it shows. Partner and practitioner names,
 specialties and the DPO's contact are third-party text: escaped and isolated
-(``<bdi>``).
+(``<bdi>``; in the patients' list, whose cells hold text only because every
+element is one more box for the PDF engine to lay out, by the characters
+``<bdi>`` stands for, FSI … PDI).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import hashlib
 from collections.abc import Iterable
 from datetime import UTC, datetime, tzinfo
 from html import escape
+from uuid import UUID
 
 from service import models
 from service.disclosure import breach, breach_chart, breach_letters
@@ -63,12 +67,16 @@ table { border-collapse: collapse; margin: .4rem 0 .8rem; }
 th, td { text-align: left; vertical-align: top; padding: .15rem .6rem .15rem 0; border-bottom: 1px solid #dde3ea; }
 td.n, th.n { text-align: right; }
 th code, .field { display: block; font-weight: normal; color: #555; font-size: .8em; }
+@page list { size: A4 landscape; }
+section.patients { page: list; }
 table.patients { width: 100%; font-size: .85em; margin: 0; table-layout: fixed; }
-table.patients th:nth-child(1) { width: 17%; } table.patients th:nth-child(2) { width: 27%; }
-table.patients th:nth-child(3), table.patients th:nth-child(4) { width: 9%; }
 table.patients td, table.patients th { overflow-wrap: anywhere; }
-table.patients thead { display: table-header-group; }
+table.patients td { white-space: pre-line; }
+table.patients tbody th { font: .92em "DejaVu Sans Mono", ui-monospace, monospace; }
 table.patients tr { break-inside: avoid; }
+col.id { width: 18%; } col.appointments { width: 38%; } col.fields { width: 8%; } col.views { width: 6%; }
+col.time { width: 15%; } .contact col.id { width: 12%; } .contact col.appointments { width: 22%; }
+.contact col.time { width: 13%; } .contact col.name { width: 11%; } .contact col.email { width: 15%; }
 code { font-family: "DejaVu Sans Mono", ui-monospace, monospace; font-size: .92em; overflow-wrap: anywhere; }
 .todo { background: #fff3c4; border: 1px dashed #8a6300; padding: 0 .2rem; }
 .merge { background: #e6eefa; font-family: "DejaVu Sans Mono", monospace; font-size: .92em; }
@@ -76,7 +84,9 @@ code { font-family: "DejaVu Sans Mono", ui-monospace, monospace; font-size: .92e
 .chart { margin: .5rem 0; }
 .chart svg { max-width: 100%; height: auto; }
 .method { font-size: .85em; color: #444; }
-@media print { body { padding: 0; max-width: none; } h2 { break-after: avoid; } }
+@media print { body { padding: 0; max-width: none; } h2 { break-after: avoid; } table.patients { font-size: .72em; }
+  col.id { width: 21%; } col.appointments { width: 40%; } col.time { width: 12.5%; }
+  .contact col.appointments { width: 26%; } .contact col.time { width: 12.5%; } .contact col.email { width: 12%; } }
 """
 
 #: The page allows its own style sheet and nothing else: no script, image, font, frame or connection.
@@ -306,47 +316,72 @@ and what of theirs was disclosed, already written out in both languages).</p>
 </section>"""
 
 
+#: Unicode's isolate controls (LRI, RLI, FSI, PDI): removed from third-party text that is isolated by them.
+_ISOLATES = dict.fromkeys(range(0x2066, 0x206A))
+
+
+def _isolated(value: str) -> str:
+    """Third-party text in the patients' list: escaped, on one line, and isolated by the characters ``<bdi>``
+    stands for (FSI … PDI), where an element would be one more box for the PDF engine; its own isolate controls
+    are removed, so that it cannot close the isolate early, and its line breaks shown as spaces, as elsewhere."""
+    return f"\u2068{_text(' '.join(value.translate(_ISOLATES).splitlines()))}\u2069"
+
+
+def _patient_id(value: UUID, narrow: bool) -> str:
+    """A patient's id; in a narrow column, a line break allowed after its third group, where the text has none."""
+    text = str(value)
+    return f"{text[:19]}<wbr>{text[19:]}" if narrow else text
+
+
 def _patients(report: breach.Report) -> str:
     with_contact = report.contact_included
+    columns = ["id", "appointments", "fields", "views", "time", "time"] + (["name", "email"] if with_contact else [])
     head = (
-        _th("Patient", "patient_id")
+        "<colgroup>"
+        + "".join(f'<col class="{c}">' for c in columns)
+        + "</colgroup><thead><tr>"
+        + _th("Patient", "patient_id")
         + _th("Appointments", "appointments: start_time, practitioner_display_name, practitioner_specialty")
         + _th("Contact fields", "contact_fields")
         + _th("Views", "views")
         + _th("First", "first_disclosure_time")
         + _th("Last", "last_disclosure_time")
         + (_th("Name", "contact.given_name, family_name") + _th("Email", "contact.email") if with_contact else "")
+        + "</tr></thead>"
     )
     rows = []
     for patient in report.patients:
         affected = patient.affected
-        appointments = "<br>".join(
-            f"{_time(a.start_time)} · {_theirs(a.practitioner_display_name)} · {_theirs(a.practitioner_specialty)}"
+        # Text only, an appointment a line (the cells keep line breaks): every element is a box that the PDF
+        # engine lays out and draws on its own.
+        appointments = "\n".join(
+            f"{rfc3339(a.start_time)} · {_isolated(a.practitioner_display_name)} · "
+            f"{_isolated(a.practitioner_specialty)}"
             for a in patient.appointments
         ) or ("consent request only" if affected.consent_requests else "–")
         cells = [
-            f"<code>{_text(str(affected.patient_id))}</code>",
             appointments,
             _text(_fields(affected.contact_fields)),
             _text(", ".join(v.label for v in affected.views) or "–"),
-            _time(affected.first_disclosure_time),
-            _time(affected.last_disclosure_time),
+            rfc3339(affected.first_disclosure_time),
+            rfc3339(affected.last_disclosure_time),
         ]
         if with_contact:
             contact = patient.contact
-            cells.append(_theirs(f"{contact.given_name} {contact.family_name}") if contact else "–")
-            cells.append(_theirs(contact.email) if contact and contact.email else "–")
-        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+            cells.append(_isolated(f"{contact.given_name} {contact.family_name}") if contact else "–")
+            cells.append(_isolated(contact.email) if contact and contact.email else "–")
+        row_header = f'<th scope="row">{_patient_id(affected.patient_id, with_contact)}</th>'
+        rows.append(f"<tr>{row_header}<td>" + "</td><td>".join(cells) + "</td></tr>")
     if not rows:
-        rows.append(f'<tr><td colspan="{8 if with_contact else 6}">No patient was reached in the window.</td></tr>')
+        rows.append(f'<tr><td colspan="{len(columns)}">No patient was reached in the window.</td></tr>')
     # Tables of a bounded number of rows: a paged layout engine lays a long table out in time that grows
     # faster than its rows; each table repeats the header, as a page break would.
+    css = "patients contact" if with_contact else "patients"
     tables = "".join(
-        f'<table class="patients"><thead><tr>{head}</tr></thead><tbody>{"".join(rows[n : n + TABLE_ROWS])}</tbody>'
-        "</table>"
+        f'<table class="{css}">{head}<tbody>{"".join(rows[n : n + TABLE_ROWS])}</tbody></table>'
         for n in range(0, len(rows), TABLE_ROWS)
     )
-    return f"<section><h2>Affected patients ({_n(len(report.patients))})</h2>{tables}</section>"
+    return f'<section class="patients"><h2>Affected patients ({_n(len(report.patients))})</h2>{tables}</section>'
 
 
 def render(

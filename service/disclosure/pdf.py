@@ -10,6 +10,7 @@ used: the other commands do not pay for loading it.
 
 from __future__ import annotations
 
+import gc
 import logging
 import warnings
 from typing import Any
@@ -45,6 +46,10 @@ def render(html: str) -> bytes:
     # WeasyPrint reports CSS it ignores (properties only browsers use) as warnings: not the reader's concern.
     logging.getLogger("weasyprint").setLevel(logging.ERROR)
     logging.getLogger("fontTools").setLevel(logging.ERROR)
+    # The cyclic collector paused while WeasyPrint works, as each of its passes would walk every object of the
+    # growing document again; the cycles it leaves are collected afterwards, in one pass.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         document = weasyprint.HTML(string=html, base_url=None, url_fetcher=_refusing_fetcher())
         pdf: bytes = document.write_pdf()
@@ -52,4 +57,7 @@ def render(html: str) -> bytes:
         raise PdfError("the page asked for an external resource; nothing was fetched") from None
     except OSError as exc:  # Pango or fonts missing on the machine
         raise PdfError(f"WeasyPrint could not lay out the page: {exc.strerror or type(exc).__name__}") from None
+    finally:
+        if collecting:
+            gc.enable()
     return pdf

@@ -9,8 +9,10 @@ import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from html import escape
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import pdf_pages
 import pytest
 from appointments.internal.v1 import audit_pb2
 from page_text import PageText
@@ -60,6 +62,23 @@ def _report(*, contact: bool = False, hours: int = 3, verification: breach.Verif
     )
 
 
+def _long_report(patients: int) -> breach.Report:
+    """A report of ``patients`` patients with one to three appointments each, ids 00000000-…-000000002710 on."""
+    listed = []
+    for n in range(patients):
+        patient_id = uuid.UUID(int=10_000 + n)
+        appointments = tuple(
+            models.AppointmentSummary(uuid.UUID(int=20_000 + 3 * n + k), patient_id, T0 + timedelta(hours=k),
+                                      uuid.UUID(int=9), 'Dr "Quote" Martin', "Cardiology")
+            for k in range(1 + n % 3)
+        )  # fmt: skip
+        affected = models.AffectedPatient(
+            patient_id, tuple(a.id for a in appointments), (), T0, T0 + timedelta(hours=2), 0, (models.View.BASIC,)
+        )
+        listed.append(breach.ReportedPatient(affected, appointments))
+    return replace(_report(), patients=tuple(listed))
+
+
 class TestPage:
     def test_third_party_text_is_escaped_and_never_markup(self) -> None:
         html = breach_dossier.render(_report(), dpo_contact="<b>DPO</b> dpo@example.invalid")
@@ -69,6 +88,19 @@ class TestPage:
         assert "<b>DPO</b> dpo@example.invalid" in page.text()
         assert not {"script", "img", "b", "iframe", "link"} & set(page.tags)
         assert all(name not in ("src", "href", "onerror") for _, name, _ in page.attributes)
+
+    def test_the_patients_list_isolates_third_party_text_that_cannot_end_its_isolate(self) -> None:
+        report = _report()
+        first = report.patients[0]
+        hostile = replace(first.appointments[0], practitioner_display_name="Dr \u2069\u202eLeakcheck\nMartin")
+        report = replace(report, patients=(replace(first, appointments=(hostile,)), *report.patients[1:]))
+
+        html = breach_dossier.render(report)
+        listed = html[html.index("<h2>Affected patients") :]
+
+        assert "\u2068Dr \u202eLeakcheck Martin\u2069 · \u2068" + escape(HOSTILE_SPECIALTY) + "\u2069" in listed
+        assert listed.count("\u2068") == listed.count("\u2069") == 2 * 3  # a name and a specialty per appointment
+        assert "<img" not in listed and "<bdi>" not in listed
 
     def test_the_page_allows_its_own_style_and_nothing_else(self) -> None:
         html = breach_dossier.render(_report())
@@ -217,6 +249,20 @@ class TestMessage:
 class TestPdf:
     def test_the_dossier_renders_to_pdf(self) -> None:
         assert pdf.render(breach_dossier.render(_report())).startswith(b"%PDF-")
+
+    def test_a_long_list_of_patients_is_whole_and_on_landscape_pages(self, tmp_path: Path) -> None:
+        pdf_pages.require_poppler()
+        report = _long_report(3 * breach_dossier.TABLE_ROWS - 40)  # three tables, each over several pages
+        output = tmp_path / "dossier.pdf"
+
+        output.write_bytes(pdf.render(breach_dossier.render(report)))
+
+        flat = pdf_pages.text(output)
+        assert all(str(p.affected.patient_id) in flat for p in report.patients)
+        assert flat.count('Dr "Quote" Martin · Cardiology') == sum(len(p.appointments) for p in report.patients)
+        landscape = [width > height for width, height in pdf_pages.page_sizes(output)]
+        first = landscape.index(True)
+        assert not any(landscape[:first]) and all(landscape[first:]) and len(landscape) - first > 3
 
     def test_a_page_asking_for_an_external_resource_is_refused_not_fetched(self) -> None:
         page = breach_dossier.render(replace(_report(), patients=()))
