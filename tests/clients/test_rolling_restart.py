@@ -251,6 +251,8 @@ async def test_fifty_watches_receive_every_change_once_in_order_while_two_gatewa
             await writer.book(quiet_second)
             await second.start()
             await flowing()
+            # Enough changes in all, however fast the restarts went.
+            assert await harness.eventually(lambda: len(writer.made) > 50)
         finally:
             stop_writing.set()
             await writing
