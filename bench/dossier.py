@@ -8,7 +8,7 @@ functions on a synthetic :class:`service.disclosure.breach.Report` of ``N``
 patients, so no database is needed and only the rendering is timed:
 
 * the report: a partner, one key, a window of 30 days; 1 + a geometric number
-  of appointments per patient (mean 2.5, at most 12) with one of
+  of appointments per patient (mean about 2.5, at most 12) with one of
   ``max(40, N / 40)`` practitioners in 24 specialties; every patient reached in
   the basic view, one in six also in the contact view with one to four contact
   fields; hourly activity over the window; with ``--contact``, a name and
@@ -214,7 +214,9 @@ def _run_child(patients: int, args: argparse.Namespace) -> Figures:
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.exit(f"dossier bench: {patients} patients failed:\n{done.stderr}")
-    return Figures(**json.loads(done.stdout.strip().splitlines()[-1]))
+    # py-spy writes its own lines to stdout as well: the figures are the child's JSON line.
+    [line] = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    return Figures(**json.loads(line))
 
 
 def _table(results: list[Figures]) -> str:
