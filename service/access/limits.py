@@ -58,7 +58,7 @@ class _Bucket:
 
 
 class TokenBuckets:
-    """Token buckets by key (a partner, a peer), bounded in number (least recently used evicted)."""
+    """Token buckets by key (a peer's address), bounded in number (least recently used evicted)."""
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic, max_partners: int = _MAX_PARTNERS) -> None:
         self._clock = clock

@@ -163,8 +163,8 @@ async def _translated_failures() -> AsyncIterator[None]:
         raise Unavailable("the database is unreachable") from exc
 
 
-async def keep_session(conn: Connection) -> None:
-    """A partner pool's reset on release: nothing to undo (see :meth:`Database.connect`)."""
+async def _keep_session(conn: Connection) -> None:
+    """A partner pool's reset on release: nothing to undo (see :func:`open_partner_pool`)."""
 
 
 class _ObservedConnection(asyncpg.Connection):  # type: ignore[misc]
@@ -268,6 +268,37 @@ class NotMigratedError(Exception):
     """The database lacks migrations this code needs; run ``python -m service migrate``."""
 
 
+#: Seconds an idle pooled connection is kept before it is closed.
+_INACTIVE_LIFETIME = 300.0
+
+
+async def open_partner_pool(
+    dsn: str,
+    *,
+    min_size: int,
+    max_size: int,
+    connect_timeout: float,
+    statement_timeout: float,
+    connection_class: type[asyncpg.Connection] = asyncpg.Connection,
+) -> asyncpg.Pool:
+    """A pool of sessions logged in as the partner role: the primary's partner path, or a read replica's."""
+    return await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        timeout=connect_timeout,
+        max_inactive_connection_lifetime=_INACTIVE_LIFETIME,
+        connection_class=connection_class,
+        # The partner role cannot change its session (it may only run its functions and
+        # transaction-local settings), so the reset query's round trip is skipped; an open
+        # transaction is still rolled back by asyncpg on release.
+        reset=_keep_session,
+        # The backstop for a statement run outside a call deadline; within a call, the
+        # deadline cancels the statement from the client side.
+        server_settings={"statement_timeout": str(int(statement_timeout * 1000))},
+    )
+
+
 class Database:
     """An asyncpg pool with transaction helpers. Create it with :meth:`connect`."""
 
@@ -321,22 +352,25 @@ class Database:
         session_reset = _SessionReset()
 
         async def open_pool(target: str, *, partner: bool = False) -> asyncpg.Pool:
+            if partner:
+                return await open_partner_pool(
+                    target,
+                    min_size=min_size,
+                    max_size=max_size,
+                    connect_timeout=connect_timeout,
+                    statement_timeout=statement_timeout,
+                    connection_class=connection_class,
+                )
             return await asyncpg.create_pool(
                 target,
                 min_size=min_size,
                 max_size=max_size,
                 timeout=connect_timeout,
-                max_inactive_connection_lifetime=300.0,
+                max_inactive_connection_lifetime=_INACTIVE_LIFETIME,
                 connection_class=connection_class,
                 # The main pool runs asyncpg's reset query on release, unless the
-                # connection only ran single statements (_SessionReset). The partner
-                # pool cannot change its session (it may only run its functions and
-                # transaction-local settings), so it skips that round trip; an open
-                # transaction is still rolled back by asyncpg on release.
-                reset=keep_session if partner else session_reset,
-                # The backstop for a statement run outside a call deadline; within a
-                # call, the deadline cancels the statement from the client side.
-                server_settings={"statement_timeout": str(int(statement_timeout * 1000))} if partner else None,
+                # connection only ran single statements (_SessionReset).
+                reset=session_reset,
             )
 
         for login, target in ((_MAIN_LOGIN, dsn), (_PARTNER_LOGIN, partner_dsn)):

@@ -113,8 +113,7 @@ async def record_basic(conn: Connection, columns: Sequence[Sequence[object] | st
     Raises :class:`CapReached` or :class:`ReferenceRefused`; either way
     nothing was counted or recorded.
     """
-    rows = await _run_group(conn, _RECORD_BASIC, columns)
-    return [BasicRow(row[0], _CHARGE_OUTCOMES[row[1]], row[2], row[3]) for row in rows]
+    return _basic_rows(await _run_group(conn, _RECORD_BASIC, columns))
 
 
 async def record_checked_basic(
@@ -133,7 +132,10 @@ async def record_checked_basic(
         total += len(shown)
         ends.append(total)
         flat += shown
-    rows = await _run_group(conn, _RECORD_CHECKED_BASIC, [ends, flat, *columns])
+    return _basic_rows(await _run_group(conn, _RECORD_CHECKED_BASIC, [ends, flat, *columns]))
+
+
+def _basic_rows(rows: Sequence[Any]) -> list[BasicRow]:
     return [BasicRow(row[0], _CHARGE_OUTCOMES[row[1]], row[2], row[3]) for row in rows]
 
 

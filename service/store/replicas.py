@@ -28,8 +28,8 @@ from service.store.database import (
     UNREACHABLE,
     Connection,
     QueryObserver,
-    keep_session,
     observed_connection_class,
+    open_partner_pool,
 )
 
 log = logging.getLogger(__name__)
@@ -176,14 +176,12 @@ class Replicas:
     async def _pool(self, n: int) -> asyncpg.Pool:
         pool = self._pools[n]
         if pool is None:
-            pool = self._pools[n] = await asyncpg.create_pool(
+            pool = self._pools[n] = await open_partner_pool(
                 self._urls[n],
-                min_size=0,
+                min_size=0,  # opened lazily: a replica down at start only sends reads to the primary
                 max_size=self._max_size,
-                timeout=self._connect_timeout,
-                max_inactive_connection_lifetime=300.0,
+                connect_timeout=self._connect_timeout,
+                statement_timeout=self._statement_timeout,
                 connection_class=self._connection_class,
-                reset=keep_session,  # the partner role's session holds nothing to undo
-                server_settings={"statement_timeout": str(int(self._statement_timeout * 1000))},
             )
         return pool
