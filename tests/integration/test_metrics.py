@@ -155,7 +155,17 @@ async def test_each_worker_serves_its_metrics_on_the_port_plus_its_number(databa
     try:
         await harness.wait_for_port(base, within=60)
         await harness.wait_for_port(base + 1, within=60)
-        first, second = [await asyncio.to_thread(_scrape, port) for port in (base, base + 1)]
+        scrapes: dict[int, str] = {}
+
+        async def both_observe_their_pool() -> bool:
+            # A worker serves /metrics before its database pool is open; its gauge
+            # (and ``target_info``, which comes with the first metric) follows.
+            for port in (base, base + 1):
+                scrapes[port] = await asyncio.to_thread(_scrape, port)
+            return all("apptgate_db_pool_connections" in text for text in scrapes.values())
+
+        await harness.eventually(both_observe_their_pool, within=60, interval=0.2)
+        first, second = scrapes[base], scrapes[base + 1]
     finally:
         supervisor.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(supervisor.wait(), timeout=30) == 0
