@@ -3,7 +3,9 @@
 Each read is one statement as the partner role
 (:mod:`service.store.partner_path`), which verifies the key again, re-checks
 the partner's suspension and joins the partner's active grants, so revoking a
-key or a grant takes effect on the next call. The rows become the partner's view
+key or a grant takes effect on the next call; the appointment reads of
+concurrent calls go together, one such call per request in one statement
+(:mod:`service.disclosure.named_reads`). The rows become the partner's view
 (:mod:`service.disclosure.views`), then the response is recorded
 (:mod:`service.disclosure.record`): counted against the partner's limits and
 written to the ledger, committed before the response leaves. For a contact
@@ -41,6 +43,7 @@ from service.access.limits import PartnerPolicy
 from service.crypto import sealing
 from service.disclosure import pagination, views
 from service.disclosure.groups import Expected
+from service.disclosure.named_reads import NamedReads
 from service.disclosure.pseudonyms import PartnerPseudonyms, Pseudonyms
 from service.disclosure.record import DisclosureRecorder, entry
 from service.errors import InvalidArgument, NotFound, PermissionDenied
@@ -107,6 +110,7 @@ class PartnerReads:
         replicas: Replicas | None = None,
     ) -> None:
         self._db = database
+        self._named = NamedReads(database)
         self._replicas = replicas if replicas else None
         self._gate = gate
         self._guard = gate.guard
@@ -260,13 +264,13 @@ class PartnerReads:
         Raises for a key revoked or a partner suspended since they were cached.
         """
         internal_id = ids.parse_appointment_id(appointment_id)
-        async with self._db.partner_statements() as conn:
-            try:
-                row = await partner_path.get_appointment(conn, principal, internal_id)
-            except partner_path.ReadRefused as refused:
-                raise self._gate.refused(refused, principal) from None
-            if row is None:
-                denial = entry(principal, method, view, denial_reason="NOT_FOUND")
+        try:
+            row = await self._named.read(principal, internal_id)
+        except partner_path.ReadRefused as refused:
+            raise self._gate.refused(refused, principal) from None
+        if row is None:
+            denial = entry(principal, method, view, denial_reason="NOT_FOUND")
+            async with self._db.partner_statements() as conn:
                 await partner_path.record_refusal(conn, principal, denial, [(appointment_id, None, None)])
         if row is None:
             # No metadata: "does not exist", "not yours" and "no longer granted"

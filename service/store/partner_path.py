@@ -160,6 +160,35 @@ async def get_appointment(
     return models.BasicAppointment(*row) if row else None
 
 
+#: Many calls' appointment reads in one statement: row ``n`` answers the ``n``-th request.
+_GET_MANY = (
+    f"SELECT r.n, {_COLUMNS} FROM unnest($1::text[], $2::bytea[], $3::uuid[]) WITH ORDINALITY AS r(k, c, i, n) "
+    "CROSS JOIN LATERAL partner_get_appointment(r.k, r.c, r.i)"
+)
+
+
+async def get_appointments(
+    conn: Connection, requests: Sequence[tuple[models.Principal, UUID]]
+) -> list[models.BasicAppointment | None]:
+    """:func:`get_appointment` for many callers in one statement; one answer per request, in order.
+
+    Raises :class:`ReadRefused` when any caller's key or partner is refused, and then answers none.
+    """
+    rows = await _refusing(
+        conn,
+        lambda: conn.fetch(
+            _GET_MANY,
+            [caller.key_id for caller, _ in requests],
+            [caller.credential for caller, _ in requests],
+            [appointment_id for _, appointment_id in requests],
+        ),
+    )
+    found: list[models.BasicAppointment | None] = [None] * len(requests)
+    for row in rows:
+        found[row[0] - 1] = models.BasicAppointment(*row[1:])
+    return found
+
+
 async def record_refusal(
     conn: Connection,
     caller: models.Principal,

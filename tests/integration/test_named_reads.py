@@ -1,0 +1,97 @@
+"""Named appointment reads grouped in one statement (service.disclosure.named_reads), on a real database.
+
+What the API tests cannot pin down: which reads share a statement, and that a
+group holding a refused key still answers everyone else. The statements are
+counted by the pool's query observer, which sees every statement sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from uuid import UUID
+
+import harness
+import pytest
+
+from service import models
+from service.access import credentials
+from service.disclosure.named_reads import NamedReads
+from service.store import partner_path
+from service.store.database import Database, partner_login_dsn
+
+
+@pytest.fixture
+async def observed(database_dsn: str) -> AsyncIterator[tuple[Database, list[str]]]:
+    """Pools on the test's database, logged in as the partner role, and every statement they send."""
+    statements: list[str] = []
+    db = await Database.connect(
+        database_dsn,
+        min_size=1,
+        max_size=4,
+        partner_dsn=partner_login_dsn(database_dsn),
+        require_partner_login=True,
+        on_query=lambda statement, _seconds, _error: statements.append(statement),
+    )
+    try:
+        yield db, statements
+    finally:
+        await db.close()
+
+
+def _principal(partner: harness.PartnerHandle) -> models.Principal:
+    return models.Principal(
+        UUID(partner.partner_id), partner.key_id, credentials.credential(credentials.hash_secret(partner.secret), None)
+    )
+
+
+def _grouped(statements: list[str]) -> int:
+    return sum("WITH ORDINALITY" in s and "partner_get_appointment" in s for s in statements)
+
+
+async def test_concurrent_reads_share_one_statement_and_each_sees_only_what_its_grants_show(
+    world: harness.World, observed: tuple[Database, list[str]]
+) -> None:
+    db, statements = observed
+    seen, unseen = await world.practitioner("Dr. Groupread Seen"), await world.practitioner("Dr. Groupread Unseen")
+    patient = await world.patient(given_name="Groupreadgiven")
+    shown = [await world.appointment(seen, patient.patient_id) for _ in range(6)]
+    hidden = await world.appointment(unseen, patient.patient_id)
+    first, second = await world.partner("Groupread One", seen), await world.partner("Groupread Two", seen, unseen)
+    reads = NamedReads(db)
+    requests = [(_principal(first), UUID(a.appointment_id)) for a in shown]
+    requests += [(_principal(first), UUID(hidden.appointment_id)), (_principal(second), UUID(hidden.appointment_id))]
+
+    answers = await asyncio.gather(*(reads.read(principal, appointment) for principal, appointment in requests))
+
+    assert [a.id if a else None for a in answers] == [UUID(a.appointment_id) for a in shown] + [
+        None,  # not granted to the first partner: exactly like nonexistent
+        UUID(hidden.appointment_id),
+    ]
+    assert _grouped(statements) == 1  # the eight reads, all asked before the first was sent, in one statement
+
+
+async def test_a_refused_key_in_a_group_is_refused_alone(
+    world: harness.World, observed: tuple[Database, list[str]]
+) -> None:
+    db, statements = observed
+    practitioner = await world.practitioner("Dr. Groupread Refusal")
+    patient = await world.patient(given_name="Grouprefusedgiven")
+    appointment = UUID((await world.appointment(practitioner, patient.patient_id)).appointment_id)
+    live, revoked = await world.partner("Groupread Live", practitioner), await world.partner("Groupread Revoked")
+    await world.grant(revoked.partner_id, practitioner)
+    await world.revoke_key(revoked.key_id)
+    reads = NamedReads(db)
+
+    answers = await asyncio.gather(
+        reads.read(_principal(live), appointment),
+        reads.read(_principal(revoked), appointment),
+        reads.read(_principal(live), appointment),
+        return_exceptions=True,
+    )
+
+    assert [a.id for a in answers if isinstance(a, models.BasicAppointment)] == [appointment, appointment]
+    assert isinstance(answers[1], partner_path.ReadRefused)
+    assert answers[1].refusal is partner_path.Refusal.KEY_INVALID
+    assert _grouped(statements) == 1  # the group was refused, then its reads were sent one by one
+    assert sum(s == partner_path.GET_SQL for s in statements) == 3
