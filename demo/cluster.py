@@ -89,11 +89,12 @@ class Cluster:
     def __post_init__(self) -> None:
         self.primary = Node(self.base / "primary", free_port())
         self.replica = Node(self.base / "replica", free_port())
-        self._account = pwd.getpwnam(SERVER_USER) if os.geteuid() == 0 else None
+        # Whom the programs run as when started by root: known once start() has made the user.
+        self._account: pwd.struct_passwd | None = None
 
     def start(self) -> None:
         """Make the primary, its database and the replica; start both; return once the replica streams."""
-        if self._account is not None:
+        if os.geteuid() == 0:
             import pgserver.utils
 
             pgserver.utils.ensure_user_exists(SERVER_USER)
