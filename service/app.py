@@ -203,6 +203,7 @@ class Gateway:
         *,
         telemetry: Telemetry | None = None,
         parts: Parts | None = None,
+        replicas: Replicas | None = None,
     ):
         if not settings.internal_token:
             raise ConfigError(["APPTGATE_INTERNAL_TOKEN is required"])
@@ -224,13 +225,18 @@ class Gateway:
             self._guard,
             FleetRate(request_leases.source(database, settings.limits.default_deadline)),
         )
-        self.replicas = Replicas(
-            settings.read_replica_urls,
-            max_lag=settings.replica_max_lag,
-            max_size=settings.db_pool_max,
-            connect_timeout=settings.db_connect_timeout,
-            statement_timeout=settings.limits.default_deadline,
-            on_query=self.telemetry.observe_query if self.telemetry.tracing else None,
+        # Built from the settings unless given (a test watches which statements run on its replica).
+        self.replicas = (
+            replicas
+            if replicas is not None
+            else Replicas(
+                settings.read_replica_urls,
+                max_lag=settings.replica_max_lag,
+                max_size=settings.db_pool_max,
+                connect_timeout=settings.db_connect_timeout,
+                statement_timeout=settings.limits.default_deadline,
+                on_query=self.telemetry.observe_query if self.telemetry.tracing else None,
+            )
         )
         self._reads = PartnerReads(
             database,
@@ -279,6 +285,7 @@ class Gateway:
             parts.page_tokens,
             self.telemetry,
             bookmark_interval=self.settings.watch_bookmark_interval,
+            replicas=self.replicas if len(self.replicas) else None,
         )
         request_watches = ConsentRequestWatches(
             database, gate, self.feed, self._consent_requests, parts.page_tokens, self.telemetry

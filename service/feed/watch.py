@@ -8,6 +8,19 @@ through :class:`~service.feed.delivery.Deliveries`, which records it before it
 is sent. A resume token is the sealed position of the last change sent, bound
 to the partner.
 
+The replay reads each batch on a read replica within the lag bound when that
+replica has replayed the feed up to the batch's upper bound
+(:func:`~service.store.partner_path.replayed_changes`), else on the primary.
+Its copy of the grants is then new enough: a change counts only if it was made
+while the partner held its practitioner's grant, so it committed after that
+grant, and a replica replays in commit order. (The grant's and the change's
+times are their transactions' start times, so a change whose transaction
+overlapped its grant's, and committed first, can count on the primary and not
+on a copy that has not replayed the grant yet; the live stream, which learns of
+a grant when it commits, sends such a change or not by timing too.) A
+revocation the replica has not replayed yet still holds: the deliveries check
+the key and the grants again on the primary before recording and sending.
+
 A stream that asked for bookmarks is also sent, outside the deliveries (a
 bookmark discloses nothing, so nothing is recorded), its cursor sealed the
 same way: once it has caught up, whenever it has sent nothing for the bookmark
@@ -34,6 +47,7 @@ from service.feed.delivery import POSITION, Deliveries, Delivery
 from service.feed.hub import FeedHub, Subscription
 from service.store import partner_path
 from service.store.database import Database
+from service.store.replicas import Replicas
 from service.telemetry.tracing import Telemetry, annotate
 
 #: Changes read from the database per statement while a stream replays.
@@ -66,6 +80,7 @@ class Watches:
         telemetry: Telemetry,
         *,
         bookmark_interval: float = 30.0,
+        replicas: Replicas | None = None,
     ) -> None:
         self._db = database
         self._gate = gate
@@ -74,6 +89,7 @@ class Watches:
         self._page_tokens = page_tokens
         self._telemetry = telemetry
         self._bookmark_interval = bookmark_interval
+        self._replicas = replicas
 
     async def watch(
         self,
@@ -124,18 +140,7 @@ class Watches:
             while cursor < sub.start_position:  # replay what committed before the subscription
                 if sub.ended is not None:
                     raise sub.ended
-                async with self._db.partner_statements() as conn:
-                    try:
-                        batch = await partner_path.changes(
-                            conn,
-                            principal,
-                            after=cursor,
-                            upto=sub.start_position,
-                            limit=_REPLAY_BATCH,
-                            practitioners=list(sub.watched),
-                        )
-                    except partner_path.ReadRefused as refused:
-                        raise self._gate.refused(refused, principal) from None
+                batch = await self._replayed(principal, after=cursor, upto=sub.start_position, watched=sub.watched)
                 for message in await self._deliver(principal, sub, batch, binding):
                     yield message
                 cursor = batch[-1].position if len(batch) == _REPLAY_BATCH else sub.start_position
@@ -175,6 +180,32 @@ class Watches:
         finally:
             self._hub.unsubscribe(sub)
             self._telemetry.active_streams.add(-1)
+
+    async def _replayed(
+        self, principal: models.Principal, *, after: int, upto: int, watched: set[UUID]
+    ) -> list[models.FeedChange]:
+        """The next replay batch in ``(after, upto]``: on a replica that has replayed up to ``upto``, else the primary.
+
+        A replica behind ``upto``, not knowing the key live yet, refusing or
+        failing sends the batch to the primary, whose refusal ends the stream.
+        """
+        practitioners = list(watched)
+        if self._replicas is not None:
+            replicated = await self._replicas.read(
+                lambda conn: partner_path.replayed_changes(
+                    conn, principal, after=after, upto=upto, limit=_REPLAY_BATCH, practitioners=practitioners
+                ),
+                refusals=(partner_path.ReadRefused,),
+            )
+            if replicated is not None and replicated.value is not None:
+                return replicated.value
+        async with self._db.partner_statements() as conn:
+            try:
+                return await partner_path.changes(
+                    conn, principal, after=after, upto=upto, limit=_REPLAY_BATCH, practitioners=practitioners
+                )
+            except partner_path.ReadRefused as refused:
+                raise self._gate.refused(refused, principal) from None
 
     def _bookmark(self, cursor: int, binding: bytes) -> pb.AppointmentChange:
         """A bookmark: the stream's cursor sealed like a change's token, and nothing else."""

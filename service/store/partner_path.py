@@ -59,6 +59,9 @@ _WATCH = (
     "SELECT partner_id, requests_per_second, burst, contact_daily_cap, patient_daily_cap, suspend_time, granted, "
     "head, pruned_through FROM partner_watch($1, $2)"
 )
+# A standby's feed head, read the way a stream's opening reads the primary's (no row for a key the
+# standby does not know live).
+_REPLAYED_HEAD = "SELECT head FROM partner_watch($1, $2)"
 _CHANGES = (
     "SELECT position, change_type, id, patient_id, start_time, end_time, status::text, update_time, "
     "practitioner_id, display_name, specialty FROM partner_changes($1, $2, $3, $4, $5, $6::uuid[])"
@@ -243,6 +246,23 @@ async def changes(
         lambda: conn.fetch(_CHANGES, caller.key_id, caller.credential, after, upto, limit, list(practitioners)),
     )
     return [_change(row) for row in rows]
+
+
+async def replayed_changes(
+    conn: Connection, caller: models.Principal, *, after: int, upto: int, limit: int, practitioners: Sequence[UUID]
+) -> list[models.FeedChange] | None:
+    """What :func:`changes` reads, on a streaming replica that has replayed the feed up to ``upto``.
+
+    ``None``, read nothing, when it has not (or does not know the key live):
+    the feed's positions are gapless and in commit order (migration 0006), so
+    a copy whose head is at ``upto`` or beyond holds every change in
+    ``(after, upto]``, and a replica only moves forward, so the read after the
+    check sees at least as much. Raises :class:`ReadRefused`.
+    """
+    head = await conn.fetchval(_REPLAYED_HEAD, caller.key_id, caller.credential)
+    if head is None or head < upto:
+        return None
+    return await changes(conn, caller, after=after, upto=upto, limit=limit, practitioners=practitioners)
 
 
 def _consent_request(row: Sequence[Any]) -> models.PartnerConsentRequest:

@@ -1,4 +1,4 @@
-"""Partners' basic reads on a real streaming replica; keys, suspensions and grants decided on the primary.
+"""Partners' basic reads and the feed's catch-up on a real streaming replica; keys and grants decided on the primary.
 
 A primary and a ``pg_basebackup`` standby (:class:`demo.cluster.Cluster`) per
 module; the replica's replay is paused with ``pg_wal_replay_pause()`` to make
@@ -17,21 +17,25 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
 import grpc.aio
 import harness
 import pytest
+from appointments.partner.v1 import partner_appointment_service_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import MONDAY, World
+from harness import MONDAY, PartnerHandle, World
 
 from demo.cluster import Cluster
+from service.access import credentials
 from service.access.consent_tokens import ConsentKeyring
 from service.app import REPLICA_HEALTH_PREFIX, Gateway, Secrets
 from service.crypto.sealing import DataKeyring
 from service.settings import Settings
-from service.store.database import Database, partner_login_dsn
+from service.store.database import Database, QueryObserver, partner_login_dsn
+from service.store.replicas import Replicas
 
 
 @pytest.fixture(scope="module")
@@ -97,13 +101,42 @@ async def _set_replay(cluster: Cluster, *, paused: bool) -> None:
 
 
 async def _gateway(
-    settings: Settings, primary_dsn: str, replica_url: str, keyring: ConsentKeyring, data_keys: DataKeyring, **changes
+    settings: Settings,
+    primary_dsn: str,
+    replica_url: str,
+    keyring: ConsentKeyring,
+    data_keys: DataKeyring,
+    *,
+    on_primary: QueryObserver | None = None,
+    on_replica: QueryObserver | None = None,
+    **changes: Any,
 ) -> tuple[Gateway, Database]:
+    """A gateway over the primary reading from the replica; ``on_primary``/``on_replica`` see each one's statements."""
     database = await Database.connect(
-        primary_dsn, min_size=1, max_size=5, partner_dsn=partner_login_dsn(primary_dsn), require_partner_login=True
+        primary_dsn,
+        min_size=1,
+        max_size=5,
+        partner_dsn=partner_login_dsn(primary_dsn),
+        require_partner_login=True,
+        on_query=on_primary,
     )
     chosen = replace(settings, read_replica_urls=(replica_url,), **changes)
-    return Gateway(chosen, database, Secrets(os.urandom(32), keyring, data_keys)), database
+    replicas = Replicas(chosen.read_replica_urls, max_lag=chosen.replica_max_lag, on_query=on_replica)
+    return Gateway(chosen, database, Secrets(os.urandom(32), keyring, data_keys), replicas=replicas), database
+
+
+class _Statements:
+    """The statements one side ran without failing (an ``on_query`` observer), counted by the function each calls."""
+
+    def __init__(self) -> None:
+        self.ran: list[str] = []
+
+    def __call__(self, query: str, seconds: float, exception: BaseException | None) -> None:
+        if exception is None:
+            self.ran.append(query)
+
+    def calls(self, function: str) -> int:
+        return sum(f"FROM {function}(" in query for query in self.ran)
 
 
 async def _usable(gateway: Gateway, usable: bool = True) -> bool:
@@ -241,3 +274,231 @@ async def _serving(stub: health_pb2_grpc.HealthStub, request: health_pb2.HealthC
     except grpc.aio.AioRpcError:  # not set yet: NOT_FOUND
         return False
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+# The change feed's catch-up: a resumed watch replays on the replica only once it holds the changes.
+
+_READ_TIMEOUT = 30
+
+
+def _watch(partner: PartnerHandle, resume_token: str = "") -> Any:
+    """A watch over every granted practitioner, with bookmarks: the first one says the catch-up is over."""
+    return partner.stub.WatchAppointments(
+        pb.WatchAppointmentsRequest(resume_token=resume_token, allow_bookmarks=True), metadata=partner.metadata
+    )
+
+
+async def _next(stream: Any) -> pb.AppointmentChange:
+    message = await asyncio.wait_for(stream.read(), timeout=_READ_TIMEOUT)
+    assert message is not grpc.aio.EOF
+    return message  # type: ignore[no-any-return]
+
+
+async def _resume_point(partner: PartnerHandle) -> str:
+    """A token from now on: the first bookmark of a fresh watch (sent at once, nothing to replay)."""
+    stream = _watch(partner)
+    bookmark = await _next(stream)
+    stream.cancel()
+    assert bookmark.change_type == pb.CHANGE_TYPE_BOOKMARK
+    return bookmark.resume_token
+
+
+async def _replayed(stream: Any) -> list[pb.AppointmentChange]:
+    """What the stream sends before its first bookmark, which comes once it has caught up."""
+    changes = []
+    while (message := await _next(stream)).change_type != pb.CHANGE_TYPE_BOOKMARK:
+        changes.append(message)
+    return changes
+
+
+async def _next_change(stream: Any) -> pb.AppointmentChange:
+    while (message := await _next(stream)).change_type == pb.CHANGE_TYPE_BOOKMARK:
+        pass
+    return message
+
+
+async def _hub_at_head(gateway: Gateway, primary_dsn: str) -> bool:
+    """Wait until the gateway's hub has seen every change made so far, so that a stream opened now replays them all."""
+    conn = await asyncpg.connect(primary_dsn)
+    try:
+        head = await conn.fetchval("SELECT position FROM change_feed_head")
+    finally:
+        await conn.close()
+    return await harness.eventually(lambda: gateway.feed.position >= head, within=60)
+
+
+def _credential(partner: PartnerHandle) -> bytes:
+    """What the partner functions take for the partner's key (no client certificate)."""
+    return credentials.credential(credentials.hash_secret(partner.secret), None)
+
+
+def _hours(changes: list[pb.AppointmentChange]) -> list[tuple[int, int]]:
+    return [(c.change_type, c.appointment.start_time.ToDatetime().hour) for c in changes]
+
+
+async def test_a_resumed_watch_replays_on_a_replica_that_has_replayed_its_changes(
+    cluster: Cluster, primary_dsn: str, settings: Settings, keyring: ConsentKeyring, data_keys: DataKeyring
+) -> None:
+    on_primary, on_replica = _Statements(), _Statements()
+    gateway, database = await _gateway(
+        settings,
+        primary_dsn,
+        _on_replica(cluster, primary_dsn),
+        keyring,
+        data_keys,
+        on_primary=on_primary,
+        on_replica=on_replica,
+        replica_max_lag=3600.0,
+    )
+    try:
+        async with harness.serving(gateway) as world:
+            practitioner = await world.practitioner()
+            patient = (await world.patient()).patient_id
+            partner = await world.partner("Syncing", practitioner)
+            token = await _resume_point(partner)
+            for hour in (1, 2, 3):
+                await world.appointment(practitioner, patient, MONDAY + timedelta(hours=hour))
+            await _caught_up(cluster)
+            assert await _usable(gateway)
+            assert await _hub_at_head(gateway, primary_dsn)
+            resumed = _watch(partner, token)
+            replayed = await _replayed(resumed)
+            resumed.cancel()
+    finally:
+        await database.close()
+
+    assert _hours(replayed) == [(pb.CHANGE_TYPE_CREATED, hour) for hour in (1, 2, 3)]
+    # The replica's head was checked, then the batch read there; the primary read no change.
+    assert on_replica.calls("partner_watch") == 1
+    assert on_replica.calls("partner_changes") == 1
+    assert on_primary.calls("partner_changes") == 0
+
+
+async def test_a_resumed_watch_replays_on_the_primary_what_a_paused_replica_has_not_replayed(
+    cluster: Cluster, primary_dsn: str, settings: Settings, keyring: ConsentKeyring, data_keys: DataKeyring
+) -> None:
+    on_primary, on_replica = _Statements(), _Statements()
+    gateway, database = await _gateway(
+        settings,
+        primary_dsn,
+        _on_replica(cluster, primary_dsn),
+        keyring,
+        data_keys,
+        on_primary=on_primary,
+        on_replica=on_replica,
+        replica_max_lag=3600.0,  # paused, it stays within the bound: only its feed head keeps it out
+    )
+    try:
+        async with harness.serving(gateway) as world:
+            practitioner = await world.practitioner()
+            patient = (await world.patient()).patient_id
+            partner = await world.partner("Syncing", practitioner)
+            token = await _resume_point(partner)
+            moved = await world.appointment(practitioner, patient, MONDAY + timedelta(hours=1))
+            await _caught_up(cluster)
+            assert await _usable(gateway)
+            await _set_replay(cluster, paused=True)
+            try:
+                # Made on the primary only: the replica still has the appointment at 1 o'clock.
+                second = await world.appointment(practitioner, patient, MONDAY + timedelta(hours=2))
+                third = await world.appointment(practitioner, patient, MONDAY + timedelta(hours=3))
+                owner = await asyncpg.connect(primary_dsn)
+                try:
+                    await owner.execute(
+                        "UPDATE appointments SET start_time = start_time + interval '3 hours', "
+                        "end_time = end_time + interval '3 hours', update_time = now() WHERE id = $1",
+                        moved.appointment_id,
+                    )
+                finally:
+                    await owner.close()
+                assert await _hub_at_head(gateway, primary_dsn)
+                still_usable = gateway.replicas.states[0].usable
+                resumed = _watch(partner, token)
+                replayed = await _replayed(resumed)
+                later = await world.appointment(practitioner, patient, MONDAY + timedelta(hours=5))
+                live = await _next_change(resumed)  # the next change, not one of the replayed again
+                resumed.cancel()
+            finally:
+                await _set_replay(cluster, paused=False)
+            records = [
+                r
+                for r in await world.disclosures(partner_id=partner.partner_id)
+                if r.rpc.endswith("/WatchAppointments")
+            ]
+    finally:
+        await database.close()
+
+    assert still_usable
+    assert _hours(replayed) == [
+        (pb.CHANGE_TYPE_CREATED, 1),
+        (pb.CHANGE_TYPE_CREATED, 2),
+        (pb.CHANGE_TYPE_CREATED, 3),
+        (pb.CHANGE_TYPE_UPDATED, 4),  # the primary's state of the appointment, not the replica's
+    ]
+    assert _hours([live]) == [(pb.CHANGE_TYPE_CREATED, 5)]
+    # The replica's head was checked and found behind: the batch was read on the primary.
+    assert on_replica.calls("partner_watch") == 1
+    assert on_replica.calls("partner_changes") == 0
+    assert on_primary.calls("partner_changes") == 1
+    # Recorded as sent: the appointment moved while the replica was paused, twice.
+    assert sorted(r.appointment_id for r in records) == sorted(
+        [moved.appointment_id, second.appointment_id, third.appointment_id, moved.appointment_id, later.appointment_id]
+    )
+
+
+async def test_a_key_and_a_grant_revoked_while_the_replica_is_paused_hold_for_resumed_watches(
+    cluster: Cluster, primary_dsn: str, settings: Settings, keyring: ConsentKeyring, data_keys: DataKeyring
+) -> None:
+    on_replica = _Statements()
+    replica_url = _on_replica(cluster, primary_dsn)
+    gateway, database = await _gateway(
+        settings, primary_dsn, replica_url, keyring, data_keys, on_replica=on_replica, replica_max_lag=3600.0
+    )
+    try:
+        async with harness.serving(gateway) as world:
+            kept, dropped = await world.practitioner(), await world.practitioner()
+            patient = (await world.patient()).patient_id
+            keyless = await world.partner("Key revoked later", kept)
+            narrowed = await world.partner("Grant revoked later", kept, dropped)
+            keyless_token, narrowed_token = await _resume_point(keyless), await _resume_point(narrowed)
+            for hour, practitioner in enumerate((kept, dropped, kept, dropped), start=1):
+                await world.appointment(practitioner, patient, MONDAY + timedelta(hours=hour))
+            await _caught_up(cluster)
+            assert await _usable(gateway)
+            await _set_replay(cluster, paused=True)
+            try:
+                await world.revoke_key(keyless.key_id)
+                await world.revoke_grant(narrowed.partner_id, dropped)
+                assert await _hub_at_head(gateway, primary_dsn)
+                # The paused replica still knows the key live, still grants `dropped`, and holds every change.
+                as_partner = await asyncpg.connect(replica_url)
+                try:
+                    replica_head = await as_partner.fetchval(
+                        "SELECT head FROM partner_watch($1, $2)", keyless.key_id, _credential(keyless)
+                    )
+                    replica_grants = await as_partner.fetchval(
+                        "SELECT granted FROM partner_watch($1, $2)", narrowed.key_id, _credential(narrowed)
+                    )
+                finally:
+                    await as_partner.close()
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await _next(_watch(keyless, keyless_token))
+                resumed = _watch(narrowed, narrowed_token)
+                replayed = await _replayed(resumed)
+                resumed.cancel()
+            finally:
+                await _set_replay(cluster, paused=False)
+    finally:
+        await database.close()
+
+    assert replica_head is not None and replica_head >= gateway.feed.position
+    assert {str(p) for p in replica_grants} == {kept, dropped}
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # Read on the replica, whose copy still grants `dropped`: only the practitioner still granted.
+    assert on_replica.calls("partner_changes") == 1
+    assert [
+        (c.appointment.practitioner.practitioner_id, c.appointment.start_time.ToDatetime().hour) for c in replayed
+    ] == [
+        (kept, 1),
+        (kept, 3),
+    ]
