@@ -90,15 +90,26 @@ def postmaster(node: Node) -> int:
 
 
 async def _calls(dsn: str) -> dict[str, float]:
-    """Calls of :data:`FUNCTIONS` in the database of ``dsn``, as the server's statistics hold them now."""
+    """Calls of :data:`FUNCTIONS` in the database of ``dsn``, as the server's statistics hold them now.
+
+    With each, its total time in milliseconds (``<function> ms``), and that of the
+    ledger's sequencer (``chain_disclosures``), which the record's cost includes.
+    """
     conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch(
-            "SELECT funcname, calls FROM pg_stat_user_functions WHERE funcname = ANY($1::text[])", list(FUNCTIONS)
+            "SELECT funcname, calls, total_time FROM pg_stat_user_functions WHERE funcname = ANY($1::text[])",
+            [*FUNCTIONS, "chain_disclosures"],
         )
     finally:
         await conn.close()
-    return {name: 0.0 for name in FUNCTIONS} | {row["funcname"]: float(row["calls"]) for row in rows}
+    found = {row["funcname"]: row for row in rows}
+    counts = {name: float(found[name]["calls"]) if name in found else 0.0 for name in FUNCTIONS}
+    times = {
+        f"{name} ms": float(found[name]["total_time"]) if name in found else 0.0
+        for name in (*FUNCTIONS, "chain_disclosures")
+    }
+    return counts | times
 
 
 async def settled_calls(cluster: Cluster, database: str, quiet: float = 11.0, within: float = 90.0) -> dict[str, float]:
@@ -122,9 +133,14 @@ async def settled_calls(cluster: Cluster, database: str, quiet: float = 11.0, wi
             raise SystemExit(f"the partner functions' call counts still move after {within:g}s")
         await asyncio.sleep(1.0)
         now = await read()
-        if now != last:
-            last, since = now, time.monotonic()
+        if _counts(now) != _counts(last):  # the sequencer's time moves on its own, idle or not
+            since = time.monotonic()
+        last = now
     return last
+
+
+def _counts(values: dict[str, float]) -> dict[str, float]:
+    return {name: value for name, value in values.items() if not name.endswith(" ms")}
 
 
 class ReplicaCpu:
@@ -139,6 +155,44 @@ class ReplicaCpu:
 
     def end(self) -> dict[str, float]:
         return {"replica_cpu_s": common.tree_cpu_seconds(self._pid) - self._before}
+
+
+class PrimaryProfile:
+    """``run.Meter``: ``perf record`` (software clock, call graphs) on the primary's whole tree over a measured run.
+
+    What PostgreSQL's own C functions spend on the primary per variant, where
+    ``pg_stat_user_functions`` sees only PL/pgSQL and its report lags. The
+    top symbols, by self time and then inclusive, go to ``path`` (``perf report``); nothing is
+    returned to the run's figures.
+    """
+
+    def __init__(self, node: Node, path: Path) -> None:
+        self._pid = postmaster(node)
+        self._path = path
+        self._perf: subprocess.Popen[bytes] | None = None
+
+    def begin(self) -> None:
+        pids = ",".join(map(str, common.process_tree(self._pid)))
+        command = ["perf", "record", "-q", "-e", "cpu-clock", "-F", "999", "-g", "-p", pids,
+                   "-o", str(self._path.with_suffix(".data"))]  # fmt: skip
+        self._perf = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def end(self) -> dict[str, float]:
+        assert self._perf is not None
+        self._perf.send_signal(signal.SIGINT)
+        self._perf.wait(timeout=60)
+        data = self._path.with_suffix(".data")
+        reports = [
+            subprocess.run(
+                ["perf", "report", "-i", str(data), "--stdio", children, "--sort", "symbol",
+                 "--percent-limit", "0.5", "-g", "none"],
+                capture_output=True, text=True, check=False,
+            ).stdout
+            for children in ("--no-children", "--children")  # self time, then inclusive
+        ]  # fmt: skip
+        self._path.write_text("\n".join(reports))
+        data.unlink(missing_ok=True)
+        return {}
 
 
 def access_log_calls(server: bench.Server) -> dict[str, int]:
@@ -364,6 +418,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="add gateway+replica+whatif: the replica gateway with bench/whatif.py's variants "
                              "(norecord: what the primary's CPU is without the ledger record)")  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="keep the servers' logs and the cluster's directory")
+    parser.add_argument("--perf", action="store_true",
+                        help="perf record the primary's processes during each variant's first-round run "
+                             "(<out>/<date>-replica-perf-<variant>-<scenario>.txt)")  # fmt: skip
     args = parser.parse_args(argv)
     unknown = set(args.scenarios.split(",")) - set(READ_FUNCTION)
     if unknown or args.rounds < 1:
@@ -449,8 +506,12 @@ def main(argv: list[str] | None = None) -> int:
                 for variant in order if round_ % 2 == 0 else order[::-1]:
                     server = by_variant[variant]
                     exp = expected[scenario] if server.kind == "gateway" else 0
+                    meters: list[bench.Meter] = [meter]
+                    if args.perf and round_ == 0:
+                        profile = args.out / f"{stamp}-replica-perf-{variant}-{scenario}.txt"
+                        meters.append(PrimaryProfile(cluster.primary, profile))
                     run = bench.measure(server, scenario, args.concurrency, fx, workdir, args, primary_pid, exp,
-                                        meters=[meter])  # fmt: skip
+                                        meters=meters)  # fmt: skip
                     figures = per_call(asdict(run))
                     log(f"    primary {figures['primary_ms']:.3f}  replica {figures['replica_ms']:.3f} ms/call")
                     report["runs"].append({**asdict(run), "round": round_})
