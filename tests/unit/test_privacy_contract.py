@@ -123,7 +123,7 @@ _READ_FUNCTIONS = (
 def test_partner_path_sql_never_names_a_contact_or_reason_column() -> None:
     statements = [value for name, value in vars(partner_path).items() if name.isupper() or name.startswith("_")]
     sql = [s for s in statements if isinstance(s, str) and "SELECT" in s]
-    assert len(sql) == 10, "the SQL of service.store.partner_path was not found"
+    assert len(sql) == 12, "the SQL of service.store.partner_path was not found"
     assert [s for s in sql if _FORBIDDEN.search(s)] == []
 
 
