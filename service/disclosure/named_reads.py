@@ -11,31 +11,75 @@ reads arriving while one is in flight wait for it and go together in the
 next (:func:`service.store.partner_path.get_appointments`), so the busier the
 gateway, the larger the groups. Each caller is still verified by its own key
 and sees only what its own grants show: the statement calls the same partner
-function once per request. A refused key fails a group's statement; its
-reads are then sent one by one, so that only the refused caller is refused.
+function once per request.
+
+Two places read: the primary (:func:`on_primary`), where a refused key fails
+a group's statement and its reads are then sent one by one, so that only the
+refused caller is refused; and the read replicas (:func:`on_replicas`), where
+anything but an answer found (nothing found, a refusal, no replica within the
+lag bound, a failure) answers ``None`` for the whole group: those calls read
+again on the primary, which decides.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+from collections.abc import Awaitable, Callable, Sequence
 from uuid import UUID
 
 from service import models
 from service.store import partner_path
 from service.store.database import Database
+from service.store.replicas import Replicas
 
 #: Reads in one statement at most, which bounds its size.
 MAX_GROUP = 64
 
+Request = tuple[models.Principal, UUID]
 Answer = models.BasicAppointment | None | partner_path.ReadRefused
+#: Reads a group's appointments, one answer per request, in order.
+GroupRead = Callable[[Sequence[Request]], Awaitable[Sequence[Answer]]]
+
+
+def on_primary(database: Database) -> GroupRead:
+    """Reads on the primary's partner path; a refused key is refused alone."""
+
+    async def read(requests: Sequence[Request]) -> Sequence[Answer]:
+        async with database.partner_statements() as conn:
+            try:
+                return await partner_path.get_appointments(conn, requests)
+            except partner_path.ReadRefused as refused:
+                if len(requests) == 1:
+                    return [refused]
+            answers: list[Answer] = []
+            for principal, appointment_id in requests:  # one caller is refused: find which, alone
+                try:
+                    answers.append(await partner_path.get_appointment(conn, principal, appointment_id))
+                except partner_path.ReadRefused as refused:
+                    answers.append(refused)
+            return answers
+
+    return read
+
+
+def on_replicas(replicas: Replicas) -> GroupRead:
+    """Reads on a replica within the lag bound; ``None`` for every request it cannot answer whole."""
+
+    async def read(requests: Sequence[Request]) -> Sequence[Answer]:
+        replicated = await replicas.read(
+            lambda conn: partner_path.get_appointments(conn, requests), refusals=(partner_path.ReadRefused,)
+        )
+        return [None] * len(requests) if replicated is None else replicated.value
+
+    return read
 
 
 class NamedReads:
     """Reads the appointments that calls name, as the partner role, many calls per statement."""
 
-    def __init__(self, database: Database, *, max_group: int = MAX_GROUP) -> None:
-        self._db = database
+    def __init__(self, read: GroupRead, *, max_group: int = MAX_GROUP) -> None:
+        self._read = read
         self._max_group = max_group
         self._queue: list[tuple[models.Principal, UUID, asyncio.Future[Answer]]] = []
         self._reader: asyncio.Task[None] | None = None
@@ -78,18 +122,3 @@ class NamedReads:
                         answer.set_result(found)
         finally:
             self._reader = None
-
-    async def _read(self, requests: list[tuple[models.Principal, UUID]]) -> list[Answer]:
-        async with self._db.partner_statements() as conn:
-            try:
-                return list(await partner_path.get_appointments(conn, requests))
-            except partner_path.ReadRefused as refused:
-                if len(requests) == 1:
-                    return [refused]
-            answers: list[Answer] = []
-            for principal, appointment_id in requests:  # one caller is refused: find which, alone
-                try:
-                    answers.append(await partner_path.get_appointment(conn, principal, appointment_id))
-                except partner_path.ReadRefused as refused:
-                    answers.append(refused)
-            return answers

@@ -41,7 +41,7 @@ from service.access.consent_tokens import ConsentDenial, ConsentDenied, ConsentK
 from service.access.gate import PartnerGate
 from service.access.limits import PartnerPolicy
 from service.crypto import sealing
-from service.disclosure import pagination, views
+from service.disclosure import named_reads, pagination, views
 from service.disclosure.groups import Expected
 from service.disclosure.named_reads import NamedReads
 from service.disclosure.pseudonyms import PartnerPseudonyms, Pseudonyms
@@ -110,8 +110,9 @@ class PartnerReads:
         replicas: Replicas | None = None,
     ) -> None:
         self._db = database
-        self._named = NamedReads(database)
         self._replicas = replicas if replicas else None
+        self._named = NamedReads(named_reads.on_primary(database))
+        self._named_on_replicas = NamedReads(named_reads.on_replicas(replicas)) if replicas else None
         self._gate = gate
         self._guard = gate.guard
         self._recorder = recorder
@@ -167,7 +168,9 @@ class PartnerReads:
         record = entry(principal, _GET, models.View.BASIC)
         with self._recorder.expect_basic() as expected:
             internal_id = ids.parse_appointment_id(appointment_id)
-            found = await self._on_replica(lambda conn: partner_path.get_appointment(conn, principal, internal_id))
+            found = None
+            if self._named_on_replicas is not None:
+                found = await self._named_on_replicas.read(principal, internal_id)
             outcome = None
             if found is not None:  # read on a replica: recorded once the primary authorised it
                 row = found

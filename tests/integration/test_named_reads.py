@@ -16,9 +16,10 @@ import pytest
 
 from service import models
 from service.access import credentials
-from service.disclosure.named_reads import NamedReads
+from service.disclosure.named_reads import NamedReads, on_primary, on_replicas
 from service.store import partner_path
 from service.store.database import Database, partner_login_dsn
+from service.store.replicas import Replicas
 
 
 @pytest.fixture
@@ -58,7 +59,7 @@ async def test_concurrent_reads_share_one_statement_and_each_sees_only_what_its_
     shown = [await world.appointment(seen, patient.patient_id) for _ in range(6)]
     hidden = await world.appointment(unseen, patient.patient_id)
     first, second = await world.partner("Groupread One", seen), await world.partner("Groupread Two", seen, unseen)
-    reads = NamedReads(db)
+    reads = NamedReads(on_primary(db))
     requests = [(_principal(first), UUID(a.appointment_id)) for a in shown]
     requests += [(_principal(first), UUID(hidden.appointment_id)), (_principal(second), UUID(hidden.appointment_id))]
 
@@ -81,7 +82,7 @@ async def test_a_refused_key_in_a_group_is_refused_alone(
     live, revoked = await world.partner("Groupread Live", practitioner), await world.partner("Groupread Revoked")
     await world.grant(revoked.partner_id, practitioner)
     await world.revoke_key(revoked.key_id)
-    reads = NamedReads(db)
+    reads = NamedReads(on_primary(db))
 
     answers = await asyncio.gather(
         reads.read(_principal(live), appointment),
@@ -95,3 +96,24 @@ async def test_a_refused_key_in_a_group_is_refused_alone(
     assert answers[1].refusal is partner_path.Refusal.KEY_INVALID
     assert _grouped(statements) == 1  # the group was refused, then its reads were sent one by one
     assert sum(s == partner_path.GET_SQL for s in statements) == 3
+
+
+async def test_reads_a_replica_cannot_answer_whole_are_left_to_the_primary(
+    world: harness.World, database_dsn: str
+) -> None:
+    practitioner = await world.practitioner("Dr. Groupread Standby")
+    patient = await world.patient(given_name="Groupstandbygiven")
+    appointment = UUID((await world.appointment(practitioner, patient.patient_id)).appointment_id)
+    partner = await world.partner("Groupread Standby", practitioner)
+    # The primary itself as the "replica": measured, it is no standby, so it serves no reads.
+    replicas = Replicas((partner_login_dsn(database_dsn),), max_lag=5.0)
+    try:
+        [state] = await replicas.measure_all()
+        assert not state.usable and state.problem == "not a standby (not in recovery)"
+        reads = NamedReads(on_replicas(replicas))
+
+        answers = await asyncio.gather(*(reads.read(_principal(partner), appointment) for _ in range(3)))
+    finally:
+        await replicas.close()
+
+    assert answers == [None, None, None]  # each call then reads on the primary, which decides

@@ -200,6 +200,38 @@ async def test_revocations_on_the_primary_hold_on_the_next_call_while_the_replic
     assert len(after_replay) == 2 and after_replay > seen_before
 
 
+async def test_gets_read_on_the_replica_are_authorised_and_recorded_on_the_primary(
+    cluster: Cluster, primary_dsn: str, settings: Settings, keyring: ConsentKeyring, data_keys: DataKeyring
+) -> None:
+    on_primary, on_replica = _Statements(), _Statements()
+    gateway, database = await _gateway(
+        settings, primary_dsn, _on_replica(cluster, primary_dsn), keyring, data_keys,
+        on_primary=on_primary, on_replica=on_replica, replica_max_lag=3600.0,
+    )  # fmt: skip
+    try:
+        async with harness.serving(gateway) as world:
+            practitioner = await world.practitioner()
+            patient = (await world.patient()).patient_id
+            for hour in range(4):
+                await world.appointment(practitioner, patient, MONDAY + timedelta(hours=hour))
+            partner = await world.partner("Getting", practitioner)
+            listed = await partner.list_all()
+            await _caught_up(cluster)
+            assert await _usable(gateway)
+            on_primary.ran.clear()
+            on_replica.ran.clear()
+
+            got = await asyncio.gather(*(partner.get(a.appointment_id) for a in listed))
+    finally:
+        await database.close()
+
+    assert [g.appointment_id for g in got] == [a.appointment_id for a in listed]
+    grouped = [q for q in on_replica.ran if "LATERAL partner_get_appointment(" in q]
+    assert 1 <= len(grouped) <= 4  # the four gets read on the replica, concurrent ones in one statement
+    assert not [q for q in on_primary.ran if "partner_get_appointment(" in q]  # none read again on the primary
+    assert on_primary.calls("record_checked_basic_disclosures") >= 1  # each authorised and recorded there
+
+
 async def test_a_replica_past_the_lag_bound_is_skipped_and_its_health_says_so(
     cluster: Cluster, primary_dsn: str, settings: Settings, keyring: ConsentKeyring, data_keys: DataKeyring
 ) -> None:
