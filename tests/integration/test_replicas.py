@@ -139,6 +139,24 @@ class _Statements:
         return sum(f"FROM {function}(" in query for query in self.ran)
 
 
+async def _observed_gateway(
+    cluster: Cluster, primary_dsn: str, settings: Settings, keyring: ConsentKeyring, data_keys: DataKeyring
+) -> tuple[Gateway, Database, _Statements, _Statements]:
+    """:func:`_gateway` with an hour's lag bound (a paused replica stays usable), and each side's statements."""
+    on_primary, on_replica = _Statements(), _Statements()
+    gateway, database = await _gateway(
+        settings,
+        primary_dsn,
+        _on_replica(cluster, primary_dsn),
+        keyring,
+        data_keys,
+        on_primary=on_primary,
+        on_replica=on_replica,
+        replica_max_lag=3600.0,
+    )
+    return gateway, database, on_primary, on_replica
+
+
 async def _usable(gateway: Gateway, usable: bool = True) -> bool:
     return await harness.eventually(lambda: gateway.replicas.states[0].usable is usable, within=60)
 
@@ -203,11 +221,9 @@ async def test_revocations_on_the_primary_hold_on_the_next_call_while_the_replic
 async def test_gets_read_on_the_replica_are_authorised_and_recorded_on_the_primary(
     cluster: Cluster, primary_dsn: str, settings: Settings, keyring: ConsentKeyring, data_keys: DataKeyring
 ) -> None:
-    on_primary, on_replica = _Statements(), _Statements()
-    gateway, database = await _gateway(
-        settings, primary_dsn, _on_replica(cluster, primary_dsn), keyring, data_keys,
-        on_primary=on_primary, on_replica=on_replica, replica_max_lag=3600.0,
-    )  # fmt: skip
+    gateway, database, on_primary, on_replica = await _observed_gateway(
+        cluster, primary_dsn, settings, keyring, data_keys
+    )
     try:
         async with harness.serving(gateway) as world:
             practitioner = await world.practitioner()
@@ -371,16 +387,8 @@ def _hours(changes: list[pb.AppointmentChange]) -> list[tuple[int, int]]:
 async def test_a_resumed_watch_replays_on_a_replica_that_has_replayed_its_changes(
     cluster: Cluster, primary_dsn: str, settings: Settings, keyring: ConsentKeyring, data_keys: DataKeyring
 ) -> None:
-    on_primary, on_replica = _Statements(), _Statements()
-    gateway, database = await _gateway(
-        settings,
-        primary_dsn,
-        _on_replica(cluster, primary_dsn),
-        keyring,
-        data_keys,
-        on_primary=on_primary,
-        on_replica=on_replica,
-        replica_max_lag=3600.0,
+    gateway, database, on_primary, on_replica = await _observed_gateway(
+        cluster, primary_dsn, settings, keyring, data_keys
     )
     try:
         async with harness.serving(gateway) as world:
@@ -409,16 +417,9 @@ async def test_a_resumed_watch_replays_on_a_replica_that_has_replayed_its_change
 async def test_a_resumed_watch_replays_on_the_primary_what_a_paused_replica_has_not_replayed(
     cluster: Cluster, primary_dsn: str, settings: Settings, keyring: ConsentKeyring, data_keys: DataKeyring
 ) -> None:
-    on_primary, on_replica = _Statements(), _Statements()
-    gateway, database = await _gateway(
-        settings,
-        primary_dsn,
-        _on_replica(cluster, primary_dsn),
-        keyring,
-        data_keys,
-        on_primary=on_primary,
-        on_replica=on_replica,
-        replica_max_lag=3600.0,  # paused, it stays within the bound: only its feed head keeps it out
+    # Paused, the replica stays within the hour's bound: only its feed head keeps the replay from it.
+    gateway, database, on_primary, on_replica = await _observed_gateway(
+        cluster, primary_dsn, settings, keyring, data_keys
     )
     try:
         async with harness.serving(gateway) as world:
