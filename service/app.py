@@ -249,6 +249,7 @@ class Gateway:
             parts.data_keys,
             self.telemetry,
             self.replicas if len(self.replicas) else None,
+            budget=settings.limits.default_deadline,
         )
         self._consent_requests = ConsentRequests(
             database,

@@ -28,7 +28,7 @@ import contextvars
 from collections.abc import Awaitable, Callable, Sequence
 from uuid import UUID
 
-from service import models
+from service import deadlines, models
 from service.store import partner_path
 from service.store.database import Database
 from service.store.replicas import Replicas
@@ -78,8 +78,10 @@ def on_replicas(replicas: Replicas) -> GroupRead:
 class NamedReads:
     """Reads the appointments that calls name, as the partner role, many calls per statement."""
 
-    def __init__(self, read: GroupRead, *, max_group: int = MAX_GROUP) -> None:
+    def __init__(self, read: GroupRead, *, budget: float, max_group: int = MAX_GROUP) -> None:
+        """``budget``: the seconds each group's statement may take, as a call of its own would have."""
         self._read = read
+        self._budget = budget
         self._max_group = max_group
         self._queue: list[tuple[models.Principal, UUID, asyncio.Future[Answer]]] = []
         self._reader: asyncio.Task[None] | None = None
@@ -107,7 +109,10 @@ class NamedReads:
             while self._queue:
                 group, self._queue = self._queue[: self._max_group], self._queue[self._max_group :]
                 try:
-                    answers = await self._read([(principal, appointment_id) for principal, appointment_id, _ in group])
+                    with deadlines.bounded(self._budget):  # a group outlives any one caller's deadline
+                        answers = await self._read(
+                            [(principal, appointment_id) for principal, appointment_id, _ in group]
+                        )
                 except Exception as exc:  # the database failed: every read of the group fails with it
                     for _, _, answer in group:
                         if not answer.done():

@@ -108,11 +108,14 @@ class PartnerReads:
         data_keys: sealing.DataKeyring,
         telemetry: Telemetry,
         replicas: Replicas | None = None,
+        *,
+        budget: float,
     ) -> None:
+        """``budget``: the seconds a statement read for many calls at once may take (the default deadline)."""
         self._db = database
         self._replicas = replicas if replicas else None
-        self._named = NamedReads(named_reads.on_primary(database))
-        self._named_on_replicas = NamedReads(named_reads.on_replicas(replicas)) if replicas else None
+        self._named = NamedReads(named_reads.on_primary(database), budget=budget)
+        self._named_on_replicas = NamedReads(named_reads.on_replicas(replicas), budget=budget) if replicas else None
         self._gate = gate
         self._guard = gate.guard
         self._recorder = recorder

@@ -11,12 +11,14 @@ import asyncio
 from collections.abc import AsyncIterator
 from uuid import UUID
 
+import asyncpg
 import harness
 import pytest
 
 from service import models
 from service.access import credentials
 from service.disclosure.named_reads import NamedReads, on_primary, on_replicas
+from service.errors import DeadlineExceeded
 from service.store import partner_path
 from service.store.database import Database, partner_login_dsn
 from service.store.replicas import Replicas
@@ -59,7 +61,7 @@ async def test_concurrent_reads_share_one_statement_and_each_sees_only_what_its_
     shown = [await world.appointment(seen, patient.patient_id) for _ in range(6)]
     hidden = await world.appointment(unseen, patient.patient_id)
     first, second = await world.partner("Groupread One", seen), await world.partner("Groupread Two", seen, unseen)
-    reads = NamedReads(on_primary(db))
+    reads = NamedReads(on_primary(db), budget=10.0)
     requests = [(_principal(first), UUID(a.appointment_id)) for a in shown]
     requests += [(_principal(first), UUID(hidden.appointment_id)), (_principal(second), UUID(hidden.appointment_id))]
 
@@ -82,7 +84,7 @@ async def test_a_refused_key_in_a_group_is_refused_alone(
     live, revoked = await world.partner("Groupread Live", practitioner), await world.partner("Groupread Revoked")
     await world.grant(revoked.partner_id, practitioner)
     await world.revoke_key(revoked.key_id)
-    reads = NamedReads(on_primary(db))
+    reads = NamedReads(on_primary(db), budget=10.0)
 
     answers = await asyncio.gather(
         reads.read(_principal(live), appointment),
@@ -110,10 +112,36 @@ async def test_reads_a_replica_cannot_answer_whole_are_left_to_the_primary(
     try:
         [state] = await replicas.measure_all()
         assert not state.usable and state.problem == "not a standby (not in recovery)"
-        reads = NamedReads(on_replicas(replicas))
+        reads = NamedReads(on_replicas(replicas), budget=10.0)
 
         answers = await asyncio.gather(*(reads.read(_principal(partner), appointment) for _ in range(3)))
     finally:
         await replicas.close()
 
     assert answers == [None, None, None]  # each call then reads on the primary, which decides
+
+
+async def test_a_group_stuck_in_the_database_ends_at_its_budget_and_the_next_one_reads(
+    world: harness.World, observed: tuple[Database, list[str]], database_dsn: str
+) -> None:
+    db, _ = observed
+    practitioner = await world.practitioner("Dr. Groupread Stuck")
+    patient = await world.patient(given_name="Groupstuckgiven")
+    appointment = UUID((await world.appointment(practitioner, patient.patient_id)).appointment_id)
+    partner = await world.partner("Groupread Stuck", practitioner)
+    reads = NamedReads(on_primary(db), budget=0.5)
+    locker = await asyncpg.connect(database_dsn)
+    try:
+        async with locker.transaction():
+            await locker.execute("LOCK TABLE appointments IN ACCESS EXCLUSIVE MODE")  # every read now waits
+            # Well before the pool's own statement timeout (10 s), which would end them too.
+            async with asyncio.timeout(5):
+                stuck = await asyncio.gather(
+                    *(reads.read(_principal(partner), appointment) for _ in range(2)), return_exceptions=True
+                )
+    finally:
+        await locker.close()
+
+    assert [type(error) for error in stuck] == [DeadlineExceeded, DeadlineExceeded]
+    found = await reads.read(_principal(partner), appointment)  # its connection came back, the lock is gone
+    assert found is not None and found.id == appointment
