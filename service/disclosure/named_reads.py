@@ -67,9 +67,7 @@ def on_replicas(replicas: Replicas) -> GroupRead:
     """Reads on a replica within the lag bound; ``None`` for every request it cannot answer whole."""
 
     async def read(requests: Sequence[Request]) -> Sequence[Answer]:
-        replicated = await replicas.read(
-            lambda conn: partner_path.get_appointments(conn, requests), refusals=(partner_path.ReadRefused,)
-        )
+        replicated = await replicas.read(lambda conn: partner_path.get_appointments(conn, requests))
         return [None] * len(requests) if replicated is None else replicated.value
 
     return read

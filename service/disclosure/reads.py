@@ -169,6 +169,7 @@ class PartnerReads:
         """The basic view of one appointment; NOT_FOUND (recorded) when the partner may not see it."""
         ids = self._ids.for_partner(principal.partner_id)
         record = entry(principal, _GET, models.View.BASIC)
+        terms = self._guard.terms(policy)
         with self._recorder.expect_basic() as expected:
             internal_id = ids.parse_appointment_id(appointment_id)
             found = None
@@ -178,12 +179,11 @@ class PartnerReads:
             if found is not None:  # read on a replica: recorded once the primary authorised it
                 row = found
                 items = [(appointment_id, row.id, row.patient_id)]
-                terms = self._guard.terms(policy)
                 outcome = await self._recorder.record(record, items, terms, expected, shown=(row.practitioner_id,))
             if outcome is None:
                 row = await self.named_appointment(principal, ids, appointment_id, _GET, models.View.BASIC)
                 items = [(appointment_id, row.id, row.patient_id)]
-                outcome = await self._recorder.record(record, items, self._guard.terms(policy), expected)
+                outcome = await self._recorder.record(record, items, terms, expected)
                 assert outcome is not None  # read on the primary: never refused by its record
             message = views.basic_appointment(row, ids)
         self._guard.settle(principal.partner_id, outcome)
@@ -324,5 +324,5 @@ class PartnerReads:
         """
         if self._replicas is None:
             return None
-        replicated = await self._replicas.read(read, refusals=(partner_path.ReadRefused,))
+        replicated = await self._replicas.read(read)
         return None if replicated is None else replicated.value

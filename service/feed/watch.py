@@ -194,8 +194,7 @@ class Watches:
             replicated = await self._replicas.read(
                 lambda conn: partner_path.replayed_changes(
                     conn, principal, after=after, upto=upto, limit=_REPLAY_BATCH, practitioners=practitioners
-                ),
-                refusals=(partner_path.ReadRefused,),
+                )
             )
             if replicated is not None and replicated.value is not None:
                 return replicated.value

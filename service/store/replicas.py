@@ -23,6 +23,7 @@ from typing import Generic, TypeVar
 import asyncpg
 
 from service import deadlines
+from service.store import partner_path
 from service.store.database import (
     PARTNER_ROLE,
     UNREACHABLE,
@@ -34,6 +35,8 @@ from service.store.database import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+#: What a read on a replica may fail with and leave to the primary.
+_FAILURES: tuple[type[BaseException], ...] = (*UNREACHABLE, asyncpg.PostgresError, partner_path.ReadRefused)
 
 #: Seconds between two measures of each replica's lag.
 WATCH_INTERVAL = 1.0
@@ -149,22 +152,20 @@ class Replicas:
         finally:
             await pool.release(conn)
 
-    async def read(
-        self, statement: Callable[[Connection], Awaitable[T]], *, refusals: tuple[type[BaseException], ...] = ()
-    ) -> Replicated[T] | None:
+    async def read(self, statement: Callable[[Connection], Awaitable[T]]) -> Replicated[T] | None:
         """Run ``statement`` on a replica within the lag bound; ``None`` when none is, or it failed there.
 
         A failure there (the replica gone, a query cancelled by a recovery
-        conflict, one of ``refusals``) is not the caller's: it reads on the
-        primary instead.
+        conflict, a partner function's refusal on a copy that lags the
+        primary's keys and grants) is not the caller's: it reads on the
+        primary instead, which decides.
         """
-        failures: tuple[type[BaseException], ...] = (*UNREACHABLE, asyncpg.PostgresError, *refusals)
         async with self.reader() as conn:
             if conn is None:
                 return None
             try:
                 return Replicated(await statement(conn))
-            except failures:
+            except _FAILURES:
                 return None
 
     async def close(self) -> None:
