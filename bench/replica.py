@@ -198,13 +198,7 @@ class PrimaryProfile:
 def access_log_calls(server: bench.Server) -> dict[str, int]:
     """Every call ``server``'s access log holds so far, by ``<method> <code>`` (warm-ups and checks included)."""
     counts: dict[str, int] = {}
-    for line in server.log_path.read_bytes().splitlines():
-        if b'"event": "rpc"' not in line:
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
+    for record in bench.access_log_calls(server.log_path.read_bytes()):
         key = f"{str(record.get('method', '?')).rsplit('/', 1)[-1]} {record.get('code', '?')}"
         counts[key] = counts.get(key, 0) + 1
     return dict(sorted(counts.items()))

@@ -56,7 +56,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -643,6 +643,17 @@ def _percentile(values: list[int], q: float) -> float:
     return values[index] / 1000.0
 
 
+def access_log_calls(log: bytes) -> Iterator[dict[str, Any]]:
+    """The calls a gateway's log holds: its JSON access lines (``"event": "rpc"``), other lines skipped."""
+    for line in log.splitlines():
+        if b'"event": "rpc"' not in line:
+            continue
+        try:
+            yield json.loads(line)
+        except ValueError:
+            continue
+
+
 def gateway_codes(server: Server) -> dict[str, int]:
     """Status codes in the gateway's access log since the last call (its JSON lines name each call's code)."""
     codes: dict[str, int] = {}
@@ -652,13 +663,7 @@ def gateway_codes(server: Server) -> dict[str, int]:
         handle.seek(server.log_offset)
         chunk = handle.read()
         server.log_offset += len(chunk)
-    for line in chunk.splitlines():
-        if b'"event": "rpc"' not in line:
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
+    for record in access_log_calls(chunk):
         codes[record.get("code", "?")] = codes.get(record.get("code", "?"), 0) + 1
     return codes
 
