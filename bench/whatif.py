@@ -78,13 +78,16 @@ def norecord(
     parts: app.Parts, database: Database, secrets: app.Secrets, settings: settings_module.Settings
 ) -> app.Parts:
     """Basic-view records answered at once."""
-    return replace(parts, recorder=_RecordedAtOnce(database, budget=settings.limits.default_deadline))
+    recorder = _RecordedAtOnce(database, budget=settings.limits.default_deadline, in_flight=parts.in_flight)
+    return replace(parts, recorder=recorder)
 
 
 def gather(parts: app.Parts, database: Database, secrets: app.Secrets, settings: settings_module.Settings) -> app.Parts:
     """Groups wait ``WHATIF_GATHER`` seconds for the calls underway."""
     grouping = Grouping(gather=float(os.environ.get("WHATIF_GATHER", "0.02")))
-    recorder = DisclosureRecorder(database, budget=settings.limits.default_deadline, grouping=grouping)
+    recorder = DisclosureRecorder(
+        database, budget=settings.limits.default_deadline, grouping=grouping, in_flight=parts.in_flight
+    )
     return replace(parts, recorder=recorder)
 
 

@@ -54,6 +54,7 @@ from service.feed.delivery import Deliveries
 from service.feed.hub import FeedHub
 from service.feed.privacy import PrivacyWatches
 from service.feed.watch import Watches
+from service.inflight import CallsInFlight
 from service.settings import Settings, serving_problems, split_address
 from service.store import chain, request_leases, sealed_columns
 from service.store import consent_requests as consent_requests_store
@@ -124,16 +125,20 @@ class Parts:
     pages: BasicPages
     recorder: DisclosureRecorder
     data_keys: sealing.DataKeyring
+    #: The partner listener's calls in their handlers, counted by its error boundary, read by the recorder.
+    in_flight: CallsInFlight
 
     @classmethod
     def build(cls, settings: Settings, database: Database, secrets: Secrets) -> Parts:
         """The parts as ``settings`` configure them."""
+        in_flight = CallsInFlight()
         return cls(
             Pseudonyms(secrets.server_secret),
             PageTokens(derive_key(secrets.server_secret, b"page-token")),
             BasicPages(settings.view_memo),
-            DisclosureRecorder(database, budget=settings.limits.default_deadline),
+            DisclosureRecorder(database, budget=settings.limits.default_deadline, in_flight=in_flight),
             secrets.data_keys,
+            in_flight,
         )
 
 
@@ -271,6 +276,11 @@ class Gateway:
         self.partner: Listener | None = None
         self.internal: Listener | None = None
 
+    @property
+    def calls_in_flight(self) -> int:
+        """The partner listener's unary calls in their handlers now."""
+        return self._parts.in_flight.count
+
     def partner_appointment_id(self, partner_id: UUID, appointment_id: UUID) -> str:
         """The id a partner knows an appointment by (for the demo's walk-through)."""
         return self._parts.pseudonyms.for_partner(partner_id).appointment_id(appointment_id)
@@ -343,7 +353,11 @@ class Gateway:
             self.settings.partner_addr,
             register=self._register_partner,
             boundary=ErrorBoundary(
-                PARTNER_PREFIX, self.telemetry, listener="partner", default_deadline=limits.default_deadline
+                PARTNER_PREFIX,
+                self.telemetry,
+                listener="partner",
+                default_deadline=limits.default_deadline,
+                in_flight=self._parts.in_flight,
             ),
             limits=limits,
             tls=self.settings.tls,

@@ -28,6 +28,7 @@ from grpc_status import rpc_status
 from service import deadlines
 from service.api.reflection import DocumentedPool
 from service.errors import ApptgateError, DeadlineExceeded, InvalidArgument, internal_status
+from service.inflight import CallsInFlight
 from service.settings import TlsFiles, TransportLimits
 from service.telemetry.logs import exception_fields
 from service.telemetry.tracing import Telemetry, current_trace_id
@@ -85,12 +86,14 @@ def _wrap(
     telemetry: Telemetry,
     listener: str,
     default_deadline: float,
+    in_flight: CallsInFlight,
 ) -> grpc.RpcMethodHandler:
     """Return ``handler`` behind the error boundary, in a server span (unary-unary and unary-stream methods).
 
     A unary call gets the caller's deadline, or ``default_deadline`` when the
     caller set none; a stream only the caller's. The store bounds its database
-    work by what remains.
+    work by what remains. A unary call is counted in ``in_flight`` while its
+    handler runs.
     """
 
     def enter(request: Any, context: grpc.aio.ServicerContext) -> None:
@@ -118,6 +121,7 @@ def _wrap(
             remaining = context.time_remaining()
             budget = default_deadline if remaining is None else min(remaining, default_deadline)
             with telemetry.server_call(listener, method, context.invocation_metadata()) as call:
+                in_flight.count += 1
                 try:
                     enter(request, context)
                     with deadlines.bounded(budget):
@@ -134,6 +138,7 @@ def _wrap(
                 except Exception as exc:
                     await fail(context, exc, outcome)
                 finally:
+                    in_flight.count -= 1
                     telemetry.finish_call(call, outcome[0], started, outcome[1])
             raise AssertionError("unreachable: abort raises")
 
@@ -188,8 +193,11 @@ class ErrorBoundary(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         listener: str,
         default_deadline: float = 10.0,
         guard: Guard | None = None,
+        in_flight: CallsInFlight | None = None,
     ) -> None:
         self._prefix = prefix
+        #: The unary calls inside their handlers now (:mod:`service.inflight`).
+        self.in_flight = in_flight if in_flight is not None else CallsInFlight()
         self._default_deadline = default_deadline
         self._guard = guard
         self._telemetry = telemetry
@@ -209,7 +217,9 @@ class ErrorBoundary(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return handler
         cached = self._wrapped.get(method)
         if cached is None or cached[0] is not handler:
-            wrapped = _wrap(handler, method, self._guard, self._telemetry, self._listener, self._default_deadline)
+            wrapped = _wrap(
+                handler, method, self._guard, self._telemetry, self._listener, self._default_deadline, self.in_flight
+            )
             cached = self._wrapped[method] = (handler, wrapped)
         return cached[1]
 

@@ -17,6 +17,13 @@ has two: basic views and contact views). How groups form:
   to join it: such a call will ask for its record a moment later, and in the
   same group it shares the statement and the commit. With no call underway
   nothing waits;
+* then, while the listener serves more calls than the group holds (some may
+  still come to be recorded) and records keep arriving, each within
+  ``hold_gap`` of the last, the group waits for them, ``hold`` seconds at
+  most. Under load the process is busy with those other calls meanwhile, so
+  the wait costs no throughput and the groups grow several times larger (one
+  statement and one commit on the primary for many calls); a call alone, or
+  one whose fellows are all waiting already, is written at once;
 * a writer keeps its connection for ``linger`` seconds after a group, for
   the next one;
 * over a daily cap the statement records nothing; the group is written again
@@ -41,6 +48,7 @@ from typing import Any, Generic, TypeVar
 from uuid import UUID
 
 from service import models
+from service.inflight import CallsInFlight
 from service.store import ledger
 from service.store.database import Connection, Database, StatementSeries
 
@@ -61,6 +69,10 @@ class Grouping:
     linger: float = 0.05
     #: Seconds a group waits, at most, for the calls underway when it formed.
     gather: float = 0.005
+    #: Seconds a group waits, at most, for more records while calls that may bring them are in flight.
+    hold: float = 0.01
+    #: Seconds without a new record after which a holding group is written.
+    hold_gap: float = 0.002
 
 
 class RecordKind(abc.ABC, Generic[Request, Answer]):
@@ -132,12 +144,19 @@ class GroupWriter(Generic[Request, Answer]):
     """Writes the requests of one :class:`RecordKind`, many calls per statement."""
 
     def __init__(
-        self, database: Database, budget: float, kind: RecordKind[Request, Answer], grouping: Grouping
+        self,
+        database: Database,
+        budget: float,
+        kind: RecordKind[Request, Answer],
+        grouping: Grouping,
+        in_flight: CallsInFlight | None = None,
     ) -> None:
         self._db = database
         self._budget = budget
         self._kind = kind
         self._grouping = grouping
+        self._in_flight = in_flight  # None: no hold (nothing tells whether other calls are coming)
+        self._arrival: asyncio.Future[None] | None = None  # a holding writer's wake-up at the next request
         self._queue: list[_Pending[Request, Answer]] = []
         self._writers = 0  # running or waiting for work (counted as they start and end, not by their tasks)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -174,6 +193,8 @@ class GroupWriter(Generic[Request, Answer]):
         self._queue.append(_Pending(partner_id, request, terms, answer))
         if expected is not None:
             expected.arrived()
+        if self._arrival is not None and not self._arrival.done():
+            self._arrival.set_result(None)
         if self._waiting:
             waiting = self._waiting.pop()
             if not waiting.done():
@@ -189,8 +210,9 @@ class GroupWriter(Generic[Request, Answer]):
         return await answer
 
     async def _next_group(self) -> list[_Pending[Request, Answer]]:
-        """The next group, once the calls underway have joined it (:meth:`_gather`)."""
+        """The next group, once the calls underway have joined it (:meth:`_gather`, :meth:`_hold`)."""
         await self._gather()
+        await self._hold()
         size = self._grouping.max_group
         group, self._queue = self._queue[:size], self._queue[size:]
         return group
@@ -227,6 +249,24 @@ class GroupWriter(Generic[Request, Answer]):
             await _woken(wake, self._grouping.gather)
         finally:
             self._gathered = None
+
+    async def _hold(self) -> None:
+        """Wait while other calls in flight may bring records and they keep coming (see the module docstring)."""
+        in_flight, grouping = self._in_flight, self._grouping
+        if in_flight is None or grouping.hold <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        until = loop.time() + grouping.hold
+        while len(self._queue) < min(grouping.max_group, in_flight.count):
+            left = min(until - loop.time(), grouping.hold_gap)
+            if left <= 0:
+                return
+            self._arrival = loop.create_future()
+            try:
+                if not await _woken(self._arrival, left):
+                    return
+            finally:
+                self._arrival = None
 
     async def _more(self, series: StatementSeries) -> bool:
         """Wait up to ``linger`` for another call, keeping the connection; True when there is work."""
@@ -272,13 +312,14 @@ class GroupWriter(Generic[Request, Answer]):
             _settle(pending, answer)
 
 
-async def _woken(wake: asyncio.Future[None], seconds: float) -> None:
-    """Wait for ``wake`` to be set, or ``seconds`` to pass."""
+async def _woken(wake: asyncio.Future[None], seconds: float) -> bool:
+    """Wait for ``wake`` to be set, or ``seconds`` to pass; True when it was set."""
     try:
         async with asyncio.timeout(seconds):
             await wake
     except TimeoutError:
-        pass
+        return False
+    return True
 
 
 def _settle(pending: _Pending[Request, Answer], answer: Answer) -> None:

@@ -53,6 +53,7 @@ from appointments.partner.v1 import partner_appointment_service_pb2
 
 from service import models
 from service.disclosure.groups import Expected, Grouping, GroupWriter, RecordKind
+from service.inflight import CallsInFlight
 from service.store import ledger
 from service.store.database import Connection, Database
 from service.telemetry.tracing import current_trace_id
@@ -361,14 +362,26 @@ class _ContactViews(RecordKind[ledger.ContactRequest, models.StoredConsentedCont
 
 
 class DisclosureRecorder:
-    """Charges and records partner responses, many calls per statement: basic views and contact views apart."""
+    """Charges and records partner responses, many calls per statement: basic views and contact views apart.
 
-    def __init__(self, database: Database, *, budget: float, grouping: Grouping | None = None) -> None:
+    ``in_flight`` counts the partner listener's calls in their handlers; with
+    it a group waits for those that may still bring records
+    (:class:`~service.disclosure.groups.Grouping`), without it groups never hold.
+    """
+
+    def __init__(
+        self,
+        database: Database,
+        *,
+        budget: float,
+        grouping: Grouping | None = None,
+        in_flight: CallsInFlight | None = None,
+    ) -> None:
         grouping = grouping or Grouping()
         self.counted = CountedPatients()
         self.recorded = RecordedResponses()
-        self._basic = GroupWriter(database, budget, _BasicViews(self.counted, self.recorded), grouping)
-        self._contact = GroupWriter(database, budget, _ContactViews(), grouping)
+        self._basic = GroupWriter(database, budget, _BasicViews(self.counted, self.recorded), grouping, in_flight)
+        self._contact = GroupWriter(database, budget, _ContactViews(), grouping, in_flight)
 
     def expect_basic(self) -> Expected:
         """Announce a basic-view call before its read, so that groups formed meanwhile wait for it."""

@@ -12,10 +12,13 @@ import itertools
 from collections.abc import AsyncIterator
 from uuid import UUID, uuid4
 
+import asyncpg
+import grpc
 import harness
 import pytest
 
 from service import models
+from service.app import Gateway
 from service.disclosure.groups import Grouping
 from service.disclosure.record import (
     MIN_ITEMS,
@@ -25,6 +28,7 @@ from service.disclosure.record import (
     fingerprint,
     write_basic,
 )
+from service.inflight import CallsInFlight
 from service.store.database import Connection, Database
 
 
@@ -130,6 +134,87 @@ async def test_a_group_waits_no_longer_than_gather_for_a_call_that_never_comes(d
             assert await recorder.record(entry, [("shown-anyway", None, None)], TERMS) == "ok"
 
     assert await _transactions(db, partner) == {"shown-anyway": 0}
+
+
+def _in_flight(count: int) -> CallsInFlight:
+    """A count of calls in their handlers, as the partner listener keeps it."""
+    calls = CallsInFlight()
+    calls.count = count
+    return calls
+
+
+async def test_a_group_holds_for_the_calls_in_flight_while_their_records_keep_coming(db: Database) -> None:
+    partner, entry = await _partner(db, "Holding")
+    # Three calls in their handlers; a group waits for the other two, however long they take.
+    grouping = Grouping(hold=60.0, hold_gap=60.0)
+    recorder = DisclosureRecorder(db, budget=5.0, grouping=grouping, in_flight=_in_flight(3))
+    async with asyncio.timeout(10):
+        first = asyncio.create_task(recorder.record(entry, [("shown-held-1", None, None)], TERMS))
+        for _ in range(3):  # the writer starts and, with two more calls in flight, holds
+            await asyncio.sleep(0)
+        second = asyncio.create_task(recorder.record(entry, [("shown-held-2", None, None)], TERMS))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not first.done() and not second.done()  # one call is still in flight
+        third = await recorder.record(entry, [("shown-held-3", None, None)], TERMS)
+        assert (await first, await second, third) == ("ok", "ok", "ok")
+
+    # Not held, the first would have been written alone as soon as it came.
+    assert await _transactions(db, partner) == {"shown-held-1": 0, "shown-held-2": 0, "shown-held-3": 0}
+
+
+async def test_a_call_alone_in_flight_is_written_at_once(db: Database) -> None:
+    partner, entry = await _partner(db, "Unheld")
+    recorder = DisclosureRecorder(db, budget=5.0, grouping=Grouping(hold=60.0, hold_gap=60.0), in_flight=_in_flight(1))
+    async with asyncio.timeout(10):  # were it held, the test would time out
+        for n in range(2):
+            assert await recorder.record(entry, [(f"shown-unheld-{n}", None, None)], TERMS) == "ok"
+
+    assert await _transactions(db, partner) == {"shown-unheld-0": 0, "shown-unheld-1": 1}
+
+
+@pytest.mark.parametrize(
+    ("name", "grouping"),
+    [("Quietened", Grouping(hold=60.0, hold_gap=0.05)), ("Outheld", Grouping(hold=0.05, hold_gap=60.0))],
+    ids=["records-stop-coming", "hold-runs-out"],
+)
+async def test_a_holding_group_is_written_when_records_stop_coming_or_its_hold_runs_out(
+    db: Database, name: str, grouping: Grouping
+) -> None:
+    partner, entry = await _partner(db, name)
+    # Four other calls in flight that never bring a record (a refusal, a consent grant, a slow read).
+    recorder = DisclosureRecorder(db, budget=5.0, grouping=grouping, in_flight=_in_flight(5))
+    async with asyncio.timeout(10):  # well under the 60 s that the other bound would allow
+        assert await recorder.record(entry, [("shown-unheld", None, None)], TERMS) == "ok"
+
+    assert await _transactions(db, partner) == {"shown-unheld": 0}
+
+
+async def test_the_partner_listener_counts_its_calls_while_their_handlers_run(
+    gateway: Gateway, world: harness.World, database_dsn: str
+) -> None:
+    practitioner = await world.practitioner("Dr. Inflight Counted")
+    patient = await world.patient(given_name="Inflightgiven")
+    await world.appointment(practitioner, patient.patient_id)
+    partner = await world.partner("Inflight Counted", practitioner)
+    assert gateway.calls_in_flight == 0  # the internal listener's calls that built the world are not counted
+
+    locker = await asyncpg.connect(database_dsn)
+    try:
+        async with locker.transaction():
+            await locker.execute("LOCK TABLE appointments IN ACCESS EXCLUSIVE MODE")  # every read now waits
+            listing = [asyncio.create_task(partner.list()) for _ in range(2)]
+            counted = await harness.eventually(lambda: gateway.calls_in_flight == 2, within=10)
+    finally:
+        await locker.close()
+    pages = await asyncio.gather(*listing)
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await partner.get("apt_" + "a" * 22)
+
+    assert counted
+    assert [len(page.appointments) for page in pages] == [1, 1]
+    assert missing.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
+    assert gateway.calls_in_flight == 0  # answered or refused, every call left the count
 
 
 async def test_basic_and_contact_calls_underway_are_waited_for_apart(db: Database) -> None:
