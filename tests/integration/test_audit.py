@@ -376,13 +376,14 @@ async def test_the_ledger_refuses_a_record_half_a_reference(
     values = {"items_of": "1", "items_digest": "'\\x00'", "requested_ids": "ARRAY['shown']",
               "appointment_ids": "ARRAY[gen_random_uuid()]", "patient_ids": "ARRAY[gen_random_uuid()]"}  # fmt: skip
     chosen = columns.split(", ")
-    with pytest.raises(asyncpg.CheckViolationError):
+    with pytest.raises(asyncpg.CheckViolationError) as refused:
         await admin.execute(
             "INSERT INTO disclosures (partner_id, key_id, view, rpc, outcome, "
             f"{columns}) VALUES (gen_random_uuid(), 'pk_halfaaaaaaaaaaaa', 1, $1, 1, "
             f"{', '.join(values[c] for c in chosen)})",
             LIST_RPC,
         )
+    assert refused.value.constraint_name == "disclosures_items_check"  # named as the constraint it replaced
 
 
 async def test_audit_verify_catches_a_record_dropped_from_the_chain(

@@ -111,10 +111,8 @@ async def test_items_moved_into_a_text_field_are_refused_then_caught(
     with pytest.raises(asyncpg.CheckViolationError):  # a shape no record has
         async with harness.owner_tampering(owner) as conn:
             await conn.execute(_ITEMS_INTO_TEXT)
-    async with harness.owner_tampering(owner) as conn:  # the owner drops the constraints first
-        await conn.execute(
-            "ALTER TABLE disclosures DROP CONSTRAINT disclosures_items_check, DROP CONSTRAINT disclosures_refusal_check"
-        )
+    async with harness.owner_tampering(owner) as conn:  # the owner sets the shapes' trigger aside first
+        await conn.execute("ALTER TABLE disclosures DISABLE TRIGGER disclosures_checked")
         await conn.execute(_ITEMS_INTO_TEXT)
     after = await owner.fetchval(_CONCAT_WS_DIGEST)
 
