@@ -14,6 +14,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -100,7 +101,8 @@ async def _set_replay(cluster: Cluster, *, paused: bool) -> None:
         await replica.close()
 
 
-async def _gateway(
+@asynccontextmanager
+async def _replica_gateway(
     settings: Settings,
     primary_dsn: str,
     replica_url: str,
@@ -110,8 +112,11 @@ async def _gateway(
     on_primary: QueryObserver | None = None,
     on_replica: QueryObserver | None = None,
     **changes: Any,
-) -> tuple[Gateway, Database]:
-    """A gateway over the primary reading from the replica; ``on_primary``/``on_replica`` see each one's statements."""
+) -> AsyncIterator[tuple[Gateway, World]]:
+    """A gateway over the primary reading from the replica, serving, its database closed after.
+
+    ``on_primary``/``on_replica`` see each one's statements.
+    """
     database = await Database.connect(
         primary_dsn,
         min_size=1,
@@ -120,9 +125,14 @@ async def _gateway(
         require_partner_login=True,
         on_query=on_primary,
     )
-    chosen = replace(settings, read_replica_urls=(replica_url,), **changes)
-    replicas = Replicas(chosen.read_replica_urls, max_lag=chosen.replica_max_lag, on_query=on_replica)
-    return Gateway(chosen, database, Secrets(os.urandom(32), keyring, data_keys), replicas=replicas), database
+    try:
+        chosen = replace(settings, read_replica_urls=(replica_url,), **changes)
+        replicas = Replicas(chosen.read_replica_urls, max_lag=chosen.replica_max_lag, on_query=on_replica)
+        gateway = Gateway(chosen, database, Secrets(os.urandom(32), keyring, data_keys), replicas=replicas)
+        async with harness.serving(gateway) as world:
+            yield gateway, world
+    finally:
+        await database.close()
 
 
 class _Statements:
@@ -139,12 +149,13 @@ class _Statements:
         return sum(f"FROM {function}(" in query for query in self.ran)
 
 
+@asynccontextmanager
 async def _observed_gateway(
     cluster: Cluster, primary_dsn: str, settings: Settings, keyring: ConsentKeyring, data_keys: DataKeyring
-) -> tuple[Gateway, Database, _Statements, _Statements]:
-    """:func:`_gateway` with an hour's lag bound (a paused replica stays usable), and each side's statements."""
+) -> AsyncIterator[tuple[Gateway, World, _Statements, _Statements]]:
+    """:func:`_replica_gateway` with an hour's lag bound (a paused replica stays usable), and each side's statements."""
     on_primary, on_replica = _Statements(), _Statements()
-    gateway, database = await _gateway(
+    async with _replica_gateway(
         settings,
         primary_dsn,
         _on_replica(cluster, primary_dsn),
@@ -153,8 +164,8 @@ async def _observed_gateway(
         on_primary=on_primary,
         on_replica=on_replica,
         replica_max_lag=3600.0,
-    )
-    return gateway, database, on_primary, on_replica
+    ) as (gateway, world):
+        yield gateway, world, on_primary, on_replica
 
 
 async def _usable(gateway: Gateway, usable: bool = True) -> bool:
@@ -175,40 +186,36 @@ async def _replica_health(world: World) -> int:
 async def test_revocations_on_the_primary_hold_on_the_next_call_while_the_replica_replays_nothing(
     cluster: Cluster, primary_dsn: str, settings: Settings, keyring: ConsentKeyring, data_keys: DataKeyring
 ) -> None:
-    gateway, database = await _gateway(
+    async with _replica_gateway(
         settings, primary_dsn, _on_replica(cluster, primary_dsn), keyring, data_keys, replica_max_lag=3600.0
-    )
-    try:
-        async with harness.serving(gateway) as world:
-            practitioner = await world.practitioner()
-            await world.appointment(practitioner, (await world.patient()).patient_id, MONDAY)
-            revoked = await world.partner("Revoked later", practitioner)
-            keyless = await world.partner("Key revoked later", practitioner)
-            bystander = await world.partner("Still granted", practitioner)
-            await _caught_up(cluster)
-            assert await _usable(gateway)
-            seen_before = await _ids(bystander)
-            [shown] = await revoked.list_all()  # the appointment as this partner knows it
-            await _set_replay(cluster, paused=True)
-            try:
-                await world.appointment(practitioner, (await world.patient()).patient_id, MONDAY + timedelta(hours=1))
-                await world.revoke_grant(revoked.partner_id, practitioner)
-                await world.revoke_key(keyless.key_id)
+    ) as (gateway, world):
+        practitioner = await world.practitioner()
+        await world.appointment(practitioner, (await world.patient()).patient_id, MONDAY)
+        revoked = await world.partner("Revoked later", practitioner)
+        keyless = await world.partner("Key revoked later", practitioner)
+        bystander = await world.partner("Still granted", practitioner)
+        await _caught_up(cluster)
+        assert await _usable(gateway)
+        seen_before = await _ids(bystander)
+        [shown] = await revoked.list_all()  # the appointment as this partner knows it
+        await _set_replay(cluster, paused=True)
+        try:
+            await world.appointment(practitioner, (await world.patient()).patient_id, MONDAY + timedelta(hours=1))
+            await world.revoke_grant(revoked.partner_id, practitioner)
+            await world.revoke_key(keyless.key_id)
 
-                # The replica still shows the grant and the key; the primary's decisions hold.
-                after_revocation = await revoked.list_all()
-                with pytest.raises(grpc.aio.AioRpcError) as unauthenticated:
-                    await keyless.list()
-                with pytest.raises(grpc.aio.AioRpcError) as not_found:
-                    await revoked.get(shown.appointment_id)
-                # The bystander's reads come from the paused replica: the new appointment is not there yet.
-                while_paused = await _ids(bystander)
-            finally:
-                await _set_replay(cluster, paused=False)
-            await _caught_up(cluster)
-            after_replay = await _ids(bystander)
-    finally:
-        await database.close()
+            # The replica still shows the grant and the key; the primary's decisions hold.
+            after_revocation = await revoked.list_all()
+            with pytest.raises(grpc.aio.AioRpcError) as unauthenticated:
+                await keyless.list()
+            with pytest.raises(grpc.aio.AioRpcError) as not_found:
+                await revoked.get(shown.appointment_id)
+            # The bystander's reads come from the paused replica: the new appointment is not there yet.
+            while_paused = await _ids(bystander)
+        finally:
+            await _set_replay(cluster, paused=False)
+        await _caught_up(cluster)
+        after_replay = await _ids(bystander)
 
     assert len(seen_before) == 1
     assert after_revocation == []
@@ -221,25 +228,24 @@ async def test_revocations_on_the_primary_hold_on_the_next_call_while_the_replic
 async def test_gets_read_on_the_replica_are_authorised_and_recorded_on_the_primary(
     cluster: Cluster, primary_dsn: str, settings: Settings, keyring: ConsentKeyring, data_keys: DataKeyring
 ) -> None:
-    gateway, database, on_primary, on_replica = await _observed_gateway(
-        cluster, primary_dsn, settings, keyring, data_keys
-    )
-    try:
-        async with harness.serving(gateway) as world:
-            practitioner = await world.practitioner()
-            patient = (await world.patient()).patient_id
-            for hour in range(4):
-                await world.appointment(practitioner, patient, MONDAY + timedelta(hours=hour))
-            partner = await world.partner("Getting", practitioner)
-            listed = await partner.list_all()
-            await _caught_up(cluster)
-            assert await _usable(gateway)
-            on_primary.ran.clear()
-            on_replica.ran.clear()
+    async with _observed_gateway(cluster, primary_dsn, settings, keyring, data_keys) as (
+        gateway,
+        world,
+        on_primary,
+        on_replica,
+    ):
+        practitioner = await world.practitioner()
+        patient = (await world.patient()).patient_id
+        for hour in range(4):
+            await world.appointment(practitioner, patient, MONDAY + timedelta(hours=hour))
+        partner = await world.partner("Getting", practitioner)
+        listed = await partner.list_all()
+        await _caught_up(cluster)
+        assert await _usable(gateway)
+        on_primary.ran.clear()
+        on_replica.ran.clear()
 
-            got = await asyncio.gather(*(partner.get(a.appointment_id) for a in listed))
-    finally:
-        await database.close()
+        got = await asyncio.gather(*(partner.get(a.appointment_id) for a in listed))
 
     assert [g.appointment_id for g in got] == [a.appointment_id for a in listed]
     grouped = [q for q in on_replica.ran if "LATERAL partner_get_appointment(" in q]
@@ -251,30 +257,26 @@ async def test_gets_read_on_the_replica_are_authorised_and_recorded_on_the_prima
 async def test_a_replica_past_the_lag_bound_is_skipped_and_its_health_says_so(
     cluster: Cluster, primary_dsn: str, settings: Settings, keyring: ConsentKeyring, data_keys: DataKeyring
 ) -> None:
-    gateway, database = await _gateway(
+    async with _replica_gateway(
         settings, primary_dsn, _on_replica(cluster, primary_dsn), keyring, data_keys, replica_max_lag=1.0
-    )
-    try:
-        async with harness.serving(gateway) as world:
-            practitioner = await world.practitioner()
-            await world.appointment(practitioner, (await world.patient()).patient_id, MONDAY)
-            partner = await world.partner("Reading", practitioner)
-            await _caught_up(cluster)
-            assert await _usable(gateway)
-            serving = await _replica_health(world)
-            await _set_replay(cluster, paused=True)
-            try:
-                await world.appointment(practitioner, (await world.patient()).patient_id, MONDAY + timedelta(hours=1))
-                # WAL keeps arriving and is not replayed: the lag grows past the bound.
-                skipped = await _usable(gateway, usable=False)
-                lag = gateway.replicas.states[0].lag
-                listed = await _ids(partner)  # from the primary now: both appointments
-                not_serving = await _replica_health(world)
-            finally:
-                await _set_replay(cluster, paused=False)
-            back = await _usable(gateway)
-    finally:
-        await database.close()
+    ) as (gateway, world):
+        practitioner = await world.practitioner()
+        await world.appointment(practitioner, (await world.patient()).patient_id, MONDAY)
+        partner = await world.partner("Reading", practitioner)
+        await _caught_up(cluster)
+        assert await _usable(gateway)
+        serving = await _replica_health(world)
+        await _set_replay(cluster, paused=True)
+        try:
+            await world.appointment(practitioner, (await world.patient()).patient_id, MONDAY + timedelta(hours=1))
+            # WAL keeps arriving and is not replayed: the lag grows past the bound.
+            skipped = await _usable(gateway, usable=False)
+            lag = gateway.replicas.states[0].lag
+            listed = await _ids(partner)  # from the primary now: both appointments
+            not_serving = await _replica_health(world)
+        finally:
+            await _set_replay(cluster, paused=False)
+        back = await _usable(gateway)
 
     assert serving == health_pb2.HealthCheckResponse.SERVING
     assert skipped and lag is not None and lag > 1.0
@@ -387,25 +389,24 @@ def _hours(changes: list[pb.AppointmentChange]) -> list[tuple[int, int]]:
 async def test_a_resumed_watch_replays_on_a_replica_that_has_replayed_its_changes(
     cluster: Cluster, primary_dsn: str, settings: Settings, keyring: ConsentKeyring, data_keys: DataKeyring
 ) -> None:
-    gateway, database, on_primary, on_replica = await _observed_gateway(
-        cluster, primary_dsn, settings, keyring, data_keys
-    )
-    try:
-        async with harness.serving(gateway) as world:
-            practitioner = await world.practitioner()
-            patient = (await world.patient()).patient_id
-            partner = await world.partner("Syncing", practitioner)
-            token = await _resume_point(partner)
-            for hour in (1, 2, 3):
-                await world.appointment(practitioner, patient, MONDAY + timedelta(hours=hour))
-            await _caught_up(cluster)
-            assert await _usable(gateway)
-            assert await _hub_at_head(gateway, primary_dsn)
-            resumed = _watch(partner, token)
-            replayed = await _replayed(resumed)
-            resumed.cancel()
-    finally:
-        await database.close()
+    async with _observed_gateway(cluster, primary_dsn, settings, keyring, data_keys) as (
+        gateway,
+        world,
+        on_primary,
+        on_replica,
+    ):
+        practitioner = await world.practitioner()
+        patient = (await world.patient()).patient_id
+        partner = await world.partner("Syncing", practitioner)
+        token = await _resume_point(partner)
+        for hour in (1, 2, 3):
+            await world.appointment(practitioner, patient, MONDAY + timedelta(hours=hour))
+        await _caught_up(cluster)
+        assert await _usable(gateway)
+        assert await _hub_at_head(gateway, primary_dsn)
+        resumed = _watch(partner, token)
+        replayed = await _replayed(resumed)
+        resumed.cancel()
 
     assert _hours(replayed) == [(pb.CHANGE_TYPE_CREATED, hour) for hour in (1, 2, 3)]
     # The replica's head was checked, then the batch read there; the primary read no change.
@@ -418,48 +419,45 @@ async def test_a_resumed_watch_replays_on_the_primary_what_a_paused_replica_has_
     cluster: Cluster, primary_dsn: str, settings: Settings, keyring: ConsentKeyring, data_keys: DataKeyring
 ) -> None:
     # Paused, the replica stays within the hour's bound: only its feed head keeps the replay from it.
-    gateway, database, on_primary, on_replica = await _observed_gateway(
-        cluster, primary_dsn, settings, keyring, data_keys
-    )
-    try:
-        async with harness.serving(gateway) as world:
-            practitioner = await world.practitioner()
-            patient = (await world.patient()).patient_id
-            partner = await world.partner("Syncing", practitioner)
-            token = await _resume_point(partner)
-            moved = await world.appointment(practitioner, patient, MONDAY + timedelta(hours=1))
-            await _caught_up(cluster)
-            assert await _usable(gateway)
-            await _set_replay(cluster, paused=True)
+    async with _observed_gateway(cluster, primary_dsn, settings, keyring, data_keys) as (
+        gateway,
+        world,
+        on_primary,
+        on_replica,
+    ):
+        practitioner = await world.practitioner()
+        patient = (await world.patient()).patient_id
+        partner = await world.partner("Syncing", practitioner)
+        token = await _resume_point(partner)
+        moved = await world.appointment(practitioner, patient, MONDAY + timedelta(hours=1))
+        await _caught_up(cluster)
+        assert await _usable(gateway)
+        await _set_replay(cluster, paused=True)
+        try:
+            # Made on the primary only: the replica still has the appointment at 1 o'clock.
+            second = await world.appointment(practitioner, patient, MONDAY + timedelta(hours=2))
+            third = await world.appointment(practitioner, patient, MONDAY + timedelta(hours=3))
+            owner = await asyncpg.connect(primary_dsn)
             try:
-                # Made on the primary only: the replica still has the appointment at 1 o'clock.
-                second = await world.appointment(practitioner, patient, MONDAY + timedelta(hours=2))
-                third = await world.appointment(practitioner, patient, MONDAY + timedelta(hours=3))
-                owner = await asyncpg.connect(primary_dsn)
-                try:
-                    await owner.execute(
-                        "UPDATE appointments SET start_time = start_time + interval '3 hours', "
-                        "end_time = end_time + interval '3 hours', update_time = now() WHERE id = $1",
-                        moved.appointment_id,
-                    )
-                finally:
-                    await owner.close()
-                assert await _hub_at_head(gateway, primary_dsn)
-                still_usable = gateway.replicas.states[0].usable
-                resumed = _watch(partner, token)
-                replayed = await _replayed(resumed)
-                later = await world.appointment(practitioner, patient, MONDAY + timedelta(hours=5))
-                live = await _next_change(resumed)  # the next change, not one of the replayed again
-                resumed.cancel()
+                await owner.execute(
+                    "UPDATE appointments SET start_time = start_time + interval '3 hours', "
+                    "end_time = end_time + interval '3 hours', update_time = now() WHERE id = $1",
+                    moved.appointment_id,
+                )
             finally:
-                await _set_replay(cluster, paused=False)
-            records = [
-                r
-                for r in await world.disclosures(partner_id=partner.partner_id)
-                if r.rpc.endswith("/WatchAppointments")
-            ]
-    finally:
-        await database.close()
+                await owner.close()
+            assert await _hub_at_head(gateway, primary_dsn)
+            still_usable = gateway.replicas.states[0].usable
+            resumed = _watch(partner, token)
+            replayed = await _replayed(resumed)
+            later = await world.appointment(practitioner, patient, MONDAY + timedelta(hours=5))
+            live = await _next_change(resumed)  # the next change, not one of the replayed again
+            resumed.cancel()
+        finally:
+            await _set_replay(cluster, paused=False)
+        records = [
+            r for r in await world.disclosures(partner_id=partner.partner_id) if r.rpc.endswith("/WatchAppointments")
+        ]
 
     assert still_usable
     assert _hours(replayed) == [
@@ -484,45 +482,41 @@ async def test_a_key_and_a_grant_revoked_while_the_replica_is_paused_hold_for_re
 ) -> None:
     on_replica = _Statements()
     replica_url = _on_replica(cluster, primary_dsn)
-    gateway, database = await _gateway(
+    async with _replica_gateway(
         settings, primary_dsn, replica_url, keyring, data_keys, on_replica=on_replica, replica_max_lag=3600.0
-    )
-    try:
-        async with harness.serving(gateway) as world:
-            kept, dropped = await world.practitioner(), await world.practitioner()
-            patient = (await world.patient()).patient_id
-            keyless = await world.partner("Key revoked later", kept)
-            narrowed = await world.partner("Grant revoked later", kept, dropped)
-            keyless_token, narrowed_token = await _resume_point(keyless), await _resume_point(narrowed)
-            for hour, practitioner in enumerate((kept, dropped, kept, dropped), start=1):
-                await world.appointment(practitioner, patient, MONDAY + timedelta(hours=hour))
-            await _caught_up(cluster)
-            assert await _usable(gateway)
-            await _set_replay(cluster, paused=True)
+    ) as (gateway, world):
+        kept, dropped = await world.practitioner(), await world.practitioner()
+        patient = (await world.patient()).patient_id
+        keyless = await world.partner("Key revoked later", kept)
+        narrowed = await world.partner("Grant revoked later", kept, dropped)
+        keyless_token, narrowed_token = await _resume_point(keyless), await _resume_point(narrowed)
+        for hour, practitioner in enumerate((kept, dropped, kept, dropped), start=1):
+            await world.appointment(practitioner, patient, MONDAY + timedelta(hours=hour))
+        await _caught_up(cluster)
+        assert await _usable(gateway)
+        await _set_replay(cluster, paused=True)
+        try:
+            await world.revoke_key(keyless.key_id)
+            await world.revoke_grant(narrowed.partner_id, dropped)
+            assert await _hub_at_head(gateway, primary_dsn)
+            # The paused replica still knows the key live, still grants `dropped`, and holds every change.
+            as_partner = await asyncpg.connect(replica_url)
             try:
-                await world.revoke_key(keyless.key_id)
-                await world.revoke_grant(narrowed.partner_id, dropped)
-                assert await _hub_at_head(gateway, primary_dsn)
-                # The paused replica still knows the key live, still grants `dropped`, and holds every change.
-                as_partner = await asyncpg.connect(replica_url)
-                try:
-                    replica_head = await as_partner.fetchval(
-                        "SELECT head FROM partner_watch($1, $2)", keyless.key_id, _credential(keyless)
-                    )
-                    replica_grants = await as_partner.fetchval(
-                        "SELECT granted FROM partner_watch($1, $2)", narrowed.key_id, _credential(narrowed)
-                    )
-                finally:
-                    await as_partner.close()
-                with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    await _next(_watch(keyless, keyless_token))
-                resumed = _watch(narrowed, narrowed_token)
-                replayed = await _replayed(resumed)
-                resumed.cancel()
+                replica_head = await as_partner.fetchval(
+                    "SELECT head FROM partner_watch($1, $2)", keyless.key_id, _credential(keyless)
+                )
+                replica_grants = await as_partner.fetchval(
+                    "SELECT granted FROM partner_watch($1, $2)", narrowed.key_id, _credential(narrowed)
+                )
             finally:
-                await _set_replay(cluster, paused=False)
-    finally:
-        await database.close()
+                await as_partner.close()
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await _next(_watch(keyless, keyless_token))
+            resumed = _watch(narrowed, narrowed_token)
+            replayed = await _replayed(resumed)
+            resumed.cancel()
+        finally:
+            await _set_replay(cluster, paused=False)
 
     assert replica_head is not None and replica_head >= gateway.feed.position
     assert {str(p) for p in replica_grants} == {kept, dropped}
