@@ -196,8 +196,7 @@ class ErrorBoundary(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         in_flight: CallsInFlight | None = None,
     ) -> None:
         self._prefix = prefix
-        #: The unary calls inside their handlers now (:mod:`service.inflight`).
-        self.in_flight = in_flight if in_flight is not None else CallsInFlight()
+        self._in_flight = in_flight if in_flight is not None else CallsInFlight()  # :mod:`service.inflight`
         self._default_deadline = default_deadline
         self._guard = guard
         self._telemetry = telemetry
@@ -218,7 +217,7 @@ class ErrorBoundary(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         cached = self._wrapped.get(method)
         if cached is None or cached[0] is not handler:
             wrapped = _wrap(
-                handler, method, self._guard, self._telemetry, self._listener, self._default_deadline, self.in_flight
+                handler, method, self._guard, self._telemetry, self._listener, self._default_deadline, self._in_flight
             )
             cached = self._wrapped[method] = (handler, wrapped)
         return cached[1]
