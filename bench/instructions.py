@@ -24,9 +24,10 @@ Variants: ``plain`` (tracing off, as ``gateway`` in run.py), ``tracing``
 provider whose sampler drops every span: what tracing costs before any span
 is recorded), ``naive`` (the naive handler of ``bench/baselines.py``: the
 gateway's server-side cost against it, noise-free; PostgreSQL's share is not
-counted for either), ``norecord`` and ``cold`` (the plain gateway with that
+counted for either), ``norecord``, ``nodatabase`` and ``cold`` (the plain gateway with that
 variant of ``bench/whatif.py``: what the ledger record costs the gateway's
-process; a page built with its views and pseudonyms remembered nowhere). Each counts the whole
+process; what a get or a contact read costs it with no statement at all; a
+page built with its views and pseudonyms remembered nowhere). Each counts the whole
 process (the event loop, grpc's threads, the export thread, the sequencer's
 passes during the calls). ~1 min per variant. Needs valgrind (Debian's
 ``valgrind``).
@@ -55,9 +56,9 @@ import datagen  # noqa: E402
 import run  # noqa: E402
 from common import ROOT, service_env, set_source, source, tree_cpu_seconds  # noqa: E402
 
-VARIANTS = ("plain", "tracing", "sampled-out", "naive", "norecord", "cold")
+VARIANTS = ("plain", "tracing", "sampled-out", "naive", "norecord", "nodatabase", "cold")
 #: Variants that are the plain gateway with one of bench/whatif.py's parts replaced.
-WHATIF = ("norecord", "cold")
+WHATIF = ("norecord", "nodatabase", "cold")
 PORT, SINK_PORT = 57400, 57490
 
 

@@ -1010,7 +1010,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     patient_history.add_arguments(parser)  # --history-…: a patient's history over the same ledger (issue 25)
     parser.add_argument("--whatif", metavar="PATCHES", default="",
                         help="add the variant gateway+whatif: the gateway with bench/whatif.py's variants "
-                             "(norecord, gather, cold) to measure a change before it is made")  # fmt: skip
+                             "(norecord, gather, noread, nodatabase, cold) to measure a change before it is "
+                             "made")  # fmt: skip
     parser.add_argument("--profile", action="store_true", help="py-spy the gateway under ListAppointments c=16")
     parser.add_argument("--profile-seconds", type=int, default=20)
     parser.add_argument("--profile-variants", default="gateway,gateway+whatif",

@@ -14,6 +14,21 @@ variants with ``APPTGATE_WHATIF`` (comma-separated; default ``norecord``):
   0.02) for the calls underway when they form, instead of
   :class:`service.disclosure.groups.Grouping`'s default: whether longer (or
   no) gathering pays.
+* ``noread``: a named read (``GetAppointment``, ``GetAppointmentContact``)
+  answered from memory once the statement found that appointment for the
+  partner; records are written as usual: the bound on what reading and
+  recording a get in one statement could gain.
+* ``nodatabase``: for ``GetAppointment`` and ``GetAppointmentContact``, no
+  database work per call once each appointment was read (and its contact
+  disclosed) once: named reads answered from memory after
+  an appointment's first read, basic-view records answered ``OK`` at once
+  (``norecord``), a contact disclosure answered from memory after the first
+  for its appointment (opened and sent as usual). The rest of the gateway
+  runs as it does (the error boundary, the key and request rate, pseudonyms,
+  views, decryption, metrics and the access log): the bound on what any
+  design of the partner path's statements could reach. The named reads are
+  replaced in :mod:`service.disclosure.reads`, which builds them (they are
+  not among :class:`service.app.Parts`).
 * ``cold``: the memos of built views and derived pseudonyms keep nothing:
   what building a page never listed before costs (the bench lists one page
   again and again, so otherwise every view is remembered).
@@ -33,13 +48,16 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import Any
 from uuid import UUID
 
 from service import app, models
 from service import settings as settings_module
 from service.cli.main import run_loop
 from service.crypto.sealing import DataKeyring, SealError
+from service.disclosure import reads
 from service.disclosure.groups import Expected, Grouping
+from service.disclosure.named_reads import NamedReads
 from service.disclosure.pseudonyms import Pseudonyms
 from service.disclosure.record import DisclosureRecorder
 from service.disclosure.views import BasicPages
@@ -67,6 +85,44 @@ class _RecordedAtOnce(DisclosureRecorder):
         return models.ChargeOutcome.OK
 
 
+class _RememberedReads(NamedReads):
+    """Named reads answered from memory once the statement found the appointment for the partner."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._found: dict[tuple[UUID, UUID], models.BasicAppointment] = {}
+
+    async def read(self, principal: models.Principal, appointment_id: UUID) -> models.BasicAppointment | None:
+        key = (principal.partner_id, appointment_id)
+        found = self._found.get(key)
+        if found is None:
+            found = await super().read(principal, appointment_id)
+            if found is not None:
+                self._found[key] = found
+        return found
+
+
+class _RememberedDisclosures(_RecordedAtOnce):
+    """Basic records answered at once; a contact disclosure answered from memory after its first."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._disclosed: dict[tuple[UUID, UUID, tuple[int, ...]], models.StoredConsentedContact] = {}
+
+    async def disclose_contact(
+        self, request: ledger.ContactRequest, terms: models.ChargeTerms, expected: Expected | None = None
+    ) -> models.StoredConsentedContact:
+        key = (request.entry.partner_id, request.appointment_id, tuple(request.token_fields))
+        stored = self._disclosed.get(key)
+        if stored is None:
+            stored = await super().disclose_contact(request, terms, expected)
+            if stored.consent is models.ConsentState.LIVE:
+                self._disclosed[key] = stored
+        elif expected is not None:
+            expected.arrived()
+        return stored
+
+
 class _OpensNothing(DataKeyring):
     """A data keyring that seals as configured and refuses to open: the contact path must see clear values only."""
 
@@ -91,6 +147,21 @@ def gather(parts: app.Parts, database: Database, secrets: app.Secrets, settings:
     return replace(parts, recorder=recorder)
 
 
+def noread(parts: app.Parts, database: Database, secrets: app.Secrets, settings: settings_module.Settings) -> app.Parts:
+    """Named reads answered from memory after each appointment's first."""
+    reads.NamedReads = _RememberedReads  # type: ignore[attr-defined]  # the class PartnerReads builds its reads from
+    return parts
+
+
+def nodatabase(
+    parts: app.Parts, database: Database, secrets: app.Secrets, settings: settings_module.Settings
+) -> app.Parts:
+    """No statement per call once each appointment was read and disclosed."""
+    parts = noread(parts, database, secrets, settings)
+    recorder = _RememberedDisclosures(database, budget=settings.limits.default_deadline, in_flight=parts.in_flight)
+    return replace(parts, recorder=recorder)
+
+
 def cold(parts: app.Parts, database: Database, secrets: app.Secrets, settings: settings_module.Settings) -> app.Parts:
     """Views and pseudonyms remembered nowhere."""
     return replace(parts, pages=BasicPages(0), pseudonyms=Pseudonyms(secrets.server_secret, memo_size=0))
@@ -105,7 +176,14 @@ def nodefense(
     return replace(parts, data_keys=_OpensNothing.from_text(settings.data_key))
 
 
-VARIANTS: dict[str, Variant] = {"norecord": norecord, "gather": gather, "cold": cold, "nodefense": nodefense}
+VARIANTS: dict[str, Variant] = {
+    "norecord": norecord,
+    "gather": gather,
+    "noread": noread,
+    "nodatabase": nodatabase,
+    "cold": cold,
+    "nodefense": nodefense,
+}
 
 
 def main() -> int:
