@@ -26,8 +26,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from service.store.accounts import as_account
 from service.store.database import partner_login_dsn
 from service.store.embedded import SERVER_USER
 
@@ -132,11 +132,10 @@ class Cluster:
         self._run("pg_ctl", "-D", node.data, "-l", node.log, "-w", *args)
 
     def _run(self, program: str, *args: str | Path) -> None:
-        options: dict[str, Any] = {}
-        if self._account is not None:
-            options = {"user": self._account.pw_uid, "group": self._account.pw_gid, "extra_groups": []}
         command = [str(programs() / program), *map(str, args)]
-        done = subprocess.run(command, capture_output=True, text=True, check=False, **options)  # noqa: S603 (our programs)
+        if self._account is not None:
+            command = as_account(self._account, command)
+        done = subprocess.run(command, capture_output=True, text=True, check=False)  # noqa: S603 (our programs)
         if done.returncode != 0:
             raise RuntimeError(f"{program} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
 

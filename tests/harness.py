@@ -14,10 +14,14 @@ import datetime as dt
 import inspect
 import ipaddress
 import os
+import pwd
+import shutil
+import subprocess
 import sys
+import tempfile
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -373,6 +377,67 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class PasswordServer:
+    """A PostgreSQL of a test module's own that asks for a password (scram-sha-256) on 127.0.0.1."""
+
+    port: int
+    password: str
+
+    def url(self, database: str = "postgres") -> str:
+        """The URL of its ``postgres`` role, without the password."""
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def login_url(self) -> str:
+        """The URL of its ``postgres`` role, password included."""
+        return f"postgresql://postgres:{self.password}@127.0.0.1:{self.port}/postgres"
+
+
+@contextmanager
+def password_server() -> Iterator[PasswordServer]:
+    """Start a :class:`PasswordServer` (the shared test server trusts every local login) and stop it after the block.
+
+    It runs on the PostgreSQL programs pgserver installs; run by root, which
+    PostgreSQL refuses, as the embedded database's own user.
+    """
+    from pgserver._commands import POSTGRES_BIN_PATH
+
+    from service.store.accounts import as_account
+    from service.store.embedded import SERVER_USER
+
+    base = Path(tempfile.mkdtemp(prefix="apg-pw-"))
+    account = None
+    if os.geteuid() == 0:
+        import pgserver.utils
+
+        pgserver.utils.ensure_user_exists(SERVER_USER)  # as the embedded database does: the order of tests is moot
+        account = pwd.getpwnam(SERVER_USER)
+    password = "Scram-" + uuid.uuid4().hex
+    (base / "password").write_text(password)
+    if account is not None:
+        for path in (base, base / "password"):
+            os.chown(path, account.pw_uid, account.pw_gid)
+    data, port = base / "data", free_port()
+
+    def pg(program: str, *args: str | Path) -> None:
+        command = [POSTGRES_BIN_PATH / program, *args]
+        line = as_account(account, command) if account is not None else list(map(str, command))
+        # No pipes: the server pg_ctl starts would inherit them and hold them open.
+        environment = {"PATH": os.environ.get("PATH", ""), "LC_ALL": "C"}
+        subprocess.run(line, env=environment, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    try:
+        pg("initdb", "-D", data, "-U", "postgres", "--auth=scram-sha-256", f"--pwfile={base / 'password'}",
+           "--encoding=UTF8", "--no-sync")  # fmt: skip
+        pg("pg_ctl", "-D", data, "-l", base / "log", "-w", "-o",
+           f"-h 127.0.0.1 -p {port} -k {base} -c fsync=off", "start")  # fmt: skip
+        yield PasswordServer(port, password)
+    finally:
+        if (data / "postmaster.pid").exists():
+            pg("pg_ctl", "-D", data, "-m", "immediate", "-w", "stop")
+        shutil.rmtree(base, ignore_errors=True)
 
 
 async def wait_for_port(port: int, within: float = 20.0) -> None:

@@ -20,7 +20,8 @@ unprivileged user (``pgserver``, created when missing), and would make every
 directory above the data directory and above its programs readable and
 searchable by everyone (``g+rx,o+rx``), a home directory included, and run
 the server in root's groups. Instead: the server runs in its user's own
-group; the directory that holds the database (``APPTGATE_DATA_DIR``) gets the
+group (its programs started by :func:`service.store.accounts.as_account`,
+which no gRPC thread of this process can crash); the directory that holds the database (``APPTGATE_DATA_DIR``) gets the
 one bit that user needs to cross it (``o+x``, or ``g+x``/``u+x`` when the
 directory is its group's or its own); any other directory on the way that
 user cannot cross is refused with a :class:`~service.errors.ConfigError`
@@ -45,6 +46,8 @@ import logging
 import os
 import pwd
 import stat
+import subprocess
+import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -52,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from service.errors import ConfigError
+from service.store.accounts import as_account
 
 log = logging.getLogger(__name__)
 
@@ -143,13 +147,34 @@ def _refuse_closed_ancestors(path: Path, account: pwd.struct_passwd) -> None:
             )
 
 
-def _in_its_own_group(command: Callable[..., str], account: pwd.struct_passwd) -> Callable[..., str]:
-    """pgserver's ``initdb`` or ``pg_ctl``, run in ``account``'s group alone (pgserver keeps root's groups)."""
+def _as_its_account(name: str, command: Callable[..., str], account: pwd.struct_passwd) -> Callable[..., str]:
+    """pgserver's ``initdb`` or ``pg_ctl`` (``name``), run as ``account`` in its own group alone.
+
+    pgserver would run it with :mod:`subprocess`'s ``user`` in root's groups, from
+    a ``fork()`` that gRPC's threads can crash (see :mod:`service.store.accounts`).
+    Its output goes to pgserver's log, as pgserver's own runs do.
+    """
+    from pgserver._commands import POSTGRES_BIN_PATH
+
+    pgserver_log = logging.getLogger("pgserver")
 
     def run(args: list[str], pgdata: Path | None = None, **kwargs: Any) -> str:
-        if kwargs.get("user") is not None:
-            kwargs = {**kwargs, "group": account.pw_gid, "extra_groups": []}
-        return command(args, pgdata=pgdata, **kwargs)
+        if kwargs.pop("user", None) is None:
+            return command(args, pgdata=pgdata, **kwargs)
+        data = ["-D", str(pgdata)] if pgdata is not None else []
+        line = as_account(account, [POSTGRES_BIN_PATH / name, *data, *args])
+        # Files rather than pipes, as pgserver does: the server pg_ctl starts would hold pipes open.
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            done = subprocess.run(line, check=False, stdout=out, stderr=err, text=True, **kwargs)  # noqa: S603 (our programs)
+            out.seek(0)
+            err.seek(0)
+            output, error = out.read(), err.read()
+        level = logging.ERROR if done.returncode else logging.INFO
+        pgserver_log.log(level, "%s %s as %s: exit %d\nstdout:\n%s\nstderr:\n%s", name, args, account.pw_name,
+                         done.returncode, output, error)  # fmt: skip
+        if done.returncode:
+            raise subprocess.CalledProcessError(done.returncode, line, output, error)
+        return output
 
     return run
 
@@ -176,10 +201,10 @@ def _prepare_as_root(data: Path, programs: Path) -> None:
     module: Any = pgserver.postgres_server
     if not getattr(module, "_apptgate_prepared", False):
         # Where pgserver would widen directories, it now finds them open enough or refuses;
-        # the database runs in its own user's group instead of root's.
+        # the database runs as its own user in that user's group instead of root's.
         module.ensure_prefix_permissions = lambda path: _refuse_closed_ancestors(path, account)
-        module.initdb = _in_its_own_group(module.initdb, account)
-        module.pg_ctl = _in_its_own_group(module.pg_ctl, account)
+        module.initdb = _as_its_account("initdb", module.initdb, account)
+        module.pg_ctl = _as_its_account("pg_ctl", module.pg_ctl, account)
         module._apptgate_prepared = True
 
 

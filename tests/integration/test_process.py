@@ -9,7 +9,6 @@ import os
 import pwd
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -193,41 +192,12 @@ async def test_a_database_url_that_cannot_work_is_one_line_without_its_password(
 
 @pytest.fixture(scope="module")
 def password_server() -> Iterator[str]:
-    """A PostgreSQL of this module's own, on a free port, that asks for a password (scram-sha-256).
+    """The URL, password included, of a PostgreSQL of this module's own that asks for a password.
 
-    The shared test server trusts every local login, so it cannot refuse a
-    wrong password. Returns the URL of its ``postgres`` role, password included.
+    The shared test server trusts every local login, so it cannot refuse a wrong password.
     """
-    from pgserver._commands import POSTGRES_BIN_PATH
-
-    base = Path(tempfile.mkdtemp(prefix="apg-pw-"))
-    run_as = None
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root: run it as the user pgserver made for itself
-        import pgserver.utils
-
-        pgserver.utils.ensure_user_exists(SERVER_USER)  # as the embedded database does: the order of tests is moot
-        account = pwd.getpwnam(SERVER_USER)
-        os.chown(base, account.pw_uid, account.pw_gid)
-        run_as = account.pw_uid
-    password = "right-" + SECRET
-    (base / "password").write_text(password)
-    if run_as is not None:
-        os.chown(base / "password", run_as, -1)
-    env = {"PATH": os.environ.get("PATH", ""), "LC_ALL": "C"}
-    data, port = base / "data", harness.free_port()
-
-    def pg(*args: str) -> None:
-        # No pipes: the server pg_ctl starts would inherit them and hold them open.
-        subprocess.run(args, env=env, user=run_as, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    initdb, pg_ctl = str(POSTGRES_BIN_PATH / "initdb"), str(POSTGRES_BIN_PATH / "pg_ctl")
-    pg(initdb, "-D", str(data), "-U", "postgres", "--auth=scram-sha-256", f"--pwfile={base / 'password'}", "--no-sync")
-    pg(pg_ctl, "-D", str(data), "-l", str(base / "log"), "-w", "-o", f"-h 127.0.0.1 -p {port} -k {base}", "start")
-    try:
-        yield f"postgresql://postgres:{password}@127.0.0.1:{port}/postgres"
-    finally:
-        pg(pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop")
-        shutil.rmtree(base, ignore_errors=True)
+    with harness.password_server() as server:
+        yield server.login_url()
 
 
 @pytest.mark.parametrize("command", ["migrate", "serve"])

@@ -18,13 +18,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import pwd
-import shutil
 import signal
 import stat
-import subprocess
 import sys
-import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -241,85 +237,16 @@ async def test_the_internal_token_can_come_from_a_file_and_a_weak_one_is_refused
 # --- database passwords from files, against a server that checks them -----------------------------------------------
 
 
-@dataclass(frozen=True)
-class PasswordServer:
-    """A PostgreSQL of this module's own that asks for a password (scram-sha-256) on 127.0.0.1."""
-
-    port: int
-    password: str
-
-    def url(self, database: str = "postgres") -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
-
-
-def _postgres_binaries() -> tuple[Path, Path] | None:
-    """``initdb`` and ``pg_ctl`` from the PATH, the distribution's directory, or the embedded server's package."""
-    candidates = [Path(p).parent for p in (shutil.which("initdb"), shutil.which("pg_ctl")) if p]
-    candidates += sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
-    try:
-        import pgserver
-
-        candidates.append(Path(pgserver.__file__).parent / "pginstall" / "bin")
-    except ImportError:  # pragma: no cover
-        pass
-    for directory in candidates:
-        if (directory / "initdb").exists() and (directory / "pg_ctl").exists():
-            return directory / "initdb", directory / "pg_ctl"
-    return None
-
-
-def _server_user() -> str | None:
-    """The user to run PostgreSQL as: this one, or (as root, which PostgreSQL refuses) a system user."""
-    if os.geteuid() != 0:
-        return None
-    for name in ("postgres", "pgserver", "nobody"):
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            continue
-        return name
-    pytest.skip("no user but root to run a PostgreSQL server as")
-
-
 @pytest.fixture(scope="module")
-def password_server() -> Iterator[PasswordServer]:
-    binaries = _postgres_binaries()
-    if binaries is None:
-        pytest.skip("no initdb/pg_ctl here to start a PostgreSQL that checks passwords")
-    initdb, pg_ctl = binaries
-    user = _server_user()
-    base = Path(tempfile.mkdtemp(prefix="apg-scram-"))
-    password = "Scram-" + uuid.uuid4().hex
-    (base / "pwfile").write_text(password + "\n")
-    if user is not None:
-        entry = pwd.getpwnam(user)
-        for path in (base, base / "pwfile"):
-            os.chown(path, entry.pw_uid, entry.pw_gid)
-    port = harness.free_port()
-    run = {"user": user, "check": True, "capture_output": True, "timeout": 120}
-    try:
-        subprocess.run(
-            [initdb, "-D", base / "pgdata", "-U", "postgres", "--auth=scram-sha-256", f"--pwfile={base / 'pwfile'}",
-             "--encoding=UTF8", "--no-sync"],
-            **run,
-        )  # fmt: skip
-        subprocess.run(
-            [pg_ctl, "-D", base / "pgdata", "-l", base / "log", "-w", "-t", "60", "-o",
-             f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
-            **run,
-        )  # fmt: skip
-    except subprocess.CalledProcessError as exc:
-        shutil.rmtree(base, ignore_errors=True)
-        pytest.skip(f"could not start a PostgreSQL that checks passwords: {exc.stderr!r}")
-    try:
-        yield PasswordServer(port, password)
-    finally:
-        subprocess.run([pg_ctl, "-D", base / "pgdata", "-m", "immediate", "stop"], user=user, check=False)
-        shutil.rmtree(base, ignore_errors=True)
+def password_server() -> Iterator[harness.PasswordServer]:
+    with harness.password_server() as server:
+        yield server
 
 
 @pytest.fixture
-async def password_database(password_server: PasswordServer) -> AsyncIterator[tuple[PasswordServer, str]]:
+async def password_database(
+    password_server: harness.PasswordServer,
+) -> AsyncIterator[tuple[harness.PasswordServer, str]]:
     """A fresh, empty database on the password server."""
     name = f"apptgate_pw_{uuid.uuid4().hex[:12]}"
     conn = await asyncpg.connect(password_server.url(), password=password_server.password)
@@ -344,7 +271,7 @@ def _secret_file(path: Path, text: str) -> Path:
 
 
 async def test_the_database_password_comes_from_a_file_and_a_refused_login_is_one_line(
-    password_database: tuple[PasswordServer, str], tmp_path: Path
+    password_database: tuple[harness.PasswordServer, str], tmp_path: Path
 ) -> None:
     server, name = password_database
     main = _secret_file(tmp_path / "db-password", server.password + "\n")
@@ -365,7 +292,7 @@ async def test_the_database_password_comes_from_a_file_and_a_refused_login_is_on
 
 
 async def test_the_partner_login_takes_its_password_from_its_own_file(
-    password_database: tuple[PasswordServer, str], tmp_path: Path
+    password_database: tuple[harness.PasswordServer, str], tmp_path: Path
 ) -> None:
     server, name = password_database
     partner_password = "Partner-" + uuid.uuid4().hex
