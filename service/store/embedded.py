@@ -21,14 +21,14 @@ directory above the data directory and above its programs readable and
 searchable by everyone (``g+rx,o+rx``), a home directory included, and run
 the server in root's groups. Instead: the server runs in its user's own
 group (its programs started by :func:`service.store.accounts.as_account`,
-which no gRPC thread of this process can crash); the directory that holds the database (``APPTGATE_DATA_DIR``) gets the
-one bit that user needs to cross it (``o+x``, or ``g+x``/``u+x`` when the
-directory is its group's or its own); any other directory on the way that
-user cannot cross is refused with a :class:`~service.errors.ConfigError`
-naming it, and nothing is changed; and so is a data directory whose path is
-too long for a socket inside it (pgserver would move the socket to a
-directory it makes writable by everyone). Without root, pgserver changes no
-mode.
+which no gRPC thread of this process can crash); the directory that holds
+the database (``APPTGATE_DATA_DIR``) gets the one bit that user needs to
+cross it (``o+x``, or ``g+x``/``u+x`` when the directory is its group's or
+its own); any other directory on the way that user cannot cross is refused
+with a :class:`~service.errors.ConfigError` naming it, and nothing is
+changed; and so is a data directory whose path is too long for a socket
+inside it (pgserver would move the socket to a directory it makes writable
+by everyone). Without root, pgserver changes no mode.
 
 Where its logs go. The server writes its own log to ``<pgdata>/log``
 (``pg_ctl -l``, as pgserver starts it); pgserver's Python log lines (every
