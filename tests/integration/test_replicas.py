@@ -361,6 +361,15 @@ async def _replayed(stream: Any) -> list[pb.AppointmentChange]:
     return changes
 
 
+async def _replay(partner: PartnerHandle, resume_token: str) -> list[pb.AppointmentChange]:
+    """What a watch resumed at ``resume_token`` replays; the watch is then closed."""
+    stream = _watch(partner, resume_token)
+    try:
+        return await _replayed(stream)
+    finally:
+        stream.cancel()
+
+
 async def _next_change(stream: Any) -> pb.AppointmentChange:
     while (message := await _next(stream)).change_type == pb.CHANGE_TYPE_BOOKMARK:
         pass
@@ -404,9 +413,7 @@ async def test_a_resumed_watch_replays_on_a_replica_that_has_replayed_its_change
         await _caught_up(cluster)
         assert await _usable(gateway)
         assert await _hub_at_head(gateway, primary_dsn)
-        resumed = _watch(partner, token)
-        replayed = await _replayed(resumed)
-        resumed.cancel()
+        replayed = await _replay(partner, token)
 
     assert _hours(replayed) == [(pb.CHANGE_TYPE_CREATED, hour) for hour in (1, 2, 3)]
     # The replica's head was checked, then the batch read there; the primary read no change.
@@ -512,9 +519,7 @@ async def test_a_key_and_a_grant_revoked_while_the_replica_is_paused_hold_for_re
                 await as_partner.close()
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await _next(_watch(keyless, keyless_token))
-            resumed = _watch(narrowed, narrowed_token)
-            replayed = await _replayed(resumed)
-            resumed.cancel()
+            replayed = await _replay(narrowed, narrowed_token)
         finally:
             await _set_replay(cluster, paused=False)
 
